@@ -1,0 +1,268 @@
+"""RFC 5321 mailbox parsing and normalising.
+
+Every address the relay acts on passes through here, so that "who may relay
+what" (policy) and "where does it go" (routing) always see one canonical
+form: the domain lower-cased, without a trailing dot, IDNA-encoded to
+A-labels; the local part exactly as sent (only its needless quoting
+removed).  Sender-specified routing is made visible (``has_routing``) so that
+policy can refuse it instead of honouring it.  No Twisted here: this module
+is plain Python and tested as such.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+import idna
+
+MAX_LOCAL = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+_ATEXT = "A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_ATOM = f"[{_ATEXT}]+"
+DOT_STRING = re.compile(f"{_ATOM}(?:\\.{_ATOM})*\\Z")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+# ESMTP parameter keyword and value (RFC 5321 4.1.2, esmtp-keyword/esmtp-value)
+_PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
+
+
+class AddressError(ValueError):
+    """An address that cannot be accepted; carries an enhanced status code."""
+
+    def __init__(self, message: str, status: str = "5.1.3"):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Address:
+    """A mailbox: local part and normalised domain.
+
+    ``literal`` is set for an address-literal domain ("[192.0.2.1]"), whose
+    ``domain`` holds the bracketed text with the IP in canonical form.
+    """
+
+    local: str
+    domain: str
+    literal: bool = False
+
+    def __str__(self) -> str:
+        return f"{quote_local(self.local)}@{self.domain}"
+
+    @property
+    def has_routing(self) -> bool:
+        """True if the local part carries sender-specified routing (%, !, @)."""
+        return any(c in self.local for c in "%!@")
+
+    @property
+    def literal_ip(self) -> str | None:
+        if not self.literal:
+            return None
+        inner = self.domain[1:-1]
+        if inner.lower().startswith("ipv6:"):
+            inner = inner[5:]
+        return inner
+
+    def lower(self) -> str:
+        """The form used for lookups of local users and aliases."""
+        return f"{quote_local(self.local.lower())}@{self.domain}"
+
+
+def quote_local(local: str) -> str:
+    if DOT_STRING.match(local):
+        return local
+    escaped = local.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def normalize_domain(text: str) -> str:
+    """Return the canonical A-label form of a domain name, or raise AddressError."""
+    if not isinstance(text, str):
+        raise AddressError("domain must be a string")
+    d = text.strip()
+    if d.endswith("."):
+        d = d[:-1]
+    if not d:
+        raise AddressError("empty domain")
+    if any(ord(c) > 127 for c in d):
+        try:
+            d = idna.encode(d, uts46=True).decode("ascii")
+        except idna.IDNAError as e:
+            raise AddressError(f"invalid international domain {text!r}: {e}")
+    d = d.lower()
+    if len(d) > MAX_DOMAIN - 2:
+        raise AddressError(f"domain {text!r} is too long")
+    for label in d.split("."):
+        if not _LABEL.match(label):
+            raise AddressError(f"invalid domain {text!r}")
+        if label.startswith("xn--"):
+            try:
+                idna.decode(label)
+            except idna.IDNAError as e:
+                raise AddressError(f"invalid international domain {text!r}: {e}")
+    return d
+
+
+def _normalize_literal(text: str) -> str:
+    inner = text[1:-1]
+    try:
+        if inner.lower().startswith("ipv6:"):
+            ip = ipaddress.IPv6Address(inner[5:])
+            return f"[IPv6:{ip.compressed}]"
+        ip4 = ipaddress.IPv4Address(inner)
+        return f"[{ip4}]"
+    except ValueError:
+        raise AddressError(f"invalid address literal {text!r}")
+
+
+def _parse_local(text: str) -> str:
+    if text.startswith('"'):
+        if len(text) < 2 or not text.endswith('"'):
+            raise AddressError("unterminated quoted local part")
+        out = []
+        i = 1
+        end = len(text) - 1
+        while i < end:
+            c = text[i]
+            if c == "\\":
+                if i + 1 >= end:
+                    raise AddressError("bad quoted pair in local part")
+                nxt = text[i + 1]
+                if not (32 <= ord(nxt) <= 126):
+                    raise AddressError("bad quoted pair in local part")
+                out.append(nxt)
+                i += 2
+                continue
+            if c == '"' or not (32 <= ord(c) <= 126):
+                raise AddressError("bad character in quoted local part")
+            out.append(c)
+            i += 1
+        local = "".join(out)
+    else:
+        if not DOT_STRING.match(text):
+            raise AddressError(f"invalid local part {text!r}")
+        local = text
+    if not local:
+        raise AddressError("empty local part")
+    if len(local) > MAX_LOCAL:
+        raise AddressError("local part longer than 64 octets")
+    return local
+
+
+def _split_mailbox(text: str) -> tuple[str, str]:
+    """Split at the '@' that separates local part and domain (outside quotes)."""
+    if text.startswith('"'):
+        # find the closing quote, honouring quoted pairs
+        i = 1
+        while i < len(text):
+            if text[i] == "\\":
+                i += 2
+                continue
+            if text[i] == '"':
+                break
+            i += 1
+        else:
+            raise AddressError("unterminated quoted local part")
+        local, rest = text[: i + 1], text[i + 1 :]
+        if not rest.startswith("@"):
+            raise AddressError("missing @domain after the local part")
+        return local, rest[1:]
+    if text.count("@") != 1:
+        if "@" not in text:
+            raise AddressError("missing @domain")
+        raise AddressError("more than one @ in address")
+    local, domain = text.split("@")
+    return local, domain
+
+
+def parse_mailbox(text: str) -> Address:
+    """Parse "local@domain" (no angle brackets)."""
+    if any(ord(c) > 127 for c in text):
+        raise AddressError("non-ASCII address (SMTPUTF8 is not supported)", "5.6.7")
+    if any(ord(c) < 33 or ord(c) == 127 for c in text if c != " ") or (
+        " " in text and not text.startswith('"')
+    ):
+        raise AddressError("invalid character in address")
+    local, domain = _split_mailbox(text)
+    loc = _parse_local(local)
+    if domain.startswith("[") and domain.endswith("]"):
+        return Address(loc, _normalize_literal(domain), literal=True)
+    if not domain:
+        raise AddressError("missing domain")
+    return Address(loc, normalize_domain(domain))
+
+
+def parse_path(text: str, *, allow_null: bool = False) -> Address | None:
+    """Parse an RFC 5321 path as found after "MAIL FROM:" or "RCPT TO:".
+
+    Returns None for the null path "<>" when allow_null.  A source route
+    ("<@a,@b:user@c>") is dropped: the address is the mailbox it names.
+    Angle brackets are required, as in Postfix with strict envelopes off we
+    also take a bare mailbox without them.
+    """
+    t = text.strip()
+    if t.startswith("<"):
+        if not t.endswith(">"):
+            raise AddressError("missing closing '>' in path")
+        t = t[1:-1]
+    if len(t) > MAX_PATH:
+        raise AddressError("path longer than 256 octets")
+    if not t:
+        if allow_null:
+            return None
+        raise AddressError("null path not allowed here")
+    if t.startswith("@"):
+        colon = t.find(":")
+        if colon < 0:
+            raise AddressError("bad source route")
+        for hop in t[:colon].split(","):
+            if not hop.startswith("@"):
+                raise AddressError("bad source route")
+            normalize_domain(hop[1:])
+        t = t[colon + 1 :]
+    return parse_mailbox(t)
+
+
+def split_command_argument(arg: str) -> tuple[str, dict[str, str | None]]:
+    """Split "<path> KEY=VALUE KEY" into the path text and ESMTP parameters.
+
+    Keys are upper-cased.  Raises AddressError for malformed parameters.
+    """
+    arg = arg.lstrip()
+    if arg.startswith("<"):
+        # the path ends at the first '>' outside a quoted string
+        i, inq = 1, False
+        while i < len(arg):
+            c = arg[i]
+            if inq and c == "\\":
+                i += 2
+                continue
+            if c == '"':
+                inq = not inq
+            elif c == ">" and not inq:
+                break
+            i += 1
+        else:
+            raise AddressError("missing closing '>' in path", "5.5.4")
+        path, rest = arg[: i + 1], arg[i + 1 :]
+    else:
+        parts = arg.split(" ", 1)
+        path, rest = parts[0], (parts[1] if len(parts) > 1 else "")
+    params: dict[str, str | None] = {}
+    if rest and not rest.startswith(" "):
+        raise AddressError("garbage after path", "5.5.4")
+    for tok in rest.split():
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            if not _PARAM_VALUE.match(v):
+                raise AddressError(f"bad value for parameter {k}", "5.5.4")
+        else:
+            k, v = tok, None
+        if not _PARAM_KEY.match(k):
+            raise AddressError(f"bad parameter {tok!r}", "5.5.4")
+        params[k.upper()] = v
+    return path, params

@@ -1,0 +1,383 @@
+"""Credentials: the users file, its hashes, and a twisted.cred checker.
+
+The file holds one line per user, ``address:hash``, where hash is
+``$scrypt$ln=14,r=8,p=1$<salt>$<key>`` (base64, no padding): a salted slow
+hash, never a password.  It is written atomically with mode 0600 under an
+exclusive lock, so ``relayctl user ...`` can edit it while the relay runs;
+the relay notices a change by stat() (``UserDB.refresh``) and reloads it.
+
+Verifying a password costs tens of milliseconds of CPU on purpose, so the
+service runs it in a thread (``PasswordChecker``), never on the reactor.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from relay.address import Address, AddressError, parse_mailbox
+
+SCRYPT_LN = 14  # n = 2**14: ~16 MiB and ~40 ms per check
+SCRYPT_R = 8
+SCRYPT_P = 1
+
+
+class UsersFileError(Exception):
+    """The users file cannot be read or parsed; names the file and line."""
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii").rstrip("=")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s + "=" * (-len(s) % 4))
+
+
+def hash_password(password: str, *, ln: int = SCRYPT_LN) -> str:
+    salt = secrets.token_bytes(16)
+    key = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=2**ln, r=SCRYPT_R, p=SCRYPT_P,
+        maxmem=2**ln * SCRYPT_R * 128 * 2, dklen=32,
+    )
+    return f"$scrypt$ln={ln},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(key)}"
+
+
+def verify_password(password: str, hashed: str) -> bool:
+    try:
+        _, scheme, params, salt, key = hashed.split("$")
+        if scheme != "scrypt":
+            return False
+        p = dict(kv.split("=") for kv in params.split(","))
+        ln, r, par = int(p["ln"]), int(p["r"]), int(p["p"])
+        want = _unb64(key)
+        got = hashlib.scrypt(
+            password.encode("utf-8"), salt=_unb64(salt), n=2**ln, r=r, p=par,
+            maxmem=2**ln * r * 128 * 2, dklen=len(want),
+        )
+    except (ValueError, KeyError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+# A hash to check against for unknown users, so that a failed login costs
+# the same time whether or not the account exists.
+_DUMMY_HASH = None
+
+
+def _dummy_hash() -> str:
+    global _DUMMY_HASH
+    if _DUMMY_HASH is None:
+        _DUMMY_HASH = hash_password(secrets.token_hex(8))
+    return _DUMMY_HASH
+
+
+def normalize_user(address: str, local_domains: tuple[str, ...] | None = None) -> str:
+    """Canonical user name: the address with local part and domain lower-cased.
+
+    Raises AddressError for anything that is not a plain mailbox in one of
+    local_domains (when given), or whose local part could escape a Maildir
+    root ("/", "..", NUL, leading ".").
+    """
+    addr: Address = parse_mailbox(address.strip())
+    if addr.literal:
+        raise AddressError(f"{address!r}: an address literal cannot be a user")
+    if local_domains is not None and addr.domain not in local_domains:
+        raise AddressError(
+            f"{address!r}: domain {addr.domain} is not a local domain "
+            f"(local.domains: {', '.join(local_domains) or 'none'})"
+        )
+    check_safe_local_part(addr.local)
+    return addr.lower()
+
+
+def check_safe_local_part(local: str) -> None:
+    """Refuse local parts that could name a path outside the mailbox root."""
+    if (
+        not local
+        or "/" in local
+        or "\x00" in local
+        or "\\" in local
+        or local.startswith(".")
+        or local in (".", "..")
+        or any(ord(c) < 32 for c in local)
+    ):
+        raise AddressError(f"local part {local!r} is not allowed for a mailbox", "5.1.3")
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    ino: int
+    size: int
+    mtime_ns: int
+
+
+class UserDB:
+    """The users file as a read-only, reloadable mapping address -> hash."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._users: dict[str, str] = {}
+        self._order: list[str] = []
+        self._stamp: _Stamp | None = None
+        self.refresh()
+
+    # -- reading ---------------------------------------------------------
+    @staticmethod
+    def parse(path: str, text: str) -> tuple[dict[str, str], list[str]]:
+        users: dict[str, str] = {}
+        order: list[str] = []
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, hashed = line.rpartition(":")
+            if not sep or not name or not hashed.startswith("$scrypt$"):
+                raise UsersFileError(f"{path}: line {n}: expected 'address:$scrypt$...'")
+            users[name.lower()] = hashed
+            order.append(name.lower())
+        return users, order
+
+    def _stat(self) -> _Stamp | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return _Stamp(st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def refresh(self) -> bool:
+        """Reload if the file changed since the last load; True if reloaded.
+
+        A file that cannot be parsed raises UsersFileError and the previous
+        users are kept.
+        """
+        stamp = self._stat()
+        if stamp == self._stamp and stamp is not None:
+            return False
+        if stamp is None:
+            changed = self._stamp is not None or self._users
+            self._users, self._order, self._stamp = {}, [], None
+            return bool(changed)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            self._users, self._order, self._stamp = {}, [], None
+            return True
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsersFileError(f"{self.path}: cannot read: {e}")
+        users, order = self.parse(self.path, text)
+        self._users, self._order, self._stamp = users, order, stamp
+        return True
+
+    def exists(self, address: str) -> bool:
+        return address.lower() in self._users
+
+    def users(self) -> list[str]:
+        return list(self._order)
+
+    def first_user_in(self, domain: str) -> str | None:
+        for u in self._order:
+            if u.rpartition("@")[2] == domain:
+                return u
+        return self._order[0] if self._order else None
+
+    def check(self, address: str, password: str) -> bool:
+        """Blocking (slow hash): call from a thread."""
+        hashed = self._users.get(address.lower().strip())
+        if hashed is None:
+            verify_password(password, _dummy_hash())
+            return False
+        return verify_password(password, hashed)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+
+# -- editing (relayctl) -------------------------------------------------------
+
+
+@contextmanager
+def locked(path: str):
+    """Exclusive lock on <path>.lock, held while reading and rewriting path."""
+    lock_path = path + ".lock"
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write path durably: temp file, fsync, rename, fsync the directory."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class UserExists(Exception):
+    pass
+
+
+class NoSuchUser(Exception):
+    pass
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    UserDB.parse(path, text)  # refuse to rewrite a file we cannot parse
+    return text.splitlines()
+
+
+def _write_lines(path: str, lines: list[str]) -> None:
+    data = ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
+    atomic_write(path, data, 0o600)
+
+
+def _line_user(line: str) -> str | None:
+    s = line.strip()
+    if not s or s.startswith("#"):
+        return None
+    return s.rpartition(":")[0].lower()
+
+
+def add_user(path: str, address: str, password: str) -> None:
+    hashed = hash_password(password)
+    with locked(path):
+        lines = _read_lines(path)
+        if any(_line_user(ln) == address for ln in lines):
+            raise UserExists(address)
+        lines.append(f"{address}:{hashed}")
+        _write_lines(path, lines)
+
+
+def set_password(path: str, address: str, password: str) -> None:
+    hashed = hash_password(password)
+    with locked(path):
+        lines = _read_lines(path)
+        for i, ln in enumerate(lines):
+            if _line_user(ln) == address:
+                lines[i] = f"{address}:{hashed}"
+                break
+        else:
+            raise NoSuchUser(address)
+        _write_lines(path, lines)
+
+
+def delete_user(path: str, address: str) -> None:
+    with locked(path):
+        lines = _read_lines(path)
+        kept = [ln for ln in lines if _line_user(ln) != address]
+        if len(kept) == len(lines):
+            raise NoSuchUser(address)
+        _write_lines(path, kept)
+
+
+def list_users(path: str) -> list[str]:
+    users, order = UserDB.parse(path, _read_text(path))
+    return order
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise UsersFileError(f"{path}: permission denied")
+        raise UsersFileError(f"{path}: {e.strerror}")
+
+
+def file_mode_ok(path: str) -> bool:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+    except FileNotFoundError:
+        return True
+
+
+# -- twisted.cred -------------------------------------------------------------
+
+
+def make_checker(db: UserDB, threadpool=None, reactor=None):
+    """A twisted.cred checker for IUsernamePassword over db (hash in a thread)."""
+    from twisted.cred import credentials, error
+    from twisted.cred.checkers import ICredentialsChecker
+    from twisted.internet import threads
+    from zope.interface import implementer
+
+    @implementer(ICredentialsChecker)
+    class PasswordChecker:
+        credentialInterfaces = (credentials.IUsernamePassword,)
+
+        def requestAvatarId(self, creds):
+            user = creds.username
+            pw = creds.password
+            if isinstance(user, bytes):
+                user = user.decode("utf-8", "replace")
+            if isinstance(pw, bytes):
+                pw = pw.decode("utf-8", "replace")
+            name = user.strip().lower()
+
+            def check():
+                return db.check(name, pw)
+
+            if threadpool is not None:
+                from twisted.internet import reactor as default_reactor
+
+                d = threads.deferToThreadPool(reactor or default_reactor, threadpool, check)
+            else:
+                d = threads.deferToThread(check)
+
+            def done(ok):
+                if ok:
+                    return name
+                raise error.UnauthorizedLogin("bad credentials")
+
+            return d.addCallback(done)
+
+    return PasswordChecker()
