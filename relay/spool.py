@@ -390,6 +390,14 @@ class Spool:
     def incoming(self, envelope: Envelope) -> IncomingMessage:
         return IncomingMessage(self, envelope)
 
+    def inject(self, envelope: Envelope, data: bytes) -> "QueueEntry":
+        """Queue a message we make ourselves (a DSN): durable except for the
+        directory fsync, which the caller does (grouped)."""
+        inc = IncomingMessage(self, envelope)
+        inc.write(data)
+        inc.finish()
+        return QueueEntry(envelope, State.fresh(envelope), len(data), len(inc.header))
+
     def message_path(self, qid: str) -> str:
         return os.path.join(self.queue_dir, qid)
 
