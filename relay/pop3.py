@@ -595,7 +595,7 @@ class POP3Server(Protocol):
             return None
         if not parts:
             # The pre-RFC 5034 form: list the mechanisms.
-            self._write(b"+OK\r\nPLAIN\r\n.\r\n")
+            self._write(b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n")
             return None
         mech = parts[0].upper()
         if mech != b"PLAIN":

@@ -35,7 +35,8 @@ def test_deliver_writes_lf_file_with_sizes_in_name(tmp_path):
     src, off = spool_file(tmp_path, MSG, junk=b"ENVELOPE-JUNK\r\n")
     path = maildir.deliver(root, "example.org", "alice", src, off, PREFIX)
     assert os.path.dirname(path) == os.path.join(root, "example.org", "alice", "new")
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     assert data == crlf_to_lf(PREFIX + MSG)
     assert b"\r" not in data
     name = os.path.basename(path)
@@ -155,7 +156,8 @@ def test_deliver_streams_in_chunks(tmp_path, monkeypatch):
                         raising=False)
     path = maildir.deliver(str(tmp_path / "mail"), "example.org", "alice", src, off, PREFIX)
     assert max(reads) == 7
-    assert open(path, "rb").read() == crlf_to_lf(PREFIX + body)
+    with open(path, "rb") as f:
+        assert f.read() == crlf_to_lf(PREFIX + body)
     assert path.endswith(f",W={len(PREFIX + body)}")
 
 
@@ -192,7 +194,7 @@ def fill(tmp_path, n=3):
 
 
 def test_scan_lists_in_delivery_order_with_sizes(tmp_path):
-    root, box, paths = fill(tmp_path, 5)
+    _root, box, paths = fill(tmp_path, 5)
     msgs = maildir.scan(box)
     assert [m.path for m in msgs] == paths
     assert all(m.size == len(PREFIX + MSG) for m in msgs)
@@ -203,7 +205,7 @@ def test_scan_lists_in_delivery_order_with_sizes(tmp_path):
 
 
 def test_uidl_stable_across_move_and_flags(tmp_path):
-    root, box, paths = fill(tmp_path, 2)
+    _root, box, _paths = fill(tmp_path, 2)
     before = {m.base: m.uid for m in maildir.scan(box)}
     m = maildir.scan(box)[0]
     new_path = maildir.mark_seen(box, m)
@@ -217,7 +219,7 @@ def test_uidl_stable_across_move_and_flags(tmp_path):
 
 
 def test_mark_seen_keeps_flags_sorted_and_follows_moves(tmp_path):
-    root, box, paths = fill(tmp_path, 1)
+    _root, box, paths = fill(tmp_path, 1)
     m = maildir.scan(box)[0]
     # another reader moved it to cur/ with a flag meanwhile
     moved = os.path.join(box, "cur", os.path.basename(paths[0]) + ":2,F")
@@ -225,7 +227,7 @@ def test_mark_seen_keeps_flags_sorted_and_follows_moves(tmp_path):
     p = maildir.mark_seen(box, m)
     assert p == moved[: -len(":2,F")] + ":2,FS"
     assert maildir.mark_seen(box, m) == p  # already seen: no-op
-    root, box, paths = fill(tmp_path, 1)
+    _root, box, paths = fill(tmp_path, 1)
     m = maildir.scan(box)[-1]
     os.unlink(m.path)
     with pytest.raises(FileNotFoundError):
@@ -273,14 +275,14 @@ def test_duplicate_cores_are_disambiguated(tmp_path):
 
 
 def test_same_message_in_new_and_cur_listed_once(tmp_path):
-    root, box, paths = fill(tmp_path, 1)
+    _root, box, paths = fill(tmp_path, 1)
     name = os.path.basename(paths[0])
     os.link(paths[0], os.path.join(box, "cur", name + ":2,S"))
     assert len(maildir.scan(box)) == 1
 
 
 def test_delete_and_read(tmp_path):
-    root, box, paths = fill(tmp_path, 3)
+    _root, box, _paths = fill(tmp_path, 3)
     msgs = maildir.scan(box)
     assert maildir.read_message(box, msgs[0], 1 << 20) == crlf_to_lf(PREFIX + MSG)
     maildir.mark_seen(box, msgs[1])
@@ -290,7 +292,7 @@ def test_delete_and_read(tmp_path):
 
 
 def test_read_follows_a_moved_file(tmp_path):
-    root, box, paths = fill(tmp_path, 1)
+    _root, box, paths = fill(tmp_path, 1)
     m = maildir.scan(box)[0]
     os.rename(paths[0], os.path.join(box, "cur", os.path.basename(paths[0]) + ":2,"))
     assert maildir.read_message(box, m, 100).startswith(b"Return-Path")
@@ -299,7 +301,7 @@ def test_read_follows_a_moved_file(tmp_path):
 
 
 def test_lock_is_exclusive_within_a_process(tmp_path):
-    root, box, _ = fill(tmp_path, 1)
+    _root, box, _ = fill(tmp_path, 1)
     a = maildir.MailboxLock(box)
     a.acquire()
     b = maildir.MailboxLock(box)
@@ -330,7 +332,7 @@ def test_lock_excludes_another_process(tmp_path):
     finally:
         p.stdin.close()
         p.wait(10)
-    path, lock, msgs = maildir.open_mailbox(root, "example.org", "alice")
+    _path, lock, msgs = maildir.open_mailbox(root, "example.org", "alice")
     assert len(msgs) == 1
     lock.release()
 

@@ -12,8 +12,10 @@ import hashlib
 import os
 import poplib
 import time
+from typing import ClassVar
 
 from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
 
 from tests.support.pop3server import (
     ALICE,
@@ -25,7 +27,6 @@ from tests.support.pop3server import (
     write_users,
 )
 from tests.support.wait import apoll, poll
-from twisted.trial import unittest
 
 MSG = (
     b"From: carol@example.net\r\n"
@@ -86,7 +87,7 @@ class CapabilityTests(Base):
             s.sendall(b"AUTH\r\n")
             return recv_until(s, b"\r\n.\r\n")
 
-        self.assertEqual(await self.run_client(client), b"+OK\r\nPLAIN\r\n.\r\n")
+        self.assertEqual(await self.run_client(client), b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n")
 
     async def test_quit_in_authorization_state(self):
         s = self.raw()
@@ -181,7 +182,7 @@ class TransactionTests(Base):
             c.quit()
             return lines, octets
 
-        lines, octets = await self.run_client(client)
+        lines, _octets = await self.run_client(client)
         self.assertEqual(b"\r\n".join(lines) + b"\r\n", PREFIX + MSG)
 
     async def test_top(self):
@@ -445,7 +446,7 @@ class LockTests(Base):
 
 
 class LoginTests(Base):
-    factory_kwargs = {"login_failure_delay": 0.3}
+    factory_kwargs: ClassVar[dict] = {"login_failure_delay": 0.3}
 
     async def test_failed_logins_look_alike_and_are_delayed(self):
         def attempt(user, pw):
@@ -487,6 +488,7 @@ class LoginTests(Base):
     async def test_unsafe_user_names_fail_like_wrong_passwords(self):
         # Even with a users file entry, a name that could leave the mailbox
         # root or is not in a local domain never logs in.
+        self.factory.login_failure_delay = 0.01
         write_users(self.users_path, dict(PASSWORDS, **{"alice@other.org": "pw", "a.b@example.org": "pw"}))
         names = [
             "../../etc@example.org", "a/b@example.org", "..@example.org", ".hidden@example.org",
@@ -549,7 +551,7 @@ class LoginTests(Base):
 
 
 class SASLTests(Base):
-    factory_kwargs = {"login_failure_delay": 0.01}
+    factory_kwargs: ClassVar[dict] = {"login_failure_delay": 0.01}
 
     def _plain(self, authz: str, user: str, pw: str) -> bytes:
         return base64.b64encode(f"{authz}\0{user}\0{pw}".encode())

@@ -13,10 +13,12 @@ import poplib
 import socket
 import ssl
 import tempfile
+from typing import ClassVar
 
 from twisted.internet import defer, reactor, threads
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.python.threadpool import ThreadPool
-from twisted.trial import unittest
 
 from relay import maildir, pop3
 from relay.users import UserDB, hash_password
@@ -31,14 +33,13 @@ PASSWORDS = {ALICE: "alice-secret", BOB: "bob secret with spaces"}
 def write_users(path: str, users: dict[str, str]) -> None:
     # ln=4: a cheap hash, so tests are fast; the format is the real one.
     with open(path, "w") as f:
-        for addr, pw in users.items():
-            f.write(f"{addr}:{hash_password(pw, ln=4)}\n")
+        f.writelines(f"{addr}:{hash_password(pw, ln=4)}\n" for addr, pw in users.items())
 
 
 class POP3ServerMixin:
     """setUp/tearDown for a trial TestCase with a listening POP3 factory."""
 
-    factory_kwargs: dict = {}
+    factory_kwargs: ClassVar[dict] = {}
     listen_tls = None  # CertificateOptions for an implicit TLS listener
 
     def setUp(self):
@@ -150,5 +151,36 @@ def client_context(ca_pem: str) -> ssl.SSLContext:
     return ctx
 
 
-class TestCase(POP3ServerMixin, unittest.TestCase):
-    """Base class: pass."""
+class FakeTransport(StringTransport):
+    """A StringTransport that can start TLS and push back like a socket."""
+
+    def __init__(self, pause_at: int | None = None):
+        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        self.tls = None
+        self.pause_at = pause_at
+        self.out_paused = False
+        self.aborted = False
+        self.max_buffered = 0
+
+    def startTLS(self, ctx, normal=True):
+        self.tls = ctx
+
+    def write(self, data):
+        super().write(data)
+        self.max_buffered = max(self.max_buffered, len(self.value()))
+        if (self.pause_at is not None and len(self.value()) > self.pause_at
+                and self.producer is not None and not self.out_paused):
+            self.out_paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        data = self.value()
+        self.clear()
+        if self.out_paused and self.producer is not None:
+            self.out_paused = False
+            self.producer.resumeProducing()
+        return data
+
+    def abortConnection(self):
+        self.aborted = True
+        self.loseConnection()
