@@ -174,8 +174,7 @@ class QueueManager:
             from relay.mx import Resolver
 
             resolver = resolver or Resolver(
-                nameservers=config.delivery.nameservers, lifetime=min(30.0, config.delivery.connect_timeout),
-                reactor=self.reactor, threadpool=None,
+                nameservers=config.delivery.nameservers, lifetime=10.0, reactor=self.reactor,
             )
             deliverer = Deliverer(service, resolver)
         self.deliverer = deliverer

@@ -134,6 +134,10 @@ class Envelope:
     client: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # kind (bounce...), etc.
 
+    def __post_init__(self) -> None:
+        if len(self.orcpts) != len(self.recipients):
+            self.orcpts = (list(self.orcpts) + [None] * len(self.recipients))[: len(self.recipients)]
+
     def to_line(self) -> bytes:
         d = {
             "id": self.queue_id,

@@ -178,6 +178,8 @@ class Schedule(QueueCase):
 
     def test_5xx_for_one_recipient_others_delivered_never_resent(self):
         def script(d, r, n):
+            if d.key == "mx:client.example":
+                return "deferred", "4.0.0", "keep the DSN queued"
             if r.startswith("bad"):
                 return "bounced", "5.1.1", "550 5.1.1 no such user"
             if r.startswith("slow"):
@@ -194,6 +196,7 @@ class Schedule(QueueCase):
         self.assertEqual([r.status for r in st.recipients], ["delivered", "bounced", "deferred"])
         self.clock.advance(400)
         attempts = [c[3] for c in self.hop.calls if c[1] == qid]
+        self.assertEqual(self.qm.counters.dsn_sent, 1)
         self.assertEqual(attempts, [["good@remote.example", "bad@remote.example", "slow@remote.example"],
                                     ["slow@remote.example"]])
         self.assertNotIn(qid, self.qm.messages)

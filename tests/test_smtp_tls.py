@@ -45,7 +45,7 @@ class TLSRelayCase(unittest.TestCase):
         }
         for k, v in self.extra.items():
             over.setdefault(k, {}).update(v)
-        self.relay = InProcessRelay(self.tmp, over)
+        self.relay = InProcessRelay(self.tmp, over, deliver=False)
         await self.relay.start()
         ports = self.relay.ports
         self.mx = ports[f"smtp {over['smtp']['listen'][0]}"]
