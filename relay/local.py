@@ -59,4 +59,4 @@ def deliver(
         return LocalResult("deferred", "4.3.0", f"451 4.3.0 cannot write to the mailbox: {e}")
     except OSError as e:
         return LocalResult("deferred", "4.3.0", f"451 4.3.0 cannot write to the mailbox: {e.strerror or e}")
-    return LocalResult("delivered", "2.0.0", f"250 2.0.0 delivered to maildir", path)
+    return LocalResult("delivered", "2.0.0", "250 2.0.0 delivered to maildir", path)
