@@ -23,6 +23,14 @@ from tests.support.sink import Sink
 MSG = b"From: a@origin.test\r\nTo: b@dest.test\r\nSubject: test\r\n\r\nHello.\r\n"
 
 
+def write_big(path: str, line: bytes, count: int) -> int:
+    """A big message file of count copies of line; returns its size."""
+    block = line * 1024
+    with open(path, "wb") as f:
+        f.writelines(block for _ in range(count // 1024))
+    return os.path.getsize(path)
+
+
 class ClientCase(unittest.TestCase):
     """Helpers: sinks on 127.0.0.x, spool files, deliver() with short timeouts."""
 
@@ -83,6 +91,12 @@ class BasicTests(ClientCase):
         self.assertEqual(sess.helo, "relay.test")
         self.assertTrue(sess.esmtp)
         self.assertEqual(sess.commands[-1], "QUIT")
+
+    async def test_ipv6_hop(self):
+        s = self.sink("::1")
+        rep = await self.deliver([Hop("mx6.test", "::1", s.port, 10)])
+        self.assertDelivered(rep, "rcpt@dest.test")
+        self.assertEqual(str(rep.hop), f"mx6.test[::1]:{s.port}")
 
     async def test_null_sender(self):
         s = self.sink()
@@ -413,14 +427,8 @@ class DataTests(ClientCase):
         self.assertEqual(s.transactions, [])
 
     async def test_big_message_streams_with_flat_memory(self):
-        line = b"y" * 998 + b"\r\n"
-        size = 16 * 1024 * 1024
         path = os.path.join(self.dir, "big")
-        with open(path, "wb") as f:
-            block = line * 1024
-            for _ in range(size // len(block)):
-                f.write(block)
-        size = os.path.getsize(path)
+        size = write_big(path, b"y" * 998 + b"\r\n", 16 * 1024)  # 16 MB
         s = self.sink(keep_data=False)
         tracemalloc.start()
         try:

@@ -45,6 +45,7 @@ from service_identity import CertificateError, VerificationError
 from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import defer, error, threads
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -554,6 +555,13 @@ _X509_ERRORS = {
 _CONTEXTS: dict = {}
 
 
+def _subject(cert) -> str:
+    try:
+        return cert.to_cryptography().subject.rfc4514_string() or "?"
+    except Exception:  # noqa: BLE001 - only for a message
+        return "?"
+
+
 def _client_context(trust_root) -> SSL.Context:
     """One context per trust root (loading the system CAs is not free)."""
     key = trust_root if isinstance(trust_root, str) else id(trust_root)
@@ -567,10 +575,12 @@ def _client_context(trust_root) -> SSL.Context:
         ctx.set_default_verify_paths()
     elif isinstance(trust_root, str):
         ctx.load_verify_locations(trust_root)
-    elif hasattr(trust_root, "_addCACertsToContext"):  # IOpenSSLTrustRoot, ssl.Certificate
-        trust_root._addCACertsToContext(ctx)
     else:
-        raise TypeError(f"trust_root must be None, a PEM path or an IOpenSSLTrustRoot, not {trust_root!r}")
+        try:
+            root = IOpenSSLTrustRoot(trust_root)  # ssl.Certificate adapts to it
+        except TypeError:
+            raise TypeError(f"trust_root must be None, a PEM file path or an IOpenSSLTrustRoot, not {trust_root!r}")
+        root._addCACertsToContext(ctx)
     _CONTEXTS[key] = (trust_root, ctx)  # the reference keeps id() unique
     return ctx
 
@@ -612,10 +622,7 @@ class _OutboundTLS:
     def _verify(self, conn, cert, errno: int, depth: int, ok: int) -> bool:
         try:
             if not ok and self.chain_error is None:
-                try:
-                    subject = cert.get_subject().CN or cert.get_subject().O or "?"
-                except Exception:  # noqa: BLE001
-                    subject = "?"
+                subject = _subject(cert)
                 self.chain_error = f"{_X509_ERRORS.get(errno, f'X509 verify error {errno}')} (depth {depth}, {subject})"
             if depth == 0:
                 self.saw_leaf = True
@@ -683,6 +690,7 @@ _STAGE_WORDS = {
     "end of DATA": "sending end of data -- message may be sent more than once",
     "RSET": "sending RSET",
     "QUIT": "sending QUIT",
+    "session": "delivering (session time limit reached)",
 }
 
 
@@ -729,6 +737,8 @@ class _Delivery:
         self.threadpool = threadpool
         self.queue_id = queue_id
         self.report = DeliveryReport(results={})
+        if tls_mode != "none":
+            _client_context(trust_root)  # a bad trust_root is the caller's error: raise now
 
     # ------------------------------------------------------------ top level
     async def run(self) -> DeliveryReport:
@@ -752,7 +762,13 @@ class _Delivery:
             plaintext_only = self.tls_mode == "none"
             while True:
                 try:
-                    outcome = await self._session(hop, pending, plaintext_only)
+                    try:
+                        outcome = await self._session(hop, pending, plaintext_only)
+                    except (_HopFailed, defer.CancelledError):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - a bug must not lose the recipients: defer them
+                        log.failure("{queue_id}: {hop}: unexpected error", queue_id=self.queue_id or "-", hop=str(hop))
+                        raise _HopFailed("4.3.0", f"local error while delivering to {self._where(hop)}: {e!r}", stage="local")
                 except _HopFailed as f:
                     self.report.attempts.append((hop, f.reason))
                     log.info("{queue_id}: {hop}: {reason}", queue_id=self.queue_id or "-", hop=str(hop), reason=f.reason)
@@ -797,19 +813,31 @@ class _Delivery:
         self.report.tls = None
         proto = await self._connect(hop)
         cap = self.reactor.callLater(self.t.session, proto.fail, ConversationError("timeout", "session", f"session exceeded {self.t.session:g}s"))
+        graceful = False
         try:
-            return await self._converse(proto, hop, rcpts, plaintext_only)
+            result = await self._converse(proto, hop, rcpts, plaintext_only)
+            graceful = True
+            return result
         finally:
             if cap.active():
                 cap.cancel()
-            if proto.lost is None:
+            await self._close(proto, graceful)
+
+    async def _close(self, proto: _ClientProtocol, graceful: bool) -> None:
+        """Close and wait until the socket is gone (no connection outlives
+        deliver()); abort if a graceful close takes too long."""
+        if proto.lost is None:
+            if graceful:
                 proto.transport.loseConnection()
-                guard = self.reactor.callLater(10, proto.fail, ConversationError("timeout", "close"))
-                await proto.closed
-                if guard.active():
-                    guard.cancel()
             else:
-                await proto.closed
+                proto.fail(ConversationError("local", "close"))
+        guard = self.reactor.callLater(10, proto.fail, ConversationError("timeout", "close"))
+        give_up = defer.Deferred()
+        last = self.reactor.callLater(20, give_up.callback, None)
+        await defer.DeferredList([proto.closed, give_up], fireOnOneCallback=True, consumeErrors=True)
+        for call in (guard, last):
+            if call.active():
+                call.cancel()
 
     def _conv_failure(self, hop: Hop, e: ConversationError) -> tuple[str, str]:
         """(status, reason) for a conversation that died, Postfix wording."""
@@ -929,7 +957,8 @@ class _Delivery:
                 return None
             raise _HopFailed("4.7.4", f"TLS is required, but host {w} refused to start TLS: {r.one_line}", reply=r, stage="STARTTLS")
         if proto.discarded:
-            log.warning("{queue_id}: {hop}: discarded {n} bytes the server sent after its reply to STARTTLS (response injection?)",
+            log.warn(  # noqa: G010 - twisted.logger.Logger has warn()
+                "{queue_id}: {hop}: discarded {n} bytes the server sent after its reply to STARTTLS (response injection?)",
                      queue_id=self.queue_id or "-", hop=str(hop), n=proto.discarded)
         name = self.tls_hostname or hop.host
         creator = _OutboundTLS(name, enforce=(mode == "verify"), trust_root=self.trust_root)

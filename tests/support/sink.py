@@ -35,6 +35,8 @@ The scriptable parts:
   bytes of DATA.
 * ``abort_at``: a set of stages at which the connection is reset instead of
   answered.
+* ``stall_data``: after the 354, stop reading from the socket (a peer that
+  accepts DATA and then never drains it).
 * ``ehlo=False``: EHLO gets "502 5.5.2", HELO works (HELO fallback).
 * ``pipelining``, ``size`` (None: not advertised; 0: "SIZE" without limit),
   ``eightbitmime``, ``smtputf8``, ``enhancedstatuscodes``: EHLO keywords.
@@ -96,6 +98,7 @@ class Behaviour:
     delay: float = 0.0
     delays: dict[str, float] = field(default_factory=dict)
     reset_after_data_bytes: int | None = None
+    stall_data: bool = False
     keep_data: bool = True
 
 
@@ -488,6 +491,8 @@ class SinkProtocol(protocol.Protocol):
             self.mode = "data"
             self.unstuffer = _Unstuffer(b.keep_data)
             self.data_bytes = 0
+            if b.stall_data:
+                self.transport.pauseProducing()  # stop reading: the client's writes back up
 
         return self._respond("DATA", reply, after=enter)
 
