@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from twisted.internet import reactor, task
@@ -305,8 +307,8 @@ class SubprocessServerTests(unittest.TestCase):
     """The DNS server as a separate process, and the blocking resolver core."""
 
     def test_subprocess_server_and_zone_reload(self):
-        d = self.mktemp()
-        os.makedirs(d)
+        d = tempfile.mkdtemp(prefix="relay-dns-test-")
+        self.addCleanup(shutil.rmtree, d, True)
         zone_path = os.path.join(d, "zone.json")
         zone = Zone().mx("example.test", 10, "mx1.example.test").a("mx1.example.test", "127.0.0.2")
         with open(zone_path, "w") as f:

@@ -9,6 +9,8 @@ test_smtp_client_tls.py).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import tracemalloc
 
 from twisted.internet import reactor
@@ -37,8 +39,8 @@ class ClientCase(unittest.TestCase):
     timeout = 60
 
     def setUp(self):
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
+        self.dir = tempfile.mkdtemp(prefix="relay-client-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
         self._n = 0
 
     def sink(self, address: str = "127.0.0.2", **kw) -> Sink:
