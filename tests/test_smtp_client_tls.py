@@ -38,6 +38,16 @@ class StartTLSMayTests(ClientCase):
         self.assertFalse(rep.tls["verified"])
         self.assertEqual(rep.tls["hostname"], "mx.test")
 
+    async def test_large_message_over_tls(self):
+        # The producer streams through the TLS layer with back-pressure, and
+        # dot-stuffing is the same inside TLS.
+        s = self.sink(starttls="ok", cert=mx_cert())
+        body = b"Subject: big\r\n\r\n" + (b".dotted line " + b"x" * 60 + b"\r\n") * 40000  # ~3 MB
+        rep = await self.deliver([self.hop(s)], tls_mode="may", message=body)
+        self.assertDelivered(rep, "rcpt@dest.test")
+        self.assertEqual(s.transactions[0].data, body)
+        self.assertIsNotNone(s.transactions[0].session.tls)
+
     async def test_may_reports_verified_when_it_would_verify(self):
         s = self.sink(starttls="ok", cert=mx_cert())
         rep = await self.deliver([self.hop(s)], tls_mode="may", trust_root=mx_cert().ca_pem)

@@ -403,8 +403,8 @@ def _describe_failure(reason) -> str:
     v = reason.value
     if isinstance(v, SSL.Error):
         return f"TLS error: {_ssl_error_text(v)}"
-    if isinstance(v, error.ConnectionLost):
-        return "connection reset by peer" if "reset" in str(v).lower() or "104" in str(v) else "connection lost"
+    if isinstance(v, (error.ConnectionLost, error.ConnectionDone)):
+        return ""  # "lost connection" already says it
     return v.__class__.__name__ + (f": {v}" if str(v) else "")
 
 
@@ -555,6 +555,17 @@ _X509_ERRORS = {
 _CONTEXTS: dict = {}
 
 
+def _cert_names(cert) -> list[str]:
+    """DNS names and IP addresses in the subjectAltName, for messages."""
+    from cryptography import x509
+
+    try:
+        san = cert.to_cryptography().extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except Exception:  # noqa: BLE001 - no SAN or unparsable: only for a message
+        return []
+    return [*san.get_values_for_type(x509.DNSName), *(str(a) for a in san.get_values_for_type(x509.IPAddress))][:10]
+
+
 def _subject(cert) -> str:
     try:
         return cert.to_cryptography().subject.rfc4514_string() or "?"
@@ -630,8 +641,9 @@ class _OutboundTLS:
                     ident = IPAddress_ID(self.hostname) if self._is_ip else DNS_ID(self.hostname)
                     try:
                         verify_service_identity(extract_patterns(cert), [ident], [])
-                    except (VerificationError, CertificateError) as e:
-                        self.name_error = f"certificate does not match host name {self.hostname}: {e}"
+                    except (VerificationError, CertificateError):
+                        names = ", ".join(_cert_names(cert)) or "none"
+                        self.name_error = f"certificate does not match host name {self.hostname} (it names: {names})"
         except Exception as e:  # noqa: BLE001 - never raise inside an OpenSSL callback
             self.name_error = self.name_error or f"certificate check failed: {e}"
         if not self.enforce:
