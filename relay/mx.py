@@ -179,9 +179,7 @@ class Resolver:
         """dnspython answer, or raise the dnspython exception."""
         if self._config_error:
             raise _NoResolver(self._config_error)
-        return self._resolver.resolve(
-            dns.name.from_text(name), rdtype, search=False, lifetime=max(lifetime, 0.05)
-        )
+        return self._resolver.resolve(dns.name.from_text(name), rdtype, search=False, lifetime=max(lifetime, 0.05))
 
     def _temp_reason(self, e: Exception, name: str, rdtype: str) -> str:
         if self._config_error:
@@ -207,7 +205,9 @@ class Resolver:
             try:
                 ans = self._query(name, rdtype, min(self.lifetime, remaining))
             except dns.resolver.NXDOMAIN:
-                out.nxdomain = f"Host or domain name not found. Name service error for name={name} type={rdtype}: Host not found"
+                out.nxdomain = (
+                    f"Host or domain name not found. Name service error for name={name} type={rdtype}: Host not found"
+                )
                 break  # the AAAA answer would be NXDOMAIN too
             except dns.resolver.NoAnswer:
                 out.nodata = out.nodata or (
@@ -255,7 +255,8 @@ class Resolver:
             ans = self._query(name, "MX", self.lifetime)
         except dns.resolver.NXDOMAIN:
             raise DNSFailure(
-                False, "5.1.2",
+                False,
+                "5.1.2",
                 f"Host or domain name not found. Name service error for name={name} type=MX: Host not found",
             )
         except dns.resolver.NoAnswer:
@@ -315,7 +316,8 @@ class Resolver:
             if temp:
                 raise DNSFailure(True, "4.4.3", temp)
             raise DNSFailure(
-                False, "5.4.4",
+                False,
+                "5.4.4",
                 f"no MX host for {domain} has a valid address record" + (f" ({perm})" if perm else ""),
             )
         return hosts
@@ -358,6 +360,7 @@ def _nameserver(ns) -> dns.nameserver.Nameserver:
 
 # ------------------------------------------------------------------ is_self
 
+
 def is_local_address(ip: str) -> bool:
     """True if ``ip`` is an address of this machine (binding to it works).
 
@@ -381,7 +384,9 @@ def is_local_address(ip: str) -> bool:
         s.close()
 
 
-def make_is_self(listeners: Iterable[tuple[str, int]], *, local_address: Callable[[str], bool] = is_local_address) -> IsSelf:
+def make_is_self(
+    listeners: Iterable[tuple[str, int]], *, local_address: Callable[[str], bool] = is_local_address
+) -> IsSelf:
     """A predicate ``is_self(ip, port)`` from the (interface, port) pairs we listen on.
 
     An interface of "" or "0.0.0.0" is every local IPv4 address, "::" every

@@ -49,13 +49,16 @@ class MXOrderTests(DNSTestCase):
         z.a("mx2.example.test", "127.0.0.3", "127.0.0.4")
         z.aaaa("mx3.example.test", "::1")
         hops = await self.resolver.mx_hops("example.test", 2525)
-        self.assertEqual(hops, [
-            Hop("mx1.example.test", "127.0.0.2", 2525, 10),
-            Hop("mx1.example.test", "::1", 2525, 10),
-            Hop("mx2.example.test", "127.0.0.3", 2525, 20),
-            Hop("mx2.example.test", "127.0.0.4", 2525, 20),
-            Hop("mx3.example.test", "::1", 2525, 30),
-        ])
+        self.assertEqual(
+            hops,
+            [
+                Hop("mx1.example.test", "127.0.0.2", 2525, 10),
+                Hop("mx1.example.test", "::1", 2525, 10),
+                Hop("mx2.example.test", "127.0.0.3", 2525, 20),
+                Hop("mx2.example.test", "127.0.0.4", 2525, 20),
+                Hop("mx3.example.test", "::1", 2525, 30),
+            ],
+        )
 
     async def test_random_among_equal_preferences(self):
         z = self.zone
@@ -265,10 +268,16 @@ class IsSelfTests(unittest.TestCase):
         self.assertFalse(is_local_address("not an ip"))
 
     def test_listeners_from_endpoints(self):
-        got = listeners_from_endpoints([
-            "tcp:2525:interface=127.0.0.1", "tcp:25", "tcp6:587", "ssl:465:privateKey=k.pem",
-            "systemd:domain=INET:index=0", "unix:/tmp/x",
-        ])
+        got = listeners_from_endpoints(
+            [
+                "tcp:2525:interface=127.0.0.1",
+                "tcp:25",
+                "tcp6:587",
+                "ssl:465:privateKey=k.pem",
+                "systemd:domain=INET:index=0",
+                "unix:/tmp/x",
+            ]
+        )
         self.assertEqual(got, [("127.0.0.1", 2525), ("", 25), ("::", 587), ("", 465)])
 
 
@@ -316,7 +325,9 @@ class SubprocessServerTests(unittest.TestCase):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.dns", "--zone", zone_path],
-            cwd=root, stdout=subprocess.PIPE, text=True,
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.addCleanup(proc.wait)
         self.addCleanup(proc.kill)

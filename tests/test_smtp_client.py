@@ -58,7 +58,9 @@ class ClientCase(unittest.TestCase):
             f.write(prefix + message + suffix)
         return path, len(prefix), len(message)
 
-    async def deliver(self, hops, message: bytes = MSG, recipients=("rcpt@dest.test",), *, prefix=b"", suffix=b"", **kw) -> DeliveryReport:
+    async def deliver(
+        self, hops, message: bytes = MSG, recipients=("rcpt@dest.test",), *, prefix=b"", suffix=b"", **kw
+    ) -> DeliveryReport:
         path, offset, size = self.spool(message, prefix, suffix)
         kw.setdefault("sender", "sender@origin.test")
         kw.setdefault("helo", "relay.test")
@@ -66,8 +68,13 @@ class ClientCase(unittest.TestCase):
         kw.setdefault("timeouts", Timeouts.uniform(2.0))
         kw.setdefault("connect_timeout", 2.0)
         return await deliver(
-            reactor, hops, recipients=list(recipients), message_path=path, message_offset=offset,
-            message_size=size, **kw,
+            reactor,
+            hops,
+            recipients=list(recipients),
+            message_path=path,
+            message_offset=offset,
+            message_size=size,
+            **kw,
         )
 
     def assertDelivered(self, report: DeliveryReport, *rcpts: str):
@@ -123,11 +130,13 @@ class BasicTests(ClientCase):
         self.assertEqual(s.transactions[0].rcpts, ["a@dest.test"])
 
     async def test_per_recipient_results(self):
-        s = self.sink(rcpt_replies={
-            "bad@dest.test": "550 5.1.1 <bad@dest.test>: Recipient address rejected: User unknown",
-            "full@dest.test": "452 4.2.2 Mailbox full",
-            "grey@dest.test": "450 4.7.1 Greylisted, try later",
-        })
+        s = self.sink(
+            rcpt_replies={
+                "bad@dest.test": "550 5.1.1 <bad@dest.test>: Recipient address rejected: User unknown",
+                "full@dest.test": "452 4.2.2 Mailbox full",
+                "grey@dest.test": "450 4.7.1 Greylisted, try later",
+            }
+        )
         rcpts = ["ok@dest.test", "bad@dest.test", "full@dest.test", "grey@dest.test", "ok2@dest.test"]
         rep = await self.deliver([self.hop(s)], recipients=rcpts)
         self.assertDelivered(rep, "ok@dest.test", "ok2@dest.test")
@@ -152,7 +161,9 @@ class BasicTests(ClientCase):
         s = self.sink(replies={"MAIL": "553 5.7.1 <sender@origin.test>: Sender address rejected"})
         rep = await self.deliver([self.hop(s)], recipients=["a@dest.test", "b@dest.test"])
         for r in ("a@dest.test", "b@dest.test"):
-            self.assertEqual((rep.results[r].kind, rep.results[r].status, rep.results[r].stage), ("bounced", "5.7.1", "MAIL FROM"))
+            self.assertEqual(
+                (rep.results[r].kind, rep.results[r].status, rep.results[r].stage), ("bounced", "5.7.1", "MAIL FROM")
+            )
 
     async def test_mail_from_4xx_defers_all(self):
         s = self.sink(replies={"MAIL": "451 4.3.0 Temporary local problem"})
@@ -184,7 +195,9 @@ class BasicTests(ClientCase):
         self.assertEqual(s.delivered_to(), ["b@dest.test", "a@dest.test"])
 
     async def test_derived_enhanced_codes(self):
-        s = self.sink(enhancedstatuscodes=False, rcpt_replies={"bad@dest.test": "550 no such user", "t@dest.test": "451 later"})
+        s = self.sink(
+            enhancedstatuscodes=False, rcpt_replies={"bad@dest.test": "550 no such user", "t@dest.test": "451 later"}
+        )
         rep = await self.deliver([self.hop(s)], recipients=["ok@dest.test", "bad@dest.test", "t@dest.test"])
         self.assertEqual(rep.results["ok@dest.test"].status, "2.0.0")
         self.assertEqual(rep.results["bad@dest.test"].status, "5.0.0")
@@ -220,10 +233,14 @@ class ExtensionTests(ClientCase):
         self.assertGreaterEqual(s.sessions[0].max_outstanding, 6)
 
     async def test_pipelined_replies_matched_in_order(self):
-        s = self.sink(pipelining=True, rcpt_replies={"u1@dest.test": "550 5.1.1 one", "u3@dest.test": "450 4.2.1 three"})
+        s = self.sink(
+            pipelining=True, rcpt_replies={"u1@dest.test": "550 5.1.1 one", "u3@dest.test": "450 4.2.1 three"}
+        )
         rcpts = [f"u{i}@dest.test" for i in range(5)]
         rep = await self.deliver([self.hop(s)], recipients=rcpts)
-        self.assertEqual([rep.results[r].kind for r in rcpts], ["delivered", "bounced", "delivered", "deferred", "delivered"])
+        self.assertEqual(
+            [rep.results[r].kind for r in rcpts], ["delivered", "bounced", "delivered", "deferred", "delivered"]
+        )
         self.assertIn("one", rep.results["u1@dest.test"].text)
         self.assertIn("three", rep.results["u3@dest.test"].text)
 
@@ -411,7 +428,9 @@ class DataTests(ClientCase):
 
     async def test_message_at_offset_in_spool_file(self):
         s = self.sink()
-        rep = await self.deliver([self.hop(s)], message=MSG, prefix=b"ENVELOPE {json}\n" * 3, suffix=b"TRAILER\r\n.\r\n")
+        rep = await self.deliver(
+            [self.hop(s)], message=MSG, prefix=b"ENVELOPE {json}\n" * 3, suffix=b"TRAILER\r\n.\r\n"
+        )
         self.assertDelivered(rep, "rcpt@dest.test")
         self.assertEqual(s.transactions[0].data, MSG)
 
@@ -419,8 +438,15 @@ class DataTests(ClientCase):
         s = self.sink()
         path, offset, size = self.spool(MSG)
         rep = await deliver(
-            reactor, [self.hop(s)], sender="a@b.test", recipients=["r@dest.test"], message_path=path,
-            message_offset=offset, message_size=size + 100, helo="relay.test", tls_mode="none",
+            reactor,
+            [self.hop(s)],
+            sender="a@b.test",
+            recipients=["r@dest.test"],
+            message_path=path,
+            message_offset=offset,
+            message_size=size + 100,
+            helo="relay.test",
+            tls_mode="none",
             timeouts=Timeouts.uniform(2),
         )
         res = rep.results["r@dest.test"]
@@ -435,8 +461,15 @@ class DataTests(ClientCase):
         tracemalloc.start()
         try:
             rep = await deliver(
-                reactor, [self.hop(s)], sender="a@b.test", recipients=["r@dest.test"], message_path=path,
-                message_size=size, helo="relay.test", tls_mode="none", timeouts=Timeouts.uniform(10),
+                reactor,
+                [self.hop(s)],
+                sender="a@b.test",
+                recipients=["r@dest.test"],
+                message_path=path,
+                message_size=size,
+                helo="relay.test",
+                tls_mode="none",
+                timeouts=Timeouts.uniform(10),
                 body_8bit=False,
             )
             _cur, peak = tracemalloc.get_traced_memory()

@@ -30,7 +30,12 @@ class HopIterationTests(ClientCase):
         hostile = self.sink("127.0.0.4", greeting="554 5.7.1 mx3 does not like you")
         good = self.sink("127.0.0.2")
         refused = Hop("mx1.test", "127.0.0.5", closed_port("127.0.0.5"), 10)
-        hops = [refused, self.hop(busy, "mx2.test", 20), self.hop(hostile, "mx3.test", 30), self.hop(good, "mx4.test", 40)]
+        hops = [
+            refused,
+            self.hop(busy, "mx2.test", 20),
+            self.hop(hostile, "mx3.test", 30),
+            self.hop(good, "mx4.test", 40),
+        ]
         rep = await self.deliver(hops)
         self.assertDelivered(rep, "rcpt@dest.test")
         self.assertEqual(rep.hop.host, "mx4.test")
@@ -100,7 +105,9 @@ class TimeoutTests(ClientCase):
     async def test_hang_at_greeting_times_out_and_moves_on(self):
         hung = self.sink("127.0.0.3", hang={"greeting"})
         good = self.sink("127.0.0.2")
-        rep = await self.deliver([self.hop(hung, "mx1.test"), self.hop(good, "mx2.test", 20)], timeouts=Timeouts.uniform(0.5))
+        rep = await self.deliver(
+            [self.hop(hung, "mx1.test"), self.hop(good, "mx2.test", 20)], timeouts=Timeouts.uniform(0.5)
+        )
         self.assertDelivered(rep, "rcpt@dest.test")
         self.assertIn("timed out while receiving the initial server greeting", rep.attempts[0][1])
 
@@ -109,13 +116,18 @@ class TimeoutTests(ClientCase):
         rep = await self.deliver([self.hop(hung)], timeouts=Timeouts.uniform(0.3))
         res = rep.results["rcpt@dest.test"]
         self.assertEqual((res.kind, res.status), ("deferred", "4.4.2"))
-        self.assertEqual(res.text, "conversation with mx.test[127.0.0.3] timed out while receiving the initial server greeting")
+        self.assertEqual(
+            res.text, "conversation with mx.test[127.0.0.3] timed out while receiving the initial server greeting"
+        )
 
     async def test_hang_after_data_is_deferred_not_resent_elsewhere(self):
         hung = self.sink("127.0.0.3", hang={"final"})
         other = self.sink("127.0.0.2")
-        rep = await self.deliver([self.hop(hung, "mx1.test"), self.hop(other, "mx2.test", 20)],
-                                 recipients=["a@dest.test", "b@dest.test"], timeouts=Timeouts.uniform(0.5))
+        rep = await self.deliver(
+            [self.hop(hung, "mx1.test"), self.hop(other, "mx2.test", 20)],
+            recipients=["a@dest.test", "b@dest.test"],
+            timeouts=Timeouts.uniform(0.5),
+        )
         for r in ("a@dest.test", "b@dest.test"):
             res = rep.results[r]
             self.assertEqual((res.kind, res.status, res.stage), ("deferred", "4.4.2", "end of DATA"))
@@ -126,7 +138,9 @@ class TimeoutTests(ClientCase):
     async def test_hang_at_rcpt_moves_on(self):
         hung = self.sink("127.0.0.3", hang={"RCPT"})
         good = self.sink("127.0.0.2")
-        rep = await self.deliver([self.hop(hung, "mx1.test"), self.hop(good, "mx2.test", 20)], timeouts=Timeouts.uniform(0.4))
+        rep = await self.deliver(
+            [self.hop(hung, "mx1.test"), self.hop(good, "mx2.test", 20)], timeouts=Timeouts.uniform(0.4)
+        )
         self.assertDelivered(rep, "rcpt@dest.test")
         self.assertIn("timed out while sending RCPT TO", rep.attempts[0][1])
 
@@ -137,7 +151,9 @@ class TimeoutTests(ClientCase):
 
     async def test_slow_replies_within_timeouts(self):
         slow = self.sink(delay=0.1, pipelining=False)
-        rep = await self.deliver([self.hop(slow)], recipients=["a@dest.test", "b@dest.test"], timeouts=Timeouts.uniform(1.0))
+        rep = await self.deliver(
+            [self.hop(slow)], recipients=["a@dest.test", "b@dest.test"], timeouts=Timeouts.uniform(1.0)
+        )
         self.assertDelivered(rep, "a@dest.test", "b@dest.test")
 
     async def test_each_reply_has_its_own_timeout(self):
@@ -182,8 +198,9 @@ class ResetTests(ClientCase):
         s = self.sink(reset_after_data_bytes=5000)
         other = self.sink("127.0.0.3")
         body = b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * 2000
-        rep = await self.deliver([self.hop(s), self.hop(other, "mx2.test", 20)], message=body,
-                                 recipients=["a@dest.test", "b@dest.test"])
+        rep = await self.deliver(
+            [self.hop(s), self.hop(other, "mx2.test", 20)], message=body, recipients=["a@dest.test", "b@dest.test"]
+        )
         for r in ("a@dest.test", "b@dest.test"):
             res = rep.results[r]
             self.assertEqual((res.kind, res.status), ("deferred", "4.4.2"))
@@ -204,8 +221,16 @@ class ResetTests(ClientCase):
         size = write_big(path, b"q" * 998 + b"\r\n", 24 * 1024)
         s = self.sink(stall_data=True, keep_data=False)
         rep = await deliver(
-            reactor, [self.hop(s)], sender="a@b.test", recipients=["r@dest.test"], message_path=path,
-            message_size=size, helo="relay.test", tls_mode="none", timeouts=Timeouts.uniform(0.5), body_8bit=False,
+            reactor,
+            [self.hop(s)],
+            sender="a@b.test",
+            recipients=["r@dest.test"],
+            message_path=path,
+            message_size=size,
+            helo="relay.test",
+            tls_mode="none",
+            timeouts=Timeouts.uniform(0.5),
+            body_8bit=False,
         )
         res = rep.results["r@dest.test"]
         self.assertEqual(res.kind, "deferred")
@@ -249,7 +274,14 @@ class TrialDirtyReactorTests(unittest.TestCase):
 
     async def test_nothing_left_open_after_failures(self):
         rep = await deliver(
-            reactor, [Hop("x.test", "127.0.0.5", closed_port("127.0.0.5"))], sender="", recipients=["a@b.test"],
-            message_path=__file__, message_size=10, helo="relay.test", tls_mode="may", timeouts=Timeouts.uniform(1),
+            reactor,
+            [Hop("x.test", "127.0.0.5", closed_port("127.0.0.5"))],
+            sender="",
+            recipients=["a@b.test"],
+            message_path=__file__,
+            message_size=10,
+            helo="relay.test",
+            tls_mode="may",
+            timeouts=Timeouts.uniform(1),
         )
         self.assertEqual(rep.results["a@b.test"].kind, "deferred")

@@ -144,8 +144,9 @@ class StartTLSVerifyTests(ClientCase):
         certs = cert_files("smart.test")
         root = load_ca(certs.ca_pem)
         s = self.sink(starttls="ok", cert=certs)
-        rep = await self.deliver([Hop("127.0.0.2", s.interface, s.port)], tls_mode="verify",
-                                 tls_hostname="smart.test", trust_root=root)
+        rep = await self.deliver(
+            [Hop("127.0.0.2", s.interface, s.port)], tls_mode="verify", tls_hostname="smart.test", trust_root=root
+        )
         self.assertDelivered(rep, "rcpt@dest.test")
         self.assertEqual(rep.tls["hostname"], "smart.test")
 
@@ -207,8 +208,12 @@ class AuthTests(ClientCase):
 
     async def test_auth_plain_over_tls(self):
         s = self.smarthost()
-        rep = await self.deliver([self.smart_hop(s)], tls_mode="verify", trust_root=cert_files("smart.test").ca_pem,
-                                 auth=("relay", "s3cret p\u00e4ss"))
+        rep = await self.deliver(
+            [self.smart_hop(s)],
+            tls_mode="verify",
+            trust_root=cert_files("smart.test").ca_pem,
+            auth=("relay", "s3cret p\u00e4ss"),
+        )
         self.assertDelivered(rep, "rcpt@dest.test")
         self.assertEqual(s.sessions[0].auth_user, "relay")
         self.assertEqual(s.sessions[0].auth_attempts, [("PLAIN", True)])
@@ -232,7 +237,9 @@ class AuthTests(ClientCase):
     async def test_auth_failure_tries_next_address(self):
         bad = self.smarthost("127.0.0.2", credentials={})
         good = self.smarthost("127.0.0.3")
-        rep = await self.deliver([self.smart_hop(bad), self.smart_hop(good)], tls_mode="encrypt", auth=("relay", "s3cret p\u00e4ss"))
+        rep = await self.deliver(
+            [self.smart_hop(bad), self.smart_hop(good)], tls_mode="encrypt", auth=("relay", "s3cret p\u00e4ss")
+        )
         self.assertDelivered(rep, "rcpt@dest.test")
         self.assertEqual(rep.hop.address, "127.0.0.3")
 

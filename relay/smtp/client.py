@@ -356,7 +356,9 @@ class _ClientProtocol(Protocol):
         if self._handshake is not None and not self._handshake.called:
             self._stop_handshake_timer()
             hs, self._handshake = self._handshake, None
-            hs.errback(ConversationError(exc.kind, "TLS handshake", exc.detail or (reason and _describe_failure(reason)) or ""))
+            hs.errback(
+                ConversationError(exc.kind, "TLS handshake", exc.detail or (reason and _describe_failure(reason)) or "")
+            )
         if self.producer is not None:
             self.producer.connection_lost(exc)
         self.closed.callback(None)
@@ -664,10 +666,13 @@ class _OutboundTLS:
 
 # ---------------------------------------------------------------- delivery
 
+
 class _HopFailed(Exception):
     """This hop cannot take the mail now: try the next one."""
 
-    def __init__(self, status: str, reason: str, *, reply: Reply | None = None, stage: str = "", plaintext_retry: bool = False):
+    def __init__(
+        self, status: str, reason: str, *, reply: Reply | None = None, stage: str = "", plaintext_retry: bool = False
+    ):
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -679,7 +684,9 @@ class _HopFailed(Exception):
 class _Down(Exception):
     """The connection died after recipients were accepted: defer the rest."""
 
-    def __init__(self, status: str, reason: str, *, reply: Reply | None = None, stage: str = "", data_started: bool = False):
+    def __init__(
+        self, status: str, reason: str, *, reply: Reply | None = None, stage: str = "", data_started: bool = False
+    ):
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -725,9 +732,28 @@ def _bad_path(addr: str) -> bool:
 
 
 class _Delivery:
-    def __init__(self, reactor, hops, *, sender, recipients, message_path, message_offset, message_size, helo,
-                 tls_mode, tls_hostname, trust_root, auth, connect_timeout, timeouts, max_rcpts_per_txn,
-                 body_8bit, threadpool, queue_id):
+    def __init__(
+        self,
+        reactor,
+        hops,
+        *,
+        sender,
+        recipients,
+        message_path,
+        message_offset,
+        message_size,
+        helo,
+        tls_mode,
+        tls_hostname,
+        trust_root,
+        auth,
+        connect_timeout,
+        timeouts,
+        max_rcpts_per_txn,
+        body_8bit,
+        threadpool,
+        queue_id,
+    ):
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode must be one of {TLS_MODES}, not {tls_mode!r}")
         self.reactor = reactor
@@ -758,7 +784,9 @@ class _Delivery:
         pending: list[str] = []
         if _bad_path(self.sender):
             for r in self.recipients:
-                results[r] = RcptResult("bounced", "5.1.7", f"bad sender address syntax: {self.sender!r}", stage="MAIL FROM")
+                results[r] = RcptResult(
+                    "bounced", "5.1.7", f"bad sender address syntax: {self.sender!r}", stage="MAIL FROM"
+                )
             return self.report
         for r in self.recipients:
             if _bad_path(r) or not r:
@@ -780,10 +808,14 @@ class _Delivery:
                         raise
                     except Exception as e:  # noqa: BLE001 - a bug must not lose the recipients: defer them
                         log.failure("{queue_id}: {hop}: unexpected error", queue_id=self.queue_id or "-", hop=str(hop))
-                        raise _HopFailed("4.3.0", f"local error while delivering to {self._where(hop)}: {e!r}", stage="local")
+                        raise _HopFailed(
+                            "4.3.0", f"local error while delivering to {self._where(hop)}: {e!r}", stage="local"
+                        )
                 except _HopFailed as f:
                     self.report.attempts.append((hop, f.reason))
-                    log.info("{queue_id}: {hop}: {reason}", queue_id=self.queue_id or "-", hop=str(hop), reason=f.reason)
+                    log.info(
+                        "{queue_id}: {hop}: {reason}", queue_id=self.queue_id or "-", hop=str(hop), reason=f.reason
+                    )
                     last = f
                     if f.plaintext_retry and not plaintext_only:
                         plaintext_only = True
@@ -797,8 +829,12 @@ class _Delivery:
         failed_hop = self.report.attempts[-1][0] if self.report.attempts else None
         for r in pending:
             results[r] = RcptResult(
-                "deferred", _temporary(last.status), last.reason,
-                code=last.reply.code if last.reply else None, hop=failed_hop, stage=last.stage,
+                "deferred",
+                _temporary(last.status),
+                last.reason,
+                code=last.reply.code if last.reply else None,
+                hop=failed_hop,
+                stage=last.stage,
             )
         return self.report
 
@@ -824,7 +860,9 @@ class _Delivery:
     async def _session(self, hop: Hop, rcpts: list[str], plaintext_only: bool) -> dict[str, RcptResult]:
         self.report.tls = None
         proto = await self._connect(hop)
-        cap = self.reactor.callLater(self.t.session, proto.fail, ConversationError("timeout", "session", f"session exceeded {self.t.session:g}s"))
+        cap = self.reactor.callLater(
+            self.t.session, proto.fail, ConversationError("timeout", "session", f"session exceeded {self.t.session:g}s")
+        )
         graceful = False
         try:
             result = await self._converse(proto, hop, rcpts, plaintext_only)
@@ -877,12 +915,19 @@ class _Delivery:
         proto.stage = stage
         return await self._reply(proto, proto.command(line, stage, timeout), hop)
 
-    async def _converse(self, proto: _ClientProtocol, hop: Hop, rcpts: list[str], plaintext_only: bool) -> dict[str, RcptResult]:
+    async def _converse(
+        self, proto: _ClientProtocol, hop: Hop, rcpts: list[str], plaintext_only: bool
+    ) -> dict[str, RcptResult]:
         w = self._where(hop)
         try:
             greeting = await self._reply(proto, proto.expect("greeting", self.t.greeting), hop)
             if greeting.code // 100 != 2:
-                raise _HopFailed(greeting.status, f"host {w} refused to talk to me: {greeting.one_line}", reply=greeting, stage="greeting")
+                raise _HopFailed(
+                    greeting.status,
+                    f"host {w} refused to talk to me: {greeting.one_line}",
+                    reply=greeting,
+                    stage="greeting",
+                )
             ext = await self._hello(proto, hop)
             tls = await self._starttls(proto, hop, ext, plaintext_only)
             if tls is not None:
@@ -905,7 +950,13 @@ class _Delivery:
             else:
                 bad = [r for r in rcpts if not r.isascii()]
             for r in bad:
-                results[r] = RcptResult("bounced", "5.6.7", f"SMTPUTF8 is required, but was not offered by host {w}", hop=hop, stage="MAIL FROM")
+                results[r] = RcptResult(
+                    "bounced",
+                    "5.6.7",
+                    f"SMTPUTF8 is required, but was not offered by host {w}",
+                    hop=hop,
+                    stage="MAIL FROM",
+                )
             rcpts = [r for r in rcpts if r not in results]
             utf8 = False
         params = b""
@@ -926,8 +977,12 @@ class _Delivery:
     async def _scan_8bit(self) -> bool:
         try:
             if self.threadpool is not None:
-                return await threads.deferToThreadPool(self.reactor, self.threadpool, _has_8bit, self.path, self.offset, self.size)
-            return await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), _has_8bit, self.path, self.offset, self.size)
+                return await threads.deferToThreadPool(
+                    self.reactor, self.threadpool, _has_8bit, self.path, self.offset, self.size
+                )
+            return await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), _has_8bit, self.path, self.offset, self.size
+            )
         except OSError:
             return False  # the transfer itself will report the unreadable file
 
@@ -945,7 +1000,12 @@ class _Delivery:
             stage = "HELO"
         else:
             stage = "EHLO"
-        raise _HopFailed(r.status, f"host {w} refused to talk to me: {r.one_line} (in reply to {stage} command)", reply=r, stage=stage)
+        raise _HopFailed(
+            r.status,
+            f"host {w} refused to talk to me: {r.one_line} (in reply to {stage} command)",
+            reply=r,
+            stage=stage,
+        )
 
     async def _starttls(self, proto: _ClientProtocol, hop: Hop, ext: dict, plaintext_only: bool) -> dict | None:
         mode = self.tls_mode
@@ -963,15 +1023,25 @@ class _Delivery:
         if r.code != 220:
             proto.resume_plaintext()
             if mode == "may":
-                log.info("{queue_id}: {hop}: STARTTLS refused ({reply}); continuing in plaintext",
-                         queue_id=self.queue_id or "-", hop=str(hop), reply=r.one_line)
+                log.info(
+                    "{queue_id}: {hop}: STARTTLS refused ({reply}); continuing in plaintext",
+                    queue_id=self.queue_id or "-",
+                    hop=str(hop),
+                    reply=r.one_line,
+                )
                 self.report.attempts.append((hop, f"host {w} refused STARTTLS: {r.one_line}; continued in plaintext"))
                 return None
-            raise _HopFailed("4.7.4", f"TLS is required, but host {w} refused to start TLS: {r.one_line}", reply=r, stage="STARTTLS")
+            raise _HopFailed(
+                "4.7.4", f"TLS is required, but host {w} refused to start TLS: {r.one_line}", reply=r, stage="STARTTLS"
+            )
         if proto.discarded:
-            log.warn(  # noqa: G010 - twisted.logger.Logger has warn()
-                "{queue_id}: {hop}: discarded {n} bytes the server sent after its reply to STARTTLS (response injection?)",
-                     queue_id=self.queue_id or "-", hop=str(hop), n=proto.discarded)
+            log.warn(
+                "{queue_id}: {hop}: discarded {n} bytes the server sent after its reply to STARTTLS"
+                " (response injection?)",
+                queue_id=self.queue_id or "-",
+                hop=str(hop),
+                n=proto.discarded,
+            )
         name = self.tls_hostname or hop.host
         creator = _OutboundTLS(name, enforce=(mode == "verify"), trust_root=self.trust_root)
         proto.stage = "TLS handshake"
@@ -983,21 +1053,35 @@ class _Delivery:
             if e.kind == "timeout":
                 detail = "timed out"
             if mode == "may":
-                raise _HopFailed("4.7.5", f"Cannot start TLS with {w}: handshake failed ({detail}); trying plaintext",
-                                 stage="TLS handshake", plaintext_retry=True)
+                raise _HopFailed(
+                    "4.7.5",
+                    f"Cannot start TLS with {w}: handshake failed ({detail}); trying plaintext",
+                    stage="TLS handshake",
+                    plaintext_retry=True,
+                )
             if problem:
                 raise _HopFailed("4.7.5", f"Server certificate not verified: {w}: {problem}", stage="TLS handshake")
             raise _HopFailed("4.7.5", f"Cannot start TLS with {w}: handshake failed ({detail})", stage="TLS handshake")
         info = dict(session_info(proto.transport) or {})
         info.update(
-            hostname=name, trusted=creator.trusted, verified=creator.verified,
-            problem=creator.problem(), mode=mode, discarded=proto.discarded,
+            hostname=name,
+            trusted=creator.trusted,
+            verified=creator.verified,
+            problem=creator.problem(),
+            mode=mode,
+            discarded=proto.discarded,
         )
         self.report.tls = info
         kind = "Verified" if creator.verified else "Trusted" if creator.trusted else "Untrusted"
-        log.info("{queue_id}: {kind} TLS connection established to {hop}: {version} with cipher {cipher} ({bits} bits)",
-                 queue_id=self.queue_id or "-", kind=kind, hop=str(hop), version=info.get("version"),
-                 cipher=info.get("cipher"), bits=info.get("bits"))
+        log.info(
+            "{queue_id}: {kind} TLS connection established to {hop}: {version} with cipher {cipher} ({bits} bits)",
+            queue_id=self.queue_id or "-",
+            kind=kind,
+            hop=str(hop),
+            version=info.get("version"),
+            cipher=info.get("cipher"),
+            bits=info.get("bits"),
+        )
         return info
 
     async def _authenticate(self, proto: _ClientProtocol, hop: Hop, ext: dict) -> None:
@@ -1005,8 +1089,12 @@ class _Delivery:
             return
         w = self._where(hop)
         if self.report.tls is None:
-            raise _HopFailed("4.7.0", f"not sending AUTH to {w} over a plaintext connection (TLS was not established); "
-                                      "authentication credentials are only sent over TLS", stage="AUTH")
+            raise _HopFailed(
+                "4.7.0",
+                f"not sending AUTH to {w} over a plaintext connection (TLS was not established); "
+                "authentication credentials are only sent over TLS",
+                stage="AUTH",
+            )
         mechs = ext.get("AUTH", "").upper().split()
         if "AUTH" not in ext:
             return  # Postfix: no AUTH offered, send without authenticating
@@ -1023,12 +1111,20 @@ class _Delivery:
             if r.code == 334:
                 r = await self._cmd(proto, hop, base64.b64encode(password.encode()), "AUTH", self.t.auth)
         else:
-            raise _HopFailed("4.7.0", f"cannot authenticate to {w}: no supported mechanism (offered: {' '.join(mechs) or 'none'})", stage="AUTH")
+            raise _HopFailed(
+                "4.7.0",
+                f"cannot authenticate to {w}: no supported mechanism (offered: {' '.join(mechs) or 'none'})",
+                stage="AUTH",
+            )
         if r.code // 100 != 2:
             if r.code == 334:  # a server wanting more than we have: cancel
                 proto.send(b"*")
-            raise _HopFailed("4.7.8" if r.code // 100 == 5 else r.status,
-                             f"SASL authentication failed; server {w} said: {r.one_line}", reply=r, stage="AUTH")
+            raise _HopFailed(
+                "4.7.8" if r.code // 100 == 5 else r.status,
+                f"SASL authentication failed; server {w} said: {r.one_line}",
+                reply=r,
+                stage="AUTH",
+            )
 
     async def _quit(self, proto: _ClientProtocol, hop: Hop) -> None:
         try:
@@ -1054,8 +1150,12 @@ class _Delivery:
                 if need_rset:
                     r = await self._cmd(proto, hop, b"RSET", "RSET", self.t.rset)
                     if r.code // 100 != 2:
-                        raise _Down(r.status if r.code // 100 == 4 else "4.5.0",
-                                    f"host {self._where(hop)} said: {r.one_line} (in reply to RSET command)", reply=r, stage="RSET")
+                        raise _Down(
+                            r.status if r.code // 100 == 4 else "4.5.0",
+                            f"host {self._where(hop)} said: {r.one_line} (in reply to RSET command)",
+                            reply=r,
+                            stage="RSET",
+                        )
                 retry, completed = await self._transaction(proto, hop, batch, ext, params, results)
             except _Down as d:
                 data_sent = data_sent or d.data_started
@@ -1082,7 +1182,9 @@ class _Delivery:
 
         def check421(r: Reply, stage: str) -> None:
             if r.code == 421:
-                raise _Down(r.status, f"host {w} said: {r.one_line} (in reply to {stage} command)", reply=r, stage=stage)
+                raise _Down(
+                    r.status, f"host {w} said: {r.one_line} (in reply to {stage} command)", reply=r, stage=stage
+                )
 
         if pipelining:
             proto.stage = "MAIL FROM"
@@ -1161,8 +1263,13 @@ class _Delivery:
         for r in accepted:
             results[r] = _reply_result(final, hop, "end of DATA")
         if final.code == 421:
-            raise _Down(final.status, f"host {w} said: {final.one_line} (in reply to end of DATA command)",
-                        reply=final, stage="end of DATA", data_started=True)
+            raise _Down(
+                final.status,
+                f"host {w} said: {final.one_line} (in reply to end of DATA command)",
+                reply=final,
+                stage="end of DATA",
+                data_started=True,
+            )
         return retry, True
 
     async def _abandon_data(self, proto, hop) -> None:
@@ -1178,8 +1285,14 @@ def _reply_result(reply: Reply, hop: Hop, stage: str) -> RcptResult:
     kind = reply.kind
     if reply.code // 100 not in (2, 4, 5):
         kind = "deferred"
-    return RcptResult(kind, reply.status if kind != "deferred" or reply.status[0] == "4" else "4.5.0",
-                      reply.text, code=reply.code, hop=hop, stage=stage)
+    return RcptResult(
+        kind,
+        reply.status if kind != "deferred" or reply.status[0] == "4" else "4.5.0",
+        reply.text,
+        code=reply.code,
+        hop=hop,
+        stage=stage,
+    )
 
 
 def _temporary(status: str) -> str:
@@ -1188,8 +1301,14 @@ def _temporary(status: str) -> str:
 
 def _down_result(d: _Down, hop: Hop) -> RcptResult:
     if d.reply is not None:
-        return RcptResult("deferred", d.reply.status if d.reply.status[0] == "4" else "4.0.0", d.reply.text,
-                          code=d.reply.code, hop=hop, stage=d.stage)
+        return RcptResult(
+            "deferred",
+            d.reply.status if d.reply.status[0] == "4" else "4.0.0",
+            d.reply.text,
+            code=d.reply.code,
+            hop=hop,
+            stage=d.stage,
+        )
     return RcptResult("deferred", d.status, d.reason, hop=hop, stage=d.stage)
 
 
@@ -1248,11 +1367,24 @@ async def deliver(
     the log lines.
     """
     d = _Delivery(
-        reactor, hops, sender=sender, recipients=recipients, message_path=message_path,
-        message_offset=message_offset, message_size=message_size, helo=helo, tls_mode=tls_mode,
-        tls_hostname=tls_hostname, trust_root=trust_root, auth=auth, connect_timeout=connect_timeout,
-        timeouts=timeouts, max_rcpts_per_txn=max_rcpts_per_txn, body_8bit=body_8bit,
-        threadpool=threadpool, queue_id=queue_id,
+        reactor,
+        hops,
+        sender=sender,
+        recipients=recipients,
+        message_path=message_path,
+        message_offset=message_offset,
+        message_size=message_size,
+        helo=helo,
+        tls_mode=tls_mode,
+        tls_hostname=tls_hostname,
+        trust_root=trust_root,
+        auth=auth,
+        connect_timeout=connect_timeout,
+        timeouts=timeouts,
+        max_rcpts_per_txn=max_rcpts_per_txn,
+        body_8bit=body_8bit,
+        threadpool=threadpool,
+        queue_id=queue_id,
     )
     return await d.run()
 

@@ -373,7 +373,10 @@ class SinkProtocol(protocol.Protocol):
         if not b.starttls or self.session.tls is not None:
             return self._respond("STARTTLS", _reply_text(502, "5.5.1", "STARTTLS not offered", b))
         if b.starttls == "454":
-            return self._respond("STARTTLS", self._script("STARTTLS", _reply_text(454, "4.7.0", "TLS not available due to temporary reason", b)))
+            return self._respond(
+                "STARTTLS",
+                self._script("STARTTLS", _reply_text(454, "4.7.0", "TLS not available due to temporary reason", b)),
+            )
 
         def begin() -> None:
             # Anything the client sent before the handshake is thrown away
@@ -433,7 +436,9 @@ class SinkProtocol(protocol.Protocol):
     def _auth_check(self, user: str | None, password: str | None) -> None:
         if user is not None and self.b.credentials.get(user) == password and password is not None:
             self.session.auth_user = user
-            return self._respond("AUTH", self._script("AUTH", _reply_text(235, "2.7.0", "Authentication successful", self.b)))
+            return self._respond(
+                "AUTH", self._script("AUTH", _reply_text(235, "2.7.0", "Authentication successful", self.b))
+            )
         return self._respond("AUTH", _reply_text(535, "5.7.8", "Error: authentication failed", self.b))
 
     def _mail(self, arg: str) -> None:
@@ -468,7 +473,9 @@ class SinkProtocol(protocol.Protocol):
         if b.max_rcpts is not None and len(self.txn.rcpts) >= b.max_rcpts:
             reply = _reply_text(452, "4.5.3", "Error: too many recipients", b)
         else:
-            reply = _take(b.rcpt_replies, path.lower(), None) or self._script("RCPT", _reply_text(250, "2.1.5", "Ok", b))
+            reply = _take(b.rcpt_replies, path.lower(), None) or self._script(
+                "RCPT", _reply_text(250, "2.1.5", "Ok", b)
+            )
         if reply.startswith("2"):
             self.txn.rcpts.append(path)
         else:
