@@ -42,6 +42,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 from relay import endpoints
 
@@ -136,6 +137,7 @@ class Resolver:
         self._threadpool = threadpool
         self._rng = rng or random.Random()
         self._config_error: str | None = None
+        self._inflight: dict[tuple, list[defer.Deferred]] = {}
         servers = [_nameserver(ns) for ns in nameservers]
         if servers:
             r = dns.resolver.Resolver(configure=False)
@@ -165,13 +167,39 @@ class Resolver:
         pool = self._threadpool or reactor.getThreadPool()
         return threads.deferToThreadPool(reactor, pool, f, *args, **kwargs)
 
+    def _shared(self, key: tuple, f, *args, **kwargs) -> defer.Deferred:
+        """One look-up in flight per key; concurrent callers share its answer.
+
+        Many queued messages for one slow or silent domain then hold one
+        thread, not the whole pool, so other destinations are not starved.
+        Nothing is cached once the answer is in.
+        """
+        d: defer.Deferred = defer.Deferred()
+        waiters = self._inflight.get(key)
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        self._inflight[key] = waiters = [d]
+
+        def done(result):
+            for w in self._inflight.pop(key, waiters):
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(list(result))
+
+        self._run(f, *args, **kwargs).addBoth(done)
+        return d
+
     def mx_hops(self, domain: str, port: int, *, hostname: str = "", is_self: IsSelf | None = None) -> defer.Deferred:
         """Deferred[list[Hop]] for mail to ``domain``; fails with DNSFailure."""
-        return self._run(self.resolve_mx, domain, port, hostname=hostname, is_self=is_self)
+        key = ("mx", _norm(domain), port, _norm(hostname), is_self)
+        return self._shared(key, self.resolve_mx, domain, port, hostname=hostname, is_self=is_self)
 
     def host_hops(self, host: str, port: int, *, permanent_nxdomain: bool = False) -> defer.Deferred:
         """Deferred[list[Hop]] for a smarthost/route host; fails with DNSFailure."""
-        return self._run(self.resolve_host, host, port, permanent_nxdomain=permanent_nxdomain)
+        key = ("host", _norm(host), port, permanent_nxdomain)
+        return self._shared(key, self.resolve_host, host, port, permanent_nxdomain=permanent_nxdomain)
 
     # ------------------------------------------------------------ blocking core
 

@@ -161,6 +161,28 @@ class MXFailureTests(DNSTestCase):
         f = await self.failure(d)
         self.assertTrue(f.temporary)
 
+    async def test_concurrent_lookups_of_one_domain_share_one_query(self):
+        self.zone.mx("example.test", 10, "mx1.example.test").a("mx1.example.test", "127.0.0.2")
+        self.zone.delay("example.test", 0.2)
+        listeners = make_is_self([("127.0.0.1", 25)])
+        ds = [self.resolver.mx_hops("example.test", 25, hostname="me.test", is_self=listeners) for _ in range(5)]
+        other = self.resolver.mx_hops("example.test", 2525, hostname="me.test", is_self=listeners)
+        results = [await d for d in ds]
+        self.assertEqual(results[0], [Hop("mx1.example.test", "127.0.0.2", 25, 10)])
+        self.assertTrue(all(r == results[0] for r in results))
+        self.assertEqual((await other)[0].port, 2525)
+        self.assertEqual(self.zone.count("example.test", "MX"), 2)  # one per distinct question
+        await self.resolver.mx_hops("example.test", 25, hostname="me.test", is_self=listeners)
+        self.assertEqual(self.zone.count("example.test", "MX"), 3)  # nothing cached afterwards
+
+    async def test_concurrent_failures_shared(self):
+        self.zone.behave("example.test", "servfail")
+        ds = [self.resolver.mx_hops("example.test", 25) for _ in range(3)]
+        for d in ds:
+            f = await self.failure(d)
+            self.assertTrue(f.temporary)
+        self.assertEqual(self.zone.count("example.test", "MX"), 1)
+
     async def test_unresolvable_mx_host_is_skipped(self):
         z = self.zone
         z.mx("example.test", 10, "gone.example.test").mx("example.test", 20, "flaky.example.test")
