@@ -42,6 +42,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 from relay import endpoints
 
@@ -136,6 +137,7 @@ class Resolver:
         self._threadpool = threadpool
         self._rng = rng or random.Random()
         self._config_error: str | None = None
+        self._inflight: dict[tuple, list[defer.Deferred]] = {}
         servers = [_nameserver(ns) for ns in nameservers]
         if servers:
             r = dns.resolver.Resolver(configure=False)
@@ -165,13 +167,39 @@ class Resolver:
         pool = self._threadpool or reactor.getThreadPool()
         return threads.deferToThreadPool(reactor, pool, f, *args, **kwargs)
 
+    def _shared(self, key: tuple, f, *args, **kwargs) -> defer.Deferred:
+        """One look-up in flight per key; concurrent callers share its answer.
+
+        Many queued messages for one slow or silent domain then hold one
+        thread, not the whole pool, so other destinations are not starved.
+        Nothing is cached once the answer is in.
+        """
+        d: defer.Deferred = defer.Deferred()
+        waiters = self._inflight.get(key)
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        self._inflight[key] = waiters = [d]
+
+        def done(result):
+            for w in self._inflight.pop(key, waiters):
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(list(result))
+
+        self._run(f, *args, **kwargs).addBoth(done)
+        return d
+
     def mx_hops(self, domain: str, port: int, *, hostname: str = "", is_self: IsSelf | None = None) -> defer.Deferred:
         """Deferred[list[Hop]] for mail to ``domain``; fails with DNSFailure."""
-        return self._run(self.resolve_mx, domain, port, hostname=hostname, is_self=is_self)
+        key = ("mx", _norm(domain), port, _norm(hostname), is_self)
+        return self._shared(key, self.resolve_mx, domain, port, hostname=hostname, is_self=is_self)
 
     def host_hops(self, host: str, port: int, *, permanent_nxdomain: bool = False) -> defer.Deferred:
         """Deferred[list[Hop]] for a smarthost/route host; fails with DNSFailure."""
-        return self._run(self.resolve_host, host, port, permanent_nxdomain=permanent_nxdomain)
+        key = ("host", _norm(host), port, permanent_nxdomain)
+        return self._shared(key, self.resolve_host, host, port, permanent_nxdomain=permanent_nxdomain)
 
     # ------------------------------------------------------------ blocking core
 
@@ -179,9 +207,7 @@ class Resolver:
         """dnspython answer, or raise the dnspython exception."""
         if self._config_error:
             raise _NoResolver(self._config_error)
-        return self._resolver.resolve(
-            dns.name.from_text(name), rdtype, search=False, lifetime=max(lifetime, 0.05)
-        )
+        return self._resolver.resolve(dns.name.from_text(name), rdtype, search=False, lifetime=max(lifetime, 0.05))
 
     def _temp_reason(self, e: Exception, name: str, rdtype: str) -> str:
         if self._config_error:
@@ -207,7 +233,9 @@ class Resolver:
             try:
                 ans = self._query(name, rdtype, min(self.lifetime, remaining))
             except dns.resolver.NXDOMAIN:
-                out.nxdomain = f"Host or domain name not found. Name service error for name={name} type={rdtype}: Host not found"
+                out.nxdomain = (
+                    f"Host or domain name not found. Name service error for name={name} type={rdtype}: Host not found"
+                )
                 break  # the AAAA answer would be NXDOMAIN too
             except dns.resolver.NoAnswer:
                 out.nodata = out.nodata or (
@@ -255,7 +283,8 @@ class Resolver:
             ans = self._query(name, "MX", self.lifetime)
         except dns.resolver.NXDOMAIN:
             raise DNSFailure(
-                False, "5.1.2",
+                False,
+                "5.1.2",
                 f"Host or domain name not found. Name service error for name={name} type=MX: Host not found",
             )
         except dns.resolver.NoAnswer:
@@ -315,7 +344,8 @@ class Resolver:
             if temp:
                 raise DNSFailure(True, "4.4.3", temp)
             raise DNSFailure(
-                False, "5.4.4",
+                False,
+                "5.4.4",
                 f"no MX host for {domain} has a valid address record" + (f" ({perm})" if perm else ""),
             )
         return hosts
@@ -358,6 +388,7 @@ def _nameserver(ns) -> dns.nameserver.Nameserver:
 
 # ------------------------------------------------------------------ is_self
 
+
 def is_local_address(ip: str) -> bool:
     """True if ``ip`` is an address of this machine (binding to it works).
 
@@ -381,7 +412,9 @@ def is_local_address(ip: str) -> bool:
         s.close()
 
 
-def make_is_self(listeners: Iterable[tuple[str, int]], *, local_address: Callable[[str], bool] = is_local_address) -> IsSelf:
+def make_is_self(
+    listeners: Iterable[tuple[str, int]], *, local_address: Callable[[str], bool] = is_local_address
+) -> IsSelf:
     """A predicate ``is_self(ip, port)`` from the (interface, port) pairs we listen on.
 
     An interface of "" or "0.0.0.0" is every local IPv4 address, "::" every

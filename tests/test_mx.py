@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from twisted.internet import reactor, task
@@ -47,13 +49,16 @@ class MXOrderTests(DNSTestCase):
         z.a("mx2.example.test", "127.0.0.3", "127.0.0.4")
         z.aaaa("mx3.example.test", "::1")
         hops = await self.resolver.mx_hops("example.test", 2525)
-        self.assertEqual(hops, [
-            Hop("mx1.example.test", "127.0.0.2", 2525, 10),
-            Hop("mx1.example.test", "::1", 2525, 10),
-            Hop("mx2.example.test", "127.0.0.3", 2525, 20),
-            Hop("mx2.example.test", "127.0.0.4", 2525, 20),
-            Hop("mx3.example.test", "::1", 2525, 30),
-        ])
+        self.assertEqual(
+            hops,
+            [
+                Hop("mx1.example.test", "127.0.0.2", 2525, 10),
+                Hop("mx1.example.test", "::1", 2525, 10),
+                Hop("mx2.example.test", "127.0.0.3", 2525, 20),
+                Hop("mx2.example.test", "127.0.0.4", 2525, 20),
+                Hop("mx3.example.test", "::1", 2525, 30),
+            ],
+        )
 
     async def test_random_among_equal_preferences(self):
         z = self.zone
@@ -155,6 +160,28 @@ class MXFailureTests(DNSTestCase):
         self.assertFalse(d.called)  # still waiting, in a thread, while the reactor runs
         f = await self.failure(d)
         self.assertTrue(f.temporary)
+
+    async def test_concurrent_lookups_of_one_domain_share_one_query(self):
+        self.zone.mx("example.test", 10, "mx1.example.test").a("mx1.example.test", "127.0.0.2")
+        self.zone.delay("example.test", 0.2)
+        listeners = make_is_self([("127.0.0.1", 25)])
+        ds = [self.resolver.mx_hops("example.test", 25, hostname="me.test", is_self=listeners) for _ in range(5)]
+        other = self.resolver.mx_hops("example.test", 2525, hostname="me.test", is_self=listeners)
+        results = [await d for d in ds]
+        self.assertEqual(results[0], [Hop("mx1.example.test", "127.0.0.2", 25, 10)])
+        self.assertTrue(all(r == results[0] for r in results))
+        self.assertEqual((await other)[0].port, 2525)
+        self.assertEqual(self.zone.count("example.test", "MX"), 2)  # one per distinct question
+        await self.resolver.mx_hops("example.test", 25, hostname="me.test", is_self=listeners)
+        self.assertEqual(self.zone.count("example.test", "MX"), 3)  # nothing cached afterwards
+
+    async def test_concurrent_failures_shared(self):
+        self.zone.behave("example.test", "servfail")
+        ds = [self.resolver.mx_hops("example.test", 25) for _ in range(3)]
+        for d in ds:
+            f = await self.failure(d)
+            self.assertTrue(f.temporary)
+        self.assertEqual(self.zone.count("example.test", "MX"), 1)
 
     async def test_unresolvable_mx_host_is_skipped(self):
         z = self.zone
@@ -263,10 +290,16 @@ class IsSelfTests(unittest.TestCase):
         self.assertFalse(is_local_address("not an ip"))
 
     def test_listeners_from_endpoints(self):
-        got = listeners_from_endpoints([
-            "tcp:2525:interface=127.0.0.1", "tcp:25", "tcp6:587", "ssl:465:privateKey=k.pem",
-            "systemd:domain=INET:index=0", "unix:/tmp/x",
-        ])
+        got = listeners_from_endpoints(
+            [
+                "tcp:2525:interface=127.0.0.1",
+                "tcp:25",
+                "tcp6:587",
+                "ssl:465:privateKey=k.pem",
+                "systemd:domain=INET:index=0",
+                "unix:/tmp/x",
+            ]
+        )
         self.assertEqual(got, [("127.0.0.1", 2525), ("", 25), ("::", 587), ("", 465)])
 
 
@@ -305,8 +338,8 @@ class SubprocessServerTests(unittest.TestCase):
     """The DNS server as a separate process, and the blocking resolver core."""
 
     def test_subprocess_server_and_zone_reload(self):
-        d = self.mktemp()
-        os.makedirs(d)
+        d = tempfile.mkdtemp(prefix="relay-dns-test-")
+        self.addCleanup(shutil.rmtree, d, True)
         zone_path = os.path.join(d, "zone.json")
         zone = Zone().mx("example.test", 10, "mx1.example.test").a("mx1.example.test", "127.0.0.2")
         with open(zone_path, "w") as f:
@@ -314,7 +347,9 @@ class SubprocessServerTests(unittest.TestCase):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.dns", "--zone", zone_path],
-            cwd=root, stdout=subprocess.PIPE, text=True,
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.addCleanup(proc.wait)
         self.addCleanup(proc.kill)

@@ -9,6 +9,8 @@ test_smtp_client_tls.py).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import tracemalloc
 
 from twisted.internet import reactor
@@ -23,14 +25,22 @@ from tests.support.sink import Sink
 MSG = b"From: a@origin.test\r\nTo: b@dest.test\r\nSubject: test\r\n\r\nHello.\r\n"
 
 
+def write_big(path: str, line: bytes, count: int) -> int:
+    """A big message file of count copies of line; returns its size."""
+    block = line * 1024
+    with open(path, "wb") as f:
+        f.writelines(block for _ in range(count // 1024))
+    return os.path.getsize(path)
+
+
 class ClientCase(unittest.TestCase):
     """Helpers: sinks on 127.0.0.x, spool files, deliver() with short timeouts."""
 
     timeout = 60
 
     def setUp(self):
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
+        self.dir = tempfile.mkdtemp(prefix="relay-client-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
         self._n = 0
 
     def sink(self, address: str = "127.0.0.2", **kw) -> Sink:
@@ -48,7 +58,9 @@ class ClientCase(unittest.TestCase):
             f.write(prefix + message + suffix)
         return path, len(prefix), len(message)
 
-    async def deliver(self, hops, message: bytes = MSG, recipients=("rcpt@dest.test",), *, prefix=b"", suffix=b"", **kw) -> DeliveryReport:
+    async def deliver(
+        self, hops, message: bytes = MSG, recipients=("rcpt@dest.test",), *, prefix=b"", suffix=b"", **kw
+    ) -> DeliveryReport:
         path, offset, size = self.spool(message, prefix, suffix)
         kw.setdefault("sender", "sender@origin.test")
         kw.setdefault("helo", "relay.test")
@@ -56,8 +68,13 @@ class ClientCase(unittest.TestCase):
         kw.setdefault("timeouts", Timeouts.uniform(2.0))
         kw.setdefault("connect_timeout", 2.0)
         return await deliver(
-            reactor, hops, recipients=list(recipients), message_path=path, message_offset=offset,
-            message_size=size, **kw,
+            reactor,
+            hops,
+            recipients=list(recipients),
+            message_path=path,
+            message_offset=offset,
+            message_size=size,
+            **kw,
         )
 
     def assertDelivered(self, report: DeliveryReport, *rcpts: str):
@@ -84,6 +101,12 @@ class BasicTests(ClientCase):
         self.assertTrue(sess.esmtp)
         self.assertEqual(sess.commands[-1], "QUIT")
 
+    async def test_ipv6_hop(self):
+        s = self.sink("::1")
+        rep = await self.deliver([Hop("mx6.test", "::1", s.port, 10)])
+        self.assertDelivered(rep, "rcpt@dest.test")
+        self.assertEqual(str(rep.hop), f"mx6.test[::1]:{s.port}")
+
     async def test_null_sender(self):
         s = self.sink()
         rep = await self.deliver([self.hop(s)], sender="")
@@ -107,11 +130,13 @@ class BasicTests(ClientCase):
         self.assertEqual(s.transactions[0].rcpts, ["a@dest.test"])
 
     async def test_per_recipient_results(self):
-        s = self.sink(rcpt_replies={
-            "bad@dest.test": "550 5.1.1 <bad@dest.test>: Recipient address rejected: User unknown",
-            "full@dest.test": "452 4.2.2 Mailbox full",
-            "grey@dest.test": "450 4.7.1 Greylisted, try later",
-        })
+        s = self.sink(
+            rcpt_replies={
+                "bad@dest.test": "550 5.1.1 <bad@dest.test>: Recipient address rejected: User unknown",
+                "full@dest.test": "452 4.2.2 Mailbox full",
+                "grey@dest.test": "450 4.7.1 Greylisted, try later",
+            }
+        )
         rcpts = ["ok@dest.test", "bad@dest.test", "full@dest.test", "grey@dest.test", "ok2@dest.test"]
         rep = await self.deliver([self.hop(s)], recipients=rcpts)
         self.assertDelivered(rep, "ok@dest.test", "ok2@dest.test")
@@ -136,7 +161,9 @@ class BasicTests(ClientCase):
         s = self.sink(replies={"MAIL": "553 5.7.1 <sender@origin.test>: Sender address rejected"})
         rep = await self.deliver([self.hop(s)], recipients=["a@dest.test", "b@dest.test"])
         for r in ("a@dest.test", "b@dest.test"):
-            self.assertEqual((rep.results[r].kind, rep.results[r].status, rep.results[r].stage), ("bounced", "5.7.1", "MAIL FROM"))
+            self.assertEqual(
+                (rep.results[r].kind, rep.results[r].status, rep.results[r].stage), ("bounced", "5.7.1", "MAIL FROM")
+            )
 
     async def test_mail_from_4xx_defers_all(self):
         s = self.sink(replies={"MAIL": "451 4.3.0 Temporary local problem"})
@@ -168,7 +195,9 @@ class BasicTests(ClientCase):
         self.assertEqual(s.delivered_to(), ["b@dest.test", "a@dest.test"])
 
     async def test_derived_enhanced_codes(self):
-        s = self.sink(enhancedstatuscodes=False, rcpt_replies={"bad@dest.test": "550 no such user", "t@dest.test": "451 later"})
+        s = self.sink(
+            enhancedstatuscodes=False, rcpt_replies={"bad@dest.test": "550 no such user", "t@dest.test": "451 later"}
+        )
         rep = await self.deliver([self.hop(s)], recipients=["ok@dest.test", "bad@dest.test", "t@dest.test"])
         self.assertEqual(rep.results["ok@dest.test"].status, "2.0.0")
         self.assertEqual(rep.results["bad@dest.test"].status, "5.0.0")
@@ -204,10 +233,14 @@ class ExtensionTests(ClientCase):
         self.assertGreaterEqual(s.sessions[0].max_outstanding, 6)
 
     async def test_pipelined_replies_matched_in_order(self):
-        s = self.sink(pipelining=True, rcpt_replies={"u1@dest.test": "550 5.1.1 one", "u3@dest.test": "450 4.2.1 three"})
+        s = self.sink(
+            pipelining=True, rcpt_replies={"u1@dest.test": "550 5.1.1 one", "u3@dest.test": "450 4.2.1 three"}
+        )
         rcpts = [f"u{i}@dest.test" for i in range(5)]
         rep = await self.deliver([self.hop(s)], recipients=rcpts)
-        self.assertEqual([rep.results[r].kind for r in rcpts], ["delivered", "bounced", "delivered", "deferred", "delivered"])
+        self.assertEqual(
+            [rep.results[r].kind for r in rcpts], ["delivered", "bounced", "delivered", "deferred", "delivered"]
+        )
         self.assertIn("one", rep.results["u1@dest.test"].text)
         self.assertIn("three", rep.results["u3@dest.test"].text)
 
@@ -395,7 +428,9 @@ class DataTests(ClientCase):
 
     async def test_message_at_offset_in_spool_file(self):
         s = self.sink()
-        rep = await self.deliver([self.hop(s)], message=MSG, prefix=b"ENVELOPE {json}\n" * 3, suffix=b"TRAILER\r\n.\r\n")
+        rep = await self.deliver(
+            [self.hop(s)], message=MSG, prefix=b"ENVELOPE {json}\n" * 3, suffix=b"TRAILER\r\n.\r\n"
+        )
         self.assertDelivered(rep, "rcpt@dest.test")
         self.assertEqual(s.transactions[0].data, MSG)
 
@@ -403,8 +438,15 @@ class DataTests(ClientCase):
         s = self.sink()
         path, offset, size = self.spool(MSG)
         rep = await deliver(
-            reactor, [self.hop(s)], sender="a@b.test", recipients=["r@dest.test"], message_path=path,
-            message_offset=offset, message_size=size + 100, helo="relay.test", tls_mode="none",
+            reactor,
+            [self.hop(s)],
+            sender="a@b.test",
+            recipients=["r@dest.test"],
+            message_path=path,
+            message_offset=offset,
+            message_size=size + 100,
+            helo="relay.test",
+            tls_mode="none",
             timeouts=Timeouts.uniform(2),
         )
         res = rep.results["r@dest.test"]
@@ -413,20 +455,21 @@ class DataTests(ClientCase):
         self.assertEqual(s.transactions, [])
 
     async def test_big_message_streams_with_flat_memory(self):
-        line = b"y" * 998 + b"\r\n"
-        size = 16 * 1024 * 1024
         path = os.path.join(self.dir, "big")
-        with open(path, "wb") as f:
-            block = line * 1024
-            for _ in range(size // len(block)):
-                f.write(block)
-        size = os.path.getsize(path)
+        size = write_big(path, b"y" * 998 + b"\r\n", 16 * 1024)  # 16 MB
         s = self.sink(keep_data=False)
         tracemalloc.start()
         try:
             rep = await deliver(
-                reactor, [self.hop(s)], sender="a@b.test", recipients=["r@dest.test"], message_path=path,
-                message_size=size, helo="relay.test", tls_mode="none", timeouts=Timeouts.uniform(10),
+                reactor,
+                [self.hop(s)],
+                sender="a@b.test",
+                recipients=["r@dest.test"],
+                message_path=path,
+                message_size=size,
+                helo="relay.test",
+                tls_mode="none",
+                timeouts=Timeouts.uniform(10),
                 body_8bit=False,
             )
             _cur, peak = tracemalloc.get_traced_memory()

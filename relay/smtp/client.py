@@ -45,6 +45,7 @@ from service_identity import CertificateError, VerificationError
 from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import defer, error, threads
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -355,7 +356,9 @@ class _ClientProtocol(Protocol):
         if self._handshake is not None and not self._handshake.called:
             self._stop_handshake_timer()
             hs, self._handshake = self._handshake, None
-            hs.errback(ConversationError(exc.kind, "TLS handshake", exc.detail or (reason and _describe_failure(reason)) or ""))
+            hs.errback(
+                ConversationError(exc.kind, "TLS handshake", exc.detail or (reason and _describe_failure(reason)) or "")
+            )
         if self.producer is not None:
             self.producer.connection_lost(exc)
         self.closed.callback(None)
@@ -402,8 +405,8 @@ def _describe_failure(reason) -> str:
     v = reason.value
     if isinstance(v, SSL.Error):
         return f"TLS error: {_ssl_error_text(v)}"
-    if isinstance(v, error.ConnectionLost):
-        return "connection reset by peer" if "reset" in str(v).lower() or "104" in str(v) else "connection lost"
+    if isinstance(v, (error.ConnectionLost, error.ConnectionDone)):
+        return ""  # "lost connection" already says it
     return v.__class__.__name__ + (f": {v}" if str(v) else "")
 
 
@@ -554,6 +557,24 @@ _X509_ERRORS = {
 _CONTEXTS: dict = {}
 
 
+def _cert_names(cert) -> list[str]:
+    """DNS names and IP addresses in the subjectAltName, for messages."""
+    from cryptography import x509
+
+    try:
+        san = cert.to_cryptography().extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except Exception:  # noqa: BLE001 - no SAN or unparsable: only for a message
+        return []
+    return [*san.get_values_for_type(x509.DNSName), *(str(a) for a in san.get_values_for_type(x509.IPAddress))][:10]
+
+
+def _subject(cert) -> str:
+    try:
+        return cert.to_cryptography().subject.rfc4514_string() or "?"
+    except Exception:  # noqa: BLE001 - only for a message
+        return "?"
+
+
 def _client_context(trust_root) -> SSL.Context:
     """One context per trust root (loading the system CAs is not free)."""
     key = trust_root if isinstance(trust_root, str) else id(trust_root)
@@ -567,10 +588,12 @@ def _client_context(trust_root) -> SSL.Context:
         ctx.set_default_verify_paths()
     elif isinstance(trust_root, str):
         ctx.load_verify_locations(trust_root)
-    elif hasattr(trust_root, "_addCACertsToContext"):  # IOpenSSLTrustRoot, ssl.Certificate
-        trust_root._addCACertsToContext(ctx)
     else:
-        raise TypeError(f"trust_root must be None, a PEM path or an IOpenSSLTrustRoot, not {trust_root!r}")
+        try:
+            root = IOpenSSLTrustRoot(trust_root)  # ssl.Certificate adapts to it
+        except TypeError:
+            raise TypeError(f"trust_root must be None, a PEM file path or an IOpenSSLTrustRoot, not {trust_root!r}")
+        root._addCACertsToContext(ctx)
     _CONTEXTS[key] = (trust_root, ctx)  # the reference keeps id() unique
     return ctx
 
@@ -612,10 +635,7 @@ class _OutboundTLS:
     def _verify(self, conn, cert, errno: int, depth: int, ok: int) -> bool:
         try:
             if not ok and self.chain_error is None:
-                try:
-                    subject = cert.get_subject().CN or cert.get_subject().O or "?"
-                except Exception:  # noqa: BLE001
-                    subject = "?"
+                subject = _subject(cert)
                 self.chain_error = f"{_X509_ERRORS.get(errno, f'X509 verify error {errno}')} (depth {depth}, {subject})"
             if depth == 0:
                 self.saw_leaf = True
@@ -623,8 +643,9 @@ class _OutboundTLS:
                     ident = IPAddress_ID(self.hostname) if self._is_ip else DNS_ID(self.hostname)
                     try:
                         verify_service_identity(extract_patterns(cert), [ident], [])
-                    except (VerificationError, CertificateError) as e:
-                        self.name_error = f"certificate does not match host name {self.hostname}: {e}"
+                    except (VerificationError, CertificateError):
+                        names = ", ".join(_cert_names(cert)) or "none"
+                        self.name_error = f"certificate does not match host name {self.hostname} (it names: {names})"
         except Exception as e:  # noqa: BLE001 - never raise inside an OpenSSL callback
             self.name_error = self.name_error or f"certificate check failed: {e}"
         if not self.enforce:
@@ -645,10 +666,13 @@ class _OutboundTLS:
 
 # ---------------------------------------------------------------- delivery
 
+
 class _HopFailed(Exception):
     """This hop cannot take the mail now: try the next one."""
 
-    def __init__(self, status: str, reason: str, *, reply: Reply | None = None, stage: str = "", plaintext_retry: bool = False):
+    def __init__(
+        self, status: str, reason: str, *, reply: Reply | None = None, stage: str = "", plaintext_retry: bool = False
+    ):
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -660,7 +684,9 @@ class _HopFailed(Exception):
 class _Down(Exception):
     """The connection died after recipients were accepted: defer the rest."""
 
-    def __init__(self, status: str, reason: str, *, reply: Reply | None = None, stage: str = "", data_started: bool = False):
+    def __init__(
+        self, status: str, reason: str, *, reply: Reply | None = None, stage: str = "", data_started: bool = False
+    ):
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -683,6 +709,7 @@ _STAGE_WORDS = {
     "end of DATA": "sending end of data -- message may be sent more than once",
     "RSET": "sending RSET",
     "QUIT": "sending QUIT",
+    "session": "delivering (session time limit reached)",
 }
 
 
@@ -705,9 +732,28 @@ def _bad_path(addr: str) -> bool:
 
 
 class _Delivery:
-    def __init__(self, reactor, hops, *, sender, recipients, message_path, message_offset, message_size, helo,
-                 tls_mode, tls_hostname, trust_root, auth, connect_timeout, timeouts, max_rcpts_per_txn,
-                 body_8bit, threadpool, queue_id):
+    def __init__(
+        self,
+        reactor,
+        hops,
+        *,
+        sender,
+        recipients,
+        message_path,
+        message_offset,
+        message_size,
+        helo,
+        tls_mode,
+        tls_hostname,
+        trust_root,
+        auth,
+        connect_timeout,
+        timeouts,
+        max_rcpts_per_txn,
+        body_8bit,
+        threadpool,
+        queue_id,
+    ):
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode must be one of {TLS_MODES}, not {tls_mode!r}")
         self.reactor = reactor
@@ -729,6 +775,8 @@ class _Delivery:
         self.threadpool = threadpool
         self.queue_id = queue_id
         self.report = DeliveryReport(results={})
+        if tls_mode != "none":
+            _client_context(trust_root)  # a bad trust_root is the caller's error: raise now
 
     # ------------------------------------------------------------ top level
     async def run(self) -> DeliveryReport:
@@ -736,7 +784,9 @@ class _Delivery:
         pending: list[str] = []
         if _bad_path(self.sender):
             for r in self.recipients:
-                results[r] = RcptResult("bounced", "5.1.7", f"bad sender address syntax: {self.sender!r}", stage="MAIL FROM")
+                results[r] = RcptResult(
+                    "bounced", "5.1.7", f"bad sender address syntax: {self.sender!r}", stage="MAIL FROM"
+                )
             return self.report
         for r in self.recipients:
             if _bad_path(r) or not r:
@@ -752,10 +802,20 @@ class _Delivery:
             plaintext_only = self.tls_mode == "none"
             while True:
                 try:
-                    outcome = await self._session(hop, pending, plaintext_only)
+                    try:
+                        outcome = await self._session(hop, pending, plaintext_only)
+                    except (_HopFailed, defer.CancelledError):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - a bug must not lose the recipients: defer them
+                        log.failure("{queue_id}: {hop}: unexpected error", queue_id=self.queue_id or "-", hop=str(hop))
+                        raise _HopFailed(
+                            "4.3.0", f"local error while delivering to {self._where(hop)}: {e!r}", stage="local"
+                        )
                 except _HopFailed as f:
                     self.report.attempts.append((hop, f.reason))
-                    log.info("{queue_id}: {hop}: {reason}", queue_id=self.queue_id or "-", hop=str(hop), reason=f.reason)
+                    log.info(
+                        "{queue_id}: {hop}: {reason}", queue_id=self.queue_id or "-", hop=str(hop), reason=f.reason
+                    )
                     last = f
                     if f.plaintext_retry and not plaintext_only:
                         plaintext_only = True
@@ -769,8 +829,12 @@ class _Delivery:
         failed_hop = self.report.attempts[-1][0] if self.report.attempts else None
         for r in pending:
             results[r] = RcptResult(
-                "deferred", _temporary(last.status), last.reason,
-                code=last.reply.code if last.reply else None, hop=failed_hop, stage=last.stage,
+                "deferred",
+                _temporary(last.status),
+                last.reason,
+                code=last.reply.code if last.reply else None,
+                hop=failed_hop,
+                stage=last.stage,
             )
         return self.report
 
@@ -796,20 +860,34 @@ class _Delivery:
     async def _session(self, hop: Hop, rcpts: list[str], plaintext_only: bool) -> dict[str, RcptResult]:
         self.report.tls = None
         proto = await self._connect(hop)
-        cap = self.reactor.callLater(self.t.session, proto.fail, ConversationError("timeout", "session", f"session exceeded {self.t.session:g}s"))
+        cap = self.reactor.callLater(
+            self.t.session, proto.fail, ConversationError("timeout", "session", f"session exceeded {self.t.session:g}s")
+        )
+        graceful = False
         try:
-            return await self._converse(proto, hop, rcpts, plaintext_only)
+            result = await self._converse(proto, hop, rcpts, plaintext_only)
+            graceful = True
+            return result
         finally:
             if cap.active():
                 cap.cancel()
-            if proto.lost is None:
+            await self._close(proto, graceful)
+
+    async def _close(self, proto: _ClientProtocol, graceful: bool) -> None:
+        """Close and wait until the socket is gone (no connection outlives
+        deliver()); abort if a graceful close takes too long."""
+        if proto.lost is None:
+            if graceful:
                 proto.transport.loseConnection()
-                guard = self.reactor.callLater(10, proto.fail, ConversationError("timeout", "close"))
-                await proto.closed
-                if guard.active():
-                    guard.cancel()
             else:
-                await proto.closed
+                proto.fail(ConversationError("local", "close"))
+        guard = self.reactor.callLater(10, proto.fail, ConversationError("timeout", "close"))
+        give_up = defer.Deferred()
+        last = self.reactor.callLater(20, give_up.callback, None)
+        await defer.DeferredList([proto.closed, give_up], fireOnOneCallback=True, consumeErrors=True)
+        for call in (guard, last):
+            if call.active():
+                call.cancel()
 
     def _conv_failure(self, hop: Hop, e: ConversationError) -> tuple[str, str]:
         """(status, reason) for a conversation that died, Postfix wording."""
@@ -837,12 +915,19 @@ class _Delivery:
         proto.stage = stage
         return await self._reply(proto, proto.command(line, stage, timeout), hop)
 
-    async def _converse(self, proto: _ClientProtocol, hop: Hop, rcpts: list[str], plaintext_only: bool) -> dict[str, RcptResult]:
+    async def _converse(
+        self, proto: _ClientProtocol, hop: Hop, rcpts: list[str], plaintext_only: bool
+    ) -> dict[str, RcptResult]:
         w = self._where(hop)
         try:
             greeting = await self._reply(proto, proto.expect("greeting", self.t.greeting), hop)
             if greeting.code // 100 != 2:
-                raise _HopFailed(greeting.status, f"host {w} refused to talk to me: {greeting.one_line}", reply=greeting, stage="greeting")
+                raise _HopFailed(
+                    greeting.status,
+                    f"host {w} refused to talk to me: {greeting.one_line}",
+                    reply=greeting,
+                    stage="greeting",
+                )
             ext = await self._hello(proto, hop)
             tls = await self._starttls(proto, hop, ext, plaintext_only)
             if tls is not None:
@@ -865,7 +950,13 @@ class _Delivery:
             else:
                 bad = [r for r in rcpts if not r.isascii()]
             for r in bad:
-                results[r] = RcptResult("bounced", "5.6.7", f"SMTPUTF8 is required, but was not offered by host {w}", hop=hop, stage="MAIL FROM")
+                results[r] = RcptResult(
+                    "bounced",
+                    "5.6.7",
+                    f"SMTPUTF8 is required, but was not offered by host {w}",
+                    hop=hop,
+                    stage="MAIL FROM",
+                )
             rcpts = [r for r in rcpts if r not in results]
             utf8 = False
         params = b""
@@ -886,8 +977,12 @@ class _Delivery:
     async def _scan_8bit(self) -> bool:
         try:
             if self.threadpool is not None:
-                return await threads.deferToThreadPool(self.reactor, self.threadpool, _has_8bit, self.path, self.offset, self.size)
-            return await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), _has_8bit, self.path, self.offset, self.size)
+                return await threads.deferToThreadPool(
+                    self.reactor, self.threadpool, _has_8bit, self.path, self.offset, self.size
+                )
+            return await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), _has_8bit, self.path, self.offset, self.size
+            )
         except OSError:
             return False  # the transfer itself will report the unreadable file
 
@@ -905,7 +1000,12 @@ class _Delivery:
             stage = "HELO"
         else:
             stage = "EHLO"
-        raise _HopFailed(r.status, f"host {w} refused to talk to me: {r.one_line} (in reply to {stage} command)", reply=r, stage=stage)
+        raise _HopFailed(
+            r.status,
+            f"host {w} refused to talk to me: {r.one_line} (in reply to {stage} command)",
+            reply=r,
+            stage=stage,
+        )
 
     async def _starttls(self, proto: _ClientProtocol, hop: Hop, ext: dict, plaintext_only: bool) -> dict | None:
         mode = self.tls_mode
@@ -923,14 +1023,25 @@ class _Delivery:
         if r.code != 220:
             proto.resume_plaintext()
             if mode == "may":
-                log.info("{queue_id}: {hop}: STARTTLS refused ({reply}); continuing in plaintext",
-                         queue_id=self.queue_id or "-", hop=str(hop), reply=r.one_line)
+                log.info(
+                    "{queue_id}: {hop}: STARTTLS refused ({reply}); continuing in plaintext",
+                    queue_id=self.queue_id or "-",
+                    hop=str(hop),
+                    reply=r.one_line,
+                )
                 self.report.attempts.append((hop, f"host {w} refused STARTTLS: {r.one_line}; continued in plaintext"))
                 return None
-            raise _HopFailed("4.7.4", f"TLS is required, but host {w} refused to start TLS: {r.one_line}", reply=r, stage="STARTTLS")
+            raise _HopFailed(
+                "4.7.4", f"TLS is required, but host {w} refused to start TLS: {r.one_line}", reply=r, stage="STARTTLS"
+            )
         if proto.discarded:
-            log.warning("{queue_id}: {hop}: discarded {n} bytes the server sent after its reply to STARTTLS (response injection?)",
-                     queue_id=self.queue_id or "-", hop=str(hop), n=proto.discarded)
+            log.warn(
+                "{queue_id}: {hop}: discarded {n} bytes the server sent after its reply to STARTTLS"
+                " (response injection?)",
+                queue_id=self.queue_id or "-",
+                hop=str(hop),
+                n=proto.discarded,
+            )
         name = self.tls_hostname or hop.host
         creator = _OutboundTLS(name, enforce=(mode == "verify"), trust_root=self.trust_root)
         proto.stage = "TLS handshake"
@@ -942,21 +1053,35 @@ class _Delivery:
             if e.kind == "timeout":
                 detail = "timed out"
             if mode == "may":
-                raise _HopFailed("4.7.5", f"Cannot start TLS with {w}: handshake failed ({detail}); trying plaintext",
-                                 stage="TLS handshake", plaintext_retry=True)
+                raise _HopFailed(
+                    "4.7.5",
+                    f"Cannot start TLS with {w}: handshake failed ({detail}); trying plaintext",
+                    stage="TLS handshake",
+                    plaintext_retry=True,
+                )
             if problem:
                 raise _HopFailed("4.7.5", f"Server certificate not verified: {w}: {problem}", stage="TLS handshake")
             raise _HopFailed("4.7.5", f"Cannot start TLS with {w}: handshake failed ({detail})", stage="TLS handshake")
         info = dict(session_info(proto.transport) or {})
         info.update(
-            hostname=name, trusted=creator.trusted, verified=creator.verified,
-            problem=creator.problem(), mode=mode, discarded=proto.discarded,
+            hostname=name,
+            trusted=creator.trusted,
+            verified=creator.verified,
+            problem=creator.problem(),
+            mode=mode,
+            discarded=proto.discarded,
         )
         self.report.tls = info
         kind = "Verified" if creator.verified else "Trusted" if creator.trusted else "Untrusted"
-        log.info("{queue_id}: {kind} TLS connection established to {hop}: {version} with cipher {cipher} ({bits} bits)",
-                 queue_id=self.queue_id or "-", kind=kind, hop=str(hop), version=info.get("version"),
-                 cipher=info.get("cipher"), bits=info.get("bits"))
+        log.info(
+            "{queue_id}: {kind} TLS connection established to {hop}: {version} with cipher {cipher} ({bits} bits)",
+            queue_id=self.queue_id or "-",
+            kind=kind,
+            hop=str(hop),
+            version=info.get("version"),
+            cipher=info.get("cipher"),
+            bits=info.get("bits"),
+        )
         return info
 
     async def _authenticate(self, proto: _ClientProtocol, hop: Hop, ext: dict) -> None:
@@ -964,8 +1089,12 @@ class _Delivery:
             return
         w = self._where(hop)
         if self.report.tls is None:
-            raise _HopFailed("4.7.0", f"not sending AUTH to {w} over a plaintext connection (TLS was not established); "
-                                      "authentication credentials are only sent over TLS", stage="AUTH")
+            raise _HopFailed(
+                "4.7.0",
+                f"not sending AUTH to {w} over a plaintext connection (TLS was not established); "
+                "authentication credentials are only sent over TLS",
+                stage="AUTH",
+            )
         mechs = ext.get("AUTH", "").upper().split()
         if "AUTH" not in ext:
             return  # Postfix: no AUTH offered, send without authenticating
@@ -982,12 +1111,20 @@ class _Delivery:
             if r.code == 334:
                 r = await self._cmd(proto, hop, base64.b64encode(password.encode()), "AUTH", self.t.auth)
         else:
-            raise _HopFailed("4.7.0", f"cannot authenticate to {w}: no supported mechanism (offered: {' '.join(mechs) or 'none'})", stage="AUTH")
+            raise _HopFailed(
+                "4.7.0",
+                f"cannot authenticate to {w}: no supported mechanism (offered: {' '.join(mechs) or 'none'})",
+                stage="AUTH",
+            )
         if r.code // 100 != 2:
             if r.code == 334:  # a server wanting more than we have: cancel
                 proto.send(b"*")
-            raise _HopFailed("4.7.8" if r.code // 100 == 5 else r.status,
-                             f"SASL authentication failed; server {w} said: {r.one_line}", reply=r, stage="AUTH")
+            raise _HopFailed(
+                "4.7.8" if r.code // 100 == 5 else r.status,
+                f"SASL authentication failed; server {w} said: {r.one_line}",
+                reply=r,
+                stage="AUTH",
+            )
 
     async def _quit(self, proto: _ClientProtocol, hop: Hop) -> None:
         try:
@@ -1013,8 +1150,12 @@ class _Delivery:
                 if need_rset:
                     r = await self._cmd(proto, hop, b"RSET", "RSET", self.t.rset)
                     if r.code // 100 != 2:
-                        raise _Down(r.status if r.code // 100 == 4 else "4.5.0",
-                                    f"host {self._where(hop)} said: {r.one_line} (in reply to RSET command)", reply=r, stage="RSET")
+                        raise _Down(
+                            r.status if r.code // 100 == 4 else "4.5.0",
+                            f"host {self._where(hop)} said: {r.one_line} (in reply to RSET command)",
+                            reply=r,
+                            stage="RSET",
+                        )
                 retry, completed = await self._transaction(proto, hop, batch, ext, params, results)
             except _Down as d:
                 data_sent = data_sent or d.data_started
@@ -1041,7 +1182,9 @@ class _Delivery:
 
         def check421(r: Reply, stage: str) -> None:
             if r.code == 421:
-                raise _Down(r.status, f"host {w} said: {r.one_line} (in reply to {stage} command)", reply=r, stage=stage)
+                raise _Down(
+                    r.status, f"host {w} said: {r.one_line} (in reply to {stage} command)", reply=r, stage=stage
+                )
 
         if pipelining:
             proto.stage = "MAIL FROM"
@@ -1120,8 +1263,13 @@ class _Delivery:
         for r in accepted:
             results[r] = _reply_result(final, hop, "end of DATA")
         if final.code == 421:
-            raise _Down(final.status, f"host {w} said: {final.one_line} (in reply to end of DATA command)",
-                        reply=final, stage="end of DATA", data_started=True)
+            raise _Down(
+                final.status,
+                f"host {w} said: {final.one_line} (in reply to end of DATA command)",
+                reply=final,
+                stage="end of DATA",
+                data_started=True,
+            )
         return retry, True
 
     async def _abandon_data(self, proto, hop) -> None:
@@ -1137,8 +1285,14 @@ def _reply_result(reply: Reply, hop: Hop, stage: str) -> RcptResult:
     kind = reply.kind
     if reply.code // 100 not in (2, 4, 5):
         kind = "deferred"
-    return RcptResult(kind, reply.status if kind != "deferred" or reply.status[0] == "4" else "4.5.0",
-                      reply.text, code=reply.code, hop=hop, stage=stage)
+    return RcptResult(
+        kind,
+        reply.status if kind != "deferred" or reply.status[0] == "4" else "4.5.0",
+        reply.text,
+        code=reply.code,
+        hop=hop,
+        stage=stage,
+    )
 
 
 def _temporary(status: str) -> str:
@@ -1147,8 +1301,14 @@ def _temporary(status: str) -> str:
 
 def _down_result(d: _Down, hop: Hop) -> RcptResult:
     if d.reply is not None:
-        return RcptResult("deferred", d.reply.status if d.reply.status[0] == "4" else "4.0.0", d.reply.text,
-                          code=d.reply.code, hop=hop, stage=d.stage)
+        return RcptResult(
+            "deferred",
+            d.reply.status if d.reply.status[0] == "4" else "4.0.0",
+            d.reply.text,
+            code=d.reply.code,
+            hop=hop,
+            stage=d.stage,
+        )
     return RcptResult("deferred", d.status, d.reason, hop=hop, stage=d.stage)
 
 
@@ -1207,11 +1367,24 @@ async def deliver(
     the log lines.
     """
     d = _Delivery(
-        reactor, hops, sender=sender, recipients=recipients, message_path=message_path,
-        message_offset=message_offset, message_size=message_size, helo=helo, tls_mode=tls_mode,
-        tls_hostname=tls_hostname, trust_root=trust_root, auth=auth, connect_timeout=connect_timeout,
-        timeouts=timeouts, max_rcpts_per_txn=max_rcpts_per_txn, body_8bit=body_8bit,
-        threadpool=threadpool, queue_id=queue_id,
+        reactor,
+        hops,
+        sender=sender,
+        recipients=recipients,
+        message_path=message_path,
+        message_offset=message_offset,
+        message_size=message_size,
+        helo=helo,
+        tls_mode=tls_mode,
+        tls_hostname=tls_hostname,
+        trust_root=trust_root,
+        auth=auth,
+        connect_timeout=connect_timeout,
+        timeouts=timeouts,
+        max_rcpts_per_txn=max_rcpts_per_txn,
+        body_8bit=body_8bit,
+        threadpool=threadpool,
+        queue_id=queue_id,
     )
     return await d.run()
 

@@ -274,7 +274,9 @@ class _Factory(server.DNSServerFactory):
 class DNSServer:
     """UDP and TCP on the same port of ``interface``."""
 
-    def __init__(self, zone: Zone | None = None, interface: str = "127.0.0.1", port: int = 0, reactor=None, reload=None):
+    def __init__(
+        self, zone: Zone | None = None, interface: str = "127.0.0.1", port: int = 0, reactor=None, reload=None
+    ):
         if reactor is None:
             from twisted.internet import reactor
         self.zone = zone if zone is not None else Zone()
@@ -289,7 +291,9 @@ class DNSServer:
         from twisted.internet.error import CannotListenError
 
         for _ in range(50):
-            udp = self._reactor.listenUDP(self.port, dns.DNSDatagramProtocol(controller=self.factory), interface=self.interface)
+            udp = self._reactor.listenUDP(
+                self.port, dns.DNSDatagramProtocol(controller=self.factory), interface=self.interface
+            )
             port = udp.getHost().port
             try:
                 tcp = self._reactor.listenTCP(port, self.factory, interface=self.interface)

@@ -35,6 +35,8 @@ The scriptable parts:
   bytes of DATA.
 * ``abort_at``: a set of stages at which the connection is reset instead of
   answered.
+* ``stall_data``: after the 354, stop reading from the socket (a peer that
+  accepts DATA and then never drains it).
 * ``ehlo=False``: EHLO gets "502 5.5.2", HELO works (HELO fallback).
 * ``pipelining``, ``size`` (None: not advertised; 0: "SIZE" without limit),
   ``eightbitmime``, ``smtputf8``, ``enhancedstatuscodes``: EHLO keywords.
@@ -96,6 +98,7 @@ class Behaviour:
     delay: float = 0.0
     delays: dict[str, float] = field(default_factory=dict)
     reset_after_data_bytes: int | None = None
+    stall_data: bool = False
     keep_data: bool = True
 
 
@@ -370,7 +373,10 @@ class SinkProtocol(protocol.Protocol):
         if not b.starttls or self.session.tls is not None:
             return self._respond("STARTTLS", _reply_text(502, "5.5.1", "STARTTLS not offered", b))
         if b.starttls == "454":
-            return self._respond("STARTTLS", self._script("STARTTLS", _reply_text(454, "4.7.0", "TLS not available due to temporary reason", b)))
+            return self._respond(
+                "STARTTLS",
+                self._script("STARTTLS", _reply_text(454, "4.7.0", "TLS not available due to temporary reason", b)),
+            )
 
         def begin() -> None:
             # Anything the client sent before the handshake is thrown away
@@ -430,7 +436,9 @@ class SinkProtocol(protocol.Protocol):
     def _auth_check(self, user: str | None, password: str | None) -> None:
         if user is not None and self.b.credentials.get(user) == password and password is not None:
             self.session.auth_user = user
-            return self._respond("AUTH", self._script("AUTH", _reply_text(235, "2.7.0", "Authentication successful", self.b)))
+            return self._respond(
+                "AUTH", self._script("AUTH", _reply_text(235, "2.7.0", "Authentication successful", self.b))
+            )
         return self._respond("AUTH", _reply_text(535, "5.7.8", "Error: authentication failed", self.b))
 
     def _mail(self, arg: str) -> None:
@@ -465,7 +473,9 @@ class SinkProtocol(protocol.Protocol):
         if b.max_rcpts is not None and len(self.txn.rcpts) >= b.max_rcpts:
             reply = _reply_text(452, "4.5.3", "Error: too many recipients", b)
         else:
-            reply = _take(b.rcpt_replies, path.lower(), None) or self._script("RCPT", _reply_text(250, "2.1.5", "Ok", b))
+            reply = _take(b.rcpt_replies, path.lower(), None) or self._script(
+                "RCPT", _reply_text(250, "2.1.5", "Ok", b)
+            )
         if reply.startswith("2"):
             self.txn.rcpts.append(path)
         else:
@@ -488,6 +498,8 @@ class SinkProtocol(protocol.Protocol):
             self.mode = "data"
             self.unstuffer = _Unstuffer(b.keep_data)
             self.data_bytes = 0
+            if b.stall_data:
+                self.transport.pauseProducing()  # stop reading: the client's writes back up
 
         return self._respond("DATA", reply, after=enter)
 
