@@ -173,8 +173,10 @@ class QueueManager:
             from relay.delivery import Deliverer
             from relay.mx import Resolver
 
+            pool = getattr(service, "dns_pool", None)
             resolver = resolver or Resolver(
                 nameservers=config.delivery.nameservers, lifetime=10.0, reactor=self.reactor,
+                threadpool=pool.pool if pool is not None else None,
             )
             deliverer = Deliverer(service, resolver)
         self.deliverer = deliverer

@@ -47,6 +47,9 @@ class RelayService(service.MultiService):
         self.started_at = time.time()
         self.spool = spoolmod.Spool(config.spool)
         self.disk = DiskPool(self.reactor)
+        # DNS look-ups block a thread for up to their lifetime: their own pool,
+        # so a dead DNS server never starves fsyncs (or the reverse).
+        self.dns_pool = DiskPool(self.reactor, minthreads=1, maxthreads=20, name="relay-dns")
         self.aspool = AsyncSpool(self.spool, self.disk)
         self.listeners = Listeners()
         self._lock_fd: int | None = None
@@ -193,6 +196,7 @@ class RelayService(service.MultiService):
                 raise StartupError(str(e))
             self.spool.clean_incoming(log=lambda fmt, **kw: log.info(fmt, **kw))
         self.disk.start()
+        self.dns_pool.start()
         super().startService()
         cfg = self.config
         log.info("twisted-relay starting: config {source}, spool {spool}, hostname {hostname}",
@@ -240,6 +244,7 @@ class RelayService(service.MultiService):
             yield self.queue.stop()
         yield defer.maybeDeferred(super().stopService)
         self.disk.stop()
+        self.dns_pool.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
