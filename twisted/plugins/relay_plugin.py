@@ -32,9 +32,12 @@ class RelayServiceMaker:
 
         try:
             config = load_effective(options["config"])
-            return make_service(config)
+            svc = make_service(config)
         except (ConfigError, StartupError) as e:
             raise SystemExit(f"twisted-relay: not starting:\n{e}")
+        svc.exit_on_error = True
+        svc.handle_signals = True
+        return svc
 
 
 serviceMaker = RelayServiceMaker()
