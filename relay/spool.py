@@ -362,6 +362,9 @@ class Spool:
         self.queue_dir = os.path.join(self.root, "queue")
         self.quarantine_dir = os.path.join(self.root, "quarantine")
         self.drop_dir = os.path.join(self.root, "drop")
+        # set by clean_incoming(): from then on a temp file in queue/ may be
+        # a state rewrite in progress, which recover() must leave alone
+        self._cleaned = False
 
     def create(self) -> None:
         for d in (self.root, self.incoming_dir, self.queue_dir, self.quarantine_dir, self.drop_dir):
@@ -390,8 +393,20 @@ class Spool:
         return fd
 
     def clean_incoming(self, log=None) -> int:
-        """Remove half-received files (never acknowledged) left by a crash."""
+        """Remove half-written files left by a crash: received messages never
+        acknowledged (incoming/) and state rewrites never renamed (queue/*.tmp).
+
+        Call it before anything listens or delivers: afterwards a temp file
+        may belong to a live writer.
+        """
         n = 0
+        self.create()
+        for name in os.listdir(self.queue_dir):
+            if name.endswith(TMP_SUFFIX):
+                _unlink_quiet(os.path.join(self.queue_dir, name))
+                if log:
+                    log("removed temporary file {name} from queue/", name=name)
+        self._cleaned = True
         for name in os.listdir(self.incoming_dir):
             try:
                 _unlink_quiet(os.path.join(self.incoming_dir, name))
@@ -486,6 +501,8 @@ class Spool:
             elif name.endswith(STATE_SUFFIX) and is_queue_id(name[: -len(STATE_SUFFIX)]):
                 states.add(name[: -len(STATE_SUFFIX)])
             elif name.endswith(TMP_SUFFIX):
+                if self._cleaned:
+                    continue  # clean_incoming() removed the stale ones; this one is live
                 _unlink_quiet(os.path.join(self.queue_dir, name))
                 if log:
                     log("removed temporary file {name} from queue/", name=name)

@@ -460,11 +460,26 @@ class Recover(SpoolCase):
         self.put("A.tmp", b"half", sub="incoming")
         self.put("B.tmp", b"", sub="incoming")
         os.mkdir(os.path.join(self.spool.incoming_dir, "odd-dir"))
+        env = self.queue()
+        self.put(env.queue_id + ".state.0badc0de.tmp", b"half a state")
         log = Log()
         self.assertEqual(self.spool.clean_incoming(log), 2)
         self.assertEqual(self.files("incoming"), ["odd-dir"])
+        self.assertEqual(self.files(), [env.queue_id])
         self.assertEqual(len(log.mentioning("removed half-received")), 2)
+        self.assertEqual(len(log.mentioning("temporary file")), 1)
         self.assertEqual(len(log.mentioning("odd-dir")), 1)
+
+    def test_recover_after_clean_incoming_leaves_live_temp_files(self):
+        # the relay accepts and delivers while the start-up scan runs: a temp
+        # file in queue/ by then is a state rewrite in progress, not debris
+        env = self.queue()
+        self.spool.clean_incoming(Log())
+        live = self.put(env.queue_id + ".state.1234abcd.tmp", b"being written")
+        entries = list(self.spool.recover(Log()))
+        self.assertEqual([e.envelope.queue_id for e in entries], [env.queue_id])
+        self.assertTrue(os.path.exists(live))
+        self.assertEqual(self.files("quarantine"), [])
 
 
 class Lock(SpoolCase):
