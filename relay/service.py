@@ -38,7 +38,7 @@ class StartupError(Exception):
 
 
 class RelayService(service.MultiService):
-    def __init__(self, config: Config, reactor=None):
+    def __init__(self, config: Config, reactor=None, *, deliver: bool = True):
         super().__init__()
         from twisted.internet import reactor as default_reactor
 
@@ -76,7 +76,8 @@ class RelayService(service.MultiService):
             reactor=self.reactor,
         )
         self._build_listeners(config)
-        self._build_queue(config)
+        if deliver:
+            self._build_queue(config)
         self._refresher = task.LoopingCall(self._refresh_files)
         self._refresher.clock = self.reactor
 
@@ -162,7 +163,6 @@ class RelayService(service.MultiService):
                 userdb=self.users,
                 tls_options=self.tls.options if self.tls else None,
                 auth_requires_tls=config.tls.auth_requires_tls,
-                implicit_tls=spec.implicit_tls,
                 reactor=self.reactor,
                 threadpool=self.disk.pool,
             )
@@ -170,10 +170,8 @@ class RelayService(service.MultiService):
             self._listen(desc, factory, f"pop3 {desc}")
 
     def _build_queue(self, config: Config) -> None:
-        try:
-            from relay.queue import QueueManager
-        except ImportError:
-            return
+        from relay.queue import QueueManager
+
         self.queue = QueueManager(self, config)
 
     # -- start / stop ----------------------------------------------------------

@@ -135,6 +135,10 @@ class Envelope:
     client: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # kind (bounce...), etc.
 
+    def __post_init__(self) -> None:
+        if len(self.orcpts) != len(self.recipients):
+            self.orcpts = (list(self.orcpts) + [None] * len(self.recipients))[: len(self.recipients)]
+
     def to_line(self) -> bytes:
         d = {
             "id": self.queue_id,
@@ -422,6 +426,14 @@ class Spool:
     # -- writing ---------------------------------------------------------
     def incoming(self, envelope: Envelope) -> IncomingMessage:
         return IncomingMessage(self, envelope)
+
+    def inject(self, envelope: Envelope, data: bytes) -> "QueueEntry":
+        """Queue a message we make ourselves (a DSN): durable except for the
+        directory fsync, which the caller does (grouped)."""
+        inc = IncomingMessage(self, envelope)
+        inc.write(data)
+        inc.finish()
+        return QueueEntry(envelope, State.fresh(envelope), len(data), len(inc.header))
 
     def message_path(self, qid: str) -> str:
         return os.path.join(self.queue_dir, qid)

@@ -40,7 +40,7 @@ class RelayTestCase(unittest.TestCase):
         self.tmp = tmp
         for u in self.users:
             usersmod.add_user(os.path.join(tmp, "users"), u, "secret-" + u)
-        self.relay = InProcessRelay(tmp, self.overrides)
+        self.relay = InProcessRelay(tmp, self.overrides, deliver=False)
         await self.relay.start()
         self.host, self.port = self.relay.smtp
 

@@ -19,10 +19,7 @@ the client sends.
 
 from __future__ import annotations
 
-import re
-
 MAX_LINE = 998  # octets of text per line, without CRLF
-_LONG = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
 TERM = b"\r\n.\r\n"
 
 
@@ -85,7 +82,7 @@ class DataReader:
             return self._bad("bare", pre, rest)
         if b"\r\n." in b"\r\n" + text:
             text = (b"\r\n" + text).replace(b"\r\n.", b"\r\n")[2:]
-        if len(text) > MAX_LINE and _LONG.search(text):
+        if len(text) > MAX_LINE and max(map(len, text.split(b"\r\n"))) > MAX_LINE:
             return self._bad("long", pre, rest)
         self.size += len(text)
         if self.size > self.max_size:

@@ -85,7 +85,9 @@ def toml_dumps(d: dict, prefix: str = "") -> str:
 class InProcessRelay:
     """A RelayService on the test reactor."""
 
-    def __init__(self, tmpdir: str, overrides: dict | None = None, ip: str = "127.0.0.1", reactor=None):
+    def __init__(self, tmpdir: str, overrides: dict | None = None, ip: str = "127.0.0.1", reactor=None,
+                 deliver: bool = True):
+        self.deliver = deliver
         self.tmpdir = tmpdir
         self.data = deep_merge(base_config(tmpdir, ip), overrides or {})
         self.config = configmod.load(None, data=self.data)
@@ -96,7 +98,7 @@ class InProcessRelay:
     async def start(self):
         from relay.service import RelayService
 
-        self.service = RelayService(self.config, reactor=self.reactor)
+        self.service = RelayService(self.config, reactor=self.reactor, deliver=self.deliver)
         self.service.smtp_ctx.auth_failure_delay = 0.05
         self.service.privilegedStartService()
         self.service.startService()

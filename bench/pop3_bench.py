@@ -1,0 +1,310 @@
+"""POP3 retrieval benchmark: twisted-relay's POP3 server vs Dovecot's.
+
+One mailbox of 1000 x 2 KB messages (delivered with relay.maildir.deliver);
+Python's poplib logs in and the timed part is LIST + RETR of every message +
+QUIT, one session.  Each run gets a fresh copy of the Maildir (all mail in
+new/) and an untimed warm-up login (STAT, QUIT) first, so both servers are
+measured on a mailbox they have seen once (Dovecot builds its index then).
+Figures are medians of --runs runs.  Everything listens on 127.0.0.1.
+
+    python bench/pop3_bench.py [--messages 1000] [--size 2048] [--runs 5] [--no-dovecot]
+
+Dovecot (Debian: dovecot-pop3d) is installed with apt-get when missing and
+when running as root (--no-install to skip); it runs from a private config
+in a temporary directory, mail owned by "nobody".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import poplib
+import pwd
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+USER = "alice@example.org"
+PASSWORD = "bench-password"
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def make_mailbox(root: str, n: int, size: int) -> str:
+    """Deliver n messages of about size octets; return the Maildir path."""
+    from relay import maildir
+
+    src = os.path.join(os.path.dirname(root), "message.eml")
+    body_line = b"The quick brown fox jumps over the lazy dog, again and again.\r\n"
+    head = (b"From: bench@example.net\r\nTo: alice@example.org\r\n"
+            b"Subject: benchmark message\r\nMessage-ID: <bench@example.net>\r\n\r\n")
+    body = body_line * max(1, (size - len(head)) // len(body_line))
+    with open(src, "wb") as f:
+        f.write(head + body)
+    path = ""
+    for _ in range(n):
+        path = maildir.deliver(root, "example.org", "alice", src, 0, b"Return-Path: <bench@example.net>\r\n")
+    return os.path.dirname(os.path.dirname(path))
+
+
+def session(port: int, timed: bool) -> tuple[float, int]:
+    c = poplib.POP3("127.0.0.1", port, timeout=60)
+    c.user(USER)
+    c.pass_(PASSWORD)
+    if not timed:
+        c.stat()
+        c.quit()
+        return 0.0, 0
+    t0 = time.perf_counter()
+    _, listing, _ = c.list()
+    octets = 0
+    for i in range(1, len(listing) + 1):
+        _, lines, n = c.retr(i)
+        octets += n
+    c.quit()
+    return time.perf_counter() - t0, len(listing)
+
+
+# -- our server -----------------------------------------------------------------
+
+
+def serve(root: str, users: str, port: int) -> None:
+    """Subprocess mode: run our POP3 server on 127.0.0.1:port until killed."""
+    from twisted.internet import reactor
+
+    from relay import pop3
+    from relay.users import UserDB
+
+    f = pop3.POP3Factory(hostname="bench.example.org", mailbox_root=root,
+                         local_domains=["example.org"], userdb=UserDB(users))
+    reactor.listenTCP(port, f, interface="127.0.0.1")
+    reactor.run()
+
+
+class OurServer:
+    name = "twisted-relay"
+
+    def __init__(self, workdir: str):
+        from relay.users import hash_password
+
+        self.workdir = workdir
+        self.users = os.path.join(workdir, "users")
+        with open(self.users, "w") as f:
+            f.write(f"{USER}:{hash_password(PASSWORD)}\n")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, template: str) -> int:
+        root = os.path.join(self.workdir, "ours-mail")
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(template, os.path.join(root, "example.org", "alice"))
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve", root, self.users, str(port)])
+        wait_port(port, self.proc)
+        return port
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+# -- Dovecot ----------------------------------------------------------------------
+
+
+def find_dovecot(install: bool) -> str | None:
+    exe = shutil.which("dovecot") or ("/usr/sbin/dovecot" if os.path.exists("/usr/sbin/dovecot") else None)
+    if exe or not install:
+        return exe
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None
+    print("installing dovecot-pop3d with apt-get ...", file=sys.stderr)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(["apt-get", "install", "-y", "-q", "dovecot-pop3d"], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if r.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-q", "dovecot-pop3d"], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return find_dovecot(False)
+
+
+def dovecot_version(exe: str) -> str:
+    try:
+        return subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout.split()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "?"
+
+
+class Dovecot:
+    def __init__(self, exe: str, workdir: str):
+        if os.geteuid() != 0:
+            raise RuntimeError("Dovecot needs to start as root here (it switches to the mail user)")
+        self.exe = exe
+        self.name = f"dovecot {dovecot_version(exe)}"
+        self.nobody = pwd.getpwnam("nobody")
+        self.dir = d = os.path.join(workdir, "dovecot")
+        os.makedirs(d, exist_ok=True)
+        os.chmod(workdir, 0o755)
+        os.chmod(d, 0o755)
+        self.passwd = os.path.join(d, "passwd")
+        with open(self.passwd, "w") as f:
+            f.write(f"{USER}:{{PLAIN}}{PASSWORD}::::::\n")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, template: str) -> int:
+        d, nobody = self.dir, self.nobody
+        mail = os.path.join(d, "mail")
+        shutil.rmtree(mail, ignore_errors=True)
+        shutil.copytree(template, os.path.join(mail, "example.org", "alice"))
+        lock = os.path.join(mail, "example.org", "alice", "relay-pop3.lock")
+        if os.path.exists(lock):
+            os.unlink(lock)
+        for dirpath, _dirnames, filenames in os.walk(mail):
+            os.chown(dirpath, nobody.pw_uid, nobody.pw_gid)
+            for name in filenames:
+                os.chown(os.path.join(dirpath, name), nobody.pw_uid, nobody.pw_gid)
+        port = free_port()
+        conf = os.path.join(d, "dovecot.conf")
+        with open(conf, "w") as f:
+            f.write(f"""
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+protocols = pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+mail_location = maildir:{mail}/%d/%n
+first_valid_uid = 1
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {self.passwd}
+}}
+userdb {{
+  driver = static
+  args = uid={nobody.pw_uid} gid={nobody.pw_gid} home={mail}/%d/%n allow_all_users=yes
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+}}
+""")
+        self.proc = subprocess.Popen([self.exe, "-F", "-c", conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(port, self.proc)
+        return port
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+def measure(server, template: str) -> tuple[float, int]:
+    try:
+        port = server.start(template)
+        session(port, timed=False)
+        return session(port, timed=True)
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--no-dovecot", action="store_true")
+    ap.add_argument("--no-install", action="store_true")
+    ap.add_argument("--serve", nargs=3, metavar=("ROOT", "USERS", "PORT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve[0], args.serve[1], int(args.serve[2]))
+        return 0
+    workdir = tempfile.mkdtemp(prefix="pop3-bench-")
+    try:
+        template = make_mailbox(os.path.join(workdir, "template"), args.messages, args.size)
+        servers = [OurServer(workdir)]
+        if not args.no_dovecot:
+            exe = find_dovecot(not args.no_install)
+            if exe is None:
+                print("Dovecot not available: measuring twisted-relay only", file=sys.stderr)
+            else:
+                try:
+                    servers.append(Dovecot(exe, workdir))
+                except (RuntimeError, OSError, KeyError) as e:
+                    print(f"Dovecot cannot run here: {e}", file=sys.stderr)
+        results: dict[str, list[tuple[float, int]]] = {srv.name: [] for srv in servers}
+        for _ in range(args.runs):  # interleaved, so load changes hit both alike
+            for srv in list(servers):
+                try:
+                    results[srv.name].append(measure(srv, template))
+                except (RuntimeError, OSError, poplib.error_proto) as e:
+                    print(f"{srv.name} failed: {e}", file=sys.stderr)
+                    servers.remove(srv)
+        rows = [(name, res) for name, res in results.items() if res]
+        peer = len(rows) > 1
+        print(f"POP3: one poplib session, LIST + RETR of {args.messages} x {args.size} B + QUIT, "
+              f"median of {args.runs} runs")
+        print(f"{'server':<18}{'seconds':>10}{'msg/s':>10}   runs (msg/s)")
+        rates = {}
+        for name, res in rows:
+            secs = statistics.median(t for t, _ in res)
+            counts = {n for _, n in res}
+            if counts != {args.messages}:
+                print(f"{name}: listed {counts} messages, expected {args.messages}", file=sys.stderr)
+            rate = args.messages / secs
+            rates[name] = rate
+            each = " ".join(f"{args.messages / t:.0f}" for t, _ in res)
+            print(f"{name:<18}{secs:>10.3f}{rate:>10.0f}   {each}")
+        if peer:
+            names = list(rates)
+            print(f"ratio ours/dovecot (msg/s): {rates[names[0]] / rates[names[1]]:.2f}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
