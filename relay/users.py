@@ -109,6 +109,9 @@ def normalize_user(address: str, local_domains: tuple[str, ...] | None = None) -
     if addr.local.startswith("#"):
         # the users file would read the line as a comment
         raise AddressError(f"{address!r}: a local part may not start with '#'")
+    if '"' in addr.local:
+        # its canonical form needs a backslash escape, which a mailbox name refuses
+        raise AddressError(f"{address!r}: a local part may not contain '\"'")
     return addr.lower()
 
 

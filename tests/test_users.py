@@ -87,6 +87,10 @@ class NormalizeUser(unittest.TestCase):
     def test_comment_character(self):
         self.refused("#bob@local.test", "'#'")
 
+    def test_quote_in_local_part(self):
+        # canonical form "a\"b"@... holds a backslash: local delivery would refuse the mailbox
+        self.refused('"a\\"b"@local.test', "'\"'")
+
 
 class UsersFileCase(unittest.TestCase):
     def setUp(self):
