@@ -41,9 +41,7 @@ def run_expand(address: str, amap: AliasMap, users=USERS) -> list[str]:
 
     out = expand(address, amap, is_local_domain=lambda d: d in LOCAL, user_exists=lambda a: a in users,
                  first_user_in=first_user_in)
-    for e in out:
-        self_original = e.original
-        assert self_original == address
+    assert all(e.original == address for e in out)  # each final recipient names where it came from
     return [e.address for e in out]
 
 
