@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay import maildir
-from relay.address import AddressError
+from relay.address import AddressError, parse_mailbox
 from relay.users import check_safe_local_part
 
 
@@ -41,9 +41,9 @@ def deliver(
     offset: int,
     user_exists,
 ) -> LocalResult:
-    local, _, domain = address.rpartition("@")
-    local = local.lower()
     try:
+        parsed = parse_mailbox(address)
+        local, domain = parsed.local.lower(), parsed.domain
         check_safe_local_part(local)
     except AddressError:
         return LocalResult("bounced", "5.1.3", f"550 5.1.3 <{address}>: unsafe mailbox name")

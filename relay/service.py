@@ -482,6 +482,12 @@ class RelayService(service.MultiService):
 
     def _refresh_files(self) -> None:
         try:
+            self._refresh_files_once()
+        except Exception:  # noqa: BLE001 - the watcher must survive anything
+            log.failure("checking the users and aliases files failed")
+
+    def _refresh_files_once(self) -> None:
+        try:
             if self.users.refresh():
                 log.info("users file {path} reloaded: {count} users", path=self.users.path,
                          count=len(self.users))
