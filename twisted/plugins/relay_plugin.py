@@ -37,6 +37,9 @@ class RelayServiceMaker:
             raise SystemExit(f"twisted-relay: not starting:\n{e}")
         svc.exit_on_error = True
         svc.handle_signals = True
+        from relay.preload import preload
+
+        preload()  # while still privileged: see relay/preload.py
         return svc
 
 
