@@ -39,6 +39,7 @@ from relay.spool import BOUNCED, DEFERRED, DELIVERED, PENDING
 log = Logger(namespace="relay.queue")
 
 LOCAL_CONCURRENCY = 8
+DEAD_WINDOW = 30.0  # seconds a destination that did not answer is not retried for new mail
 MAX_HISTORY = 200
 JITTER = 0.1
 
@@ -168,6 +169,9 @@ class QueueManager:
         self.counters = Counters()
         self.random = random.Random()
         self._idle_waiters: list[defer.Deferred] = []
+        self._inflight: set[defer.Deferred] = set()  # finalisations and admin actions under way
+        # destinations that just failed to answer at all: key -> (until, reason)
+        self.dead: dict[str, tuple[float, str]] = {}
         self.configure(config)
         if deliverer is None:
             from relay.delivery import Deliverer
@@ -239,6 +243,14 @@ class QueueManager:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        # jobs still waiting for a slot are not started: they end without an
+        # attempt, so what other jobs of their activation recorded is saved
+        for pool in (self.local, self.remote):
+            waiting = [j for q in pool.waiting.values() for j in q]
+            pool.waiting.clear()
+            pool.ready.clear()
+            for job in waiting:
+                self._job_finished(job, [])
         if not self.busy():
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
@@ -248,7 +260,7 @@ class QueueManager:
         return d
 
     def busy(self) -> bool:
-        return any(m.active or m.busy for m in self.messages.values())
+        return bool(self._inflight) or any(m.active or m.busy for m in self.messages.values())
 
     def _check_idle(self) -> None:
         if self._idle_waiters and not self.busy():
@@ -324,6 +336,8 @@ class QueueManager:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        if not self.running:
+            return
         for pool in (self.local, self.remote):
             while True:
                 job = pool.next_job()
@@ -339,6 +353,17 @@ class QueueManager:
             self._job_finished(job, [])
             self.reactor.callLater(0, self._dispatch)
             return
+        dead = self.dead.get(job.dest.key) if not job.local else None
+        if dead is not None and dead[0] > self.now():
+            # like Postfix's dead destinations: no new connection for a while
+            from relay.delivery import Outcome
+
+            reason = f"delivery temporarily suspended: {dead[1]}"
+            outcomes = [Outcome(r.address, "deferred", "4.4.1", reason) for r in job.recipients]
+            pool.done(job)
+            self._job_finished(job, outcomes)
+            self.reactor.callLater(0, self._dispatch)
+            return
         self.counters.attempts += 1
         d = self.deliverer.attempt(msg, job.dest, [r.address for r in job.recipients])
 
@@ -351,11 +376,21 @@ class QueueManager:
 
         def done(outcomes):
             pool.done(job)
+            if not job.local:
+                self._note_destination(job.dest.key, outcomes)
             self._job_finished(job, outcomes)
             self._dispatch()
 
         d.addErrback(failed).addCallback(done).addErrback(
             lambda f: log.failure("{queue_id}: recording the attempt failed", f, queue_id=msg.qid))
+
+    def _note_destination(self, key: str, outcomes) -> None:
+        """No hop answered (connection refused, timeouts, DNS): mark it dead."""
+        if outcomes and all(o.kind == "deferred" and not o.remote and o.relay == "none" for o in outcomes):
+            window = min(self.config.delivery.retry_min, DEAD_WINDOW)
+            self.dead[key] = (self.now() + window, outcomes[0].reply)
+        else:
+            self.dead.pop(key, None)
 
     # -- recording results ------------------------------------------------------------------
     def backoff(self, attempts: int) -> float:
@@ -414,9 +449,10 @@ class QueueManager:
         msg.active -= 1
         if msg.active == 0:
             msg.busy = True
-            defer.ensureDeferred(self._finalize(msg)).addErrback(
-                lambda f: log.failure("{queue_id}: finalising failed", f, queue_id=msg.qid)
-            ).addBoth(lambda _: self._after_finalize(msg))
+            d = defer.ensureDeferred(self._finalize(msg))
+            self._inflight.add(d)
+            d.addErrback(lambda f: log.failure("{queue_id}: finalising failed", f, queue_id=msg.qid))
+            d.addBoth(lambda _: (self._inflight.discard(d), self._after_finalize(msg)))
 
     async def _finalize(self, msg: Message) -> None:
         now = self.now()

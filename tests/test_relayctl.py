@@ -312,9 +312,12 @@ class LiveReload(trial.TestCase):
         with open(self.config_path, "w") as f:
             f.write(toml_dumps(self.relay.data))
         await self.relay.start()
+        self.addCleanup(self.stop_relay)
         self.host, self.port = self.relay.smtp
 
-    async def tearDown(self):
+    async def stop_relay(self):
+        # a cleanup, not tearDown: trial (26.10) runs cleanups before tearDown,
+        # and the relay must stop before its directory is removed
         await self.relay.stop()
 
     async def ctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:

@@ -72,7 +72,7 @@ def test_sigterm_with_a_stalled_client_exits_within_bound(tmp_path):
     relay, port = make(tmp_path)
     relay.start(wait_for=("127.0.0.1", port))
     try:
-        c = RawSMTP("127.0.0.1", port)
+        c = RawSMTP("127.0.0.1", port, timeout=40)
         c.reply()
         c.cmd("EHLO x")
         c.cmd("MAIL FROM:<a@b.example>")
@@ -84,7 +84,7 @@ def test_sigterm_with_a_stalled_client_exits_within_bound(tmp_path):
         r = c.reply()  # after the grace period
         took = time.monotonic() - t0
         assert (r.code, r.lines[0][:5]) == (421, "4.3.2")
-        assert 5 < took < 15
+        assert 5 < took < 25
         relay.proc.wait(20)
         assert time.monotonic() - t0 < 30
         sp = spoolmod.Spool(relay.data["spool"])
