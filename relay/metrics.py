@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
-from twisted.web import resource, server
+from twisted.web import pages, resource, server
 
 import relay
 
@@ -40,7 +40,8 @@ class RelayCollector:
         self.svc = svc
 
     def describe(self) -> Iterable[Metric]:
-        return []  # names are fixed; no need to collect at registration
+        # the names, for the registry (duplicate checks, ?name[]= filters)
+        return list(self.collect())
 
     def collect(self) -> Iterable[Metric]:
         svc = self.svc
@@ -195,7 +196,7 @@ class _Root(resource.Resource):
     def getChild(self, path, request):
         if path == b"":
             return self
-        return resource.NoResource("Not found: the metrics are at /metrics")
+        return pages.notFound("Not found", "The metrics are at /metrics.")
 
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
