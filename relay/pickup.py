@@ -37,10 +37,16 @@ from dataclasses import dataclass
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.filepath import FilePath
 
 from relay import spool as spoolmod
 from relay.address import AddressError, parse_mailbox
 from relay.sendmail import MAX_LINE, parse_drop_line
+
+try:  # imported now, not at start: after twistd -u/-g the Python tree may not be readable
+    from twisted.internet import inotify
+except ImportError:  # not Linux
+    inotify = None
 
 log = Logger(namespace="relay.pickup")
 
@@ -352,10 +358,7 @@ class Pickup(service.Service):
         return None
 
     def _watch(self) -> bool:
-        try:
-            from twisted.internet import inotify
-            from twisted.python.filepath import FilePath
-        except ImportError:
+        if inotify is None:
             return False
         try:
             notifier = inotify.INotify(reactor=self.svc.reactor)

@@ -276,22 +276,40 @@ def _mailbox(addr: str, cfg, what: str, status: int) -> str:
         raise Fatal(status, f"bad {what} address {addr!r}: {e}")
 
 
+def parse_address_list(value: str) -> list[str]:
+    """The addr-specs of an address list ("a@b, Name <c@d>, root"), strictly:
+    ValueError names the problem (email.utils.getaddresses would turn
+    "not an address" into "not")."""
+    import email.policy
+
+    try:
+        h = email.policy.default.header_factory("To", value)
+        addrs = [a.addr_spec for a in h.addresses]
+    except Exception as e:  # noqa: BLE001 - the stdlib parser raises more than HeaderParseError
+        raise ValueError(f"cannot parse it ({e.__class__.__name__})")
+    problems = [str(d) for d in h.defects if str(d) != "addr-spec local part with no domain"]
+    if problems:
+        raise ValueError("; ".join(dict.fromkeys(problems)))
+    return addrs
+
+
 def addresses(values: list[str], cfg, what: str, status: int) -> list[str]:
-    """Each value as an address list ("a@b, Name <c@d>", as Postfix parses arguments)."""
+    """Each value as an address list (Postfix parses arguments so, too)."""
     out = []
     for v in values:
-        pairs = email.utils.getaddresses([v])
-        found = [a for _, a in pairs if a]
-        unparsed = [n for n, a in pairs if n and not a]
-        if unparsed or (not found and not _group_only(v)):
+        try:
+            found = parse_address_list(v)
+        except ValueError as e:
+            raise Fatal(status, f"bad {what} address {v!r}: {e}")
+        if not found and not _group_only(v):
             raise Fatal(status, f"bad {what} address {v!r}")
         out.extend(_mailbox(a, cfg, what, status) for a in found)
     return out
 
 
 def _group_only(v: str) -> bool:
-    """A group ("undisclosed-recipients:;") yields an empty address: not an error."""
-    return ":" in v and ";" in v
+    """A group ("undisclosed-recipients:;") holds no address: not an error."""
+    return ":" in v and v.rstrip().endswith(";")
 
 
 def sender_address(o: Options, cfg, me: Identity) -> str:
@@ -299,7 +317,10 @@ def sender_address(o: Options, cfg, me: Identity) -> str:
         s = o.sender.strip()
         if s in ("", "<>"):
             return ""
-        found = [a for _, a in email.utils.getaddresses([s]) if a]
+        try:
+            found = parse_address_list(s)
+        except ValueError as e:
+            raise Fatal(EX_USAGE, f"bad sender address {o.sender!r} (-f): {e}")
         if len(found) != 1:
             raise Fatal(EX_USAGE, f"bad sender address {o.sender!r} (-f)")
         return _mailbox(found[0], cfg, "sender", EX_USAGE)
