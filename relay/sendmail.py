@@ -467,13 +467,11 @@ class DropSink:
     def commit(self) -> str:
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.file.close()
         os.rename(self.tmp, self.final)
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(fd)
+            _sync_directory(self.dir, self.file.fileno())
         finally:
-            os.close(fd)
+            self.file.close()
         return self.qid
 
     def abort(self) -> None:
@@ -488,6 +486,35 @@ class DropSink:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+
+
+def _sync_directory(path: str, file_fd: int) -> None:
+    """Make a rename in ``path`` durable.  A submitter in a group-opened drop
+    directory (mode 3730) may write but not read it, so it cannot open the
+    directory to fsync it: syncfs() on the file's filesystem does it then
+    (the whole filesystem, but only on this path, for local submissions)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:
+        _syncfs(file_fd)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs(fd: int) -> None:
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if libc.syncfs(fd) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    os.sync()
 
 
 def open_drop(cfg, qid: str) -> DropSink | None:

@@ -322,11 +322,11 @@ class Pickup(unittest.TestCase):
 
     async def test_file_dropped_while_running_is_delivered_at_once(self):
         svc = await self.start()
-        t0 = time.monotonic()
+        if svc.pickup._notifier is None:
+            raise unittest.SkipTest("no inotify here: the periodic scan is the only trigger")
+        svc.pickup._loop.stop()  # no periodic scan: only the inotify event can trigger the pickup
         assert run(self.cfg, ["alice@local.test"], b"Subject: now\n\nhi\n") == 0
         await apoll(self.mails, 10, what="delivery")
-        # inotify: well under the periodic scan interval
-        assert time.monotonic() - t0 < 5
         assert svc.pickup.received == 1
 
     async def test_bad_files_are_quarantined_not_lost(self):
