@@ -438,6 +438,9 @@ class SMTPServer(Protocol):
             self.error(503, "5.5.1 Error: nested MAIL command")
             return
         if self.submission and self.auth_user is None:
+            log.info("reject: MAIL from {helo}[{client_ip}]: 530 5.7.0 Authentication required",
+                     helo=self.helo, client_ip=self.peer_ip, reason="auth_required")
+            self.ctx.counters.reject("auth_required")
             self.error(530, "5.7.0 Authentication required")
             return
         if not arg[:5].upper() == "FROM:":
