@@ -172,6 +172,7 @@ class QueueManager:
         self._inflight: set[defer.Deferred] = set()  # finalisations and admin actions under way
         # destinations that just failed to answer at all: key -> (until, reason)
         self.dead: dict[str, tuple[float, str]] = {}
+        self.on_attempt = None  # metrics hook: f(local: bool, seconds: float) after each attempt
         self.configure(config)
         if deliverer is None:
             from relay.delivery import Deliverer
@@ -365,6 +366,7 @@ class QueueManager:
             self.reactor.callLater(0, self._dispatch)
             return
         self.counters.attempts += 1
+        started = self.now()
         d = self.deliverer.attempt(msg, job.dest, [r.address for r in job.recipients])
 
         def failed(f):
@@ -375,6 +377,8 @@ class QueueManager:
                     for r in job.recipients]
 
         def done(outcomes):
+            if self.on_attempt is not None:
+                self.on_attempt(job.local, self.now() - started)
             pool.done(job)
             if not job.local:
                 self._note_destination(job.dest.key, outcomes)
@@ -440,9 +444,10 @@ class QueueManager:
                 r.next_attempt = min(now + self.backoff(r.attempts), max(expires, now + 1.0))
             delay = now - msg.env.arrival
             log.info(
-                "{queue_id}: to=<{to}>{orig}, relay={relay}, delay={delay:.1f}, status={status} ({reply})",
+                "{queue_id}: to=<{to}>{_orig}, relay={relay}, delay={delay:.1f}, status={status} ({reply})",
                 queue_id=msg.qid, to=r.address,
-                orig=f", orig_to=<{r.orcpt}>" if r.orcpt and r.orcpt != r.address else "",
+                orig_to=r.orcpt if r.orcpt and r.orcpt != r.address else None,
+                _orig=f", orig_to=<{r.orcpt}>" if r.orcpt and r.orcpt != r.address else "",
                 relay=o.relay, delay=delay, status="sent" if kind == "delivered" else kind,
                 reply=o.reply, recipient=r.address, kind=kind, attempts=r.attempts,
             )
@@ -455,6 +460,12 @@ class QueueManager:
             d.addBoth(lambda _: (self._inflight.discard(d), self._after_finalize(msg)))
 
     async def _finalize(self, msg: Message) -> None:
+        if getattr(self.svc.disk, "stopped", False):
+            # past the shutdown bound: nothing can be recorded any more; the
+            # recipients are still "not delivered" on disk and are retried
+            log.info("{queue_id}: attempt ended after shutdown; it is retried at the next start",
+                     queue_id=msg.qid)
+            return
         now = self.now()
         if msg.deleted:
             await self.aspool.remove(msg.qid)
@@ -518,8 +529,9 @@ class QueueManager:
         self.counters.dsn_sent += 1
         log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=msg.qid,
                  kind="non-delivery" if kind == bouncemod.FAILED else "delay", dsn_id=env.queue_id)
-        log.info("{queue_id}: from=<>, size={size}, nrcpt=1 (delivery status notification for {orig})",
-                 queue_id=env.queue_id, size=entry.size, orig=msg.qid)
+        log.info("{queue_id}: from=<{sender}>, size={size}, nrcpt={nrcpt} (delivery status notification for {orig})",
+                 queue_id=env.queue_id, sender="", size=entry.size, nrcpt=1, orig=msg.qid, dsn=kind,
+                 recipients=env.recipients)
         self.add(entry)
 
     # -- administration (relayctl) ------------------------------------------------------------

@@ -89,6 +89,8 @@ class RelayService(service.MultiService):
         self._build_listeners(config)
         if deliver:
             self._build_queue(config)
+        self._build_pickup(config)  # relay-sendmail's drop directory (relay/pickup.py)
+        self._build_metrics(config)  # [metrics] (relay/metrics.py)
         self._refresher = task.LoopingCall(self._refresh_files)
         self._refresher.clock = self.reactor
 
@@ -166,7 +168,6 @@ class RelayService(service.MultiService):
                 log.warn("POP3 is not available in this build; pop3.listen ignored")
             return
         for desc in config.pop3.listen:
-            spec = epmod.parse(desc)
             factory = pop3.POP3Factory(
                 hostname=config.hostname,
                 mailbox_root=config.local.mailboxes,
@@ -184,6 +185,28 @@ class RelayService(service.MultiService):
         from relay.queue import QueueManager
 
         self.queue = QueueManager(self, config)
+
+    def _build_pickup(self, config: Config) -> None:
+        """A child service: it starts before the queue is loaded (see Pickup.startService)."""
+        from relay.pickup import Pickup
+
+        self.pickup = Pickup(self)
+        self.pickup.setServiceParent(self)
+
+    def _build_metrics(self, config: Config) -> None:
+        """This relay's metrics registry, fed by the queue's attempt hook, and
+        served over HTTP on each metrics.listen endpoint."""
+        from relay.metrics import RelayMetrics
+
+        self.metrics = RelayMetrics(self)
+        if self.queue is not None:
+            self.queue.on_attempt = self.metrics.observe_attempt
+        for desc in config.metrics.listen:
+            spec = epmod.parse(desc)
+            if spec.implicit_tls and not spec.own_certificate and self.tls is None:
+                raise StartupError(f"{config.source}: metrics.listen: {desc!r} is an ssl: endpoint without "
+                                   "privateKey=, so it needs tls.certificate and tls.key")
+            self._listen(desc, self.metrics.site(), f"metrics {desc}")
 
     # -- start / stop ----------------------------------------------------------
     def privilegedStartService(self) -> None:

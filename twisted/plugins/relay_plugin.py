@@ -40,7 +40,9 @@ class RelayServiceMaker:
         from relay.preload import preload
 
         preload()  # while still privileged: see relay/preload.py
-        return svc
+        from relay.logs import for_twistd
+
+        return for_twistd(svc, config, options)  # [log] format = "json": see relay/logs.py
 
 
 serviceMaker = RelayServiceMaker()
