@@ -39,7 +39,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-from twisted.internet import defer, interfaces, task
+from twisted.internet import defer, interfaces, task, tcp
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -265,6 +265,7 @@ class _Session:
         self.deleted: set[int] = set()
         self.retrieved = 0
         self.seen_queue: list[maildir.Message] = []
+        self.next_read: int | None = None  # message index to read ahead
         self.seen_job: defer.Deferred | None = None
 
     def stat(self) -> tuple[int, int]:
@@ -305,6 +306,9 @@ class POP3Server(Protocol):
         self._producing = False
         self._lost = False
         self._delay: defer.Deferred | None = None
+        self._activity = 0.0
+        self._unflushed = False
+        self._prefetched: tuple[int, bytes] | None = None  # (index, RETR reply)
 
     # -- connection ---------------------------------------------------------
     def connectionMade(self) -> None:
@@ -322,6 +326,7 @@ class POP3Server(Protocol):
                 log.debug("pop3: cannot set TCP_NODELAY")
         self.transport.registerProducer(self, True)
         self._producing = True
+        self._activity = f.reactor.seconds()
         self._timer = f.reactor.callLater(f.idle_timeout, self._timedOut)
         host = f.hostname.replace("\r", "").replace("\n", "")
         self._write(f"+OK {host} POP3 server ready\r\n".encode("utf-8", "replace"))
@@ -359,6 +364,7 @@ class POP3Server(Protocol):
     def _write(self, data: bytes) -> None:
         if not self._lost:
             self.transport.write(data)
+            self._unflushed = True
 
     def _close(self) -> None:
         """Close after the pending output (a registered producer would stall it)."""
@@ -376,11 +382,19 @@ class POP3Server(Protocol):
         self.transport.abortConnection()
 
     def _touch(self) -> None:
+        """Note activity.  The timer is not moved on every command (that is a
+        heap operation per line); _timedOut re-arms it for the time left."""
+        now = self.factory.reactor.seconds()
+        self._activity = now
         t = self._timer
-        if t is not None and t.active():
-            t.reset(self.factory.idle_timeout)
+        if t is not None and t.getTime() > now + self.factory.idle_timeout:
+            t.reset(self.factory.idle_timeout)  # the timeout was shortened meanwhile
 
     def _timedOut(self) -> None:
+        left = self._activity + self.factory.idle_timeout - self.factory.reactor.seconds()
+        if left > 0:
+            self._timer = self.factory.reactor.callLater(left, self._timedOut)
+            return
         self._timer = None
         log.info("pop3: idle timeout, closing client={client} user={user}",
                  client=self.peer, user=self.session.user if self.session else None)
@@ -412,8 +426,48 @@ class POP3Server(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        if (not self._buf and not self._discarding and not self._busy and not self._out_paused
+                and not self._processing and len(data) <= MAX_COMMAND and data[-1:] == b"\n"
+                and data.count(b"\n") == 1):
+            # The common case, one whole command per read (a client waiting
+            # for each reply): no buffering.
+            self._processing = True
+            try:
+                self._touch()
+                self._dispatch(data[:-1])
+            finally:
+                self._processing = False
+            if self._buf:  # a Deferred that fired at once may have left work
+                self._process()
+            else:
+                self._after_replies()
+            return
         self._buf += data
         self._process()
+
+    def _after_replies(self) -> None:
+        """Once a batch of commands is answered: push the replies out now and
+        read ahead the message a client fetching in order will ask for next."""
+        if self._lost or self._busy or self._out_paused or self._closing:
+            return
+        t = self.transport
+        # Twisted would send the buffered replies on its next loop turn; a
+        # client waiting for them would wait that turn too.  On a plain TCP
+        # transport (also after STLS) doWrite() sends them now.
+        if self._unflushed and isinstance(t, tcp.Connection) and t.connected and not t.disconnecting:
+            self._unflushed = False
+            t.doWrite()
+        s = self.session
+        if s is not None and s.next_read is not None:
+            i, s.next_read = s.next_read, None
+            if i < len(s.msgs) and i not in s.deleted and s.msgs[i].size <= INLINE_MAX:
+                m = s.msgs[i]
+                try:
+                    data = maildir.read_message(s.path, m, INLINE_MAX + 1)
+                except OSError:
+                    return  # RETR will read again and say what is wrong
+                if len(data) <= INLINE_MAX:
+                    self._prefetched = (i, b"+OK %d octets\r\n" % m.size + _render(data, None))
 
     def _line_limit(self) -> int:
         return MAX_SASL_LINE if self._sasl else MAX_COMMAND
@@ -458,6 +512,8 @@ class POP3Server(Protocol):
         finally:
             self._processing = False
         pending = len(self._buf) - self._pos
+        if not pending:
+            self._after_replies()
         if not self._in_paused and pending > MAX_INPUT_BUFFER and not self._closing:
             self._in_paused = True
             self.transport.pauseProducing()
@@ -515,13 +571,14 @@ class POP3Server(Protocol):
     # -- commands -------------------------------------------------------------
     def _command(self, line: bytes):
         verb, _, arg = line.partition(b" ")
-        name = verb.upper().decode("ascii", "replace")
+        verb = verb.upper()
         if self.session is None:
-            handler = self._AUTH_COMMANDS.get(name)
+            handler = self._AUTH_COMMANDS.get(verb)
         else:
-            handler = self._TRANS_COMMANDS.get(name)
+            handler = self._TRANS_COMMANDS.get(verb)
         if handler is None:
-            if name in self._AUTH_COMMANDS or name in self._TRANS_COMMANDS:
+            name = verb.decode("ascii", "replace")
+            if verb in self._AUTH_COMMANDS or verb in self._TRANS_COMMANDS:
                 state = "TRANSACTION" if self.session else "AUTHORIZATION"
                 raise _cmd_error(f"{name} is not valid in the {state} state", bad=True)
             raise _cmd_error("Unknown command", bad=True)
@@ -714,9 +771,10 @@ class POP3Server(Protocol):
     def _msg(self, arg: bytes, allow_deleted: bool = False) -> tuple[int, maildir.Message]:
         s = self.session
         assert s is not None
-        arg = arg.strip(b" ")
-        if not _NUMBER.match(arg):
-            raise _cmd_error("Invalid message number", bad=True)
+        if not (arg.isdigit() and len(arg) <= 10):
+            arg = arg.strip(b" ")
+            if not _NUMBER.match(arg):
+                raise _cmd_error("Invalid message number", bad=True)
         n = int(arg)
         if not 1 <= n <= len(s.msgs):
             raise _cmd_error(f"No such message {n}")
@@ -781,6 +839,13 @@ class POP3Server(Protocol):
         s = self.session
         head = b"+OK %d octets\r\n" % m.size if top is None else b"+OK Top of message follows\r\n"
         if m.size <= INLINE_MAX:
+            pre, self._prefetched = self._prefetched, None
+            if top is None:
+                s.next_read = i + 1
+                if pre is not None and pre[0] == i:
+                    self._write(pre[1])
+                    self._retrieved(m, top)
+                    return None
             try:
                 data = maildir.read_message(s.path, m, INLINE_MAX + 1)
             except FileNotFoundError:
@@ -908,14 +973,14 @@ class POP3Server(Protocol):
         # Renames to cur/ still running in a thread finish before the lock goes.
         self._seen_idle(s).addBoth(lambda _: s.lock.release())
 
-    _AUTH_COMMANDS: ClassVar[dict[str, Callable]] = {
-        "CAPA": do_CAPA, "USER": do_USER, "PASS": do_PASS, "AUTH": do_AUTH,
-        "STLS": do_STLS, "QUIT": do_QUIT, "NOOP": do_NOOP, "APOP": do_APOP,
+    _AUTH_COMMANDS: ClassVar[dict[bytes, Callable]] = {
+        b"CAPA": do_CAPA, b"USER": do_USER, b"PASS": do_PASS, b"AUTH": do_AUTH,
+        b"STLS": do_STLS, b"QUIT": do_QUIT, b"NOOP": do_NOOP, b"APOP": do_APOP,
     }
-    _TRANS_COMMANDS: ClassVar[dict[str, Callable]] = {
-        "CAPA": do_CAPA, "STAT": do_STAT, "LIST": do_LIST, "UIDL": do_UIDL,
-        "TOP": do_TOP, "RETR": do_RETR, "DELE": do_DELE, "RSET": do_RSET,
-        "NOOP": do_NOOP, "QUIT": do_QUIT,
+    _TRANS_COMMANDS: ClassVar[dict[bytes, Callable]] = {
+        b"CAPA": do_CAPA, b"STAT": do_STAT, b"LIST": do_LIST, b"UIDL": do_UIDL,
+        b"TOP": do_TOP, b"RETR": do_RETR, b"DELE": do_DELE, b"RSET": do_RSET,
+        b"NOOP": do_NOOP, b"QUIT": do_QUIT,
     }
 
 
