@@ -56,7 +56,8 @@ MAX_COMMAND = 255  # octets including CRLF (RFC 2449 section 4)
 MAX_SASL_LINE = 2048  # a base64 SASL response line (user + password + authzid)
 MAX_INPUT_BUFFER = 64 * 1024  # pipelined input held before we stop reading
 INLINE_MAX = 64 * 1024  # messages up to this size are read on the reactor
-SEEN_BATCH = 256  # retrieved messages moved to cur/ together, in a thread
+SEEN_BATCH = 256  # more retrieved messages than this waiting: move them in a thread
+SEEN_INLINE = 4  # moved to cur/ on the reactor after each batch of replies
 IMPLEMENTATION = "twisted-relay"
 
 _NUMBER = re.compile(rb"[0-9]{1,10}\Z")
@@ -468,6 +469,16 @@ class POP3Server(Protocol):
                     return  # RETR will read again and say what is wrong
                 if len(data) <= INLINE_MAX:
                     self._prefetched = (i, b"+OK %d octets\r\n" % m.size + _render(data, None))
+        if s is not None and s.seen_queue and s.seen_job is None:
+            # While the client reads the reply: a rename or two (no fsync; a
+            # metadata update of microseconds) costs less here than handing
+            # them to a thread, whose GIL contention would slow this loop.
+            batch, s.seen_queue = s.seen_queue[:SEEN_INLINE], s.seen_queue[SEEN_INLINE:]
+            for m in batch:
+                try:
+                    maildir.mark_seen(s.path, m)
+                except OSError as e:
+                    log.warn("pop3: cannot mark {path} as seen: {err}", path=m.path, err=str(e))  # noqa: G010
 
     def _line_limit(self) -> int:
         return MAX_SASL_LINE if self._sasl else MAX_COMMAND
@@ -897,7 +908,7 @@ class POP3Server(Protocol):
         if not _has_flag(m.path, "S"):
             s.seen_queue.append(m)
             if s.seen_job is None and len(s.seen_queue) >= SEEN_BATCH:
-                self._run_seen(s)
+                self._run_seen(s)  # a pipelined burst: move them in a thread
 
     def _run_seen(self, s: _Session) -> None:
         """Move retrieved messages to cur/ with the S flag, in a thread, in batches."""
