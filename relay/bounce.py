@@ -1,0 +1,163 @@
+"""Delivery status notifications (RFC 3464, RFC 3462 multipart/report).
+
+One report per message and per event, for the recipients that failed (or
+are delayed) in that event.  The report is built as bytes with CRLF line
+endings and explicit MIME structure, with the email package doing what it
+is good at (dates, message ids, header encoding): the returned headers of
+the original message are copied byte for byte into text/rfc822-headers,
+which the email package's generator would re-encode.  Tests parse the
+result back with the email package.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import secrets
+from dataclasses import dataclass
+from email.header import Header
+
+FAILED = "failed"
+DELAYED = "delayed"
+MAX_RETURNED_HEADERS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One recipient in a report."""
+
+    recipient: str
+    status: str  # enhanced status code, e.g. "5.1.1"
+    diagnostic: str  # the remote reply ("550 5.1.1 ...") or our reason
+    original: str | None = None  # ORCPT, when it differs
+    remote_mta: str | None = None  # the host that answered
+    diagnostic_type: str = "smtp"
+    last_attempt: float | None = None
+    will_retry_until: float | None = None
+
+
+def _date(ts: float) -> str:
+    return email.utils.formatdate(ts, localtime=False, usegmt=True)
+
+
+def _clean(text: str, limit: int = 900) -> str:
+    """One header-safe line: no CR/LF/control characters, bounded length."""
+    t = "".join(c if 32 <= ord(c) < 127 else " " for c in text)
+    return " ".join(t.split())[:limit]
+
+
+def _fold(name: str, value: str) -> str:
+    """A DSN field, folded at spaces so that lines stay under 998 octets."""
+    words = value.split(" ")
+    lines, cur = [], f"{name}: "
+    for w in words:
+        if len(cur) + len(w) + 1 > 76 and cur.strip() != f"{name}:":
+            lines.append(cur.rstrip())
+            cur = "    " + w + " "
+        else:
+            cur += w + " "
+    lines.append(cur.rstrip())
+    return "\r\n".join(lines)
+
+
+def build_report(
+    *,
+    kind: str,
+    reporting_mta: str,
+    queue_id: str,
+    sender: str,
+    arrival: float,
+    failures: list[Failure],
+    original_headers: bytes,
+    now: float,
+    postmaster: str | None = None,
+) -> bytes:
+    """The complete DSN message (headers and body) as bytes, CRLF endings."""
+    boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
+    subject = ("Undelivered Mail Returned to Sender" if kind == FAILED
+               else "Delayed Mail (still being retried)")
+    msgid = email.utils.make_msgid(domain=reporting_mta)
+    from_name = Header("Mail Delivery System").encode()
+    h = [
+        f"From: {from_name} <MAILER-DAEMON@{reporting_mta}>",
+        f"To: <{_clean(sender, 300)}>",
+        f"Subject: {subject}",
+        f"Date: {_date(now)}",
+        f"Message-ID: {msgid}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+    ]
+    # 1. the human-readable part
+    if kind == FAILED:
+        intro = [
+            f"This is the mail system at host {reporting_mta}.",
+            "",
+            "I'm sorry to have to inform you that your message could not",
+            "be delivered to one or more recipients. It's attached below.",
+            "",
+            "For further assistance, please send mail to postmaster.",
+            "",
+            "If you do so, please include this problem report. You can",
+            "delete your own text from the attached returned message.",
+        ]
+    else:
+        until = max((f.will_retry_until or 0) for f in failures) if failures else 0
+        intro = [
+            f"This is the mail system at host {reporting_mta}.",
+            "",
+            "####################################################################",
+            "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+            "####################################################################",
+            "",
+            "Your message could not be delivered yet to one or more recipients.",
+            "It will be retried" + (f" until {_date(until)}." if until else "."),
+        ]
+    intro += ["", f"Queue ID: {queue_id}", ""]
+    for f in failures:
+        where = f" (from {f.remote_mta})" if f.remote_mta else ""
+        intro.append(f"<{_clean(f.recipient, 300)}>: {_clean(f.diagnostic)}{where}")
+    human = "\r\n".join(intro) + "\r\n"
+    # 2. the machine-readable part
+    per_msg = [
+        f"Reporting-MTA: dns; {reporting_mta}",
+        f"X-Relay-Queue-ID: {queue_id}",
+        f"X-Relay-Sender: rfc822; {_clean(sender, 300)}",
+        f"Arrival-Date: {_date(arrival)}",
+    ]
+    blocks = ["\r\n".join(per_msg)]
+    for f in failures:
+        b = [f"Final-Recipient: rfc822; {_clean(f.recipient, 300)}"]
+        if f.original and f.original != f.recipient:
+            b.append(f"Original-Recipient: rfc822; {_clean(f.original, 300)}")
+        b.append(f"Action: {kind}")
+        b.append(f"Status: {f.status}")
+        if f.remote_mta:
+            b.append(f"Remote-MTA: dns; {_clean(f.remote_mta, 255)}")
+        b.append(_fold("Diagnostic-Code", f"{f.diagnostic_type}; {_clean(f.diagnostic)}"))
+        if f.last_attempt:
+            b.append(f"Last-Attempt-Date: {_date(f.last_attempt)}")
+        if kind == DELAYED and f.will_retry_until:
+            b.append(f"Will-Retry-Until: {_date(f.will_retry_until)}")
+        blocks.append("\r\n".join(b))
+    status = "\r\n\r\n".join(blocks) + "\r\n"
+    # 3. the returned headers, byte for byte (bounded)
+    hdrs = original_headers[:MAX_RETURNED_HEADERS]
+    if hdrs and not hdrs.endswith(b"\r\n"):
+        hdrs = hdrs[: hdrs.rfind(b"\r\n") + 2] if b"\r\n" in hdrs else b""
+    parts = [
+        "\r\n".join(h).encode("ascii") + b"\r\n\r\n",
+        b"This is a MIME-encapsulated message.\r\n\r\n",
+        f"--{boundary}\r\n".encode(),
+        b"Content-Description: Notification\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n",
+        human.encode("ascii", "replace"),
+        f"\r\n--{boundary}\r\n".encode(),
+        b"Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n",
+        status.encode("ascii", "replace"),
+        f"\r\n--{boundary}\r\n".encode(),
+        b"Content-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n"
+        + (b"Content-Transfer-Encoding: 8bit\r\n" if not hdrs.isascii() else b"")
+        + b"\r\n",
+        hdrs,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ]
+    return b"".join(parts)

@@ -1,0 +1,566 @@
+"""The queue runner: what to try when, within limits, and what to record.
+
+Every queued message lives in memory as a ``Message`` (its envelope, its
+per-recipient state) and on disk in the spool.  A heap orders messages by
+their next attempt; when one is due, its due recipients are grouped by
+destination (relay.routing) into jobs, one per destination, and the jobs
+run within the limits (delivery.max_concurrency outbound connections,
+delivery.max_per_destination per destination; local deliveries have their
+own small pool).  When all jobs of an activation are done, the outcome is
+made durable *before* anything relies on it, in this order:
+
+1. DSNs for recipients that failed for good (and a delay notice if due) are
+   queued and fsynced;
+2. then the message is removed (all recipients final) or its state file is
+   rewritten (fsync, rename, directory fsync);
+3. only then is the message rescheduled.
+
+A crash between a remote 250 and step 2 means that recipient is tried again
+(at-least-once); a recipient recorded as delivered or bounced is never
+tried again.  Time comes from the reactor (task.Clock in tests).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from relay import bounce as bouncemod
+from relay import routing
+from relay import spool as spoolmod
+from relay.spool import BOUNCED, DEFERRED, DELIVERED, PENDING
+
+log = Logger(namespace="relay.queue")
+
+LOCAL_CONCURRENCY = 8
+MAX_HISTORY = 200
+JITTER = 0.1
+
+
+class UnknownMessage(KeyError):
+    pass
+
+
+@dataclass(eq=False)
+class Message:
+    qid: str
+    env: spoolmod.Envelope
+    state: spoolmod.State
+    size: int
+    offset: int
+    active: int = 0  # jobs running
+    busy: bool = False  # an activation is being finalised
+    deleted: bool = False  # delete requested while active
+    bounce_now: bool = False  # bounce requested while active
+    token: int = 0  # heap entries with another token are stale
+    failures: list = field(default_factory=list)  # bounce.Failure of this activation
+    started: float = 0.0
+
+    @property
+    def hold(self) -> bool:
+        return self.state.hold
+
+    def open_recipients(self) -> list[spoolmod.Recipient]:
+        return [r for r in self.state.recipients if not r.final]
+
+    def next_time(self) -> float | None:
+        ts = [r.next_attempt for r in self.state.recipients if not r.final]
+        return min(ts) if ts else None
+
+    @property
+    def queue_name(self) -> str:
+        if self.hold:
+            return "hold"
+        if self.active or any(r.status == PENDING for r in self.state.recipients):
+            return "active"
+        return "deferred"
+
+
+@dataclass(eq=False)
+class Job:
+    msg: Message
+    dest: routing.Destination
+    recipients: list[spoolmod.Recipient]
+    local: bool
+
+
+@dataclass
+class Counters:
+    delivered: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    expired: int = 0
+    dsn_sent: int = 0
+    removed: int = 0
+    attempts: int = 0
+
+
+class _Pool:
+    """Concurrency limits: global and per destination, round-robin fair."""
+
+    def __init__(self, limit: int, per_dest: int):
+        self.limit = limit
+        self.per_dest = per_dest
+        self.running = 0
+        self.by_dest: dict[str, int] = {}
+        self.waiting: dict[str, deque[Job]] = {}
+        self.ready: deque[str] = deque()
+
+    def add(self, job: Job) -> None:
+        q = self.waiting.get(job.dest.key)
+        if q is None:
+            q = self.waiting[job.dest.key] = deque()
+            self.ready.append(job.dest.key)
+        q.append(job)
+
+    def next_job(self) -> Job | None:
+        for _ in range(len(self.ready)):
+            if self.running >= self.limit:
+                return None
+            key = self.ready.popleft()
+            q = self.waiting.get(key)
+            if not q:
+                self.waiting.pop(key, None)
+                continue
+            if self.by_dest.get(key, 0) >= self.per_dest:
+                self.ready.append(key)
+                continue
+            job = q.popleft()
+            if q:
+                self.ready.append(key)
+            else:
+                del self.waiting[key]
+            self.running += 1
+            self.by_dest[key] = self.by_dest.get(key, 0) + 1
+            return job
+        return None
+
+    def done(self, job: Job) -> None:
+        self.running -= 1
+        n = self.by_dest.get(job.dest.key, 1) - 1
+        if n <= 0:
+            self.by_dest.pop(job.dest.key, None)
+        else:
+            self.by_dest[job.dest.key] = n
+
+    def waiting_count(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+
+class QueueManager:
+    def __init__(self, service, config, *, deliverer=None, resolver=None):
+        self.svc = service
+        self.reactor = service.reactor
+        self.aspool = service.aspool
+        self.messages: dict[str, Message] = {}
+        self.heap: list[tuple[float, int, str, int]] = []
+        self._seq = 0
+        self._timer = None
+        self._timer_at: float | None = None
+        self.running = False
+        self.loaded = False
+        self.counters = Counters()
+        self.random = random.Random()
+        self._idle_waiters: list[defer.Deferred] = []
+        self.configure(config)
+        if deliverer is None:
+            from relay.delivery import Deliverer
+            from relay.mx import Resolver
+
+            pool = getattr(service, "dns_pool", None)
+            resolver = resolver or Resolver(
+                nameservers=config.delivery.nameservers, lifetime=10.0, reactor=self.reactor,
+                threadpool=pool.pool if pool is not None else None,
+            )
+            deliverer = Deliverer(service, resolver)
+        self.deliverer = deliverer
+
+    def configure(self, config) -> None:
+        """(Re)apply the delivery settings; running jobs keep their limits."""
+        self.config = config
+        d = config.delivery
+        if not hasattr(self, "remote"):
+            self.remote = _Pool(d.max_concurrency, d.max_per_destination)
+            self.local = _Pool(LOCAL_CONCURRENCY, LOCAL_CONCURRENCY)
+        else:
+            self.remote.limit = d.max_concurrency
+            self.remote.per_dest = d.max_per_destination
+
+    # -- life cycle -----------------------------------------------------------
+    def now(self) -> float:
+        return self.reactor.seconds()
+
+    def start(self) -> defer.Deferred:
+        """Load the spool (in a thread) and start delivering."""
+        self.running = True
+        notes: list[tuple[str, dict]] = []
+
+        def scan():
+            return list(self.aspool.spool.recover(log=lambda fmt, **kw: notes.append((fmt, kw))))
+
+        t0 = time.monotonic()
+        d = self.aspool.run(scan)
+
+        def loaded(entries):
+            for fmt, kw in notes:
+                log.info(fmt, **kw)
+            for e in entries:
+                self.add(e, schedule=False)
+            self.loaded = True
+            for m in self.messages.values():
+                self._schedule(m)
+            log.info("queue loaded: {count} messages in {secs:.2f}s", count=len(entries),
+                     secs=time.monotonic() - t0)
+
+        return d.addCallback(loaded)
+
+    def stop(self, grace: float = 20.0) -> defer.Deferred:
+        """Stop starting jobs; wait (bounded) for the jobs in flight."""
+        self.running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self.busy():
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(d)
+        timeout = self.reactor.callLater(grace, lambda: d.called or d.callback(None))
+        d.addBoth(lambda r: (timeout.active() and timeout.cancel(), r)[1])
+        return d
+
+    def busy(self) -> bool:
+        return any(m.active or m.busy for m in self.messages.values())
+
+    def _check_idle(self) -> None:
+        if self._idle_waiters and not self.busy():
+            ws, self._idle_waiters = self._idle_waiters, []
+            for w in ws:
+                if not w.called:
+                    w.callback(None)
+
+    # -- adding and scheduling -------------------------------------------------------
+    def add(self, entry: spoolmod.QueueEntry, schedule: bool = True) -> Message:
+        env = entry.envelope
+        if env.queue_id in self.messages:
+            return self.messages[env.queue_id]
+        msg = Message(env.queue_id, env, entry.state, entry.size, entry.offset)
+        self.messages[msg.qid] = msg
+        if schedule and self.loaded:
+            self._schedule(msg)
+        return msg
+
+    def _schedule(self, msg: Message, at: float | None = None) -> None:
+        if msg.hold or msg.active or msg.busy or msg.deleted or not self.running:
+            return
+        t = msg.next_time() if at is None else at
+        if t is None:
+            return
+        self._seq += 1
+        msg.token = self._seq
+        heapq.heappush(self.heap, (t, self._seq, msg.qid, msg.token))
+        self._arm()
+
+    def _arm(self) -> None:
+        if not self.heap or not self.running:
+            return
+        first = self.heap[0][0]
+        if self._timer is not None and self._timer.active():
+            if self._timer_at is not None and self._timer_at <= first:
+                return
+            self._timer.cancel()
+        delay = max(0.0, first - self.now())
+        self._timer_at = first
+        self._timer = self.reactor.callLater(delay, self._wakeup)
+
+    def _wakeup(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self.now()
+        while self.heap and self.heap[0][0] <= now and self.running:
+            _, _, qid, token = heapq.heappop(self.heap)
+            msg = self.messages.get(qid)
+            if msg is None or msg.token != token:
+                continue
+            self._activate(msg, now)
+        self._arm()
+
+    # -- activation -----------------------------------------------------------------------
+    def _activate(self, msg: Message, now: float) -> None:
+        if msg.hold or msg.active or msg.busy or msg.deleted:
+            return
+        due = [r for r in msg.state.recipients if not r.final and r.next_attempt <= now]
+        if not due:
+            self._schedule(msg)
+            return
+        groups: dict[str, tuple[routing.Destination, list[spoolmod.Recipient]]] = {}
+        for r in due:
+            dest = routing.route(self.config, r.address)
+            groups.setdefault(dest.key, (dest, []))[1].append(r)
+        msg.failures = []
+        msg.started = now
+        for dest, rcpts in groups.values():
+            job = Job(msg, dest, rcpts, local=not dest.remote)
+            msg.active += 1
+            (self.local if job.local else self.remote).add(job)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for pool in (self.local, self.remote):
+            while True:
+                job = pool.next_job()
+                if job is None:
+                    break
+                self._run(job, pool)
+
+    def _run(self, job: Job, pool: _Pool) -> None:
+        msg = job.msg
+        if msg.deleted or msg.hold:
+            # deleted or held while waiting for a free slot: do not start it
+            pool.done(job)
+            self._job_finished(job, [])
+            self.reactor.callLater(0, self._dispatch)
+            return
+        self.counters.attempts += 1
+        d = self.deliverer.attempt(msg, job.dest, [r.address for r in job.recipients])
+
+        def failed(f):
+            log.failure("{queue_id}: delivery attempt crashed", f, queue_id=msg.qid)
+            from relay.delivery import Outcome
+
+            return [Outcome(r.address, "deferred", "4.3.0", f"internal error: {f.getErrorMessage()}")
+                    for r in job.recipients]
+
+        def done(outcomes):
+            pool.done(job)
+            self._job_finished(job, outcomes)
+            self._dispatch()
+
+        d.addErrback(failed).addCallback(done).addErrback(
+            lambda f: log.failure("{queue_id}: recording the attempt failed", f, queue_id=msg.qid))
+
+    # -- recording results ------------------------------------------------------------------
+    def backoff(self, attempts: int) -> float:
+        d = self.config.delivery
+        base = min(d.retry_max, d.retry_min * (2 ** max(0, attempts - 1)))
+        return max(1.0, base * (1 + self.random.uniform(-JITTER, JITTER)))
+
+    def _job_finished(self, job: Job, outcomes) -> None:
+        msg = job.msg
+        now = self.now()
+        by_addr = {o.address: o for o in outcomes}
+        d = self.config.delivery
+        expires = msg.env.arrival + d.max_lifetime
+        for r in job.recipients:
+            o = by_addr.get(r.address)
+            if o is None:
+                continue
+            r.attempts += 1
+            r.reply = o.reply
+            kind = o.kind
+            status = o.status
+            if kind == "deferred" and now >= expires and not msg.deleted:
+                kind = "bounced"
+                status = "5.4.7"
+                self.counters.expired += 1
+            r.history.append({"t": round(now, 3), "relay": o.relay, "status": kind, "reply": o.reply})
+            if len(r.history) > MAX_HISTORY:
+                del r.history[: len(r.history) - MAX_HISTORY]
+            if kind == "delivered":
+                r.status = DELIVERED
+                self.counters.delivered += 1
+            elif kind == "bounced":
+                r.status = BOUNCED
+                self.counters.bounced += 1
+                if status == "5.4.7":
+                    diag = f"message expired after {d.max_lifetime / 86400:g} days in the queue; last error: {o.reply}"
+                else:
+                    diag = o.reply
+                msg.failures.append(bouncemod.Failure(
+                    recipient=r.address, status=status, diagnostic=diag, original=r.orcpt,
+                    remote_mta=o.remote_mta, diagnostic_type="smtp" if o.remote else "x-unix",
+                    last_attempt=now,
+                ))
+            else:
+                r.status = DEFERRED
+                self.counters.deferred += 1
+                r.next_attempt = min(now + self.backoff(r.attempts), max(expires, now + 1.0))
+            delay = now - msg.env.arrival
+            log.info(
+                "{queue_id}: to=<{to}>{orig}, relay={relay}, delay={delay:.1f}, status={status} ({reply})",
+                queue_id=msg.qid, to=r.address,
+                orig=f", orig_to=<{r.orcpt}>" if r.orcpt and r.orcpt != r.address else "",
+                relay=o.relay, delay=delay, status="sent" if kind == "delivered" else kind,
+                reply=o.reply, recipient=r.address, kind=kind, attempts=r.attempts,
+            )
+        msg.active -= 1
+        if msg.active == 0:
+            msg.busy = True
+            defer.ensureDeferred(self._finalize(msg)).addErrback(
+                lambda f: log.failure("{queue_id}: finalising failed", f, queue_id=msg.qid)
+            ).addBoth(lambda _: self._after_finalize(msg))
+
+    async def _finalize(self, msg: Message) -> None:
+        now = self.now()
+        if msg.deleted:
+            await self.aspool.remove(msg.qid)
+            self._forget(msg, "deleted by the administrator")
+            return
+        if msg.bounce_now:
+            await self._admin_bounce(msg)
+            return
+        if msg.failures:
+            await self._send_dsn(msg, bouncemod.FAILED, msg.failures)
+            msg.failures = []
+        dw = self.config.delivery.delay_warning
+        if (dw > 0 and not msg.state.warned and now - msg.env.arrival >= dw
+                and any(r.status == DEFERRED for r in msg.state.recipients)):
+            delayed = [
+                bouncemod.Failure(r.address, _status_of(r.reply, "4.0.0"), r.reply, original=r.orcpt,
+                                  last_attempt=now,
+                                  will_retry_until=msg.env.arrival + self.config.delivery.max_lifetime)
+                for r in msg.state.recipients if r.status == DEFERRED
+            ]
+            await self._send_dsn(msg, bouncemod.DELAYED, delayed)
+            msg.state.warned = True
+        if msg.state.done:
+            await self.aspool.remove(msg.qid)
+            self._forget(msg, "all recipients final")
+        else:
+            await self.aspool.write_state(msg.qid, msg.state)
+
+    def _after_finalize(self, msg: Message) -> None:
+        msg.busy = False
+        if msg.qid in self.messages:
+            self._schedule(msg)
+        self._check_idle()
+
+    def _forget(self, msg: Message, why: str) -> None:
+        self.messages.pop(msg.qid, None)
+        self.counters.removed += 1
+        log.info("{queue_id}: removed ({why})", queue_id=msg.qid, why=why)
+
+    # -- DSNs -------------------------------------------------------------------------------
+    async def _send_dsn(self, msg: Message, kind: str, failures: list) -> None:
+        if not msg.env.sender:
+            for f in failures:
+                log.warn("{queue_id}: undeliverable message from <> (a bounce) to <{to}> discarded: "
+                         "{reason}", queue_id=msg.qid, to=f.recipient, reason=f.diagnostic)
+            return
+        try:
+            headers = await self.aspool.run(self.aspool.spool.read_headers, msg.qid)
+        except OSError:
+            headers = b""
+        now = self.now()
+        data = bouncemod.build_report(
+            kind=kind, reporting_mta=self.config.hostname, queue_id=msg.qid, sender=msg.env.sender,
+            arrival=msg.env.arrival, failures=failures, original_headers=headers, now=now,
+        )
+        env = spoolmod.Envelope(
+            queue_id=spoolmod.new_id(), sender="", recipients=[msg.env.sender], arrival=now,
+            orcpts=[None], client={"proto": "dsn"}, extra={"dsn": kind, "for": msg.qid},
+        )
+        entry = await self.aspool.inject(env, data)
+        self.counters.dsn_sent += 1
+        log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=msg.qid,
+                 kind="non-delivery" if kind == bouncemod.FAILED else "delay", dsn_id=env.queue_id)
+        log.info("{queue_id}: from=<>, size={size}, nrcpt=1 (delivery status notification for {orig})",
+                 queue_id=env.queue_id, size=entry.size, orig=msg.qid)
+        self.add(entry)
+
+    # -- administration (relayctl) ------------------------------------------------------------
+    def get(self, qid: str) -> Message:
+        try:
+            return self.messages[qid]
+        except KeyError:
+            raise UnknownMessage(qid)
+
+    async def hold(self, qid: str) -> None:
+        msg = self.get(qid)
+        if msg.hold:
+            return
+        msg.state.hold = True
+        msg.token += 1  # drop it from the heap
+        if not msg.active and not msg.busy:
+            await self.aspool.write_state(qid, msg.state)
+        log.info("{queue_id}: held by the administrator", queue_id=qid)
+
+    async def release(self, qid: str) -> None:
+        msg = self.get(qid)
+        if not msg.hold:
+            return
+        msg.state.hold = False
+        if not msg.active and not msg.busy:
+            await self.aspool.write_state(qid, msg.state)
+        log.info("{queue_id}: released from hold", queue_id=qid)
+        self._schedule(msg)
+
+    def retry(self, qid: str) -> None:
+        msg = self.get(qid)
+        now = self.now()
+        for r in msg.open_recipients():
+            r.next_attempt = min(r.next_attempt, now)
+        log.info("{queue_id}: retry requested", queue_id=qid)
+        self._schedule(msg, at=now)
+
+    async def delete(self, qid: str) -> None:
+        msg = self.get(qid)
+        msg.deleted = True
+        msg.token += 1
+        if msg.active or msg.busy:
+            log.info("{queue_id}: will be deleted when the delivery in progress ends", queue_id=qid)
+            return
+        await self.aspool.remove(qid)
+        self._forget(msg, "deleted by the administrator")
+
+    async def bounce(self, qid: str) -> None:
+        msg = self.get(qid)
+        msg.token += 1
+        if msg.active or msg.busy:
+            msg.bounce_now = True
+            return
+        msg.busy = True
+        try:
+            await self._admin_bounce(msg)
+        finally:
+            msg.busy = False
+            self._check_idle()
+
+    async def _admin_bounce(self, msg: Message) -> None:
+        now = self.now()
+        failures = list(msg.failures)
+        msg.failures = []
+        for r in msg.state.recipients:
+            if r.final:
+                continue
+            r.status = BOUNCED
+            r.history.append({"t": round(now, 3), "relay": "none", "status": "bounced",
+                              "reply": "returned to sender by the administrator"})
+            failures.append(bouncemod.Failure(
+                r.address, "5.0.0", "message returned to sender by the mail administrator"
+                + (f"; last error: {r.reply}" if r.reply else ""), original=r.orcpt, last_attempt=now,
+                diagnostic_type="x-relay"))
+            self.counters.bounced += 1
+        if failures:
+            await self._send_dsn(msg, bouncemod.FAILED, failures)
+        await self.aspool.remove(msg.qid)
+        self._forget(msg, "returned to sender by the administrator")
+
+    # -- inspection -------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        out = {"active": 0, "deferred": 0, "hold": 0}
+        for m in self.messages.values():
+            out[m.queue_name] += 1
+        return out
+
+
+def _status_of(reply: str, default: str) -> str:
+    import re
+
+    m = re.search(r"\b([245]\.\d{1,3}\.\d{1,3})\b", reply or "")
+    return m.group(1) if m else default

@@ -1,0 +1,1 @@
+"""SMTP: the inbound server (server.py, dataread.py) and the outbound client (client.py)."""

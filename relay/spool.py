@@ -1,0 +1,518 @@
+"""The on-disk queue: ids, durable writes, envelopes, per-recipient state.
+
+Layout under the spool directory (all 0700)::
+
+    incoming/<id>.tmp   a message being received; never acknowledged
+    queue/<id>          a queued message: one envelope line, then the message
+    queue/<id>.state    per-recipient delivery state (absent: all pending)
+    quarantine/         entries that could not be read, moved aside
+    drop/               messages from relay-sendmail, picked up at start
+
+A message file is written once: the envelope line (``RELAYQ1 <json>\\n``)
+followed by the message bytes exactly as they will be delivered (CRLF line
+endings, our Received header first).  It is fsynced in incoming/, renamed
+into queue/ and the directory fsynced: only then does the client get its
+250.  A crash at any instant leaves either no file in queue/ or a complete
+one.  The state file is small and rewritten atomically (temp, fsync,
+rename, directory fsync) whenever a recipient's state changes.  When every
+recipient is final, the message file is unlinked *before* the state file,
+so a crash in between can never make delivered recipients look pending.
+
+Everything here is blocking plain Python; relay.diskio runs it in threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+MAGIC = b"RELAYQ1 "
+STATE_SUFFIX = ".state"
+TMP_SUFFIX = ".tmp"
+
+# Crockford's base32: digits then letters, in ASCII order, so ids sort by time.
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+PENDING = "pending"
+DEFERRED = "deferred"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+FINAL = (DELIVERED, BOUNCED)
+
+
+class SpoolError(Exception):
+    pass
+
+
+class CorruptEntry(SpoolError):
+    pass
+
+
+class SpoolLocked(SpoolError):
+    """Another relay process holds the spool."""
+
+
+def _b32(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        out.append(_ALPHABET[n & 31])
+        n >>= 5
+    return "".join(reversed(out))
+
+
+class IdGenerator:
+    """Queue ids: 11 chars of microseconds since the epoch, then 5 random chars.
+
+    Sortable by arrival (fixed width, alphabet in ASCII order), unique across
+    processes sharing a spool (the random part) and strictly increasing within
+    one process (the time part never repeats).
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self._lock:
+            now = time.time_ns() // 1000
+            if now <= self._last:
+                now = self._last + 1
+            self._last = now
+        return _b32(now, 11) + _b32(secrets.randbits(25), 5)
+
+
+new_id = IdGenerator()
+
+
+def is_queue_id(text: str) -> bool:
+    return len(text) == 16 and all(c in _ALPHABET for c in text)
+
+
+def id_time(qid: str) -> float:
+    n = 0
+    for c in qid[:11]:
+        n = n * 32 + _ALPHABET.index(c)
+    return n / 1e6
+
+
+# ---------------------------------------------------------------------------
+# envelope and state
+
+
+@dataclass
+class Recipient:
+    """One envelope recipient and its delivery state."""
+
+    address: str
+    orcpt: str | None = None  # the address as the client gave it, if expanded
+    status: str = PENDING
+    attempts: int = 0
+    reply: str = ""  # last reply or reason
+    next_attempt: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+
+@dataclass
+class Envelope:
+    """What the message file's first line holds (immutable after queueing)."""
+
+    queue_id: str
+    sender: str  # "" for the null sender
+    recipients: list[str]
+    arrival: float
+    orcpts: list[str | None] = field(default_factory=list)
+    client: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # kind (bounce...), etc.
+
+    def __post_init__(self) -> None:
+        if len(self.orcpts) != len(self.recipients):
+            self.orcpts = (list(self.orcpts) + [None] * len(self.recipients))[: len(self.recipients)]
+
+    def to_line(self) -> bytes:
+        d = {
+            "id": self.queue_id,
+            "from": self.sender,
+            "rcpt": self.recipients,
+            "t": self.arrival,
+            "client": self.client,
+        }
+        if any(self.orcpts):
+            d["orcpt"] = self.orcpts
+        if self.extra:
+            d["x"] = self.extra
+        line = MAGIC + json.dumps(d, separators=(",", ":")).encode("utf-8") + b"\n"
+        return line
+
+    @classmethod
+    def from_line(cls, line: bytes) -> "Envelope":
+        if not line.startswith(MAGIC) or not line.endswith(b"\n"):
+            raise CorruptEntry("no envelope line")
+        try:
+            d = json.loads(line[len(MAGIC) :])
+            rcpts = [str(r) for r in d["rcpt"]]
+            orcpts = d.get("orcpt") or [None] * len(rcpts)
+            if len(orcpts) != len(rcpts) or not rcpts:
+                raise CorruptEntry("bad recipient list")
+            return cls(
+                queue_id=str(d["id"]),
+                sender=str(d["from"]),
+                recipients=rcpts,
+                arrival=float(d["t"]),
+                orcpts=orcpts,
+                client=dict(d.get("client") or {}),
+                extra=dict(d.get("x") or {}),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptEntry(f"bad envelope: {e}")
+
+
+@dataclass
+class State:
+    """The mutable part: per-recipient status, hold flag, notices sent."""
+
+    recipients: list[Recipient]
+    hold: bool = False
+    warned: bool = False  # delay notice sent
+
+    def to_bytes(self) -> bytes:
+        d = {
+            "hold": self.hold,
+            "warned": self.warned,
+            "rcpt": [
+                {
+                    "a": r.address,
+                    "s": r.status,
+                    "n": r.attempts,
+                    "r": r.reply,
+                    "t": r.next_attempt,
+                    "h": r.history,
+                }
+                for r in self.recipients
+            ],
+        }
+        return json.dumps(d, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def fresh(cls, env: Envelope) -> "State":
+        return cls([Recipient(a, o) for a, o in zip(env.recipients, env.orcpts)])
+
+    @classmethod
+    def from_bytes(cls, env: Envelope, data: bytes) -> "State":
+        try:
+            d = json.loads(data)
+            st = cls.fresh(env)
+            rs = d["rcpt"]
+            if len(rs) != len(st.recipients):
+                raise CorruptEntry("state does not match the envelope")
+            for r, x in zip(st.recipients, rs):
+                if x["a"] != r.address:
+                    raise CorruptEntry("state does not match the envelope")
+                r.status = str(x["s"])
+                if r.status not in (PENDING, DEFERRED, DELIVERED, BOUNCED):
+                    raise CorruptEntry(f"unknown status {r.status!r}")
+                r.attempts = int(x.get("n", 0))
+                r.reply = str(x.get("r", ""))
+                r.next_attempt = float(x.get("t", 0.0))
+                r.history = list(x.get("h", []))
+            st.hold = bool(d.get("hold", False))
+            st.warned = bool(d.get("warned", False))
+            return st
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptEntry(f"bad state file: {e}")
+
+    @property
+    def done(self) -> bool:
+        return all(r.final for r in self.recipients)
+
+
+# ---------------------------------------------------------------------------
+# durable file primitives
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes, *, sync_dir: bool = True) -> None:
+    """temp file, write, fsync, rename over path, fsync the directory."""
+    d = os.path.dirname(path)
+    tmp = f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fdatasync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quiet(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(d)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class QueueEntry:
+    """What a scan finds for one queued message."""
+
+    envelope: Envelope
+    state: State
+    size: int  # message bytes (without the envelope line)
+    offset: int  # where the message starts in the file
+
+
+class IncomingMessage:
+    """A message being received into incoming/; blocking methods.
+
+    Writes go to a buffered file (page cache, cheap); ``finish()`` (run it
+    in a thread) fsyncs and renames it into queue/.  The caller then fsyncs
+    the queue directory (see diskio.DirSyncer, which groups them).
+    """
+
+    def __init__(self, spool: "Spool", envelope: Envelope):
+        self.spool = spool
+        self.envelope = envelope
+        self.queue_id = envelope.queue_id
+        self.tmp_path = os.path.join(spool.incoming_dir, self.queue_id + TMP_SUFFIX)
+        self.final_path = os.path.join(spool.queue_dir, self.queue_id)
+        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb", buffering=256 * 1024)
+        self.header = envelope.to_line()
+        self.size = 0
+        self.closed = False
+        try:
+            self._file.write(self.header)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.size += len(data)
+
+    def finish(self) -> str:
+        """Blocking: flush, fsync, close, rename into queue/ (no dir fsync)."""
+        try:
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+            self._file.close()
+            self.closed = True
+            os.rename(self.tmp_path, self.final_path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.queue_id
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        _unlink_quiet(self.tmp_path)
+
+
+class Spool:
+    """The queue directory; every method is blocking."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.incoming_dir = os.path.join(self.root, "incoming")
+        self.queue_dir = os.path.join(self.root, "queue")
+        self.quarantine_dir = os.path.join(self.root, "quarantine")
+        self.drop_dir = os.path.join(self.root, "drop")
+
+    def create(self) -> None:
+        for d in (self.root, self.incoming_dir, self.queue_dir, self.quarantine_dir, self.drop_dir):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                pass
+
+    def lock(self) -> int:
+        """Take the spool's exclusive lock (held by a running relay); return the fd.
+
+        Raises SpoolLocked if another process holds it.  The lock dies with
+        the process, so a crash never leaves a stale lock behind.
+        """
+        import fcntl
+
+        self.create()
+        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"{self.root} is in use by a running relay")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def clean_incoming(self, log=None) -> int:
+        """Remove half-received files (never acknowledged) left by a crash."""
+        n = 0
+        for name in os.listdir(self.incoming_dir):
+            _unlink_quiet(os.path.join(self.incoming_dir, name))
+            n += 1
+            if log:
+                log("removed half-received {name} from incoming/", name=name)
+        return n
+
+    # -- writing ---------------------------------------------------------
+    def incoming(self, envelope: Envelope) -> IncomingMessage:
+        return IncomingMessage(self, envelope)
+
+    def inject(self, envelope: Envelope, data: bytes) -> "QueueEntry":
+        """Queue a message we make ourselves (a DSN): durable except for the
+        directory fsync, which the caller does (grouped)."""
+        inc = IncomingMessage(self, envelope)
+        inc.write(data)
+        inc.finish()
+        return QueueEntry(envelope, State.fresh(envelope), len(data), len(inc.header))
+
+    def message_path(self, qid: str) -> str:
+        return os.path.join(self.queue_dir, qid)
+
+    def state_path(self, qid: str) -> str:
+        return os.path.join(self.queue_dir, qid + STATE_SUFFIX)
+
+    def write_state(self, qid: str, state: State, *, sync_dir: bool = True) -> None:
+        if not os.path.exists(self.message_path(qid)):
+            raise FileNotFoundError(errno.ENOENT, "message is no longer queued", qid)
+        write_atomic(self.state_path(qid), state.to_bytes(), sync_dir=sync_dir)
+
+    def remove(self, qid: str, *, sync_dir: bool = True) -> None:
+        """Remove a message whose recipients are all final (message first)."""
+        _unlink_quiet(self.message_path(qid))
+        if sync_dir:
+            fsync_dir(self.queue_dir)
+        _unlink_quiet(self.state_path(qid))
+
+    # -- reading ---------------------------------------------------------
+    def read_envelope(self, qid: str) -> tuple[Envelope, int, int]:
+        """(envelope, offset of the message, message size)."""
+        path = self.message_path(qid)
+        with open(path, "rb") as f:
+            line = f.readline(1 << 20)
+            size = os.fstat(f.fileno()).st_size
+        env = Envelope.from_line(line)
+        if env.queue_id != qid:
+            raise CorruptEntry(f"envelope names {env.queue_id}, file is {qid}")
+        return env, len(line), size - len(line)
+
+    def read_state(self, qid: str, env: Envelope) -> State:
+        try:
+            with open(self.state_path(qid), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return State.fresh(env)
+        return State.from_bytes(env, data)
+
+    def load(self, qid: str) -> QueueEntry:
+        env, offset, size = self.read_envelope(qid)
+        return QueueEntry(env, self.read_state(qid, env), size, offset)
+
+    def read_headers(self, qid: str, limit: int = 256 * 1024) -> bytes:
+        """The message's header section (up to the blank line), bounded."""
+        with open(self.message_path(qid), "rb") as f:
+            f.readline(1 << 20)
+            out = []
+            total = 0
+            for line in f:
+                if line in (b"\r\n", b"\n"):
+                    break
+                out.append(line)
+                total += len(line)
+                if total > limit:
+                    break
+        return b"".join(out)
+
+    def queue_ids(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.queue_dir) if is_queue_id(n))
+
+    # -- start-up recovery ------------------------------------------------
+    def recover(self, log=None) -> Iterator[QueueEntry]:
+        """Clean up after a crash and yield every readable queued message.
+
+        (Call clean_incoming() first, before anything listens.)  Stray temp files and state files without a message are removed;
+        unreadable entries are moved to quarantine/.  Logs what it did.
+        """
+        self.create()
+        names = os.listdir(self.queue_dir)
+        msgs = set()
+        states = set()
+        for name in names:
+            if is_queue_id(name):
+                msgs.add(name)
+            elif name.endswith(STATE_SUFFIX) and is_queue_id(name[: -len(STATE_SUFFIX)]):
+                states.add(name[: -len(STATE_SUFFIX)])
+            elif name.endswith(TMP_SUFFIX):
+                _unlink_quiet(os.path.join(self.queue_dir, name))
+                if log:
+                    log("removed temporary file {name} from queue/", name=name)
+            else:
+                self.quarantine(name, "unexpected file in queue/", log)
+        for qid in states - msgs:
+            _unlink_quiet(self.state_path(qid))
+            if log:
+                log("{queue_id}: removed state file of a finished message", queue_id=qid)
+        for qid in sorted(msgs):
+            try:
+                entry = self.load(qid)
+            except FileNotFoundError:
+                continue
+            except (CorruptEntry, OSError, UnicodeDecodeError) as e:
+                self.quarantine(qid, str(e), log)
+                if qid in states:
+                    self.quarantine(qid + STATE_SUFFIX, str(e), log)
+                continue
+            if entry.state.done:
+                self.remove(qid)
+                if log:
+                    log("{queue_id}: removed, all recipients were final", queue_id=qid)
+                continue
+            yield entry
+
+    def quarantine(self, name: str, reason: str, log=None) -> None:
+        src = os.path.join(self.queue_dir, name)
+        dst = os.path.join(self.quarantine_dir, name)
+        if os.path.exists(dst):
+            dst = f"{dst}.{secrets.token_hex(3)}"
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return
+        if log:
+            log("{name}: moved to quarantine: {reason}", name=name, reason=reason, queue_id=name[:16])

@@ -1,0 +1,134 @@
+"""SMTP protocol unit tests driven by StringTransport and task.Clock (timeouts)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from relay import config as configmod
+from relay import policy as policymod
+from relay import spool as spoolmod
+from relay.diskio import AsyncSpool, DiskPool
+from relay.smtp.server import ServerContext, SMTPServer
+
+
+class Harness(unittest.TestCase):
+    timeout_s = 60
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="relay-proto-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.clock = task.Clock()
+        self.cfg = configmod.load(None, data={
+            "hostname": "relay.test", "spool": self.tmp + "/spool",
+            "smtp": {"timeout": self.timeout_s},
+            "local": {"domains": ["local.test"], "users": self.tmp + "/users"},
+        })
+        sp = spoolmod.Spool(self.cfg.spool)
+        sp.create()
+        self.disk = DiskPool(self.clock)
+        pol = policymod.Policy(("local.test",), (), self.cfg.relay.networks,
+                               user_exists=lambda a: a == "alice@local.test", alias_exists=lambda a: False)
+        self.ctx = ServerContext(config=self.cfg, policy=pol, spool=AsyncSpool(sp, self.disk),
+                                 expand=lambda a: [(a, a)], reactor=self.clock)
+
+    def connect(self, ip="127.0.0.1"):
+        p = SMTPServer(self.ctx)
+        t = StringTransport(peerAddress=IPv4Address("TCP", ip, 40000))
+        p.makeConnection(t)
+        return p, t
+
+    def take(self, t) -> bytes:
+        v = t.value()
+        t.clear()
+        return v
+
+
+class Timeouts(Harness):
+    def test_command_line_dripping_times_out(self):
+        p, t = self.connect()
+        self.assertTrue(self.take(t).startswith(b"220 "))
+        # one byte every 10 s: the line never completes within 60 s of the greeting
+        for ch in b"NOOP":
+            self.clock.advance(10)
+            p.dataReceived(bytes([ch]))
+        self.clock.advance(19)
+        self.assertEqual(self.take(t), b"")
+        self.clock.advance(2)
+        self.assertEqual(self.take(t), b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+        self.assertTrue(t.disconnecting)
+
+    def test_complete_lines_reset_the_timer(self):
+        p, t = self.connect()
+        self.take(t)
+        for _ in range(5):
+            self.clock.advance(59)
+            p.dataReceived(b"NOOP\r\n")
+            self.assertEqual(self.take(t), b"250 2.0.0 Ok\r\n")
+        self.assertFalse(t.disconnecting)
+
+    def test_data_idle_timeout(self):
+        p, t = self.connect()
+        p.dataReceived(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@local.test>\r\nDATA\r\n")
+        self.assertIn(b"354 ", self.take(t))
+        for _ in range(5):
+            self.clock.advance(50)
+            p.dataReceived(b"line of data\r\n")
+        self.assertEqual(self.take(t), b"")
+        self.clock.advance(61)
+        self.assertEqual(self.take(t), b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+        self.assertEqual(self.ctx.spool.spool.queue_ids(), [])
+
+    def test_connection_lost_in_data_leaves_nothing(self):
+        p, t = self.connect()
+        p.dataReceived(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@local.test>\r\nDATA\r\n")
+        p.dataReceived(b"partial message\r\n")
+        p.connectionLost(None)
+        import os
+
+        self.assertEqual(os.listdir(self.ctx.spool.spool.incoming_dir), [])
+        self.assertEqual(self.ctx.connections, {})
+
+
+class Replies(Harness):
+    def test_pipelined_replies_in_one_write(self):
+        p, t = self.connect()
+        self.take(t)
+        writes = []
+        orig = t.write
+        t.write = lambda d: (writes.append(d), orig(d))
+        p.dataReceived(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@local.test>\r\n"
+                       b"RCPT TO:<nobody@local.test>\r\nNOOP\r\n")
+        self.assertEqual(len(writes), 1)
+        lines = writes[0].split(b"\r\n")
+        self.assertEqual([ln[:3] for ln in lines if ln and ln[3:4] == b" "],
+                         [b"250", b"250", b"250", b"550", b"250"])
+
+    def test_auth_not_offered_without_checker(self):
+        p, t = self.connect()
+        p.dataReceived(b"EHLO x\r\n")
+        self.assertNotIn(b"AUTH", t.value())
+        p.dataReceived(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
+        self.assertIn(b"502 5.5.1", t.value())
+
+    def test_garbage_never_crashes(self):
+        import random
+
+        rnd = random.Random(1)
+        for _ in range(50):
+            p, t = self.connect(ip=f"127.0.0.{rnd.randint(1, 250)}")
+            for _ in range(20):
+                n = rnd.randint(0, 700)
+                p.dataReceived(bytes(rnd.getrandbits(8) for _ in range(n)))
+                if t.disconnecting:
+                    break
+            out = t.value()
+            for line in out.split(b"\r\n"):
+                if line:
+                    self.assertRegex(line, rb"^[2345]\d\d[ -]")
+            p.connectionLost(None)

@@ -1,0 +1,40 @@
+"""twistd plugin: ``twistd relay [--config FILE]``.
+
+Kept tiny on purpose: twistd imports every plugin module to list them, so
+the real work is imported only when the relay is started.
+"""
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the twisted-relay mail relay. The config is --config FILE, else "
+        "$RELAY_CONFIG, else ./relay.toml if it exists, else built-in defaults "
+        "(SMTP on 127.0.0.1:2525, spool ./spool, local domain localhost)."
+    )
+    optParameters = [["config", "c", None, "Path of the TOML config file."]]
+
+
+@implementer(IServiceMaker, IPlugin)
+class RelayServiceMaker:
+    tapname = "relay"
+    description = "Mail relay: SMTP in, durable queue, relay by MX/smarthost, Maildir, POP3."
+    options = Options
+
+    def makeService(self, options):
+        from relay.config import ConfigError, load_effective
+        from relay.service import StartupError, make_service
+
+        try:
+            config = load_effective(options["config"])
+            return make_service(config)
+        except (ConfigError, StartupError) as e:
+            raise SystemExit(f"twisted-relay: not starting:\n{e}")
+
+
+serviceMaker = RelayServiceMaker()
