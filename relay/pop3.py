@@ -637,8 +637,7 @@ class POP3Server(Protocol):
 
     def do_USER(self, arg: bytes) -> None:
         if not self._login_allowed():
-            self._write(AUTH_REQUIRES_TLS_MSG)
-            return
+            raise _CommandError(AUTH_REQUIRES_TLS_MSG, bad=True)
         name = arg.strip(b" ")
         if not name:
             raise _cmd_error("Syntax: USER <address>", bad=True)
@@ -649,8 +648,7 @@ class POP3Server(Protocol):
     def do_PASS(self, arg: bytes):
         if not self._login_allowed():
             self._user = None
-            self._write(AUTH_REQUIRES_TLS_MSG)
-            return None
+            raise _CommandError(AUTH_REQUIRES_TLS_MSG, bad=True)
         if self._user is None:
             raise _cmd_error("Send USER first", bad=True)
         user, self._user = self._user, None
@@ -659,8 +657,7 @@ class POP3Server(Protocol):
     def do_AUTH(self, arg: bytes):
         parts = arg.split(None, 1)
         if not self._login_allowed():
-            self._write(AUTH_REQUIRES_TLS_MSG)
-            return None
+            raise _CommandError(AUTH_REQUIRES_TLS_MSG, bad=True)
         if not parts:
             # The pre-RFC 5034 form: list the mechanisms.
             self._write(b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n")
