@@ -12,11 +12,16 @@ What this module guarantees, and why:
   for the client's delayed ACK, and pipelined replies coalesce into few
   segments.  Commands are handled strictly one after another, so pipelined
   commands are answered in order even when one of them waits on a thread.
+* Speed (poplib fetches one message per round trip, so latency is all):
+  once the commands at hand are answered, a plain TCP transport is told to
+  send at once (``doWrite``) instead of on the next reactor turn; then,
+  while the client reads, the next message is read ahead and rendered, and
+  up to SEEN_INLINE retrieved messages are renamed new/ -> cur/.
 * Nothing slow runs on the reactor: password hashing, opening/listing the
-  Maildir, deleting, renaming new/ -> cur/ and reading large messages happen
-  in a thread pool (``factory.run_blocking``).  Messages up to INLINE_MAX
+  Maildir, deleting, reading large messages and bursts of renames happen in
+  a thread pool (``factory.run_blocking``).  Messages up to INLINE_MAX
   octets are read inline (a page-cache read of a few KB costs less than a
-  thread hop, and poplib retrieves one message per round trip).
+  thread hop), as are the renames above (metadata only, no fsync).
 * Large messages are streamed: the protocol is the transport's push
   producer, and reads the next chunk only when the transport has drained.
 * The mailbox is locked (flock, see relay.maildir.MailboxLock) from login
