@@ -192,6 +192,19 @@ class QueueManager:
             self.remote.limit = d.max_concurrency
             self.remote.per_dest = d.max_per_destination
 
+    def reconfigure(self, config) -> None:
+        """A reload: new limits and delivery settings for new attempts."""
+        old = self.config
+        self.configure(config)
+        if old.delivery.nameservers != config.delivery.nameservers and hasattr(self.deliverer, "resolver"):
+            from relay.mx import Resolver
+
+            pool = getattr(self.svc, "dns_pool", None)
+            self.deliverer.resolver = Resolver(
+                nameservers=config.delivery.nameservers, lifetime=10.0, reactor=self.reactor,
+                threadpool=pool.pool if pool is not None else None)
+        self._dispatch()
+
     # -- life cycle -----------------------------------------------------------
     def now(self) -> float:
         return self.reactor.seconds()

@@ -130,6 +130,7 @@ class SMTPServer(Protocol):
         self.tls_active = False
         self.tls_info: dict | None = None
         self.paused = False
+        self.shutting_down = False
         self._reset_session()
 
     # -- session state ---------------------------------------------------
@@ -204,6 +205,24 @@ class SMTPServer(Protocol):
 
         self.tls_info = session_info(self.transport)
         self.tls_active = True
+
+    # -- shutdown ----------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """The relay stops: close now if idle, else after this transaction."""
+        self.shutting_down = True
+        if self.closing:
+            return
+        if not self.busy and self.mode == "command" and not self.has_sender:
+            self._send_now("421 4.3.2 Service shutting down, closing connection")
+            self._close()
+
+    def force_shutdown(self) -> None:
+        """The grace period is over: whatever is in progress was not acknowledged."""
+        if self.closing:
+            return
+        self._abort_incoming()
+        self._send_now("421 4.3.2 Service shutting down, closing connection")
+        self._close()
 
     # -- timers ----------------------------------------------------------
     def _arm(self) -> None:
@@ -292,6 +311,10 @@ class SMTPServer(Protocol):
             self._arm()
             self._line(line[:-2])
         if not self.busy and not self.closing and self.mode != "data":
+            if self.shutting_down and not self.has_sender and self.mode == "command":
+                self.reply(421, "4.3.2 Service shutting down, closing connection")
+                self._close()
+                return
             if self.out:
                 self._arm()
         self._flush()
@@ -402,6 +425,10 @@ class SMTPServer(Protocol):
         self.error(502, "5.5.1 EXPN is not available")
 
     def do_MAIL(self, arg: str) -> None:
+        if self.shutting_down:
+            self.reply(421, "4.3.2 Service shutting down, closing connection")
+            self._close()
+            return
         if self.helo is None:
             self.error(503, "5.5.1 Error: send HELO/EHLO first")
             return
