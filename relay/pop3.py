@@ -314,6 +314,7 @@ class POP3Server(Protocol):
         self._delay: defer.Deferred | None = None
         self._activity = 0.0
         self._unflushed = False
+        self._can_flush = False
         self._prefetched: tuple[int, bytes] | None = None  # (index, RETR reply)
 
     # -- connection ---------------------------------------------------------
@@ -332,6 +333,7 @@ class POP3Server(Protocol):
                 log.debug("pop3: cannot set TCP_NODELAY")
         self.transport.registerProducer(self, True)
         self._producing = True
+        self._can_flush = isinstance(self.transport, tcp.Connection)  # stays so after STLS
         self._activity = f.reactor.seconds()
         self._timer = f.reactor.callLater(f.idle_timeout, self._timedOut)
         host = f.hostname.replace("\r", "").replace("\n", "")
@@ -460,7 +462,7 @@ class POP3Server(Protocol):
         # Twisted would send the buffered replies on its next loop turn; a
         # client waiting for them would wait that turn too.  On a plain TCP
         # transport (also after STLS) doWrite() sends them now.
-        if self._unflushed and isinstance(t, tcp.Connection) and t.connected and not t.disconnecting:
+        if self._unflushed and self._can_flush and t.connected and not t.disconnecting:
             self._unflushed = False
             t.doWrite()
         s = self.session
