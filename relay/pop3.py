@@ -565,7 +565,7 @@ class POP3Server(Protocol):
             log.failure("pop3: internal error handling a command from {client}", client=self.peer)
             self._write(b"-ERR [SYS/TEMP] Internal server error\r\n")
             return
-        if isinstance(result, defer.Deferred):
+        if result is not None:  # a Deferred (isinstance on it is an ABC check: slow)
             self._busy = True
             result.addErrback(self._internal_error)
             result.addBoth(self._finished)
@@ -909,7 +909,8 @@ class POP3Server(Protocol):
         if s is None:
             return
         s.retrieved += 1
-        if not _has_flag(m.path, "S"):
+        if not m.seen and not m.queued:
+            m.queued = True
             s.seen_queue.append(m)
             if s.seen_job is None and len(s.seen_queue) >= SEEN_BATCH:
                 self._run_seen(s)  # a pipelined burst: move them in a thread
@@ -997,11 +998,6 @@ class POP3Server(Protocol):
         b"TOP": do_TOP, b"RETR": do_RETR, b"DELE": do_DELE, b"RSET": do_RSET,
         b"NOOP": do_NOOP, b"QUIT": do_QUIT,
     }
-
-
-def _has_flag(path: str, flag: str) -> bool:
-    _, sep, info = path.rpartition(":")
-    return bool(sep) and info.startswith("2,") and flag in info[2:]
 
 
 def _check_and_open(userdb: UserDB, user: str, password: str, root: str, domain: str, local: str):
