@@ -112,9 +112,30 @@ def cfg(fmt: str):
     return configmod.load(None, data={"spool": "/nonexistent", "log": {"format": fmt}})
 
 
-def test_text_format_leaves_twistd_alone():
+def test_text_format_is_twistds_classic_lines_formatted_fast(tmp_path):
     svc = service.MultiService()
-    assert logs.for_twistd(svc, cfg("text"), FakePluginOptions(FakeServerOptions(nodaemon=True))) is svc
+    opts = FakePluginOptions(FakeServerOptions(nodaemon=False, logfile=str(tmp_path / "relay.log")))
+    top = logs.for_twistd(svc, cfg("text"), opts)
+    app = service.Application("relay")
+    top.setServiceParent(app)
+    observer = app.getComponent(ILogObserver)
+    event = {"log_format": "{queue_id}: to=<{to}>, delay={delay:.1f}", "queue_id": "Q", "to": "a@b",
+             "delay": 1.25, "log_level": LogLevel.info, "log_namespace": "relay.queue", "log_time": 1e9}
+    from twisted.logger import formatEventAsClassicLogText
+
+    observer(event)
+    observer({"log_format": "odd {x()}", "x": lambda: "call", "log_level": LogLevel.warn,
+              "log_namespace": "t", "log_time": 1e9})
+    f = logs.twistd_destination  # noqa: F841 - the file is the one twistd would use
+    lines = (tmp_path / "relay.log").read_text().splitlines(keepends=True)
+    assert lines[0] == formatEventAsClassicLogText(event)
+    assert lines[1].endswith("[t#warn] odd call\n")
+
+
+def test_text_format_with_syslog_leaves_twistd_alone():
+    svc = service.MultiService()
+    opts = FakePluginOptions(FakeServerOptions(nodaemon=True, syslog=True))
+    assert logs.for_twistd(svc, cfg("text"), opts) is svc
 
 
 def test_json_sets_the_observer_component_on_the_application(tmp_path):

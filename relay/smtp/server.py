@@ -157,7 +157,12 @@ class SMTPServer(Protocol):
             inc.abort()
 
     # -- connection ------------------------------------------------------
+    _direct = False
+
     def connectionMade(self) -> None:
+        from twisted.internet import tcp
+
+        self._direct = type(self.transport) is tcp.Server
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "?")
         try:
@@ -254,8 +259,14 @@ class SMTPServer(Protocol):
         if self.out:
             data = b"".join(self.out)
             self.out = []
-            if not self.closing or self.transport.connected:
-                self.transport.write(data)
+            t = self.transport
+            if not self.closing or t.connected:
+                t.write(data)
+                # Twisted sends on its next loop turn (after an epoll change
+                # to watch for writability); the client is waiting for this
+                # reply, so on plain TCP send it now (as relay.pop3 does).
+                if self._direct and t.connected and not t.disconnecting:
+                    t.doWrite()
 
     def _send_now(self, line: str) -> None:
         self.out.append(line.encode("ascii", "replace") + b"\r\n")
@@ -722,6 +733,7 @@ class SMTPServer(Protocol):
         self.buf = b""
         self._reset_session()
         self.tls_active = True
+        self._direct = False
         self.transport.startTLS(self.ctx.tls.options)
 
     # -- AUTH ----------------------------------------------------------------------
