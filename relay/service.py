@@ -31,6 +31,7 @@ from relay.smtp.server import ServerContext, SMTPFactory
 log = Logger(namespace="relay.service")
 
 REFRESH_INTERVAL = 2.0  # seconds between checks of the users and aliases files
+LOCK_WAIT = 10.0  # seconds to wait for the spool lock (relayctl holds it briefly when we are down)
 
 
 class StartupError(Exception):
@@ -81,6 +82,7 @@ class RelayService(service.MultiService):
         self._build_listeners(config)
         if deliver:
             self._build_queue(config)
+        self._build_control()
         self._refresher = task.LoopingCall(self._refresh_files)
         self._refresher.clock = self.reactor
 
@@ -177,10 +179,33 @@ class RelayService(service.MultiService):
 
         self.queue = QueueManager(self, config)
 
+    def _build_control(self) -> None:
+        """The control socket relayctl talks to (relay.control)."""
+        from relay.control import ControlService
+
+        self.control = ControlService(self, self.config.control_socket, self.reactor)
+        self.control.setServiceParent(self)
+
     # -- start / stop ----------------------------------------------------------
+    def _lock_spool(self) -> int:
+        """The spool lock; an offline relayctl may hold it for a moment."""
+        deadline = time.monotonic() + LOCK_WAIT
+        waited = False
+        while True:
+            try:
+                return self.spool.lock()
+            except spoolmod.SpoolLocked:
+                if time.monotonic() >= deadline:
+                    raise
+                if not waited:
+                    log.info("spool {spool} is locked (by relayctl?): waiting up to {secs:g}s",
+                             spool=self.spool.root, secs=LOCK_WAIT)
+                    waited = True
+                time.sleep(0.1)
+
     def privilegedStartService(self) -> None:
         try:
-            self._lock_fd = self.spool.lock()
+            self._lock_fd = self._lock_spool()
         except spoolmod.SpoolLocked as e:
             raise StartupError(str(e))
         except OSError as e:
@@ -191,7 +216,7 @@ class RelayService(service.MultiService):
     def startService(self) -> None:
         if self._lock_fd is None:
             try:
-                self._lock_fd = self.spool.lock()
+                self._lock_fd = self._lock_spool()
             except spoolmod.SpoolLocked as e:
                 raise StartupError(str(e))
             self.spool.clean_incoming(log=lambda fmt, **kw: log.info(fmt, **kw))
