@@ -200,11 +200,8 @@ def queue_list(relay: Live | Offline, as_json: bool) -> int:
         raw.flush()
     else:
         table = queueview.Table(out)
-        loads = json.loads
         for page in _guard(pages):
-            for line in page.splitlines():
-                if line:
-                    table.add(loads(line))
+            table.add_page(page)
         table.finish()
         out.flush()
     for p in problems:
