@@ -183,20 +183,24 @@ class Table:
         sender = rec["sender"] or "MAILER-DAEMON"
         lines = [f"{rec['queue_id'] + mark:<{_ID_W}} {rec['message_size']:>8} "
                  f"{self.clock.full(rec['arrival_time'])}  {sender}"]
+        # as in mailq: each reason once, in parentheses, above the recipients it holds back
+        groups: dict[str, list[str]] = {}
         for r in rec["recipients"]:
             status = r["status"]
             if status in FINAL:
                 continue
             if status == DEFERRED:
                 n = r["attempts"]
-                line = (f"{_INDENT}{r['address']}  (deferred, {n} attempt{'s' if n != 1 else ''}, "
+                text = (f"{_INDENT}{r['address']}  (deferred, {n} attempt{'s' if n != 1 else ''}, "
                         f"next {self.clock.when(r['next_attempt'])})")
-                lines.append(line)
-                if r["delay_reason"]:
-                    lines.append(f"{_INDENT}  ({_one_line(r['delay_reason'])})")
+                groups.setdefault(r["delay_reason"], []).append(text)
             else:
-                lines.append(f"{_INDENT}{r['address']}  ({status})")
-        self.out.write("\n".join(lines) + "\n")
+                groups.setdefault("", []).append(f"{_INDENT}{r['address']}  ({status})")
+        for reason, rcpt_lines in groups.items():
+            if reason:
+                lines.append(f"({_one_line(reason)})")
+            lines.extend(rcpt_lines)
+        self.out.write("\n".join(lines) + "\n\n")
 
     def finish(self) -> None:
         if self.count == 0:
@@ -204,7 +208,7 @@ class Table:
             return
         kb = (self.size + 1023) // 1024
         parts = ", ".join(f"{self.by_name[n]} {'on hold' if n == HOLD else n}" for n in QUEUE_NAMES)
-        self.out.write(f"\n-- {kb} Kbytes in {self.count} message{'s' if self.count != 1 else ''}"
+        self.out.write(f"-- {kb} Kbytes in {self.count} message{'s' if self.count != 1 else ''}"
                        f" ({parts}).\n")
 
 
