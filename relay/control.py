@@ -118,7 +118,8 @@ class QueueList(amp.Command):
 
     commandName = b"QueueList"
     arguments = [(b"start", amp.Boolean()), (b"limit", amp.Integer())]
-    response = [(b"lines", BigString()), (b"more", amp.Boolean()), (b"total", amp.Integer())]
+    response = [(b"lines", BigString()), (b"more", amp.Boolean()), (b"total", amp.Integer()),
+                (b"loading", amp.Boolean())]
     errors = _ERRORS
 
 
@@ -184,6 +185,7 @@ def status_of(svc, listeners) -> dict:
         "hostname": svc.config.hostname,
         "control_socket": svc.config.control_socket,
         "queue": {**counts, "total": sum(counts.values())},
+        "queue_loaded": bool(q is not None and q.loaded),
         "counters": {"received": sc.received, "rejected": dict(sc.rejected), "smtp_sessions": sc.sessions,
                      **qc},
         "sessions": {"smtp": len(svc.smtp_ctx.open_sessions),
@@ -191,6 +193,10 @@ def status_of(svc, listeners) -> dict:
         "listeners": [{"name": n, "host": h, "port": p} for n, h, p in listeners],
         "delivering": q is not None,
     }
+
+
+def _loading(q) -> str:
+    return "" if q.loaded else " (the relay is still reading its spool at start-up: try again)"
 
 
 class ControlProtocol(amp.AMP):
@@ -251,7 +257,7 @@ class ControlProtocol(amp.AMP):
             parts.append(b)
             size += len(b)
         self._pos = pos
-        return {"lines": b"".join(parts), "more": pos < end, "total": end}
+        return {"lines": b"".join(parts), "more": pos < end, "total": end, "loading": not q.loaded}
 
     @QueueShow.responder
     def queue_show(self, id: str):  # noqa: A002 - the AMP argument name
@@ -261,7 +267,7 @@ class ControlProtocol(amp.AMP):
         q = self._queue()
         m = q.messages.get(qid)
         if m is None or m.deleted:
-            raise NoSuchMessage(f"{qid}: no such message in the queue")
+            raise NoSuchMessage(f"{qid}: no such message in the queue{_loading(q)}")
         try:
             headers = await self.svc.aspool.run(self.svc.spool.read_headers, qid)
         except FileNotFoundError:
@@ -321,7 +327,7 @@ class ControlProtocol(amp.AMP):
             return False, "no such message in the queue (not a queue id)"
         m = q.messages.get(qid)
         if m is None or (m.deleted and action != "delete"):
-            return False, "no such message in the queue"
+            return False, f"no such message in the queue{_loading(q)}"
         busy = bool(m.active or m.busy)
         if action == "delete":
             if m.deleted:

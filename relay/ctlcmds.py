@@ -165,9 +165,13 @@ def _live_pages(client: cc.Client):
     """JSON-lines pages from the relay; the next page is asked for before
     this one is handled, so the relay builds it while we print."""
     pending = client.send("QueueList", {"start": cc.boolean(True), "limit": cc.integer(PAGE)})
+    warned = False
     while True:
         box = client.result(pending)
         more = cc.decode_boolean(box.get(b"more", b"False"))
+        if cc.decode_boolean(box.get(b"loading", b"False")) and not warned:
+            warned = True
+            _err("the relay is still reading its spool at start-up: this listing is incomplete")
         if more:
             pending = client.send("QueueList", {"start": cc.boolean(False), "limit": cc.integer(PAGE)})
         yield cc.big(box, b"lines")

@@ -298,6 +298,8 @@ def format_status(s: dict[str, Any]) -> str:
     total = sum(q.get(n, 0) for n in QUEUE_NAMES)
     queue_line = (f"Queue:      {total} message{'s' if total != 1 else ''} "
                   f"({q.get('active', 0)} active, {q.get('deferred', 0)} deferred, {q.get('hold', 0)} on hold)")
+    if s.get("running") and not s.get("queue_loaded", True):
+        queue_line += ", still reading the spool at start-up"
     if not s.get("running"):
         return "\n".join([
             "Relay:      not running",

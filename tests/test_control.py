@@ -211,6 +211,18 @@ class Listing(LiveCase):
         self.assertIn(f"{qid}: on hold", r.stderr)
         self.assertTrue(self.queue.messages[qid].hold)
 
+    async def test_while_the_spool_is_still_being_read(self):
+        self.queue.loaded = False  # as during the start-up scan of a big spool
+        self.addCleanup(setattr, self.queue, "loaded", True)
+        r = await self.ctl("queue")
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("still reading its spool at start-up: this listing is incomplete", r.stderr)
+        r = await self.ctl("queue", "hold", "0" * 16)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("no such message in the queue (the relay is still reading its spool", r.stderr)
+        r = await self.ctl("status")
+        self.assertIn("still reading the spool at start-up", r.stdout)
+
     async def test_usage_errors(self):
         for args in (["queue", "delete"], ["queue", "retry", "--all", "0" * 16], ["queue", "hold"],
                      ["queue", "frobnicate"], ["route"]):
