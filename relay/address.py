@@ -111,6 +111,8 @@ def _normalize_literal(text: str) -> str:
     inner = text[1:-1]
     try:
         if inner.lower().startswith("ipv6:"):
+            if "%" in inner:  # a scope id names an interface of the sender's host
+                raise ValueError("scope id")
             ip = ipaddress.IPv6Address(inner[5:])
             return f"[IPv6:{ip.compressed}]"
         ip4 = ipaddress.IPv4Address(inner)
@@ -189,6 +191,8 @@ def parse_mailbox(text: str) -> Address:
         raise AddressError("invalid character in address")
     local, domain = _split_mailbox(text)
     loc = _parse_local(local)
+    if " " in domain:  # only a quoted local part may hold a space
+        raise AddressError("invalid character in address")
     if domain.startswith("[") and domain.endswith("]"):
         return Address(loc, _normalize_literal(domain), literal=True)
     if not domain:
@@ -205,6 +209,9 @@ def parse_path(text: str, *, allow_null: bool = False) -> Address | None:
     also take a bare mailbox without them.
     """
     t = text.strip()
+    if not t:
+        # "MAIL FROM:" with nothing after it: a syntax error, not the null path
+        raise AddressError("missing address")
     if t.startswith("<"):
         if not t.endswith(">"):
             raise AddressError("missing closing '>' in path")
@@ -250,8 +257,9 @@ def split_command_argument(arg: str) -> tuple[str, dict[str, str | None]]:
             raise AddressError("missing closing '>' in path", "5.5.4")
         path, rest = arg[: i + 1], arg[i + 1 :]
     else:
-        parts = arg.split(" ", 1)
-        path, rest = parts[0], (parts[1] if len(parts) > 1 else "")
+        # a bare mailbox (no brackets): it ends at the first space
+        path, sep, rest = arg.partition(" ")
+        rest = sep + rest
     params: dict[str, str | None] = {}
     if rest and not rest.startswith(" "):
         raise AddressError("garbage after path", "5.5.4")

@@ -146,6 +146,10 @@ def expand(
     """Final recipients for one accepted recipient (deduplicated, in order)."""
     out: list[Expansion] = []
     seen: set[str] = set()
+    # aliases already expanded: a name reached again by another path (a
+    # diamond, or a target listed twice) adds nothing new, and walking it
+    # again would make the work exponential in the depth
+    expanded: set[str] = set()
 
     def emit(a: str) -> None:
         key = a.lower() if is_local_domain(a.rpartition("@")[2]) else a
@@ -164,6 +168,8 @@ def expand(
         if key in path or depth > MAX_DEPTH:
             emit(key)
             return
+        if key in expanded:
+            return
         targets = aliases.lookup(key)
         if targets is None:
             if local.lower() == "postmaster" and not user_exists(key):
@@ -178,6 +184,7 @@ def expand(
                 emit(key)
             else:
                 walk(nt, path + (key,), depth + 1)
+        expanded.add(key)
 
     walk(address, (), 0)
     return out
@@ -191,10 +198,16 @@ class AliasFile:
         self.local_domains = local_domains
         self.map = AliasMap()
         self._stamp = None
+        self._bad_stamp = None  # a version that failed to parse: reported once
         if path:
             self.refresh()
 
     def refresh(self) -> bool:
+        """Reload if the file changed; True if the aliases changed.
+
+        A bad file raises AliasesFileError (once per version of the file:
+        the relay polls and logs each error) and the previous aliases stay.
+        """
         if not self.path:
             return False
         try:
@@ -206,13 +219,20 @@ class AliasFile:
                 return False
             self.map, self._stamp = AliasMap(), None
             return True
-        if stamp == self._stamp:
+        except OSError as e:
+            raise AliasesFileError(f"{self.path}: cannot read: {e.strerror}")
+        if stamp == self._stamp or stamp == self._bad_stamp:
             return False
         try:
             with open(self.path, encoding="utf-8") as f:
                 text = f.read()
+            new = AliasMap.parse(text, self.path, self.local_domains)
         except (OSError, UnicodeDecodeError) as e:
+            self._bad_stamp = stamp
             raise AliasesFileError(f"{self.path}: cannot read: {e}")
-        self.map = AliasMap.parse(text, self.path, self.local_domains)
+        except AliasesFileError:
+            self._bad_stamp = stamp
+            raise
+        self.map = new
         self._stamp = stamp
         return True

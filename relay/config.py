@@ -14,6 +14,7 @@ the config file (the working directory when there is none).
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -172,7 +173,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise _Bad('a duration like "30s", "5m", "1h", "5d" or a number of seconds')
     if isinstance(value, (int, float)):
-        if value < 0:
+        if not math.isfinite(value) or value < 0:  # TOML has inf and nan
             raise _Bad("a non-negative duration")
         return float(value)
     if isinstance(value, str):
@@ -185,6 +186,13 @@ def parse_duration(value: Any) -> float:
 def _str(value: Any) -> str:
     if not isinstance(value, str):
         raise _Bad("a string")
+    return value
+
+
+def _path(value: Any) -> str:
+    """A file or directory name that must be set (an empty one would mean the cwd)."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad("a non-empty path")
     return value
 
 
@@ -288,7 +296,7 @@ def parse_hostport(value: Any, default_port: int | None = 25) -> HostPort:
             raise _Bad(expected)
         p = default_port
     else:
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise _Bad(expected)
         p = int(port)
     return HostPort(host, p)
@@ -353,7 +361,7 @@ class _Loader:
         table = self.data if name is None else self.data.get(name, {})
         prefix = "" if name is None else name + "."
         if not isinstance(table, dict):
-            self.problem(name or "", "expected a table")
+            self.problem(name or "", f"expected a table [{name}]")
             return {}
         out: dict[str, Any] = {}
         for key, value in table.items():
@@ -413,10 +421,7 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
     ld = _Loader(data, os.path.abspath(path) if path else None, base)
     ep = _Endpoint(ld.resolve)
 
-    top = ld.section(None, {"hostname": _hostname, "spool": _str})
-    for name in data:
-        if name in _SECTIONS and not isinstance(data[name], dict):
-            ld.problem(name, "expected a table [" + name + "]")
+    top = ld.section(None, {"hostname": _hostname, "spool": _path})
 
     smtp = ld.section(
         "smtp",
@@ -459,7 +464,7 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
     )
     local = ld.section(
         "local",
-        {"domains": _list_of(_domain), "mailboxes": _str, "users": _str, "aliases": _str},
+        {"domains": _list_of(_domain), "mailboxes": _path, "users": _path, "aliases": _str},
     )
     pop3 = ld.section("pop3", {"listen": _list_of(ep)})
     control = ld.section("control", {"socket": _str})

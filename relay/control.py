@@ -450,16 +450,21 @@ class ControlService(service.Service):
         super().startService()
         where = f"{self.svc.config.source}: control.socket"
         try:
-            if clear_stale_socket(self.path):
-                log.info("removed stale control socket {path} (left by a relay that did not stop cleanly)",
-                         path=self.path)
-        except ValueError as e:
-            raise StartupError(f"{where}: cannot use {e}")
-        try:
-            self.port = self.reactor.listenUNIX(self.path, self.factory, mode=0o600)
-        except error.CannotListenError as e:
-            reason = getattr(e.socketError, "strerror", None) or e.socketError
-            raise StartupError(f"{where}: cannot listen on {self.path}: {reason}")
+            try:
+                if clear_stale_socket(self.path):
+                    log.info("removed stale control socket {path} (left by a relay that did not stop "
+                             "cleanly)", path=self.path)
+            except ValueError as e:
+                raise StartupError(f"{where}: cannot use {e}")
+            try:
+                self.port = self.reactor.listenUNIX(self.path, self.factory, mode=0o600)
+            except error.CannotListenError as e:
+                reason = getattr(e.socketError, "strerror", None) or e.socketError
+                raise StartupError(f"{where}: cannot listen on {self.path}: {reason}")
+        except StartupError as e:
+            if getattr(self.svc, "exit_on_error", False):  # under twistd: a clear message, no traceback
+                raise SystemExit(f"twisted-relay: not starting: {e}")
+            raise
         log.info("control socket for relayctl: {path}", path=self.path)
 
     def stopService(self):

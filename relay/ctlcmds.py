@@ -444,14 +444,18 @@ def cmd_reload(args) -> int:
     finally:
         relay.close()
     ok = cc.decode_boolean(box.get(b"ok", b"False"))
-    for m in cc.decode_text_list(box.get(b"messages", b"")):
+    messages = cc.decode_text_list(box.get(b"messages", b""))
+    for m in messages:
         print(m, file=sys.stderr)
-    for m in cc.decode_text_list(box.get(b"restart_needed", b"")):
-        print(f"restart needed: {m}", file=sys.stderr)
+    for key in cc.decode_text_list(box.get(b"restart_needed", b"")):
+        if not any(key in m for m in messages):
+            print(f"{key} changed: takes effect after a restart", file=sys.stderr)
     if not ok:
-        _err("reload refused; the relay keeps its running config")
+        if not messages:
+            _err("reload refused; the relay keeps its running config")
         return EXIT_FAIL
-    print("config reloaded", file=sys.stderr)
+    if not messages:
+        print("config reloaded", file=sys.stderr)
     return EXIT_OK
 
 

@@ -50,6 +50,8 @@ class Deliverer:
         self.resolver = resolver
         self.trust_root = trust_root  # for smarthost "verify" (tests inject their CA)
         self.timeouts = timeouts  # relay.smtp.client.Timeouts or None for RFC values
+        self.sessions = 0  # remote attempts that reached a server (metrics)
+        self.tls_sessions = 0  # ... of which over TLS (metrics)
 
     @property
     def config(self):
@@ -110,6 +112,8 @@ class Deliverer:
             trust_root=self.trust_root, auth=auth, connect_timeout=cfg.delivery.connect_timeout,
             timeouts=self.timeouts, threadpool=self.svc.disk.pool, queue_id=msg.qid,
         )
+        self.sessions += report.hop is not None
+        self.tls_sessions += bool(report.tls)
         out = []
         for r in recipients:
             res = report.results.get(r)

@@ -28,18 +28,22 @@ class DiskPool:
         self.pool = ThreadPool(minthreads, maxthreads, name=name)
         # inline: run on the calling thread (unit tests driving time with task.Clock)
         self.inline = inline
+        self.stopped = False
 
     def start(self) -> None:
         if not self.pool.started:
             self.pool.start()
 
     def stop(self) -> None:
+        self.stopped = True
         if self.pool.started:
             self.pool.stop()
 
     def run(self, fn: Callable[..., Any], *args, **kw) -> defer.Deferred:
         if self.inline:
             return defer.maybeDeferred(fn, *args, **kw)
+        if self.stopped:
+            return defer.fail(RuntimeError("the relay is stopping: no more disk work"))
         if not self.pool.started:
             self.start()
         return threads.deferToThreadPool(self.reactor, self.pool, fn, *args, **kw)

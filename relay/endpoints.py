@@ -96,7 +96,11 @@ def parse(description: str) -> EndpointSpec:
             kwargs[p[0]] = p[1]
     if not args or not args[0]:
         raise ValueError("missing endpoint type (like tcp: or ssl:)")
-    return EndpointSpec(description, args[0].lower(), tuple(args[1:]), kwargs)
+    kind = args[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and len(args) == 1 and "port" in kwargs:
+        # Twisted also takes the port as a keyword: "tcp:port=25"
+        args.append(kwargs.pop("port"))
+    return EndpointSpec(description, kind, tuple(args[1:]), kwargs)
 
 
 def unparse(spec: EndpointSpec) -> str:
@@ -141,6 +145,11 @@ def check_server(spec: EndpointSpec) -> None:
             raise ValueError(f"port {spec.args[0]!r} is not a number")
         if not 0 <= port <= 65535:
             raise ValueError(f"port {port} is out of range 0-65535")
+        if len(spec.args) > 1:
+            # Twisted would take them as interface and backlog; we read only the
+            # keywords (and an unescaped ':' in an IPv6 interface lands here).
+            raise ValueError("give interface= and backlog= as keywords, and escape ':' in values "
+                             "as '\\:' (like tcp6:25:interface=\\:\\:1)")
         if "backlog" in spec.kwargs:
             try:
                 int(spec.kwargs["backlog"])
@@ -160,6 +169,11 @@ def check_server(spec: EndpointSpec) -> None:
         unknown = set(spec.kwargs) - allowed
         if unknown:
             raise ValueError(f"unknown parameter(s) {', '.join(sorted(unknown))} for {kind}:")
+        if kind == "ssl" and not spec.own_certificate:
+            orphans = sorted(set(SSL_PATH_ARGS) & set(spec.kwargs))
+            if orphans:
+                raise ValueError(f"{', '.join(orphans)} without privateKey= (give privateKey=, or "
+                                 "neither and let [tls] serve this endpoint)")
         if kind == "ssl" and spec.own_certificate:
             from twisted.internet import endpoints, reactor
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay import maildir
-from relay.address import AddressError
+from relay.address import AddressError, parse_mailbox
 from relay.users import check_safe_local_part
 
 
@@ -41,16 +41,16 @@ def deliver(
     offset: int,
     user_exists,
 ) -> LocalResult:
-    local, _, domain = address.rpartition("@")
-    local = local.lower()
     try:
+        parsed = parse_mailbox(address)
+        local, domain = parsed.local.lower(), parsed.domain
         check_safe_local_part(local)
     except AddressError:
         return LocalResult("bounced", "5.1.3", f"550 5.1.3 <{address}>: unsafe mailbox name")
-    if not (local == "postmaster" or user_exists(f"{local}@{domain}")):
+    if not (local == "postmaster" or user_exists(parsed.lower())):
         return LocalResult("bounced", "5.1.1", f"550 5.1.1 <{address}>: no such user")
     ret = sender if sender else ""
-    prefix = f"Return-Path: <{ret}>\r\nDelivered-To: {local}@{domain}\r\n".encode("utf-8")
+    prefix = f"Return-Path: <{ret}>\r\nDelivered-To: {parsed.lower()}\r\n".encode("utf-8")
     try:
         path = maildir.deliver(root, domain, local, message_path, offset, prefix)
     except FileNotFoundError as e:

@@ -39,6 +39,7 @@ from relay.spool import BOUNCED, DEFERRED, DELIVERED, PENDING
 log = Logger(namespace="relay.queue")
 
 LOCAL_CONCURRENCY = 8
+DEAD_WINDOW = 30.0  # seconds a destination that did not answer is not retried for new mail
 MAX_HISTORY = 200
 JITTER = 0.1
 
@@ -168,6 +169,10 @@ class QueueManager:
         self.counters = Counters()
         self.random = random.Random()
         self._idle_waiters: list[defer.Deferred] = []
+        self._inflight: set[defer.Deferred] = set()  # finalisations and admin actions under way
+        # destinations that just failed to answer at all: key -> (until, reason)
+        self.dead: dict[str, tuple[float, str]] = {}
+        self.on_attempt = None  # metrics hook: f(local: bool, seconds: float) after each attempt
         self.configure(config)
         if deliverer is None:
             from relay.delivery import Deliverer
@@ -191,6 +196,19 @@ class QueueManager:
         else:
             self.remote.limit = d.max_concurrency
             self.remote.per_dest = d.max_per_destination
+
+    def reconfigure(self, config) -> None:
+        """A reload: new limits and delivery settings for new attempts."""
+        old = self.config
+        self.configure(config)
+        if old.delivery.nameservers != config.delivery.nameservers and hasattr(self.deliverer, "resolver"):
+            from relay.mx import Resolver
+
+            pool = getattr(self.svc, "dns_pool", None)
+            self.deliverer.resolver = Resolver(
+                nameservers=config.delivery.nameservers, lifetime=10.0, reactor=self.reactor,
+                threadpool=pool.pool if pool is not None else None)
+        self._dispatch()
 
     # -- life cycle -----------------------------------------------------------
     def now(self) -> float:
@@ -226,6 +244,14 @@ class QueueManager:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        # jobs still waiting for a slot are not started: they end without an
+        # attempt, so what other jobs of their activation recorded is saved
+        for pool in (self.local, self.remote):
+            waiting = [j for q in pool.waiting.values() for j in q]
+            pool.waiting.clear()
+            pool.ready.clear()
+            for job in waiting:
+                self._job_finished(job, [])
         if not self.busy():
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
@@ -235,7 +261,7 @@ class QueueManager:
         return d
 
     def busy(self) -> bool:
-        return any(m.active or m.busy for m in self.messages.values())
+        return bool(self._inflight) or any(m.active or m.busy for m in self.messages.values())
 
     def _check_idle(self) -> None:
         if self._idle_waiters and not self.busy():
@@ -311,6 +337,8 @@ class QueueManager:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        if not self.running:
+            return
         for pool in (self.local, self.remote):
             while True:
                 job = pool.next_job()
@@ -326,7 +354,19 @@ class QueueManager:
             self._job_finished(job, [])
             self.reactor.callLater(0, self._dispatch)
             return
+        dead = self.dead.get(job.dest.key) if not job.local else None
+        if dead is not None and dead[0] > self.now():
+            # like Postfix's dead destinations: no new connection for a while
+            from relay.delivery import Outcome
+
+            reason = f"delivery temporarily suspended: {dead[1]}"
+            outcomes = [Outcome(r.address, "deferred", "4.4.1", reason) for r in job.recipients]
+            pool.done(job)
+            self._job_finished(job, outcomes)
+            self.reactor.callLater(0, self._dispatch)
+            return
         self.counters.attempts += 1
+        started = self.now()
         d = self.deliverer.attempt(msg, job.dest, [r.address for r in job.recipients])
 
         def failed(f):
@@ -337,12 +377,24 @@ class QueueManager:
                     for r in job.recipients]
 
         def done(outcomes):
+            if self.on_attempt is not None:
+                self.on_attempt(job.local, self.now() - started)
             pool.done(job)
+            if not job.local:
+                self._note_destination(job.dest.key, outcomes)
             self._job_finished(job, outcomes)
             self._dispatch()
 
         d.addErrback(failed).addCallback(done).addErrback(
             lambda f: log.failure("{queue_id}: recording the attempt failed", f, queue_id=msg.qid))
+
+    def _note_destination(self, key: str, outcomes) -> None:
+        """No hop answered (connection refused, timeouts, DNS): mark it dead."""
+        if outcomes and all(o.kind == "deferred" and not o.remote and o.relay == "none" for o in outcomes):
+            window = min(self.config.delivery.retry_min, DEAD_WINDOW)
+            self.dead[key] = (self.now() + window, outcomes[0].reply)
+        else:
+            self.dead.pop(key, None)
 
     # -- recording results ------------------------------------------------------------------
     def backoff(self, attempts: int) -> float:
@@ -392,20 +444,28 @@ class QueueManager:
                 r.next_attempt = min(now + self.backoff(r.attempts), max(expires, now + 1.0))
             delay = now - msg.env.arrival
             log.info(
-                "{queue_id}: to=<{to}>{orig}, relay={relay}, delay={delay:.1f}, status={status} ({reply})",
+                "{queue_id}: to=<{to}>{_orig}, relay={relay}, delay={delay:.1f}, status={status} ({reply})",
                 queue_id=msg.qid, to=r.address,
-                orig=f", orig_to=<{r.orcpt}>" if r.orcpt and r.orcpt != r.address else "",
+                orig_to=r.orcpt if r.orcpt and r.orcpt != r.address else None,
+                _orig=f", orig_to=<{r.orcpt}>" if r.orcpt and r.orcpt != r.address else "",
                 relay=o.relay, delay=delay, status="sent" if kind == "delivered" else kind,
                 reply=o.reply, recipient=r.address, kind=kind, attempts=r.attempts,
             )
         msg.active -= 1
         if msg.active == 0:
             msg.busy = True
-            defer.ensureDeferred(self._finalize(msg)).addErrback(
-                lambda f: log.failure("{queue_id}: finalising failed", f, queue_id=msg.qid)
-            ).addBoth(lambda _: self._after_finalize(msg))
+            d = defer.ensureDeferred(self._finalize(msg))
+            self._inflight.add(d)
+            d.addErrback(lambda f: log.failure("{queue_id}: finalising failed", f, queue_id=msg.qid))
+            d.addBoth(lambda _: (self._inflight.discard(d), self._after_finalize(msg)))
 
     async def _finalize(self, msg: Message) -> None:
+        if getattr(self.svc.disk, "stopped", False):
+            # past the shutdown bound: nothing can be recorded any more; the
+            # recipients are still "not delivered" on disk and are retried
+            log.info("{queue_id}: attempt ended after shutdown; it is retried at the next start",
+                     queue_id=msg.qid)
+            return
         now = self.now()
         if msg.deleted:
             await self.aspool.remove(msg.qid)
@@ -469,8 +529,9 @@ class QueueManager:
         self.counters.dsn_sent += 1
         log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=msg.qid,
                  kind="non-delivery" if kind == bouncemod.FAILED else "delay", dsn_id=env.queue_id)
-        log.info("{queue_id}: from=<>, size={size}, nrcpt=1 (delivery status notification for {orig})",
-                 queue_id=env.queue_id, size=entry.size, orig=msg.qid)
+        log.info("{queue_id}: from=<{sender}>, size={size}, nrcpt={nrcpt} (delivery status notification for {orig})",
+                 queue_id=env.queue_id, sender="", size=entry.size, nrcpt=1, orig=msg.qid, dsn=kind,
+                 recipients=env.recipients)
         self.add(entry)
 
     # -- administration (relayctl) ------------------------------------------------------------

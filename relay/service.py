@@ -15,8 +15,10 @@ import time
 
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, task
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from relay import aliases as aliasesmod
 from relay import endpoints as epmod
@@ -31,7 +33,9 @@ from relay.smtp.server import ServerContext, SMTPFactory
 log = Logger(namespace="relay.service")
 
 REFRESH_INTERVAL = 2.0  # seconds between checks of the users and aliases files
-LOCK_WAIT = 10.0  # seconds to wait for the spool lock (relayctl holds it briefly when we are down)
+LOCK_WAIT = 10.0  # seconds to wait at start for a relayctl holding the spool lock
+SMTP_GRACE = 10.0  # seconds an SMTP transaction may take to finish at shutdown
+STOP_BOUND = 28.0  # seconds: the whole shutdown, within systemd's/our 30 s promise
 
 
 class StartupError(Exception):
@@ -58,6 +62,9 @@ class RelayService(service.MultiService):
         self.pop3_factories: list = []
         self.listener_services: list = []
         self.scanned: defer.Deferred = defer.Deferred()  # fires when the start-up scan is done
+        self.exit_on_error = False  # set by the twistd plugin: a start-up error exits the process
+        self.handle_signals = False  # set by the twistd plugin: SIGHUP reloads, 2nd SIGTERM exits
+        self.stopping = False
 
         try:
             self.users = usersmod.UserDB(config.local.users)
@@ -82,7 +89,9 @@ class RelayService(service.MultiService):
         self._build_listeners(config)
         if deliver:
             self._build_queue(config)
-        self._build_control()
+        self._build_pickup(config)  # relay-sendmail's drop directory (relay/pickup.py)
+        self._build_metrics(config)  # [metrics] (relay/metrics.py)
+        self._build_control()  # relayctl's control socket (relay/control.py)
         self._refresher = task.LoopingCall(self._refresh_files)
         self._refresher.clock = self.reactor
 
@@ -133,7 +142,7 @@ class RelayService(service.MultiService):
     def _listen(self, description: str, factory, name: str) -> None:
         ep, wrap = self._endpoint(description)
         if wrap:
-            factory = TLSMemoryBIOFactory(self.tls.options, False, factory)
+            factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
         factory.noisy = False
         svc = internet.StreamServerEndpointService(ep, factory)
         svc._raiseSynchronously = True
@@ -160,7 +169,6 @@ class RelayService(service.MultiService):
                 log.warn("POP3 is not available in this build; pop3.listen ignored")
             return
         for desc in config.pop3.listen:
-            spec = epmod.parse(desc)
             factory = pop3.POP3Factory(
                 hostname=config.hostname,
                 mailbox_root=config.local.mailboxes,
@@ -179,6 +187,28 @@ class RelayService(service.MultiService):
 
         self.queue = QueueManager(self, config)
 
+    def _build_pickup(self, config: Config) -> None:
+        """A child service: it starts before the queue is loaded (see Pickup.startService)."""
+        from relay.pickup import Pickup
+
+        self.pickup = Pickup(self)
+        self.pickup.setServiceParent(self)
+
+    def _build_metrics(self, config: Config) -> None:
+        """This relay's metrics registry, fed by the queue's attempt hook, and
+        served over HTTP on each metrics.listen endpoint."""
+        from relay.metrics import RelayMetrics
+
+        self.metrics = RelayMetrics(self)
+        if self.queue is not None:
+            self.queue.on_attempt = self.metrics.observe_attempt
+        for desc in config.metrics.listen:
+            spec = epmod.parse(desc)
+            if spec.implicit_tls and not spec.own_certificate and self.tls is None:
+                raise StartupError(f"{config.source}: metrics.listen: {desc!r} is an ssl: endpoint without "
+                                   "privateKey=, so it needs tls.certificate and tls.key")
+            self._listen(desc, self.metrics.site(), f"metrics {desc}")
+
     def _build_control(self) -> None:
         """The control socket relayctl talks to (relay.control)."""
         from relay.control import ControlService
@@ -187,45 +217,26 @@ class RelayService(service.MultiService):
         self.control.setServiceParent(self)
 
     # -- start / stop ----------------------------------------------------------
-    def _lock_spool(self) -> int:
-        """The spool lock; an offline relayctl may hold it for a moment."""
-        deadline = time.monotonic() + LOCK_WAIT
-        waited = False
-        while True:
-            try:
-                return self.spool.lock()
-            except spoolmod.SpoolLocked:
-                if time.monotonic() >= deadline:
-                    raise
-                if not waited:
-                    log.info("spool {spool} is locked (by relayctl?): waiting up to {secs:g}s",
-                             spool=self.spool.root, secs=LOCK_WAIT)
-                    waited = True
-                time.sleep(0.1)
-
     def privilegedStartService(self) -> None:
-        try:
-            self._lock_fd = self._lock_spool()
-        except spoolmod.SpoolLocked as e:
-            raise StartupError(str(e))
-        except OSError as e:
-            raise StartupError(f"spool {self.spool.root}: {e.strerror}")
-        self.spool.clean_incoming(log=lambda fmt, **kw: log.info(fmt, **kw))
+        """Bind the listeners (as root when started as root; twistd -u/-g
+        drops privileges after this).  Everything that touches the spool
+        happens in startService, as the user the relay runs as, so that the
+        files it creates are that user's."""
         super().privilegedStartService()
 
     def startService(self) -> None:
-        if self._lock_fd is None:
-            try:
-                self._lock_fd = self._lock_spool()
-            except spoolmod.SpoolLocked as e:
-                raise StartupError(str(e))
-            self.spool.clean_incoming(log=lambda fmt, **kw: log.info(fmt, **kw))
+        try:
+            self._open_spool()
+        except StartupError as e:
+            if self.exit_on_error:
+                raise SystemExit(f"twisted-relay: not starting: {e}")
+            raise
         self.disk.start()
         self.dns_pool.start()
         super().startService()
         cfg = self.config
-        log.info("twisted-relay starting: config {source}, spool {spool}, hostname {hostname}",
-                 source=cfg.source, spool=self.spool.root, hostname=cfg.hostname)
+        log.info("twisted-relay starting: config {source}, spool {spool}, hostname {hostname}, uid {uid}",
+                 source=cfg.source, spool=self.spool.root, hostname=cfg.hostname, uid=os.geteuid())
         for desc in cfg.smtp.listen:
             log.info("SMTP listening on {endpoint}", endpoint=desc)
         for desc in cfg.smtp.submission:
@@ -236,6 +247,7 @@ class RelayService(service.MultiService):
                  domains=", ".join(cfg.local.domains) or "none",
                  networks=", ".join(str(n) for n in cfg.relay.networks) or "none")
         self._warn_plaintext_logins()
+        self._install_signals()
         self._refresher.start(REFRESH_INTERVAL, now=False)
         if self.queue is not None:
             d = self.queue.start()
@@ -243,6 +255,49 @@ class RelayService(service.MultiService):
             d = self.disk.run(self._scan_only)
         d.addErrback(lambda f: log.failure("spool scan failed", f))
         d.addBoth(lambda _: self.scanned.callback(None) if not self.scanned.called else None)
+
+    def _open_spool(self) -> None:
+        """Create and lock the spool, then remove half-received mail.
+
+        Runs before the reactor does, so no session can have started a new
+        file in incoming/ yet.  An offline relayctl holds the lock only
+        briefly: wait a few seconds for it.
+        """
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                self._lock_fd = self.spool.lock()
+                break
+            except spoolmod.SpoolLocked as e:
+                if time.monotonic() > deadline:
+                    raise StartupError(f"{e} (lock {self.spool.root}/lock)")
+                time.sleep(0.1)
+            except PermissionError:
+                raise StartupError(
+                    f"spool {self.spool.root} is not writable by uid {os.geteuid()}: create it owned by "
+                    f"the user the relay runs as (install -d -m 0700 -o USER {self.spool.root})")
+            except OSError as e:
+                raise StartupError(f"spool {self.spool.root}: {e.strerror}")
+        try:
+            self.spool.clean_incoming(log=lambda fmt, **kw: log.info(fmt, **kw))
+        except OSError as e:
+            raise StartupError(f"spool {self.spool.root}: cannot clean incoming/: {e.strerror}")
+
+    def _install_signals(self) -> None:
+        """SIGHUP reloads the config (twistd leaves SIGHUP alone)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread() or not self.handle_signals:
+            return
+
+        def on_hup(signum, frame):
+            self.reactor.callFromThread(self.reload)
+
+        try:
+            signal.signal(signal.SIGHUP, on_hup)
+        except (ValueError, OSError):
+            pass
 
     def _scan_only(self) -> None:
         n = 0
@@ -262,17 +317,82 @@ class RelayService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        """Graceful stop (SIGTERM): no new connections; SMTP transactions in
+        progress get SMTP_GRACE seconds, then 421 4.3.2; deliveries in flight
+        finish or, past the bound, are simply retried after the restart (their
+        recipients are still recorded as not delivered).  Everything that was
+        acknowledged is already durable, so a second SIGTERM exits at once."""
+        self.stopping = True
+        t0 = self.reactor.seconds()
         self.smtp_ctx.accepting = False
+        self._arm_second_sigterm()
         if self._refresher.running:
             self._refresher.stop()
+        # 1. stop listening (existing connections stay)
+        yield defer.DeferredList([defer.maybeDeferred(svc.stopService) for svc in self.listener_services
+                                  if svc.running], consumeErrors=True)
+        # 2. SMTP sessions: idle ones close now, busy ones after their transaction
+        yield self._drain_smtp(SMTP_GRACE)
+        # 3. deliveries in flight
         if self.queue is not None:
-            yield self.queue.stop()
-        yield defer.maybeDeferred(super().stopService)
+            left = max(1.0, STOP_BOUND - (self.reactor.seconds() - t0))
+            yield self.queue.stop(grace=left)
+        yield defer.DeferredList([defer.maybeDeferred(c.stopService) for c in reversed(list(self))
+                                  if c.running], consumeErrors=True)
+        service.Service.stopService(self)
+        for f in self.pop3_factories:
+            close = getattr(f, "close_sessions", None)
+            if close is not None:
+                close()
         self.disk.stop()
         self.dns_pool.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        log.info("twisted-relay stopped in {secs:.1f}s", secs=self.reactor.seconds() - t0)
+
+    def _drain_smtp(self, grace: float) -> defer.Deferred:
+        sessions = list(self.smtp_ctx.open_sessions)
+        for p in sessions:
+            p.begin_shutdown()
+        if not self.smtp_ctx.open_sessions:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        deadline = self.reactor.seconds() + grace
+
+        def check():
+            if not self.smtp_ctx.open_sessions:
+                d.callback(None)
+                return
+            if self.reactor.seconds() >= deadline:
+                for p in list(self.smtp_ctx.open_sessions):
+                    p.force_shutdown()
+                # give the 421s a moment to go out; never wait on a dead peer
+                self.reactor.callLater(0.2, lambda: d.called or d.callback(None))
+                return
+            self.reactor.callLater(0.05, check)
+
+        check()
+        return d
+
+    def _arm_second_sigterm(self) -> None:
+        import signal
+        import threading
+
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+
+        def now(signum, frame):
+            # acknowledged mail is already fsynced; state files are replaced
+            # atomically: stopping here loses nothing acknowledged
+            os.write(2, b"twisted-relay: second SIGTERM, exiting now\n")
+            os._exit(1)
+
+        try:
+            signal.signal(signal.SIGTERM, now)
+            signal.signal(signal.SIGINT, now)
+        except (ValueError, OSError):
+            pass
 
     def listening(self) -> defer.Deferred:
         """Fires with [(name, host, port)] for every listener once bound."""
@@ -288,12 +408,116 @@ class RelayService(service.MultiService):
         ds = [svc._waitingForPort for svc in self.listener_services if svc._waitingForPort]
         return defer.DeferredList(ds, consumeErrors=True).addCallback(collect)
 
+    # -- reload ---------------------------------------------------------------------
+    RESTART_KEYS = (
+        ("spool", lambda c: c.spool),
+        ("smtp.listen", lambda c: c.smtp.listen),
+        ("smtp.submission", lambda c: c.smtp.submission),
+        ("pop3.listen", lambda c: c.pop3.listen),
+        ("control.socket", lambda c: c.control_socket),
+        ("metrics.listen", lambda c: c.metrics.listen),
+        ("log.format", lambda c: c.log.format),
+    )
+
+    def reload(self) -> dict:
+        """Re-read the config file (SIGHUP, relayctl reload).
+
+        All or nothing: a config that does not load, a certificate, users or
+        aliases file that cannot be read refuses the whole reload and keeps
+        the running config.  Listeners and the spool are not changed live:
+        such changes are reported as needing a restart.
+        """
+        import dataclasses
+
+        from relay import config as configmod
+        from relay.tls import TLSConfigError, load_server_tls
+
+        old = self.config
+        source = old.path
+        try:
+            new = configmod.load(source)
+        except configmod.ConfigError as e:
+            log.error("reload refused, keeping the running config: {problems}", problems="; ".join(e.problems))
+            return {"ok": False, "messages": ["reload refused, the running config is kept:"] + e.problems,
+                    "restart_needed": []}
+        problems = []
+        tls = None
+        if new.tls.enabled:
+            try:
+                tls = load_server_tls(new.tls.certificate, new.tls.key)
+            except TLSConfigError as e:
+                problems.append(f"{new.source}: {e}")
+        elif self.tls is not None and (new.smtp.submission or any(
+                epmod.parse(d).implicit_tls and not epmod.parse(d).own_certificate
+                for d in old.smtp.listen + old.smtp.submission + old.pop3.listen)):
+            problems.append(f"{new.source}: tls: the certificate is still needed by implicit TLS listeners")
+        try:
+            users = usersmod.UserDB(new.local.users)
+        except usersmod.UsersFileError as e:
+            problems.append(str(e))
+            users = None
+        try:
+            aliases = aliasesmod.AliasFile(new.local.aliases, new.local.domains)
+        except aliasesmod.AliasesFileError as e:
+            problems.append(str(e))
+            aliases = None
+        if problems:
+            for p in problems:
+                log.error("reload refused, keeping the running config: {problem}", problem=p)
+            return {"ok": False, "messages": ["reload refused, the running config is kept:"] + problems,
+                    "restart_needed": []}
+        restart = [key for key, get in self.RESTART_KEYS if get(old) != get(new)]
+        # what cannot change live stays as it runs
+        new = dataclasses.replace(
+            new, spool=old.spool,
+            smtp=dataclasses.replace(new.smtp, listen=old.smtp.listen, submission=old.smtp.submission),
+            pop3=dataclasses.replace(new.pop3, listen=old.pop3.listen),
+            control=old.control, metrics=old.metrics, log=old.log,
+        )
+        self.config = new
+        self.users = users
+        self.aliases = aliases
+        self.tls = tls
+        self.checker = usersmod.make_checker(self.users, self.disk.pool, self.reactor)
+        ctx = self.smtp_ctx
+        ctx.config = new
+        ctx.policy = self._make_policy(new)
+        ctx.checker = self.checker
+        ctx.tls = tls
+        for f in self.pop3_factories:
+            for attr, value in (("hostname", new.hostname), ("mailbox_root", new.local.mailboxes),
+                                ("local_domains", new.local.domains), ("userdb", users),
+                                ("tls_options", tls.options if tls else None),
+                                ("auth_requires_tls", new.tls.auth_requires_tls)):
+                if hasattr(f, attr):
+                    setattr(f, attr, value)
+        if self.queue is not None:
+            self.queue.reconfigure(new)
+        changed = [f.name for f in dataclasses.fields(new)
+                   if f.name != "path" and getattr(new, f.name) != getattr(old, f.name)]
+        msgs = [f"config reloaded from {new.source}"
+                + (f"; changed: {', '.join(changed)}" if changed else "; no changes")]
+        if tls is not None:
+            msgs.append(f"TLS certificate {new.tls.certificate} loaded ({tls.subject}, "
+                        f"expires {tls.not_after.date().isoformat()})")
+        for key in restart:
+            msgs.append(f"{key} changed: takes effect after a restart")
+        for m in msgs:
+            log.info("{message}", message=m)
+        return {"ok": True, "messages": msgs, "restart_needed": restart}
+
     # -- runtime -------------------------------------------------------------------
     def _queued(self, entry: spoolmod.QueueEntry) -> None:
         if self.queue is not None:
             self.queue.add(entry)
 
     def _refresh_files(self) -> None:
+        try:
+            self._refresh_files_once()
+        except Exception:  # noqa: BLE001 - the watcher must survive anything
+            log.failure("checking the users and aliases files failed")
+
+    def _refresh_files_once(self) -> None:
         try:
             if self.users.refresh():
                 log.info("users file {path} reloaded: {count} users", path=self.users.path,
@@ -306,6 +530,20 @@ class RelayService(service.MultiService):
                          count=len(self.aliases.map))
         except aliasesmod.AliasesFileError as e:
             log.error("aliases file not reloaded, keeping the previous aliases: {error}", error=str(e))
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentTLS:
+    """The service's current certificate, so that a reload (a renewed
+    certificate) reaches implicit TLS endpoints too."""
+
+    def __init__(self, svc: RelayService):
+        self.svc = svc
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        from OpenSSL import SSL
+
+        return SSL.Connection(self.svc.tls.options.getContext(), None)
 
 
 def make_service(config: Config, reactor=None) -> RelayService:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import secrets
 import threading
@@ -159,21 +160,33 @@ class Envelope:
             raise CorruptEntry("no envelope line")
         try:
             d = json.loads(line[len(MAGIC) :])
-            rcpts = [str(r) for r in d["rcpt"]]
+            rcpts = d["rcpt"]
             orcpts = d.get("orcpt") or [None] * len(rcpts)
-            if len(orcpts) != len(rcpts) or not rcpts:
-                raise CorruptEntry("bad recipient list")
+            if (
+                not isinstance(rcpts, list)
+                or not rcpts
+                or not all(isinstance(r, str) and r for r in rcpts)
+                or not isinstance(orcpts, list)
+                or len(orcpts) != len(rcpts)
+                or not all(o is None or isinstance(o, str) for o in orcpts)
+            ):
+                raise CorruptEntry("bad envelope: bad recipient list")
+            if not isinstance(d["id"], str) or not isinstance(d["from"], str):
+                raise CorruptEntry("bad envelope: bad id or sender")
+            arrival = float(d["t"])
+            if not math.isfinite(arrival):
+                raise CorruptEntry("bad envelope: bad arrival time")
             return cls(
-                queue_id=str(d["id"]),
-                sender=str(d["from"]),
+                queue_id=d["id"],
+                sender=d["from"],
                 recipients=rcpts,
-                arrival=float(d["t"]),
+                arrival=arrival,
                 orcpts=orcpts,
                 client=dict(d.get("client") or {}),
                 extra=dict(d.get("x") or {}),
             )
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptEntry(f"bad envelope: {e}")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise CorruptEntry(f"bad envelope: {e.__class__.__name__}: {e}")
 
 
 @dataclass
@@ -227,8 +240,8 @@ class State:
             st.hold = bool(d.get("hold", False))
             st.warned = bool(d.get("warned", False))
             return st
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptEntry(f"bad state file: {e}")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise CorruptEntry(f"bad state file: {e.__class__.__name__}: {e}")
 
     @property
     def done(self) -> bool:
@@ -353,6 +366,9 @@ class Spool:
         self.queue_dir = os.path.join(self.root, "queue")
         self.quarantine_dir = os.path.join(self.root, "quarantine")
         self.drop_dir = os.path.join(self.root, "drop")
+        # set by clean_incoming(): from then on a temp file in queue/ may be
+        # a state rewrite in progress, which recover() must leave alone
+        self._cleaned = False
 
     def create(self) -> None:
         for d in (self.root, self.incoming_dir, self.queue_dir, self.quarantine_dir, self.drop_dir):
@@ -381,10 +397,27 @@ class Spool:
         return fd
 
     def clean_incoming(self, log=None) -> int:
-        """Remove half-received files (never acknowledged) left by a crash."""
+        """Remove half-written files left by a crash: received messages never
+        acknowledged (incoming/) and state rewrites never renamed (queue/*.tmp).
+
+        Call it before anything listens or delivers: afterwards a temp file
+        may belong to a live writer.
+        """
         n = 0
+        self.create()
+        for name in os.listdir(self.queue_dir):
+            if name.endswith(TMP_SUFFIX):
+                _unlink_quiet(os.path.join(self.queue_dir, name))
+                if log:
+                    log("removed temporary file {name} from queue/", name=name)
+        self._cleaned = True
         for name in os.listdir(self.incoming_dir):
-            _unlink_quiet(os.path.join(self.incoming_dir, name))
+            try:
+                _unlink_quiet(os.path.join(self.incoming_dir, name))
+            except OSError as e:  # a directory, say: not ours to remove, and not fatal
+                if log:
+                    log("cannot remove {name} from incoming/: {error}", name=name, error=str(e))
+                continue
             n += 1
             if log:
                 log("removed half-received {name} from incoming/", name=name)
@@ -466,8 +499,9 @@ class Spool:
     def recover(self, log=None) -> Iterator[QueueEntry]:
         """Clean up after a crash and yield every readable queued message.
 
-        (Call clean_incoming() first, before anything listens.)  Stray temp files and state files without a message are removed;
-        unreadable entries are moved to quarantine/.  Logs what it did.
+        (Call clean_incoming() first, before anything listens.)  Stray temp
+        files and state files without a message are removed; unreadable
+        entries are moved to quarantine/.  Logs what it did.
         """
         self.create()
         names = os.listdir(self.queue_dir)
@@ -479,6 +513,8 @@ class Spool:
             elif name.endswith(STATE_SUFFIX) and is_queue_id(name[: -len(STATE_SUFFIX)]):
                 states.add(name[: -len(STATE_SUFFIX)])
             elif name.endswith(TMP_SUFFIX):
+                if self._cleaned:
+                    continue  # clean_incoming() removed the stale ones; this one is live
                 _unlink_quiet(os.path.join(self.queue_dir, name))
                 if log:
                     log("removed temporary file {name} from queue/", name=name)
@@ -493,8 +529,8 @@ class Spool:
                 entry = self.load(qid)
             except FileNotFoundError:
                 continue
-            except (CorruptEntry, OSError, UnicodeDecodeError) as e:
-                self.quarantine(qid, str(e), log)
+            except Exception as e:  # noqa: BLE001 - one bad entry never blocks the rest
+                self.quarantine(qid, str(e) or e.__class__.__name__, log)
                 if qid in states:
                     self.quarantine(qid + STATE_SUFFIX, str(e), log)
                 continue
@@ -513,6 +549,11 @@ class Spool:
         try:
             os.rename(src, dst)
         except FileNotFoundError:
+            return
+        except OSError as e:
+            if log:
+                log("{name}: cannot move to quarantine ({error}); left in place: {reason}",
+                    name=name, error=e.strerror, reason=reason, queue_id=name[:16])
             return
         if log:
             log("{name}: moved to quarantine: {reason}", name=name, reason=reason, queue_id=name[:16])

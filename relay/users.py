@@ -87,7 +87,10 @@ def normalize_user(address: str, local_domains: tuple[str, ...] | None = None) -
     local_domains (when given), or whose local part could escape a Maildir
     root ("/", "..", NUL, leading ".").
     """
-    addr: Address = parse_mailbox(address.strip())
+    try:
+        addr: Address = parse_mailbox(address.strip())
+    except AddressError as e:
+        raise AddressError(f"{address!r}: {e}", e.status)
     if addr.literal:
         raise AddressError(f"{address!r}: an address literal cannot be a user")
     if local_domains is not None and addr.domain not in local_domains:
@@ -95,7 +98,20 @@ def normalize_user(address: str, local_domains: tuple[str, ...] | None = None) -
             f"{address!r}: domain {addr.domain} is not a local domain "
             f"(local.domains: {', '.join(local_domains) or 'none'})"
         )
-    check_safe_local_part(addr.local)
+    try:
+        check_safe_local_part(addr.local)
+    except AddressError as e:
+        raise AddressError(f"{address!r}: {e}", e.status)
+    if addr.has_routing:
+        # policy refuses %, ! and @ in local parts (sender-specified routing),
+        # so such a user could never receive mail
+        raise AddressError(f"{address!r}: local part {addr.local!r} holds a routing character (%, ! or @)")
+    if addr.local.startswith("#"):
+        # the users file would read the line as a comment
+        raise AddressError(f"{address!r}: a local part may not start with '#'")
+    if '"' in addr.local:
+        # its canonical form needs a backslash escape, which a mailbox name refuses
+        raise AddressError(f"{address!r}: a local part may not contain '\"'")
     return addr.lower()
 
 
@@ -128,6 +144,7 @@ class UserDB:
         self._users: dict[str, str] = {}
         self._order: list[str] = []
         self._stamp: _Stamp | None = None
+        self._bad_stamp: _Stamp | None = None
         self.refresh()
 
     # -- reading ---------------------------------------------------------
@@ -142,8 +159,12 @@ class UserDB:
             name, sep, hashed = line.rpartition(":")
             if not sep or not name or not hashed.startswith("$scrypt$"):
                 raise UsersFileError(f"{path}: line {n}: expected 'address:$scrypt$...'")
-            users[name.lower()] = hashed
-            order.append(name.lower())
+            name = name.lower()
+            if name in users:
+                # which line would win is a guess, and `user passwd` rewrites one
+                raise UsersFileError(f"{path}: line {n}: user {name} listed twice")
+            users[name] = hashed
+            order.append(name)
         return users, order
 
     def _stat(self) -> _Stamp | None:
@@ -151,16 +172,21 @@ class UserDB:
             st = os.stat(self.path)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise UsersFileError(f"{self.path}: cannot read: {e.strerror}")
         return _Stamp(st.st_ino, st.st_size, st.st_mtime_ns)
 
     def refresh(self) -> bool:
         """Reload if the file changed since the last load; True if reloaded.
 
         A file that cannot be parsed raises UsersFileError and the previous
-        users are kept.
+        users are kept; it raises once per bad version of the file, not on
+        every call (the relay polls, and logs each error).
         """
         stamp = self._stat()
         if stamp == self._stamp and stamp is not None:
+            return False
+        if stamp is not None and stamp == self._bad_stamp:
             return False
         if stamp is None:
             changed = self._stamp is not None or self._users
@@ -173,8 +199,13 @@ class UserDB:
             self._users, self._order, self._stamp = {}, [], None
             return True
         except (OSError, UnicodeDecodeError) as e:
+            self._bad_stamp = stamp
             raise UsersFileError(f"{self.path}: cannot read: {e}")
-        users, order = self.parse(self.path, text)
+        try:
+            users, order = self.parse(self.path, text)
+        except UsersFileError:
+            self._bad_stamp = stamp
+            raise
         self._users, self._order, self._stamp = users, order, stamp
         return True
 
@@ -263,11 +294,7 @@ class NoSuchUser(Exception):
 
 
 def _read_lines(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return []
+    text = _read_text(path)
     UserDB.parse(path, text)  # refuse to rewrite a file we cannot parse
     return text.splitlines()
 
@@ -331,6 +358,8 @@ def _read_text(path: str) -> str:
         if e.errno in (errno.EACCES, errno.EPERM):
             raise UsersFileError(f"{path}: permission denied")
         raise UsersFileError(f"{path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise UsersFileError(f"{path}: not valid UTF-8: {e}")
 
 
 def file_mode_ok(path: str) -> bool:

@@ -460,7 +460,7 @@ class Route(LiveCase):
 
 class Reload(LiveCase):
     async def test_reload_without_support(self):
-        self.assertFalse(hasattr(self.relay.service, "reload"))
+        self.relay.service.reload = None  # a relay without reload support
         r = await self.ctl("reload")
         self.assertEqual(r.returncode, 1)
         self.assertIn("no reload support", r.stderr)
@@ -476,14 +476,13 @@ class Reload(LiveCase):
         self.relay.service.reload = refused
         r = await self.ctl("reload")
         self.assertEqual(r.returncode, 1)
-        self.assertIn("relay.toml: smtp.timeout: expected a duration", r.stderr)
-        self.assertIn("reload refused", r.stderr)
+        self.assertEqual(r.stderr, "relay.toml: smtp.timeout: expected a duration\n")
         self.relay.service.reload = lambda: {"ok": True, "messages": ["config reloaded from relay.toml"],
                                              "restart_needed": ["smtp.listen"]}
         r = await self.ctl("reload")
         self.assertEqual(r.returncode, 0, r.stderr)
-        self.assertIn("config reloaded from relay.toml", r.stderr)
-        self.assertIn("restart needed: smtp.listen", r.stderr)
+        self.assertEqual(r.stderr, "config reloaded from relay.toml\nsmtp.listen changed: takes effect after a "
+                                   "restart\n")
         self.assertEqual(calls, [1])
 
 

@@ -42,9 +42,12 @@ class RelayTestCase(unittest.TestCase):
             usersmod.add_user(os.path.join(tmp, "users"), u, "secret-" + u)
         self.relay = InProcessRelay(tmp, self.overrides, deliver=False)
         await self.relay.start()
+        self.addCleanup(self.stop_relay)
         self.host, self.port = self.relay.smtp
 
-    async def tearDown(self):
+    async def stop_relay(self):
+        # a cleanup, not tearDown: trial (26.10) runs cleanups before tearDown,
+        # and the relay must stop before its directory is removed
         await self.relay.stop()
 
     def raw(self, **kw) -> RawSMTP:

@@ -47,12 +47,15 @@ class TLSRelayCase(unittest.TestCase):
             over.setdefault(k, {}).update(v)
         self.relay = InProcessRelay(self.tmp, over, deliver=False)
         await self.relay.start()
+        self.addCleanup(self.stop_relay)
         ports = self.relay.ports
         self.mx = ports[f"smtp {over['smtp']['listen'][0]}"]
         self.sub = ports[f"submission {over['smtp']['submission'][0]}"]
         self.smtps = ports[f"submission {over['smtp']['submission'][1]}"]
 
-    async def tearDown(self):
+    async def stop_relay(self):
+        # a cleanup, not tearDown: trial (26.10) runs cleanups before tearDown,
+        # and the relay must stop before its directory is removed
         await self.relay.stop()
 
     def ctx(self):

@@ -846,6 +846,7 @@ class _Delivery:
         cls = TCP6ClientEndpoint if ":" in hop.address else TCP4ClientEndpoint
         ep = cls(self.reactor, hop.address, hop.port, timeout=self.connect_timeout)
         factory = Factory.forProtocol(lambda: _ClientProtocol(self.reactor))
+        factory.noisy = False
         where = f"connect to {self._where(hop)}:{hop.port}"
         try:
             return await ep.connect(factory)

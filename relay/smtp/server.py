@@ -67,6 +67,7 @@ class Counters:
     received: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     sessions: int = 0
+    tls: int = 0  # sessions that completed a TLS handshake (STARTTLS or implicit)
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -130,6 +131,7 @@ class SMTPServer(Protocol):
         self.tls_active = False
         self.tls_info: dict | None = None
         self.paused = False
+        self.shutting_down = False
         self._reset_session()
 
     # -- session state ---------------------------------------------------
@@ -173,7 +175,7 @@ class SMTPServer(Protocol):
             return
         if count >= self.cfg.smtp.max_connections_per_ip:
             log.info("reject: connect from [{client_ip}]: too many connections ({count})",
-                     client_ip=self.peer_ip, count=count)
+                     client_ip=self.peer_ip, count=count, reason="too_many_connections")
             ctx.counters.reject("too_many_connections")
             self._send_now("421 4.7.0 Too many connections from your address, try again later")
             self.transport.loseConnection()
@@ -204,6 +206,25 @@ class SMTPServer(Protocol):
 
         self.tls_info = session_info(self.transport)
         self.tls_active = True
+        self.ctx.counters.tls += 1
+
+    # -- shutdown ----------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """The relay stops: close now if idle, else after this transaction."""
+        self.shutting_down = True
+        if self.closing:
+            return
+        if not self.busy and self.mode == "command" and not self.has_sender:
+            self._send_now("421 4.3.2 Service shutting down, closing connection")
+            self._close()
+
+    def force_shutdown(self) -> None:
+        """The grace period is over: whatever is in progress was not acknowledged."""
+        if self.closing:
+            return
+        self._abort_incoming()
+        self._send_now("421 4.3.2 Service shutting down, closing connection")
+        self._close()
 
     # -- timers ----------------------------------------------------------
     def _arm(self) -> None:
@@ -252,7 +273,7 @@ class SMTPServer(Protocol):
         self.errors += 1
         if self.errors >= MAX_ERRORS:
             self.reply(421, "4.7.0 Too many errors, closing connection")
-            log.info("reject: [{client_ip}]: too many errors", client_ip=self.peer_ip)
+            log.info("reject: [{client_ip}]: too many errors", client_ip=self.peer_ip, reason="too_many_errors")
             self.ctx.counters.reject("too_many_errors")
             self._close()
 
@@ -292,6 +313,10 @@ class SMTPServer(Protocol):
             self._arm()
             self._line(line[:-2])
         if not self.busy and not self.closing and self.mode != "data":
+            if self.shutting_down and not self.has_sender and self.mode == "command":
+                self.reply(421, "4.3.2 Service shutting down, closing connection")
+                self._close()
+                return
             if self.out:
                 self._arm()
         self._flush()
@@ -402,6 +427,10 @@ class SMTPServer(Protocol):
         self.error(502, "5.5.1 EXPN is not available")
 
     def do_MAIL(self, arg: str) -> None:
+        if self.shutting_down:
+            self.reply(421, "4.3.2 Service shutting down, closing connection")
+            self._close()
+            return
         if self.helo is None:
             self.error(503, "5.5.1 Error: send HELO/EHLO first")
             return
@@ -409,6 +438,9 @@ class SMTPServer(Protocol):
             self.error(503, "5.5.1 Error: nested MAIL command")
             return
         if self.submission and self.auth_user is None:
+            log.info("reject: MAIL from {helo}[{client_ip}]: 530 5.7.0 Authentication required",
+                     helo=self.helo, client_ip=self.peer_ip, reason="auth_required")
+            self.ctx.counters.reject("auth_required")
             self.error(530, "5.7.0 Authentication required")
             return
         if not arg[:5].upper() == "FROM:":
@@ -431,6 +463,9 @@ class SMTPServer(Protocol):
                     self.error(501, "5.5.4 Bad SIZE parameter")
                     return
                 if int(value) > self.cfg.smtp.max_message_size:
+                    log.info("reject: MAIL from {helo}[{client_ip}]: 552 5.3.4 Message size exceeds fixed limit "
+                             "(SIZE={size}); from=<{sender}>", helo=self.helo, client_ip=self.peer_ip,
+                             size=int(value), sender=path.strip().strip("<>"), reason="size")
                     self.reply(552, "5.3.4 Message size exceeds fixed limit")
                     self.ctx.counters.reject("size")
                     return
@@ -489,14 +524,15 @@ class SMTPServer(Protocol):
         return Client(self.peer_ip, self.auth_user)
 
     def _reject(self, stage: str, decision: Decision, addr) -> None:
+        reason = ("relay_denied" if decision.status == "5.7.1" and stage == "RCPT"
+                  else "unknown_user" if decision.status == "5.1.1" else "sender")
         log.info(
             "reject: {stage} from {helo}[{client_ip}]: {reply}; from=<{sender}> to=<{rcpt}>",
             stage=stage, helo=self.helo, client_ip=self.peer_ip, reply=decision.reply,
             sender=str(self.sender or "") if stage == "RCPT" else str(addr or ""),
-            rcpt=str(addr) if stage == "RCPT" else "",
+            rcpt=str(addr) if stage == "RCPT" else "", reason=reason,
         )
-        self.ctx.counters.reject("relay_denied" if decision.status == "5.7.1" and stage == "RCPT"
-                                 else "unknown_user" if decision.status == "5.1.1" else "sender")
+        self.ctx.counters.reject(reason)
         self.error(decision.code, f"{decision.status} {decision.text}")
 
     def do_DATA(self, arg: str) -> None:
@@ -622,9 +658,10 @@ class SMTPServer(Protocol):
                 "hops": (554, "5.4.6 Too many hops: more than 100 Received headers (mail loop?)",
                          "hops"),
             }[reader.error]
-            log.info("reject: DATA from {helo}[{client_ip}]: {code} {text}; from=<{sender}>",
-                     helo=self.helo, client_ip=self.peer_ip, code=code, text=text,
-                     sender=str(self.sender or ""))
+            log.info("{queue_id}: reject: DATA from {helo}[{client_ip}]: {reply}; from=<{sender}>",
+                     queue_id=inc.queue_id if inc is not None else "NOQUEUE", helo=self.helo,
+                     client_ip=self.peer_ip, code=code, reply=f"{code} {text}",
+                     sender=str(self.sender or ""), reason=reason)
             self.ctx.counters.reject(reason)
             self._reset_transaction()
             self.error(code, text)
@@ -636,11 +673,13 @@ class SMTPServer(Protocol):
         def queued(qid):
             log.info(
                 "{queue_id}: client={helo}[{client_ip}], from=<{sender}>, size={size}, nrcpt={nrcpt}"
-                "{tls}{auth}",
+                "{_tls}{_auth}",
                 queue_id=qid, helo=self.helo, client_ip=self.peer_ip, sender=env.sender,
                 size=size, nrcpt=len(env.recipients), proto=self._protocol_name(),
-                tls=f", tls={self.tls_info.get('version')}" if self.tls_info else "",
-                auth=f", sasl_username={self.auth_user}" if self.auth_user else "",
+                tls=self.tls_info.get("version") if self.tls_info else None,
+                sasl_username=self.auth_user,
+                _tls=f", tls={self.tls_info.get('version')}" if self.tls_info else "",
+                _auth=f", sasl_username={self.auth_user}" if self.auth_user else "",
                 recipients=env.recipients,
             )
             self.ctx.counters.received += 1
@@ -771,7 +810,7 @@ class SMTPServer(Protocol):
 
         def bad(f):
             log.info("reject: AUTH from {helo}[{client_ip}]: authentication failed for {user}",
-                     helo=self.helo, client_ip=self.peer_ip, user=_sanitize(name, 100))
+                     helo=self.helo, client_ip=self.peer_ip, user=_sanitize(name, 100), reason="auth_failed")
             self.ctx.counters.reject("auth_failed")
             return self._auth_fail_later()
 

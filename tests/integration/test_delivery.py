@@ -53,8 +53,11 @@ class DeliveryCase(unittest.TestCase):
             over.setdefault(k, {}).update(v)
         self.relay = InProcessRelay(self.tmp, over)
         await self.relay.start()
+        self.addCleanup(self.stop_relay)
 
-    async def tearDown(self):
+    async def stop_relay(self):
+        # a cleanup, not tearDown: trial (26.10) runs cleanups before tearDown,
+        # and the relay must stop before its directory is removed
         await self.relay.stop()
 
     def behaviour(self) -> dict:

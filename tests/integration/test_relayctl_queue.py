@@ -143,6 +143,35 @@ class RelayctlProcess(unittest.TestCase):
         await in_thread(self.proc.stop)
         self.assertFalse(os.path.exists(sock))
 
+    async def test_reload(self):
+        await self.start()
+        path = self.proc.config_path
+        with open(path) as f:
+            good = f.read()
+        # a reloadable change: takes effect, said by relayctl
+        with open(path, "w") as f:
+            f.write(good.replace('retry_min = "1h"', 'retry_min = "30m"'))
+        r = await self.ctl("reload")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(f"config reloaded from {path}; changed: delivery", r.stderr)
+        # a listener change needs a restart: said, and exit 0
+        with open(path, "w") as f:
+            f.write(good.replace(f"tcp:{self.port}:", f"tcp:{self.port + 1}:"))
+        r = await self.ctl("reload")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("smtp.listen changed: takes effect after a restart", r.stderr)
+        # a bad config is refused as a whole, with the reason; the relay keeps running
+        with open(path, "w") as f:
+            f.write(good.replace('retry_min = "1h"', 'retry_min = "soon"'))
+        r = await self.ctl("reload")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("reload refused, the running config is kept", r.stderr)
+        self.assertIn("delivery.retry_min", r.stderr)
+        with open(path, "w") as f:
+            f.write(good)
+        r = await self.ctl("status")
+        self.assertEqual(r.returncode, 0, r.stderr)
+
     async def test_relay_start_waits_for_an_offline_relayctl(self):
         spool = os.path.join(self.tmp, "spool")
         os.makedirs(spool, mode=0o700)

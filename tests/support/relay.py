@@ -115,6 +115,9 @@ class InProcessRelay:
     async def stop(self):
         if self.service is not None and self.service.running:
             await self.service.stopService()
+            q = self.service.queue
+            if q is not None and q.busy():
+                raise AssertionError(f"relay stopped while busy: {[(m.qid, m.active, m.busy) for m in q.messages.values()]} inflight={q._inflight}")
 
 
 class RelayProcess:

@@ -32,9 +32,17 @@ class RelayServiceMaker:
 
         try:
             config = load_effective(options["config"])
-            return make_service(config)
+            svc = make_service(config)
         except (ConfigError, StartupError) as e:
             raise SystemExit(f"twisted-relay: not starting:\n{e}")
+        svc.exit_on_error = True
+        svc.handle_signals = True
+        from relay.preload import preload
+
+        preload()  # while still privileged: see relay/preload.py
+        from relay.logs import for_twistd
+
+        return for_twistd(svc, config, options)  # [log] format = "json": see relay/logs.py
 
 
 serviceMaker = RelayServiceMaker()

@@ -1,0 +1,210 @@
+"""Prometheus metrics: ``[metrics] listen = ["tcp:9025:interface=127.0.0.1"]``.
+
+The numbers are the relay's own: a custom collector reads, at scrape
+time, the counters the SMTP server, the queue runner, the deliverer, the
+pickup and the POP3 factories keep anyway (no second bookkeeping that could
+drift).  Only the delivery latency histogram is kept here, fed by the queue
+runner's ``on_attempt`` hook, because nothing else records durations.
+
+Each service has its own CollectorRegistry (never prometheus_client's
+global one), so several relays in one process (tests) do not clash.
+
+The page is rendered on the reactor thread on purpose: the collector reads
+dicts and sets the reactor mutates (queue, sessions); prometheus_client's
+own Twisted resource would collect in a thread pool and race with them.
+A scrape walks the queue once (O(messages), ~1 ms per 10 000).
+"""
+
+from __future__ import annotations
+
+import gzip
+from typing import Iterable
+from urllib.parse import parse_qs
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from twisted.web import pages, resource, server
+
+import relay
+
+# delivery attempts last from milliseconds (local) to minutes (slow MX, timeouts)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                   300.0, 600.0)
+
+
+class RelayCollector:
+    """Reads the running relay's counters at scrape time."""
+
+    def __init__(self, svc):
+        self.svc = svc
+
+    def describe(self) -> Iterable[Metric]:
+        # the names, for the registry (duplicate checks, ?name[]= filters)
+        return list(self.collect())
+
+    def collect(self) -> Iterable[Metric]:
+        svc = self.svc
+        smtp = svc.smtp_ctx.counters
+        queue = getattr(svc, "queue", None)
+        qc = queue.counters if queue is not None else None
+        pickup = getattr(svc, "pickup", None)
+
+        yield InfoMetricFamily("relay_build", "twisted-relay version",
+                               value={"version": getattr(relay, "__version__", "unknown")})
+        g = GaugeMetricFamily("relay_start_time_seconds", "When the relay started (Unix time)")
+        g.add_metric([], svc.started_at)
+        yield g
+
+        c = CounterMetricFamily("relay_messages_received", "Messages accepted into the queue",
+                                labels=["source"])
+        c.add_metric(["smtp"], smtp.received)
+        c.add_metric(["sendmail"], pickup.received if pickup is not None else 0)
+        c.add_metric(["dsn"], qc.dsn_sent if qc else 0)
+        yield c
+
+        c = CounterMetricFamily("relay_messages_rejected",
+                                "SMTP transactions, commands and connections refused, by reason",
+                                labels=["reason"])
+        for reason, n in sorted(smtp.rejected.items()):
+            c.add_metric([reason], n)
+        yield c
+
+        for name, attr, text in (
+            ("relay_messages_delivered", "delivered", "Recipients delivered (one per recipient, "
+                                                       "as Postfix's status=sent lines)"),
+            ("relay_messages_deferred", "deferred", "Delivery attempts deferred, per recipient "
+                                                     "(status=deferred lines)"),
+            ("relay_messages_bounced", "bounced", "Recipients bounced (failed for good or expired), "
+                                                   "per recipient"),
+            ("relay_messages_expired", "expired", "Recipients bounced because they stayed too long in "
+                                                   "the queue (delivery.max_lifetime)"),
+            ("relay_messages_removed", "removed", "Messages removed from the queue (all recipients final, "
+                                                   "or deleted)"),
+            ("relay_delivery_notifications", "dsn_sent", "Delivery status notifications (bounces and "
+                                                          "delay warnings) generated"),
+        ):
+            c = CounterMetricFamily(name, text)
+            c.add_metric([], getattr(qc, attr) if qc else 0)
+            yield c
+
+        c = CounterMetricFamily("relay_pickup_quarantined",
+                                "Files from relay-sendmail's drop directory moved to quarantine")
+        c.add_metric([], pickup.quarantined if pickup is not None else 0)
+        yield c
+
+        counts = queue.counts() if queue is not None else {"active": 0, "deferred": 0, "hold": 0}
+        g = GaugeMetricFamily("relay_queue_messages", "Messages in the queue by state", labels=["state"])
+        for state in ("active", "deferred", "hold"):
+            g.add_metric([state], counts.get(state, 0))
+        yield g
+        g = GaugeMetricFamily("relay_queue_oldest_message_age_seconds",
+                              "Age of the oldest message in the queue (0 when empty)")
+        g.add_metric([], self._oldest_age(queue))
+        yield g
+
+        g = GaugeMetricFamily("relay_sessions_open", "Client sessions open now", labels=["protocol"])
+        g.add_metric(["smtp"], len(svc.smtp_ctx.open_sessions))
+        g.add_metric(["pop3"], sum(getattr(f, "open_sessions", 0) for f in svc.pop3_factories))
+        yield g
+        c = CounterMetricFamily("relay_sessions", "Inbound SMTP sessions accepted (after the connection limit)",
+                                labels=["protocol"])
+        c.add_metric(["smtp"], smtp.sessions)
+        yield c
+
+        deliverer = getattr(queue, "deliverer", None) if queue is not None else None
+        c = CounterMetricFamily("relay_tls_sessions",
+                                "SMTP sessions over TLS: in = inbound sessions that completed a TLS handshake "
+                                "(STARTTLS or implicit TLS), out = remote delivery attempts that used TLS",
+                                labels=["direction"])
+        c.add_metric(["in"], smtp.tls)
+        c.add_metric(["out"], getattr(deliverer, "tls_sessions", 0))
+        yield c
+        c = CounterMetricFamily("relay_smtp_client_sessions",
+                                "Remote delivery attempts that reached an SMTP server (TLS or not)")
+        c.add_metric([], getattr(deliverer, "sessions", 0))
+        yield c
+        c = CounterMetricFamily("relay_delivery_attempts", "Delivery attempts started (one per destination "
+                                "per activation of a message)")
+        c.add_metric([], qc.attempts if qc else 0)
+        yield c
+
+    def _oldest_age(self, queue) -> float:
+        if queue is None or not queue.messages:
+            return 0.0
+        oldest = min(m.env.arrival for m in queue.messages.values())
+        return max(0.0, self.svc.reactor.seconds() - oldest)
+
+
+class RelayMetrics:
+    """The registry of one relay: its collector and the latency histogram."""
+
+    def __init__(self, svc):
+        self.svc = svc
+        self.registry = CollectorRegistry()
+        self.collector = RelayCollector(svc)
+        self.registry.register(self.collector)
+        self.latency = Histogram(
+            "relay_delivery_attempt_duration_seconds",
+            "Duration of one delivery attempt (one destination, its recipients)",
+            labelnames=["destination"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        for dest in ("local", "remote"):
+            self.latency.labels(destination=dest)  # present from the start, at zero
+
+    def observe_attempt(self, local: bool, seconds: float) -> None:
+        self.latency.labels(destination="local" if local else "remote").observe(max(0.0, seconds))
+
+    def site(self) -> server.Site:
+        root = _Root(self.registry)
+        site = MetricsSite(root)
+        site.noisy = False
+        return site
+
+    def render(self, accept: str | None = None) -> bytes:
+        encoder, _ = choose_encoder(accept or "")
+        return encoder(self.registry)
+
+
+class _MetricsPage(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request) -> bytes:
+        accept = (request.getHeader("accept") or "")
+        encoder, content_type = choose_encoder(accept)
+        registry = self.registry
+        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"))
+        if "name[]" in query:
+            registry = registry.restricted_registry(query["name[]"])
+        output = encoder(registry)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        if gzip_accepted(request.getHeader("accept-encoding") or ""):
+            output = gzip.compress(output)
+            request.setHeader(b"content-encoding", b"gzip")
+        return output
+
+
+class _Root(resource.Resource):
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__()
+        self.putChild(b"metrics", _MetricsPage(registry))
+
+    def getChild(self, path, request):
+        if path == b"":
+            return self
+        return pages.notFound("Not found", "The metrics are at /metrics.")
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"twisted-relay: Prometheus metrics at /metrics\n"
+
+
+class MetricsSite(server.Site):
+    """No access log: a scrape every 15 s would drown the mail log."""
+
+    def log(self, request) -> None:
+        pass
