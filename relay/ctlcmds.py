@@ -433,13 +433,51 @@ def cmd_route(args) -> int:
 # -- reload -------------------------------------------------------------------------------------
 
 
+def _raw_socket_path(explicit: str | None) -> str | None:
+    """The control socket named by a config file that does not load: a bad
+    config must still reach the running relay, which refuses it and logs why."""
+    import tomllib
+
+    path = configmod.find_config_file(explicit)
+    if path is None:
+        return None
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        data = {}
+    control = data.get("control")
+    sock = control.get("socket") if isinstance(control, dict) else None
+    if isinstance(sock, str) and sock:
+        return os.path.join(base, sock)
+    spool = data.get("spool")
+    return os.path.join(base, spool if isinstance(spool, str) and spool else "spool", "control.sock")
+
+
+def _reload_target(args) -> Live:
+    try:
+        cfg = _config(args)
+    except CtlError as bad:
+        sock = _raw_socket_path(args.config)
+        if sock is None:
+            raise
+        try:
+            client = cc.Client.connect(sock, _timeout())
+            client.call("Hello")
+        except cc.ControlError:
+            raise bad
+        return Live(client, sock)
+    relay = open_relay(cfg)
+    if not isinstance(relay, Live):
+        raise CtlError("the relay is not running: nothing to reload (it reads the config when it starts)")
+    return relay
+
+
 @_verb
 def cmd_reload(args) -> int:
-    cfg = _config(args)
-    relay = open_relay(cfg)
+    relay = _reload_target(args)
     try:
-        if not isinstance(relay, Live):
-            raise CtlError("the relay is not running: nothing to reload (it reads the config when it starts)")
         box = _remote(relay.client.call, "Reload", timeout=max(_timeout(), 60.0))
     finally:
         relay.close()

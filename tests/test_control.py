@@ -766,7 +766,7 @@ def test_offline_relay_waits_for_relayctl_lock(tmp):
     import threading
 
     threading.Timer(0.5, lambda: os.close(lock)).start()
-    svc._lock_fd = svc._lock_spool()
+    svc._open_spool()  # what startService does first
     try:
         assert time.monotonic() - t0 >= 0.4
     finally:

@@ -179,8 +179,12 @@ class RelayctlProcess(unittest.TestCase):
         fcntl.flock(fd, fcntl.LOCK_EX)  # what relayctl holds while it changes the spool
         try:
             self.proc.start()
-            await in_thread(poll, lambda: "is locked" in self.proc.log(), 20, what="the relay to wait")
+            # its listeners are bound (privilegedStartService); then it takes the spool lock
+            await in_thread(poll, lambda: "SMTPFactory starting on" in self.proc.log(), 20,
+                            what="the relay to bind its listeners")
             self.assertIsNone(self.proc.proc.poll())
+            self.assertNotIn("twisted-relay starting", self.proc.log())
+            self.assertFalse(os.path.exists(os.path.join(spool, "control.sock")))
         finally:
             os.close(fd)
         await in_thread(poll, lambda: RelayProcess._connectable("127.0.0.1", self.port), 20,
