@@ -363,6 +363,8 @@ class Message:
     size: int  # octets RETR sends, before dot-stuffing
     path: str  # where the file is now; updated by moves
     order: tuple = field(default=(), repr=False)
+    seen: bool = False  # has the S flag (a reader has had it)
+    queued: bool = field(default=False, repr=False)  # POP3: waiting to be marked seen
 
     @property
     def in_new(self) -> bool:
@@ -406,7 +408,9 @@ def scan(maildir: str) -> list[Message]:
                     order = (int(m.group(1)), int(m.group(2) or 0), base)
                 else:
                     order = (int(st.st_mtime), 0, base)
-                found[base] = Message(base, uidl_for(base), size, entry.path, order)
+                _, sep, info = name.partition(":")
+                seen = bool(sep) and info.startswith("2,") and "S" in info[2:]
+                found[base] = Message(base, uidl_for(base), size, entry.path, order, seen)
     msgs = sorted(found.values(), key=lambda m: m.order)
     seen: set[str] = set()
     for msg in msgs:
@@ -453,6 +457,7 @@ def mark_seen(maildir: str, msg: Message) -> str:
         name = os.path.basename(msg.path)
         target = os.path.join(maildir, "cur", _seen_name(name))
         if target == msg.path:
+            msg.seen = True
             return msg.path
         try:
             os.rename(msg.path, target)
@@ -463,6 +468,7 @@ def mark_seen(maildir: str, msg: Message) -> str:
             msg.path = where
             continue
         msg.path = target
+        msg.seen = True
         return target
     raise FileNotFoundError(errno.ENOENT, "message vanished", msg.path)
 

@@ -198,6 +198,9 @@ class Resolver:
 
     def host_hops(self, host: str, port: int, *, permanent_nxdomain: bool = False) -> defer.Deferred:
         """Deferred[list[Hop]] for a smarthost/route host; fails with DNSFailure."""
+        ip = _literal(host)
+        if ip is not None:  # no look-up, no thread
+            return defer.succeed([Hop(ip, ip, port, 0)])
         key = ("host", _norm(host), port, permanent_nxdomain)
         return self._shared(key, self.resolve_host, host, port, permanent_nxdomain=permanent_nxdomain)
 

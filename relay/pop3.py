@@ -12,11 +12,16 @@ What this module guarantees, and why:
   for the client's delayed ACK, and pipelined replies coalesce into few
   segments.  Commands are handled strictly one after another, so pipelined
   commands are answered in order even when one of them waits on a thread.
+* Speed (poplib fetches one message per round trip, so latency is all):
+  once the commands at hand are answered, a plain TCP transport is told to
+  send at once (``doWrite``) instead of on the next reactor turn; then,
+  while the client reads, the next message is read ahead and rendered, and
+  up to SEEN_INLINE retrieved messages are renamed new/ -> cur/.
 * Nothing slow runs on the reactor: password hashing, opening/listing the
-  Maildir, deleting, renaming new/ -> cur/ and reading large messages happen
-  in a thread pool (``factory.run_blocking``).  Messages up to INLINE_MAX
+  Maildir, deleting, reading large messages and bursts of renames happen in
+  a thread pool (``factory.run_blocking``).  Messages up to INLINE_MAX
   octets are read inline (a page-cache read of a few KB costs less than a
-  thread hop, and poplib retrieves one message per round trip).
+  thread hop), as are the renames above (metadata only, no fsync).
 * Large messages are streamed: the protocol is the transport's push
   producer, and reads the next chunk only when the transport has drained.
 * The mailbox is locked (flock, see relay.maildir.MailboxLock) from login
@@ -39,7 +44,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-from twisted.internet import defer, interfaces, task
+from twisted.internet import defer, interfaces, task, tcp
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -56,7 +61,8 @@ MAX_COMMAND = 255  # octets including CRLF (RFC 2449 section 4)
 MAX_SASL_LINE = 2048  # a base64 SASL response line (user + password + authzid)
 MAX_INPUT_BUFFER = 64 * 1024  # pipelined input held before we stop reading
 INLINE_MAX = 64 * 1024  # messages up to this size are read on the reactor
-SEEN_BATCH = 256  # retrieved messages moved to cur/ together, in a thread
+SEEN_BATCH = 256  # more retrieved messages than this waiting: move them in a thread
+SEEN_INLINE = 4  # moved to cur/ on the reactor after each batch of replies
 IMPLEMENTATION = "twisted-relay"
 
 _NUMBER = re.compile(rb"[0-9]{1,10}\Z")
@@ -265,6 +271,7 @@ class _Session:
         self.deleted: set[int] = set()
         self.retrieved = 0
         self.seen_queue: list[maildir.Message] = []
+        self.next_read: int | None = None  # message index to read ahead
         self.seen_job: defer.Deferred | None = None
 
     def stat(self) -> tuple[int, int]:
@@ -305,6 +312,10 @@ class POP3Server(Protocol):
         self._producing = False
         self._lost = False
         self._delay: defer.Deferred | None = None
+        self._activity = 0.0
+        self._unflushed = False
+        self._can_flush = False
+        self._prefetched: tuple[int, bytes] | None = None  # (index, RETR reply)
 
     # -- connection ---------------------------------------------------------
     def connectionMade(self) -> None:
@@ -322,6 +333,8 @@ class POP3Server(Protocol):
                 log.debug("pop3: cannot set TCP_NODELAY")
         self.transport.registerProducer(self, True)
         self._producing = True
+        self._can_flush = isinstance(self.transport, tcp.Connection)  # stays so after STLS
+        self._activity = f.reactor.seconds()
         self._timer = f.reactor.callLater(f.idle_timeout, self._timedOut)
         host = f.hostname.replace("\r", "").replace("\n", "")
         self._write(f"+OK {host} POP3 server ready\r\n".encode("utf-8", "replace"))
@@ -359,6 +372,7 @@ class POP3Server(Protocol):
     def _write(self, data: bytes) -> None:
         if not self._lost:
             self.transport.write(data)
+            self._unflushed = True
 
     def _close(self) -> None:
         """Close after the pending output (a registered producer would stall it)."""
@@ -376,11 +390,19 @@ class POP3Server(Protocol):
         self.transport.abortConnection()
 
     def _touch(self) -> None:
+        """Note activity.  The timer is not moved on every command (that is a
+        heap operation per line); _timedOut re-arms it for the time left."""
+        now = self.factory.reactor.seconds()
+        self._activity = now
         t = self._timer
-        if t is not None and t.active():
-            t.reset(self.factory.idle_timeout)
+        if t is not None and t.getTime() > now + self.factory.idle_timeout:
+            t.reset(self.factory.idle_timeout)  # the timeout was shortened meanwhile
 
     def _timedOut(self) -> None:
+        left = self._activity + self.factory.idle_timeout - self.factory.reactor.seconds()
+        if left > 0:
+            self._timer = self.factory.reactor.callLater(left, self._timedOut)
+            return
         self._timer = None
         log.info("pop3: idle timeout, closing client={client} user={user}",
                  client=self.peer, user=self.session.user if self.session else None)
@@ -412,8 +434,58 @@ class POP3Server(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        if (not self._buf and not self._discarding and not self._busy and not self._out_paused
+                and not self._processing and len(data) <= MAX_COMMAND and data[-1:] == b"\n"
+                and data.count(b"\n") == 1):
+            # The common case, one whole command per read (a client waiting
+            # for each reply): no buffering.
+            self._processing = True
+            try:
+                self._touch()
+                self._dispatch(data[:-1])
+            finally:
+                self._processing = False
+            if self._buf:  # a Deferred that fired at once may have left work
+                self._process()
+            else:
+                self._after_replies()
+            return
         self._buf += data
         self._process()
+
+    def _after_replies(self) -> None:
+        """Once a batch of commands is answered: push the replies out now and
+        read ahead the message a client fetching in order will ask for next."""
+        if self._lost or self._busy or self._out_paused or self._closing:
+            return
+        t = self.transport
+        # Twisted would send the buffered replies on its next loop turn; a
+        # client waiting for them would wait that turn too.  On a plain TCP
+        # transport (also after STLS) doWrite() sends them now.
+        if self._unflushed and self._can_flush and t.connected and not t.disconnecting:
+            self._unflushed = False
+            t.doWrite()
+        s = self.session
+        if s is not None and s.next_read is not None:
+            i, s.next_read = s.next_read, None
+            if i < len(s.msgs) and i not in s.deleted and s.msgs[i].size <= INLINE_MAX:
+                m = s.msgs[i]
+                try:
+                    data = maildir.read_message(s.path, m, INLINE_MAX + 1)
+                except OSError:
+                    return  # RETR will read again and say what is wrong
+                if len(data) <= INLINE_MAX:
+                    self._prefetched = (i, b"+OK %d octets\r\n" % m.size + _render(data, None))
+        if s is not None and s.seen_queue and s.seen_job is None:
+            # While the client reads the reply: a rename or two (no fsync; a
+            # metadata update of microseconds) costs less here than handing
+            # them to a thread, whose GIL contention would slow this loop.
+            batch, s.seen_queue = s.seen_queue[:SEEN_INLINE], s.seen_queue[SEEN_INLINE:]
+            for m in batch:
+                try:
+                    maildir.mark_seen(s.path, m)
+                except OSError as e:
+                    log.warn("pop3: cannot mark {path} as seen: {err}", path=m.path, err=str(e))  # noqa: G010
 
     def _line_limit(self) -> int:
         return MAX_SASL_LINE if self._sasl else MAX_COMMAND
@@ -458,6 +530,8 @@ class POP3Server(Protocol):
         finally:
             self._processing = False
         pending = len(self._buf) - self._pos
+        if not pending:
+            self._after_replies()
         if not self._in_paused and pending > MAX_INPUT_BUFFER and not self._closing:
             self._in_paused = True
             self.transport.pauseProducing()
@@ -491,7 +565,7 @@ class POP3Server(Protocol):
             log.failure("pop3: internal error handling a command from {client}", client=self.peer)
             self._write(b"-ERR [SYS/TEMP] Internal server error\r\n")
             return
-        if isinstance(result, defer.Deferred):
+        if result is not None:  # a Deferred (isinstance on it is an ABC check: slow)
             self._busy = True
             result.addErrback(self._internal_error)
             result.addBoth(self._finished)
@@ -515,13 +589,14 @@ class POP3Server(Protocol):
     # -- commands -------------------------------------------------------------
     def _command(self, line: bytes):
         verb, _, arg = line.partition(b" ")
-        name = verb.upper().decode("ascii", "replace")
+        verb = verb.upper()
         if self.session is None:
-            handler = self._AUTH_COMMANDS.get(name)
+            handler = self._AUTH_COMMANDS.get(verb)
         else:
-            handler = self._TRANS_COMMANDS.get(name)
+            handler = self._TRANS_COMMANDS.get(verb)
         if handler is None:
-            if name in self._AUTH_COMMANDS or name in self._TRANS_COMMANDS:
+            name = verb.decode("ascii", "replace")
+            if verb in self._AUTH_COMMANDS or verb in self._TRANS_COMMANDS:
                 state = "TRANSACTION" if self.session else "AUTHORIZATION"
                 raise _cmd_error(f"{name} is not valid in the {state} state", bad=True)
             raise _cmd_error("Unknown command", bad=True)
@@ -569,8 +644,7 @@ class POP3Server(Protocol):
 
     def do_USER(self, arg: bytes) -> None:
         if not self._login_allowed():
-            self._write(AUTH_REQUIRES_TLS_MSG)
-            return
+            raise _CommandError(AUTH_REQUIRES_TLS_MSG, bad=True)
         name = arg.strip(b" ")
         if not name:
             raise _cmd_error("Syntax: USER <address>", bad=True)
@@ -581,8 +655,7 @@ class POP3Server(Protocol):
     def do_PASS(self, arg: bytes):
         if not self._login_allowed():
             self._user = None
-            self._write(AUTH_REQUIRES_TLS_MSG)
-            return None
+            raise _CommandError(AUTH_REQUIRES_TLS_MSG, bad=True)
         if self._user is None:
             raise _cmd_error("Send USER first", bad=True)
         user, self._user = self._user, None
@@ -591,8 +664,7 @@ class POP3Server(Protocol):
     def do_AUTH(self, arg: bytes):
         parts = arg.split(None, 1)
         if not self._login_allowed():
-            self._write(AUTH_REQUIRES_TLS_MSG)
-            return None
+            raise _CommandError(AUTH_REQUIRES_TLS_MSG, bad=True)
         if not parts:
             # The pre-RFC 5034 form: list the mechanisms.
             self._write(b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n")
@@ -650,7 +722,8 @@ class POP3Server(Protocol):
             pw = password.decode("utf-8") if password is not None else None
         except (AddressError, UnicodeDecodeError) as e:
             log.info("pop3: login failed client={client} user={user} method={method}: {why}",
-                     client=self.peer, user=name, method=method, why=str(e))
+                     client=self.peer, user=name[:128].encode("unicode_escape").decode("ascii"),
+                     method=method, why=str(e).encode("unicode_escape").decode("ascii"))
             return self._failed_login(started)
         if pw is None:
             log.info("pop3: login failed client={client} user={user} method={method}: "
@@ -714,9 +787,10 @@ class POP3Server(Protocol):
     def _msg(self, arg: bytes, allow_deleted: bool = False) -> tuple[int, maildir.Message]:
         s = self.session
         assert s is not None
-        arg = arg.strip(b" ")
-        if not _NUMBER.match(arg):
-            raise _cmd_error("Invalid message number", bad=True)
+        if not (arg.isdigit() and len(arg) <= 10):
+            arg = arg.strip(b" ")
+            if not _NUMBER.match(arg):
+                raise _cmd_error("Invalid message number", bad=True)
         n = int(arg)
         if not 1 <= n <= len(s.msgs):
             raise _cmd_error(f"No such message {n}")
@@ -781,6 +855,13 @@ class POP3Server(Protocol):
         s = self.session
         head = b"+OK %d octets\r\n" % m.size if top is None else b"+OK Top of message follows\r\n"
         if m.size <= INLINE_MAX:
+            pre, self._prefetched = self._prefetched, None
+            if top is None:
+                s.next_read = i + 1
+                if pre is not None and pre[0] == i:
+                    self._write(pre[1])
+                    self._retrieved(m, top)
+                    return None
             try:
                 data = maildir.read_message(s.path, m, INLINE_MAX + 1)
             except FileNotFoundError:
@@ -829,10 +910,11 @@ class POP3Server(Protocol):
         if s is None:
             return
         s.retrieved += 1
-        if not _has_flag(m.path, "S"):
+        if not m.seen and not m.queued:
+            m.queued = True
             s.seen_queue.append(m)
             if s.seen_job is None and len(s.seen_queue) >= SEEN_BATCH:
-                self._run_seen(s)
+                self._run_seen(s)  # a pipelined burst: move them in a thread
 
     def _run_seen(self, s: _Session) -> None:
         """Move retrieved messages to cur/ with the S flag, in a thread, in batches."""
@@ -908,20 +990,15 @@ class POP3Server(Protocol):
         # Renames to cur/ still running in a thread finish before the lock goes.
         self._seen_idle(s).addBoth(lambda _: s.lock.release())
 
-    _AUTH_COMMANDS: ClassVar[dict[str, Callable]] = {
-        "CAPA": do_CAPA, "USER": do_USER, "PASS": do_PASS, "AUTH": do_AUTH,
-        "STLS": do_STLS, "QUIT": do_QUIT, "NOOP": do_NOOP, "APOP": do_APOP,
+    _AUTH_COMMANDS: ClassVar[dict[bytes, Callable]] = {
+        b"CAPA": do_CAPA, b"USER": do_USER, b"PASS": do_PASS, b"AUTH": do_AUTH,
+        b"STLS": do_STLS, b"QUIT": do_QUIT, b"NOOP": do_NOOP, b"APOP": do_APOP,
     }
-    _TRANS_COMMANDS: ClassVar[dict[str, Callable]] = {
-        "CAPA": do_CAPA, "STAT": do_STAT, "LIST": do_LIST, "UIDL": do_UIDL,
-        "TOP": do_TOP, "RETR": do_RETR, "DELE": do_DELE, "RSET": do_RSET,
-        "NOOP": do_NOOP, "QUIT": do_QUIT,
+    _TRANS_COMMANDS: ClassVar[dict[bytes, Callable]] = {
+        b"CAPA": do_CAPA, b"STAT": do_STAT, b"LIST": do_LIST, b"UIDL": do_UIDL,
+        b"TOP": do_TOP, b"RETR": do_RETR, b"DELE": do_DELE, b"RSET": do_RSET,
+        b"NOOP": do_NOOP, b"QUIT": do_QUIT,
     }
-
-
-def _has_flag(path: str, flag: str) -> bool:
-    _, sep, info = path.rpartition(":")
-    return bool(sep) and info.startswith("2,") and flag in info[2:]
 
 
 def _check_and_open(userdb: UserDB, user: str, password: str, root: str, domain: str, local: str):

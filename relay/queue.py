@@ -390,7 +390,7 @@ class QueueManager:
 
     def _note_destination(self, key: str, outcomes) -> None:
         """No hop answered (connection refused, timeouts, DNS): mark it dead."""
-        if outcomes and all(o.kind == "deferred" and not o.remote and o.relay == "none" for o in outcomes):
+        if outcomes and all(o.kind == "deferred" and not o.remote for o in outcomes):
             window = min(self.config.delivery.retry_min, DEAD_WINDOW)
             self.dead[key] = (self.now() + window, outcomes[0].reply)
         else:

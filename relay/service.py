@@ -344,6 +344,7 @@ class RelayService(service.MultiService):
             close = getattr(f, "close_sessions", None)
             if close is not None:
                 close()
+        self.aspool.stock.close()
         self.disk.stop()
         self.dns_pool.stop()
         if self._lock_fd is not None:

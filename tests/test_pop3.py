@@ -185,6 +185,32 @@ class TransactionTests(Base):
         lines, _octets = await self.run_client(client)
         self.assertEqual(b"\r\n".join(lines) + b"\r\n", PREFIX + MSG)
 
+    async def test_retrieval_in_and_out_of_order(self):
+        """The read-ahead of the next message never serves the wrong one."""
+        bodies = [b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i) for i in range(1, 6)]
+        for b in bodies:
+            self.deliver(b)
+
+        def client():
+            c = self.login()
+            got = {}
+            for n in (1, 2, 3, 5, 4, 1, 2):
+                got.setdefault(n, []).append(b"\r\n".join(c.retr(n)[1]) + b"\r\n")
+            c.dele(4)
+            try:
+                c.retr(4)
+                r = b"retrieved a deleted message"
+            except poplib.error_proto as e:
+                r = err(e)
+            c.quit()
+            return got, r
+
+        got, r = await self.run_client(client)
+        for n, texts in got.items():
+            for t in texts:
+                self.assertEqual(t, bodies[n - 1])
+        self.assertEqual(r, b"-ERR Message 4 is deleted")
+
     async def test_top(self):
         self.deliver(MSG, prefix=PREFIX)
         self.deliver(b"A: 1\r\nB: 2\r\n")  # headers only, no body

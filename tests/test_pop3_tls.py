@@ -97,6 +97,28 @@ class STLSTests(STLSBase):
         self.assertTrue(again.startswith(b"-ERR STLS is not valid in the TRANSACTION state"))
         self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
 
+    async def test_large_message_and_pipelining_inside_tls(self):
+        big = b"Subject: big\r\n\r\n" + b"".join(b".%06d " % i + b"z" * 70 + b"\r\n" for i in range(40_000))
+        self.deliver(big)
+        self.deliver(MSG)
+
+        def client():
+            c = self.pop()
+            c.stls(client_ctx())
+            c.user(ALICE)
+            c.pass_(PASSWORDS[ALICE])
+            got = b"\r\n".join(c.retr(1)[1]) + b"\r\n"
+            c.sock.sendall(b"RETR 2\r\nNOOP\r\n")  # pipelined inside TLS
+            first = c._getlongresp()
+            second = c._getresp()
+            c.quit()
+            return got, first, second
+
+        got, first, second = await self.run_client(client)
+        self.assertEqual(got, big)
+        self.assertEqual(b"\r\n".join(first[1]) + b"\r\n", MSG)
+        self.assertEqual(second, b"+OK")
+
     async def test_stls_twice_refused(self):
         def client():
             c = self.pop()
@@ -195,20 +217,27 @@ class ImplicitTLSTests(POP3ServerMixin, unittest.TestCase):
 
     async def test_login_over_implicit_tls(self):
         self.deliver(MSG)
+        big = b"Subject: big\r\n\r\n" + b"w" * 78 * 30_000 + b"\r\n"  # one 2 MB line: streamed
+        self.deliver(big)
 
         def client():
             c = poplib.POP3_SSL("127.0.0.1", self.portno, context=client_ctx(), timeout=10)
+            poplib._MAXLINE = 1 << 22
             capa = c.capa()
             c.user(ALICE)
             c.pass_(PASSWORDS[ALICE])
             lines = c.retr(1)[1]
+            big_lines = c.retr(2)[1]
             c.quit()
-            return capa, lines
+            return capa, lines, big_lines
 
-        capa, lines = await self.run_client(client)
+        maxline = poplib._MAXLINE
+        self.addCleanup(setattr, poplib, "_MAXLINE", maxline)
+        capa, lines, big_lines = await self.run_client(client)
         self.assertNotIn("STLS", capa)
         self.assertIn("USER", capa)
         self.assertEqual(b"\r\n".join(lines) + b"\r\n", MSG)
+        self.assertEqual(b"\r\n".join(big_lines) + b"\r\n", big)
 
     async def test_plaintext_client_on_tls_port_gets_nothing(self):
         def client():

@@ -170,7 +170,7 @@ class FlowControlTests(Harness):
         def boom(self, arg):
             raise RuntimeError("bug")
 
-        self.patch(pop3.POP3Server, "_AUTH_COMMANDS", dict(pop3.POP3Server._AUTH_COMMANDS, NOOP=boom))
+        self.patch(pop3.POP3Server, "_AUTH_COMMANDS", {**pop3.POP3Server._AUTH_COMMANDS, b"NOOP": boom})
         p.dataReceived(b"NOOP\r\nCAPA\r\n")
         self.assertTrue(t.value().startswith(b"-ERR [SYS/TEMP] Internal server error\r\n+OK Capability"))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

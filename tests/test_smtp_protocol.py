@@ -31,7 +31,7 @@ class Harness(unittest.TestCase):
         })
         sp = spoolmod.Spool(self.cfg.spool)
         sp.create()
-        self.disk = DiskPool(self.clock)
+        self.disk = DiskPool(self.clock, inline=True)
         pol = policymod.Policy(("local.test",), (), self.cfg.relay.networks,
                                user_exists=lambda a: a == "alice@local.test", alias_exists=lambda a: False)
         self.ctx = ServerContext(config=self.cfg, policy=pol, spool=AsyncSpool(sp, self.disk),
@@ -91,7 +91,7 @@ class Timeouts(Harness):
         p.connectionLost(None)
         import os
 
-        self.assertEqual(os.listdir(self.ctx.spool.spool.incoming_dir), [])
+        self.assertEqual(self.ctx.spool.spool.incoming_leftovers(), [])
         self.assertEqual(self.ctx.connections, {})
 
 

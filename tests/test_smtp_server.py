@@ -158,7 +158,7 @@ class Queueing(RelayTestCase):
         self.assertEqual(data.count(b"Received:"), 1)
         received_end = data.index(b"\r\n", data.index(b"+0000") if b"+0000" in data else 0) + 2
         self.assertEqual(data[received_end:], body)
-        self.assertFalse(os.listdir(self.relay.service.spool.incoming_dir))
+        self.assertFalse(self.relay.service.spool.incoming_leftovers())
 
     async def test_ids_unique_and_sortable(self):
         def send():
@@ -333,7 +333,7 @@ class Limits(RelayTestCase):
         self.assertTrue(r.lines[0].startswith("5.3.4"))
         self.assertEqual(noop.code, 250)
         self.assertEqual(queued_files(self.relay), [])
-        self.assertEqual(os.listdir(self.relay.service.spool.incoming_dir), [])
+        self.assertEqual(self.relay.service.spool.incoming_leftovers(), [])
 
     async def test_too_many_recipients(self):
         def fn(c):
@@ -519,5 +519,5 @@ class SpoolFailures(RelayTestCase):
         r = await self.session(fn)
         os.rename(q + ".away", q)
         self.assertEqual(r.code, 452)
-        self.assertEqual(os.listdir(self.relay.service.spool.incoming_dir), [])
+        self.assertEqual(self.relay.service.spool.incoming_leftovers(), [])
         self.assertEqual(queued_files(self.relay), [])

@@ -571,7 +571,7 @@ class SMTPServer(Protocol):
             },
         )
         try:
-            self.incoming = self.ctx.spool.spool.incoming(env)
+            self.incoming = self.ctx.spool.incoming(env)
             self.incoming.write(self._received_header(qid))
         except OSError as e:
             log.error("{queue_id}: cannot create spool file: {error}", queue_id=qid, error=str(e))

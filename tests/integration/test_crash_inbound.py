@@ -96,4 +96,4 @@ def _run_cycles(relay, port, acked, lock, sp):
                 msg = f.read()
             body = strip_received(msg)
             assert hashlib.sha256(body).hexdigest() == digest, qid
-        assert os.listdir(sp.incoming_dir) == []
+        assert sp.incoming_leftovers() == []

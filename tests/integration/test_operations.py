@@ -88,7 +88,7 @@ def test_sigterm_with_a_stalled_client_exits_within_bound(tmp_path):
         relay.proc.wait(20)
         assert time.monotonic() - t0 < 30
         sp = spoolmod.Spool(relay.data["spool"])
-        assert sp.queue_ids() == [] and os.listdir(sp.incoming_dir) == []
+        assert sp.queue_ids() == [] and sp.incoming_leftovers() == []
     finally:
         relay.stop()
 
