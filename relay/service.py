@@ -91,6 +91,7 @@ class RelayService(service.MultiService):
             self._build_queue(config)
         self._build_pickup(config)  # relay-sendmail's drop directory (relay/pickup.py)
         self._build_metrics(config)  # [metrics] (relay/metrics.py)
+        self._build_control()  # relayctl's control socket (relay/control.py)
         self._refresher = task.LoopingCall(self._refresh_files)
         self._refresher.clock = self.reactor
 
@@ -207,6 +208,13 @@ class RelayService(service.MultiService):
                 raise StartupError(f"{config.source}: metrics.listen: {desc!r} is an ssl: endpoint without "
                                    "privateKey=, so it needs tls.certificate and tls.key")
             self._listen(desc, self.metrics.site(), f"metrics {desc}")
+
+    def _build_control(self) -> None:
+        """The control socket relayctl talks to (relay.control)."""
+        from relay.control import ControlService
+
+        self.control = ControlService(self, self.config.control_socket, self.reactor)
+        self.control.setServiceParent(self)
 
     # -- start / stop ----------------------------------------------------------
     def privilegedStartService(self) -> None:
