@@ -5,9 +5,10 @@ Python's poplib logs in and the timed part is LIST + RETR of every message +
 QUIT, one session.  Each run gets a fresh copy of the Maildir (all mail in
 new/) and an untimed warm-up login (STAT, QUIT) first, so both servers are
 measured on a mailbox they have seen once (Dovecot builds its index then).
-Figures are medians of --runs runs.  Everything listens on 127.0.0.1.
+Figures are medians of --runs runs.  Everything listens on --host (127.0.0.1).
 
     python bench/pop3_bench.py [--messages 1000] [--size 2048] [--runs 5] [--no-dovecot]
+                               [--host 127.0.0.1] [--json FILE]
 
 Dovecot (Debian: dovecot-pop3d) is installed with apt-get when missing and
 when running as root (--no-install to skip); it runs from a private config
@@ -17,6 +18,7 @@ in a temporary directory, mail owned by "nobody".
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import poplib
 import pwd
@@ -31,13 +33,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+HOST = "127.0.0.1"  # where both servers listen (--host)
 USER = "alice@example.org"
 PASSWORD = "bench-password"
 
 
 def free_port() -> int:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind((HOST, 0))
     port = s.getsockname()[1]
     s.close()
     return port
@@ -49,11 +52,11 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection((HOST, port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+    raise RuntimeError(f"nothing listens on {HOST}:{port} after {timeout}s")
 
 
 def make_mailbox(root: str, n: int, size: int) -> str:
@@ -74,7 +77,7 @@ def make_mailbox(root: str, n: int, size: int) -> str:
 
 
 def session(port: int, timed: bool) -> tuple[float, int]:
-    c = poplib.POP3("127.0.0.1", port, timeout=60)
+    c = poplib.POP3(HOST, port, timeout=60)
     c.user(USER)
     c.pass_(PASSWORD)
     if not timed:
@@ -95,7 +98,7 @@ def session(port: int, timed: bool) -> tuple[float, int]:
 
 
 def serve(root: str, users: str, port: int) -> None:
-    """Subprocess mode: run our POP3 server on 127.0.0.1:port until killed."""
+    """Subprocess mode: run our POP3 server on HOST:port until killed."""
     from twisted.internet import reactor
 
     from relay import pop3
@@ -103,7 +106,7 @@ def serve(root: str, users: str, port: int) -> None:
 
     f = pop3.POP3Factory(hostname="bench.example.org", mailbox_root=root,
                          local_domains=["example.org"], userdb=UserDB(users))
-    reactor.listenTCP(port, f, interface="127.0.0.1")
+    reactor.listenTCP(port, f, interface=HOST)
     reactor.run()
 
 
@@ -126,7 +129,7 @@ class OurServer:
             shutil.copytree(template, os.path.join(root, "example.org", "alice"))
         port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve", root, self.users, str(port)])
+            [sys.executable, os.path.abspath(__file__), "--host", HOST, "--serve", root, self.users, str(port)])
         wait_port(port, self.proc)
         return port
 
@@ -200,7 +203,7 @@ base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 protocols = pop3
-listen = 127.0.0.1
+listen = {HOST}
 ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain
@@ -216,7 +219,7 @@ userdb {{
 }}
 service pop3-login {{
   inet_listener pop3 {{
-    address = 127.0.0.1
+    address = {HOST}
     port = {port}
   }}
 }}
@@ -276,7 +279,7 @@ def large_message(workdir: str, mb: int) -> tuple[float, int, int]:
     srv = OurServer(workdir)
     port = srv.start(None, root=root)
     try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        s = socket.create_connection((HOST, port), timeout=60)
         f = s.makefile("rb")
         f.readline()
         s.sendall(f"USER {USER}\r\nPASS {PASSWORD}\r\n".encode())
@@ -307,6 +310,7 @@ def large_message(workdir: str, mb: int) -> tuple[float, int, int]:
 
 
 def main() -> int:
+    global HOST
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=1000)
     ap.add_argument("--size", type=int, default=2048)
@@ -315,8 +319,11 @@ def main() -> int:
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument("--large-mb", type=int, default=0,
                     help="also RETR one message of this many MB and report the server's peak RSS growth")
+    ap.add_argument("--host", default=HOST, help="the loopback address both servers listen on")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON (for bench/run.py)")
     ap.add_argument("--serve", nargs=3, metavar=("ROOT", "USERS", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    HOST = args.host
     if args.serve:
         serve(args.serve[0], args.serve[1], int(args.serve[2]))
         return 0
@@ -334,12 +341,14 @@ def main() -> int:
                 except (RuntimeError, OSError, KeyError) as e:
                     print(f"Dovecot cannot run here: {e}", file=sys.stderr)
         results: dict[str, list[tuple[float, int]]] = {srv.name: [] for srv in servers}
+        errors: dict[str, str] = {}
         for _ in range(args.runs):  # interleaved, so load changes hit both alike
             for srv in list(servers):
                 try:
                     results[srv.name].append(measure(srv, template))
                 except (RuntimeError, OSError, poplib.error_proto) as e:
                     print(f"{srv.name} failed: {e}", file=sys.stderr)
+                    errors[srv.name] = str(e)
                     servers.remove(srv)
         rows = [(name, res) for name, res in results.items() if res]
         peer = len(rows) > 1
@@ -361,6 +370,13 @@ def main() -> int:
             names = list(rates)
             print(f"ratio ours/dovecot (median msg/s): {rates[names[0]] / rates[names[1]]:.2f}"
                   "   (the machine is shared: compare runs taken side by side)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"messages": args.messages, "size": args.size, "runs": args.runs,
+                           "servers": {name: {"seconds": [t for t, _ in res], "listed": [n for _, n in res],
+                                              "ours": name == OurServer.name}
+                                       for name, res in results.items()},
+                           "errors": errors}, f, indent=1)
         if args.large_mb:
             secs, octets, growth = large_message(workdir, args.large_mb)
             print(f"large message: RETR of {octets / 1e6:.0f} MB in {secs:.2f} s "

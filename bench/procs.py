@@ -1,0 +1,342 @@
+"""Processes the benchmark starts, and what they cost.
+
+Every child runs in its own session (so its own process group): one
+``killpg`` stops it and everything it forked (Postfix's master and its
+daemons, Dovecot and its login processes), and the registry stops them all
+on the way out, after an error or Ctrl-C too.  CPU and memory come from
+/proc, so no extra package is needed: a process tree's CPU is the sum over
+its live members of user+system time plus the time of the children they
+have already reaped (cutime/cstime), which is how Postfix's short-lived
+smtpd/cleanup/smtp processes stay counted after they exit.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """A benchmark could not be measured (the message says why)."""
+
+
+# -- starting and stopping ---------------------------------------------------------
+
+
+class Registry:
+    """Every process started, so that all of them are stopped at the end."""
+
+    def __init__(self) -> None:
+        self._procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
+        kw.setdefault("start_new_session", True)
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        p = subprocess.Popen(argv, **kw)
+        self._procs.append((name, p))
+        return p
+
+    def stop(self, p: subprocess.Popen, timeout: float = 30.0, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM to the leader (a graceful stop), then SIGKILL to the whole group."""
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_group(p.pid)
+        if p.poll() is None:
+            p.wait(10)
+        self._procs = [(n, q) for n, q in self._procs if q is not p]
+
+    def stop_all(self) -> None:
+        for _name, p in reversed(list(self._procs)):
+            try:
+                self.stop(p, timeout=10)
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                kill_group(p.pid)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a process group (members may outlive the leader)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def raise_nofile(limit: int = 65536) -> int:
+    """Raise RLIMIT_NOFILE for us and the children we start (1000 idle sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, limit)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# -- /proc ---------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # fields after "pid (comm) ": index 0 is field 3 (state) of proc(5)
+    return data[data.rindex(b")") + 2:].split()
+
+
+def ppid_map() -> dict[int, int]:
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None:
+                out[int(name)] = int(st[1])
+    return out
+
+
+def descendants(root: int, pmap: dict[int, int] | None = None) -> list[int]:
+    pmap = ppid_map() if pmap is None else pmap
+    children: dict[int, list[int]] = {}
+    for pid, ppid in pmap.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@dataclass
+class TreeCPU:
+    seconds: float  # user+system of the tree, reaped children included
+    processes: int  # live processes in the tree (root included)
+
+
+def tree_cpu(root: int) -> TreeCPU:
+    """CPU seconds of a process and all its descendants, live and reaped.
+
+    Live members count utime+stime (all their threads); each member's
+    cutime+cstime holds the children it has already waited for.
+    """
+    total = 0
+    n = 0
+    for pid in [root, *descendants(root)]:
+        st = _stat(pid)
+        if st is None:
+            continue
+        n += 1
+        total += int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])
+    return TreeCPU(total / CLK_TCK, n)
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds of one process (all threads), its reaped children included."""
+    st = _stat(pid)
+    if st is None:
+        return 0.0
+    return (int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])) / CLK_TCK
+
+
+def system_busy() -> float:
+    """Busy CPU seconds of the whole machine (all cores) since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def children_cpu() -> float:
+    """CPU seconds of the children this process has reaped (smtp-source runs)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A kB figure from /proc/PID/status: VmRSS, VmHWM..."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"no {field} in /proc/{pid}/status")
+
+
+def threads(pid: int) -> int:
+    return status_kb(pid, "Threads")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0, needs the right to write clear_refs)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def wait_idle(pid_cpu, *, window: float = 0.5, threshold: float = 0.01, timeout: float = 120.0) -> float:
+    """Wait until a process tree uses less than threshold CPU seconds in window;
+    returns the seconds waited.  ``pid_cpu`` is a callable giving CPU seconds."""
+    t0 = time.monotonic()
+    last = pid_cpu()
+    while time.monotonic() - t0 < timeout:
+        time.sleep(window)
+        now = pid_cpu()
+        if now - last < threshold:
+            return time.monotonic() - t0
+        last = now
+    raise BenchError(f"the relay did not become idle within {timeout:.0f}s")
+
+
+# -- cgroups: an exact CPU total for a server and every process it ever forked ------------
+
+
+class CpuCgroup:
+    """A cgroup of our own holding one server (cgroup v2's cpu.stat, else v1's
+    cpuacct).  Processes are put in it by a shell wrapper before the server's
+    exec, so nothing it forks escapes; the kernel sums their CPU even after
+    they exit.  ``create`` returns None where cgroups are not writable."""
+
+    def __init__(self, path: str, version: int):
+        self.path, self.version = path, version
+
+    @classmethod
+    def create(cls, name: str) -> "CpuCgroup | None":
+        for mount, version in _cgroup_mounts():
+            path = os.path.join(mount, f"relaybench-{os.getpid()}-{name}")
+            try:
+                os.mkdir(path)
+                cg = cls(path, version)
+                cg.usage()
+                return cg
+            except OSError:
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+        return None
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """argv run inside this cgroup: the shell joins it, then execs the server."""
+        procs = os.path.join(self.path, "cgroup.procs")
+        return ["/bin/sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *argv]
+
+    def usage(self) -> float:
+        """CPU seconds of every process that has been in the cgroup."""
+        if self.version == 2:
+            with open(os.path.join(self.path, "cpu.stat")) as f:
+                for line in f:
+                    if line.startswith("usage_usec "):
+                        return int(line.split()[1]) / 1e6
+            raise OSError("no usage_usec in cpu.stat")
+        with open(os.path.join(self.path, "cpuacct.usage")) as f:
+            return int(f.read()) / 1e9
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                with open(os.path.join(self.path, "cgroup.procs")) as f:
+                    for pid in f.read().split():
+                        try:
+                            os.kill(int(pid), signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                time.sleep(0.1)
+
+
+def remove_our_cgroups() -> None:
+    """Remove every cgroup this run made (after an error left some behind)."""
+    for mount, version in _cgroup_mounts():
+        try:
+            names = os.listdir(mount)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(f"relaybench-{os.getpid()}-"):
+                CpuCgroup(os.path.join(mount, name), version).remove()
+
+
+def _cgroup_mounts() -> list[tuple[str, int]]:
+    v2, v1 = [], []
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if parts[2] == "cgroup2":
+                    v2.append((parts[1], 2))
+                elif parts[2] == "cgroup" and "cpuacct" in parts[3].split(","):
+                    v1.append((parts[1], 1))
+    except OSError:
+        pass
+    return v2 + v1
+
+
+# -- sockets ---------------------------------------------------------------------------
+
+
+def free_port(addr: str) -> int:
+    """A port nobody listens on at addr now (bound and released)."""
+    s = socket.socket()
+    s.bind((addr, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def read_banner(addr: str, port: int, timeout: float = 10.0, source: str | None = None) -> float:
+    """Seconds from connect() to a complete 220 banner line."""
+    t0 = time.perf_counter()
+    with socket.create_connection((addr, port), timeout=timeout,
+                                  source_address=(source, 0) if source else None) as s:
+        buf = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise BenchError(f"{addr}:{port} closed the connection before its banner")
+            buf += chunk
+            if any(not line.startswith(b"220-") for line in buf.split(b"\n")[:-1]):
+                break  # the last line of a (possibly multi-line) greeting
+        dt = time.perf_counter() - t0
+        if not buf.startswith(b"220"):
+            raise BenchError(f"{addr}:{port} greeted with {buf[:80]!r}")
+        try:
+            s.sendall(b"QUIT\r\n")
+        except OSError:
+            pass
+    return dt
+
+
+def wait_banner(addr: str, port: int, proc: subprocess.Popen, timeout: float = 60.0, what: str = "server") -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with status {proc.returncode} before listening on {addr}:{port}")
+        try:
+            read_banner(addr, port, timeout=5)
+            return
+        except (OSError, BenchError) as e:
+            last = e
+            time.sleep(0.05)
+    raise BenchError(f"{what}: no SMTP banner on {addr}:{port} after {timeout:.0f}s ({last})")
