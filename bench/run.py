@@ -143,6 +143,9 @@ def build_rows(res: dict, errors: dict, p: sc.Params, peer_names: dict) -> list[
                         None, target="< 100 MB", met=lambda o, r: o < 100, digits=1, error=e))
         rows.append(Row("4. banner wait of a new client (median)", "ms", [r["banner_ms"] for r in idl], None,
                         target="< 100 ms", met=lambda o, r: o < 100, digits=1, error=e))
+        if idl:
+            rows.append(Row(f"4. burst: {idl[0]['burst']} connects at once, banner within 10 s", "clients",
+                            [r["burst_banners_10s"] for r in idl], None, error=e))
     if "spool" in res or "spool" in errors:
         e = errors.get("spool")
         sp = res.get("spool", {}).get("ours", [])

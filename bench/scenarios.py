@@ -268,10 +268,11 @@ def large_run(ctx: Ctx, i: int) -> dict:
 # -- 4: 1000 idle connections ------------------------------------------------------------
 
 
-def open_idle(addr: str, port: int, n: int, sources: list[str], batch: int = 100,
+def open_idle(addr: str, port: int, n: int, sources: list[str], batch: int = 40,
               timeout: float = 120.0) -> list[socket.socket]:
     """n connections that read their banner and then say nothing, from several
-    source addresses, opened batch at a time (the listen backlog is finite)."""
+    source addresses, opened batch at a time: below the relay's listen backlog
+    (Twisted's default, 50), which a burst overflows (see burst())."""
     socks: list[socket.socket] = []
     sel = selectors.DefaultSelector()
     deadline = time.monotonic() + timeout
@@ -314,6 +315,58 @@ def open_idle(addr: str, port: int, n: int, sources: list[str], batch: int = 100
         sel.close()
 
 
+def burst(addr: str, port: int, n: int, sources: list[str], wait: float = 10.0) -> int:
+    """n connects at once: how many get their banner within wait seconds.  When
+    the listen queue overflows, Linux (with SYN cookies) may complete the
+    handshake on the client side only: such a client waits for a banner that
+    never comes, until its own timeout."""
+    socks = []
+    sel = selectors.DefaultSelector()
+    try:
+        for k in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            s.bind((sources[k % len(sources)], 0))
+            s.connect_ex((addr, port))
+            socks.append(s)
+            sel.register(s, selectors.EVENT_READ, bytearray())
+        got = 0
+        deadline = time.monotonic() + wait
+        while got < n and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+                try:
+                    chunk = key.fileobj.recv(4096)
+                except OSError:
+                    chunk = b""
+                key.data.extend(chunk)
+                if not chunk or b"\n" in key.data:
+                    if key.data.startswith(b"220"):
+                        got += 1
+                    sel.unregister(key.fileobj)
+        return got
+    finally:
+        sel.close()
+        for s in socks:
+            s.close()
+
+
+def _listen_backlog(addr: str, port: int) -> int | None:
+    """The listening socket's backlog as ss(8) reports it (Send-Q of a LISTEN socket)."""
+    try:
+        out = subprocess.run(["ss", "-Hltn", f"src {addr}:{port}"], capture_output=True, text=True,
+                             timeout=10).stdout.split()
+        return int(out[2]) if len(out) > 2 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def _smtp_sessions(relay: OurRelay) -> int | None:
+    st = relay.relayctl("status", "--json", timeout=60)
+    if st.returncode != 0:
+        return None
+    return json.loads(st.stdout).get("sessions", {}).get("smtp")
+
+
 def idle_run(ctx: Ctx, i: int) -> dict:
     n = ctx.p.idle
     d = os.path.join(ctx.work, f"idle-{i}")
@@ -336,13 +389,16 @@ def idle_run(ctx: Ctx, i: int) -> dict:
         for _ in range(ctx.p.probes):
             probes.append(read_banner(OURS, relay.port, source=PROBE_SOURCE) * 1000)
             time.sleep(0.1)
-        st = relay.relayctl("status", "--json", timeout=60)
-        sessions = None
-        if st.returncode == 0:
-            sessions = json.loads(st.stdout).get("sessions", {}).get("smtp")
+        sessions = _smtp_sessions(relay)
         rss2 = relay.rss_kb()
         if sessions is not None and sessions < n:
             raise BenchError(f"the relay reports {sessions} SMTP sessions with {n} idle connections open")
+        for s in socks:
+            s.close()
+        socks = []
+        wait_for(lambda: _smtp_sessions(relay) == 0, 60, "the idle sessions to close", interval=0.5)
+        burst_n = min(n, 500)
+        burst_got = burst(OURS, relay.port, burst_n, IDLE_SOURCES)
         return {
             "rss_mb": max(rss1, rss2) / 1024,
             "rss_before_mb": rss0 / 1024,
@@ -352,6 +408,9 @@ def idle_run(ctx: Ctx, i: int) -> dict:
             "probes_ms": probes,
             "open_seconds": t_open,
             "sessions_reported": sessions,
+            "listen_backlog": _listen_backlog(OURS, relay.port),
+            "burst": burst_n,
+            "burst_banners_10s": burst_got,
         }
     finally:
         for s in socks:
