@@ -52,11 +52,13 @@ class Sink:
     completes; a thread reads that so the benchmark knows when all mail is in."""
 
     _MESG = re.compile(rb"mesg=(\d+)")
+    _SESS = re.compile(rb"sess=(\d+)")
 
     def __init__(self, reg: Registry, env: Env, addr: str):
         self.reg, self.env, self.addr = reg, env, addr
         self.port = 0
         self.count = 0
+        self.sessions = 0  # SMTP sessions the sink has seen (connection reuse shows here)
         self.changed = time.monotonic()
         self._cond = threading.Condition()
         self.proc: subprocess.Popen | None = None
@@ -78,6 +80,9 @@ class Sink:
             if not chunk:
                 break
             found = self._MESG.findall(tail + chunk)
+            sess = self._SESS.findall(tail + chunk)
+            if sess:
+                self.sessions = int(sess[-1])
             tail = chunk[-32:]
             if found:
                 n = int(found[-1])

@@ -173,6 +173,7 @@ def relay_run(ctx: Ctx, kind: str, accept: bool, i: int, profile: str | None = N
             "settle_seconds": settle,
             "processes": relay.processes(),
             "queued_after": relay.queued(),
+            "sink_sessions": sink.sessions if sink else 0,
             "cgroup": relay.cg is not None,
         }
         if kind == "ours":
