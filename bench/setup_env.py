@@ -177,7 +177,7 @@ def disk_of(path: str) -> str:
             extra = f"; {cand}: {'rotational' if rot == '1' else 'non-rotational' if rot == '0' else '?'}" + \
                     (f", model {model}" if model else "")
             break
-    return info + extra
+    return " ".join(info.split()) + extra
 
 
 def machine(work: str) -> dict:
