@@ -177,7 +177,10 @@ def run_all(ctx: sc.Ctx, only: list[str], peer: bool, profile: str | None) -> tu
     errors: dict = {}
     extra: dict = {}
 
+    extra["load"] = {}
+
     def attempt(bench: str, fn: Callable[[], None]) -> None:
+        extra["load"][bench] = os.getloadavg()[0]
         try:
             fn()
         except (BenchError, OSError, ValueError, RuntimeError) as e:
@@ -280,7 +283,8 @@ def results_md(rows: list[Row], res: dict, errors: dict, extra: dict, meta: dict
            f"virtualization: {m['virtualization']}",
            f"- Spool and Postfix queue: {meta['work']} on {m['disk']}",
            f"- Load average at the start: {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}; at the end: "
-           f"{la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f} (other work shares this machine)",
+           f"{la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f} (other work shares this machine); 1-minute load when "
+           "each benchmark began: " + ", ".join(f"{b} {x:.2f}" for b, x in extra.get("load", {}).items()),
            f"- Versions: Python {v['python']}, Twisted {v['twisted']}, Postfix {v['postfix']}, "
            f"Dovecot {v['dovecot']}, twisted-relay {v['twisted-relay']}",
            f"- Runs: median of {meta['runs']} (each figure below); ratio = ours / peer",
@@ -321,7 +325,7 @@ CPU_CHECK = """
 Medians per message, ms.  `relay` is the figure in the table (cgroup); `tree` the /proc sum
 over the relay's process tree; `machine` all busy CPU of the machine; `rest` = machine -
 relay - smtp-source - smtp-sink - this harness: the kernel's softirq work for loopback
-traffic and other users of the machine.  For Postfix `tree` comes out lower than `relay`:
+traffic and other users of the machine.  For Postfix `tree` can come out lower than `relay`:
 /proc counts each process in whole clock ticks (10 ms), and a run has dozens of short-lived
 smtpd, cleanup and smtp processes; the cgroup counts nanoseconds.
 """

@@ -80,7 +80,8 @@ def install_packages(say) -> list[str]:
         if made_policy:
             os.unlink(POLICY_RC)
     if "dovecot-pop3d" in pkgs and shutil.which("systemctl") and os.path.isdir("/run/systemd/system"):
-        _run(["systemctl", "disable", "--now", "dovecot.service", "dovecot.socket"], check=False)
+        for unit in ("dovecot.socket", "dovecot.service"):  # the socket unit may not exist
+            _run(["systemctl", "disable", "--now", unit], check=False)
     still = _missing_packages()
     if still:
         raise BenchError(f"still missing after apt-get: {', '.join(still)}")
