@@ -27,6 +27,7 @@ writes it with the machine, versions and raw numbers to bench/RESULTS.md
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -177,10 +178,7 @@ def run_all(ctx: sc.Ctx, only: list[str], peer: bool, profile: str | None) -> tu
     errors: dict = {}
     extra: dict = {}
 
-    extra["load"] = {}
-
     def attempt(bench: str, fn: Callable[[], None]) -> None:
-        extra["load"][bench] = os.getloadavg()[0]
         try:
             fn()
         except (BenchError, OSError, ValueError, RuntimeError) as e:
@@ -283,8 +281,9 @@ def results_md(rows: list[Row], res: dict, errors: dict, extra: dict, meta: dict
            f"virtualization: {m['virtualization']}",
            f"- Spool and Postfix queue: {meta['work']} on {m['disk']}",
            f"- Load average at the start: {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}; at the end: "
-           f"{la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f} (other work shares this machine); 1-minute load when "
-           "each benchmark began: " + ", ".join(f"{b} {x:.2f}" for b, x in extra.get("load", {}).items()),
+           f"{la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f} (the machine is shared; the load during and at the end "
+           "of the run includes the benchmark's own processes: the `rest` column of the CPU accounting "
+           "check below shows how much CPU others used during the relay and accept runs)",
            f"- Versions: Python {v['python']}, Twisted {v['twisted']}, Postfix {v['postfix']}, "
            f"Dovecot {v['dovecot']}, twisted-relay {v['twisted-relay']}",
            f"- Runs: median of {meta['runs']} (each figure below); ratio = ours / peer",
@@ -396,6 +395,26 @@ METHOD = """
 """
 
 
+def render(raw: str, results_path: str | None) -> int:
+    """The results file again from a raw results.json, e.g. after a change of format."""
+    with open(raw) as f:
+        data = json.load(f)
+    meta, res, errors, extra = data["meta"], data["results"], data["errors"], data["extra"]
+    p = sc.Params(**meta["params"]) if "params" in meta else sc.Params()
+    v = meta["versions"]
+    peer_names = {"postfix": f"Postfix {v['postfix']}"}
+    if extra.get("dovecot_name"):
+        peer_names["dovecot"] = extra["dovecot_name"].replace("dovecot", "Dovecot")
+    rows = build_rows(res, errors, p, peer_names)
+    full = meta.get("full", "--quick" not in meta["command"] and "--only" not in meta["command"])
+    path = results_path or os.path.join(setup_env.BENCH, "RESULTS.md" if full else "out/RESULTS-partial.md")
+    with open(path, "w") as f:
+        f.write(results_md(rows, res, errors, extra, meta))
+    print(text_table(rows))
+    print(f"\nwritten: {os.path.relpath(path)} (from {raw})")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts and 1 run, for development")
@@ -413,7 +432,11 @@ def main() -> int:
     ap.add_argument("--results", help="where to write the results (default bench/RESULTS.md for a full run, "
                                       "else bench/out/RESULTS-partial.md)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs, spools)")
+    ap.add_argument("--render", metavar="JSON",
+                    help="only re-write the results file from a raw bench/out/results.json (no measuring)")
     args = ap.parse_args()
+    if args.render:
+        return render(args.render, args.results)
 
     if os.geteuid() != 0:
         print("bench/run.py runs as root: it installs packages, starts Postfix and Dovecot (which switch "
@@ -486,7 +509,8 @@ def main() -> int:
                                      + sys.argv[1:])
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "duration": time.time() - t_start, "command": command, "machine": mach, "versions": vers,
-            "load_start": la0, "load_end": la1, "runs": p.runs, "work": args.workdir, "installed": installed}
+            "load_start": la0, "load_end": la1, "runs": p.runs, "work": args.workdir, "installed": installed,
+            "params": dataclasses.asdict(p), "full": full}
     os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
     with open(results_path, "w") as f:
         f.write(results_md(rows, res, errors, extra, meta))

@@ -211,8 +211,9 @@ def versions(env: Env) -> dict:
     code = "import sys, twisted; print(sys.version.split()[0], twisted.__version__)"
     py, tw = (_out([env.python, "-c", code]).split() + ["?", "?"])[:2]
     dv = _out([env.dovecot, "--version"]).split() if env.dovecot else []
-    commit = _out(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]) or "?"
-    dirty = _out(["git", "-C", ROOT, "status", "--porcelain", "--", "relay", "twisted", "setup.cfg"])
+    code = ["relay", "twisted", "setup.cfg", "pyproject.toml"]
+    commit = _out(["git", "-C", ROOT, "log", "-1", "--format=%h", "--", *code]) or "?"  # the relay code's commit
+    dirty = _out(["git", "-C", ROOT, "status", "--porcelain", "--", *code])
     return {"python": py, "twisted": tw, "postfix": postfix_version(env), "dovecot": dv[0] if dv else "-",
             "twisted-relay": commit + (" (with uncommitted changes)" if dirty else "")}
 
