@@ -527,4 +527,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as e:
+        print(f"bench/run.py: interrupted ({e or 'Ctrl-C'}); every process it started is stopped", file=sys.stderr)
+        sys.exit(130)
