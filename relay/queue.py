@@ -252,10 +252,13 @@ class QueueManager:
             pool.ready.clear()
             for job in waiting:
                 self._job_finished(job, [])
+        cache = getattr(self.deliverer, "cache", None)
         if not self.busy():
-            return defer.succeed(None)
+            return cache.close_all() if cache is not None else defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
         self._idle_waiters.append(d)
+        if cache is not None:
+            d.addCallback(lambda _: cache.close_all())
         timeout = self.reactor.callLater(grace, lambda: d.called or d.callback(None))
         d.addBoth(lambda r: (timeout.active() and timeout.cancel(), r)[1])
         return d
