@@ -242,32 +242,44 @@ class AsyncSpool:
         d.addCallback(lambda entry: self.queue_syncer.sync().addCallback(lambda _: entry))
         return d
 
-    def write_state(self, qid: str, state: spoolmod.State) -> defer.Deferred:
+    def write_state(self, qid: str, state: spoolmod.State, durable: bool = True) -> defer.Deferred:
+        """Replace the state file atomically.
+
+        durable: fsync it and the directory (a recipient became delivered or
+        bounced, a notice was sent, a hold changed: what must never be
+        undone).  Not durable: temp + rename only, which survives a crash of
+        the relay but maybe not of the machine; for deferrals, whose loss
+        means no more than an earlier retry.
+        """
         data = state.to_bytes()
 
         def write():
             path = self.spool.state_path(qid)
             if not _exists(self.spool.message_path(qid)):
                 raise FileNotFoundError(qid)
-            spoolmod.write_atomic(path, data, sync_dir=False)
+            spoolmod.write_atomic(path, data, sync_dir=False, sync_file=durable)
 
         d = self.disk.run(write)
-        d.addCallback(lambda _: self.queue_syncer.sync())
+        if durable:
+            d.addCallback(lambda _: self.queue_syncer.sync())
         return d
 
     def remove(self, qid: str) -> defer.Deferred:
-        """Unlink the message (then the state); durable when the Deferred fires."""
+        """Unlink the message, then its state file (one thread hop).
 
-        def unlink_msg():
+        The message file goes first, so no crash can leave a state file
+        saying "pending" next to... nothing, nor a message without the
+        state that says which recipients are done.  The directory is not
+        fsynced: after a relay crash the removal holds; only a power loss
+        in the next seconds could bring the message back, to be delivered
+        a second time (at-least-once), which is how Postfix behaves too.
+        """
+
+        def unlink_both():
             spoolmod._unlink_quiet(self.spool.message_path(qid))
+            spoolmod._unlink_quiet(self.spool.state_path(qid))
 
-        def unlink_state(_):
-            return self.disk.run(spoolmod._unlink_quiet, self.spool.state_path(qid))
-
-        d = self.disk.run(unlink_msg)
-        d.addCallback(lambda _: self.queue_syncer.sync())
-        d.addCallback(unlink_state)
-        return d
+        return self.disk.run(unlink_both)
 
     def run(self, fn, *args, **kw) -> defer.Deferred:
         return self.disk.run(fn, *args, **kw)

@@ -261,7 +261,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, *, sync_dir: bool = True) -> None:
+def write_atomic(path: str, data: bytes, *, sync_dir: bool = True, sync_file: bool = True) -> None:
     """temp file, write, fsync, rename over path, fsync the directory."""
     d = os.path.dirname(path)
     tmp = f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}"
@@ -271,7 +271,8 @@ def write_atomic(path: str, data: bytes, *, sync_dir: bool = True) -> None:
         while view:
             n = os.write(fd, view)
             view = view[n:]
-        os.fdatasync(fd)
+        if sync_file:
+            os.fdatasync(fd)
     except BaseException:
         os.close(fd)
         _unlink_quiet(tmp)

@@ -61,6 +61,8 @@ from relay.tls import session_info
 
 log = Logger(namespace="relay.smtp.client")
 
+from twisted.internet.tcp import Client as _PlainTCPClient  # noqa: E402
+
 TLS_MODES = ("none", "may", "encrypt", "verify")
 MAX_REPLY_LINE = 4096  # RFC 5321 says 512; be lenient, but bounded
 MAX_REPLY_LINES = 256
@@ -311,8 +313,13 @@ class _ClientProtocol(Protocol):
 
     def send(self, *lines: bytes) -> None:
         """All lines in one write (a pipelined group is one TCP segment)."""
-        if self.lost is None and self.transport is not None:
-            self.transport.write(b"".join(ln + b"\r\n" for ln in lines))
+        t = self.transport
+        if self.lost is None and t is not None:
+            t.write(b"".join(ln + b"\r\n" for ln in lines))
+            # the server waits for this: on plain TCP send it now rather than
+            # on the reactor's next turn (see relay.smtp.server._flush)
+            if type(t) is _PlainTCPClient and t.connected and not t.disconnecting and not self.producer:
+                t.doWrite()
 
     def command(self, line: bytes, stage: str, timeout: float) -> defer.Deferred:
         d = self.expect(stage, timeout)
