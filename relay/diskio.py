@@ -251,15 +251,20 @@ class AsyncSpool:
         the relay but maybe not of the machine; for deferrals, whose loss
         means no more than an earlier retry.
         """
-        data = state.to_bytes()
+        # a snapshot: the reactor may change the live state meanwhile
+        snap = spoolmod.State(
+            [spoolmod.Recipient(r.address, r.orcpt, r.status, r.attempts, r.reply, r.next_attempt,
+                                list(r.history)) for r in state.recipients],
+            state.hold, state.warned,
+        )
 
-        def write():
-            path = self.spool.state_path(qid)
-            if not _exists(self.spool.message_path(qid)):
-                raise FileNotFoundError(qid)
-            spoolmod.write_atomic(path, data, sync_dir=False, sync_file=durable)
+        def written(counts):
+            # what is on disk now need not stay in memory
+            for r, n in zip(state.recipients, counts):
+                del r.history[:n]
 
-        d = self.disk.run(write)
+        d = self.disk.run(self.spool.write_state_merged, qid, snap, durable=durable)
+        d.addCallback(written)
         if durable:
             d.addCallback(lambda _: self.queue_syncer.sync())
         return d

@@ -48,7 +48,7 @@ class UnknownMessage(KeyError):
     pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Message:
     qid: str
     env: spoolmod.Envelope
