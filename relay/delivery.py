@@ -113,7 +113,8 @@ class Deliverer:
             self.svc.reactor, hops, sender=msg.env.sender, recipients=recipients,
             message_path=self.svc.spool.message_path(msg.qid), message_offset=msg.offset,
             message_size=msg.size, helo=cfg.hostname, tls_mode=tls_mode, tls_hostname=tls_hostname,
-            trust_root=self.trust_root, auth=auth, connect_timeout=cfg.delivery.connect_timeout,
+            trust_root=self.trust_root or (cfg.relay.smarthost_ca_file or None if dest.kind == routing.SMARTHOST
+                                           else None), auth=auth, connect_timeout=cfg.delivery.connect_timeout,
             timeouts=self.timeouts, threadpool=self.svc.disk.pool, queue_id=msg.qid,
             cache=self.cache,
         )
