@@ -30,6 +30,7 @@ class Outcome:
     relay: str = "none"  # "host[ip]:port", "local", or "none"
     remote_mta: str | None = None  # for DSNs: the host that answered
     remote: bool = False  # the reply came from a remote server
+    suspended: bool = False  # not tried: the destination is marked dead for a moment
 
 
 def _all(recipients, kind, status, reply, relay="none") -> list[Outcome]:

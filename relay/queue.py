@@ -62,6 +62,7 @@ class Message:
     token: int = 0  # heap entries with another token are stale
     failures: list = field(default_factory=list)  # bounce.Failure of this activation
     settled: bool = False  # a recipient became final in this activation: fsync the state
+    tried: bool = False  # an attempt was really made in this activation (not only suspended)
     started: float = 0.0
 
     @property
@@ -364,7 +365,7 @@ class QueueManager:
             from relay.delivery import Outcome
 
             reason = f"delivery temporarily suspended: {dead[1]}"
-            outcomes = [Outcome(r.address, "deferred", "4.4.1", reason) for r in job.recipients]
+            outcomes = [Outcome(r.address, "deferred", "4.4.1", reason, suspended=True) for r in job.recipients]
             pool.done(job)
             self._job_finished(job, outcomes)
             self.reactor.callLater(0, self._dispatch)
@@ -416,6 +417,8 @@ class QueueManager:
             o = by_addr.get(r.address)
             if o is None:
                 continue
+            if not o.suspended:
+                msg.tried = True
             r.attempts += 1
             r.reply = o.reply
             kind = o.kind
@@ -424,7 +427,8 @@ class QueueManager:
                 kind = "bounced"
                 status = "5.4.7"
                 self.counters.expired += 1
-            r.history.append({"t": round(now, 3), "relay": o.relay, "status": kind, "reply": o.reply})
+            if not o.suspended or kind != "deferred":  # a suspension is not an attempt worth keeping
+                r.history.append({"t": round(now, 3), "relay": o.relay, "status": kind, "reply": o.reply})
             if len(r.history) > MAX_HISTORY:
                 del r.history[: len(r.history) - MAX_HISTORY]
             if kind in ("delivered", "bounced"):
@@ -501,7 +505,11 @@ class QueueManager:
             self._forget(msg, "all recipients final")
         else:
             durable, msg.settled = msg.settled or notice_sent, False
-            await self.aspool.write_state(msg.qid, msg.state, durable=durable)
+            tried, msg.tried = msg.tried, False
+            if durable or tried:
+                await self.aspool.write_state(msg.qid, msg.state, durable=durable)
+            # else: only suspended (a dead destination, nothing tried): the
+            # record stays in memory; after a crash it is simply tried again
 
     def _after_finalize(self, msg: Message) -> None:
         msg.busy = False
