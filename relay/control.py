@@ -39,8 +39,8 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 import relay
-from relay import queueview
-from relay import spool as spoolmod, routecheck
+from relay import queueview, routecheck
+from relay import spool as spoolmod
 from relay.spool import is_queue_id
 
 log = Logger(namespace="relay.control")
