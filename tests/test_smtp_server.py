@@ -215,8 +215,10 @@ class Queueing(RelayTestCase):
         self.assertEqual([r.code for r in rs], [250, 250, 550, 250, 354, 250, 250, 250, 354, 250, 250, 221])
         ids = queued_files(self.relay)
         self.assertEqual(len(ids), 2)
-        bodies = [read_queued(self.relay, i)[1].split(b"\r\n\r\n", 1)[-1] for i in ids]
-        self.assertEqual(bodies, [b"one\r\n", b"two\r\n"])
+        bodies = [read_queued(self.relay, i)[1] for i in ids]
+        self.assertTrue(bodies[0].endswith(b";\r\n\t" + bodies[0].split(b";\r\n\t")[1].split(b"\r\n")[0]
+                                           + b"\r\none\r\n"))
+        self.assertTrue(bodies[1].endswith(b"\r\ntwo\r\n"))
         envs = [read_queued(self.relay, i)[0] for i in ids]
         self.assertEqual(envs[0].recipients, ["alice@local.test", "bob@local.test"])
         self.assertEqual(envs[1].sender, "c@d.example")
