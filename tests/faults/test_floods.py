@@ -99,7 +99,7 @@ def test_2000_connections_at_once_default_backlog(tmp_path):
     need_fds()
     relay, port = make_relay(tmp_path, nofile=8192)
     try:
-        flood = open_many("127.0.0.1", port, 2000, timeout=5)
+        flood = open_many("127.0.0.1", port, 2000, timeout=3)
         try:
             assert flood.codes() == {b"220": 2000}, flood.codes()
         finally:
