@@ -48,7 +48,7 @@ class UnknownMessage(KeyError):
     pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Message:
     qid: str
     env: spoolmod.Envelope
@@ -61,6 +61,7 @@ class Message:
     bounce_now: bool = False  # bounce requested while active
     token: int = 0  # heap entries with another token are stale
     failures: list = field(default_factory=list)  # bounce.Failure of this activation
+    settled: bool = False  # a recipient became final in this activation: fsync the state
     started: float = 0.0
 
     @property
@@ -252,10 +253,13 @@ class QueueManager:
             pool.ready.clear()
             for job in waiting:
                 self._job_finished(job, [])
+        cache = getattr(self.deliverer, "cache", None)
         if not self.busy():
-            return defer.succeed(None)
+            return cache.close_all() if cache is not None else defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
         self._idle_waiters.append(d)
+        if cache is not None:
+            d.addCallback(lambda _: cache.close_all())
         timeout = self.reactor.callLater(grace, lambda: d.called or d.callback(None))
         d.addBoth(lambda r: (timeout.active() and timeout.cancel(), r)[1])
         return d
@@ -423,6 +427,8 @@ class QueueManager:
             r.history.append({"t": round(now, 3), "relay": o.relay, "status": kind, "reply": o.reply})
             if len(r.history) > MAX_HISTORY:
                 del r.history[: len(r.history) - MAX_HISTORY]
+            if kind in ("delivered", "bounced"):
+                msg.settled = True
             if kind == "delivered":
                 r.status = DELIVERED
                 self.counters.delivered += 1
@@ -474,6 +480,7 @@ class QueueManager:
         if msg.bounce_now:
             await self._admin_bounce(msg)
             return
+        notice_sent = False
         if msg.failures:
             await self._send_dsn(msg, bouncemod.FAILED, msg.failures)
             msg.failures = []
@@ -488,11 +495,13 @@ class QueueManager:
             ]
             await self._send_dsn(msg, bouncemod.DELAYED, delayed)
             msg.state.warned = True
+            notice_sent = True
         if msg.state.done:
             await self.aspool.remove(msg.qid)
             self._forget(msg, "all recipients final")
         else:
-            await self.aspool.write_state(msg.qid, msg.state)
+            durable, msg.settled = msg.settled or notice_sent, False
+            await self.aspool.write_state(msg.qid, msg.state, durable=durable)
 
     def _after_finalize(self, msg: Message) -> None:
         msg.busy = False
