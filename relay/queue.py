@@ -39,6 +39,7 @@ from relay.spool import BOUNCED, DEFERRED, DELIVERED, PENDING
 log = Logger(namespace="relay.queue")
 
 LOCAL_CONCURRENCY = 8
+FINALIZE_RETRY = 10.0  # seconds before recording an outcome again after a disk error
 DEAD_WINDOW = 30.0  # seconds a destination that did not answer is not retried for new mail
 MAX_HISTORY = 200
 JITTER = 0.1
@@ -174,6 +175,8 @@ class QueueManager:
         self._inflight: set[defer.Deferred] = set()  # finalisations and admin actions under way
         # destinations that just failed to answer at all: key -> (until, reason)
         self.dead: dict[str, tuple[float, str]] = {}
+        self.finalize_retry = FINALIZE_RETRY
+        self._refinalize_calls: dict[str, object] = {}
         self.on_attempt = None  # metrics hook: f(local: bool, seconds: float) after each attempt
         self.configure(config)
         if deliverer is None:
@@ -246,6 +249,10 @@ class QueueManager:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        for call in self._refinalize_calls.values():
+            if call.active():
+                call.cancel()
+        self._refinalize_calls.clear()
         # jobs still waiting for a slot are not started: they end without an
         # attempt, so what other jobs of their activation recorded is saved
         for pool in (self.local, self.remote):
@@ -463,11 +470,29 @@ class QueueManager:
             )
         msg.active -= 1
         if msg.active == 0:
-            msg.busy = True
-            d = defer.ensureDeferred(self._finalize(msg))
-            self._inflight.add(d)
-            d.addErrback(lambda f: log.failure("{queue_id}: finalising failed", f, queue_id=msg.qid))
-            d.addBoth(lambda _: (self._inflight.discard(d), self._after_finalize(msg)))
+            self._start_finalize(msg)
+
+    def _start_finalize(self, msg: Message) -> None:
+        msg.busy = True
+        d = defer.ensureDeferred(self._finalize(msg))
+        self._inflight.add(d)
+
+        def failed(f):
+            if f.check(OSError):
+                log.error("{queue_id}: cannot record the outcome ({error}); trying again in {delay:g}s",
+                          queue_id=msg.qid, error=f.getErrorMessage(), delay=self.finalize_retry)
+            else:
+                log.failure("{queue_id}: finalising failed", f, queue_id=msg.qid)
+            return True
+
+        d.addCallbacks(lambda _: False, failed)
+        d.addBoth(lambda retry: (self._inflight.discard(d), self._after_finalize(msg, retry)))
+
+    def _refinalize(self, msg: Message) -> None:
+        """A DSN or state write that failed (a full disk): record it now."""
+        self._refinalize_calls.pop(msg.qid, None)
+        if msg.qid in self.messages and not (msg.active or msg.busy) and self.running:
+            self._start_finalize(msg)
 
     async def _finalize(self, msg: Message) -> None:
         if getattr(self.svc.disk, "stopped", False):
@@ -511,14 +536,25 @@ class QueueManager:
             # else: only suspended (a dead destination, nothing tried): the
             # record stays in memory; after a crash it is simply tried again
 
-    def _after_finalize(self, msg: Message) -> None:
+    def _after_finalize(self, msg: Message, retry: bool = False) -> None:
         msg.busy = False
         if msg.qid in self.messages:
-            self._schedule(msg)
+            if retry and self.running:
+                # what happened is only in memory: record it before anything else
+                old = self._refinalize_calls.pop(msg.qid, None)
+                if old is not None and old.active():
+                    old.cancel()
+                self._refinalize_calls[msg.qid] = self.reactor.callLater(
+                    self.finalize_retry, self._refinalize, msg)
+            else:
+                self._schedule(msg)
         self._check_idle()
 
     def _forget(self, msg: Message, why: str) -> None:
         self.messages.pop(msg.qid, None)
+        call = self._refinalize_calls.pop(msg.qid, None)
+        if call is not None and call.active():
+            call.cancel()
         self.counters.removed += 1
         log.info("{queue_id}: removed ({why})", queue_id=msg.qid, why=why)
 

@@ -14,7 +14,6 @@ import shutil
 import smtplib
 import tempfile
 
-import pytest
 from twisted.trial import unittest
 
 from relay import spool as spoolmod
@@ -157,15 +156,11 @@ class DiskFull(DiskFullCase):
             self.assertTrue(got[key].endswith(m), key)
         self.assertEqual(len(self.sink.transactions), 5)
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG relay/queue.py QueueManager._finalize: when queueing the DSN fails (ENOSPC) the recipient "
-        "stays BOUNCED in memory only and nothing reschedules the message (next_time() is None, "
-        "retry() finds no due recipient), so the DSN is never queued and the message never leaves the "
-        "queue until a restart"))
     async def test_disk_full_while_a_bounce_must_be_queued(self):
         """A recipient refused for good while the disk is full: its DSN
         cannot be queued then, but must be once space returns (no restart),
         and the message must then leave the queue."""
+        self.queue.finalize_retry = 0.3  # 10 s in production
         replies = await self.send([body(1, 2_000)])
         self.assertEqual(replies[0].code, 250)
         qid = self.spool.queue_ids()[0]
@@ -176,7 +171,6 @@ class DiskFull(DiskFullCase):
         self.assertEqual(self.queue.counters.bounced, 1)
         self.flushLoggedErrors(OSError)
         self.fs.free()
-        # (a fix that retries the finalisation later may need a longer wait here)
         await apoll(lambda: qid not in self.spool.queue_ids() and self.queue.counters.dsn_sent == 1, 5,
                     what=f"the DSN for {qid} to be queued after space returned, and {qid} removed")
 

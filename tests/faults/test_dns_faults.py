@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 
-import pytest
 from twisted.trial import unittest
 
 from relay import maildir
@@ -178,10 +177,6 @@ class ManySilentDomains(DNSCase):
 
     lifetime = 2.0
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG (relay/mx.py + RelayService.dns_pool): every look-up holds one of the 20 DNS threads for "
-        "up to its lifetime (10 s in production, deadline 30 s); 20 or more silent domains in the "
-        "queue occupy them all, so look-ups for every other MX domain wait until those time out"))
     async def test_silent_domains_do_not_starve_other_lookups(self):
         names = [f"dead{i}.test" for i in range(25)]
         for n in names:

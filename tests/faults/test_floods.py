@@ -90,11 +90,6 @@ def test_2000_connections_at_once(tmp_path):
         relay.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay limit: smtp.listen endpoints without backlog= get Twisted's listen backlog of 50; a burst "
-    "of connections overflows the accept queue, the kernel answers with SYN cookies and drops the "
-    "client's ACK, and since SMTP is server-speaks-first those clients wait for a banner that never "
-    "comes (on this machine about 1250 of 2000 never got one)"))
 def test_2000_connections_at_once_default_backlog(tmp_path):
     need_fds()
     relay, port = make_relay(tmp_path, nofile=8192)
@@ -109,11 +104,12 @@ def test_2000_connections_at_once_default_backlog(tmp_path):
 
 
 def _flood_over_limit(tmp_path):
-    """A relay with the usual soft RLIMIT_NOFILE of 1024 (what systemd gives
-    a service without LimitNOFILE=, and the relay does not raise it)."""
+    """A relay started with the usual soft RLIMIT_NOFILE of 1024 (what systemd
+    gives a service without LimitNOFILE=): the relay raises it to the hard limit."""
     need_fds()
     relay, port = make_relay(tmp_path, nofile=1024, backlog=4096)
-    assert nofile_limit(relay.proc.pid)[0] == 1024
+    soft, hard = nofile_limit(relay.proc.pid)
+    assert soft > 2100 or soft == hard, (soft, hard)
     return relay, port
 
 
@@ -122,7 +118,8 @@ def test_2000_connections_over_the_fd_limit_relay_survives_and_recovers(tmp_path
     try:
         flood = open_many("127.0.0.1", port, 2000, timeout=10)
         codes = flood.codes()
-        print(f"\n2000 connections against soft RLIMIT_NOFILE 1024: banners {codes} in {flood.seconds:.1f}s")
+        print(f"\n2000 connections, relay started with soft RLIMIT_NOFILE 1024: banners {codes} "
+              f"in {flood.seconds:.1f}s")
         assert codes.get(b"220", 0) > 900
         assert relay.proc.poll() is None
         flood.close()
@@ -133,11 +130,6 @@ def test_2000_connections_over_the_fd_limit_relay_survives_and_recovers(tmp_path
         relay.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay limit: the relay keeps the soft RLIMIT_NOFILE it inherits (1024 under systemd without "
-    "LimitNOFILE=, and etc/relay.service sets none) and has no global connection limit, so past ~1000 "
-    "connections Twisted accepts and closes new ones at once (EMFILE recovery): new clients are not "
-    "served while the flood holds its connections (up to smtp.timeout)"))
 def test_2000_connections_over_the_fd_limit_new_client_served(tmp_path):
     relay, port = _flood_over_limit(tmp_path)
     try:

@@ -82,6 +82,11 @@ class HopCase(unittest.TestCase):
         return len(maildir.scan(self.mailbox)) if os.path.isdir(self.mailbox) else 0
 
     def state(self, qid: str):
+        """The live state (what relayctl shows): a deferral by a suspended
+        (dead) destination is kept in memory only, not written to disk."""
+        m = self.svc.queue.messages.get(qid)
+        if m is not None:
+            return m.state.recipients[0]
         return self.svc.spool.load(qid).state.recipients[0]
 
     def assertOnceEach(self, sink: Sink, msgs: dict[str, bytes]):
