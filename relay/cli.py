@@ -83,6 +83,14 @@ def cmd_check(args) -> int:
                 AliasFile(cfg.local.aliases, cfg.local.domains)
             except AliasesFileError as e:
                 problems.append(str(e))
+    if cfg.relay.smarthost_ca_file:
+        try:
+            with open(cfg.relay.smarthost_ca_file, "rb") as f:
+                if b"-----BEGIN CERTIFICATE-----" not in f.read():
+                    problems.append(f"{cfg.source}: relay.smarthost_ca_file: {cfg.relay.smarthost_ca_file} "
+                                    "holds no PEM certificate")
+        except OSError as e:
+            problems.append(f"{cfg.source}: relay.smarthost_ca_file: {cfg.relay.smarthost_ca_file}: {e.strerror}")
     if cfg.relay.smarthost_password_file:
         try:
             with open(cfg.relay.smarthost_password_file, "rb"):

@@ -78,6 +78,7 @@ class RelayConfig:
     smarthost_username: str = ""
     smarthost_password_file: str = ""
     smarthost_tls: str = "may"
+    smarthost_ca_file: str = ""  # PEM trust roots for smarthost_tls = "verify" ("": the system CAs)
     routes: tuple[tuple[str, HostPort], ...] = ()
 
     def route_for(self, domain: str) -> HostPort | None:
@@ -444,6 +445,7 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
             "smarthost_username": _str,
             "smarthost_password_file": _str,
             "smarthost_tls": _choice("none", "may", "encrypt", "verify"),
+            "smarthost_ca_file": _str,
             "routes": _routes,
         },
     )
@@ -481,7 +483,7 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
                 relay.pop("smarthost")
         else:
             relay["smarthost"] = None
-    for key in ("smarthost_password_file",):
+    for key in ("smarthost_password_file", "smarthost_ca_file"):
         if relay.get(key):
             relay[key] = ld.resolve(relay[key])
     if relay.get("smarthost_username") and not relay.get("smarthost_password_file"):

@@ -40,6 +40,7 @@ from twisted.protocols import amp
 
 import relay
 from relay import queueview, routecheck
+from relay import spool as spoolmod
 from relay.spool import is_queue_id
 
 log = Logger(namespace="relay.control")
@@ -272,7 +273,22 @@ class ControlProtocol(amp.AMP):
             headers = await self.svc.aspool.run(self.svc.spool.read_headers, qid)
         except FileNotFoundError:
             raise NoSuchMessage(f"{qid}: no such message in the queue")
-        d = queueview.details(m.env, m.state, m.size, m.queue_name, headers,
+        # the history and the client details live on disk; memory holds what
+        # is not written yet
+        env = m.env
+        try:
+            env = (await self.svc.aspool.run(self.svc.spool.read_envelope, qid))[0]
+            disk = await self.svc.aspool.run(self.svc.spool.read_state, qid, env)
+        except (FileNotFoundError, spoolmod.CorruptEntry):
+            disk = None
+        state = m.state
+        if disk is not None:
+            state = spoolmod.State(
+                [spoolmod.Recipient(r.address, r.orcpt, r.status, r.attempts, r.reply, r.next_attempt,
+                                    d.history + r.history)
+                 for r, d in zip(m.state.recipients, disk.recipients)],
+                m.state.hold, m.state.warned)
+        d = queueview.details(env, state, m.size, m.queue_name, headers,
                               delivering=bool(m.active or m.busy), deleting=m.deleted)
         return {"message": json.dumps(d).encode("utf-8")}
 

@@ -30,6 +30,7 @@ class Outcome:
     relay: str = "none"  # "host[ip]:port", "local", or "none"
     remote_mta: str | None = None  # for DSNs: the host that answered
     remote: bool = False  # the reply came from a remote server
+    suspended: bool = False  # not tried: the destination is marked dead for a moment
 
 
 def _all(recipients, kind, status, reply, relay="none") -> list[Outcome]:
@@ -50,6 +51,10 @@ class Deliverer:
         self.resolver = resolver
         self.trust_root = trust_root  # for smarthost "verify" (tests inject their CA)
         self.timeouts = timeouts  # relay.smtp.client.Timeouts or None for RFC values
+        from relay.smtp.client import ConnectionCache
+
+        # sessions kept open for a moment for the next message to the same host
+        self.cache = ConnectionCache(service.reactor)
         self.sessions = 0  # remote attempts that reached a server (metrics)
         self.tls_sessions = 0  # ... of which over TLS (metrics)
 
@@ -109,8 +114,10 @@ class Deliverer:
             self.svc.reactor, hops, sender=msg.env.sender, recipients=recipients,
             message_path=self.svc.spool.message_path(msg.qid), message_offset=msg.offset,
             message_size=msg.size, helo=cfg.hostname, tls_mode=tls_mode, tls_hostname=tls_hostname,
-            trust_root=self.trust_root, auth=auth, connect_timeout=cfg.delivery.connect_timeout,
+            trust_root=self.trust_root or (cfg.relay.smarthost_ca_file or None if dest.kind == routing.SMARTHOST
+                                           else None), auth=auth, connect_timeout=cfg.delivery.connect_timeout,
             timeouts=self.timeouts, threadpool=self.svc.disk.pool, queue_id=msg.qid,
+            cache=self.cache,
         )
         self.sessions += report.hop is not None
         self.tls_sessions += bool(report.tls)

@@ -242,32 +242,49 @@ class AsyncSpool:
         d.addCallback(lambda entry: self.queue_syncer.sync().addCallback(lambda _: entry))
         return d
 
-    def write_state(self, qid: str, state: spoolmod.State) -> defer.Deferred:
-        data = state.to_bytes()
+    def write_state(self, qid: str, state: spoolmod.State, durable: bool = True) -> defer.Deferred:
+        """Replace the state file atomically.
 
-        def write():
-            path = self.spool.state_path(qid)
-            if not _exists(self.spool.message_path(qid)):
-                raise FileNotFoundError(qid)
-            spoolmod.write_atomic(path, data, sync_dir=False)
+        durable: fsync it and the directory (a recipient became delivered or
+        bounced, a notice was sent, a hold changed: what must never be
+        undone).  Not durable: temp + rename only, which survives a crash of
+        the relay but maybe not of the machine; for deferrals, whose loss
+        means no more than an earlier retry.
+        """
+        # a snapshot: the reactor may change the live state meanwhile
+        snap = spoolmod.State(
+            [spoolmod.Recipient(r.address, r.orcpt, r.status, r.attempts, r.reply, r.next_attempt,
+                                list(r.history)) for r in state.recipients],
+            state.hold, state.warned,
+        )
 
-        d = self.disk.run(write)
-        d.addCallback(lambda _: self.queue_syncer.sync())
+        def written(counts):
+            # what is on disk now need not stay in memory
+            for r, n in zip(state.recipients, counts):
+                del r.history[:n]
+
+        d = self.disk.run(self.spool.write_state_merged, qid, snap, durable=durable)
+        d.addCallback(written)
+        if durable:
+            d.addCallback(lambda _: self.queue_syncer.sync())
         return d
 
     def remove(self, qid: str) -> defer.Deferred:
-        """Unlink the message (then the state); durable when the Deferred fires."""
+        """Unlink the message, then its state file (one thread hop).
 
-        def unlink_msg():
+        The message file goes first, so no crash can leave a state file
+        saying "pending" next to... nothing, nor a message without the
+        state that says which recipients are done.  The directory is not
+        fsynced: after a relay crash the removal holds; only a power loss
+        in the next seconds could bring the message back, to be delivered
+        a second time (at-least-once), which is how Postfix behaves too.
+        """
+
+        def unlink_both():
             spoolmod._unlink_quiet(self.spool.message_path(qid))
+            spoolmod._unlink_quiet(self.spool.state_path(qid))
 
-        def unlink_state(_):
-            return self.disk.run(spoolmod._unlink_quiet, self.spool.state_path(qid))
-
-        d = self.disk.run(unlink_msg)
-        d.addCallback(lambda _: self.queue_syncer.sync())
-        d.addCallback(unlink_state)
-        return d
+        return self.disk.run(unlink_both)
 
     def run(self, fn, *args, **kw) -> defer.Deferred:
         return self.disk.run(fn, *args, **kw)

@@ -39,6 +39,7 @@ from relay.spool import BOUNCED, DEFERRED, DELIVERED, PENDING
 log = Logger(namespace="relay.queue")
 
 LOCAL_CONCURRENCY = 8
+FINALIZE_RETRY = 10.0  # seconds before recording an outcome again after a disk error
 DEAD_WINDOW = 30.0  # seconds a destination that did not answer is not retried for new mail
 MAX_HISTORY = 200
 JITTER = 0.1
@@ -48,7 +49,7 @@ class UnknownMessage(KeyError):
     pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Message:
     qid: str
     env: spoolmod.Envelope
@@ -61,6 +62,8 @@ class Message:
     bounce_now: bool = False  # bounce requested while active
     token: int = 0  # heap entries with another token are stale
     failures: list = field(default_factory=list)  # bounce.Failure of this activation
+    settled: bool = False  # a recipient became final in this activation: fsync the state
+    tried: bool = False  # an attempt was really made in this activation (not only suspended)
     started: float = 0.0
 
     @property
@@ -172,6 +175,8 @@ class QueueManager:
         self._inflight: set[defer.Deferred] = set()  # finalisations and admin actions under way
         # destinations that just failed to answer at all: key -> (until, reason)
         self.dead: dict[str, tuple[float, str]] = {}
+        self.finalize_retry = FINALIZE_RETRY
+        self._refinalize_calls: dict[str, object] = {}
         self.on_attempt = None  # metrics hook: f(local: bool, seconds: float) after each attempt
         self.configure(config)
         if deliverer is None:
@@ -244,6 +249,10 @@ class QueueManager:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        for call in self._refinalize_calls.values():
+            if call.active():
+                call.cancel()
+        self._refinalize_calls.clear()
         # jobs still waiting for a slot are not started: they end without an
         # attempt, so what other jobs of their activation recorded is saved
         for pool in (self.local, self.remote):
@@ -252,10 +261,13 @@ class QueueManager:
             pool.ready.clear()
             for job in waiting:
                 self._job_finished(job, [])
+        cache = getattr(self.deliverer, "cache", None)
         if not self.busy():
-            return defer.succeed(None)
+            return cache.close_all() if cache is not None else defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
         self._idle_waiters.append(d)
+        if cache is not None:
+            d.addCallback(lambda _: cache.close_all())
         timeout = self.reactor.callLater(grace, lambda: d.called or d.callback(None))
         d.addBoth(lambda r: (timeout.active() and timeout.cancel(), r)[1])
         return d
@@ -360,7 +372,7 @@ class QueueManager:
             from relay.delivery import Outcome
 
             reason = f"delivery temporarily suspended: {dead[1]}"
-            outcomes = [Outcome(r.address, "deferred", "4.4.1", reason) for r in job.recipients]
+            outcomes = [Outcome(r.address, "deferred", "4.4.1", reason, suspended=True) for r in job.recipients]
             pool.done(job)
             self._job_finished(job, outcomes)
             self.reactor.callLater(0, self._dispatch)
@@ -412,6 +424,8 @@ class QueueManager:
             o = by_addr.get(r.address)
             if o is None:
                 continue
+            if not o.suspended:
+                msg.tried = True
             r.attempts += 1
             r.reply = o.reply
             kind = o.kind
@@ -420,9 +434,12 @@ class QueueManager:
                 kind = "bounced"
                 status = "5.4.7"
                 self.counters.expired += 1
-            r.history.append({"t": round(now, 3), "relay": o.relay, "status": kind, "reply": o.reply})
+            if not o.suspended or kind != "deferred":  # a suspension is not an attempt worth keeping
+                r.history.append({"t": round(now, 3), "relay": o.relay, "status": kind, "reply": o.reply})
             if len(r.history) > MAX_HISTORY:
                 del r.history[: len(r.history) - MAX_HISTORY]
+            if kind in ("delivered", "bounced"):
+                msg.settled = True
             if kind == "delivered":
                 r.status = DELIVERED
                 self.counters.delivered += 1
@@ -453,11 +470,29 @@ class QueueManager:
             )
         msg.active -= 1
         if msg.active == 0:
-            msg.busy = True
-            d = defer.ensureDeferred(self._finalize(msg))
-            self._inflight.add(d)
-            d.addErrback(lambda f: log.failure("{queue_id}: finalising failed", f, queue_id=msg.qid))
-            d.addBoth(lambda _: (self._inflight.discard(d), self._after_finalize(msg)))
+            self._start_finalize(msg)
+
+    def _start_finalize(self, msg: Message) -> None:
+        msg.busy = True
+        d = defer.ensureDeferred(self._finalize(msg))
+        self._inflight.add(d)
+
+        def failed(f):
+            if f.check(OSError):
+                log.error("{queue_id}: cannot record the outcome ({error}); trying again in {delay:g}s",
+                          queue_id=msg.qid, error=f.getErrorMessage(), delay=self.finalize_retry)
+            else:
+                log.failure("{queue_id}: finalising failed", f, queue_id=msg.qid)
+            return True
+
+        d.addCallbacks(lambda _: False, failed)
+        d.addBoth(lambda retry: (self._inflight.discard(d), self._after_finalize(msg, retry)))
+
+    def _refinalize(self, msg: Message) -> None:
+        """A DSN or state write that failed (a full disk): record it now."""
+        self._refinalize_calls.pop(msg.qid, None)
+        if msg.qid in self.messages and not (msg.active or msg.busy) and self.running:
+            self._start_finalize(msg)
 
     async def _finalize(self, msg: Message) -> None:
         if getattr(self.svc.disk, "stopped", False):
@@ -474,6 +509,7 @@ class QueueManager:
         if msg.bounce_now:
             await self._admin_bounce(msg)
             return
+        notice_sent = False
         if msg.failures:
             await self._send_dsn(msg, bouncemod.FAILED, msg.failures)
             msg.failures = []
@@ -488,20 +524,37 @@ class QueueManager:
             ]
             await self._send_dsn(msg, bouncemod.DELAYED, delayed)
             msg.state.warned = True
+            notice_sent = True
         if msg.state.done:
             await self.aspool.remove(msg.qid)
             self._forget(msg, "all recipients final")
         else:
-            await self.aspool.write_state(msg.qid, msg.state)
+            durable, msg.settled = msg.settled or notice_sent, False
+            tried, msg.tried = msg.tried, False
+            if durable or tried:
+                await self.aspool.write_state(msg.qid, msg.state, durable=durable)
+            # else: only suspended (a dead destination, nothing tried): the
+            # record stays in memory; after a crash it is simply tried again
 
-    def _after_finalize(self, msg: Message) -> None:
+    def _after_finalize(self, msg: Message, retry: bool = False) -> None:
         msg.busy = False
         if msg.qid in self.messages:
-            self._schedule(msg)
+            if retry and self.running:
+                # what happened is only in memory: record it before anything else
+                old = self._refinalize_calls.pop(msg.qid, None)
+                if old is not None and old.active():
+                    old.cancel()
+                self._refinalize_calls[msg.qid] = self.reactor.callLater(
+                    self.finalize_retry, self._refinalize, msg)
+            else:
+                self._schedule(msg)
         self._check_idle()
 
     def _forget(self, msg: Message, why: str) -> None:
         self.messages.pop(msg.qid, None)
+        call = self._refinalize_calls.pop(msg.qid, None)
+        if call is not None and call.active():
+            call.cancel()
         self.counters.removed += 1
         log.info("{queue_id}: removed ({why})", queue_id=msg.qid, why=why)
 

@@ -36,6 +36,7 @@ REFRESH_INTERVAL = 2.0  # seconds between checks of the users and aliases files
 LOCK_WAIT = 10.0  # seconds to wait at start for a relayctl holding the spool lock
 SMTP_GRACE = 10.0  # seconds an SMTP transaction may take to finish at shutdown
 STOP_BOUND = 28.0  # seconds: the whole shutdown, within systemd's/our 30 s promise
+LISTEN_BACKLOG = 1024  # for tcp/ssl listeners that do not say (Twisted's default is 50)
 
 
 class StartupError(Exception):
@@ -54,7 +55,9 @@ class RelayService(service.MultiService):
         self.disk = DiskPool(self.reactor)
         # DNS look-ups block a thread for up to their lifetime: their own pool,
         # so a dead DNS server never starves fsyncs (or the reverse).
-        self.dns_pool = DiskPool(self.reactor, minthreads=1, maxthreads=20, name="relay-dns")
+        # Each look-up holds a thread up to its lifetime: many silent domains at
+        # once must not leave none for the others (threads grow on demand).
+        self.dns_pool = DiskPool(self.reactor, minthreads=1, maxthreads=64, name="relay-dns")
         self.aspool = AsyncSpool(self.spool, self.disk)
         self.listeners = Listeners()
         self._lock_fd: int | None = None
@@ -133,11 +136,16 @@ class RelayService(service.MultiService):
 
     def _endpoint(self, description: str):
         spec = epmod.parse(description)
+        if spec.kind in ("tcp", "tcp6", "ssl") and "backlog" not in spec.kwargs:
+            # Twisted's default listen backlog is 50: a burst of clients would
+            # overflow it and, SMTP being server-speaks-first, wait forever
+            spec = epmod.EndpointSpec("", spec.kind, spec.args, {**spec.kwargs, "backlog": str(LISTEN_BACKLOG)})
+            spec = epmod.EndpointSpec(epmod.unparse(spec), spec.kind, spec.args, spec.kwargs)
         if spec.implicit_tls and not spec.own_certificate:
             tcp = epmod.EndpointSpec("", "tcp", spec.args, {k: v for k, v in spec.kwargs.items()
                                                             if k in ("interface", "backlog")})
             return endpoints.serverFromString(self.reactor, epmod.unparse(tcp)), True
-        return endpoints.serverFromString(self.reactor, description), False
+        return endpoints.serverFromString(self.reactor, spec.description), False
 
     def _listen(self, description: str, factory, name: str) -> None:
         ep, wrap = self._endpoint(description)
@@ -222,6 +230,7 @@ class RelayService(service.MultiService):
         drops privileges after this).  Everything that touches the spool
         happens in startService, as the user the relay runs as, so that the
         files it creates are that user's."""
+        raise_fd_limit()
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -531,6 +540,22 @@ class RelayService(service.MultiService):
                          count=len(self.aliases.map))
         except aliasesmod.AliasesFileError as e:
             log.error("aliases file not reloaded, keeping the previous aliases: {error}", error=str(e))
+
+
+def raise_fd_limit(cap: int = 1 << 20) -> int:
+    """Raise the soft limit on open files to the hard one (systemd gives
+    services a soft limit of 1024): each connection costs a descriptor, and
+    past the limit new clients would be accepted and dropped at once."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ValueError, OSError):
+        return -1
 
 
 @implementer(IOpenSSLServerConnectionCreator)

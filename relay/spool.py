@@ -27,7 +27,9 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,6 +48,8 @@ DEFERRED = "deferred"
 DELIVERED = "delivered"
 BOUNCED = "bounced"
 FINAL = (DELIVERED, BOUNCED)
+_STATUSES = frozenset((PENDING, DEFERRED, DELIVERED, BOUNCED))
+_NO_CLIENT: dict = {}  # shared by the lean in-memory envelopes (never modified)
 
 
 class SpoolError(Exception):
@@ -92,8 +96,11 @@ class IdGenerator:
 new_id = IdGenerator()
 
 
+_QID = re.compile(r"[0-9A-HJKMNP-TV-Z]{16}\Z")
+
+
 def is_queue_id(text: str) -> bool:
-    return len(text) == 16 and all(c in _ALPHABET for c in text)
+    return len(text) == 16 and _QID.match(text) is not None
 
 
 def id_time(qid: str) -> float:
@@ -107,7 +114,7 @@ def id_time(qid: str) -> float:
 # envelope and state
 
 
-@dataclass
+@dataclass(slots=True)
 class Recipient:
     """One envelope recipient and its delivery state."""
 
@@ -124,7 +131,7 @@ class Recipient:
         return self.status in FINAL
 
 
-@dataclass
+@dataclass(slots=True)
 class Envelope:
     """What the message file's first line holds (immutable after queueing)."""
 
@@ -160,7 +167,7 @@ class Envelope:
         if not line.startswith(MAGIC) or not line.endswith(b"\n"):
             raise CorruptEntry("no envelope line")
         try:
-            d = json.loads(line[len(MAGIC) :])
+            d = json.loads(line[len(MAGIC) :].decode("utf-8"))
             rcpts = d["rcpt"]
             orcpts = d.get("orcpt") or [None] * len(rcpts)
             if (
@@ -190,7 +197,7 @@ class Envelope:
             raise CorruptEntry(f"bad envelope: {e.__class__.__name__}: {e}")
 
 
-@dataclass
+@dataclass(slots=True)
 class State:
     """The mutable part: per-recipient status, hold flag, notices sent."""
 
@@ -221,26 +228,28 @@ class State:
         return cls([Recipient(a, o) for a, o in zip(env.recipients, env.orcpts)])
 
     @classmethod
-    def from_bytes(cls, env: Envelope, data: bytes) -> "State":
+    def from_bytes(cls, env: Envelope, data: bytes, history: bool = True) -> "State":
         try:
-            d = json.loads(data)
-            st = cls.fresh(env)
+            d = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
             rs = d["rcpt"]
-            if len(rs) != len(st.recipients):
+            if len(rs) != len(env.recipients):
                 raise CorruptEntry("state does not match the envelope")
-            for r, x in zip(st.recipients, rs):
-                if x["a"] != r.address:
+            recipients = []
+            for a, o, x in zip(env.recipients, env.orcpts, rs):
+                if x["a"] != a:
                     raise CorruptEntry("state does not match the envelope")
-                r.status = str(x["s"])
-                if r.status not in (PENDING, DEFERRED, DELIVERED, BOUNCED):
-                    raise CorruptEntry(f"unknown status {r.status!r}")
-                r.attempts = int(x.get("n", 0))
-                r.reply = str(x.get("r", ""))
-                r.next_attempt = float(x.get("t", 0.0))
-                r.history = list(x.get("h", []))
-            st.hold = bool(d.get("hold", False))
-            st.warned = bool(d.get("warned", False))
-            return st
+                status = x["s"]
+                if status not in _STATUSES:
+                    raise CorruptEntry(f"unknown status {status!r}")
+                h = x.get("h")
+                if h is not None and not isinstance(h, list):
+                    raise CorruptEntry("bad state file: history is not a list")
+                reply = str(x.get("r", ""))
+                recipients.append(Recipient(
+                    a, o, status, int(x.get("n", 0)), reply if history else sys.intern(reply),
+                    float(x.get("t", 0.0)), h if (history and isinstance(h, list)) else [],
+                ))
+            return cls(recipients, bool(d.get("hold", False)), bool(d.get("warned", False)))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CorruptEntry(f"bad state file: {e.__class__.__name__}: {e}")
 
@@ -261,7 +270,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, *, sync_dir: bool = True) -> None:
+def write_atomic(path: str, data: bytes, *, sync_dir: bool = True, sync_file: bool = True) -> None:
     """temp file, write, fsync, rename over path, fsync the directory."""
     d = os.path.dirname(path)
     tmp = f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}"
@@ -271,7 +280,8 @@ def write_atomic(path: str, data: bytes, *, sync_dir: bool = True) -> None:
         while view:
             n = os.write(fd, view)
             view = view[n:]
-        os.fdatasync(fd)
+        if sync_file:
+            os.fdatasync(fd)
     except BaseException:
         os.close(fd)
         _unlink_quiet(tmp)
@@ -474,26 +484,79 @@ class Spool:
     # -- reading ---------------------------------------------------------
     def read_envelope(self, qid: str) -> tuple[Envelope, int, int]:
         """(envelope, offset of the message, message size)."""
-        path = self.message_path(qid)
-        with open(path, "rb") as f:
-            line = f.readline(1 << 20)
-            size = os.fstat(f.fileno()).st_size
+        fd = os.open(f"{self.queue_dir}/{qid}", os.O_RDONLY)
+        try:
+            head = os.read(fd, 8192)
+            nl = head.find(b"\n")
+            if nl >= 0:
+                line = head[: nl + 1]
+            else:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    line = f.readline(1 << 20)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
         env = Envelope.from_line(line)
         if env.queue_id != qid:
             raise CorruptEntry(f"envelope names {env.queue_id}, file is {qid}")
         return env, len(line), size - len(line)
 
-    def read_state(self, qid: str, env: Envelope) -> State:
+    def read_state(self, qid: str, env: Envelope, history: bool = True) -> State:
+        """The state file; history=False leaves the attempt history on disk
+        (the queue keeps in memory only what it has not written yet)."""
         try:
-            with open(self.state_path(qid), "rb") as f:
-                data = f.read()
+            fd = os.open(f"{self.queue_dir}/{qid}{STATE_SUFFIX}", os.O_RDONLY)
         except FileNotFoundError:
             return State.fresh(env)
-        return State.from_bytes(env, data)
+        try:
+            chunks = []
+            while True:
+                b = os.read(fd, 65536)
+                if not b:
+                    break
+                chunks.append(b)
+        finally:
+            os.close(fd)
+        return State.from_bytes(env, b"".join(chunks), history)
 
-    def load(self, qid: str) -> QueueEntry:
+    def load(self, qid: str, history: bool = True) -> QueueEntry:
+        """history=False is the lean form the queue keeps in memory: no
+        attempt history, no client details (relayctl queue show reads both
+        from disk), common strings shared."""
         env, offset, size = self.read_envelope(qid)
-        return QueueEntry(env, self.read_state(qid, env), size, offset)
+        if not history:
+            env.client = _NO_CLIENT
+            env.sender = sys.intern(env.sender)
+        return QueueEntry(env, self.read_state(qid, env, history), size, offset)
+
+    def write_state_merged(self, qid: str, state: State, *, durable: bool, max_history: int = 200) -> list[int]:
+        """Write state whose recipients' history holds only new entries: the
+        file's history comes first (read here, in the writer's thread, so the
+        queue need not keep every attempt of every message in memory).
+        Returns how many new entries were written per recipient."""
+        if not os.path.exists(self.message_path(qid)):
+            raise FileNotFoundError(errno.ENOENT, "message is no longer queued", qid)
+        env_rcpts = [r.address for r in state.recipients]
+        old: list[list] = [[] for _ in env_rcpts]
+        try:
+            with open(self.state_path(qid), "rb") as f:
+                d = json.loads(f.read().decode("utf-8"))
+            for i, x in enumerate(d.get("rcpt", [])[: len(old)]):
+                h = x.get("h")
+                if isinstance(h, list):
+                    old[i] = h
+        except FileNotFoundError:
+            pass
+        except (ValueError, AttributeError, TypeError):
+            pass  # an unreadable old state: its history is lost, the state is rewritten whole
+        written = [len(r.history) for r in state.recipients]
+        full = State(
+            [Recipient(r.address, r.orcpt, r.status, r.attempts, r.reply, r.next_attempt,
+                       (old[i] + r.history)[-max_history:]) for i, r in enumerate(state.recipients)],
+            state.hold, state.warned,
+        )
+        write_atomic(self.state_path(qid), full.to_bytes(), sync_dir=False, sync_file=durable)
+        return written
 
     def read_headers(self, qid: str, limit: int = 256 * 1024) -> bytes:
         """The message's header section (up to the blank line), bounded."""
@@ -548,7 +611,7 @@ class Spool:
                 log("{queue_id}: removed state file of a finished message", queue_id=qid)
         for qid in sorted(msgs):
             try:
-                entry = self.load(qid)
+                entry = self.load(qid, history=False)
             except FileNotFoundError:
                 continue
             except Exception as e:  # noqa: BLE001 - one bad entry never blocks the rest

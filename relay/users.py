@@ -250,6 +250,20 @@ def locked(path: str):
         os.close(fd)
 
 
+def _keep_owner(fd: int, path: str) -> None:
+    """As root, give the new file the old one's owner: relayctl run by root
+    must not turn a users file the relay (running as its own user) reads
+    into one it cannot read."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_uid, st.st_gid) != (0, 0):
+        os.fchown(fd, st.st_uid, st.st_gid)
+
+
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     """Write path durably: temp file, fsync, rename, fsync the directory."""
     d = os.path.dirname(os.path.abspath(path))
@@ -257,6 +271,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)
+        _keep_owner(fd, path)
         view = memoryview(data)
         while view:
             n = os.write(fd, view)

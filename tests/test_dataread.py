@@ -140,7 +140,8 @@ def test_fail_then_find_end():
 
 
 def test_eight_bit_kept():
-    msg = "Subject: é\r\n\r\nÜnïcode ✓\r\n".encode() + bytes(range(128, 256)).replace(b"\r", b"").replace(b"\n", b"") + b"\r\n"
+    high = bytes(range(128, 256)).replace(b"\r", b"").replace(b"\n", b"")
+    msg = "Subject: é\r\n\r\nÜnïcode ✓\r\n".encode() + high + b"\r\n"
     r, out, rest = read_all([stuff(msg)])
     assert out == msg and r.eight_bit
 

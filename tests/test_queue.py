@@ -208,7 +208,7 @@ class Schedule(QueueCase):
     def test_restart_keeps_final_recipients_final(self):
         self.start(ScriptedNextHop(lambda d, r, n: ("delivered", "2.0.0", "250 ok") if r.startswith("a")
                                    else ("deferred", "4.0.0", "451 later")))
-        qid = self.queue(["a@remote.example", "b@remote.example"])
+        self.queue(["a@remote.example", "b@remote.example"])
         self.clock.advance(0)
         # a new queue manager on the same spool: like a restart
         hop2 = ScriptedNextHop()

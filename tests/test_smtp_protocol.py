@@ -89,7 +89,6 @@ class Timeouts(Harness):
         p.dataReceived(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@local.test>\r\nDATA\r\n")
         p.dataReceived(b"partial message\r\n")
         p.connectionLost(None)
-        import os
 
         self.assertEqual(self.ctx.spool.spool.incoming_leftovers(), [])
         self.assertEqual(self.ctx.connections, {})

@@ -357,3 +357,18 @@ class Checker(trial.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipIf(os.geteuid() != 0, "needs root to change file owners")
+class RootEdits(unittest.TestCase):
+    def test_root_editing_keeps_the_relay_users_ownership(self):
+        """relayctl run by root must leave the file readable by the relay's own user."""
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "users")
+        usersmod.add_user(path, "a@x.test", "pw")
+        os.chown(path, 65534, 65534)
+        usersmod.add_user(path, "b@x.test", "pw")
+        usersmod.set_password(path, "a@x.test", "pw2")
+        st = os.stat(path)
+        self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o777), (65534, 65534, 0o600))

@@ -61,6 +61,8 @@ from relay.tls import session_info
 
 log = Logger(namespace="relay.smtp.client")
 
+from twisted.internet.tcp import Client as _PlainTCPClient  # noqa: E402
+
 TLS_MODES = ("none", "may", "encrypt", "verify")
 MAX_REPLY_LINE = 4096  # RFC 5321 says 512; be lenient, but bounded
 MAX_REPLY_LINES = 256
@@ -311,8 +313,13 @@ class _ClientProtocol(Protocol):
 
     def send(self, *lines: bytes) -> None:
         """All lines in one write (a pipelined group is one TCP segment)."""
-        if self.lost is None and self.transport is not None:
-            self.transport.write(b"".join(ln + b"\r\n" for ln in lines))
+        t = self.transport
+        if self.lost is None and t is not None:
+            t.write(b"".join(ln + b"\r\n" for ln in lines))
+            # the server waits for this: on plain TCP send it now rather than
+            # on the reactor's next turn (see relay.smtp.server._flush)
+            if type(t) is _PlainTCPClient and t.connected and not t.disconnecting and not self.producer:
+                t.doWrite()
 
     def command(self, line: bytes, stage: str, timeout: float) -> defer.Deferred:
         d = self.expect(stage, timeout)
@@ -731,6 +738,98 @@ def _bad_path(addr: str) -> bool:
     return any(c in addr for c in "\r\n\0<>") or any(ord(c) < 32 for c in addr)
 
 
+@dataclass(eq=False)
+class _Parked:
+    proto: "_ClientProtocol"
+    hop: Hop
+    ext: dict
+    tls: dict | None
+    since: float
+    uses: int
+    timer: object = None
+
+
+class ConnectionCache:
+    """Idle SMTP sessions kept for a moment after a delivery, so the next
+    message to the same host skips the connect, greeting, EHLO, STARTTLS
+    and AUTH (Postfix's smtp connection cache: smtp_connection_cache_time_limit
+    = 2s, smtp_connection_reuse_time_limit = 300s).
+
+    A session is parked only after a clean end (no transaction open, no
+    unanswered command); a parked session that says anything, or dies, is
+    dropped; one that idles longer than ``idle`` is closed with QUIT.
+    """
+
+    def __init__(self, reactor, idle: float = 2.0, max_age: float = 300.0, max_parked: int = 200):
+        self.reactor = reactor
+        self.idle = idle
+        self.max_age = max_age
+        self.max_parked = max_parked
+        self._idle: dict[tuple, list[_Parked]] = {}
+        self.reused = 0
+        self.closing = False
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def take(self, key: tuple) -> _Parked | None:
+        lst = self._idle.get(key)
+        while lst:
+            p = lst.pop()
+            if not lst:
+                del self._idle[key]
+            if p.timer is not None and p.timer.active():
+                p.timer.cancel()
+            if p.proto.lost is None and not p.proto._early and not p.proto._buf:
+                self.reused += 1
+                return p
+            self._drop(p)
+        return None
+
+    def park(self, key: tuple, p: _Parked) -> bool:
+        if self.closing or len(self) >= self.max_parked or self.reactor.seconds() - p.since > self.max_age:
+            return False
+        p.timer = self.reactor.callLater(self.idle, self._expire, key, p)
+        self._idle.setdefault(key, []).append(p)
+        return True
+
+    def _expire(self, key: tuple, p: _Parked) -> None:
+        lst = self._idle.get(key)
+        if lst and p in lst:
+            lst.remove(p)
+            if not lst:
+                del self._idle[key]
+        self._quit(p)
+
+    def _quit(self, p: _Parked) -> None:
+        proto = p.proto
+        if proto.lost is not None:
+            return
+        d = proto.command(b"QUIT", "QUIT", 10)
+        d.addBoth(lambda _: proto.transport.loseConnection() if proto.lost is None else None)
+
+    def _drop(self, p: _Parked) -> None:
+        if p.proto.lost is None:
+            p.proto.fail(ConversationError("local", "close", "cached connection dropped"))
+
+    def close_all(self) -> defer.Deferred:
+        """At shutdown: QUIT every parked session; fires when all are closed."""
+        self.closing = True
+        parked = [p for lst in self._idle.values() for p in lst]
+        self._idle.clear()
+        for p in parked:
+            if p.timer is not None and p.timer.active():
+                p.timer.cancel()
+            self._quit(p)
+        if not parked:
+            return defer.succeed(None)
+        # a peer that does not answer QUIT at once is simply cut off
+        abort = self.reactor.callLater(2.0, lambda: [self._drop(p) for p in parked])
+        d = defer.DeferredList([p.proto.closed for p in parked], consumeErrors=True)
+        d.addBoth(lambda r: (abort.active() and abort.cancel(), r)[1])
+        return d
+
+
 class _Delivery:
     def __init__(
         self,
@@ -753,6 +852,7 @@ class _Delivery:
         body_8bit,
         threadpool,
         queue_id,
+        cache=None,
     ):
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode must be one of {TLS_MODES}, not {tls_mode!r}")
@@ -774,6 +874,8 @@ class _Delivery:
         self.body_8bit = body_8bit
         self.threadpool = threadpool
         self.queue_id = queue_id
+        self.cache: ConnectionCache | None = cache
+        self._park: tuple | None = None  # (proto, ext) to park instead of QUIT
         self.report = DeliveryReport(results={})
         if tls_mode != "none":
             _client_context(trust_root)  # a bad trust_root is the caller's error: raise now
@@ -795,6 +897,7 @@ class _Delivery:
                 pending.append(r)
         if not pending:
             return self.report
+        self._pending_rcpts = pending
         last: _HopFailed | None = None
         if not self.hops:
             last = _HopFailed("4.4.4", "no next hop to deliver to", stage="connect")
@@ -858,21 +961,59 @@ class _Delivery:
             msg = getattr(e, "osError", None) or e
             raise _HopFailed("4.4.1", f"{where}: {msg}", stage="connect")
 
+    def _cache_key(self, hop: Hop, plaintext_only: bool) -> tuple:
+        return (hop.address, hop.port, hop.host, self.tls_mode, plaintext_only, self.tls_hostname,
+                self.auth[0] if self.auth else None, self.helo)
+
     async def _session(self, hop: Hop, rcpts: list[str], plaintext_only: bool) -> dict[str, RcptResult]:
         self.report.tls = None
+        key = self._cache_key(hop, plaintext_only)
+        if self.cache is not None:
+            parked = self.cache.take(key)
+            if parked is not None:
+                try:
+                    return await self._run_session(parked.proto, hop, key, parked=parked)
+                except _HopFailed as f:
+                    # the cached session went away before anything was decided:
+                    # that says nothing about the host, try a fresh connection
+                    log.debug("{queue_id}: cached session to {hop} failed ({reason}); reconnecting",
+                              queue_id=self.queue_id or "-", hop=str(hop), reason=f.reason)
+                    self.report.tls = None
         proto = await self._connect(hop)
+        return await self._run_session(proto, hop, key, plaintext_only=plaintext_only)
+
+    async def _run_session(self, proto, hop: Hop, key: tuple, *, parked: _Parked | None = None,
+                           plaintext_only: bool = False) -> dict[str, RcptResult]:
         cap = self.reactor.callLater(
             self.t.session, proto.fail, ConversationError("timeout", "session", f"session exceeded {self.t.session:g}s")
         )
         graceful = False
+        self._park = None
         try:
-            result = await self._converse(proto, hop, rcpts, plaintext_only)
+            if parked is None:
+                result = await self._converse(proto, hop, rcpts=self._pending_rcpts, plaintext_only=plaintext_only)
+            else:
+                self.report.tls = parked.tls
+                try:
+                    result = await self._deliver_on(proto, hop, self._pending_rcpts, parked.ext)
+                except _Down as d:
+                    raise _HopFailed(d.status, d.reason, reply=d.reply, stage=d.stage)
             graceful = True
             return result
         finally:
             if cap.active():
                 cap.cancel()
-            await self._close(proto, graceful)
+            park = self._park
+            self._park = None
+            if graceful and park is not None and proto.lost is None:
+                since = parked.since if parked else self.reactor.seconds()
+                uses = (parked.uses if parked else 0) + 1
+                if self.cache.park(key, _Parked(proto, hop, park[1], self.report.tls, since, uses)):
+                    proto = None
+            if proto is not None:
+                if graceful and park is not None and proto.lost is None:
+                    await self._quit(proto, hop)
+                await self._close(proto, graceful)
 
     async def _close(self, proto: _ClientProtocol, graceful: bool) -> None:
         """Close and wait until the socket is gone (no connection outlives
@@ -936,6 +1077,11 @@ class _Delivery:
             await self._authenticate(proto, hop, ext)
         except _Down as d:
             raise _HopFailed(d.status, d.reason, reply=d.reply, stage=d.stage)
+        return await self._deliver_on(proto, hop, rcpts, ext)
+
+    async def _deliver_on(self, proto, hop: Hop, rcpts: list[str], ext: dict) -> dict[str, RcptResult]:
+        """The transactions on a session that is ready (greeted, EHLO, TLS, AUTH)."""
+        w = self._where(hop)
         results: dict[str, RcptResult] = {}
         size_limit = _size_limit(ext)
         if size_limit and self.size > size_limit:
@@ -970,9 +1116,12 @@ class _Delivery:
                 params += b" BODY=8BITMIME"
         if utf8:
             params += b" SMTPUTF8"
-        await self._transactions(proto, hop, rcpts, ext, params, results)
+        clean = await self._transactions(proto, hop, rcpts, ext, params, results)
         if proto.lost is None:
-            await self._quit(proto, hop)
+            if self.cache is not None and clean:
+                self._park = (proto, ext)  # _run_session parks it (or QUITs)
+            else:
+                await self._quit(proto, hop)
         return results
 
     async def _scan_8bit(self) -> bool:
@@ -1164,10 +1313,11 @@ class _Delivery:
                     raise _HopFailed(d.status, d.reason, reply=d.reply, stage=d.stage)
                 for r in [r for r in batch if r not in results] + list(queue):
                     results[r] = _down_result(d, hop)
-                return
+                return False
             data_sent = data_sent or completed
             need_rset = not completed
             queue.extendleft(reversed(retry))
+        return not need_rset and proto.lost is None
 
     async def _transaction(self, proto, hop, batch, ext, params, results):
         """One MAIL/RCPT.../DATA; fills results; returns (retry, completed):
@@ -1351,6 +1501,7 @@ async def deliver(
     body_8bit: bool | None = None,
     threadpool=None,
     queue_id: str | None = None,
+    cache: ConnectionCache | None = None,
 ) -> DeliveryReport:
     """Deliver one queued message to one destination; never raises for a
     delivery problem (see the module docstring).
@@ -1386,6 +1537,7 @@ async def deliver(
         body_8bit=body_8bit,
         threadpool=threadpool,
         queue_id=queue_id,
+        cache=cache,
     )
     return await d.run()
 

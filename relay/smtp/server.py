@@ -590,6 +590,7 @@ class SMTPServer(Protocol):
             self.reply(452, "4.3.1 Insufficient system storage")
             return
         self.reader = DataReader(self.cfg.smtp.max_message_size)
+        self._message_start = True
         self.mode = "data"
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
         self._flush()
@@ -631,6 +632,13 @@ class SMTPServer(Protocol):
         chunk, self.buf = self.buf, b""
         text, rest = reader.feed(chunk)
         if text and self.incoming is not None and reader.error is None:
+            if self._message_start:
+                self._message_start = False
+                if text[:1] in (b" ", b"\t"):
+                    # a first line starting with blanks would fold into our
+                    # Received header: end the header section there, as
+                    # Postfix's smtpd does
+                    text = b"\r\n" + text
             try:
                 self.incoming.write(text)
             except OSError as e:

@@ -77,7 +77,8 @@ def test_sigkill_during_deliveries(tmp_path):
             s.ehlo("client.test")
             for i in range(N):
                 mid = f"crash-{i}@client.test"
-                body = f"Message-ID: <{mid}>\r\nSubject: {i}\r\n\r\n{('x' * 70 + chr(13) + chr(10)) * rnd.randint(1, 40)}\r\n".encode()
+                text = ("x" * 70 + "\r\n") * rnd.randint(1, 40)
+                body = f"Message-ID: <{mid}>\r\nSubject: {i}\r\n\r\n{text}\r\n".encode()
                 s.mail("a@client.test")
                 s.rcpt("u@dest.test")
                 code, resp = s.data(body)
@@ -88,7 +89,7 @@ def test_sigkill_during_deliveries(tmp_path):
         for kill in range(1, 6):
             # let some deliveries happen, then kill in the middle of them
             target = kill * N // 6
-            poll(lambda: sum(1 for n in maildir_counts(mailbox).values() if n) >= target, 60,
+            poll(lambda target=target: sum(1 for n in maildir_counts(mailbox).values() if n) >= target, 60,
                  interval=0.005, what=f"{target} deliveries")
             lan.kill()
             kills += 1

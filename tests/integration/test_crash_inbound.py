@@ -78,7 +78,7 @@ def _run_cycles(relay, port, acked, lock, sp):
         for t in threads:
             t.start()
         before = len(acked)
-        poll(lambda: len(acked) >= before + 30, 30, what="30 more acknowledged messages")
+        poll(lambda before=before: len(acked) >= before + 30, 30, what="30 more acknowledged messages")
         relay.kill()  # SIGKILL in the middle of transactions
         stop.set()
         for t in threads:

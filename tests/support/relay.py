@@ -117,7 +117,8 @@ class InProcessRelay:
             await self.service.stopService()
             q = self.service.queue
             if q is not None and q.busy():
-                raise AssertionError(f"relay stopped while busy: {[(m.qid, m.active, m.busy) for m in q.messages.values()]} inflight={q._inflight}")
+                busy = [(m.qid, m.active, m.busy) for m in q.messages.values() if m.active or m.busy]
+                raise AssertionError(f"relay stopped while busy: {busy} inflight={q._inflight}")
 
 
 class RelayProcess:

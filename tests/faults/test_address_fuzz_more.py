@@ -1,0 +1,88 @@
+"""More fuzzing of relay.address, for what tests/test_address.py does not
+reach: its inputs stop at 80 characters, so the length limits (64-octet
+local part, 63-octet labels, 253-octet domains, 256-octet paths) are never
+approached.  Here inputs are built around those limits, and every accepted
+address must respect them, re-parse to itself from its canonical form, and
+that form must never be longer than what the client sent (so a path we
+accept is one we can hand on).
+"""
+
+from __future__ import annotations
+
+import unittest
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay.address import MAX_LOCAL, AddressError, parse_mailbox, parse_path, split_command_argument
+
+_atext = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+_label = st.integers(1, 66).flatmap(
+    lambda n: st.text(alphabet="abcxyz019-", min_size=n, max_size=n)).filter(
+    lambda s: not s.startswith("-") and not s.endswith("-"))
+_domain = st.lists(_label, min_size=1, max_size=6).map(".".join) | st.integers(240, 262).map(
+    lambda n: ".".join(["a" * 61] * 4)[:n].rstrip(".-") or "a")
+_dot_local = st.integers(1, 70).flatmap(lambda n: st.text(alphabet=_atext + ".", min_size=n, max_size=n))
+_quoted_local = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=0, max_size=70).map(
+    lambda s: '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"')
+_mailbox = st.builds(lambda lp, d: f"{lp}@{d}", st.one_of(_dot_local, _quoted_local), _domain)
+_route = st.lists(_domain.map(lambda d: "@" + d), min_size=1, max_size=3).map(",".join)
+_path = st.one_of(
+    _mailbox.map(lambda m: f"<{m}>"),
+    st.builds(lambda r, m: f"<{r}:{m}>", _route, _mailbox),
+    st.builds(lambda m, pad: f"<{m}>" + pad, _mailbox, st.sampled_from(["", " SIZE=1", " X=" + "v" * 300])),
+)
+
+_settings = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def check(test: unittest.TestCase, a, sent: str) -> None:
+    test.assertLessEqual(len(a.local), MAX_LOCAL)
+    test.assertTrue(a.local)
+    if a.literal:
+        test.assertTrue(a.domain.startswith("[") and a.domain.endswith("]"))
+    else:
+        test.assertLessEqual(len(a.domain), 253)
+        for label in a.domain.split("."):
+            test.assertTrue(1 <= len(label) <= 63, a.domain)
+    canon = str(a)
+    test.assertTrue(canon.isascii() and canon.isprintable(), canon)
+    test.assertEqual(parse_mailbox(canon), a)
+    if len(canon) <= 256:  # (a mailbox of 64 + 1 + 253 octets is not a valid path)
+        test.assertEqual(parse_path(f"<{canon}>"), a)
+    test.assertLessEqual(len(canon), len(sent), (canon, sent))
+
+
+class LongInputs(unittest.TestCase):
+    @_settings
+    @given(_mailbox)
+    def test_mailbox_limits(self, text):
+        try:
+            a = parse_mailbox(text)
+        except AddressError:
+            return
+        check(self, a, text)
+
+    @_settings
+    @given(_path)
+    def test_path_limits(self, text):
+        try:
+            path, params = split_command_argument(text)
+            a = parse_path(path)
+        except AddressError:
+            return
+        self.assertLessEqual(len(path.strip().strip("<>")), 256)
+        check(self, a, path)
+        self.assertEqual(parse_path(f"<{a}>"), a)  # what we accepted as a path we can send as one
+        for k, v in params.items():
+            self.assertTrue(k.isupper() or not k.isalpha())
+            self.assertTrue(v is None or v.isprintable())
+
+    @_settings
+    @given(st.text(alphabet=_atext + '.@"\\<>[]: ', min_size=200, max_size=2000))
+    def test_long_soup(self, text):
+        for f in (parse_mailbox, lambda t: parse_path(t, allow_null=True), split_command_argument):
+            try:
+                f(text)
+            except AddressError:
+                pass

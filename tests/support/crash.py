@@ -1,0 +1,306 @@
+"""The crash harness: SIGKILL a relay at random moments while mail flows
+through it, and count what arrives (issue 8, "Faults: crash").
+
+Parts, all real processes on loopback:
+
+* the relay under test, ``twistd -n relay``, smarthost set to the sink;
+* a sink process (tests.support.sinkproc) that records every accepted
+  (Message-ID, recipient) pair before its 250 can reach the relay;
+* client threads in this process, each sending messages with smtplib in a
+  loop (1 to 3 recipients each, 1 to 20 KB), reconnecting whenever the relay
+  is down, and noting every message that got a 250 with its queue id.
+
+The relay is killed ``kills`` times, each after a random time up
+(``min_up``..``max_up`` seconds after it listens again), so kills land
+while clients are in DATA, while the spool commits, while deliveries are in
+flight and while state files are rewritten.  After each kill, before the
+restart, the dead relay's spool says which acknowledged recipients it had
+recorded as delivered (the message gone from queue/, or "delivered" in its
+state file); the sink's count for each is noted then.  At the end the relay
+runs until its queue is empty, and:
+
+* lost: an acknowledged (message, recipient) the sink never got (must be 0);
+* resent: a pair recorded as delivered that reached the sink again after it
+  was recorded (must be 0);
+* duplicated: pairs the sink got more than once (allowed: a kill between the
+  sink's 250 and the relay's state write means the relay must try again);
+* unacknowledged arrivals: messages whose 250 never reached the client (the
+  kill came after the commit, before the reply) but were delivered anyway.
+
+``run()`` is used by tests/faults/test_crash.py (a few kills) and by
+bench/crash_harness.py (20 and more).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from relay import spool as spoolmod
+from tests.support.relay import ROOT, RelayProcess, base_config, deep_merge, free_port
+from tests.support.sinkproc import read_record
+from tests.support.wait import poll
+
+RELAY_IP = "127.0.0.1"
+SINK_IP = "127.0.0.5"
+
+
+@dataclass
+class CrashReport:
+    kills: int = 0
+    sent: int = 0  # messages whose data was sent (DATA answered 354)
+    acked: int = 0  # messages that got a 250
+    acked_rcpts: int = 0
+    delivered: int = 0  # acknowledged messages that reached the sink (every recipient)
+    delivered_rcpts: int = 0
+    lost: int = 0  # acknowledged recipients never delivered (must be 0)
+    lost_examples: list = field(default_factory=list)
+    duplicated: int = 0  # (message, recipient) pairs delivered more than once
+    duplicate_copies: int = 0  # extra copies in all
+    resent: int = 0  # recorded as delivered, then delivered again (must be 0)
+    resent_examples: list = field(default_factory=list)
+    recorded: int = 0  # pairs checked against a kill-time record
+    unacked_arrived: int = 0  # not acknowledged, delivered anyway (allowed)
+    left_in_queue: int = 0
+    quarantined: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.resent == 0 and self.left_in_queue == 0 and self.quarantined == 0
+
+    def text(self) -> str:
+        return (
+            f"crash harness: {self.kills} SIGKILLs in {self.seconds:.1f}s\n"
+            f"  messages sent        {self.sent}\n"
+            f"  acknowledged (250)   {self.acked} ({self.acked_rcpts} recipients)\n"
+            f"  delivered            {self.delivered} ({self.delivered_rcpts} recipients)\n"
+            f"  lost                 {self.lost}{' ' + str(self.lost_examples[:5]) if self.lost else ''}\n"
+            f"  duplicated           {self.duplicated} recipients ({self.duplicate_copies} extra copies; "
+            f"each from a delivery cut short by a kill)\n"
+            f"  recorded delivered, then sent again  {self.resent}"
+            f"{' ' + str(self.resent_examples[:5]) if self.resent else ''} (of {self.recorded} checked at kills)\n"
+            f"  not acknowledged but delivered       {self.unacked_arrived} (kill between commit and 250)\n"
+            f"  left in queue {self.left_in_queue}, quarantined {self.quarantined}\n"
+            f"  result: {'OK' if self.ok else 'FAILED'}"
+        )
+
+
+class SinkProcess:
+    def __init__(self, workdir: str, interface: str = SINK_IP):
+        self.record = os.path.join(workdir, "sink.record")
+        self.log_path = os.path.join(workdir, "sink.log")
+        self.interface = interface
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self) -> SinkProcess:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.sinkproc", "--interface", self.interface,
+             "--record", self.record],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log,
+        )
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"sink did not start: {line!r}; see {self.log_path}")
+        self.port = int(line.split()[1])
+        return self
+
+    def counts(self) -> Counter:
+        return read_record(self.record)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stdout:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+class Clients:
+    """Client threads sending numbered messages in a loop."""
+
+    def __init__(self, host: str, port: int, n: int, seed: int):
+        self.host, self.port = host, port
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.acked: dict[str, tuple[str, tuple[str, ...]]] = {}  # queue id -> (Message-ID, rcpts)
+        self.sent = 0
+        self.errors: Counter = Counter()
+        self.threads = [threading.Thread(target=self._loop, args=(seed * 1000 + i,), daemon=True)
+                        for i in range(n)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(30)
+
+    def snapshot(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        with self.lock:
+            return dict(self.acked)
+
+    def _loop(self, seed: int) -> None:
+        rnd = random.Random(seed)
+        n = 0
+        while not self.stop_event.is_set():
+            try:
+                with smtplib.SMTP(self.host, self.port, timeout=15) as s:
+                    s.ehlo("crash.client")
+                    while not self.stop_event.is_set():
+                        n += 1
+                        mid = f"{seed}.{n}@crash.test"
+                        rcpts = tuple(f"r{k}@dest.test" for k in rnd.sample(range(8), rnd.randint(1, 3)))
+                        lines = rnd.randint(10, 250)
+                        body = (f"Message-ID: <{mid}>\r\nFrom: <c@client.test>\r\nSubject: crash {n}\r\n\r\n"
+                                + f"{mid} line of text to make up some size .......................\r\n" * lines
+                                ).encode()
+                        s.mail("c@client.test")
+                        for r in rcpts:
+                            s.rcpt(r)
+                        code, _ = s.docmd("DATA")
+                        if code != 354:
+                            raise smtplib.SMTPResponseException(code, b"DATA refused")
+                        with self.lock:
+                            self.sent += 1
+                        # smtplib.data() would send DATA again: send the body by hand
+                        s.send(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+                        code, resp = s.getreply()
+                        if code == 250:
+                            qid = resp.decode().rsplit(" ", 1)[1]
+                            with self.lock:
+                                self.acked[qid] = (mid, rcpts)
+                        else:
+                            with self.lock:
+                                self.errors[f"{code}"] += 1
+            except (OSError, smtplib.SMTPException) as e:
+                with self.lock:
+                    self.errors[e.__class__.__name__] += 1
+                self.stop_event.wait(0.02)
+
+
+def recorded_delivered(spool_root: str, acked: dict[str, tuple[str, tuple[str, ...]]]) -> set[tuple[str, str]]:
+    """From a dead relay's spool: the acknowledged pairs it had recorded as delivered."""
+    sp = spoolmod.Spool(spool_root)
+    present = set(sp.queue_ids())
+    out: set[tuple[str, str]] = set()
+    for qid, (mid, rcpts) in acked.items():
+        if qid not in present:
+            out.update((mid, r) for r in rcpts)  # gone: every recipient was final
+            continue
+        try:
+            entry = sp.load(qid)
+        except (OSError, spoolmod.CorruptEntry):
+            continue
+        for r in entry.state.recipients:
+            if r.status == spoolmod.DELIVERED:
+                out.add((mid, r.address.lower()))
+    return out
+
+
+def make_relay(workdir: str, port: int, sink_port: int) -> RelayProcess:
+    data = deep_merge(base_config(workdir, RELAY_IP), {
+        "smtp": {"listen": [f"tcp:{port}:interface={RELAY_IP}"], "max_connections_per_ip": 500},
+        "relay": {"smarthost": f"{SINK_IP}:{sink_port}", "smarthost_tls": "none"},
+        "delivery": {"retry_min": 1, "retry_max": 2, "connect_timeout": 5, "tls": "none",
+                     "max_per_destination": 10},
+    })
+    return RelayProcess(workdir, data, "relay")
+
+
+def run(workdir: str, kills: int = 5, clients: int = 8, seed: int | None = None, min_up: float = 0.3,
+        max_up: float = 1.5, drain_timeout: float = 120.0, progress=None) -> CrashReport:
+    """Run the harness in workdir (an empty directory); return the report."""
+    seed = seed if seed is not None else random.randrange(1 << 30)
+    rnd = random.Random(seed)
+    say = progress or (lambda msg: None)
+    t0 = time.monotonic()
+    report = CrashReport()
+    sink = SinkProcess(workdir).start()
+    port = free_port((RELAY_IP,))
+    relay = make_relay(workdir, port, sink.port)
+    spool_root = relay.data["spool"]
+    recorded: dict[tuple[str, str], int] = {}  # pair -> sink copies when first seen recorded
+    cl = Clients(RELAY_IP, port, clients, seed)
+    acked: dict = {}
+    try:
+        relay.start(wait_for=(RELAY_IP, port))
+        cl.start()
+        for k in range(kills):
+            up = rnd.uniform(min_up, max_up)
+            time.sleep(up)  # a random moment: this is the fault injection, not a wait for a result
+            relay.kill(signal.SIGKILL)
+            relay._log.close()
+            report.kills += 1
+            acked = cl.snapshot()
+            done = recorded_delivered(spool_root, acked)
+            counts = sink.counts()
+            for pair in done:
+                if pair not in recorded:
+                    recorded[pair] = counts[pair]
+            say(f"kill {k + 1}/{kills} after {up:.2f}s: {len(acked)} acknowledged, "
+                f"{len(recorded)} recipients recorded delivered")
+            relay.start(wait_for=(RELAY_IP, port), timeout=60)
+        # let the last incarnation take some new mail too, then drain
+        poll(lambda: len(cl.snapshot()) > len(acked) or relay._died(), 30, what="mail after the last restart")
+        cl.stop()
+        poll(lambda: not spoolmod.Spool(spool_root).queue_ids() or relay._died(), drain_timeout,
+             interval=0.1, what="the relay to deliver everything")
+        relay.stop()
+        acked = cl.snapshot()
+        counts = sink.counts()
+        sp = spoolmod.Spool(spool_root)
+        report.left_in_queue = len(sp.queue_ids())
+        report.quarantined = len(os.listdir(sp.quarantine_dir))
+    finally:
+        cl.stop()
+        if relay.proc is not None and relay.proc.poll() is None:
+            relay.kill(signal.SIGKILL)
+        sink.stop()
+    report.sent = cl.sent
+    report.acked = len(acked)
+    acked_mids = set()
+    for qid, (mid, rcpts) in acked.items():
+        acked_mids.add(mid)
+        report.acked_rcpts += len(rcpts)
+        got = [counts[(mid, r)] for r in rcpts]
+        report.delivered_rcpts += sum(1 for g in got if g)
+        if all(got):
+            report.delivered += 1
+        for r, g in zip(rcpts, got):
+            if not g:
+                report.lost += 1
+                report.lost_examples.append((qid, mid, r))
+    for n in counts.values():
+        if n > 1:
+            report.duplicated += 1
+            report.duplicate_copies += n - 1
+    report.unacked_arrived = len({mid for (mid, _r) in counts} - acked_mids)
+    report.recorded = len(recorded)
+    for pair, n in recorded.items():
+        if counts[pair] != n:
+            report.resent += 1
+            report.resent_examples.append((pair, n, counts[pair]))
+    report.seconds = time.monotonic() - t0
+    say(f"seed {seed}; client errors: {dict(cl.errors)}")
+    return report

@@ -1,0 +1,81 @@
+"""Relay processes with resource limits, and what /proc says about them.
+
+``LimitedRelayProcess`` is tests.support.relay.RelayProcess started with
+``setrlimit`` applied in the child (RLIMIT_FSIZE for "file too large",
+RLIMIT_NOFILE for connection floods).  ``memory(pid)`` reads VmRSS and
+VmHWM (peak RSS) in bytes, ``open_fds(pid)`` counts descriptors.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+
+from tests.support.relay import ROOT, RelayProcess
+from tests.support.wait import poll
+
+
+class LimitedRelayProcess(RelayProcess):
+    def __init__(self, tmpdir: str, data: dict, name: str = "relay", limits: dict[int, int] | None = None):
+        super().__init__(tmpdir, data, name)
+        self.limits = dict(limits or {})
+
+    def _preexec(self) -> None:
+        for res, soft in self.limits.items():
+            _old, hard = resource.getrlimit(res)
+            if hard != resource.RLIM_INFINITY and soft > hard:
+                soft = hard
+            resource.setrlimit(res, (soft, hard))
+
+    def start(self, wait_for: tuple[str, int] | None = None, timeout: float = 20.0) -> LimitedRelayProcess:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "--logfile", "-", "relay", "--config", self.config_path],
+            cwd=self.tmpdir, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=self._preexec,
+        )
+        if wait_for:
+            host, port = wait_for
+            poll(lambda: self._connectable(host, port) or self._died(), timeout,
+                 what=f"{self.name} listening on {host}:{port}")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+        return self
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def nofile_limit(pid: int) -> tuple[int, int]:
+    """The soft and hard RLIMIT_NOFILE of a running process."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                parts = line.split()
+                return int(parts[3]), int(parts[4])
+    raise RuntimeError("no Max open files line")
+
+
+def raise_nofile(want: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards want; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -1,0 +1,95 @@
+"""tests.support.sink as a process that records every accepted delivery.
+
+The crash harness kills the relay, never the sink, and needs to know, at any
+instant, which (Message-ID, recipient) pairs the sink has acknowledged and
+how many times.  This process runs a ``Sink`` and appends one line per
+accepted recipient to a record file *before* the 250 to the final dot can
+be read by the client (the line is written in the same reactor turn that
+sends the reply), so a relay that recorded a delivery after reading that
+250 always finds it in the record::
+
+    python -m tests.support.sinkproc --interface 127.0.0.5 --record FILE
+
+prints ``READY <port>`` once it listens.  Record lines are
+``<message-id> <recipient>\\n``, written with one
+``os.write`` on an O_APPEND descriptor each (no torn lines for readers).
+Message data is not kept after it is recorded, so memory stays flat over
+long runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections import Counter
+
+_MID = re.compile(rb"^Message-ID:[ \t]*<([^>\r\n]+)>", re.IGNORECASE | re.MULTILINE)
+
+
+def message_id(data: bytes) -> str:
+    """The Message-ID of a message (header section only), or "-"."""
+    end = data.find(b"\r\n\r\n")
+    m = _MID.search(data if end < 0 else data[: end + 2])
+    return m.group(1).decode("ascii", "replace") if m else "-"
+
+
+class _Recorder(list):
+    """Stands in for Sink.transactions: records, then forgets the data."""
+
+    def __init__(self, fd: int, sink):
+        super().__init__()
+        self.fd = fd
+        self.sink = sink
+        self.count = 0
+
+    def append(self, t) -> None:  # called by SinkProtocol right after it sent the 250
+        mid = message_id(t.data)
+        lines = "".join(f"{mid} {r.lower()}\n" for r in t.rcpts)
+        os.write(self.fd, lines.encode("ascii", "replace"))
+        self.count += 1
+        t.data = b""
+        t.raw = b""
+        t.session.wire = bytearray()
+        t.session.transactions.clear()
+        t.session.commands.clear()
+        t.session.replies.clear()
+
+
+def read_record(path: str) -> Counter:
+    """(message-id, recipient) -> how many times the sink accepted it."""
+    c: Counter = Counter()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return c
+    for line in data.split(b"\n"):
+        parts = line.split(b" ")
+        if len(parts) >= 2:
+            c[(parts[0].decode(), parts[1].decode())] += 1
+    return c
+
+
+def main(argv: list[str] | None = None) -> int:
+    from twisted.internet import reactor
+
+    from tests.support.sink import Sink
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--interface", default="127.0.0.5")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--record", required=True)
+    args = ap.parse_args(argv)
+    fd = os.open(args.record, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sink = Sink(args.interface, port=args.port, reactor=reactor)
+    sink.transactions = _Recorder(fd, sink)
+    sink.start()
+    print(f"READY {sink.port}", flush=True)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
