@@ -378,6 +378,8 @@ METHOD = """
   destination concurrency, no chroot, client connection/rate limits raised, no reverse DNS
   (`smtpd_peername_lookup = no`; ours does none), logging to a file through postlogd (ours to
   its log file).
+- `sink_sessions` in the raw numbers: the SMTP sessions smtp-sink saw during the run, warm-up
+  included (each outbound connection of the relay, counted when it closes).
 - Large message: one message of that many MB through our relay to the sink; growth =
   VmHWM after minus VmRSS before (the peak is reset through /proc/PID/clear_refs first).
 - Idle connections: opened 40 at a time (below the relay's listen backlog, Twisted's default
