@@ -56,12 +56,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relay.fastwrite import send_now
 from relay.mx import Hop
 from relay.tls import session_info
 
 log = Logger(namespace="relay.smtp.client")
 
-from twisted.internet.tcp import Client as _PlainTCPClient  # noqa: E402
 
 TLS_MODES = ("none", "may", "encrypt", "verify")
 MAX_REPLY_LINE = 4096  # RFC 5321 says 512; be lenient, but bounded
@@ -315,11 +315,8 @@ class _ClientProtocol(Protocol):
         """All lines in one write (a pipelined group is one TCP segment)."""
         t = self.transport
         if self.lost is None and t is not None:
-            t.write(b"".join(ln + b"\r\n" for ln in lines))
-            # the server waits for this: on plain TCP send it now rather than
-            # on the reactor's next turn (see relay.smtp.server._flush)
-            if type(t) is _PlainTCPClient and t.connected and not t.disconnecting and not self.producer:
-                t.doWrite()
+            # the server waits for this: send it now (relay.fastwrite)
+            send_now(t, b"".join(ln + b"\r\n" for ln in lines))
 
     def command(self, line: bytes, stage: str, timeout: float) -> defer.Deferred:
         d = self.expect(stage, timeout)

@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from relay import spool as spoolmod
 from relay.address import Address, AddressError, parse_path, split_command_argument
+from relay.fastwrite import send_now
 from relay.policy import Client, Decision
 from relay.smtp.dataread import DataReader
 
@@ -261,12 +262,10 @@ class SMTPServer(Protocol):
             self.out = []
             t = self.transport
             if not self.closing or t.connected:
-                t.write(data)
-                # Twisted sends on its next loop turn (after an epoll change
-                # to watch for writability); the client is waiting for this
-                # reply, so on plain TCP send it now (as relay.pop3 does).
-                if self._direct and t.connected and not t.disconnecting:
-                    t.doWrite()
+                if self._direct:
+                    send_now(t, data)  # the client waits for it: no reactor round trip
+                else:
+                    t.write(data)
 
     def _send_now(self, line: str) -> None:
         self.out.append(line.encode("ascii", "replace") + b"\r\n")
