@@ -144,6 +144,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: str | None = None  # the file this came from, None for built-in defaults
+    workers: int = 1  # relay processes sharing the listeners, each with its own queue (spool/w<i>)
 
     @property
     def control_socket(self) -> str:
@@ -422,7 +423,7 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
     ld = _Loader(data, os.path.abspath(path) if path else None, base)
     ep = _Endpoint(ld.resolve)
 
-    top = ld.section(None, {"hostname": _hostname, "spool": _path})
+    top = ld.section(None, {"hostname": _hostname, "spool": _path, "workers": _int(1, 64)})
 
     smtp = ld.section(
         "smtp",
@@ -536,7 +537,21 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
         local["mailboxes"] = ld.resolve(LocalConfig.mailboxes)
     if "users" not in local:
         local["users"] = ld.resolve(LocalConfig.users)
+    workers = top.get("workers", 1)
+    if workers > 1:
+        if metrics.get("listen"):
+            ld.problem("metrics.listen", "is not supported with workers > 1 (each worker counts its own); "
+                       "use workers = 1 to serve metrics")
+        for sect, tab in (("smtp", smtp), ("pop3", pop3)):
+            for key in ("listen", "submission"):
+                for d in tab.get(key, ()):
+                    if endpoints.parse(d).kind not in ("tcp", "tcp6", "ssl", "systemd"):
+                        ld.problem(f"{sect}.{key}", f"{d!r}: with workers > 1 only tcp:, tcp6:, ssl: and "
+                                   "systemd: endpoints can be shared by the workers")
+        if ld.problems:
+            raise ConfigError(ld.problems)
     return Config(
+        workers=workers,
         hostname=top.get("hostname") or _default_hostname(),
         spool=spool,
         smtp=SMTPConfig(**smtp),

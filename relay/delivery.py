@@ -117,7 +117,7 @@ class Deliverer:
             trust_root=self.trust_root or (cfg.relay.smarthost_ca_file or None if dest.kind == routing.SMARTHOST
                                            else None), auth=auth, connect_timeout=cfg.delivery.connect_timeout,
             timeouts=self.timeouts, threadpool=self.svc.disk.pool, queue_id=msg.qid,
-            cache=self.cache,
+            cache=self.cache, body_8bit=getattr(msg, "eight_bit", None),
         )
         self.sessions += report.hop is not None
         self.tls_sessions += bool(report.tls)

@@ -64,6 +64,7 @@ class Message:
     failures: list = field(default_factory=list)  # bounce.Failure of this activation
     settled: bool = False  # a recipient became final in this activation: fsync the state
     tried: bool = False  # an attempt was really made in this activation (not only suspended)
+    eight_bit: bool | None = None  # the body has 8-bit bytes (None: not known, the client scans)
     started: float = 0.0
 
     @property
@@ -288,6 +289,7 @@ class QueueManager:
         if env.queue_id in self.messages:
             return self.messages[env.queue_id]
         msg = Message(env.queue_id, env, entry.state, entry.size, entry.offset)
+        msg.eight_bit = entry.eight_bit
         self.messages[msg.qid] = msg
         if schedule and self.loaded:
             self._schedule(msg)

@@ -44,8 +44,13 @@ class StartupError(Exception):
 
 
 class RelayService(service.MultiService):
-    def __init__(self, config: Config, reactor=None, *, deliver: bool = True):
+    def __init__(self, config: Config, reactor=None, *, deliver: bool = True,
+                 adopted: dict[str, int] | None = None, worker: tuple[int, int] | None = None):
         super().__init__()
+        # listening sockets inherited from a master process (workers > 1):
+        # endpoint description -> file descriptor
+        self.adopted = dict(adopted or {})
+        self.worker = worker  # (index, count) when this is one of several workers
         from twisted.internet import reactor as default_reactor
 
         self.config = config
@@ -148,15 +153,45 @@ class RelayService(service.MultiService):
         return endpoints.serverFromString(self.reactor, spec.description), False
 
     def _listen(self, description: str, factory, name: str) -> None:
-        ep, wrap = self._endpoint(description)
-        if wrap:
-            factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
-        factory.noisy = False
-        svc = internet.StreamServerEndpointService(ep, factory)
-        svc._raiseSynchronously = True
+        if description in self.adopted:
+            svc = self._adopted_listener(description, factory)
+        else:
+            ep, wrap = self._endpoint(description)
+            if wrap:
+                factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
+            factory.noisy = False
+            svc = internet.StreamServerEndpointService(ep, factory)
+            svc._raiseSynchronously = True
         svc.setName(name)
         svc.setServiceParent(self)
         self.listener_services.append(svc)
+
+    def _adopted_listener(self, description: str, factory) -> "AdoptedListener":
+        """A listening socket bound by the master process (relay.master)."""
+        import socket as socketmod
+
+        spec = epmod.parse(description)
+        if spec.implicit_tls:
+            if spec.own_certificate:
+                from twisted.internet import ssl as tssl
+
+                def read(p):
+                    with open(p, "rb") as f:
+                        return f.read()
+
+                key = spec.kwargs["privateKey"]
+                cert = spec.kwargs.get("certKey", key)
+                opts = tssl.PrivateCertificate.loadPEM(read(cert) + b"\n" + read(key)).options()
+                factory = TLSMemoryBIOFactory(opts, False, factory)
+            else:
+                factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
+        factory.noisy = False
+        fd = self.adopted[description]
+        probe = socketmod.socket(fileno=os.dup(fd))
+        family = probe.family
+        probe.setblocking(False)  # shared by several processes: accept() must never block
+        probe.close()
+        return AdoptedListener(self.reactor, fd, family, factory)
 
     def _build_listeners(self, config: Config) -> None:
         for kind, descs in (("smtp", config.smtp.listen), ("submission", config.smtp.submission)):
@@ -198,6 +233,13 @@ class RelayService(service.MultiService):
     def _build_pickup(self, config: Config) -> None:
         """A child service: it starts before the queue is loaded (see Pickup.startService)."""
         from relay.pickup import Pickup
+
+        if self.worker is not None:
+            if self.worker[0] != 0:
+                self.pickup = None  # one worker takes relay-sendmail's drop directory
+                return
+            # the drop directory is the one relay-sendmail knows: the top spool's
+            self.spool.drop_dir = os.path.join(os.path.dirname(self.spool.root), "drop")
 
         self.pickup = Pickup(self)
         self.pickup.setServiceParent(self)
@@ -540,6 +582,32 @@ class RelayService(service.MultiService):
                          count=len(self.aliases.map))
         except aliasesmod.AliasesFileError as e:
             log.error("aliases file not reloaded, keeping the previous aliases: {error}", error=str(e))
+
+
+class AdoptedListener(service.Service):
+    """Accept connections on a socket some other process bound (the master):
+    every worker waits on the same listening socket and the kernel hands
+    each new connection to one of them."""
+
+    def __init__(self, reactor, fd: int, family, factory):
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+        self.factory = factory
+        self.port = None
+        self._waitingForPort = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        self._waitingForPort = defer.succeed(self.port)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return None
 
 
 def raise_fd_limit(cap: int = 1 << 20) -> int:

@@ -314,6 +314,7 @@ class QueueEntry:
     state: State
     size: int  # message bytes (without the envelope line)
     offset: int  # where the message starts in the file
+    eight_bit: bool | None = None  # known when it was just received; None: scan when it matters
 
 
 class IncomingMessage:

@@ -686,6 +686,7 @@ class SMTPServer(Protocol):
             return
         env = inc.envelope
         size = inc.size
+        reader_8bit = reader.eight_bit
         d = self.ctx.spool.commit(inc)
 
         def queued(qid):
@@ -703,7 +704,8 @@ class SMTPServer(Protocol):
             self.ctx.counters.received += 1
             self.reply(250, f"2.0.0 Ok: queued as {qid}")
             if self.ctx.on_queued is not None:
-                entry = spoolmod.QueueEntry(env, spoolmod.State.fresh(env), size, len(inc.header))
+                entry = spoolmod.QueueEntry(env, spoolmod.State.fresh(env), size, len(inc.header),
+                                            eight_bit=reader_8bit)
                 try:
                     self.ctx.on_queued(entry)
                 except Exception:  # noqa: BLE001 - never lose the 250 over a hook

@@ -32,7 +32,12 @@ class RelayServiceMaker:
 
         try:
             config = load_effective(options["config"])
-            svc = make_service(config)
+            if config.workers > 1:
+                from relay.master import RelayMaster
+
+                svc = RelayMaster(config, log_target=_worker_log_target(options))  # relay/master.py
+            else:
+                svc = make_service(config)
         except (ConfigError, StartupError) as e:
             raise SystemExit(f"twisted-relay: not starting:\n{e}")
         svc.exit_on_error = True
@@ -43,6 +48,22 @@ class RelayServiceMaker:
         from relay.logs import for_twistd
 
         return for_twistd(svc, config, options)  # [log] format = "json": see relay/logs.py
+
+
+def _worker_log_target(options) -> str:
+    """Where the workers of a multi-process relay write their log lines: where
+    twistd writes the master's (stdout in -n mode, else its log file), or
+    "pipe" (events sent to the master) for --syslog and --logger."""
+    import os
+
+    parent = getattr(options, "parent", None)
+    get = getattr(parent, "get", None)
+    if get is None or get("logger") or get("syslog"):
+        return "pipe"
+    name = get("logfile", "") or ""
+    if name == "-" or (get("nodaemon", False) and not name):
+        return "stdout"
+    return os.path.abspath(name or "twistd.log")
 
 
 serviceMaker = RelayServiceMaker()
