@@ -142,8 +142,10 @@ class OurRelay:
 
     def __init__(self, reg: Registry, env: Env, workdir: str, addr: str, *, next_hop: tuple[str, int],
                  retry_min: str | None = None, max_message_size: int | None = None,
-                 max_connections_per_ip: int = 100, spool: str | None = None, routes: dict | None = None):
+                 max_connections_per_ip: int = 100, spool: str | None = None, routes: dict | None = None,
+                 workers: int = 1):
         self.reg, self.env, self.dir, self.addr = reg, env, workdir, addr
+        self.workers = workers
         self.next_hop = next_hop
         self.retry_min = retry_min
         self.max_message_size = max_message_size
@@ -171,6 +173,7 @@ class OurRelay:
             f.write(f"""# written by bench/run.py
 hostname = "relay.bench.test"
 spool = "{self.spool}"
+workers = {self.workers}
 [smtp]
 {chr(10).join(smtp)}
 [relay]
@@ -232,11 +235,15 @@ listen = []
 
     def queued(self) -> int:
         """Messages in the queue (one file per message plus its .state)."""
-        qdir = os.path.join(self.spool, "queue")
-        try:
-            return sum(1 for n in os.listdir(qdir) if len(n) == 16 and "." not in n)
-        except FileNotFoundError:
-            return 0
+        total = 0
+        dirs = [os.path.join(self.spool, "queue")] + [os.path.join(self.spool, f"w{i}", "queue")
+                                                      for i in range(self.workers)]
+        for qdir in dirs:
+            try:
+                total += sum(1 for n in os.listdir(qdir) if len(n) == 16 and "." not in n)
+            except FileNotFoundError:
+                pass
+        return total
 
     def relayctl(self, *args: str, timeout: float = 600.0) -> subprocess.CompletedProcess:
         return subprocess.run([self.env.relayctl, "--config", self.config, *args], capture_output=True,

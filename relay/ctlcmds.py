@@ -136,6 +136,39 @@ def open_relay(cfg: configmod.Config) -> Live | Offline:
             raise CtlError(str(e))
 
 
+def worker_configs(cfg: configmod.Config) -> list[configmod.Config]:
+    """One config per queue: the relay's, or each worker's (workers > 1,
+    relay.master): every worker has its own spool and control socket."""
+    if cfg.workers <= 1:
+        return [cfg]
+    import dataclasses
+
+    from relay.master import worker_socket, worker_spool
+
+    return [dataclasses.replace(cfg, spool=worker_spool(cfg.spool, i),
+                                control=configmod.ControlConfig(socket=worker_socket(cfg, i)))
+            for i in range(cfg.workers)]
+
+
+def open_relays(cfg: configmod.Config) -> list[Live | Offline]:
+    out: list[Live | Offline] = []
+    try:
+        for c in worker_configs(cfg):
+            if cfg.workers > 1 and not os.path.isdir(c.spool):
+                continue  # a worker that never ran has no queue
+            out.append(open_relay(c))
+    except BaseException:
+        for r in out:
+            r.close()
+        raise
+    return out
+
+
+def _close_all(relays) -> None:
+    for r in relays:
+        r.close()
+
+
 def _remote(fn, *args, **kw):
     try:
         return fn(*args, **kw)
@@ -190,12 +223,18 @@ def _offline_pages(off: OfflineSpool, problems: list[str]):
         yield b"".join(buf)
 
 
-def queue_list(relay: Live | Offline, as_json: bool) -> int:
+def _pages_of(relays, problems):
+    for relay in relays:
+        if isinstance(relay, Live):
+            yield from _live_pages(relay.client)
+        else:
+            yield from _offline_pages(relay.spool, problems)
+
+
+def queue_list(relay, as_json: bool) -> int:
     problems: list[str] = []
-    if isinstance(relay, Live):
-        pages = _live_pages(relay.client)
-    else:
-        pages = _offline_pages(relay.spool, problems)
+    relays = relay if isinstance(relay, list) else [relay]
+    pages = _pages_of(relays, problems)
     out = sys.stdout
     if as_json:
         raw = out.buffer
@@ -230,13 +269,21 @@ def _guard(pages):
         yield page
 
 
-def queue_show(relay: Live | Offline, qid: str, as_json: bool) -> int:
+def queue_show(relay, qid: str, as_json: bool) -> int:
     qid = qid.strip().upper()
-    if isinstance(relay, Live):
-        box = _remote(relay.client.call, "QueueShow", {"id": cc.text(qid)})
-        d = json.loads(cc.big(box, b"message"))
-    else:
-        d = _offline(relay.spool.details, qid)
+    relays = relay if isinstance(relay, list) else [relay]
+    d = None
+    for i, r in enumerate(relays):
+        try:
+            if isinstance(r, Live):
+                box = _remote(r.client.call, "QueueShow", {"id": cc.text(qid)})
+                d = json.loads(cc.big(box, b"message"))
+            else:
+                d = _offline(r.spool.details, qid)
+            break
+        except CtlError:
+            if i == len(relays) - 1:
+                raise
     if as_json:
         sys.stdout.write(json.dumps(d, ensure_ascii=False) + "\n")
     else:
@@ -248,7 +295,9 @@ _DONE_WORDS = {"delete": "deleted", "hold": "put on hold", "release": "released"
                "bounce": "returned"}
 
 
-def queue_action(relay: Live | Offline, action: str, ids: list[str], every: bool) -> int:
+def queue_action(relay, action: str, ids: list[str], every: bool) -> int:
+    if isinstance(relay, list):
+        return _queue_action_workers(relay, action, ids, every)
     results: list[dict] = []
     totals = {"done": 0, "failed": 0, "skipped": 0}
     if isinstance(relay, Live):
@@ -281,6 +330,42 @@ def queue_action(relay: Live | Offline, action: str, ids: list[str], every: bool
             msg += f" ({totals['skipped']} skipped: on hold or being delivered)"
         print(msg, file=sys.stderr)
     return EXIT_FAIL if totals["failed"] else EXIT_OK
+
+
+def _queue_action_workers(relays, action: str, ids: list[str], every: bool) -> int:
+    """Several workers, each with its own queue: --all goes to each; an id is
+    done by the worker that has it (only "no such message" everywhere fails)."""
+    if len(relays) == 1:
+        return queue_action(relays[0], action, ids, every)
+    import contextlib
+    import io
+
+    if every:
+        code = EXIT_OK
+        for r in relays:
+            code = max(code, queue_action(r, action, ids, every))
+        return code
+    failed = False
+    for qid in ids:
+        outcome = None
+        for r in relays:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                try:
+                    rc = queue_action(r, action, [qid], False)
+                except CtlError as e:
+                    rc = EXIT_FAIL
+                    err.write(f"relayctl: {e}\n")
+            text = err.getvalue()
+            if rc == EXIT_OK:
+                outcome = (rc, text)
+                break
+            if outcome is None or "no such message" not in text:
+                outcome = (rc, text)
+        rc, text = outcome
+        sys.stderr.write(text)
+        failed = failed or rc != EXIT_OK
+    return EXIT_FAIL if failed else EXIT_OK
 
 
 def _merge(res: dict, results: list[dict], totals: dict) -> None:
@@ -321,7 +406,8 @@ def cmd_queue(args) -> int:
         if not args.all and not args.ids:
             raise CtlError(f"queue {action}: give one or more queue ids, or --all", EXIT_USAGE)
     cfg = _config(args)
-    relay = open_relay(cfg)
+    relays = open_relays(cfg)
+    relay = relays if len(relays) != 1 else relays[0]
     try:
         if action == "list":
             return queue_list(relay, args.json)
@@ -329,7 +415,7 @@ def cmd_queue(args) -> int:
             return queue_show(relay, args.id, getattr(args, "show_json", False) or args.json)
         return queue_action(relay, action, list(args.ids), bool(getattr(args, "all", False)))
     finally:
-        relay.close()
+        _close_all(relays)
 
 
 # -- status -------------------------------------------------------------------------------------
@@ -338,25 +424,56 @@ def cmd_queue(args) -> int:
 @_verb
 def cmd_status(args) -> int:
     cfg = _config(args)
-    relay = open_relay(cfg)
+    relays = open_relays(cfg)
+    parts = []
     try:
-        if isinstance(relay, Live):
-            box = _remote(relay.client.call, "Status")
-            s = json.loads(cc.big(box, b"status"))
-            code = EXIT_OK
-        else:
-            counts = _offline(relay.spool.counts)
-            s = {"running": False, "config": cfg.source, "spool": relay.spool.spool.root,
-                 "control_socket": cfg.control_socket,
-                 "queue": {**counts, "total": sum(counts.values())}}
-            code = EXIT_FAIL
+        for relay, wcfg in zip(relays, worker_configs(cfg)):
+            if isinstance(relay, Live):
+                box = _remote(relay.client.call, "Status")
+                parts.append(json.loads(cc.big(box, b"status")))
+            else:
+                counts = _offline(relay.spool.counts)
+                parts.append({"running": False, "config": cfg.source, "spool": relay.spool.spool.root,
+                              "control_socket": wcfg.control_socket,
+                              "queue": {**counts, "total": sum(counts.values())}})
     finally:
-        relay.close()
+        _close_all(relays)
+    s = _combine_status(parts, cfg) if len(parts) != 1 else parts[0]
+    code = EXIT_OK if s.get("running") else EXIT_FAIL
     if args.json:
         sys.stdout.write(json.dumps(s) + "\n")
     else:
         sys.stdout.write(queueview.format_status(s))
     return code
+
+
+def _combine_status(parts: list[dict], cfg: configmod.Config) -> dict:
+    """The workers' statuses as one: counts added up, each worker listed."""
+    if not parts:
+        return {"running": False, "config": cfg.source, "spool": cfg.spool, "queue": {}}
+
+    def add(a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: add(a.get(k, 0), b.get(k, 0)) for k in set(a) | set(b)}
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return a + b
+        return a
+
+    live = [p for p in parts if p.get("running")]
+    base = dict(live[0] if live else parts[0])
+    for key in ("queue", "counters", "sessions"):
+        acc: dict = {}
+        for p in parts:
+            acc = add(acc, p.get(key) or {}) if acc else dict(p.get(key) or {})
+        base[key] = acc
+    base["running"] = bool(live)
+    base["spool"] = cfg.spool
+    base["workers"] = [{"index": i, "running": bool(p.get("running")), "pid": p.get("pid"),
+                        "spool": p.get("spool"), "control_socket": p.get("control_socket")}
+                       for i, p in enumerate(parts)]
+    if live:
+        base["uptime"] = max(p.get("uptime", 0) for p in live)
+    return base
 
 
 # -- route --------------------------------------------------------------------------------------
@@ -411,7 +528,7 @@ def cmd_route(args) -> int:
         except ValueError:
             raise CtlError(f"--client: not an IP address: {args.client!r}", EXIT_USAGE)
     cfg = _config(args)
-    relay = open_relay(cfg)
+    relay = open_relay(worker_configs(cfg)[0])
     try:
         if isinstance(relay, Live):
             a = {"address": cc.text(args.address)}
@@ -449,52 +566,71 @@ def _raw_socket_path(explicit: str | None) -> str | None:
         data = {}
     control = data.get("control")
     sock = control.get("socket") if isinstance(control, dict) else None
+    spool = data.get("spool")
+    spool = os.path.join(base, spool if isinstance(spool, str) and spool else "spool")
+    workers = data.get("workers")
+    if isinstance(workers, int) and not isinstance(workers, bool) and 1 < workers <= 64:
+        if isinstance(sock, str) and sock:
+            return [f"{os.path.join(base, sock)}.w{i}" for i in range(workers)]
+        return [os.path.join(spool, f"w{i}", "control.sock") for i in range(workers)]
     if isinstance(sock, str) and sock:
         return os.path.join(base, sock)
-    spool = data.get("spool")
-    return os.path.join(base, spool if isinstance(spool, str) and spool else "spool", "control.sock")
+    return os.path.join(spool, "control.sock")
 
 
-def _reload_target(args) -> Live:
+def _reload_targets(args) -> list[Live]:
     try:
         cfg = _config(args)
     except CtlError as bad:
-        sock = _raw_socket_path(args.config)
-        if sock is None:
+        socks = _raw_socket_path(args.config)
+        if socks is None:
             raise
-        try:
-            client = cc.Client.connect(sock, _timeout())
-            client.call("Hello")
-        except cc.ControlError:
+        out = []
+        for sock in socks if isinstance(socks, list) else [socks]:
+            try:
+                client = cc.Client.connect(sock, _timeout())
+                client.call("Hello")
+            except cc.ControlError:
+                continue
+            out.append(Live(client, sock))
+        if not out:
             raise bad
-        return Live(client, sock)
-    relay = open_relay(cfg)
-    if not isinstance(relay, Live):
+        return out
+    relays = open_relays(cfg)
+    live = [r for r in relays if isinstance(r, Live)]
+    if not live:
+        _close_all(relays)
         raise CtlError("the relay is not running: nothing to reload (it reads the config when it starts)")
-    return relay
+    for r in relays:
+        if not isinstance(r, Live):
+            r.close()
+    return live
 
 
 @_verb
 def cmd_reload(args) -> int:
-    relay = _reload_target(args)
+    relays = _reload_targets(args)
+    all_ok = True
     try:
-        box = _remote(relay.client.call, "Reload", timeout=max(_timeout(), 60.0))
+        for i, relay in enumerate(relays):
+            box = _remote(relay.client.call, "Reload", timeout=max(_timeout(), 60.0))
+            prefix = f"worker {i}: " if len(relays) > 1 else ""
+            ok = cc.decode_boolean(box.get(b"ok", b"False"))
+            messages = cc.decode_text_list(box.get(b"messages", b""))
+            for m in messages:
+                print(prefix + m, file=sys.stderr)
+            for key in cc.decode_text_list(box.get(b"restart_needed", b"")):
+                if not any(key in m for m in messages):
+                    print(f"{prefix}{key} changed: takes effect after a restart", file=sys.stderr)
+            if not ok:
+                all_ok = False
+                if not messages:
+                    _err(f"{prefix}reload refused; the relay keeps its running config")
+            elif not messages:
+                print(f"{prefix}config reloaded", file=sys.stderr)
     finally:
-        relay.close()
-    ok = cc.decode_boolean(box.get(b"ok", b"False"))
-    messages = cc.decode_text_list(box.get(b"messages", b""))
-    for m in messages:
-        print(m, file=sys.stderr)
-    for key in cc.decode_text_list(box.get(b"restart_needed", b"")):
-        if not any(key in m for m in messages):
-            print(f"{key} changed: takes effect after a restart", file=sys.stderr)
-    if not ok:
-        if not messages:
-            _err("reload refused; the relay keeps its running config")
-        return EXIT_FAIL
-    if not messages:
-        print("config reloaded", file=sys.stderr)
-    return EXIT_OK
+        _close_all(relays)
+    return EXIT_OK if all_ok else EXIT_FAIL
 
 
 # -- the parser -----------------------------------------------------------------------------------

@@ -1,0 +1,240 @@
+"""workers = N: a master process and N relay workers sharing the listeners.
+
+Every test runs ``twistd -n relay`` for real.  Each worker owns its queue
+(``spool/w<i>``): what one acknowledged, it delivers, also after it was
+killed and restarted by the master.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+
+from relay import spool as spoolmod
+from relay import users as usersmod
+from tests.support.relay import ROOT, RelayProcess, base_config, deep_merge, free_port, toml_dumps
+from tests.support.wait import poll
+
+
+def relayctl(cfg_path, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "relay.cli", "--config", cfg_path, *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def ids_in(spool: str) -> dict[int, list[str]]:
+    out = {}
+    for i in (0, 1):
+        q = os.path.join(spool, f"w{i}", "queue")
+        out[i] = sorted(n for n in os.listdir(q) if spoolmod.is_queue_id(n)) if os.path.isdir(q) else []
+    return out
+
+
+def worker_pids(master_pid: int) -> list[int]:
+    pids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if f.read().split()[3] == str(master_pid):
+                        with open(f"/proc/{p}/cmdline", "rb") as c:
+                            if b"relay.worker" in c.read():
+                                pids.append(int(p))
+            except OSError:
+                pass
+    return sorted(pids)
+
+
+def send_many(port: int, n: int, rcpt: str, threads: int = 6) -> list[str]:
+    acked: list[str] = []
+    lock = threading.Lock()
+
+    def run(k):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.ehlo("client.test")
+            for i in range(k, n, threads):
+                body = f"Message-ID: <w-{i}@client.test>\r\nSubject: {i}\r\n\r\nbody {i}\r\n".encode()
+                s.mail("a@client.test")
+                s.rcpt(rcpt)
+                code, resp = s.data(body)
+                assert code == 250, resp
+                with lock:
+                    acked.append(resp.decode().rsplit(" ", 1)[1])
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    return acked
+
+
+def make(tmp_path, name="relay", **over):
+    base = tmp_path / name
+    base.mkdir()
+    port = free_port()
+    data = deep_merge(base_config(str(base)), {"workers": 2, "smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"],
+                                                                       "max_connections_per_ip": 100}})
+    data = deep_merge(data, over)
+    return RelayProcess(str(base), data, name), port
+
+
+def test_two_workers_share_the_port_and_deliver_everything(tmp_path):
+    dport = free_port(("127.0.0.4",))
+    final = RelayProcess(str(tmp_path), deep_merge(base_config(str(tmp_path)), {
+        "hostname": "final.test", "spool": str(tmp_path / "final-spool"),
+        "smtp": {"listen": [f"tcp:{dport}:interface=127.0.0.4"]},
+        "local": {"domains": ["dest.test"], "mailboxes": str(tmp_path / "final-mail"),
+                  "users": str(tmp_path / "final-users")},
+    }), "final")
+    usersmod.add_user(str(tmp_path / "final-users"), "u@dest.test", "pw")
+    relay, port = make(tmp_path, relay={"routes": {"dest.test": f"127.0.0.4:{dport}"}})
+    final.start(wait_for=("127.0.0.4", dport))
+    relay.start(wait_for=("127.0.0.1", port))
+    try:
+        acked = send_many(port, 120, "u@dest.test")
+        assert len(acked) == 120
+        box = tmp_path / "final-mail" / "dest.test" / "u" / "new"
+        poll(lambda: box.is_dir() and len(os.listdir(box)) == 120, 30, what="120 messages in the Maildir")
+        log = relay.log()
+        # both workers took connections, and their lines are in the master's log
+        assert "[w0 relay.smtp#info]" in log and "[w1 relay.smtp#info]" in log, log[-2000:]
+        for qid in acked[:5]:
+            assert f"{qid}: to=<u@dest.test>" in log
+        poll(lambda: not any(ids_in(relay.data["spool"]).values()), 10, what="empty queues")
+    finally:
+        relay.stop()
+        final.stop()
+
+
+def test_relayctl_sees_every_worker_and_acts_on_the_right_one(tmp_path):
+    relay, port = make(tmp_path, relay={"smarthost": f"127.0.0.1:{free_port()}"},
+                       delivery={"retry_min": "1h", "retry_max": "1h"})
+    relay.start(wait_for=("127.0.0.1", port))
+    try:
+        acked = send_many(port, 40, "x@remote.test", threads=8)
+        spool = relay.data["spool"]
+        poll(lambda: all(ids_in(spool).values()), 10, what="messages in both workers' queues")
+        st = relayctl(relay.config_path, "status", "--json")
+        assert st.returncode == 0, st.stderr
+        s = json.loads(st.stdout)
+        assert s["running"] and len(s["workers"]) == 2 and all(w["running"] for w in s["workers"])
+        assert s["queue"]["total"] == 40
+        assert s["counters"]["received"] == 40
+        q = relayctl(relay.config_path, "queue", "--json")
+        listed = sorted(json.loads(line)["queue_id"] for line in q.stdout.splitlines())
+        assert listed == sorted(acked)
+        table = relayctl(relay.config_path, "queue")
+        assert table.stdout.rstrip().endswith("40 messages (0 active, 40 deferred, 0 on hold).")
+        target = ids_in(spool)[1][0]  # a message of worker 1
+        assert relayctl(relay.config_path, "queue", "show", target).returncode == 0
+        r = relayctl(relay.config_path, "queue", "hold", target)
+        assert r.returncode == 0, r.stderr
+        assert relayctl(relay.config_path, "queue", "delete", target).returncode == 0
+        gone = relayctl(relay.config_path, "queue", "show", target)
+        assert gone.returncode == 1 and target in gone.stderr
+        unknown = relayctl(relay.config_path, "queue", "hold", "1K17ZZZZZZZZZZZZ")
+        assert unknown.returncode == 1 and "1K17ZZZZZZZZZZZZ" in unknown.stderr
+        rl = relayctl(relay.config_path, "reload")
+        assert rl.returncode == 0 and "worker 0:" in rl.stderr and "worker 1:" in rl.stderr
+    finally:
+        relay.stop()
+
+
+def test_a_killed_worker_is_restarted_and_delivers_its_queue(tmp_path):
+    sink_port = free_port(("127.0.0.5",))
+    relay, port = make(tmp_path, relay={"smarthost": f"127.0.0.5:{sink_port}"},
+                       delivery={"retry_min": 1, "retry_max": 1})
+    final = RelayProcess(str(tmp_path), deep_merge(base_config(str(tmp_path)), {
+        "hostname": "final.test", "spool": str(tmp_path / "final-spool"),
+        "smtp": {"listen": [f"tcp:{sink_port}:interface=127.0.0.5"]},
+        "local": {"domains": ["dest.test"], "mailboxes": str(tmp_path / "final-mail"),
+                  "users": str(tmp_path / "final-users")},
+    }), "final")
+    usersmod.add_user(str(tmp_path / "final-users"), "u@dest.test", "pw")
+    relay.start(wait_for=("127.0.0.1", port))
+    try:
+        acked = send_many(port, 30, "u@dest.test")  # the next hop is down: all deferred
+        spool = relay.data["spool"]
+        poll(lambda: all(ids_in(spool).values()), 10, what="messages in both queues")
+        victim = worker_pids(relay.proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        poll(lambda: len(worker_pids(relay.proc.pid)) == 2 and victim not in worker_pids(relay.proc.pid), 20,
+             what="the master to restart the worker")
+        assert "ended unexpectedly" in relay.log()
+        final.start(wait_for=("127.0.0.5", sink_port))
+        box = tmp_path / "final-mail" / "dest.test" / "u" / "new"
+        poll(lambda: box.is_dir() and len(os.listdir(box)) == len(acked), 40,
+             what="every acknowledged message delivered")
+    finally:
+        relay.stop()
+        final.stop()
+
+
+def test_sigterm_stops_master_and_workers_and_orphans_are_adopted(tmp_path):
+    relay, port = make(tmp_path, relay={"smarthost": f"127.0.0.1:{free_port()}"},
+                       delivery={"retry_min": "1h", "retry_max": "1h"})
+    # a message left in the single-process layout (spool/queue) before workers were configured
+    sp = spoolmod.Spool(relay.data["spool"])
+    sp.create()
+    env = spoolmod.Envelope(spoolmod.new_id(), "a@b.test", ["x@remote.test"], time.time())
+    inc = sp.incoming(env)
+    inc.write(b"Subject: old\r\n\r\nbody\r\n")
+    old = inc.finish()
+    relay.start(wait_for=("127.0.0.1", port))
+    try:
+        poll(lambda: old in ids_in(relay.data["spool"])[0], 10, what="the old message in worker 0's queue")
+        assert "moved 1 queued messages" in relay.log()
+        workers = worker_pids(relay.proc.pid)
+        assert len(workers) == 2
+        t0 = time.monotonic()
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.proc.wait(40)
+        assert time.monotonic() - t0 < 35
+        assert all(not os.path.exists(f"/proc/{p}") or open(f"/proc/{p}/stat").read().split()[2] == "Z"
+                   for p in workers)
+        assert "twisted-relay master stopped" in relay.log()
+    finally:
+        relay.stop()
+
+
+def test_sighup_reaches_every_worker(tmp_path):
+    relay, port = make(tmp_path)
+    relay.start(wait_for=("127.0.0.1", port))
+
+    def rcpt():
+        codes = set()
+        for _ in range(12):  # connections spread over both workers
+            with smtplib.SMTP("127.0.0.1", port) as s:
+                s.ehlo("x")
+                s.mail("a@b.example")
+                codes.add(s.rcpt("someone@far.example")[0])
+        return codes
+
+    try:
+        assert rcpt() == {250}
+        relay.data = deep_merge(relay.data, {"relay": {"networks": ["10.9.0.0/16"]}})
+        with open(relay.config_path, "w") as f:
+            f.write(toml_dumps(relay.data))
+        relay.proc.send_signal(signal.SIGHUP)
+        poll(lambda: relay.log().count("config reloaded") >= 2, 10, what="both workers to reload")
+        assert rcpt() == {554}
+    finally:
+        relay.stop()
+
+
+def test_metrics_need_a_single_process(tmp_path):
+    from relay import config as configmod
+
+    try:
+        configmod.load(None, data={"workers": 2, "metrics": {"listen": ["tcp:9025:interface=127.0.0.1"]}})
+    except configmod.ConfigError as e:
+        assert "metrics.listen" in str(e) and "workers" in str(e)
+    else:
+        raise AssertionError("workers = 2 with metrics was accepted")
