@@ -225,6 +225,8 @@ class AsyncSpool:
         self.disk = disk
         self.queue_syncer = DirSyncer(disk, spool.queue_dir)
         self.stock = IncomingStock(disk, spool)
+        self._to_remove: list[tuple[str, defer.Deferred]] = []
+        self._removing = False
 
     def incoming(self, envelope: spoolmod.Envelope) -> spoolmod.IncomingMessage:
         """A new message file, from the stock when there is one."""
@@ -270,24 +272,54 @@ class AsyncSpool:
         return d
 
     def remove(self, qid: str) -> defer.Deferred:
-        """Unlink the message, then its state file (on the reactor: two quick metadata calls).
+        """Unlink the message, then its state file, in the disk pool.
 
-        The message file goes first, so no crash can leave a state file
-        saying "pending" next to... nothing, nor a message without the
-        state that says which recipients are done.  The directory is not
-        fsynced: after a relay crash the removal holds; only a power loss
-        in the next seconds could bring the message back, to be delivered
-        a second time (at-least-once), which is how Postfix behaves too.
+        The message file goes first, so no crash can leave a message without
+        the state that says which recipients are done.  Removals are batched:
+        those asked for while a batch runs go together in the next one (an
+        unlink of a file just fsynced can wait for the journal: never on
+        the reactor).  The directory is not fsynced: after a relay crash the
+        removal holds; only a power loss in the next seconds could bring the
+        message back, to be delivered a second time (at-least-once), which is
+        how Postfix behaves too.
         """
+        d: defer.Deferred = defer.Deferred()
+        self._to_remove.append((qid, d))
+        if not self._removing:
+            self._remove_batch()
+        return d
 
-        # two unlinks are metadata operations of microseconds, cheaper here
-        # than a hand-off to a thread and back
-        try:
-            spoolmod._unlink_quiet(self.spool.message_path(qid))
-            spoolmod._unlink_quiet(self.spool.state_path(qid))
-        except OSError:
-            return defer.fail()
-        return defer.succeed(None)
+    def _remove_batch(self) -> None:
+        batch, self._to_remove = self._to_remove, []
+        self._removing = True
+        paths = [(self.spool.message_path(q), self.spool.state_path(q)) for q, _ in batch]
+
+        def unlink_all():
+            errors = []
+            for msg, state in paths:
+                try:
+                    spoolmod._unlink_quiet(msg)
+                    spoolmod._unlink_quiet(state)
+                    errors.append(None)
+                except OSError as e:
+                    errors.append(e)
+            return errors
+
+        def done(result):
+            self._removing = False
+            if isinstance(result, Failure):
+                for _, d in batch:
+                    d.errback(result)
+            else:
+                for (_, d), err in zip(batch, result):
+                    if err is None:
+                        d.callback(None)
+                    else:
+                        d.errback(Failure(err))
+            if self._to_remove:
+                self._remove_batch()
+
+        self.disk.run(unlink_all).addBoth(done)
 
     def run(self, fn, *args, **kw) -> defer.Deferred:
         return self.disk.run(fn, *args, **kw)
