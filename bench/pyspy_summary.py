@@ -26,6 +26,12 @@ def _parse(path: str) -> list[tuple[str, list[str], int]]:
                 continue
             stack, _, count = line.rpartition(" ")
             parts = stack.split(";")
+            # with --subprocesses: "process PID:CMDLINE" frames first (the
+            # command line may itself contain ";"): keep from the thread on
+            for k, part in enumerate(parts):
+                if part.startswith("thread ("):
+                    parts = parts[k:]
+                    break
             thread = parts[0].split(": ", 1)[-1] if parts[0].startswith("thread") else "?"
             frames = []
             for fr in parts[1:] if parts[0].startswith("thread") else parts:

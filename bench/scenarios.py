@@ -136,8 +136,9 @@ def relay_run(ctx: Ctx, kind: str, accept: bool, i: int, profile: str | None = N
             wait_for(lambda: relay.queued() == 0, 120, "the warm-up messages to leave the queue")
         wait_idle(relay.cpu)
         if profile:
+            # --subprocesses: the workers are children of the master
             spy = ctx.reg.start("py-spy", [profile_tool(ctx), "record", "-p", str(relay.pid), "-f", "raw",
-                                           "--threads", "-o", profile],
+                                           "--subprocesses", "--threads", "-o", profile],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # let it attach
         before = _snapshot(relay, sink)

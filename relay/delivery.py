@@ -118,6 +118,7 @@ class Deliverer:
                                            else None), auth=auth, connect_timeout=cfg.delivery.connect_timeout,
             timeouts=self.timeouts, threadpool=self.svc.disk.pool, queue_id=msg.qid,
             cache=self.cache, body_8bit=getattr(msg, "eight_bit", None),
+            message_data=getattr(msg, "data", None),
         )
         self.sessions += report.hop is not None
         self.tls_sessions += bool(report.tls)

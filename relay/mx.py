@@ -29,6 +29,7 @@ not bounce every message; pass ``permanent_nxdomain=True`` to change that.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import socket
@@ -93,6 +94,7 @@ class _NoResolver(dns.exception.DNSException):
     """No name server configured (raised instead of querying)."""
 
 
+@functools.lru_cache(maxsize=1024)
 def _literal(text: str) -> str | None:
     """The IP of "1.2.3.4", "[1.2.3.4]", "[IPv6:::1]", "::1"; else None."""
     t = text.strip()

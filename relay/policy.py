@@ -16,6 +16,7 @@ allow_untrusted_routing=no are the model):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -44,13 +45,23 @@ class Client:
     authenticated: str | None = None  # the user name after AUTH
 
 
-def in_networks(ip: str, networks: Iterable) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _client_ip(ip: str):
+    """The address to match against networks (parsing it is not free; a
+    client sends many commands, and clients come back)."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
+    return addr
+
+
+def in_networks(ip: str, networks: Iterable) -> bool:
+    addr = _client_ip(ip)
+    if addr is None:
+        return False
     return any(addr.version == n.version and addr in n for n in networks)
 
 

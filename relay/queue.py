@@ -43,6 +43,9 @@ FINALIZE_RETRY = 10.0  # seconds before recording an outcome again after a disk 
 DEAD_WINDOW = 30.0  # seconds a destination that did not answer is not retried for new mail
 MAX_HISTORY = 200
 JITTER = 0.1
+# messages kept in memory after reception, for their first attempt (small
+# ones only, see spool.MEMORY_LIMIT); beyond this total the file is read
+MAX_HELD_BYTES = 16 * 1024 * 1024
 
 
 class UnknownMessage(KeyError):
@@ -66,6 +69,7 @@ class Message:
     tried: bool = False  # an attempt was really made in this activation (not only suspended)
     eight_bit: bool | None = None  # the body has 8-bit bytes (None: not known, the client scans)
     started: float = 0.0
+    data: bytes | None = None  # the message, just received: the first attempt need not read the file
 
     @property
     def hold(self) -> bool:
@@ -171,6 +175,7 @@ class QueueManager:
         self.running = False
         self.loaded = False
         self.counters = Counters()
+        self.held_bytes = 0  # sum of Message.data
         self.random = random.Random()
         self._idle_waiters: list[defer.Deferred] = []
         self._inflight: set[defer.Deferred] = set()  # finalisations and admin actions under way
@@ -290,6 +295,10 @@ class QueueManager:
             return self.messages[env.queue_id]
         msg = Message(env.queue_id, env, entry.state, entry.size, entry.offset)
         msg.eight_bit = entry.eight_bit
+        data = entry.data
+        if data is not None and self.held_bytes + len(data) <= MAX_HELD_BYTES:
+            msg.data = data
+            self.held_bytes += len(data)
         self.messages[msg.qid] = msg
         if schedule and self.loaded:
             self._schedule(msg)
@@ -416,6 +425,11 @@ class QueueManager:
         base = min(d.retry_max, d.retry_min * (2 ** max(0, attempts - 1)))
         return max(1.0, base * (1 + self.random.uniform(-JITTER, JITTER)))
 
+    def _drop_data(self, msg: Message) -> None:
+        if msg.data is not None:
+            self.held_bytes -= len(msg.data)
+            msg.data = None
+
     def _job_finished(self, job: Job, outcomes) -> None:
         msg = job.msg
         now = self.now()
@@ -472,6 +486,7 @@ class QueueManager:
             )
         msg.active -= 1
         if msg.active == 0:
+            self._drop_data(msg)
             self._start_finalize(msg)
 
     def _start_finalize(self, msg: Message) -> None:
@@ -554,6 +569,7 @@ class QueueManager:
 
     def _forget(self, msg: Message, why: str) -> None:
         self.messages.pop(msg.qid, None)
+        self._drop_data(msg)
         call = self._refinalize_calls.pop(msg.qid, None)
         if call is not None and call.active():
             call.cancel()
@@ -602,6 +618,8 @@ class QueueManager:
             return
         msg.state.hold = True
         msg.token += 1  # drop it from the heap
+        if not msg.active:
+            self._drop_data(msg)
         if not msg.active and not msg.busy:
             await self.aspool.write_state(qid, msg.state)
         log.info("{queue_id}: held by the administrator", queue_id=qid)

@@ -27,6 +27,7 @@ import errno
 import json
 import math
 import os
+import random
 import re
 import secrets
 import sys
@@ -83,6 +84,12 @@ class IdGenerator:
     def __init__(self) -> None:
         self._last = 0
         self._lock = threading.Lock()
+        # not secret, only unlikely to collide across processes: a PRNG
+        # seeded from the OS (reseeded in a forked child) spares a
+        # getrandom() system call per id
+        self._rand = random.Random(secrets.randbits(128))
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=lambda: self._rand.seed(secrets.randbits(128)))
 
     def __call__(self) -> str:
         with self._lock:
@@ -90,7 +97,8 @@ class IdGenerator:
             if now <= self._last:
                 now = self._last + 1
             self._last = now
-        return _b32(now, 11) + _b32(secrets.randbits(25), 5)
+            r = self._rand.getrandbits(25)
+        return _b32((now << 25) | r, 16)
 
 
 new_id = IdGenerator()
@@ -315,43 +323,93 @@ class QueueEntry:
     size: int  # message bytes (without the envelope line)
     offset: int  # where the message starts in the file
     eight_bit: bool | None = None  # known when it was just received; None: scan when it matters
+    data: bytes | None = None  # the message bytes, when just received and small (no need to read the file)
+
+
+MEMORY_LIMIT = 64 * 1024  # a message up to this size is held in memory until finish()
 
 
 class IncomingMessage:
-    """A message being received into incoming/; blocking methods.
+    """A message being received; blocking methods.
 
-    Writes go to a buffered file (page cache, cheap); ``finish()`` (run it
-    in a thread) fsyncs and renames it into queue/.  The caller then fsyncs
-    the queue directory (see diskio.DirSyncer, which groups them).
+    Two ways to hold it until ``finish()`` (run it in a thread):
+
+    * in memory (``in_memory=True``, what the SMTP server asks for): the
+      bytes are kept in a list until they pass MEMORY_LIMIT; ``finish()``
+      then creates the file in incoming/, writes it in one call, fsyncs and
+      renames it into queue/, and keeps the bytes (``data``) so that the
+      first delivery attempt need not read the file back.  A bigger message
+      moves to a file as soon as it passes the limit (``spill`` gives an
+      empty file made ahead of time, when there is one).
+    * in a buffered file in incoming/ from the start (page cache, cheap).
+
+    Either way nothing is in queue/ before the file is complete and fsynced;
+    the caller then fsyncs the queue directory (see diskio.QueueDirSync,
+    which groups them).
     """
 
-    def __init__(self, spool: "Spool", envelope: Envelope, prepared: tuple[str, int] | None = None):
+    def __init__(self, spool: "Spool", envelope: Envelope, prepared: tuple[str, int] | None = None, *,
+                 in_memory: bool = False, spill=None):
         self.spool = spool
         self.envelope = envelope
         self.queue_id = envelope.queue_id
         self.final_path = os.path.join(spool.queue_dir, self.queue_id)
-        if prepared is not None:
-            # a file created ahead of time off the reactor (diskio.IncomingStock)
-            self.tmp_path, fd = prepared
-        else:
-            self.tmp_path = os.path.join(spool.incoming_dir, self.queue_id + TMP_SUFFIX)
-            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=64 * 1024)
         self.header = envelope.to_line()
         self.size = 0
         self.closed = False
+        self.data: bytes | None = None  # after finish(): the message, when it was held in memory
+        self.tmp_path: str | None = None
+        self._file = None
+        self._spill = spill
+        if in_memory:
+            self._chunks: list[bytes] | None = [self.header]
+            self._held = len(self.header)
+            return
+        self._chunks = None
+        self._open(prepared)
         try:
             self._file.write(self.header)
         except BaseException:
             self.abort()
             raise
 
+    def _open(self, prepared: tuple[str, int] | None) -> None:
+        if prepared is not None:
+            # a file created ahead of time off the reactor (diskio.IncomingStock)
+            self.tmp_path, fd = prepared
+        else:
+            self.tmp_path = os.path.join(self.spool.incoming_dir, self.queue_id + TMP_SUFFIX)
+            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb", buffering=64 * 1024)
+
     def write(self, data: bytes) -> None:
+        chunks = self._chunks
+        if chunks is not None:
+            chunks.append(data)
+            self.size += len(data)
+            self._held += len(data)
+            if self._held > MEMORY_LIMIT:
+                self._to_file()
+            return
         self._file.write(data)
         self.size += len(data)
 
+    def _to_file(self) -> None:
+        """Too big for memory: on to a file in incoming/."""
+        chunks, self._chunks = self._chunks, None
+        try:
+            self._open(self._spill() if self._spill is not None else None)
+            self._file.write(b"".join(chunks))
+        except BaseException:
+            self.abort()
+            raise
+
     def finish(self) -> str:
-        """Blocking: flush, fsync, close, rename into queue/ (no dir fsync)."""
+        """Blocking: write, fsync, close, rename into queue/ (no dir fsync)."""
+        if self.closed:
+            raise OSError(errno.EBADF, "message was aborted", self.queue_id)
+        if self._chunks is not None:
+            return self._finish_memory()
         try:
             self._file.flush()
             os.fdatasync(self._file.fileno())
@@ -363,14 +421,47 @@ class IncomingMessage:
             raise
         return self.queue_id
 
+    def _finish_memory(self) -> str:
+        blob = b"".join(self._chunks)
+        self._chunks = None
+        self.tmp_path = os.path.join(self.spool.incoming_dir, self.queue_id + TMP_SUFFIX)
+        try:
+            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            self.tmp_path = None
+            self.closed = True
+            raise
+        try:
+            view = memoryview(blob)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            self.abort()
+            raise
+        os.close(fd)
+        self.closed = True
+        try:
+            os.rename(self.tmp_path, self.final_path)
+        except BaseException:
+            self.abort()
+            raise
+        self.data = blob[len(self.header):]
+        return self.queue_id
+
     def abort(self) -> None:
+        self._chunks = None
         if not self.closed:
             self.closed = True
-            try:
-                self._file.close()
-            except OSError:
-                pass
-        _unlink_quiet(self.tmp_path)
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
+        if self.tmp_path is not None:
+            _unlink_quiet(self.tmp_path)
 
 
 class Spool:
@@ -440,8 +531,9 @@ class Spool:
         return n
 
     # -- writing ---------------------------------------------------------
-    def incoming(self, envelope: Envelope, prepared: tuple[str, int] | None = None) -> IncomingMessage:
-        return IncomingMessage(self, envelope, prepared)
+    def incoming(self, envelope: Envelope, prepared: tuple[str, int] | None = None, *,
+                 in_memory: bool = False, spill=None) -> IncomingMessage:
+        return IncomingMessage(self, envelope, prepared, in_memory=in_memory, spill=spill)
 
     def prepare_incoming(self, count: int) -> list[tuple[str, int]]:
         """Create count empty files in incoming/ (blocking): (path, fd) pairs.

@@ -316,3 +316,44 @@ class Routing(unittest.TestCase):
         cfg2 = configmod.load(None, data={"delivery": {"port": 2626}})
         m = routing.route(cfg2, "a@any.example")
         self.assertEqual((m.kind, m.domain, m.port), ("mx", "any.example", 2626))
+
+
+class HeldData(QueueCase):
+    """A message just received comes with its bytes (spool.QueueEntry.data):
+    the first attempt uses them, then they are dropped; the total is bounded."""
+
+    def entry(self, rcpts, body=b"Subject: test\r\n\r\nbody\r\n"):
+        env = spoolmod.Envelope(spoolmod.new_id(), "s@client.example", list(rcpts), self.clock.seconds())
+        entry = self.spool.inject(env, body)
+        entry.data = body
+        return entry
+
+    def test_first_attempt_sees_the_data_then_it_is_dropped(self):
+        seen = []
+        hop = ScriptedNextHop(lambda dest, r, n: ("deferred", "4.0.0", "451 later"))
+        orig = hop.attempt
+        hop.attempt = lambda msg, dest, rcpts: (seen.append(msg.data), orig(msg, dest, rcpts))[1]
+        qm = self.start(hop)
+        e = self.entry(["a@remote.example"])
+        msg = qm.add(e)
+        self.assertEqual(qm.held_bytes, len(e.data))
+        self.clock.advance(0)
+        self.assertEqual(seen, [e.data])
+        self.assertIsNone(msg.data)
+        self.assertEqual(qm.held_bytes, 0)
+        self.clock.advance(3600)  # the retry reads the file
+        self.assertEqual(seen[1:], [None])
+
+    def test_budget_and_removal(self):
+        import relay.queue as queuemod
+
+        self.patch(queuemod, "MAX_HELD_BYTES", 100)
+        qm = self.start(ScriptedNextHop(manual=True))
+        body = b"x" * 60
+        m1 = qm.add(self.entry(["a@remote.example"], body))
+        m2 = qm.add(self.entry(["b@remote.example"], body))
+        self.assertEqual((m1.data, m2.data, qm.held_bytes), (body, None, 60))
+        self.clock.advance(0)
+        self.hop.release_all()
+        self.assertEqual(qm.held_bytes, 0)
+        self.assertEqual(self.spool.queue_ids(), [])

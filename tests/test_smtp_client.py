@@ -481,6 +481,44 @@ class DataTests(ClientCase):
         self.assertLess(peak, 4 * 1024 * 1024, f"peak traced memory {peak} bytes for a {size}-byte message")
 
 
+class InMemoryDataTests(DataTests):
+    """The same wire bytes when the message comes from memory (just
+    received, relay.queue keeps it for the first attempt) instead of the
+    spool file.  The file is overwritten first, so a small message can only
+    arrive intact if it was really sent from memory."""
+
+    async def deliver(self, hops, message: bytes = MSG, recipients=("rcpt@dest.test",), *, prefix=b"",
+                      suffix=b"", **kw) -> DeliveryReport:
+        path, offset, size = self.spool(message, prefix, suffix)
+        if size <= smtpclient.CHUNK:
+            with open(path, "r+b") as f:
+                f.seek(offset)
+                f.write(b"X" * size)
+        kw.setdefault("sender", "sender@origin.test")
+        kw.setdefault("helo", "relay.test")
+        kw.setdefault("tls_mode", "none")
+        kw.setdefault("timeouts", Timeouts.uniform(2.0))
+        kw.setdefault("connect_timeout", 2.0)
+        return await deliver(reactor, hops, recipients=list(recipients), message_path=path,
+                             message_offset=offset, message_size=size, message_data=message, **kw)
+
+    async def test_data_of_another_size_is_not_used(self):
+        s = self.sink()
+        path, offset, size = self.spool(MSG)
+        rep = await deliver(reactor, [self.hop(s)], sender="a@b.test", recipients=["r@dest.test"],
+                            message_path=path, message_offset=offset, message_size=size,
+                            message_data=MSG[:-2], helo="relay.test", tls_mode="none",
+                            timeouts=Timeouts.uniform(2))
+        self.assertDelivered(rep, "r@dest.test")
+        self.assertEqual(s.transactions[0].data, MSG)
+
+    async def test_8bit_known_from_memory(self):
+        s = self.sink(eightbitmime=True)
+        await self.deliver([self.hop(s)], message=b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n")
+        self.assertIn("BODY=8BITMIME", s.transactions[0].mail_params)
+        self.assertEqual(s.transactions[0].data, b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n")
+
+
 class DefaultsTests(unittest.TestCase):
     def test_rfc5321_default_timeouts(self):
         t = Timeouts()
@@ -534,6 +572,34 @@ class ReplyParserTests(unittest.TestCase):
         self.clock.advance(0.2)
         self.proto.connectionLost(None)
         self.assertEqual((errors[0].value.kind, errors[0].value.stage), ("timeout", "greeting"))
+
+    def test_each_waiter_times_out_from_its_own_start(self):
+        # the timer is moved lazily (one per connection): a reply restarts
+        # the clock for the next waiter, with that waiter's timeout and stage
+        got, errors = [], []
+        self.proto.expect("MAIL FROM", 10).addCallback(got.append)
+        self.proto.expect("DATA", 3).addErrback(errors.append)
+        self.clock.advance(8)
+        self.proto.dataReceived(b"250 ok\r\n")
+        self.assertEqual(len(got), 1)
+        self.clock.advance(2.9)  # 10.9 s since the start, 2.9 s since the reply
+        self.assertEqual((errors, self.proto._failure), ([], None))
+        self.clock.advance(0.2)
+        self.assertEqual((self.proto._failure.kind, self.proto._failure.stage), ("timeout", "DATA"))
+        self.proto.connectionLost(None)
+        self.assertEqual(errors[0].value.stage, "DATA")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_timeout_without_a_waiter(self):
+        self.proto.expect("greeting", 5)
+        self.proto.dataReceived(b"220 hi\r\n")
+        self.clock.advance(100)
+        self.assertIsNone(self.proto._failure)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # the early timer ended by itself
+        errors = []
+        self.proto.expect("EHLO", 5).addErrback(errors.append)
+        self.clock.advance(5.1)
+        self.assertEqual(self.proto._failure.stage, "EHLO")
 
     def test_reply_after_starttls_boundary_discarded(self):
         got = []

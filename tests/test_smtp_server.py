@@ -497,7 +497,13 @@ class SpoolFailures(RelayTestCase):
             c.cmd("EHLO x")
             c.cmd("MAIL FROM:<a@b.example>")
             c.cmd("RCPT TO:<alice@local.test>")
-            return c.cmd("DATA"), c.cmd("NOOP")
+            r = c.cmd("DATA")
+            if r.code == 354:
+                # a small message is held in memory and written at the end
+                # of DATA: the failure shows there
+                c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+                r = c.reply()
+            return r, c.cmd("NOOP")
 
         r, noop = await self.session(fn)
         os.unlink(inc)

@@ -247,6 +247,78 @@ class Writing(SpoolCase):
                 inc.finish()
         self.assertEqual(self.files("incoming") + self.files(), [])
 
+    def test_in_memory_until_finish(self):
+        env = envelope()
+        inc = self.spool.incoming(env, in_memory=True)
+        inc.write(b"Subject: x\r\n\r\n")
+        inc.write(b"body\r\n")
+        self.assertEqual(self.files("incoming") + self.files(), [])  # nothing on disk yet
+        self.assertIsNone(inc.data)
+        with mock.patch("os.fdatasync", wraps=os.fdatasync) as sync:
+            self.assertEqual(inc.finish(), env.queue_id)
+        self.assertEqual(sync.call_count, 1)
+        self.assertEqual(self.files("incoming"), [])
+        self.assertEqual(self.files(), [env.queue_id])
+        self.assertEqual(inc.data, b"Subject: x\r\n\r\nbody\r\n")
+        entry = self.spool.load(env.queue_id)
+        self.assertEqual(entry.envelope, env)
+        self.assertEqual(entry.size, inc.size)
+        with open(self.spool.message_path(env.queue_id), "rb") as f:
+            self.assertEqual(f.readline(), env.to_line())
+            self.assertEqual(f.read(), inc.data)
+
+    def test_in_memory_moves_to_a_file_when_big(self):
+        env = envelope()
+        made = []
+
+        def spill():
+            made.append(1)
+            return self.spool.prepare_incoming(1)[0]
+
+        inc = self.spool.incoming(env, in_memory=True, spill=spill)
+        line = b"y" * 998 + b"\r\n"
+        n = spoolmod.MEMORY_LIMIT // len(line) + 2
+        for _ in range(n):
+            inc.write(line)
+        self.assertEqual(made, [1])
+        self.assertEqual(len(self.files("incoming")), 1)  # streaming to disk now
+        inc.finish()
+        self.assertIsNone(inc.data)  # too big to keep
+        entry = self.spool.load(env.queue_id)
+        self.assertEqual(entry.size, n * len(line))
+        with open(self.spool.message_path(env.queue_id), "rb") as f:
+            f.readline()
+            self.assertEqual(f.read(), line * n)
+
+    def test_in_memory_abort_and_failures_leave_nothing(self):
+        inc = self.spool.incoming(envelope(), in_memory=True)
+        inc.write(b"partial")
+        inc.abort()
+        inc.abort()
+        with self.assertRaises(OSError):
+            inc.finish()
+        inc = self.spool.incoming(envelope(), in_memory=True)
+        inc.write(b"data")
+        with mock.patch("os.fdatasync", side_effect=OSError(28, "No space left on device")):
+            with self.assertRaises(OSError):
+                inc.finish()
+        self.assertIsNone(inc.data)
+        inc = self.spool.incoming(envelope(), in_memory=True)
+        inc.write(b"data")
+        with mock.patch("os.rename", side_effect=OSError(5, "I/O error")):
+            with self.assertRaises(OSError):
+                inc.finish()
+        self.assertEqual(self.files("incoming") + self.files(), [])
+
+    def test_in_memory_unwritable_incoming(self):
+        os.rmdir(self.spool.incoming_dir)
+        inc = self.spool.incoming(envelope(), in_memory=True)
+        inc.write(b"data")
+        with self.assertRaises(OSError):
+            inc.finish()
+        inc.abort()
+        self.assertEqual(self.files(), [])
+
     def test_read_headers(self):
         env = self.queue(b"Received: x\r\nSubject: s\r\n\r\nbody\r\nX: not a header\r\n")
         self.assertEqual(self.spool.read_headers(env.queue_id), b"Received: x\r\nSubject: s\r\n")

@@ -323,17 +323,43 @@ class _ClientProtocol(Protocol):
         self.send(line)
         return d
 
+    # One reply timer per connection, moved lazily: starting and stopping
+    # it only sets the deadline; when it fires early it sleeps again for the
+    # rest, and with no deadline it just ends.  (A callLater and a cancel
+    # per reply were a measurable cost with several replies per message.)
+    _deadline: float | None = None
+    _deadline_stage = ""
+
     def _start_timer(self, w: _Waiter) -> None:
-        self._timer = self.clock.callLater(w.timeout, self._timed_out, w.stage)
+        self._deadline = deadline = self.clock.seconds() + w.timeout
+        self._deadline_stage = w.stage
+        t = self._timer
+        if t is not None:
+            if t.getTime() <= deadline:
+                return
+            t.cancel()
+        self._timer = self.clock.callLater(w.timeout, self._check_timeout)
 
     def _stop_timer(self) -> None:
+        self._deadline = None
+
+    def _cancel_timer(self) -> None:
+        self._deadline = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, stage: str) -> None:
+    def _check_timeout(self) -> None:
         self._timer = None
-        self.fail(ConversationError("timeout", stage))
+        deadline = self._deadline
+        if deadline is None or self.lost is not None:
+            return
+        left = deadline - self.clock.seconds()
+        if left > 0:
+            self._timer = self.clock.callLater(left, self._check_timeout)
+            return
+        self._deadline = None
+        self.fail(ConversationError("timeout", self._deadline_stage))
 
     def _protocol_error(self, detail: str) -> None:
         self.fail(ConversationError("protocol", self.stage, detail))
@@ -353,7 +379,7 @@ class _ClientProtocol(Protocol):
                 detail = _describe_failure(reason)
             exc = ConversationError("lost", self.stage, detail)
         self.lost = exc
-        self._stop_timer()
+        self._cancel_timer()
         waiters, self._waiters = list(self._waiters), deque()
         for w in waiters:
             w.d.errback(exc)
@@ -397,6 +423,17 @@ class _ClientProtocol(Protocol):
             hs.callback(None)
 
     # ------------------------------------------------------------- message
+    def send_small_message(self, data: bytes) -> None:
+        """A message already in memory (at most CHUNK bytes): dot-stuffed and
+        sent with its final "." in one write, as _MessageProducer would."""
+        if self.lost is not None:
+            raise self.lost
+        out = data.replace(b"\n.", b"\n..")
+        if data[:1] == b".":
+            out = b"." + out
+        tail = b"" if not data or data.endswith(b"\r\n") else b"\r\n"
+        send_now(self.transport, out + tail + b".\r\n")
+
     def send_message(self, path: str, offset: int, size: int, block_timeout: float) -> defer.Deferred:
         """Stream the message, dot-stuffed, then ".": fires when all is written."""
         if self.lost is not None:
@@ -850,6 +887,7 @@ class _Delivery:
         threadpool,
         queue_id,
         cache=None,
+        message_data=None,
     ):
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode must be one of {TLS_MODES}, not {tls_mode!r}")
@@ -860,6 +898,8 @@ class _Delivery:
         self.path = message_path
         self.offset = message_offset
         self.size = message_size
+        # the message itself when the caller has it in memory (just received)
+        self.data = message_data if message_data is not None and len(message_data) == message_size else None
         self.helo = helo
         self.tls_mode = tls_mode
         self.tls_hostname = tls_hostname
@@ -1108,7 +1148,7 @@ class _Delivery:
             params += b" SIZE=%d" % self.size
         if "8BITMIME" in ext:
             if self.body_8bit is None:
-                self.body_8bit = await self._scan_8bit()
+                self.body_8bit = (not self.data.isascii()) if self.data is not None else await self._scan_8bit()
             if self.body_8bit:
                 params += b" BODY=8BITMIME"
         if utf8:
@@ -1398,7 +1438,10 @@ class _Delivery:
 
         proto.stage = "message body"
         try:
-            await proto.send_message(self.path, self.offset, self.size, self.t.data_block)
+            if self.data is not None and self.size <= CHUNK:
+                proto.send_small_message(self.data)
+            else:
+                await proto.send_message(self.path, self.offset, self.size, self.t.data_block)
         except ConversationError as e:
             status, reason = self._conv_failure(hop, e)
             raise _Down(status, reason, stage=e.stage, data_started=True)
@@ -1499,6 +1542,7 @@ async def deliver(
     threadpool=None,
     queue_id: str | None = None,
     cache: ConnectionCache | None = None,
+    message_data: bytes | None = None,
 ) -> DeliveryReport:
     """Deliver one queued message to one destination; never raises for a
     delivery problem (see the module docstring).
@@ -1513,7 +1557,9 @@ async def deliver(
     ``auth``: (username, password) for AUTH PLAIN/LOGIN, only ever sent over
     TLS.  ``body_8bit``: whether the message has 8-bit bytes (None: scan the
     file in a thread when the server offers 8BITMIME).  ``queue_id`` goes in
-    the log lines.
+    the log lines.  ``message_data``: the message bytes (what the file holds
+    from ``message_offset``), when the caller has them in memory; a small one
+    is then sent without reading the file.
     """
     d = _Delivery(
         reactor,
@@ -1535,6 +1581,7 @@ async def deliver(
         threadpool=threadpool,
         queue_id=queue_id,
         cache=cache,
+        message_data=message_data,
     )
     return await d.run()
 

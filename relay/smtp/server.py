@@ -233,18 +233,47 @@ class SMTPServer(Protocol):
         self._close()
 
     # -- timers ----------------------------------------------------------
+    # One idle timer per session, re-armed lazily: each command only moves
+    # the deadline; when the timer fires before it, it sleeps again for the
+    # rest.  (A callLater and a cancel per command was a measurable part of
+    # the reactor's time with a new connection per message.)
+    _deadline: float | None = None
+
     def _arm(self) -> None:
-        self._disarm()
-        if not self.closing:
-            self.timer = self.ctx.reactor.callLater(self.cfg.smtp.timeout, self._timeout)
+        if self.closing:
+            return
+        timeout = self.cfg.smtp.timeout
+        self._deadline = self.ctx.reactor.seconds() + timeout
+        if self.timer is None:
+            self.timer = self.ctx.reactor.callLater(timeout, self._check_timeout)
+
+    def _suspend(self) -> None:
+        """No idle timeout while we make the client wait (disk, AUTH delay)."""
+        self._deadline = None
 
     def _disarm(self) -> None:
+        self._deadline = None
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
 
-    def _timeout(self) -> None:
+    def _check_timeout(self) -> None:
         self.timer = None
+        if self.closing:
+            return
+        reactor = self.ctx.reactor
+        deadline = self._deadline
+        if deadline is None:
+            self.timer = reactor.callLater(self.cfg.smtp.timeout, self._check_timeout)
+            return
+        left = deadline - reactor.seconds()
+        if left > 0:
+            self.timer = reactor.callLater(left, self._check_timeout)
+            return
+        self._timeout()
+
+    def _timeout(self) -> None:
+        self._disarm()
         log.info("timeout after {mode} from [{client_ip}]", mode=self.mode, client_ip=self.peer_ip)
         self._send_now("421 4.4.2 Timeout exceeded, closing connection")
         self._close()
@@ -353,7 +382,7 @@ class SMTPServer(Protocol):
     def _wait(self, d: defer.Deferred) -> None:
         """Hold later commands until d fires (its callbacks queue replies)."""
         self.busy = True
-        self._disarm()
+        self._suspend()
 
         def done(_):
             self.busy = False
@@ -606,9 +635,7 @@ class SMTPServer(Protocol):
         return p
 
     def _received_header(self, qid: str) -> bytes:
-        date = email.utils.format_datetime(
-            email.utils.localtime(_dt(self.ctx.reactor.seconds()))
-        )
+        date = _date_header(self.ctx.reactor.seconds())
         tls = ""
         if self.tls_active and self.tls_info:
             ti = self.tls_info
@@ -705,7 +732,7 @@ class SMTPServer(Protocol):
             self.reply(250, f"2.0.0 Ok: queued as {qid}")
             if self.ctx.on_queued is not None:
                 entry = spoolmod.QueueEntry(env, spoolmod.State.fresh(env), size, len(inc.header),
-                                            eight_bit=reader_8bit)
+                                            eight_bit=reader_8bit, data=inc.data)
                 try:
                     self.ctx.on_queued(entry)
                 except Exception:  # noqa: BLE001 - never lose the 250 over a hook
@@ -858,6 +885,18 @@ def _dt(ts: float):
     import datetime
 
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date_header(ts: float) -> str:
+    """RFC 5322 date in local time, computed once per second."""
+    global _last_date
+    sec = int(ts)
+    if _last_date[0] != sec:
+        _last_date = (sec, email.utils.format_datetime(email.utils.localtime(_dt(sec))))
+    return _last_date[1]
 
 
 class SMTPFactory(ServerFactory):
