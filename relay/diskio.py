@@ -303,7 +303,7 @@ class AsyncSpool:
         self.queue_syncer = DirSyncer(disk, spool.queue_dir)
         self.queue_sync = QueueDirSync(spool.queue_dir)
         self.stock = IncomingStock(disk, spool)
-        self._to_remove: list[tuple[str, defer.Deferred]] = []
+        self._to_remove: list[tuple[str, defer.Deferred, bool]] = []
         self._removing = False
 
     def incoming(self, envelope: spoolmod.Envelope) -> spoolmod.IncomingMessage:
@@ -363,7 +363,7 @@ class AsyncSpool:
         d.addCallback(lambda _: None)
         return d
 
-    def remove(self, qid: str) -> defer.Deferred:
+    def remove(self, qid: str, state_file: bool = True) -> defer.Deferred:
         """Unlink the message, then its state file, in the disk pool.
 
         The message file goes first, so no crash can leave a message without
@@ -373,10 +373,11 @@ class AsyncSpool:
         the reactor).  The directory is not fsynced: after a relay crash the
         removal holds; only a power loss in the next seconds could bring the
         message back, to be delivered a second time (at-least-once), which is
-        how Postfix behaves too.
+        how Postfix behaves too.  state_file=False: the caller knows no
+        state file was ever written (one unlink fewer).
         """
         d: defer.Deferred = defer.Deferred()
-        self._to_remove.append((qid, d))
+        self._to_remove.append((qid, d, state_file))
         if not self._removing:
             self._remove_batch()
         return d
@@ -384,14 +385,15 @@ class AsyncSpool:
     def _remove_batch(self) -> None:
         batch, self._to_remove = self._to_remove, []
         self._removing = True
-        paths = [(self.spool.message_path(q), self.spool.state_path(q)) for q, _ in batch]
+        paths = [(self.spool.message_path(q), self.spool.state_path(q) if st else None) for q, _, st in batch]
 
         def unlink_all():
             errors = []
             for msg, state in paths:
                 try:
                     spoolmod._unlink_quiet(msg)
-                    spoolmod._unlink_quiet(state)
+                    if state is not None:
+                        spoolmod._unlink_quiet(state)
                     errors.append(None)
                 except OSError as e:
                     errors.append(e)
@@ -400,10 +402,10 @@ class AsyncSpool:
         def done(result):
             self._removing = False
             if isinstance(result, Failure):
-                for _, d in batch:
+                for _, d, _st in batch:
                     d.errback(result)
             else:
-                for (_, d), err in zip(batch, result):
+                for (_, d, _st), err in zip(batch, result):
                     if err is None:
                         d.callback(None)
                     else:

@@ -149,11 +149,12 @@ class RelayMetrics:
             "Duration of one delivery attempt (one destination, its recipients)",
             labelnames=["destination"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
-        for dest in ("local", "remote"):
-            self.latency.labels(destination=dest)  # present from the start, at zero
+        # present from the start, at zero; kept, as .labels() is not cheap per attempt
+        self._local = self.latency.labels(destination="local")
+        self._remote = self.latency.labels(destination="remote")
 
     def observe_attempt(self, local: bool, seconds: float) -> None:
-        self.latency.labels(destination="local" if local else "remote").observe(max(0.0, seconds))
+        (self._local if local else self._remote).observe(max(0.0, seconds))
 
     def site(self) -> server.Site:
         root = _Root(self.registry)

@@ -70,6 +70,7 @@ class Message:
     eight_bit: bool | None = None  # the body has 8-bit bytes (None: not known, the client scans)
     started: float = 0.0
     data: bytes | None = None  # the message, just received: the first attempt need not read the file
+    state_file: bool = True  # a state file may exist (False: never written, nothing to unlink)
 
     @property
     def hold(self) -> bool:
@@ -295,6 +296,7 @@ class QueueManager:
             return self.messages[env.queue_id]
         msg = Message(env.queue_id, env, entry.state, entry.size, entry.offset)
         msg.eight_bit = entry.eight_bit
+        msg.state_file = entry.state_file
         data = entry.data
         if data is not None and self.held_bytes + len(data) <= MAX_HELD_BYTES:
             msg.data = data
@@ -520,7 +522,7 @@ class QueueManager:
             return
         now = self.now()
         if msg.deleted:
-            await self.aspool.remove(msg.qid)
+            await self.aspool.remove(msg.qid, state_file=msg.state_file)
             self._forget(msg, "deleted by the administrator")
             return
         if msg.bounce_now:
@@ -543,12 +545,13 @@ class QueueManager:
             msg.state.warned = True
             notice_sent = True
         if msg.state.done:
-            await self.aspool.remove(msg.qid)
+            await self.aspool.remove(msg.qid, state_file=msg.state_file)
             self._forget(msg, "all recipients final")
         else:
             durable, msg.settled = msg.settled or notice_sent, False
             tried, msg.tried = msg.tried, False
             if durable or tried:
+                msg.state_file = True
                 await self.aspool.write_state(msg.qid, msg.state, durable=durable)
             # else: only suspended (a dead destination, nothing tried): the
             # record stays in memory; after a crash it is simply tried again
@@ -621,6 +624,7 @@ class QueueManager:
         if not msg.active:
             self._drop_data(msg)
         if not msg.active and not msg.busy:
+            msg.state_file = True
             await self.aspool.write_state(qid, msg.state)
         log.info("{queue_id}: held by the administrator", queue_id=qid)
 
@@ -630,6 +634,7 @@ class QueueManager:
             return
         msg.state.hold = False
         if not msg.active and not msg.busy:
+            msg.state_file = True
             await self.aspool.write_state(qid, msg.state)
         log.info("{queue_id}: released from hold", queue_id=qid)
         self._schedule(msg)
@@ -649,7 +654,7 @@ class QueueManager:
         if msg.active or msg.busy:
             log.info("{queue_id}: will be deleted when the delivery in progress ends", queue_id=qid)
             return
-        await self.aspool.remove(qid)
+        await self.aspool.remove(qid, state_file=msg.state_file)
         self._forget(msg, "deleted by the administrator")
 
     async def bounce(self, qid: str) -> None:
@@ -682,7 +687,7 @@ class QueueManager:
             self.counters.bounced += 1
         if failures:
             await self._send_dsn(msg, bouncemod.FAILED, failures)
-        await self.aspool.remove(msg.qid)
+        await self.aspool.remove(msg.qid, state_file=msg.state_file)
         self._forget(msg, "returned to sender by the administrator")
 
     # -- inspection -------------------------------------------------------------------------------

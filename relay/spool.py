@@ -324,6 +324,7 @@ class QueueEntry:
     offset: int  # where the message starts in the file
     eight_bit: bool | None = None  # known when it was just received; None: scan when it matters
     data: bytes | None = None  # the message bytes, when just received and small (no need to read the file)
+    state_file: bool = True  # False: no state file was ever written (nothing to unlink at removal)
 
 
 MEMORY_LIMIT = 64 * 1024  # a message up to this size is held in memory until finish()
@@ -554,7 +555,7 @@ class Spool:
         inc = IncomingMessage(self, envelope)
         inc.write(data)
         inc.finish()
-        return QueueEntry(envelope, State.fresh(envelope), len(data), len(inc.header))
+        return QueueEntry(envelope, State.fresh(envelope), len(data), len(inc.header), state_file=False)
 
     def message_path(self, qid: str) -> str:
         return os.path.join(self.queue_dir, qid)

@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
+    from relay import fastpoll
+
+    fastpoll.install(reactor)
     try:
         svc = RelayService(wcfg, reactor, adopted=fds, worker=(args.index, args.count))
         svc.handle_signals = True

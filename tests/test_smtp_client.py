@@ -590,6 +590,36 @@ class ReplyParserTests(unittest.TestCase):
         self.assertEqual(errors[0].value.stage, "DATA")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_expect_group_in_order_then_lost(self):
+        got = []
+        self.proto.expect_group([("MAIL FROM", 5), ("RCPT TO", 5), ("DATA", 5)]).addCallback(got.append)
+        self.proto.dataReceived(b"250 a\r\n550 5.1.1 b\r\n")
+        self.assertEqual(got, [])
+        self.proto.connectionLost(None)  # the DATA reply never came
+        [results] = got
+        self.assertEqual(results[:2], [(True, Reply(250, ("a",))), (True, Reply(550, ("5.1.1 b",)))])
+        ok, failure = results[2]
+        self.assertFalse(ok)
+        self.assertEqual((failure.value.kind, failure.value.stage), ("lost", "greeting"))
+        # after the loss, a new group fails at once, without raising
+        later = []
+        self.proto.expect_group([("MAIL FROM", 5)]).addCallback(later.append)
+        self.assertFalse(later[0][0][0])
+
+    def test_expect_group_takes_early_replies(self):
+        self.proto.dataReceived(b"250 early\r\n")
+        got = []
+        self.proto.expect_group([("MAIL FROM", 5), ("DATA", 5)]).addCallback(got.append)
+        self.proto.dataReceived(b"354 go\r\n")
+        self.assertEqual(got, [[(True, Reply(250, ("early",))), (True, Reply(354, ("go",)))]])
+
+    def test_expect_group_timeout(self):
+        got = []
+        self.proto.expect_group([("MAIL FROM", 5), ("DATA", 5)]).addCallback(got.append)
+        self.clock.advance(5.1)
+        self.proto.connectionLost(None)
+        self.assertEqual([r[1].value.kind for r in got[0]], ["timeout", "timeout"])
+
     def test_no_timeout_without_a_waiter(self):
         self.proto.expect("greeting", 5)
         self.proto.dataReceived(b"220 hi\r\n")

@@ -54,6 +54,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.fastwrite import send_now
@@ -199,10 +200,45 @@ class ConversationError(Exception):
 
 @dataclass
 class _Waiter:
-    d: defer.Deferred
+    d: defer.Deferred | _Slot
     stage: str
     timeout: float
     tls_boundary: bool = False
+
+
+class _Group:
+    """The replies to a pipelined group of commands, as one Deferred that
+    fires with [(ok, Reply or Failure)] once every one has an outcome (what
+    a DeferredList of one Deferred per command gives, for less)."""
+
+    __slots__ = ("d", "results", "left")
+
+    def __init__(self, n: int):
+        self.d: defer.Deferred = defer.Deferred()
+        self.results: list = [None] * n
+        self.left = n
+
+    def _set(self, i: int, ok: bool, value) -> None:
+        self.results[i] = (ok, value)
+        self.left -= 1
+        if self.left == 0:
+            self.d.callback(self.results)
+
+
+class _Slot:
+    """One command of a _Group, standing in for its Deferred in _Waiter."""
+
+    __slots__ = ("group", "index")
+
+    def __init__(self, group: _Group, index: int):
+        self.group = group
+        self.index = index
+
+    def callback(self, reply) -> None:
+        self.group._set(self.index, True, reply)
+
+    def errback(self, exc) -> None:
+        self.group._set(self.index, False, exc if isinstance(exc, Failure) else Failure(exc))
 
 
 @implementer(IHandshakeListener)
@@ -310,6 +346,23 @@ class _ClientProtocol(Protocol):
         if len(self._waiters) == 1:
             self._start_timer(w)
         return w.d
+
+    def expect_group(self, specs: list[tuple[str, float]]) -> defer.Deferred:
+        """Deferred[list[(ok, Reply or Failure)]] for the next len(specs)
+        replies, each (stage, timeout) timed like expect(); never fails."""
+        g = _Group(len(specs))
+        for i, (stage, timeout) in enumerate(specs):
+            slot = _Slot(g, i)
+            if self.lost is not None:
+                slot.errback(self.lost)
+            elif self._early and not self._waiters:
+                slot.callback(self._early.popleft())
+            else:
+                w = _Waiter(slot, stage, timeout)
+                self._waiters.append(w)
+                if len(self._waiters) == 1:
+                    self._start_timer(w)
+        return g.d
 
     def send(self, *lines: bytes) -> None:
         """All lines in one write (a pipelined group is one TCP segment)."""
@@ -780,7 +833,7 @@ class _Parked:
     tls: dict | None
     since: float
     uses: int
-    timer: object = None
+    timer: float = 0.0  # (reactor time) when it has idled long enough to be closed
 
 
 class ConnectionCache:
@@ -802,6 +855,9 @@ class ConnectionCache:
         self._idle: dict[tuple, list[_Parked]] = {}
         self.reused = 0
         self.closing = False
+        # one timer for all parked sessions (not a callLater and a cancel
+        # per message): it fires at the earliest end of idleness
+        self._sweeper = None
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._idle.values())
@@ -812,8 +868,6 @@ class ConnectionCache:
             p = lst.pop()
             if not lst:
                 del self._idle[key]
-            if p.timer is not None and p.timer.active():
-                p.timer.cancel()
             if p.proto.lost is None and not p.proto._early and not p.proto._buf:
                 self.reused += 1
                 return p
@@ -823,17 +877,29 @@ class ConnectionCache:
     def park(self, key: tuple, p: _Parked) -> bool:
         if self.closing or len(self) >= self.max_parked or self.reactor.seconds() - p.since > self.max_age:
             return False
-        p.timer = self.reactor.callLater(self.idle, self._expire, key, p)
+        p.timer = self.reactor.seconds() + self.idle  # when it has idled enough
         self._idle.setdefault(key, []).append(p)
+        if self._sweeper is None:
+            self._sweeper = self.reactor.callLater(self.idle, self._sweep)
         return True
 
-    def _expire(self, key: tuple, p: _Parked) -> None:
-        lst = self._idle.get(key)
-        if lst and p in lst:
-            lst.remove(p)
+    def _sweep(self) -> None:
+        """QUIT the sessions parked for ``idle`` seconds; sleep until the next."""
+        self._sweeper = None
+        now = self.reactor.seconds()
+        first = None
+        for key in list(self._idle):
+            lst = self._idle[key]
+            for p in [p for p in lst if p.timer <= now]:
+                lst.remove(p)
+                self._quit(p)
             if not lst:
                 del self._idle[key]
-        self._quit(p)
+            else:
+                t = min(p.timer for p in lst)
+                first = t if first is None else min(first, t)
+        if first is not None and not self.closing:
+            self._sweeper = self.reactor.callLater(max(0.0, first - now), self._sweep)
 
     def _quit(self, p: _Parked) -> None:
         proto = p.proto
@@ -851,9 +917,10 @@ class ConnectionCache:
         self.closing = True
         parked = [p for lst in self._idle.values() for p in lst]
         self._idle.clear()
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
         for p in parked:
-            if p.timer is not None and p.timer.active():
-                p.timer.cancel()
             self._quit(p)
         if not parked:
             return defer.succeed(None)
@@ -1378,11 +1445,11 @@ class _Delivery:
             proto.stage = "MAIL FROM"
             stages = ["MAIL FROM"] + ["RCPT TO"] * len(batch) + ["DATA"]
             timeouts = [self.t.mail] + [self.t.rcpt] * len(batch) + [self.t.data_init]
-            ds = [proto.expect(st, to) for st, to in zip(stages, timeouts)]
+            group = proto.expect_group(list(zip(stages, timeouts)))
             proto.send(mail, *rcpt_lines, b"DATA")
             # Wait for the whole group: every waiter ends (reply, timeout or
             # lost connection), so no failure is left unhandled.
-            outcome = await defer.DeferredList(ds, consumeErrors=True)
+            outcome = await group
             replies: list[Reply] = []
             for (ok, value), st in zip(outcome, stages):
                 if not ok:

@@ -57,10 +57,15 @@ _VERB_OK = {
 }
 
 
+_UNSAFE = str.maketrans({c: "?" for c in "()\\"})
+
+
 def _sanitize(text: str, limit: int = 255) -> str:
     """Keep only printable ASCII without parentheses/brackets trouble."""
-    out = "".join(c if 33 <= ord(c) <= 126 and c not in "()\\" else "?" for c in text)
-    return out[:limit]
+    text = text[:limit]
+    if text.isascii() and text.isprintable() and " " not in text:
+        return text.translate(_UNSAFE)
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "()\\" else "?" for c in text)
 
 
 @dataclass
@@ -732,7 +737,7 @@ class SMTPServer(Protocol):
             self.reply(250, f"2.0.0 Ok: queued as {qid}")
             if self.ctx.on_queued is not None:
                 entry = spoolmod.QueueEntry(env, spoolmod.State.fresh(env), size, len(inc.header),
-                                            eight_bit=reader_8bit, data=inc.data)
+                                            eight_bit=reader_8bit, data=inc.data, state_file=False)
                 try:
                     self.ctx.on_queued(entry)
                 except Exception:  # noqa: BLE001 - never lose the 250 over a hook
