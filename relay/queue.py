@@ -377,8 +377,7 @@ class QueueManager:
             # deleted or held while waiting for a free slot: do not start it
             pool.done(job)
             self._job_finished(job, [])
-            self.reactor.callLater(0, self._dispatch)
-            return
+            return  # (called from _dispatch's loop, which goes on with the freed slot)
         dead = self.dead.get(job.dest.key) if not job.local else None
         if dead is not None and dead[0] > self.now():
             # like Postfix's dead destinations: no new connection for a while
@@ -388,8 +387,7 @@ class QueueManager:
             outcomes = [Outcome(r.address, "deferred", "4.4.1", reason, suspended=True) for r in job.recipients]
             pool.done(job)
             self._job_finished(job, outcomes)
-            self.reactor.callLater(0, self._dispatch)
-            return
+            return  # (called from _dispatch's loop, which goes on with the freed slot)
         self.counters.attempts += 1
         started = self.now()
         d = self.deliverer.attempt(msg, job.dest, [r.address for r in job.recipients])
@@ -491,9 +489,31 @@ class QueueManager:
             self._drop_data(msg)
             self._start_finalize(msg)
 
+    def _simple_outcome(self, msg: Message) -> bool:
+        """Nothing to record but the attempt itself: no DSN, no notice, no
+        administrator's request (the common cases get a short path)."""
+        if msg.deleted or msg.bounce_now or msg.failures or getattr(self.svc.disk, "stopped", False):
+            return False
+        dw = self.config.delivery.delay_warning
+        return not (dw > 0 and not msg.state.warned and self.now() - msg.env.arrival >= dw
+                    and any(r.status == DEFERRED for r in msg.state.recipients))
+
     def _start_finalize(self, msg: Message) -> None:
         msg.busy = True
-        d = defer.ensureDeferred(self._finalize(msg))
+        if self._simple_outcome(msg):
+            if msg.state.done:
+                # delivered (or bounced without a DSN to send): remove it
+                d = self.aspool.remove(msg.qid, state_file=msg.state_file)
+                d.addCallback(lambda _: self._forget(msg, "all recipients final"))
+            elif not (msg.settled or msg.tried):
+                # only suspended (a dead destination, nothing tried): the
+                # record stays in memory; after a crash it is simply tried again
+                self._after_finalize(msg)
+                return
+            else:
+                d = defer.ensureDeferred(self._finalize(msg))
+        else:
+            d = defer.ensureDeferred(self._finalize(msg))
         self._inflight.add(d)
 
         def failed(f):
