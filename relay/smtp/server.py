@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer, interfaces
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -166,9 +167,7 @@ class SMTPServer(Protocol):
     _direct = False
 
     def connectionMade(self) -> None:
-        from twisted.internet import tcp
-
-        self._direct = type(self.transport) is tcp.Server
+        self._direct = type(self.transport) is _TCPServer
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "?")
         try:
