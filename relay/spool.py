@@ -50,6 +50,7 @@ DELIVERED = "delivered"
 BOUNCED = "bounced"
 FINAL = (DELIVERED, BOUNCED)
 _STATUSES = frozenset((PENDING, DEFERRED, DELIVERED, BOUNCED))
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=...) builds one per call
 _NO_CLIENT: dict = {}  # shared by the lean in-memory envelopes (never modified)
 
 
@@ -167,7 +168,7 @@ class Envelope:
             d["orcpt"] = self.orcpts
         if self.extra:
             d["x"] = self.extra
-        line = MAGIC + json.dumps(d, separators=(",", ":")).encode("utf-8") + b"\n"
+        line = MAGIC + _encode(d).encode("utf-8") + b"\n"
         return line
 
     @classmethod
@@ -229,7 +230,7 @@ class State:
                 for r in self.recipients
             ],
         }
-        return json.dumps(d, separators=(",", ":")).encode("utf-8")
+        return _encode(d).encode("utf-8")
 
     @classmethod
     def fresh(cls, env: Envelope) -> "State":
