@@ -3,9 +3,12 @@
 fsync takes milliseconds; the reactor must never wait for it.  Every
 blocking spool operation runs in a dedicated pool (many concurrent fsyncs
 on one disk are cheaper together than one after another), and directory
-fsyncs are grouped: callers that need "the queue directory is durable"
-wait for one fsync that *started after* their rename, so ten messages that
-finish together share one directory fsync (group commit).
+fsyncs are grouped: a pool thread that needs "the queue directory is
+durable" after its rename waits for one fsync that *started after* the
+rename, so ten messages that finish together share one directory fsync
+(group commit, QueueDirSync).  A new message is written, fsynced, renamed
+and covered by such a directory fsync in one job: one hand-off to a thread
+and back per message.
 """
 
 from __future__ import annotations
@@ -150,41 +153,6 @@ class DiskPool:
                 d.errback(result)
 
 
-class DirSyncer:
-    """Group commit of directory fsyncs for one directory."""
-
-    def __init__(self, disk: DiskPool, path: str):
-        self.disk = disk
-        self.path = path
-        self._waiting: list[defer.Deferred] = []
-        self._running = False
-        self.syncs = 0  # how many fsyncs ran (for tests and metrics)
-
-    def sync(self) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self._waiting.append(d)
-        if not self._running:
-            self._start()
-        return d
-
-    def _start(self) -> None:
-        waiters, self._waiting = self._waiting, []
-        self._running = True
-        self.syncs += 1
-        self.disk.run(spoolmod.fsync_dir, self.path).addBoth(self._done, waiters)
-
-    def _done(self, result, waiters: list[defer.Deferred]) -> None:
-        self._running = False
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(None)
-        if self._waiting:
-            self._start()
-        return None
-
-
 class QueueDirSync:
     """Group commit of directory fsyncs, done by the pool threads themselves.
 
@@ -300,7 +268,6 @@ class AsyncSpool:
     def __init__(self, spool: spoolmod.Spool, disk: DiskPool):
         self.spool = spool
         self.disk = disk
-        self.queue_syncer = DirSyncer(disk, spool.queue_dir)
         self.queue_sync = QueueDirSync(spool.queue_dir)
         self.stock = IncomingStock(disk, spool)
         self._to_remove: list[tuple[str, defer.Deferred, bool]] = []
