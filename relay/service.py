@@ -120,10 +120,22 @@ class RelayService(service.MultiService):
             local_domains=config.local.domains,
             relay_domains=config.relay.domains,
             networks=config.relay.networks,
-            user_exists=self.users.exists,
+            user_exists=self._user_exists,
             alias_exists=lambda a: self.aliases.map.has(a),
             our_ips=self.listeners.has_ip,
         )
+
+    def _user_exists(self, address: str) -> bool:
+        """A user known now, or after a fresh look at the users and aliases files.
+
+        `relayctl user add` followed at once by a test message must not get
+        550 for the new user while the 2-second poll has not run yet: a miss
+        costs two stat() calls (cheap, and only for unknown recipients).
+        """
+        if self.users.exists(address):
+            return True
+        self._refresh_files()
+        return self.users.exists(address)
 
     def expand(self, address: str) -> list[tuple[str, str | None]]:
         """Final recipients of an accepted recipient (alias expansion)."""
