@@ -539,9 +539,6 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
         local["users"] = ld.resolve(LocalConfig.users)
     workers = top.get("workers", 1)
     if workers > 1:
-        if metrics.get("listen"):
-            ld.problem("metrics.listen", "is not supported with workers > 1 (each worker counts its own); "
-                       "use workers = 1 to serve metrics")
         for sect, tab in (("smtp", smtp), ("pop3", pop3)):
             for key in ("listen", "submission"):
                 for d in tab.get(key, ()):

@@ -146,6 +146,15 @@ class Route(amp.Command):
     response = [(b"route", BigString())]  # JSON object, routecheck.explain()
 
 
+class Metrics(amp.Command):
+    """This relay's Prometheus text exposition: the master of a relay with
+    workers serves the sum of its workers' (relay.metrics.WorkersMetrics)."""
+
+    commandName = b"Metrics"
+    arguments: list = []
+    response = [(b"text", BigString())]
+
+
 class Reload(amp.Command):
     commandName = b"Reload"
     arguments: list = []
@@ -228,6 +237,11 @@ class ControlProtocol(amp.AMP):
     @Hello.responder
     def hello(self):
         return {"version": relay.__version__, "pid": os.getpid(), "spool": self.svc.spool.root}
+
+    @Metrics.responder
+    def metrics(self):
+        m = getattr(self.svc, "metrics", None)
+        return {"text": m.render() if m is not None else b""}
 
     @Status.responder
     def status(self):
