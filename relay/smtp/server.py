@@ -317,8 +317,20 @@ class SMTPServer(Protocol):
             if len(line) > limit:
                 self.error(500, "5.5.2 Line too long")
                 continue
-            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-                self.error(500, "5.5.2 Syntax error: bare CR or LF received (lines must end with CRLF)")
+            if not line.endswith(b"\r\n"):
+                # A bare LF ends no command here (SMTP smuggling, RFC 5321
+                # 2.3.8): what follows it must never run as a command of its
+                # own, and there is no telling where the client meant its line
+                # to end, so say so and hang up (Postfix's
+                # smtpd_forbid_bare_newline does the same).
+                self.reply(521, "5.5.2 Error: bare LF received (lines must end with CRLF)")
+                log.info("reject: [{client_ip}]: bare LF in a command", client_ip=self.peer_ip,
+                         reason="bare_newline")
+                self.ctx.counters.reject("bare_newline")
+                self._close()
+                break
+            if b"\r" in line[:-2]:
+                self.error(500, "5.5.2 Syntax error: bare CR received (lines must end with CRLF)")
                 continue
             self._arm()
             self._line(line[:-2])
