@@ -358,7 +358,20 @@ class QueueManager:
                 job = pool.next_job()
                 if job is None:
                     break
+                if pool is self.remote:
+                    self._make_room(pool)
                 self._run(job, pool)
+
+    def _make_room(self, pool: _Pool) -> None:
+        """Sessions parked in the connection cache are connections too: keep
+        running attempts + parked sessions within delivery.max_concurrency by
+        closing the longest-parked ones."""
+        cache = getattr(self.deliverer, "cache", None)
+        if cache is None:
+            return
+        over = pool.running + len(cache) - pool.limit
+        if over > 0:
+            cache.evict(over)
 
     def _run(self, job: Job, pool: _Pool) -> None:
         msg = job.msg

@@ -805,6 +805,26 @@ class ConnectionCache:
         d = proto.command(b"QUIT", "QUIT", 10)
         d.addBoth(lambda _: proto.transport.loseConnection() if proto.lost is None else None)
 
+    def evict(self, n: int = 1) -> int:
+        """Close the n sessions parked longest, at once (QUIT, then close
+        without waiting for the reply): the queue needs their slots, because
+        parked sessions count toward ``delivery.max_concurrency``."""
+        parked = sorted(((p.timer.getTime() if p.timer is not None else 0.0), i, key, p)
+                        for i, (key, lst) in enumerate(self._idle.items()) for p in lst)
+        victims = parked[:n]
+        for _, _, key, p in victims:
+            lst = self._idle.get(key)
+            if lst is not None and p in lst:
+                lst.remove(p)
+                if not lst:
+                    del self._idle[key]
+            if p.timer is not None and p.timer.active():
+                p.timer.cancel()
+            if p.proto.lost is None:
+                p.proto.transport.write(b"QUIT\r\n")
+                p.proto.transport.loseConnection()
+        return len(victims)
+
     def _drop(self, p: _Parked) -> None:
         if p.proto.lost is None:
             p.proto.fail(ConversationError("local", "close", "cached connection dropped"))
