@@ -385,6 +385,23 @@ class BadInput(RelayTestCase):
         self.assertEqual(noop.code, 250)
         self.assertEqual(queued_files(self.relay), [])
 
+    async def test_mail_loop_refused_554_5_4_6(self):
+        def fn(c, hops):
+            c.cmd("EHLO x")
+            c.cmd("MAIL FROM:<a@b.example>")
+            c.cmd("RCPT TO:<alice@local.test>")
+            c.cmd("DATA")
+            c.send(b"Received: from a by b; Fri, 27 Nov 2026 10:00:00 +0000\r\n" * hops
+                   + b"Subject: loop\r\n\r\nx\r\n.\r\n")
+            return c.reply()
+
+        r = await self.session(lambda c: fn(c, 101))
+        self.assertEqual(r.code, 554)
+        self.assertTrue(r.lines[0].startswith("5.4.6 Too many hops"), r.lines)
+        self.assertEqual(queued_files(self.relay), [])
+        r = await self.session(lambda c: fn(c, 100))
+        self.assertEqual(r.code, 250)
+
     async def test_bare_cr_in_data_rejected(self):
         def fn(c):
             c.cmd("EHLO x")
