@@ -489,6 +489,11 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
             relay[key] = ld.resolve(relay[key])
     if relay.get("smarthost_username") and not relay.get("smarthost_password_file"):
         ld.problem("relay.smarthost_password_file", "required when relay.smarthost_username is set")
+    if relay.get("smarthost_username") and relay.get("smarthost_tls") == "none":
+        # the password is never sent in plaintext: every message would wait
+        # in the queue and bounce after max_lifetime
+        ld.problem("relay.smarthost_tls", '"none" with relay.smarthost_username: the login is only ever sent '
+                   'over TLS; use "may", "encrypt" or "verify"')
     for key in ("certificate", "key"):
         if tls.get(key):
             tls[key] = ld.resolve(tls[key])

@@ -401,6 +401,11 @@ class CrossField(ConfigCase):
         self.assertProblem('[relay]\nsmarthost = "h.example:587"\nsmarthost_username = "u"\n',
                            "relay.smarthost_password_file", "required")
 
+    def test_smarthost_login_needs_tls(self):
+        self.assertProblem('[relay]\nsmarthost = "h.example:587"\nsmarthost_username = "u"\n'
+                           'smarthost_password_file = "pw"\nsmarthost_tls = "none"\n',
+                           "relay.smarthost_tls", "only ever sent over TLS")
+
     def test_local_and_relay_domains_disjoint(self):
         self.assertProblem('[local]\ndomains = ["a.example"]\n[relay]\ndomains = ["A.example."]\n',
                            "relay.domains", "a.example", "local.domains")
