@@ -295,3 +295,40 @@ class ConcurrencyWithCachedSessions(DeliveryCase):
         sampler.stop()
         self.assertEqual(len(sessions()), len(IPS))
         self.assertEqual(peak[0], 1)
+
+
+class PerHostLimit(DeliveryCase):
+    """max_per_destination holds per host too: domains sharing an MX host do
+    not add up their connections to it."""
+
+    overrides = {"delivery": {"max_per_destination": 1, "tls": "none"}}
+    sinks_behaviour = {"127.0.0.2": {"delays": {"final": 0.4}}}
+
+    async def test_domains_sharing_an_mx_host_share_its_limit(self):
+        domains = [f"shared{i}.example" for i in range(4)]
+        for d in domains:
+            self.zone.mx(d, 10, "mx.shared.example")
+        self.zone.a("mx.shared.example", "127.0.0.2")
+        sink = self.sinks["127.0.0.2"]
+        peak = [0]
+
+        def sample():
+            live = [s for s in sink.sessions if not s.closed and "QUIT" not in
+                    [c.split()[0].upper() for c in s.commands if c.strip()]]
+            peak[0] = max(peak[0], len(live))
+
+        from twisted.internet import task
+
+        sampler = task.LoopingCall(sample)
+        sampler.start(0.01)
+        self.addCleanup(lambda: sampler.running and sampler.stop())
+        await self.send([f"u@{d}" for d in domains])
+        await apoll(lambda: len(sink.transactions) == len(domains), 20, what="a delivery per domain")
+        await apoll(self.queue_empty, what="empty queue")
+        sampler.stop()
+        self.assertEqual(peak[0], 1)
+        self.assertEqual(sorted(r for t in sink.transactions for r in t.rcpts), sorted(f"u@{d}" for d in domains))
+        # every slot comes back once the parked session has gone
+        deliverer = self.relay.service.queue.deliverer
+        await apoll(lambda: not deliverer.host_limit.open and not deliverer.host_limit.waiting, 10,
+                    what="the host's connection slots released")
