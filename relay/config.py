@@ -13,6 +13,7 @@ the config file (the working directory when there is none).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import os
@@ -569,7 +570,10 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
     )
 
 
+@functools.lru_cache(maxsize=1)
 def _default_hostname() -> str:
+    """socket.getfqdn(), once per process: it may ask DNS, which must not
+    happen again on the reactor at every reload."""
     name = socket.getfqdn()
     try:
         return normalize_domain(name)

@@ -189,6 +189,8 @@ class Defaults(ConfigCase):
 
     def test_documented_defaults(self):
         self.chdir(self.dir)
+        configmod._default_hostname.cache_clear()  # computed once per process
+        self.addCleanup(configmod._default_hostname.cache_clear)
         with mock.patch("socket.getfqdn", return_value="Host.Example.NET"):
             cfg = configmod.load(None)
         d = self.dir
@@ -230,6 +232,8 @@ class Defaults(ConfigCase):
         self.assertEqual(cfg.control_socket, os.path.join(d, "spool", "control.sock"))
 
     def test_unusable_fqdn_falls_back(self):
+        configmod._default_hostname.cache_clear()  # computed once per process
+        self.addCleanup(configmod._default_hostname.cache_clear)
         with mock.patch("socket.getfqdn", return_value="bad_host name"):
             self.assertEqual(configmod.load(None).hostname, "localhost")
 
