@@ -2,7 +2,7 @@
 times by default) while concurrent clients send mail through it to a sink,
 and print the report (sent, acknowledged, delivered, lost, duplicated).
 
-    python bench/crash_harness.py [--kills 20] [--clients 10] [--seed N] [--keep DIR]
+    python bench/crash_harness.py [--kills 20] [--clients 10] [--workers N] [--seed N] [--keep DIR]
 
 Exit status 0 when nothing acknowledged was lost and nothing recorded as
 delivered was sent again, 1 otherwise.  Everything runs on loopback
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="relay worker processes (config `workers`); with 2 or more, half the kills "
+                         "hit a single worker")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--min-up", type=float, default=0.3, help="shortest time up before a kill (s)")
     ap.add_argument("--max-up", type=float, default=2.0, help="longest time up before a kill (s)")
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         work = tempfile.mkdtemp(prefix="relay-crash-")
     try:
         report = run(work, kills=args.kills, clients=args.clients, seed=args.seed, min_up=args.min_up,
-                     max_up=args.max_up, drain_timeout=300.0, progress=lambda m: print(m, flush=True))
+                     max_up=args.max_up, drain_timeout=300.0, workers=args.workers,
+                     progress=lambda m: print(m, flush=True))
     finally:
         if not args.keep:
             shutil.rmtree(work, True)

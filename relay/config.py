@@ -13,6 +13,7 @@ the config file (the working directory when there is none).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import os
@@ -489,6 +490,11 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
             relay[key] = ld.resolve(relay[key])
     if relay.get("smarthost_username") and not relay.get("smarthost_password_file"):
         ld.problem("relay.smarthost_password_file", "required when relay.smarthost_username is set")
+    if relay.get("smarthost_username") and relay.get("smarthost_tls") == "none":
+        # the password is never sent in plaintext: every message would wait
+        # in the queue and bounce after max_lifetime
+        ld.problem("relay.smarthost_tls", '"none" with relay.smarthost_username: the login is only ever sent '
+                   'over TLS; use "may", "encrypt" or "verify"')
     for key in ("certificate", "key"):
         if tls.get(key):
             tls[key] = ld.resolve(tls[key])
@@ -539,9 +545,6 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
         local["users"] = ld.resolve(LocalConfig.users)
     workers = top.get("workers", 1)
     if workers > 1:
-        if metrics.get("listen"):
-            ld.problem("metrics.listen", "is not supported with workers > 1 (each worker counts its own); "
-                       "use workers = 1 to serve metrics")
         for sect, tab in (("smtp", smtp), ("pop3", pop3)):
             for key in ("listen", "submission"):
                 for d in tab.get(key, ()):
@@ -567,7 +570,10 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
     )
 
 
+@functools.lru_cache(maxsize=1)
 def _default_hostname() -> str:
+    """socket.getfqdn(), once per process: it may ask DNS, which must not
+    happen again on the reactor at every reload."""
     name = socket.getfqdn()
     try:
         return normalize_domain(name)

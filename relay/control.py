@@ -34,7 +34,7 @@ import stat
 import time
 
 from twisted.application import service
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -48,6 +48,7 @@ log = Logger(namespace="relay.control")
 PAGE_BYTES = 1 << 20  # a listing page stops after about this much JSON
 MAX_PAGE = 5000  # messages per listing page at most
 ACTION_CONCURRENCY = 32  # spool writes in flight for one multi-message action
+ACTIONS_PER_TURN = 256  # ids handled between two reactor turns
 ACTIONS = ("delete", "hold", "release", "retry", "bounce")
 
 
@@ -146,6 +147,15 @@ class Route(amp.Command):
     response = [(b"route", BigString())]  # JSON object, routecheck.explain()
 
 
+class Metrics(amp.Command):
+    """This relay's Prometheus text exposition: the master of a relay with
+    workers serves the sum of its workers' (relay.metrics.WorkersMetrics)."""
+
+    commandName = b"Metrics"
+    arguments: list = []
+    response = [(b"text", BigString())]
+
+
 class Reload(amp.Command):
     commandName = b"Reload"
     arguments: list = []
@@ -228,6 +238,11 @@ class ControlProtocol(amp.AMP):
     @Hello.responder
     def hello(self):
         return {"version": relay.__version__, "pid": os.getpid(), "spool": self.svc.spool.root}
+
+    @Metrics.responder
+    def metrics(self):
+        m = getattr(self.svc, "metrics", None)
+        return {"text": m.render() if m is not None else b""}
 
     @Status.responder
     def status(self):
@@ -314,9 +329,16 @@ class ControlProtocol(amp.AMP):
         results: list[dict] = []
         totals = {"done": 0, "failed": 0, "skipped": 0}
         it = iter(targets)
+        handled = [0]
+        reactor = self.svc.reactor
 
         async def worker() -> None:
             for qid in it:
+                handled[0] += 1
+                if handled[0] % ACTIONS_PER_TURN == 0:
+                    # actions that finish at once (retry, release) would run
+                    # 100,000 ids in one reactor turn: let the others in
+                    await task.deferLater(reactor, 0, lambda: None)
                 try:
                     ok, text = await self._one(q, action, qid, every)
                 except Exception as e:  # noqa: BLE001 - reported per id, never a dead connection

@@ -52,9 +52,12 @@ class Deliverer:
         self.trust_root = trust_root  # for smarthost "verify" (tests inject their CA)
         self.timeouts = timeouts  # relay.smtp.client.Timeouts or None for RFC values
         from relay.smtp.client import ConnectionCache
+        from relay.smtp.hostlimit import HostLimit
 
         # sessions kept open for a moment for the next message to the same host
         self.cache = ConnectionCache(service.reactor)
+        # at most max_per_destination connections to one host, whatever the domains
+        self.host_limit = HostLimit(lambda: self.config.delivery.max_per_destination)
         self.sessions = 0  # remote attempts that reached a server (metrics)
         self.tls_sessions = 0  # ... of which over TLS (metrics)
 
@@ -117,7 +120,7 @@ class Deliverer:
             trust_root=self.trust_root or (cfg.relay.smarthost_ca_file or None if dest.kind == routing.SMARTHOST
                                            else None), auth=auth, connect_timeout=cfg.delivery.connect_timeout,
             timeouts=self.timeouts, threadpool=self.svc.disk.pool, queue_id=msg.qid,
-            cache=self.cache, body_8bit=getattr(msg, "eight_bit", None),
+            cache=self.cache, host_limit=self.host_limit, body_8bit=getattr(msg, "eight_bit", None),
             message_data=getattr(msg, "data", None),
         )
         self.sessions += report.hop is not None

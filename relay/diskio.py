@@ -305,7 +305,10 @@ class AsyncSpool:
         bounced, a notice was sent, a hold changed: what must never be
         undone).  Not durable: temp + rename only, which survives a crash of
         the relay but maybe not of the machine; for deferrals, whose loss
-        means no more than an earlier retry.
+        means no more than an earlier retry.  A power failure may even leave
+        the renamed file empty or torn (XFS, ext4 without auto_da_alloc): the
+        next start then keeps the message with every recipient pending again
+        (Spool.recover), so the cost is at most a second copy, never a loss.
         """
         # a snapshot: the reactor may change the live state meanwhile
         snap = spoolmod.State(

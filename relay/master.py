@@ -21,7 +21,9 @@ master that:
 
 relayctl finds the workers' control sockets (``<spool>/w<i>/control.sock``)
 and speaks to each; relay-sendmail's drop directory (``<spool>/drop``) is
-picked up by worker 0.  Metrics ([metrics] listen) need workers = 1.
+picked up by worker 0.  With ``[metrics] listen``, the master serves the
+metrics page: at each scrape it asks every worker for its figures over the
+control socket and serves their sum (relay.metrics.WorkersMetrics).
 """
 
 from __future__ import annotations
@@ -215,6 +217,7 @@ class RelayMaster(service.Service):
         self.exit_on_error = False
         self.handle_signals = False
         self._lock_fd = None
+        self.metrics_ports: list = []
 
     def privilegedStartService(self) -> None:
         from relay.service import StartupError, raise_fd_limit
@@ -228,7 +231,53 @@ class RelayMaster(service.Service):
                 if self.exit_on_error:
                     raise SystemExit(f"twisted-relay: not starting: {msg}")
                 raise StartupError(msg)
+        try:
+            self._listen_metrics()
+        except StartupError as e:
+            if self.exit_on_error:
+                raise SystemExit(f"twisted-relay: not starting: {e}")
+            raise
         super().privilegedStartService()
+
+    def _listen_metrics(self) -> None:
+        """[metrics] listen: the master's page, summing the workers'."""
+        from twisted.internet import endpoints
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from relay.metrics import WorkersMetrics
+        from relay.service import StartupError
+
+        if not self.config.metrics.listen:
+            return
+        site = WorkersMetrics(self.reactor, [worker_socket(self.config, i)
+                                             for i in range(self.config.workers)]).site()
+        for desc in self.config.metrics.listen:
+            spec = epmod.parse(desc)
+            factory = site
+            try:
+                if spec.implicit_tls and not spec.own_certificate:
+                    if not self.config.tls.enabled:
+                        raise StartupError(f"{self.config.source}: metrics.listen: {desc!r} is an ssl: endpoint "
+                                           "without privateKey=, so it needs tls.certificate and tls.key")
+                    from relay.tls import load_server_tls
+
+                    tls = load_server_tls(self.config.tls.certificate, self.config.tls.key)
+                    factory = TLSMemoryBIOFactory(tls.options, False, site)
+                    tcp = epmod.EndpointSpec("", "tcp", spec.args, {k: v for k, v in spec.kwargs.items()
+                                                                    if k in ("interface", "backlog")})
+                    ep = endpoints.serverFromString(self.reactor, epmod.unparse(tcp))
+                else:
+                    ep = endpoints.serverFromString(self.reactor, desc)
+                d = ep.listen(factory)
+                failures: list = []
+                d.addCallbacks(self.metrics_ports.append, failures.append)
+                if failures:
+                    failures[0].raiseException()
+            except StartupError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a bad endpoint or a port in use: said, not a traceback
+                raise StartupError(f"{self.config.source}: cannot listen on metrics endpoint {desc!r}: {e}")
+            log.info("metrics on {endpoint} (the sum of the workers')", endpoint=desc)
 
     def startService(self) -> None:
         from relay.service import StartupError
@@ -337,6 +386,9 @@ class RelayMaster(service.Service):
         for socks in self.sockets.values():
             for s in socks:
                 s.close()
+        for port in self.metrics_ports:
+            yield port.stopListening()
+        self.metrics_ports = []
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -24,9 +24,12 @@ from urllib.parse import parse_qs
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+from twisted.logger import Logger
 from twisted.web import pages, resource, server
 
 import relay
+
+log = Logger(namespace="relay.metrics")
 
 # delivery attempts last from milliseconds (local) to minutes (slow MX, timeouts)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -170,14 +173,34 @@ class RelayMetrics:
 class _MetricsPage(resource.Resource):
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry | None, source: "WorkersMetrics | None" = None):
         super().__init__()
         self.registry = registry
+        self.source = source  # a master: the registry is made at each scrape
 
     def render_GET(self, request) -> bytes:
+        if self.source is None:
+            return self._page(request, self.registry)
+        d = self.source.registry()
+
+        def send(registry):
+            if not request._disconnected:
+                request.write(self._page(request, registry))
+                request.finish()
+
+        def failed(f):
+            log.failure("metrics: gathering the workers' metrics failed", f)
+            if not request._disconnected:
+                request.setResponseCode(500)
+                request.write(b"gathering the workers' metrics failed\n")
+                request.finish()
+
+        d.addCallback(send).addErrback(failed)
+        return server.NOT_DONE_YET
+
+    def _page(self, request, registry) -> bytes:
         accept = (request.getHeader("accept") or "")
         encoder, content_type = choose_encoder(accept)
-        registry = self.registry
         query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"))
         if "name[]" in query:
             registry = registry.restricted_registry(query["name[]"])
@@ -190,9 +213,9 @@ class _MetricsPage(resource.Resource):
 
 
 class _Root(resource.Resource):
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry | None, source: "WorkersMetrics | None" = None):
         super().__init__()
-        self.putChild(b"metrics", _MetricsPage(registry))
+        self.putChild(b"metrics", _MetricsPage(registry, source))
 
     def getChild(self, path, request):
         if path == b"":
@@ -209,3 +232,126 @@ class MetricsSite(server.Site):
 
     def log(self, request) -> None:
         pass
+
+
+# -- a relay with workers: the master sums the workers' metrics -----------------
+
+# gauges that are not additive across workers
+_MERGE_MIN = ("relay_start_time_seconds",)
+_MERGE_MAX = ("relay_queue_oldest_message_age_seconds", "relay_build_info")
+
+
+def _merge_rule(sample_name: str):
+    if sample_name in _MERGE_MIN or sample_name.endswith("_created"):
+        return min
+    if sample_name in _MERGE_MAX:
+        return max
+    return None  # a sum
+
+
+def merge_expositions(texts: Iterable[str]) -> list[Metric]:
+    """Sum several relays' text expositions (the workers of one relay) into
+    one set of metric families: counters, histograms, queue sizes and open
+    sessions add up; start time and creation stamps take the earliest; the
+    oldest message age and the build info the largest."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, float]] = {}
+    labels_of: dict[tuple, dict] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
+                values[fam.name] = {}
+            acc = values[fam.name]
+            for s in fam.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                labels_of[key] = s.labels
+                if key not in acc:
+                    acc[key] = s.value
+                else:
+                    rule = _merge_rule(s.name)
+                    acc[key] = rule(acc[key], s.value) if rule else acc[key] + s.value
+    out = []
+    for name, fam in families.items():
+        for (sname, lkey), v in values[name].items():
+            fam.add_sample(sname, labels_of[(sname, lkey)], v)
+        out.append(fam)
+    return out
+
+
+class _Families:
+    """A collector over a fixed list of families (one scrape's merge)."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def describe(self) -> Iterable[Metric]:  # the names, for ?name[]= filters
+        return list(self.families)
+
+    def collect(self) -> Iterable[Metric]:
+        return iter(self.families)
+
+
+class WorkersMetrics:
+    """The /metrics page of a relay master (workers > 1).
+
+    At each scrape the master asks every worker for its exposition over the
+    worker's control socket (the ``Metrics`` AMP command, relay.control) and
+    serves the sum, plus ``relay_workers{state="configured"|"answering"}``.
+    A worker that does not answer within ``timeout`` (being restarted) is
+    left out of that scrape, and the answering count says so.
+    """
+
+    def __init__(self, reactor, sockets: list[str], timeout: float = 5.0):
+        self.reactor = reactor
+        self.sockets = sockets
+        self.timeout = timeout
+
+    def _ask(self, path: str):
+        from twisted.internet import endpoints
+        from twisted.protocols import amp
+
+        from relay.control import Metrics
+
+        ep = endpoints.UNIXClientEndpoint(self.reactor, path, timeout=self.timeout)
+        d = endpoints.connectProtocol(ep, amp.AMP())
+
+        def call(proto):
+            c = proto.callRemote(Metrics)
+            c.addTimeout(self.timeout, self.reactor)
+
+            def done(result):
+                proto.transport.loseConnection()
+                return result
+
+            return c.addBoth(done)
+
+        return d.addCallback(call).addCallback(lambda r: r["text"].decode("utf-8"))
+
+    def registry(self):
+        """A Deferred: a registry holding this scrape's merged families."""
+        from twisted.internet import defer
+
+        ds = [self._ask(p) for p in self.sockets]
+        d = defer.DeferredList(ds, consumeErrors=True)
+
+        def merge(results):
+            texts = [r for ok, r in results if ok]
+            fams = merge_expositions(texts)
+            g = GaugeMetricFamily("relay_workers", "Worker processes of this relay: configured, and "
+                                  "answering this scrape (their metrics are summed here)", labels=["state"])
+            g.add_metric(["configured"], len(self.sockets))
+            g.add_metric(["answering"], len(texts))
+            fams.append(g)
+            reg = CollectorRegistry(auto_describe=False)
+            reg.register(_Families(fams))
+            return reg
+
+        return d.addCallback(merge)
+
+    def site(self) -> server.Site:
+        site = MetricsSite(_Root(None, self))
+        site.noisy = False
+        return site

@@ -41,7 +41,7 @@ from twisted.python.filepath import FilePath
 
 from relay import spool as spoolmod
 from relay.address import AddressError, parse_mailbox
-from relay.sendmail import MAX_LINE, parse_drop_line
+from relay.sendmail import MAX_HOPS, MAX_LINE, parse_drop_line
 
 try:  # imported now, not at start: after twistd -u/-g the Python tree may not be readable
     from twisted.internet import inotify
@@ -219,6 +219,9 @@ class _LineCheck:
     def __init__(self):
         self.cr = False  # the previous chunk ended with CR
         self.linelen = 0  # octets of the current line so far
+        self.in_header = True  # until the first empty line
+        self.start = b""  # the first octets of the current line (to spot "Received:")
+        self.hops = 0
 
     def feed(self, data: bytes) -> None:
         if not data:
@@ -227,6 +230,7 @@ class _LineCheck:
             if not data.startswith(b"\n"):
                 raise Quarantined("bare CR in the message (only CRLF may end a line)")
             self.cr = False
+            self._end_of_line()
             self.linelen = 0
             data = data[1:]
         parts = data.split(b"\n")
@@ -234,6 +238,7 @@ class _LineCheck:
             if not line.endswith(b"\r"):
                 raise Quarantined("bare LF in the message (only CRLF may end a line)")
             self._text(line[:-1])
+            self._end_of_line()
             self.linelen = 0
         last = parts[-1]
         if last.endswith(b"\r"):
@@ -241,9 +246,21 @@ class _LineCheck:
             last = last[:-1]
         self._text(last)
 
+    def _end_of_line(self) -> None:
+        if self.in_header:
+            if self.linelen == 0:
+                self.in_header = False
+            elif self.start[:9].lower() == b"received:":
+                self.hops += 1
+                if self.hops > MAX_HOPS:
+                    raise Quarantined(f"too many hops: more than {MAX_HOPS} Received headers (a mail loop?)")
+        self.start = b""
+
     def _text(self, text: bytes) -> None:
         if b"\r" in text:
             raise Quarantined("bare CR in the message (only CRLF may end a line)")
+        if self.in_header and len(self.start) < 9:
+            self.start += text[: 9 - len(self.start)]
         self.linelen += len(text)
         if self.linelen > MAX_LINE:
             raise Quarantined(f"a line longer than {MAX_LINE} octets")

@@ -43,6 +43,8 @@ FINALIZE_RETRY = 10.0  # seconds before recording an outcome again after a disk 
 DEAD_WINDOW = 30.0  # seconds a destination that did not answer is not retried for new mail
 MAX_HISTORY = 200
 JITTER = 0.1
+WAKE_PER_TURN = 1000  # due messages activated per reactor turn
+DISPATCH_PER_TURN = 500  # jobs started (or ended at once) per reactor turn
 # messages kept in memory after reception, for their first attempt (small
 # ones only, see spool.MEMORY_LIMIT); beyond this total the file is read
 MAX_HELD_BYTES = 16 * 1024 * 1024
@@ -173,6 +175,7 @@ class QueueManager:
         self._seq = 0
         self._timer = None
         self._timer_at: float | None = None
+        self._dispatch_call = None
         self.running = False
         self.loaded = False
         self.counters = Counters()
@@ -256,6 +259,9 @@ class QueueManager:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._dispatch_call is not None and self._dispatch_call.active():
+            self._dispatch_call.cancel()
+        self._dispatch_call = None
         for call in self._refinalize_calls.values():
             if call.active():
                 call.cancel()
@@ -333,7 +339,9 @@ class QueueManager:
         self._timer = None
         self._timer_at = None
         now = self.now()
-        while self.heap and self.heap[0][0] <= now and self.running:
+        budget = WAKE_PER_TURN  # a big due queue is activated over several reactor turns
+        while self.heap and self.heap[0][0] <= now and self.running and budget > 0:
+            budget -= 1
             _, _, qid, token = heapq.heappop(self.heap)
             msg = self.messages.get(qid)
             if msg is None or msg.token != token:
@@ -364,12 +372,33 @@ class QueueManager:
     def _dispatch(self) -> None:
         if not self.running:
             return
+        budget = DISPATCH_PER_TURN
         for pool in (self.local, self.remote):
             while True:
+                if budget <= 0:
+                    # jobs that end at once (a dead destination's backlog, deleted
+                    # messages) could go on for seconds: the rest in the next turn
+                    if self._dispatch_call is None or not self._dispatch_call.active():
+                        self._dispatch_call = self.reactor.callLater(0, self._dispatch)
+                    return
                 job = pool.next_job()
                 if job is None:
                     break
+                budget -= 1
+                if pool is self.remote:
+                    self._make_room(pool)
                 self._run(job, pool)
+
+    def _make_room(self, pool: _Pool) -> None:
+        """Sessions parked in the connection cache are connections too: keep
+        running attempts + parked sessions within delivery.max_concurrency by
+        closing the longest-parked ones."""
+        cache = getattr(self.deliverer, "cache", None)
+        if cache is None:
+            return
+        over = pool.running + len(cache) - pool.limit
+        if over > 0:
+            cache.evict(over)
 
     def _run(self, job: Job, pool: _Pool) -> None:
         msg = job.msg
@@ -377,7 +406,7 @@ class QueueManager:
             # deleted or held while waiting for a free slot: do not start it
             pool.done(job)
             self._job_finished(job, [])
-            return  # (called from _dispatch's loop, which goes on with the freed slot)
+            return  # the _dispatch loop that started it goes on with the freed slot
         dead = self.dead.get(job.dest.key) if not job.local else None
         if dead is not None and dead[0] > self.now():
             # like Postfix's dead destinations: no new connection for a while
@@ -387,7 +416,7 @@ class QueueManager:
             outcomes = [Outcome(r.address, "deferred", "4.4.1", reason, suspended=True) for r in job.recipients]
             pool.done(job)
             self._job_finished(job, outcomes)
-            return  # (called from _dispatch's loop, which goes on with the freed slot)
+            return  # the _dispatch loop that started it goes on with the freed slot
         self.counters.attempts += 1
         started = self.now()
         d = self.deliverer.attempt(msg, job.dest, [r.address for r in job.recipients])

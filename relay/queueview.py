@@ -12,6 +12,7 @@ they do not know.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any, Iterable
@@ -149,8 +150,11 @@ def duration(seconds: float) -> str:
     return f"{d}d {h}h" if h else f"{d}d"
 
 
+@functools.lru_cache(maxsize=1024)  # a big queue repeats a few reasons many times
 def _one_line(text: str, limit: int = 300) -> str:
-    t = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else " " for c in text)
+    t = " ".join(text.split())
     return t if len(t) <= limit else t[: limit - 3] + "..."
 
 

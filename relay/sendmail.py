@@ -58,6 +58,7 @@ DROP_MAGIC = b"RELAYDROP1 "
 DROP_MODE = 0o640  # group-readable: see "Permissions" in the README
 MAX_LINE = 998  # octets without CRLF (RFC 5322 2.1.1)
 MAX_HEADER_SECTION = 1 << 20
+MAX_HOPS = 100  # Received headers: a mail loop (the SMTP server's limit, relay.smtp.server.MAX_HOPS)
 SMTP_TIMEOUT = 60.0
 
 # Postfix's sendmail getopt string "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q:tvx"
@@ -654,6 +655,12 @@ def build_and_queue(o: Options, inp: BinaryIO, cfg, me: Identity) -> str:
         keys = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
         values = [v for f in headers if field_name(f) in keys and (v := field_value(f))]
         recipients += addresses(values, cfg, "recipient (header)", EX_DATAERR)
+    hops = sum(1 for f in headers if field_name(f) == "received")
+    if hops > MAX_HOPS:
+        # as the SMTP server refuses it (554 5.4.6): a message that went
+        # round that often is in a loop, and is not sent round again
+        raise Fatal(EX_DATAERR, f"too many hops: {hops} Received headers (more than {MAX_HOPS}; "
+                                "a mail loop?): message refused")
     seen: set[str] = set()
     recipients = [r for r in recipients if not (r in seen or seen.add(r))]
     if not recipients:

@@ -710,16 +710,35 @@ class Spool:
             except FileNotFoundError:
                 continue
             except Exception as e:  # noqa: BLE001 - one bad entry never blocks the rest
-                self.quarantine(qid, str(e) or e.__class__.__name__, log)
-                if qid in states:
-                    self.quarantine(qid + STATE_SUFFIX, str(e), log)
-                continue
+                entry = self._without_state(qid, e, log) if qid in states else None
+                if entry is None:
+                    self.quarantine(qid, str(e) or e.__class__.__name__, log)
+                    if qid in states:
+                        self.quarantine(qid + STATE_SUFFIX, str(e), log)
+                    continue
             if entry.state.done:
                 self.remove(qid)
                 if log:
                     log("{queue_id}: removed, all recipients were final", queue_id=qid)
                 continue
             yield entry
+
+    def _without_state(self, qid: str, error: Exception, log=None) -> QueueEntry | None:
+        """A readable message whose state file is not (a deferral record is
+        written without fsync, so a power failure may leave it empty or torn):
+        the message stays queued with every recipient pending again, and the
+        state file goes to quarantine.  Recipients delivered before may get a
+        second copy; nothing is lost.  None when the message itself is bad."""
+        try:
+            env, offset, size = self.read_envelope(qid)
+        except Exception:  # noqa: BLE001 - the message is bad too: the caller quarantines both
+            return None
+        env.client = _NO_CLIENT
+        self.quarantine(qid + STATE_SUFFIX, str(error) or error.__class__.__name__, log)
+        if log:
+            log("{queue_id}: state file unreadable ({error}): kept the message with every recipient "
+                "pending again", queue_id=qid, error=str(error) or error.__class__.__name__)
+        return QueueEntry(env, State.fresh(env), size, offset)
 
     def quarantine(self, name: str, reason: str, log=None) -> None:
         src = os.path.join(self.queue_dir, name)

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     wcfg = dataclasses.replace(
         cfg, spool=worker_spool(top, args.index),
         control=configmod.ControlConfig(socket=worker_socket(cfg, args.index)),
+        metrics=configmod.MetricsConfig(listen=[]),  # the master serves the sum of the workers'
     )
     os.makedirs(wcfg.spool, mode=0o700, exist_ok=True)
     fds = {desc: int(fd) for desc, fd in json.loads(args.fds).items()}

@@ -189,6 +189,8 @@ class Defaults(ConfigCase):
 
     def test_documented_defaults(self):
         self.chdir(self.dir)
+        configmod._default_hostname.cache_clear()  # computed once per process
+        self.addCleanup(configmod._default_hostname.cache_clear)
         with mock.patch("socket.getfqdn", return_value="Host.Example.NET"):
             cfg = configmod.load(None)
         d = self.dir
@@ -230,6 +232,8 @@ class Defaults(ConfigCase):
         self.assertEqual(cfg.control_socket, os.path.join(d, "spool", "control.sock"))
 
     def test_unusable_fqdn_falls_back(self):
+        configmod._default_hostname.cache_clear()  # computed once per process
+        self.addCleanup(configmod._default_hostname.cache_clear)
         with mock.patch("socket.getfqdn", return_value="bad_host name"):
             self.assertEqual(configmod.load(None).hostname, "localhost")
 
@@ -400,6 +404,11 @@ class CrossField(ConfigCase):
     def test_smarthost_username_needs_password_file(self):
         self.assertProblem('[relay]\nsmarthost = "h.example:587"\nsmarthost_username = "u"\n',
                            "relay.smarthost_password_file", "required")
+
+    def test_smarthost_login_needs_tls(self):
+        self.assertProblem('[relay]\nsmarthost = "h.example:587"\nsmarthost_username = "u"\n'
+                           'smarthost_password_file = "pw"\nsmarthost_tls = "none"\n',
+                           "relay.smarthost_tls", "only ever sent over TLS")
 
     def test_local_and_relay_domains_disjoint(self):
         self.assertProblem('[local]\ndomains = ["a.example"]\n[relay]\ndomains = ["A.example."]\n',

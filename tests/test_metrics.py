@@ -183,3 +183,48 @@ class Config(unittest.TestCase):
         with self.assertRaises(StartupError) as e:
             RelayService(cfg, deliver=False)
         assert "metrics.listen" in str(e.exception) and "tls.certificate" in str(e.exception)
+
+
+def test_merge_expositions_sums_counters_and_keeps_extremes():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from relay.metrics import _Families, merge_expositions
+
+    a = """# HELP relay_messages_received_total Messages
+# TYPE relay_messages_received_total counter
+relay_messages_received_total{source="smtp"} 3.0
+# HELP relay_start_time_seconds When
+# TYPE relay_start_time_seconds gauge
+relay_start_time_seconds 100.0
+# HELP relay_queue_oldest_message_age_seconds Age
+# TYPE relay_queue_oldest_message_age_seconds gauge
+relay_queue_oldest_message_age_seconds 5.0
+# HELP relay_build_info v
+# TYPE relay_build_info gauge
+relay_build_info{version="1"} 1.0
+# HELP lat d
+# TYPE lat histogram
+lat_bucket{le="1.0"} 1.0
+lat_bucket{le="+Inf"} 2.0
+lat_count 2.0
+lat_sum 3.5
+# HELP lat_created d
+# TYPE lat_created gauge
+lat_created 50.0
+"""
+    b = (a.replace('{source="smtp"} 3.0', '{source="smtp"} 4.0').replace("seconds 100.0", "seconds 90.0")
+         .replace("age_seconds 5.0", "age_seconds 7.0").replace("lat_created 50.0", "lat_created 60.0"))
+    fams = merge_expositions([a, b])
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Families(fams))
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(generate_latest(reg).decode()) for s in f.samples}
+    assert got[("relay_messages_received_total", (("source", "smtp"),))] == 7
+    assert got[("relay_start_time_seconds", ())] == 90
+    assert got[("relay_queue_oldest_message_age_seconds", ())] == 7
+    assert got[("relay_build_info", (("version", "1"),))] == 1
+    assert got[("lat_bucket", (("le", "+Inf"),))] == 4 and got[("lat_sum", ())] == 7
+    assert got[("lat_created", ())] == 50

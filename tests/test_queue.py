@@ -259,6 +259,36 @@ class Limits(QueueCase):
         self.assertEqual(self.spool.queue_ids(), [])
 
 
+class DeadDestinationBacklog(QueueCase):
+    delivery = {"max_concurrency": 1, "max_per_destination": 1}
+
+    def test_backlog_of_a_dead_destination_is_suspended_over_several_turns(self):
+        from relay.queue import DISPATCH_PER_TURN
+
+        hop = ScriptedNextHop(manual=True)
+        self.start(hop)
+        n = DISPATCH_PER_TURN * 2 + 50
+        for i in range(n):
+            self.queue([f"u{i}@dead.example"])
+        self.clock.advance(0)
+        self.assertEqual(len(hop.calls), 1)
+        # no server answered: the destination is dead, its backlog is deferred without attempts
+        (d, outs), = hop.pending
+        hop.pending = []
+        d.callback([Outcome(o.address, "deferred", "4.4.1", "connect to mx.dead.example: timed out", "none", None,
+                            False) for o in outs])
+
+        def deferred():
+            return sum(1 for m in self.qm.messages.values()
+                       if all(r.status == spoolmod.DEFERRED for r in m.state.recipients))
+
+        # one slice in this turn (the reactor serves others before the next one)
+        self.assertLessEqual(deferred(), DISPATCH_PER_TURN + 1)
+        self.clock.advance(0)
+        self.assertEqual(deferred(), n)
+        self.assertEqual(len(hop.calls), 1)
+
+
 class Admin(QueueCase):
     def test_hold_stops_delivery_and_expiry_release_delivers(self):
         self.start(ScriptedNextHop(lambda d, r, n: ("deferred", "4.0.0", "451 later") if n == 1

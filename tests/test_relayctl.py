@@ -359,6 +359,15 @@ class LiveReload(trial.TestCase):
         await self.until(self.rcpt_code, addr, want=550, what="RCPT to the deleted user refused")
         self.assertEqual(await in_thread(self.auth_code, addr, "second-pw"), 535)
 
+    async def test_new_user_and_alias_accepted_at_once(self):
+        # no wait for the poll: the first RCPT after `user add` is accepted
+        await self.ctl("user", "add", "quick@local.test", "--password-stdin", input="pw\n")
+        self.assertEqual(await in_thread(self.rcpt_code, "quick@local.test"), 250)
+        with open(self.aliases + ".new", "w") as f:
+            f.write("fast: quick\n")
+        os.rename(self.aliases + ".new", self.aliases)
+        self.assertEqual(await in_thread(self.rcpt_code, "fast@local.test"), 250)
+
     async def test_aliases_file_edits(self):
         await self.ctl("user", "add", "alice@local.test", "--password-stdin", input="pw\n")
         self.assertEqual(await in_thread(self.rcpt_code, "sales@local.test"), 550)

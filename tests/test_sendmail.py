@@ -220,6 +220,15 @@ def test_bare_cr_is_refused_and_nothing_left(setup, capsys):
     assert os.listdir(sp.drop_dir) == []
 
 
+def test_mail_loop_is_refused(setup, capsys):
+    cfg, sp = setup
+    hops = b"Received: from a by b\n"
+    assert run(cfg, ["x@example.org"], hops * 101 + b"Subject: loop\n\nx\n") == sm.EX_DATAERR
+    assert "too many hops: 101 Received headers" in capsys.readouterr().err
+    assert os.listdir(sp.drop_dir) == []
+    assert run(cfg, ["x@example.org"], hops * 100 + b"Subject: ok\n\nx\n") == 0
+
+
 def test_too_big_is_refused(setup, capsys):
     cfg, sp = setup
     assert run(cfg, ["x@example.org"], b"Subject: a\n\n" + b"y" * 5000 + b"\n") == sm.EX_DATAERR
@@ -339,6 +348,7 @@ class Pickup(unittest.TestCase):
             spoolmod.new_id(): good_env + b"Subject: x\r\n\r\n" + b"y" * 1200 + b"\r\n",
             spoolmod.new_id(): good_env + b"Subject: x\r\n\r\n" + b"z" * 100 + (b"\r\n" + b"z" * 900) * 120,
             spoolmod.new_id(): sm.drop_line("a@b.example", ["bad address"], 0, "root", 1.0) + b"x\r\n",
+            spoolmod.new_id(): good_env + b"Received: from a by b\r\n" * 101 + b"Subject: loop\r\n\r\nx\r\n",
             "not-a-queue-id": good_env + b"Subject: x\r\n\r\nok\r\n",
         }
         for name, data in bad.items():

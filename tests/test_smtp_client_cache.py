@@ -75,3 +75,27 @@ class Cache(unittest.TestCase):
         r = await self.send("bad@x.example")
         self.assertEqual(r.results["bad@x.example"].kind, "bounced")
         self.assertEqual(len(self.cache), 0)  # a MAIL transaction was left open: QUIT, not parked
+
+
+def test_host_limit_hands_slots_over_in_order_and_cancels():
+    from relay.smtp.hostlimit import HostLimit
+
+    limit = [2]
+    hl = HostLimit(lambda: limit[0])
+    key = ("127.0.0.2", 25)
+    a, b = hl.acquire(key), hl.acquire(key)
+    assert a.called and b.called and hl.count(key) == 2
+    c, d, e = hl.acquire(key), hl.acquire(key), hl.acquire(key)
+    assert not c.called and not d.called
+    d.cancel()  # a waiter that gives up leaves the line
+    d.addErrback(lambda f: None)
+    assert list(hl.waiting[key]) == [c, e]
+    assert hl.acquire(("127.0.0.3", 25)).called  # another host: its own slots
+    hl.release(key)
+    assert c.called and not e.called and hl.count(key) == 2
+    limit[0] = 3  # a reload raises the limit: the next release lets two go
+    hl.release(key)
+    assert e.called and hl.count(key) == 2
+    hl.release(key)
+    hl.release(key)
+    assert hl.count(key) == 0 and key not in hl.open and not hl.waiting

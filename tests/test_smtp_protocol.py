@@ -131,3 +131,23 @@ class Replies(Harness):
                 if line:
                     self.assertRegex(line, rb"^[2345]\d\d[ -]")
             p.connectionLost(None)
+
+
+class PipelinedFlood(Harness):
+    def test_long_burst_is_handled_in_slices_in_order(self):
+        from relay.smtp.server import LINES_PER_TURN
+
+        p, t = self.connect()
+        self.take(t)
+        n = LINES_PER_TURN * 4 + 7
+        p.dataReceived(b"".join(b"NOOP %d\r\n" % i for i in range(n)))
+        # one slice now; the rest waits for the next reactor turn, input paused
+        self.assertEqual(self.take(t).count(b"250 "), LINES_PER_TURN)
+        self.assertEqual(t.producerState, "paused")
+        self.clock.advance(0)  # task.Clock runs the follow-up calls it schedules as it goes
+        self.assertEqual(self.take(t).count(b"250 "), n - LINES_PER_TURN)
+        self.assertEqual(t.producerState, "producing")
+        self.assertEqual(len(p.buf), 0)
+        # and the session goes on normally
+        p.dataReceived(b"QUIT\r\n")
+        self.assertTrue(self.take(t).startswith(b"221 "))

@@ -385,6 +385,23 @@ class BadInput(RelayTestCase):
         self.assertEqual(noop.code, 250)
         self.assertEqual(queued_files(self.relay), [])
 
+    async def test_mail_loop_refused_554_5_4_6(self):
+        def fn(c, hops):
+            c.cmd("EHLO x")
+            c.cmd("MAIL FROM:<a@b.example>")
+            c.cmd("RCPT TO:<alice@local.test>")
+            c.cmd("DATA")
+            c.send(b"Received: from a by b; Fri, 27 Nov 2026 10:00:00 +0000\r\n" * hops
+                   + b"Subject: loop\r\n\r\nx\r\n.\r\n")
+            return c.reply()
+
+        r = await self.session(lambda c: fn(c, 101))
+        self.assertEqual(r.code, 554)
+        self.assertTrue(r.lines[0].startswith("5.4.6 Too many hops"), r.lines)
+        self.assertEqual(queued_files(self.relay), [])
+        r = await self.session(lambda c: fn(c, 100))
+        self.assertEqual(r.code, 250)
+
     async def test_bare_cr_in_data_rejected(self):
         def fn(c):
             c.cmd("EHLO x")
@@ -398,15 +415,40 @@ class BadInput(RelayTestCase):
         self.assertEqual(r.code, 550)
         self.assertEqual(queued_files(self.relay), [])
 
-    async def test_bare_lf_in_command(self):
+    async def test_bare_lf_in_command_closes_the_session(self):
         def fn(c):
             c.send(b"EHLO x\n")
+            r1 = c.reply()
+            return r1, c.sock.recv(100)
+
+        r1, rest = await self.session(fn)
+        self.assertEqual(r1.code, 521)
+        self.assertTrue(r1.lines[0].startswith("5.5.2"))
+        self.assertEqual(rest, b"")  # closed
+
+    async def test_bare_lf_cannot_smuggle_a_command(self):
+        # "NOOP<LF>RCPT TO:..." must not run the RCPT, in any session state
+        def fn(c):
+            c.cmd("EHLO x")
+            c.cmd("MAIL FROM:<a@b.example>")
+            c.send(b"NOOP\nRCPT TO:<alice@local.test>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")
+            r = c.reply()
+            return r, c.sock.recv(1000)
+
+        r, rest = await self.session(fn)
+        self.assertEqual(r.code, 521)
+        self.assertEqual(rest, b"")
+        self.assertEqual(queued_files(self.relay), [])
+
+    async def test_bare_cr_in_command(self):
+        def fn(c):
+            c.send(b"NOOP\rRCPT TO:<alice@local.test>\r\n")
             r1 = c.reply()
             return r1, c.cmd("NOOP")
 
         r1, r2 = await self.session(fn)
         self.assertEqual(r1.code, 500)
-        self.assertTrue(r1.lines[0].startswith("5.5.2"))
+        self.assertIn("bare CR", r1.lines[0])
         self.assertEqual(r2.code, 250)
 
     async def test_long_data_line_rejected_rest_not_commands(self):

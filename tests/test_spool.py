@@ -480,18 +480,27 @@ class Recover(SpoolCase):
         a_dir = spoolmod.new_id()
         os.mkdir(os.path.join(self.spool.queue_dir, a_dir))  # unreadable as a file
         stranger = self.put("notes.txt", b"who put this here")
+        torn_state = self.queue()
+        self.put(torn_state.queue_id + ".state", b"")  # a rename without fsync, then a power failure
         good2 = self.queue()
         log = Log()
         entries = list(self.spool.recover(log))
-        self.assertEqual([e.envelope.queue_id for e in entries], [good1.queue_id, good2.queue_id])
-        self.assertEqual(self.files(), sorted([good1.queue_id, good2.queue_id]))
+        kept = sorted([good1.queue_id, good2.queue_id, bad_state.queue_id, mismatched.queue_id,
+                       torn_state.queue_id])
+        self.assertEqual(sorted(e.envelope.queue_id for e in entries), kept)
+        self.assertEqual(self.files(), kept)
         quarantined = self.files("quarantine")
-        for name in (garbage, wrong_id, empty, nested, bad_state.queue_id, bad_state.queue_id + ".state",
-                     mismatched.queue_id, mismatched.queue_id + ".state", a_dir, "notes.txt"):
+        for name in (garbage, wrong_id, empty, nested, bad_state.queue_id + ".state",
+                     mismatched.queue_id + ".state", torn_state.queue_id + ".state", a_dir, "notes.txt"):
             self.assertIn(name, quarantined)
             lines = log.mentioning(name)
             self.assertTrue(lines, name)
             self.assertIn("quarantine", lines[0])
+        # a message whose state is unreadable stays queued, every recipient pending again
+        for e in entries:
+            if e.envelope.queue_id in (bad_state.queue_id, mismatched.queue_id, torn_state.queue_id):
+                self.assertTrue(all(r.status == spoolmod.PENDING for r in e.state.recipients))
+                self.assertTrue(any("pending again" in line for line in log.mentioning(e.envelope.queue_id)))
         self.assertFalse(os.path.exists(stranger))
         # the quarantined bytes are kept as they were
         with open(os.path.join(self.spool.quarantine_dir, garbage), "rb") as f:

@@ -908,6 +908,36 @@ class ConnectionCache:
         d = proto.command(b"QUIT", "QUIT", 10)
         d.addBoth(lambda _: proto.transport.loseConnection() if proto.lost is None else None)
 
+    def evict(self, n: int = 1) -> int:
+        """Close the n sessions parked longest, at once (QUIT, then close
+        without waiting for the reply): the queue needs their slots, because
+        parked sessions count toward ``delivery.max_concurrency``."""
+        parked = sorted(((key, p) for key, lst in self._idle.items() for p in lst), key=lambda kp: kp[1].timer)
+        victims = parked[:n]
+        for key, p in victims:
+            lst = self._idle.get(key)
+            if lst is not None and p in lst:
+                lst.remove(p)
+                if not lst:
+                    del self._idle[key]
+            if p.proto.lost is None:
+                p.proto.transport.write(b"QUIT\r\n")
+                p.proto.transport.loseConnection()
+        return len(victims)
+
+    def evict_to(self, address: str, port: int) -> int:
+        """Close (QUIT, no wait) the sessions parked to one host: an attempt
+        needs their connection slots (HostLimit)."""
+        n = 0
+        for key in [k for k, lst in self._idle.items() if lst and lst[0].hop.address == address
+                    and lst[0].hop.port == port]:
+            for p in self._idle.pop(key):
+                if p.proto.lost is None:
+                    p.proto.transport.write(b"QUIT\r\n")
+                    p.proto.transport.loseConnection()
+                n += 1
+        return n
+
     def _drop(self, p: _Parked) -> None:
         if p.proto.lost is None:
             p.proto.fail(ConversationError("local", "close", "cached connection dropped"))
@@ -954,6 +984,7 @@ class _Delivery:
         threadpool,
         queue_id,
         cache=None,
+        host_limit=None,
         message_data=None,
     ):
         if tls_mode not in TLS_MODES:
@@ -979,6 +1010,7 @@ class _Delivery:
         self.threadpool = threadpool
         self.queue_id = queue_id
         self.cache: ConnectionCache | None = cache
+        self.host_limit = host_limit  # relay.smtp.hostlimit.HostLimit or None
         self._park: tuple | None = None  # (proto, ext) to park instead of QUIT
         self.report = DeliveryReport(results={})
         if tls_mode != "none":
@@ -1083,8 +1115,28 @@ class _Delivery:
                     log.debug("{queue_id}: cached session to {hop} failed ({reason}); reconnecting",
                               queue_id=self.queue_id or "-", hop=str(hop), reason=f.reason)
                     self.report.tls = None
-        proto = await self._connect(hop)
+        proto = await self._connect_within_limit(hop)
         return await self._run_session(proto, hop, key, plaintext_only=plaintext_only)
+
+    async def _connect_within_limit(self, hop: Hop) -> _ClientProtocol:
+        """Connect, holding one of the host's connection slots (HostLimit)
+        for as long as the socket lives."""
+        limit = self.host_limit
+        if limit is None:
+            return await self._connect(hop)
+        where = (hop.address, hop.port)
+        d = limit.acquire(where)
+        if not d.called and self.cache is not None:
+            # idle sessions to that host hold slots: let them go first
+            self.cache.evict_to(hop.address, hop.port)
+        await d
+        try:
+            proto = await self._connect(hop)
+        except BaseException:
+            limit.release(where)
+            raise
+        proto.closed.addBoth(lambda r: (limit.release(where), r)[1])
+        return proto
 
     async def _run_session(self, proto, hop: Hop, key: tuple, *, parked: _Parked | None = None,
                            plaintext_only: bool = False) -> dict[str, RcptResult]:
@@ -1109,7 +1161,9 @@ class _Delivery:
                 cap.cancel()
             park = self._park
             self._park = None
-            if graceful and park is not None and proto.lost is None:
+            # another attempt waiting for this host's slot: QUIT, do not park
+            wanted = self.host_limit is not None and bool(self.host_limit.waiting.get((hop.address, hop.port)))
+            if graceful and park is not None and proto.lost is None and not wanted:
                 since = parked.since if parked else self.reactor.seconds()
                 uses = (parked.uses if parked else 0) + 1
                 if self.cache.park(key, _Parked(proto, hop, park[1], self.report.tls, since, uses)):
@@ -1609,6 +1663,7 @@ async def deliver(
     threadpool=None,
     queue_id: str | None = None,
     cache: ConnectionCache | None = None,
+    host_limit=None,
     message_data: bytes | None = None,
 ) -> DeliveryReport:
     """Deliver one queued message to one destination; never raises for a
@@ -1624,9 +1679,10 @@ async def deliver(
     ``auth``: (username, password) for AUTH PLAIN/LOGIN, only ever sent over
     TLS.  ``body_8bit``: whether the message has 8-bit bytes (None: scan the
     file in a thread when the server offers 8BITMIME).  ``queue_id`` goes in
-    the log lines.  ``message_data``: the message bytes (what the file holds
-    from ``message_offset``), when the caller has them in memory; a small one
-    is then sent without reading the file.
+    the log lines.  ``cache``: a ConnectionCache for reuse; ``host_limit``: a
+    relay.smtp.hostlimit.HostLimit (connections per host).  ``message_data``:
+    the message bytes (what the file holds from ``message_offset``), when the
+    caller has them in memory; a small one is then sent without reading the file.
     """
     d = _Delivery(
         reactor,
@@ -1648,6 +1704,7 @@ async def deliver(
         threadpool=threadpool,
         queue_id=queue_id,
         cache=cache,
+        host_limit=host_limit,
         message_data=message_data,
     )
     return await d.run()

@@ -51,6 +51,7 @@ MAX_ERRORS = 20
 MAX_AUTH_FAILURES = 3
 MAX_HOPS = 100  # Received headers (RFC 5321 6.3)
 BUSY_BUFFER_LIMIT = 1 << 20
+LINES_PER_TURN = 256  # pipelined commands handled in one reactor turn before others get theirs
 
 _VERB_OK = {
     "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY",
@@ -125,11 +126,14 @@ class SMTPServer(Protocol):
         self.cfg = ctx.config
         self.submission = submission
         self.implicit_tls = implicit_tls
-        self.buf = b""
+        # a bytearray: taking a line off the front is O(1) (del buf[:n]), so
+        # a megabyte of pipelined commands is not copied once per line
+        self.buf = bytearray()
         self.out: list[bytes] = []
         self.busy = False
         self.closing = False
         self.discard_line = False  # skipping the rest of an over-long line
+        self._more = None  # the call that goes on with a long pipelined burst
         self.mode = "command"  # command | data | auth
         self.timer = None
         self.errors = 0
@@ -200,6 +204,9 @@ class SMTPServer(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self._disarm()
+        if self._more is not None and self._more.active():
+            self._more.cancel()
+        self._more = None
         self._abort_incoming()
         self.closing = True
         if getattr(self, "counted", False):
@@ -326,14 +333,27 @@ class SMTPServer(Protocol):
             return
         if self.mode == "data" and not self.busy:
             self._arm()  # in DATA: no more than timeout without data
+            if not self.buf:
+                self._data_input(data)  # the common case: straight to the reader, no copy
+                self._process()
+                return
         self.buf += data
         self._process()
 
     def _process(self) -> None:
+        budget = LINES_PER_TURN
         while not self.busy and not self.closing and self.buf:
             if self.mode == "data":
                 self._data_input()
                 continue
+            budget -= 1
+            if budget < 0:
+                # a flood of pipelined commands: the other sessions get their
+                # turn first, then this one goes on (input paused meanwhile)
+                if self._more is None:
+                    self._more = self.ctx.reactor.callLater(0, self._go_on)
+                    self.transport.pauseProducing()
+                break
             limit = MAX_AUTH_LINE if (self.mode == "auth" or self.buf[:5].upper() == b"AUTH ") else MAX_COMMAND
             i = self.buf.find(b"\n")
             if i < 0:
@@ -341,17 +361,30 @@ class SMTPServer(Protocol):
                     if not self.discard_line:
                         self.error(500, "5.5.2 Line too long")
                         self.discard_line = True
-                    self.buf = b""
+                    del self.buf[:]
                 break
-            line, self.buf = self.buf[: i + 1], self.buf[i + 1 :]
+            line = bytes(self.buf[: i + 1])
+            del self.buf[: i + 1]
             if self.discard_line:
                 self.discard_line = False
                 continue
             if len(line) > limit:
                 self.error(500, "5.5.2 Line too long")
                 continue
-            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-                self.error(500, "5.5.2 Syntax error: bare CR or LF received (lines must end with CRLF)")
+            if not line.endswith(b"\r\n"):
+                # A bare LF ends no command here (SMTP smuggling, RFC 5321
+                # 2.3.8): what follows it must never run as a command of its
+                # own, and there is no telling where the client meant its line
+                # to end, so say so and hang up (Postfix's
+                # smtpd_forbid_bare_newline does the same).
+                self.reply(521, "5.5.2 Error: bare LF received (lines must end with CRLF)")
+                log.info("reject: [{client_ip}]: bare LF in a command", client_ip=self.peer_ip,
+                         reason="bare_newline")
+                self.ctx.counters.reject("bare_newline")
+                self._close()
+                break
+            if b"\r" in line[:-2]:
+                self.error(500, "5.5.2 Syntax error: bare CR received (lines must end with CRLF)")
                 continue
             self._arm()
             self._line(line[:-2])
@@ -369,6 +402,14 @@ class SMTPServer(Protocol):
         elif self.busy and len(self.buf) > BUSY_BUFFER_LIMIT and not self.paused:
             self.paused = True
             self.transport.pauseProducing()
+
+    def _go_on(self) -> None:
+        self._more = None
+        if self.closing:
+            return
+        if not self.paused:
+            self.transport.resumeProducing()
+        self._process()
 
     def _line(self, raw: bytes) -> None:
         text = raw.decode("latin-1")
@@ -657,9 +698,11 @@ class SMTPServer(Protocol):
         )
         return hdr.encode("ascii", "replace")
 
-    def _data_input(self) -> None:
+    def _data_input(self, chunk: bytes | None = None) -> None:
         reader = self.reader
-        chunk, self.buf = self.buf, b""
+        if chunk is None:
+            chunk = bytes(self.buf)
+            del self.buf[:]
         text, rest = reader.feed(chunk)
         if text and self.incoming is not None and reader.error is None:
             if self._message_start:
@@ -678,7 +721,7 @@ class SMTPServer(Protocol):
                 self._abort_incoming_keep_reader()
         if rest is None:
             return
-        self.buf = rest
+        self.buf = bytearray(rest)
         self.mode = "command"
         self._end_of_data()
 
@@ -770,7 +813,7 @@ class SMTPServer(Protocol):
         if self.buf:
             log.info("discarded {n} bytes sent after STARTTLS by [{client_ip}]",
                      n=len(self.buf), client_ip=self.peer_ip)
-        self.buf = b""
+        del self.buf[:]
         self._reset_session()
         self.tls_active = True
         self._direct = False

@@ -20,3 +20,14 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert report.resent == 0, report.text()
     assert report.left_in_queue == 0 and report.quarantined == 0, report.text()
     assert report.recorded > 0, report.text()
+
+
+def test_sigkill_with_workers_loses_nothing(tmp_path):
+    # workers = 2: kills of the whole relay (master and workers) and of one worker
+    report = run(str(tmp_path), kills=4, clients=6, seed=20261127, min_up=0.3, max_up=1.0, workers=2)
+    print("\n" + report.text())
+    assert report.kills == 4
+    assert report.acked > 50, report.text()
+    assert report.lost == 0, report.text()
+    assert report.resent == 0, report.text()
+    assert report.left_in_queue == 0 and report.quarantined == 0, report.text()

@@ -236,7 +236,7 @@ class Model:
     def reply(self, what) -> tuple[int, list[bytes]]:
         r = self.r.next()
         self.t.assertIsNotNone(r, f"no reply for {what!r}")
-        if r[0] in (421, 221):
+        if r[0] in (421, 221, 521):
             self.closed = True
             self.closed_by = f"{r[0]} {r[1][0][:30]!r}"
         return r
@@ -289,9 +289,14 @@ class Model:
         if len(line) > limit:
             self.t.assertEqual((code, b"Line too long" in text[0]), (500, True), line[:60])
             return self.after_error()
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        if not line.endswith(b"\r\n"):
+            # a bare LF: 521 and the session ends (nothing after it runs)
+            self.t.assertEqual(code, 521, line[:60])
+            self.t.assertIn(b"bare LF", text[0])
+            return
+        if b"\r" in line[:-2]:
             self.t.assertEqual(code, 500, line[:60])
-            self.t.assertIn(b"bare CR or LF", text[0])
+            self.t.assertIn(b"bare CR", text[0])
             return self.after_error()
         txt = line[:-2].decode("latin-1")
         verb, _, arg = txt.partition(" ")

@@ -259,3 +259,76 @@ class Local(DeliveryCase):
         self.assertIn(b"\n.hello\n", data)
         # postmaster without an alias goes to the first user: alice's mailbox already has it once
         self.assertEqual(self.sinks["127.0.0.2"].transactions[0].rcpts, ["friend@far.example"])
+
+
+class ConcurrencyWithCachedSessions(DeliveryCase):
+    """Sessions parked for reuse are connections too: max_concurrency holds."""
+
+    overrides = {"delivery": {"max_concurrency": 1, "max_per_destination": 1, "tls": "none"}}
+
+    async def test_parked_sessions_count_toward_max_concurrency(self):
+        for i, ip in enumerate(IPS):
+            self.zone.mx(f"d{i}.example", 10, f"mx.d{i}.example").a(f"mx.d{i}.example", ip)
+        sessions = lambda: [s for sink in self.sinks.values() for s in sink.sessions]  # noqa: E731
+        peak = [0]
+        previous: set[int] = set()
+
+        def occupied():
+            # open and not told QUIT; counted only when it was so 20 ms ago too,
+            # so a session in the middle of being closed is not counted
+            nonlocal previous
+            now = {id(s) for s in sessions() if not s.closed and "QUIT" not in
+                   [c.split()[0].upper() for c in s.commands if c.strip()]}
+            peak[0] = max(peak[0], len(now & previous))
+            previous = now
+
+        from twisted.internet import task
+
+        sampler = task.LoopingCall(occupied)
+        sampler.start(0.02)
+        self.addCleanup(lambda: sampler.running and sampler.stop())
+        for i in range(len(IPS)):
+            await self.send([f"u@d{i}.example"])
+        await apoll(lambda: all(sink.transactions for sink in self.sinks.values()), 20,
+                    what="a delivery to every host")
+        await apoll(self.queue_empty, what="empty queue")
+        sampler.stop()
+        self.assertEqual(len(sessions()), len(IPS))
+        self.assertEqual(peak[0], 1)
+
+
+class PerHostLimit(DeliveryCase):
+    """max_per_destination holds per host too: domains sharing an MX host do
+    not add up their connections to it."""
+
+    overrides = {"delivery": {"max_per_destination": 1, "tls": "none"}}
+    sinks_behaviour = {"127.0.0.2": {"delays": {"final": 0.4}}}
+
+    async def test_domains_sharing_an_mx_host_share_its_limit(self):
+        domains = [f"shared{i}.example" for i in range(4)]
+        for d in domains:
+            self.zone.mx(d, 10, "mx.shared.example")
+        self.zone.a("mx.shared.example", "127.0.0.2")
+        sink = self.sinks["127.0.0.2"]
+        peak = [0]
+
+        def sample():
+            live = [s for s in sink.sessions if not s.closed and "QUIT" not in
+                    [c.split()[0].upper() for c in s.commands if c.strip()]]
+            peak[0] = max(peak[0], len(live))
+
+        from twisted.internet import task
+
+        sampler = task.LoopingCall(sample)
+        sampler.start(0.01)
+        self.addCleanup(lambda: sampler.running and sampler.stop())
+        await self.send([f"u@{d}" for d in domains])
+        await apoll(lambda: len(sink.transactions) == len(domains), 20, what="a delivery per domain")
+        await apoll(self.queue_empty, what="empty queue")
+        sampler.stop()
+        self.assertEqual(peak[0], 1)
+        self.assertEqual(sorted(r for t in sink.transactions for r in t.rcpts), sorted(f"u@{d}" for d in domains))
+        # every slot comes back once the parked session has gone
+        deliverer = self.relay.service.queue.deliverer
+        await apoll(lambda: not deliverer.host_limit.open and not deliverer.host_limit.waiting, 10,
+                    what="the host's connection slots released")

@@ -229,12 +229,46 @@ def test_sighup_reaches_every_worker(tmp_path):
         relay.stop()
 
 
-def test_metrics_need_a_single_process(tmp_path):
-    from relay import config as configmod
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    from urllib.request import urlopen
 
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_are_the_sum_of_the_workers(tmp_path):
+    mport = free_port()
+    relay, port = make(tmp_path, relay={"smarthost": f"127.0.0.1:{free_port()}"},
+                       delivery={"retry_min": "1h", "retry_max": "1h"},
+                       metrics={"listen": [f"tcp:{mport}:interface=127.0.0.1"]})
+    relay.start(wait_for=("127.0.0.1", port))
     try:
-        configmod.load(None, data={"workers": 2, "metrics": {"listen": ["tcp:9025:interface=127.0.0.1"]}})
-    except configmod.ConfigError as e:
-        assert "metrics.listen" in str(e) and "workers" in str(e)
-    else:
-        raise AssertionError("workers = 2 with metrics was accepted")
+        acked = send_many(port, 40, "x@remote.test", threads=8)
+        spool = relay.data["spool"]
+        poll(lambda: all(ids_in(spool).values()), 10, what="messages in both workers' queues")
+        poll(lambda: scrape(mport)[("relay_queue_messages", (("state", "deferred"),))] == 40, 10,
+             what="40 deferred messages in the metrics")
+        m = scrape(mport)
+        assert m[("relay_workers", (("state", "configured"),))] == 2
+        assert m[("relay_workers", (("state", "answering"),))] == 2
+        assert m[("relay_messages_received_total", (("source", "smtp"),))] == len(acked) == 40
+        assert m[("relay_sessions_total", (("protocol", "smtp"),))] >= 8
+        assert m[("relay_queue_oldest_message_age_seconds", ())] < 120
+        assert 1.7e9 < m[("relay_start_time_seconds", ())] <= time.time()
+        builds = [k for k in m if k[0] == "relay_build_info"]
+        assert len(builds) == 1 and m[builds[0]] == 1
+        # a worker that is down is left out of the scrape, and the page says so
+        victim = worker_pids(relay.proc.pid)[0]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            m = scrape(mport)
+            assert m[("relay_workers", (("state", "answering"),))] == 1
+            assert m[("relay_queue_messages", (("state", "deferred"),))] < 40
+        finally:
+            os.kill(victim, signal.SIGCONT)
+    finally:
+        relay.stop()

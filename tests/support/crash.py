@@ -56,6 +56,7 @@ SINK_IP = "127.0.0.5"
 @dataclass
 class CrashReport:
     kills: int = 0
+    worker_kills: int = 0  # of those, a single worker (workers > 1)
     sent: int = 0  # messages whose data was sent (DATA answered 354)
     acked: int = 0  # messages that got a 250
     acked_rcpts: int = 0
@@ -79,7 +80,8 @@ class CrashReport:
 
     def text(self) -> str:
         return (
-            f"crash harness: {self.kills} SIGKILLs in {self.seconds:.1f}s\n"
+            f"crash harness: {self.kills} SIGKILLs in {self.seconds:.1f}s"
+            f"{f' ({self.worker_kills} of a single worker)' if self.worker_kills else ''}\n"
             f"  messages sent        {self.sent}\n"
             f"  acknowledged (250)   {self.acked} ({self.acked_rcpts} recipients)\n"
             f"  delivered            {self.delivered} ({self.delivered_rcpts} recipients)\n"
@@ -199,17 +201,34 @@ class Clients:
                 self.stop_event.wait(0.02)
 
 
+def spools(spool_root: str) -> list[spoolmod.Spool]:
+    """The relay's queues: the top spool and, with workers, each <spool>/w<i>."""
+    out = [spoolmod.Spool(spool_root)]
+    for name in sorted(os.listdir(spool_root)) if os.path.isdir(spool_root) else ():
+        if name.startswith("w") and name[1:].isdigit():
+            out.append(spoolmod.Spool(os.path.join(spool_root, name)))
+    return out
+
+
+def queued(spool_root: str) -> dict[str, spoolmod.Spool]:
+    """Every queued message id, with the spool that holds it."""
+    out: dict[str, spoolmod.Spool] = {}
+    for sp in spools(spool_root):
+        if os.path.isdir(sp.queue_dir):
+            out.update((qid, sp) for qid in sp.queue_ids())
+    return out
+
+
 def recorded_delivered(spool_root: str, acked: dict[str, tuple[str, tuple[str, ...]]]) -> set[tuple[str, str]]:
-    """From a dead relay's spool: the acknowledged pairs it had recorded as delivered."""
-    sp = spoolmod.Spool(spool_root)
-    present = set(sp.queue_ids())
+    """From a dead relay's spool(s): the acknowledged pairs it had recorded as delivered."""
+    present = queued(spool_root)
     out: set[tuple[str, str]] = set()
     for qid, (mid, rcpts) in acked.items():
         if qid not in present:
             out.update((mid, r) for r in rcpts)  # gone: every recipient was final
             continue
         try:
-            entry = sp.load(qid)
+            entry = present[qid].load(qid)
         except (OSError, spoolmod.CorruptEntry):
             continue
         for r in entry.state.recipients:
@@ -218,8 +237,9 @@ def recorded_delivered(spool_root: str, acked: dict[str, tuple[str, tuple[str, .
     return out
 
 
-def make_relay(workdir: str, port: int, sink_port: int) -> RelayProcess:
+def make_relay(workdir: str, port: int, sink_port: int, workers: int = 1) -> RelayProcess:
     data = deep_merge(base_config(workdir, RELAY_IP), {
+        "workers": workers,
         "smtp": {"listen": [f"tcp:{port}:interface={RELAY_IP}"], "max_connections_per_ip": 500},
         "relay": {"smarthost": f"{SINK_IP}:{sink_port}", "smarthost_tls": "none"},
         "delivery": {"retry_min": 1, "retry_max": 2, "connect_timeout": 5, "tls": "none",
@@ -228,9 +248,42 @@ def make_relay(workdir: str, port: int, sink_port: int) -> RelayProcess:
     return RelayProcess(workdir, data, "relay")
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of pid (the workers of a master)."""
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_relay(relay: RelayProcess) -> None:
+    """SIGKILL the relay; with workers, the master, then wait for its workers
+    to die too (they get SIGKILL from the kernel when the master dies)."""
+    workers = children(relay.proc.pid)
+    relay.kill(signal.SIGKILL)
+    relay._log.close()
+    poll(lambda: not any(alive(w) for w in workers), 30, interval=0.01, what="the workers to die with the master")
+
+
 def run(workdir: str, kills: int = 5, clients: int = 8, seed: int | None = None, min_up: float = 0.3,
-        max_up: float = 1.5, drain_timeout: float = 120.0, progress=None) -> CrashReport:
-    """Run the harness in workdir (an empty directory); return the report."""
+        max_up: float = 1.5, drain_timeout: float = 120.0, progress=None, workers: int = 1) -> CrashReport:
+    """Run the harness in workdir (an empty directory); return the report.
+
+    With workers > 1 the relay is a master and that many worker processes;
+    half the kills (at random) SIGKILL the whole relay, the others a single
+    worker, which the master restarts on its own."""
     seed = seed if seed is not None else random.randrange(1 << 30)
     rnd = random.Random(seed)
     say = progress or (lambda msg: None)
@@ -238,7 +291,7 @@ def run(workdir: str, kills: int = 5, clients: int = 8, seed: int | None = None,
     report = CrashReport()
     sink = SinkProcess(workdir).start()
     port = free_port((RELAY_IP,))
-    relay = make_relay(workdir, port, sink.port)
+    relay = make_relay(workdir, port, sink.port, workers)
     spool_root = relay.data["spool"]
     recorded: dict[tuple[str, str], int] = {}  # pair -> sink copies when first seen recorded
     cl = Clients(RELAY_IP, port, clients, seed)
@@ -249,8 +302,17 @@ def run(workdir: str, kills: int = 5, clients: int = 8, seed: int | None = None,
         for k in range(kills):
             up = rnd.uniform(min_up, max_up)
             time.sleep(up)  # a random moment: this is the fault injection, not a wait for a result
-            relay.kill(signal.SIGKILL)
-            relay._log.close()
+            victim = None
+            if workers > 1 and rnd.random() < 0.5:
+                pids = sorted(children(relay.proc.pid))
+                victim = rnd.choice(pids) if pids else None
+            if victim is not None:
+                # one worker only: its own queue, the others go on
+                os.kill(victim, signal.SIGKILL)
+                poll(lambda v=victim: not alive(v), 30, interval=0.01, what="the worker to die")
+                report.worker_kills += 1
+            else:
+                kill_relay(relay)
             report.kills += 1
             acked = cl.snapshot()
             done = recorded_delivered(spool_root, acked)
@@ -258,24 +320,28 @@ def run(workdir: str, kills: int = 5, clients: int = 8, seed: int | None = None,
             for pair in done:
                 if pair not in recorded:
                     recorded[pair] = counts[pair]
-            say(f"kill {k + 1}/{kills} after {up:.2f}s: {len(acked)} acknowledged, "
-                f"{len(recorded)} recipients recorded delivered")
-            relay.start(wait_for=(RELAY_IP, port), timeout=60)
+            say(f"kill {k + 1}/{kills} ({'worker ' + str(victim) if victim else 'relay'}) after {up:.2f}s: "
+                f"{len(acked)} acknowledged, {len(recorded)} recipients recorded delivered")
+            if victim is None:
+                relay.start(wait_for=(RELAY_IP, port), timeout=60)
+            else:
+                poll(lambda: len([c for c in children(relay.proc.pid) if alive(c)]) == workers
+                     or relay._died(), 60, interval=0.05, what="the master to restart the worker")
         # let the last incarnation take some new mail too, then drain
         poll(lambda: len(cl.snapshot()) > len(acked) or relay._died(), 30, what="mail after the last restart")
         cl.stop()
-        poll(lambda: not spoolmod.Spool(spool_root).queue_ids() or relay._died(), drain_timeout,
+        poll(lambda: not queued(spool_root) or relay._died(), drain_timeout,
              interval=0.1, what="the relay to deliver everything")
         relay.stop()
         acked = cl.snapshot()
         counts = sink.counts()
-        sp = spoolmod.Spool(spool_root)
-        report.left_in_queue = len(sp.queue_ids())
-        report.quarantined = len(os.listdir(sp.quarantine_dir))
+        report.left_in_queue = len(queued(spool_root))
+        report.quarantined = sum(len(os.listdir(sp.quarantine_dir)) for sp in spools(spool_root)
+                                 if os.path.isdir(sp.quarantine_dir))
     finally:
         cl.stop()
         if relay.proc is not None and relay.proc.poll() is None:
-            relay.kill(signal.SIGKILL)
+            kill_relay(relay)
         sink.stop()
     report.sent = cl.sent
     report.acked = len(acked)
