@@ -36,6 +36,8 @@ def _do_poll(self, timeout):
             continue
         try:
             drdw(selectable, fd, event)
+        except KeyboardInterrupt:
+            raise
         except BaseException:  # noqa: BLE001 - as log.callWithLogger: log, go on
             log.err(system=_prefix(selectable))
 
