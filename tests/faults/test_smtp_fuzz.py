@@ -375,7 +375,13 @@ class Model:
             self.t.assertEqual({r.lower() for r in env.recipients}, set(self.rcpts))
             with open(self.spool.message_path(qid), "rb") as f:
                 f.seek(off)
-                self.t.assertEqual(strip_received(f.read()), unstuff(text))
+                want = unstuff(text)
+                if want[:1] in (b" ", b"\t"):
+                    # a first line starting with blanks would fold into our Received
+                    # header: the server ends the header section there (see
+                    # test_leading_whitespace_line)
+                    want = b"\r\n" + want
+                self.t.assertEqual(strip_received(f.read()), want)
             self.queued.append(qid)
         self.reset()
         if code >= 400:
