@@ -18,9 +18,12 @@ import threading
 from typing import Any, Callable
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay import spool as spoolmod
+
+log = Logger(namespace="relay.diskio")
 
 
 class LightThreadPool:
@@ -277,7 +280,16 @@ class AsyncSpool:
         """A new message, held in memory while small (written, fsynced and
         renamed in one go by commit()); a big one goes on to a file from the
         stock when there is one."""
-        return self.spool.incoming(envelope, in_memory=True, spill=self.stock.take)
+        inc = self.spool.incoming(envelope, in_memory=True, spill=self.stock.take)
+        inc.defer_io = self._discard_later
+        return inc
+
+    def _discard_later(self, fn, *args) -> None:
+        if self.disk.stopped:  # shutting down: no pool any more, do it here
+            fn(*args)
+            return
+        d = self.disk.run(fn, *args)
+        d.addErrback(lambda f: log.failure("removing an aborted incoming file failed", f))
 
     def commit(self, incoming: spoolmod.IncomingMessage) -> defer.Deferred:
         """Write, fsync and rename into queue/, then a grouped fsync of

@@ -363,6 +363,7 @@ class IncomingMessage:
         self.tmp_path: str | None = None
         self._file = None
         self._spill = spill
+        self.defer_io = None  # set by diskio.AsyncSpool: runs abort's file work in the disk pool
         if in_memory:
             self._chunks: list[bytes] | None = [self.header]
             self._held = len(self.header)
@@ -419,7 +420,7 @@ class IncomingMessage:
             self.closed = True
             os.rename(self.tmp_path, self.final_path)
         except BaseException:
-            self.abort()
+            self.abort(here=True)
             raise
         return self.queue_id
 
@@ -441,29 +442,47 @@ class IncomingMessage:
             os.fdatasync(fd)
         except BaseException:
             os.close(fd)
-            self.abort()
+            self.abort(here=True)
             raise
         os.close(fd)
         self.closed = True
         try:
             os.rename(self.tmp_path, self.final_path)
         except BaseException:
-            self.abort()
+            self.abort(here=True)
             raise
         self.data = blob[len(self.header):]
         return self.queue_id
 
-    def abort(self) -> None:
+    def abort(self, here: bool = False) -> None:
+        """Drop the message.  here=True: do the file work in this thread
+        (finish() fails in a disk-pool thread); otherwise it may be handed to
+        the disk pool (defer_io), as the reactor must not wait for it."""
         self._chunks = None
+        f = None
         if not self.closed:
             self.closed = True
-            if self._file is not None:
-                try:
-                    self._file.close()
-                except OSError:
-                    pass
-        if self.tmp_path is not None:
-            _unlink_quiet(self.tmp_path)
+            f = self._file
+        path, self.tmp_path = self.tmp_path, None
+        if f is None and path is None:
+            return  # held in memory only: nothing on disk
+        if self.defer_io is not None and not here:
+            # a rejected big message, from the reactor: closing flushes up to
+            # 64 KiB and the unlink may wait for the journal, so in a thread
+            self.defer_io(_discard_file, f, path)
+        else:
+            _discard_file(f, path)
+
+
+def _discard_file(f, path: str | None) -> None:
+    """Close and remove an aborted incoming file (blocking)."""
+    if f is not None:
+        try:
+            f.close()
+        except OSError:
+            pass
+    if path is not None:
+        _unlink_quiet(path)
 
 
 class Spool:

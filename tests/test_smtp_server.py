@@ -17,6 +17,7 @@ from relay import spool as spoolmod
 from relay import users as usersmod
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.smtpclient import RawSMTP
+from tests.support.wait import apoll
 
 
 def queued_files(relay) -> list[str]:
@@ -401,6 +402,22 @@ class BadInput(RelayTestCase):
         self.assertEqual(queued_files(self.relay), [])
         r = await self.session(lambda c: fn(c, 100))
         self.assertEqual(r.code, 250)
+
+    async def test_big_rejected_message_leaves_no_file(self):
+        # over the in-memory limit: it went to a file in incoming/, removed in the disk pool
+        def fn(c):
+            c.cmd("EHLO x")
+            c.cmd("MAIL FROM:<a@b.example>")
+            c.cmd("RCPT TO:<alice@local.test>")
+            c.cmd("DATA")
+            c.send(b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n") * 3000 + b"bare\nLF\r\n.\r\n")
+            return c.reply()
+
+        r = await self.session(fn)
+        self.assertEqual(r.code, 550)
+        self.assertEqual(queued_files(self.relay), [])
+        await apoll(lambda: not self.relay.service.spool.incoming_leftovers(), 10,
+                    what="the aborted file removed")
 
     async def test_bare_cr_in_data_rejected(self):
         def fn(c):
