@@ -138,6 +138,10 @@ class RelayService(service.MultiService):
         """
         if self.users.exists(address):
             return True
+        from twisted.python import threadable
+
+        if not threadable.isInIOThread():
+            return False  # e.g. relayctl route, answered in a thread: the reactor's poll refreshes
         self._refresh_files()
         return self.users.exists(address)
 
