@@ -344,14 +344,7 @@ class ControlProtocol(amp.AMP):
                 except Exception as e:  # noqa: BLE001 - reported per id, never a dead connection
                     log.failure("relayctl {action} {queue_id} failed", action=action, queue_id=qid)
                     ok, text = False, f"failed: {e}"
-                if ok is None:
-                    totals["skipped"] += 1
-                    if not every:
-                        results.append({"id": qid, "ok": True, "text": text})
-                    continue
-                totals["done" if ok else "failed"] += 1
-                if not every or not ok:
-                    results.append({"id": qid, "ok": ok, "text": text})
+                queueview.tally_action(results, totals, qid, ok, text, every)
 
         await defer.gatherResults([defer.ensureDeferred(worker()) for _ in range(ACTION_CONCURRENCY)])
         order = {qid: i for i, qid in enumerate(targets)}

@@ -387,14 +387,7 @@ def _offline_action(off: OfflineSpool, action: str, ids: list[str], every: bool,
                 except NoSuchMessage:
                     continue
             ok, text = off.act(action, qid)
-            if ok is None:
-                totals["skipped"] += 1
-                if not every:
-                    results.append({"id": qid, "ok": True, "text": text})
-                continue
-            totals["done" if ok else "failed"] += 1
-            if not every or not ok:
-                results.append({"id": qid, "ok": ok, "text": text})
+            queueview.tally_action(results, totals, qid, ok, text, every)
 
 
 @_verb

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from relay.address import AddressError
+from relay.fileio import write_all
 from relay.users import check_safe_local_part
 
 CHUNK = 256 * 1024
@@ -225,13 +226,6 @@ def crlf_size_of_file(path: str) -> int:
 # delivery
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def deliver(root: str, domain: str, local: str, src_path: str, src_offset: int, prefix: bytes) -> str:
     """Deliver one spooled message into <root>/<domain>/<local>/new/; return its path.
 
@@ -276,7 +270,7 @@ def deliver(root: str, domain: str, local: str, src_path: str, src_offset: int, 
         def flush() -> None:
             nonlocal pending_len
             if pending:
-                _write_all(fd, b"".join(pending))
+                write_all(fd, b"".join(pending))
                 pending.clear()
                 pending_len = 0
 

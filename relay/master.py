@@ -241,21 +241,20 @@ class RelayMaster(service.Service):
 
     def _listen_metrics(self) -> None:
         """[metrics] listen: the master's page, summing the workers'."""
-        from twisted.internet import endpoints
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         from relay.metrics import WorkersMetrics
-        from relay.service import StartupError
+        from relay.service import StartupError, server_endpoint
 
         if not self.config.metrics.listen:
             return
         site = WorkersMetrics(self.reactor, [worker_socket(self.config, i)
                                              for i in range(self.config.workers)]).site()
         for desc in self.config.metrics.listen:
-            spec = epmod.parse(desc)
             factory = site
             try:
-                if spec.implicit_tls and not spec.own_certificate:
+                ep, wrap = server_endpoint(self.reactor, desc)
+                if wrap:
                     if not self.config.tls.enabled:
                         raise StartupError(f"{self.config.source}: metrics.listen: {desc!r} is an ssl: endpoint "
                                            "without privateKey=, so it needs tls.certificate and tls.key")
@@ -263,11 +262,6 @@ class RelayMaster(service.Service):
 
                     tls = load_server_tls(self.config.tls.certificate, self.config.tls.key)
                     factory = TLSMemoryBIOFactory(tls.options, False, site)
-                    tcp = epmod.EndpointSpec("", "tcp", spec.args, {k: v for k, v in spec.kwargs.items()
-                                                                    if k in ("interface", "backlog")})
-                    ep = endpoints.serverFromString(self.reactor, epmod.unparse(tcp))
-                else:
-                    ep = endpoints.serverFromString(self.reactor, desc)
                 d = ep.listen(factory)
                 failures: list = []
                 d.addCallbacks(self.metrics_ports.append, failures.append)
@@ -366,16 +360,9 @@ class RelayMaster(service.Service):
     def stopService(self):
         self.stopping = True
         if self.handle_signals:
-            def now(signum, frame):
-                self.forward(signal.SIGKILL)
-                os.write(2, b"twisted-relay: second SIGTERM, exiting now\n")
-                os._exit(1)
+            from relay.service import exit_on_second_signal
 
-            try:
-                signal.signal(signal.SIGTERM, now)
-                signal.signal(signal.SIGINT, now)
-            except (ValueError, OSError):
-                pass
+            exit_on_second_signal(before=lambda: self.forward(signal.SIGKILL))
         procs = list(self.procs.values())
         self.forward(signal.SIGTERM)
         if procs:

@@ -332,3 +332,17 @@ def format_status(s: dict[str, Any]) -> str:
     if s.get("control_socket"):
         out.append(f"  control {s['control_socket']}")
     return "\n".join(out) + "\n"
+
+
+def tally_action(results: list[dict], totals: dict[str, int], qid: str, ok: bool | None, text: str,
+                 every: bool) -> None:
+    """Count one id's outcome of a queue action (ok None: nothing to do).
+    With --all only the failures are listed: the counts say the rest."""
+    if ok is None:
+        totals["skipped"] += 1
+        if not every:
+            results.append({"id": qid, "ok": True, "text": text})
+        return
+    totals["done" if ok else "failed"] += 1
+    if not every or not ok:
+        results.append({"id": qid, "ok": ok, "text": text})

@@ -18,6 +18,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import threadable
 from zope.interface import implementer
 
 from relay import aliases as aliasesmod
@@ -41,6 +42,41 @@ LISTEN_BACKLOG = 1024  # for tcp/ssl listeners that do not say (Twisted's defaul
 
 class StartupError(Exception):
     pass
+
+
+def exit_on_second_signal(before=None) -> None:
+    """From now on SIGTERM or SIGINT exits at once (the graceful stop is
+    under way); ``before`` runs first (the master kills its workers)."""
+    import signal
+
+    def now(signum, frame):
+        if before is not None:
+            before()
+        os.write(2, b"twisted-relay: second SIGTERM, exiting now\n")
+        os._exit(1)
+
+    try:
+        signal.signal(signal.SIGTERM, now)
+        signal.signal(signal.SIGINT, now)
+    except (ValueError, OSError):
+        pass
+
+
+def server_endpoint(reactor, description: str):
+    """(endpoint, wrap) for a listener description: wrap is True for an
+    ssl: endpoint without its own privateKey=, which listens as plain TCP and
+    must be wrapped in TLS with the relay's certificate by the caller."""
+    spec = epmod.parse(description)
+    if spec.kind in ("tcp", "tcp6", "ssl") and "backlog" not in spec.kwargs:
+        # Twisted's default listen backlog is 50: a burst of clients would
+        # overflow it and, SMTP being server-speaks-first, wait forever
+        spec = epmod.EndpointSpec("", spec.kind, spec.args, {**spec.kwargs, "backlog": str(LISTEN_BACKLOG)})
+        spec = epmod.EndpointSpec(epmod.unparse(spec), spec.kind, spec.args, spec.kwargs)
+    if spec.implicit_tls and not spec.own_certificate:
+        tcp = epmod.EndpointSpec("", "tcp", spec.args, {k: v for k, v in spec.kwargs.items()
+                                                        if k in ("interface", "backlog")})
+        return endpoints.serverFromString(reactor, epmod.unparse(tcp)), True
+    return endpoints.serverFromString(reactor, spec.description), False
 
 
 class RelayService(service.MultiService):
@@ -138,8 +174,6 @@ class RelayService(service.MultiService):
         """
         if self.users.exists(address):
             return True
-        from twisted.python import threadable
-
         if not threadable.isInIOThread():
             return False  # e.g. relayctl route, answered in a thread: the reactor's poll refreshes
         self._refresh_files()
@@ -159,24 +193,11 @@ class RelayService(service.MultiService):
         )
         return [(e.address, e.original) for e in exp] or [(address, address)]
 
-    def _endpoint(self, description: str):
-        spec = epmod.parse(description)
-        if spec.kind in ("tcp", "tcp6", "ssl") and "backlog" not in spec.kwargs:
-            # Twisted's default listen backlog is 50: a burst of clients would
-            # overflow it and, SMTP being server-speaks-first, wait forever
-            spec = epmod.EndpointSpec("", spec.kind, spec.args, {**spec.kwargs, "backlog": str(LISTEN_BACKLOG)})
-            spec = epmod.EndpointSpec(epmod.unparse(spec), spec.kind, spec.args, spec.kwargs)
-        if spec.implicit_tls and not spec.own_certificate:
-            tcp = epmod.EndpointSpec("", "tcp", spec.args, {k: v for k, v in spec.kwargs.items()
-                                                            if k in ("interface", "backlog")})
-            return endpoints.serverFromString(self.reactor, epmod.unparse(tcp)), True
-        return endpoints.serverFromString(self.reactor, spec.description), False
-
     def _listen(self, description: str, factory, name: str) -> None:
         if description in self.adopted:
             svc = self._adopted_listener(description, factory)
         else:
-            ep, wrap = self._endpoint(description)
+            ep, wrap = server_endpoint(self.reactor, description)
             if wrap:
                 factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
             factory.noisy = False
@@ -457,23 +478,13 @@ class RelayService(service.MultiService):
         return d
 
     def _arm_second_sigterm(self) -> None:
-        import signal
         import threading
 
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             return
-
-        def now(signum, frame):
-            # acknowledged mail is already fsynced; state files are replaced
-            # atomically: stopping here loses nothing acknowledged
-            os.write(2, b"twisted-relay: second SIGTERM, exiting now\n")
-            os._exit(1)
-
-        try:
-            signal.signal(signal.SIGTERM, now)
-            signal.signal(signal.SIGINT, now)
-        except (ValueError, OSError):
-            pass
+        # acknowledged mail is already fsynced; state files are replaced
+        # atomically: stopping here loses nothing acknowledged
+        exit_on_second_signal()
 
     def listening(self) -> defer.Deferred:
         """Fires with [(name, host, port)] for every listener once bound."""

@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from relay.fileio import write_all
+
 MAGIC = b"RELAYQ1 "
 STATE_SUFFIX = ".state"
 TMP_SUFFIX = ".tmp"
@@ -285,10 +287,7 @@ def write_atomic(path: str, data: bytes, *, sync_dir: bool = True, sync_file: bo
     tmp = f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        write_all(fd, data)
         if sync_file:
             os.fdatasync(fd)
     except BaseException:
@@ -435,10 +434,7 @@ class IncomingMessage:
             self.closed = True
             raise
         try:
-            view = memoryview(blob)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            write_all(fd, blob)
             os.fdatasync(fd)
         except BaseException:
             os.close(fd)

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from relay.address import Address, AddressError, parse_mailbox
+from relay.fileio import write_all
 
 SCRYPT_LN = 14  # n = 2**14: ~16 MiB and ~40 ms per check
 SCRYPT_R = 8
@@ -272,10 +273,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     try:
         os.fchmod(fd, mode)
         _keep_owner(fd, path)
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -908,35 +908,24 @@ class ConnectionCache:
         d = proto.command(b"QUIT", "QUIT", 10)
         d.addBoth(lambda _: proto.transport.loseConnection() if proto.lost is None else None)
 
-    def evict(self, n: int = 1) -> int:
-        """Close the n sessions parked longest, at once (QUIT, then close
-        without waiting for the reply): the queue needs their slots, because
-        parked sessions count toward ``delivery.max_concurrency``."""
-        parked = sorted(((key, p) for key, lst in self._idle.items() for p in lst), key=lambda kp: kp[1].timer)
-        victims = parked[:n]
-        for key, p in victims:
-            lst = self._idle.get(key)
-            if lst is not None and p in lst:
-                lst.remove(p)
-                if not lst:
-                    del self._idle[key]
+    def evict(self, n: int | None = None, to: tuple[str, int] | None = None) -> int:
+        """Close parked sessions at once (QUIT, then close without waiting
+        for the reply): the n parked longest (parked sessions count toward
+        ``delivery.max_concurrency``), or every one to the host ``to`` =
+        (address, port), whose connection slots an attempt needs (HostLimit)."""
+        parked = [(key, p) for key, lst in self._idle.items() for p in lst
+                  if to is None or (p.hop.address, p.hop.port) == to]
+        if n is not None:
+            parked = sorted(parked, key=lambda kp: kp[1].timer)[:n]
+        for key, p in parked:
+            lst = self._idle[key]
+            lst.remove(p)
+            if not lst:
+                del self._idle[key]
             if p.proto.lost is None:
                 p.proto.transport.write(b"QUIT\r\n")
                 p.proto.transport.loseConnection()
-        return len(victims)
-
-    def evict_to(self, address: str, port: int) -> int:
-        """Close (QUIT, no wait) the sessions parked to one host: an attempt
-        needs their connection slots (HostLimit)."""
-        n = 0
-        for key in [k for k, lst in self._idle.items() if lst and lst[0].hop.address == address
-                    and lst[0].hop.port == port]:
-            for p in self._idle.pop(key):
-                if p.proto.lost is None:
-                    p.proto.transport.write(b"QUIT\r\n")
-                    p.proto.transport.loseConnection()
-                n += 1
-        return n
+        return len(parked)
 
     def _drop(self, p: _Parked) -> None:
         if p.proto.lost is None:
@@ -1128,7 +1117,7 @@ class _Delivery:
         d = limit.acquire(where)
         if not d.called and self.cache is not None:
             # idle sessions to that host hold slots: let them go first
-            self.cache.evict_to(hop.address, hop.port)
+            self.cache.evict(to=(hop.address, hop.port))
         await d
         try:
             proto = await self._connect(hop)
