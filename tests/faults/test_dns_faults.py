@@ -21,7 +21,7 @@ from relay.mx import Resolver
 from tests.support.dns import DNSServer, Zone
 from tests.support.relay import InProcessRelay, free_port, in_thread
 from tests.support.sink import Sink
-from tests.support.smtpclient import RawSMTP
+from tests.support.smtpclient import send_session
 from tests.support.wait import apoll
 
 MX_IP = "127.0.0.2"
@@ -67,22 +67,7 @@ class DNSCase(unittest.TestCase):
             threadpool=self.svc.dns_pool.pool)
 
     def send(self, items):
-        def run():
-            out = []
-            with RawSMTP(*self.relay.smtp) as c:
-                c.reply()
-                c.cmd("EHLO client.test")
-                for rcpt, msg in items:
-                    assert c.cmd("MAIL FROM:<s@client.test>").code == 250
-                    assert c.cmd(f"RCPT TO:<{rcpt}>").code == 250
-                    assert c.cmd("DATA").code == 354
-                    c.send(msg + b".\r\n")
-                    r = c.reply()
-                    assert r.code == 250, r
-                    out.append(r.lines[0].rsplit(" ", 1)[1])
-            return out
-
-        return in_thread(run)
+        return in_thread(send_session, *self.relay.smtp, items)
 
     def state(self, qid: str):
         return self.svc.spool.load(qid).state.recipients[0]

@@ -23,7 +23,7 @@ from relay import users as usersmod
 from relay.smtp.client import Timeouts
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.sink import Sink
-from tests.support.smtpclient import RawSMTP
+from tests.support.smtpclient import send_session
 from tests.support.wait import apoll
 
 
@@ -60,23 +60,7 @@ class HopCase(unittest.TestCase):
 
     def send(self, items: list[tuple[str, bytes]]):
         """[(recipient, message)] in one session: the queue ids."""
-
-        def run():
-            out = []
-            with RawSMTP(*self.relay.smtp) as c:
-                c.reply()
-                c.cmd("EHLO client.test")
-                for rcpt, msg in items:
-                    assert c.cmd("MAIL FROM:<s@client.test>").code == 250
-                    assert c.cmd(f"RCPT TO:<{rcpt}>").code == 250
-                    assert c.cmd("DATA").code == 354
-                    c.send(msg + b".\r\n")
-                    r = c.reply()
-                    assert r.code == 250, r
-                    out.append(r.lines[0].rsplit(" ", 1)[1])
-            return out
-
-        return in_thread(run)
+        return in_thread(send_session, *self.relay.smtp, items)
 
     def local_count(self) -> int:
         return len(maildir.scan(self.mailbox)) if os.path.isdir(self.mailbox) else 0

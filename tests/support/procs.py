@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import os
 import resource
-import subprocess
-import sys
 
-from tests.support.relay import ROOT, RelayProcess
-from tests.support.wait import poll
+from tests.support.relay import RelayProcess
 
 
 class LimitedRelayProcess(RelayProcess):
@@ -28,23 +25,6 @@ class LimitedRelayProcess(RelayProcess):
             if hard != resource.RLIM_INFINITY and soft > hard:
                 soft = hard
             resource.setrlimit(res, (soft, hard))
-
-    def start(self, wait_for: tuple[str, int] | None = None, timeout: float = 20.0) -> LimitedRelayProcess:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "--logfile", "-", "relay", "--config", self.config_path],
-            cwd=self.tmpdir, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=self._preexec,
-        )
-        if wait_for:
-            host, port = wait_for
-            poll(lambda: self._connectable(host, port) or self._died(), timeout,
-                 what=f"{self.name} listening on {host}:{port}")
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
-        return self
 
 
 def memory(pid: int) -> dict[str, int]:

@@ -134,6 +134,8 @@ class RelayProcess:
         with open(self.config_path, "w") as f:
             f.write(toml_dumps(data))
 
+    _preexec = None  # a subclass may set limits in the child (tests.support.procs)
+
     def start(self, wait_for: tuple[str, int] | None = None, timeout: float = 20.0) -> "RelayProcess":
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -141,7 +143,7 @@ class RelayProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
              "-n", "--pidfile=", "--logfile", "-", "relay", "--config", self.config_path],
-            cwd=self.tmpdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.tmpdir, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=self._preexec,
         )
         if wait_for:
             host, port = wait_for

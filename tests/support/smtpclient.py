@@ -83,3 +83,21 @@ class RawSMTP:
 
     def __exit__(self, *a):
         self.close()
+
+
+def send_session(host: str, port: int, items: list[tuple[str, bytes]], sender: str = "s@client.test") -> list[str]:
+    """[(recipient, message)] in one session (blocking); the queue ids.
+    Each message is sent as given (CRLF lines, already dot-stuffed)."""
+    out = []
+    with RawSMTP(host, port) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        for rcpt, msg in items:
+            assert c.cmd(f"MAIL FROM:<{sender}>").code == 250
+            assert c.cmd(f"RCPT TO:<{rcpt}>").code == 250
+            assert c.cmd("DATA").code == 354
+            c.send(msg + b".\r\n")
+            r = c.reply()
+            assert r.code == 250, r
+            out.append(r.lines[0].rsplit(" ", 1)[1])
+    return out
