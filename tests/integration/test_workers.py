@@ -272,3 +272,23 @@ def test_metrics_are_the_sum_of_the_workers(tmp_path):
             os.kill(victim, signal.SIGCONT)
     finally:
         relay.stop()
+
+
+def test_metrics_port_in_use_is_a_clear_start_up_error(tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        mport = busy.getsockname()[1]
+        relay, port = make(tmp_path, metrics={"listen": [f"tcp:{mport}:interface=127.0.0.1"]})
+        relay.start()
+        poll(relay._died, 30, what="the relay to refuse to start")
+        assert relay.proc.returncode != 0
+        log = relay.log()
+        assert f"cannot listen on metrics endpoint 'tcp:{mport}:interface=127.0.0.1'" in log, log[-2000:]
+        assert not os.path.exists(os.path.join(relay.data["spool"], "w0")), "a worker started anyway"
+    finally:
+        busy.close()
+        relay.stop()
