@@ -2,7 +2,7 @@
 times by default) while concurrent clients send mail through it to a sink,
 and print the report (sent, acknowledged, delivered, lost, duplicated).
 
-    python bench/crash_harness.py [--kills 20] [--clients 10] [--workers N] [--seed N] [--keep DIR]
+    .venv/bin/python bench/crash_harness.py [--kills 20] [--clients 10] [--workers N] [--seed N] [--keep DIR]
 
 Exit status 0 when nothing acknowledged was lost and nothing recorded as
 delivered was sent again, 1 otherwise.  Everything runs on loopback

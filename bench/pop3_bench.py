@@ -7,7 +7,7 @@ new/) and an untimed warm-up login (STAT, QUIT) first, so both servers are
 measured on a mailbox they have seen once (Dovecot builds its index then).
 Figures are medians of --runs runs.  Everything listens on --host (127.0.0.1).
 
-    python bench/pop3_bench.py [--messages 1000] [--size 2048] [--runs 5] [--no-dovecot]
+    .venv/bin/python bench/pop3_bench.py [--messages 1000] [--size 2048] [--runs 5] [--no-dovecot]
                                [--host 127.0.0.1] [--json FILE]
 
 Dovecot (Debian: dovecot-pop3d) is installed with apt-get when missing and

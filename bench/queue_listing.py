@@ -1,6 +1,6 @@
 """How long ``relayctl queue`` takes on a big queue, live and offline.
 
-    python bench/queue_listing.py [--messages 10000 100000] [--keep DIR]
+    .venv/bin/python bench/queue_listing.py [--messages 10000 100000] [--keep DIR]
 
 For each size: a spool is filled with that many deferred messages (written
 directly in the spool format, without fsync: this measures listing, not
