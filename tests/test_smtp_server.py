@@ -7,6 +7,7 @@ raw socket client for malformed input) run in a thread.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import smtplib
 import tempfile
@@ -163,18 +164,25 @@ class Queueing(RelayTestCase):
 
     async def test_ids_unique_and_sortable(self):
         def send():
+            # The ids in the order the messages were acknowledged (from the
+            # 250 replies): they must sort in that order.
             ids = []
             with smtplib.SMTP(self.host, self.port) as s:
+                s.ehlo()
                 for i in range(5):
-                    s.sendmail("a@b.example", ["alice@local.test"], b"Subject: %d\r\n\r\nx\r\n" % i)
+                    self.assertEqual(s.mail("a@b.example")[0], 250)
+                    self.assertEqual(s.rcpt("alice@local.test")[0], 250)
+                    code, reply = s.data(b"Subject: %d\r\n\r\nx\r\n" % i)
+                    self.assertEqual(code, 250, reply)
+                    ids.append(re.search(rb"queued as (\S+)", reply).group(1).decode())
             return ids
 
-        await in_thread(send)
-        ids = queued_files(self.relay)
-        self.assertEqual(len(ids), 5)
-        self.assertEqual(ids, sorted(ids))
+        ids = await in_thread(send)
+        self.assertEqual(len(set(ids)), 5, ids)
+        self.assertEqual(sorted(queued_files(self.relay)), sorted(ids))
+        self.assertEqual(sorted(ids), ids, "ids do not sort in arrival order")
         times = [spoolmod.id_time(i) for i in ids]
-        self.assertEqual(times, sorted(times))
+        self.assertEqual(sorted(times), times, "id times do not follow arrival order")
 
     async def test_null_sender_accepted(self):
         def fn(c):

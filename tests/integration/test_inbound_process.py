@@ -4,6 +4,7 @@ and memory while receiving a 100 MB message."""
 from __future__ import annotations
 
 import os
+import re
 import smtplib
 import socket
 import subprocess
@@ -51,12 +52,24 @@ def test_defaults_without_config(tmp_path):
         poll(lambda: RelayProcess._connectable("127.0.0.1", 2525) or p.poll() is not None, 20,
              what="the relay on 127.0.0.1:2525")
         with smtplib.SMTP("127.0.0.1", 2525) as s:
-            s.sendmail("someone@example.org", ["postmaster@localhost"], b"Subject: hi\r\n\r\nhello\r\n")
+            s.ehlo()
+            assert s.mail("someone@example.org")[0] == 250
+            assert s.rcpt("postmaster@localhost")[0] == 250
+            code, reply = s.data(b"Subject: hi\r\n\r\nhello\r\n")
+        assert code == 250, reply
+        qid = re.search(rb"queued as (\S+)", reply).group(1).decode()
         text = (tmp_path / "log").read_text()
         assert "SMTP listening on tcp:2525:interface=127.0.0.1" in text
         assert f"spool {tmp_path}/spool" in text
         assert "local domains: localhost" in text
-        assert len(os.listdir(tmp_path / "spool" / "queue")) >= 0
+        # The message was queued in ./spool (the default) under the id the
+        # 250 named, and is then delivered there by the default local rules.
+        assert f"{qid}: client=" in text
+        poll(lambda: f"{qid}: removed" in (tmp_path / "log").read_text(), 30,
+             what=f"{qid} handled and removed from the default spool")
+        out = (tmp_path / "log").read_text()
+        assert re.search(re.escape(f"{qid}: to=<postmaster@localhost>") + r".*status=sent", out), out
+        assert os.listdir(tmp_path / "spool" / "queue") == []
     finally:
         p.terminate()
         p.wait(30)
