@@ -72,6 +72,14 @@ _param = st.sampled_from(["", " SIZE=100", " SIZE=999999999", " SIZE=x", " BODY=
 _free = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20)
 
 
+# Commands the model knows must succeed (in the right state): a fuzz run
+# that refuses every MAIL or RCPT cannot pass.
+GOOD_MAIL = {f"MAIL FROM:{s}" for s in ("<a@b.example>", "<>", "<alice@local.test>", "<A@B.Example>")}
+GOOD_MAIL_ESMTP = {m + p for m in GOOD_MAIL for p in ("", " BODY=8BITMIME", " SIZE=100", " BODY=7BIT")}  # after EHLO
+GOOD_LOCAL_RCPT = {"RCPT TO:<alice@local.test>", "RCPT TO:<postmaster>"}
+GOOD_REMOTE_RCPT = {"RCPT TO:<bob@remote.example>", "RCPT TO:<Bob@Remote.Example>"}
+
+
 def _case(s: str) -> st.SearchStrategy[str]:
     return st.sampled_from([s, s.lower(), s.capitalize()])
 
@@ -136,6 +144,20 @@ def session(draw) -> bytes:
         else:
             out.extend(draw(st.lists(st.one_of(command(), command(), data_body()), max_size=8)))
     return b"".join(out)
+
+
+@st.composite
+def valid_session(draw, trusted: bool) -> bytes:
+    """A session every step of which must succeed: one message queued."""
+    hello = draw(st.sampled_from(["EHLO", "HELO"]))
+    mail = draw(st.sampled_from(sorted(GOOD_MAIL_ESMTP if hello == "EHLO" else GOOD_MAIL)))
+    rcpts = sorted(GOOD_LOCAL_RCPT | (GOOD_REMOTE_RCPT if trusted else set()))
+    lines = draw(st.lists(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
+                          .map(str.encode), max_size=20))
+    body = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+    out = [f"{hello} client.example", mail] + draw(st.lists(st.sampled_from(rcpts), min_size=1, max_size=2))
+    return "".join(c + "\r\n" for c in out + ["DATA"]).encode() + body + b".\r\n" + draw(
+        st.sampled_from([b"", b"QUIT\r\n"]))
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -224,9 +246,11 @@ class Model:
         self.spool = spool
         self.trusted = trusted
         self.greeted = False
+        self.esmtp = False
         self.sender: str | None = None
         self.sender_set = False
         self.rcpts: list[str] = []
+        self.rcpt_replies_250 = 0  # in this transaction, duplicates included
         self.queued: list[str] = []
         self.closed = False
         self.closed_by = ""
@@ -253,6 +277,7 @@ class Model:
         self.sender_set = False
         self.sender = None
         self.rcpts = []
+        self.rcpt_replies_250 = 0
 
     def run(self) -> None:
         pos, s = 0, self.stream
@@ -320,10 +345,13 @@ class Model:
             self.t.assertIn(code, (250, 501), line)
             if code == 250:
                 self.greeted = True
+                self.esmtp = verb == "EHLO"
                 self.reset()
         elif verb == "MAIL":
             if not self.greeted or self.sender_set:
                 self.t.assertEqual(code, 503, line)
+            elif txt in (GOOD_MAIL_ESMTP if self.esmtp else GOOD_MAIL):
+                self.t.assertEqual(code, 250, line)
             else:
                 self.t.assertIn(code, (250, 501, 552, 553, 555), line)
             if code == 250:
@@ -337,9 +365,15 @@ class Model:
         elif verb == "RCPT":
             if not self.sender_set:
                 self.t.assertEqual(code, 503, line)
+            elif txt in GOOD_LOCAL_RCPT or (self.trusted and txt in GOOD_REMOTE_RCPT):
+                # accepted, unless the transaction already has max_recipients (2)
+                self.t.assertIn(code, (250, 452), line)
+                if code == 452:
+                    self.t.assertGreaterEqual(self.rcpt_replies_250, 2, line)
             else:
                 self.t.assertIn(code, (250, 452, 501, 550, 553, 554, 555), line)
             if code == 250:
+                self.rcpt_replies_250 += 1
                 key = rcpt_key(arg)
                 self.t.assertIsNotNone(key, line)
                 if not self.trusted:
@@ -490,10 +524,20 @@ class SMTPFuzz(unittest.TestCase):
         out = t.value()
         return out[:before]
 
+    def test_command_streams(self):
+        """Random sessions against the model; a real share of them must queue
+        mail (a server refusing everything would otherwise pass)."""
+        self.sessions = self.queued_sessions = 0
+        self._command_streams()
+        self.assertGreater(self.sessions, 100)
+        # (the share varies a lot between runs, 3% to 14%; none at all is the failure)
+        self.assertGreaterEqual(self.queued_sessions / self.sessions, 0.01,
+                                f"only {self.queued_sessions} of {self.sessions} sessions queued a message")
+
     @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(session(), st.lists(st.integers(0, 5000), max_size=12), st.booleans(),
            st.one_of(st.none(), st.lists(st.integers(0, 3), max_size=6)))
-    def test_command_streams(self, stream, cuts, trusted, steps):
+    def _command_streams(self, stream, cuts, trusted, steps):
         disk = ManualDisk() if steps is not None else None
         p, t, clock, ctx = self.server(TRUSTED_IP if trusted else UNTRUSTED_IP, disk)
         try:
@@ -508,6 +552,28 @@ class SMTPFuzz(unittest.TestCase):
             event(f"data replies {model.data_replies}")
             event(f"closed by {model.closed_by}" if model.closed else "open at the end")
             self.assertEqual(sorted(self.spool.queue_ids()), sorted(model.queued))
+            self.assertEqual(self.errors, [])
+            self.sessions += 1
+            self.queued_sessions += bool(model.queued)
+        finally:
+            self.clear_queue()
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.booleans().flatmap(lambda trusted: st.tuples(st.just(trusted), valid_session(trusted))),
+           st.lists(st.integers(0, 3000), max_size=8), st.one_of(st.none(), st.lists(st.integers(0, 3), max_size=6)))
+    def test_valid_sessions_queue(self, case, cuts, steps):
+        """Valid sessions, cut anywhere: each queues its message, byte for byte."""
+        trusted, stream = case
+        disk = ManualDisk() if steps is not None else None
+        p, t, clock, ctx = self.server(TRUSTED_IP if trusted else UNTRUSTED_IP, disk)
+        try:
+            self.feed(p, t, clock, chunked(stream, cuts), disk, steps or ())
+            replies = Replies(self.finish(p, t, clock, ctx))
+            self.assertEqual(replies.next()[0], 220)
+            model = Model(self, stream, replies, self.spool, trusted)
+            model.run()
+            self.assertEqual(len(model.queued), 1, stream)
+            self.assertEqual(self.spool.queue_ids(), model.queued)
             self.assertEqual(self.errors, [])
         finally:
             self.clear_queue()
