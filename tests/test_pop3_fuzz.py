@@ -150,10 +150,21 @@ class FuzzTests(unittest.TestCase):
         self.assertEqual(files(box), len(MESSAGES))
         self.assertEqual(self.errors, [])
 
+    def test_random_commands_after_login(self):
+        """Random commands, after a login or not; after a login a real share of
+        the sessions must have commands answered +OK (a server that refuses
+        everything must not pass)."""
+        self.sessions: list[int] = []
+        self._random_commands_after_login()
+        self.assertGreater(len(self.sessions), 50)
+        answered = sum(1 for n in self.sessions if n)
+        # (about 1 in 5: many lists are short, most arguments random; none is the failure)
+        self.assertGreaterEqual(answered / len(self.sessions), 0.05, f"{answered} of {len(self.sessions)}")
+
     @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(command_lines(), max_size=25), st.lists(st.integers(0, 2000), max_size=10),
            st.booleans())
-    def test_random_commands_after_login(self, lines, cuts, login):
+    def _random_commands_after_login(self, lines, cuts, login):
         p, t, clock, box = make_protocol(False)
         self.addCleanup(shutil.rmtree, os.path.dirname(os.path.dirname(box)), True)
         head = f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode() if login else b""
@@ -162,6 +173,10 @@ class FuzzTests(unittest.TestCase):
         replies = check_well_formed(t.value())
         greeting, replies = replies[0], replies[1:]
         self.assertTrue(greeting.startswith(b"+OK fuzz.example.org"))
+        if login:
+            # the login must work, or every command after it is only refused
+            self.assertTrue(replies[0].startswith(b"+OK") and replies[1].startswith(b"+OK"), replies[:2])
+            self.sessions.append(sum(r.startswith(b"+OK") for r in replies[2:]))
         complete = stream.count(b"\n")
         quit_seen = any(r.startswith((b"+OK fuzz.example.org POP3 server signing off", b"+OK Bye"))
                         or b"closing connection" in r for r in replies)

@@ -147,6 +147,7 @@ class Deletions(Base):
         clock.advance(2.5)
         first = t.drain()
         lines = first.split(b"\r\n")
+        self.assertTrue(all(ln.startswith(b"+OK") for ln in lines[:3]), lines[:3])  # greeting, USER, PASS
         uids = {}
         i = lines.index(b"+OK Unique-ID listing follows") + 1
         while lines[i] != b".":
