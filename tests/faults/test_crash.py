@@ -17,6 +17,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert report.kills == 5
     assert report.acked > 50, report.text()
     assert report.lost == 0, report.text()
+    assert report.corrupt == 0, report.text()
+    assert report.delivered == report.acked, report.text()
     assert report.resent == 0, report.text()
     assert report.left_in_queue == 0 and report.quarantined == 0, report.text()
     assert report.recorded > 0, report.text()
@@ -29,5 +31,7 @@ def test_sigkill_with_workers_loses_nothing(tmp_path):
     assert report.kills == 4
     assert report.acked > 50, report.text()
     assert report.lost == 0, report.text()
+    assert report.corrupt == 0, report.text()
+    assert report.delivered == report.acked, report.text()
     assert report.resent == 0, report.text()
     assert report.left_in_queue == 0 and report.quarantined == 0, report.text()

@@ -5,7 +5,8 @@ Parts, all real processes on loopback:
 
 * the relay under test, ``twistd -n relay``, smarthost set to the sink;
 * a sink process (tests.support.sinkproc) that records every accepted
-  (Message-ID, recipient) pair before its 250 can reach the relay;
+  (Message-ID, recipient, digest of the bytes) before its 250 can reach the
+  relay;
 * client threads in this process, each sending messages with smtplib in a
   loop (1 to 3 recipients each, 1 to 20 KB), reconnecting whenever the relay
   is down, and noting every message that got a 250 with its queue id.
@@ -20,6 +21,9 @@ state file); the sink's count for each is noted then.  At the end the relay
 runs until its queue is empty, and:
 
 * lost: an acknowledged (message, recipient) the sink never got (must be 0);
+* corrupt: a copy the sink got whose bytes (from the Message-ID header on:
+  the relay adds only its Received header above it) differ from what the
+  client sent and got a 250 for (must be 0);
 * resent: a pair recorded as delivered that reached the sink again after it
   was recorded (must be 0);
 * duplicated: pairs the sink got more than once (allowed: a kill between the
@@ -33,6 +37,7 @@ bench/crash_harness.py (20 and more).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -46,7 +51,7 @@ from dataclasses import dataclass, field
 
 from relay import spool as spoolmod
 from tests.support.relay import ROOT, RelayProcess, base_config, deep_merge, free_port
-from tests.support.sinkproc import read_record
+from tests.support.sinkproc import read_digests, read_record
 from tests.support.wait import poll
 
 RELAY_IP = "127.0.0.1"
@@ -64,6 +69,8 @@ class CrashReport:
     delivered_rcpts: int = 0
     lost: int = 0  # acknowledged recipients never delivered (must be 0)
     lost_examples: list = field(default_factory=list)
+    corrupt: int = 0  # delivered copies whose bytes differ from what was acknowledged (must be 0)
+    corrupt_examples: list = field(default_factory=list)
     duplicated: int = 0  # (message, recipient) pairs delivered more than once
     duplicate_copies: int = 0  # extra copies in all
     resent: int = 0  # recorded as delivered, then delivered again (must be 0)
@@ -76,7 +83,8 @@ class CrashReport:
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.resent == 0 and self.left_in_queue == 0 and self.quarantined == 0
+        return (self.lost == 0 and self.corrupt == 0 and self.resent == 0 and self.left_in_queue == 0
+                and self.quarantined == 0)
 
     def text(self) -> str:
         return (
@@ -86,6 +94,8 @@ class CrashReport:
             f"  acknowledged (250)   {self.acked} ({self.acked_rcpts} recipients)\n"
             f"  delivered            {self.delivered} ({self.delivered_rcpts} recipients)\n"
             f"  lost                 {self.lost}{' ' + str(self.lost_examples[:5]) if self.lost else ''}\n"
+            f"  corrupt copies       {self.corrupt}{' ' + str(self.corrupt_examples[:5]) if self.corrupt else ''}"
+            f" (bytes differ from what was acknowledged)\n"
             f"  duplicated           {self.duplicated} recipients ({self.duplicate_copies} extra copies; "
             f"each from a delivery cut short by a kill)\n"
             f"  recorded delivered, then sent again  {self.resent}"
@@ -143,7 +153,8 @@ class Clients:
         self.host, self.port = host, port
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
-        self.acked: dict[str, tuple[str, tuple[str, ...]]] = {}  # queue id -> (Message-ID, rcpts)
+        # queue id -> (Message-ID, rcpts, sha256 of the message as sent)
+        self.acked: dict[str, tuple[str, tuple[str, ...], str]] = {}
         self.sent = 0
         self.errors: Counter = Counter()
         self.threads = [threading.Thread(target=self._loop, args=(seed * 1000 + i,), daemon=True)
@@ -158,7 +169,7 @@ class Clients:
         for t in self.threads:
             t.join(30)
 
-    def snapshot(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+    def snapshot(self) -> dict[str, tuple[str, tuple[str, ...], str]]:
         with self.lock:
             return dict(self.acked)
 
@@ -191,7 +202,7 @@ class Clients:
                         if code == 250:
                             qid = resp.decode().rsplit(" ", 1)[1]
                             with self.lock:
-                                self.acked[qid] = (mid, rcpts)
+                                self.acked[qid] = (mid, rcpts, hashlib.sha256(body).hexdigest())
                         else:
                             with self.lock:
                                 self.errors[f"{code}"] += 1
@@ -219,11 +230,11 @@ def queued(spool_root: str) -> dict[str, spoolmod.Spool]:
     return out
 
 
-def recorded_delivered(spool_root: str, acked: dict[str, tuple[str, tuple[str, ...]]]) -> set[tuple[str, str]]:
+def recorded_delivered(spool_root: str, acked: dict[str, tuple[str, tuple[str, ...], str]]) -> set[tuple[str, str]]:
     """From a dead relay's spool(s): the acknowledged pairs it had recorded as delivered."""
     present = queued(spool_root)
     out: set[tuple[str, str]] = set()
-    for qid, (mid, rcpts) in acked.items():
+    for qid, (mid, rcpts, _digest) in acked.items():
         if qid not in present:
             out.update((mid, r) for r in rcpts)  # gone: every recipient was final
             continue
@@ -335,6 +346,7 @@ def run(workdir: str, kills: int = 5, clients: int = 8, seed: int | None = None,
         relay.stop()
         acked = cl.snapshot()
         counts = sink.counts()
+        digests = read_digests(sink.record)
         report.left_in_queue = len(queued(spool_root))
         report.quarantined = sum(len(os.listdir(sp.quarantine_dir)) for sp in spools(spool_root)
                                  if os.path.isdir(sp.quarantine_dir))
@@ -346,9 +358,14 @@ def run(workdir: str, kills: int = 5, clients: int = 8, seed: int | None = None,
     report.sent = cl.sent
     report.acked = len(acked)
     acked_mids = set()
-    for qid, (mid, rcpts) in acked.items():
+    for qid, (mid, rcpts, digest) in acked.items():
         acked_mids.add(mid)
         report.acked_rcpts += len(rcpts)
+        for r in rcpts:
+            bad = [d for d in digests.get((mid, r), []) if d != digest]
+            if bad:
+                report.corrupt += len(bad)
+                report.corrupt_examples.append((qid, mid, r))
         got = [counts[(mid, r)] for r in rcpts]
         report.delivered_rcpts += sum(1 for g in got if g)
         if all(got):

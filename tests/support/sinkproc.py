@@ -11,7 +11,9 @@ sends the reply), so a relay that recorded a delivery after reading that
     python -m tests.support.sinkproc --interface 127.0.0.5 --record FILE
 
 prints ``READY <port>`` once it listens.  Record lines are
-``<message-id> <recipient>\\n``, written with one
+``<message-id> <recipient> <sha256>\\n`` (the digest of the message as
+received from its Message-ID header on, so that the relay's own Received
+header is left out: what a client sent starts there), written with one
 ``os.write`` on an O_APPEND descriptor each (no torn lines for readers).
 Message data is not kept after it is recorded, so memory stays flat over
 long runs.
@@ -20,6 +22,7 @@ long runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import sys
@@ -35,6 +38,15 @@ def message_id(data: bytes) -> str:
     return m.group(1).decode("ascii", "replace") if m else "-"
 
 
+def digest_from_message_id(data: bytes) -> str:
+    """sha256 of the message from its Message-ID header line to the end
+    ("-" without one): the bytes the crash clients sent, whatever headers a
+    relay put above them."""
+    end = data.find(b"\r\n\r\n")
+    m = _MID.search(data if end < 0 else data[: end + 2])
+    return hashlib.sha256(data[m.start():]).hexdigest() if m else "-"
+
+
 class _Recorder(list):
     """Stands in for Sink.transactions: records, then forgets the data."""
 
@@ -46,7 +58,8 @@ class _Recorder(list):
 
     def append(self, t) -> None:  # called by SinkProtocol right after it sent the 250
         mid = message_id(t.data)
-        lines = "".join(f"{mid} {r.lower()}\n" for r in t.rcpts)
+        digest = digest_from_message_id(t.data)
+        lines = "".join(f"{mid} {r.lower()} {digest}\n" for r in t.rcpts)
         os.write(self.fd, lines.encode("ascii", "replace"))
         self.count += 1
         t.data = b""
@@ -60,16 +73,24 @@ class _Recorder(list):
 def read_record(path: str) -> Counter:
     """(message-id, recipient) -> how many times the sink accepted it."""
     c: Counter = Counter()
+    for (mid, rcpt), digests in read_digests(path).items():
+        c[(mid, rcpt)] = len(digests)
+    return c
+
+
+def read_digests(path: str) -> dict[tuple[str, str], list[str]]:
+    """(message-id, recipient) -> the digest of every copy the sink accepted."""
+    out: dict[tuple[str, str], list[str]] = {}
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return c
+        return out
     for line in data.split(b"\n"):
         parts = line.split(b" ")
-        if len(parts) >= 2:
-            c[(parts[0].decode(), parts[1].decode())] += 1
-    return c
+        if len(parts) >= 3:
+            out.setdefault((parts[0].decode(), parts[1].decode()), []).append(parts[2].decode())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
