@@ -24,8 +24,10 @@ from tests.support.wait import poll
 N = 300
 
 
-def maildir_counts(root: str) -> Counter:
-    c: Counter = Counter()
+def maildir_copies(root: str) -> dict[str, list[bytes]]:
+    """Message-ID -> each delivered copy, from its Message-ID header on (the
+    relays add only headers above it; the Maildir holds LF line ends)."""
+    out: dict[str, list[bytes]] = {}
     for sub in ("new", "cur"):
         d = os.path.join(root, sub)
         if not os.path.isdir(d):
@@ -33,13 +35,17 @@ def maildir_counts(root: str) -> Counter:
         for name in os.listdir(d):
             try:
                 with open(os.path.join(d, name), "rb") as f:
-                    head = f.read(4096)
+                    data = f.read()
             except FileNotFoundError:
                 continue
-            m = re.search(rb"Message-ID: <([^>]+)>", head)
+            m = re.search(rb"^Message-ID: <([^>]+)>", data, re.MULTILINE)
             if m:
-                c[m.group(1).decode()] += 1
-    return c
+                out.setdefault(m.group(1).decode(), []).append(data[m.start():])
+    return out
+
+
+def maildir_counts(root: str) -> Counter:
+    return Counter({mid: len(copies) for mid, copies in maildir_copies(root).items()})
 
 
 def spool_ids(spool: str) -> set[str]:
@@ -70,6 +76,7 @@ def test_sigkill_during_deliveries(tmp_path):
     mailbox = os.path.join(final.data["local"]["mailboxes"], "dest.test", "u")
     rnd = random.Random(5)
     acked: dict[str, str] = {}  # queue id at the LAN relay -> Message-ID
+    sent: dict[str, bytes] = {}  # Message-ID -> the message acknowledged
     try:
         final.start(wait_for=("127.0.0.4", port))
         lan.start(wait_for=("127.0.0.2", port))
@@ -84,6 +91,7 @@ def test_sigkill_during_deliveries(tmp_path):
                 code, resp = s.data(body)
                 assert code == 250
                 acked[resp.decode().rsplit(" ", 1)[1]] = mid
+                sent[mid] = body
         recorded: dict[str, int] = {}  # Message-ID -> copies present when it was recorded done
         kills = 0
         for kill in range(1, 6):
@@ -106,9 +114,14 @@ def test_sigkill_during_deliveries(tmp_path):
             lan.start(wait_for=("127.0.0.2", port))
         poll(lambda: not spool_ids(lan.data["spool"]), 60, what="the LAN relay to deliver everything")
         poll(lambda: not spool_ids(final.data["spool"]), 20, what="the final relay to settle")
+        copies = maildir_copies(mailbox)
         counts = maildir_counts(mailbox)
         lost = [mid for mid in acked.values() if counts[mid] == 0]
         assert not lost, f"{len(lost)} messages lost: {lost[:5]}"
+        corrupt = [mid for mid in acked.values()
+                   if any(c != sent[mid].replace(b"\r\n", b"\n") for c in copies[mid])]
+        assert not corrupt, f"{len(corrupt)} delivered copies differ from what was acknowledged: {corrupt[:5]}"
+        assert len(acked) == N
         resent = [mid for mid, n in recorded.items() if counts[mid] != n]
         assert not resent, f"recorded as delivered but sent again: {resent[:5]}"
         assert len(recorded) > 0

@@ -84,16 +84,16 @@ def _run_cycles(relay, port, acked, lock, sp):
         for t in threads:
             t.join(15)
     relay.start(wait_for=("127.0.0.1", port))
-    if True:
-        assert len(acked) >= 90
-        ids = set(sp.queue_ids())
-        missing = set(acked) - ids
-        assert not missing, f"{len(missing)} acknowledged messages lost: {sorted(missing)[:5]}"
-        for qid, digest in acked.items():
-            env, off, size = sp.read_envelope(qid)
-            with open(sp.message_path(qid), "rb") as f:
-                f.seek(off)
-                msg = f.read()
-            body = strip_received(msg)
-            assert hashlib.sha256(body).hexdigest() == digest, qid
-        assert sp.incoming_leftovers() == []
+    assert len(acked) >= 90
+    ids = set(sp.queue_ids())
+    missing = set(acked) - ids
+    assert not missing, f"{len(missing)} acknowledged messages lost: {sorted(missing)[:5]}"
+    for qid, digest in acked.items():
+        env, off, size = sp.read_envelope(qid)
+        assert env.recipients == ["dest@remote.example"], (qid, env.recipients)
+        with open(sp.message_path(qid), "rb") as f:
+            f.seek(off)
+            msg = f.read()
+        body = strip_received(msg)
+        assert hashlib.sha256(body).hexdigest() == digest, qid
+    assert sp.incoming_leftovers() == []
