@@ -163,12 +163,19 @@ class STLSTests(STLSBase):
         def client():
             s.recv(200)
             s.sendall(b"STLS\r\n")
-            recv_lines(s, 1)
+            first = recv_lines(s, 1)
             s.sendall(b"USER alice@example.org\r\n" * 10)
-            return recv_until(s, b"NEVER")
+            return first, recv_until(s, b"NEVER")
 
-        await self.run_client(client)
+        first, after = await self.run_client(client)
+        self.assertEqual(first, [b"+OK Begin TLS negotiation"])
+        # plaintext where the handshake should be: no command of it is run or
+        # answered in the clear (at most a TLS alert), and the connection closes
+        self.assertNotIn(b"+OK", after)
+        self.assertNotIn(b"-ERR", after)
+        self.assertFalse(after[:1].isalpha(), after[:60])
         await apoll(lambda: self.factory.open_sessions == 0)
+        self.assertEqual(self.factory.logged_in, 0)
 
     async def test_certificate_removed_at_runtime(self):
         """Settings are read per use: without tls_options, no STLS and
