@@ -497,10 +497,12 @@ class Recover(SpoolCase):
             self.assertTrue(lines, name)
             self.assertIn("quarantine", lines[0])
         # a message whose state is unreadable stays queued, every recipient pending again
-        for e in entries:
-            if e.envelope.queue_id in (bad_state.queue_id, mismatched.queue_id, torn_state.queue_id):
-                self.assertTrue(all(r.status == spoolmod.PENDING for r in e.state.recipients))
-                self.assertTrue(any("pending again" in line for line in log.mentioning(e.envelope.queue_id)))
+        unreadable = {bad_state.queue_id, mismatched.queue_id, torn_state.queue_id}
+        again = [e for e in entries if e.envelope.queue_id in unreadable]
+        self.assertEqual({e.envelope.queue_id for e in again}, unreadable)
+        for e in again:
+            self.assertTrue(all(r.status == spoolmod.PENDING for r in e.state.recipients))
+            self.assertTrue(any("pending again" in line for line in log.mentioning(e.envelope.queue_id)))
         self.assertFalse(os.path.exists(stranger))
         # the quarantined bytes are kept as they were
         with open(os.path.join(self.spool.quarantine_dir, garbage), "rb") as f:

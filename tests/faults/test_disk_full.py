@@ -89,6 +89,7 @@ class DiskFullCase(unittest.TestCase):
 
     def assertIntact(self, before: dict[str, bytes]):
         after = self.snapshot()
+        self.assertTrue(before, "nothing was queued before the disk filled: nothing to check")
         for qid, data in before.items():
             self.assertEqual(after.get(qid), data, f"{qid} changed or vanished")
             entry = self.spool.load(qid)  # envelope and state file readable
