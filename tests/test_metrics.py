@@ -15,6 +15,7 @@ import smtplib
 import socket
 import ssl
 import tempfile
+import time
 import urllib.error
 import urllib.request
 
@@ -112,7 +113,10 @@ class MetricsEndpoint(unittest.TestCase):
         assert value(m, "relay_queue_messages", state="deferred") == 1
         assert value(m, "relay_queue_messages", state="active") == 0
         assert value(m, "relay_queue_messages", state="hold") == 0
-        assert value(m, "relay_queue_oldest_message_age_seconds") >= 0
+        # the deferred message is the only one queued: the age is its own
+        [deferred] = q.messages.values()
+        age = value(m, "relay_queue_oldest_message_age_seconds")
+        assert 0 < age <= time.time() - deferred.env.arrival + 1, (age, deferred.env.arrival)
         assert value(m, "relay_sessions_open", protocol="smtp") == 1
         assert value(m, "relay_sessions_open", protocol="pop3") == 1
         assert value(m, "relay_sessions_total", protocol="smtp") == 3
