@@ -172,7 +172,7 @@ class DiskFull(DiskFullCase):
         self.assertEqual(self.queue.counters.bounced, 1)
         self.flushLoggedErrors(OSError)
         self.fs.free()
-        await apoll(lambda: qid not in self.spool.queue_ids() and self.queue.counters.dsn_sent == 1, 5,
+        await apoll(lambda: qid not in self.spool.queue_ids() and self.queue.counters.dsn_sent == 1, 60,
                     what=f"the DSN for {qid} to be queued after space returned, and {qid} removed")
 
 class InodesExhausted(DiskFullCase):
