@@ -245,7 +245,7 @@ class Actions(LiveCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn(f"{qid}: will be attempted now", r.stderr)
         # retry_min is an hour: only the retry can deliver it now
-        await apoll(lambda: self.sink.delivered_to() == ["b@sink.test"], timeout=5, what="delivery")
+        await apoll(lambda: self.sink.delivered_to() == ["b@sink.test"], timeout=30, what="delivery")
         await apoll(lambda: qid not in self.queue.messages, what="removal")
         r = await self.ctl("queue")
         self.assertEqual(r.stdout, "Mail queue is empty\n")
@@ -259,7 +259,7 @@ class Actions(LiveCase):
         r = await self.ctl("queue", "retry", "--all")
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("retried 1 message (1 skipped: on hold or being delivered)", r.stderr)
-        await apoll(lambda: "b@sink.test" in self.sink.delivered_to(), timeout=5, what="delivery of b")
+        await apoll(lambda: "b@sink.test" in self.sink.delivered_to(), timeout=30, what="delivery of b")
         self.assertNotIn("c@sink.test", self.sink.delivered_to())
         r = await self.ctl("queue", "retry", q2)
         self.assertEqual(r.returncode, 1)
@@ -366,7 +366,7 @@ class HoldSurvivesExpiry(LiveCase):
         self.sink.b.rcpt_replies = {}
         r = await self.ctl("queue", "release", held)
         self.assertEqual(r.returncode, 0, r.stderr)
-        await apoll(lambda: "held@sink.test" in self.sink.delivered_to(), timeout=5, what="delivery")
+        await apoll(lambda: "held@sink.test" in self.sink.delivered_to(), timeout=30, what="delivery")
         self.assertGreaterEqual(attempts, 1)
 
 

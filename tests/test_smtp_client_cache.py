@@ -43,9 +43,9 @@ class Cache(unittest.TestCase):
         self.assertEqual(len(self.sink.transactions), 2)
         self.assertEqual(self.cache.reused, 1)
         # idle too long: closed with QUIT
-        await apoll(lambda: len(self.cache) == 0, timeout=5, what="the idle session to expire")
+        await apoll(lambda: len(self.cache) == 0, timeout=30, what="the idle session to expire")
         await apoll(lambda: "QUIT" in [c.split()[0] for c in self.sink.sessions[0].commands],
-                    timeout=5, what="QUIT")
+                    timeout=30, what="QUIT")
 
     async def test_dead_cached_session_reconnects(self):
         await self.send("one@x.example")
@@ -57,7 +57,7 @@ class Cache(unittest.TestCase):
             for p in lst:
                 p.proto.transport.loseConnection()
         await apoll(lambda: all(p.proto.lost is not None for lst in self.cache._idle.values() for p in lst),
-                    timeout=5, what="the close")
+                    timeout=30, what="the close")
         r = await self.send("two@x.example")
         self.assertEqual(r.results["two@x.example"].kind, "delivered")
         self.assertEqual(len(self.sink.sessions), 2)

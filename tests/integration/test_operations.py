@@ -52,7 +52,7 @@ def test_sigterm_lets_a_transaction_finish_then_421(tmp_path):
         r = idle.reply()
         assert (r.code, r.lines[0][:5]) == (421, "4.3.2")
         # no new connections
-        poll(lambda: not RelayProcess._connectable("127.0.0.1", port), 5, what="the listener to close")
+        poll(lambda: not RelayProcess._connectable("127.0.0.1", port), 30, what="the listener to close")
         # the transaction in progress finishes and is acknowledged
         busy.send(b"second half\r\n.\r\n")
         r = busy.reply()
@@ -106,7 +106,7 @@ def test_second_sigterm_exits_at_once_without_loss(tmp_path):
         c.cmd("RCPT TO:<postmaster@local.test>")
         c.cmd("DATA")
         relay.proc.send_signal(signal.SIGTERM)
-        poll(lambda: "stopped" not in relay.log() and not RelayProcess._connectable("127.0.0.1", port), 5,
+        poll(lambda: "stopped" not in relay.log() and not RelayProcess._connectable("127.0.0.1", port), 30,
              what="the relay to start stopping")
         t0 = time.monotonic()
         relay.proc.send_signal(signal.SIGTERM)

@@ -132,7 +132,7 @@ class RelayctlProcess(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         r = await self.ctl("queue", "retry", qid)
         self.assertEqual(r.returncode, 0, r.stderr)
-        await apoll(lambda: self.sink.delivered_to() == ["b@sink.test"], timeout=5, what="delivery")
+        await apoll(lambda: self.sink.delivered_to() == ["b@sink.test"], timeout=30, what="delivery")
         await apoll(lambda: in_thread(lambda: run_ctl(self.proc.config_path, "queue").stdout
                                       == "Mail queue is empty\n"), what="an empty queue")
         show = await self.ctl("queue", "show", qid)
