@@ -110,8 +110,10 @@ def test_second_sigterm_exits_at_once_without_loss(tmp_path):
              what="the relay to start stopping")
         t0 = time.monotonic()
         relay.proc.send_signal(signal.SIGTERM)
-        relay.proc.wait(5)
-        assert time.monotonic() - t0 < 3
+        relay.proc.wait(15)
+        # "at once": well before the 10 s a transaction in progress would get
+        # (the margin is for a busy CI machine, where a process exit takes time)
+        assert time.monotonic() - t0 < 8
         assert "second SIGTERM" in relay.log()
         mailbox = os.path.join(relay.data["local"]["mailboxes"], "local.test", "postmaster", "new")
         sp = spoolmod.Spool(relay.data["spool"])
