@@ -343,6 +343,8 @@ class Model:
                 self.reset()
         elif verb in ("HELO", "EHLO"):
             self.t.assertIn(code, (250, 501), line)
+            if arg == "client.example":
+                self.t.assertEqual(code, 250, line)
             if code == 250:
                 self.greeted = True
                 self.esmtp = verb == "EHLO"
