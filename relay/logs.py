@@ -33,6 +33,8 @@ from twisted.application import service
 from twisted.logger import FileLogObserver, ILogObserver, Logger, formatEvent, formatEventAsClassicLogText
 from twisted.python import logfile
 
+from relay import logsafe
+
 log = Logger(namespace="relay.logs")
 
 # keys of the JSON object that are not event fields
@@ -83,9 +85,9 @@ def event_as_dict(event: dict) -> dict:
     legacy = event.get("log_namespace") == "log_legacy"
     failure = event.get("log_failure") or (event.get("failure") if legacy else None)
     try:
-        text = formatEvent(event)
+        text = logsafe.line_text(formatEvent(_shown(event)))
     except Exception:  # noqa: BLE001 - formatEvent already guards; be doubly sure
-        text = repr(event.get("log_format"))
+        text = logsafe.control(repr(event.get("log_format")))
     if legacy and failure is not None:
         # the legacy text already embeds the traceback: keep the first line
         text = str(event.get("why") or "").strip() or text.split("\n", 1)[0]
@@ -138,17 +140,39 @@ class _TextFormatter:
     def __call__(self, event: dict) -> str | None:
         fmt = event.get("log_format")
         if fmt is None or "log_failure" in event or "log_legacy" in event:
-            return formatEventAsClassicLogText(event)
+            return _classic(event)
+        shown = logsafe.neutralise(event, logsafe.format_fields(fmt)) if isinstance(fmt, str) else event
         try:
-            text = fmt.format_map(event)
+            text = fmt.format_map(shown)
         except Exception:  # noqa: BLE001 - e.g. "{x()}": twisted's own semantics
-            return formatEventAsClassicLogText(event)
+            return _classic(event)
         system = event.get("log_system")
         if system is None:
             level = event.get("log_level")
             system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
-        text = text.replace("\n", "\n\t")
+        else:
+            system = logsafe.control(str(system))
+        text = logsafe.line_text(text).replace("\n", "\n\t")
         return f"{self._time(event.get('log_time') or time.time())} [{system}] {text}\n"
+
+
+def _shown(event: dict) -> dict:
+    """The event with its fields rendered for a line (see relay.logsafe)."""
+    fmt = event.get("log_format")
+    if isinstance(fmt, str) and "log_legacy" not in event:
+        return logsafe.neutralise(event, logsafe.format_fields(fmt))
+    return logsafe.neutralise(event)
+
+
+def _classic(event: dict) -> str | None:
+    """twisted's classic text line, for the events the fast path leaves
+    alone, with the same neutralising (a traceback keeps its lines, each
+    continuation indented by twisted; nothing else may break a line)."""
+    line = formatEventAsClassicLogText(_shown(event))
+    if line is None:
+        return None
+    body = line[:-1] if line.endswith("\n") else line
+    return logsafe.line_text(body) + "\n"
 
 
 def _utcoffset(sec: int) -> str:

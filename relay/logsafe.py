@@ -1,0 +1,211 @@
+"""Neutralising untrusted text in log lines (no Twisted here: pure functions).
+
+Log lines are read by people on terminals and by programs (grep, fail2ban,
+log shippers).  Much of what a line shows comes from the other side of a
+connection: addresses, HELO names, user names, a next hop's reply.  None of
+that may be able to pass for something the relay wrote itself, so every
+field is rendered here before it reaches a line:
+
+* every field: characters that are not printable (C0 and C1 controls, DEL,
+  U+2028/U+2029, bidi overrides and other format characters, lone
+  surrogates, spaces other than U+0020) are written as ``\\xNN``, ``\\uNNNN``
+  or ``\\UNNNNNNNN``: a field can never start a line or drive a terminal;
+* untrusted fields (``FIELD_KINDS``) also escape the backslash (so the
+  escapes above are unambiguous) and, by their place in a line, the
+  characters that delimit them there:
+
+  - addresses (shown in ``<...>``): space, ``<``, ``>``, ``[``, ``]``; a
+    domain literal (``user@[192.0.2.1]``) is kept as it is;
+  - names (HELO, user names, file names, queue ids; shown bare): any
+    white space, ``<``, ``>``, ``[``, ``]``, ``"``; a HELO that is exactly an
+    address literal (``[192.0.2.1]``) is kept;
+  - free text (replies, reasons, errors): controls and backslashes only;
+    inside a reply, an address of the same event is shown escaped as in
+    its own field.
+
+For normal input every function returns its argument unchanged (the same
+object), so the lines scripts grep stay exactly as they were; only unusual
+input is rendered differently.  JSON logs keep the exact values in their
+fields (JSON's own escaping keeps them on one line, with ``ensure_ascii``
+no raw control character) and show the neutralised line in ``text``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Any, Callable, Iterable
+
+__all__ = ["control", "text", "token", "address", "helo", "multiline", "FIELD_KINDS", "neutralise",
+           "format_fields"]
+
+
+def _escape_char(c: str) -> str:
+    o = ord(c)
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    if o < 0x10000:
+        return f"\\u{o:04x}"
+    return f"\\U{o:08x}"
+
+
+def _escape(value: str, bad: re.Pattern | None, keep: str = "") -> str:
+    out = []
+    for c in value:
+        if (c.isprintable() or c in keep) and c != "\\" and (bad is None or not bad.match(c)):
+            out.append(c)
+        else:
+            out.append("\\\\" if c == "\\" else _escape_char(c))
+    return "".join(out)
+
+
+def control(value: str) -> str:
+    """Any field: non-printable characters escaped (nothing else)."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else _escape_char(c) for c in value)
+
+
+def multiline(value: str) -> str:
+    """A traceback: keeps its newlines (the line writer indents what follows them)."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() or c == "\n" else _escape_char(c) for c in value)
+
+
+def text(value: str) -> str:
+    """Untrusted free text (a reply, a reason): controls and backslashes escaped."""
+    if value.isprintable() and "\\" not in value:
+        return value
+    return _escape(value, None)
+
+
+_TOKEN_BAD = re.compile(r'[\s<>\[\]"\\]')
+
+
+def token(value: str) -> str:
+    """An untrusted name shown bare (``user=NAME``): no white space or brackets."""
+    if value.isprintable() and _TOKEN_BAD.search(value) is None:
+        return value
+    return _escape(value, _TOKEN_BAD)
+
+
+_LITERAL = re.compile(r"\[(?:IPv6:)?[0-9A-Fa-f.:]+\]\Z", re.IGNORECASE)
+
+
+def helo(value: str) -> str:
+    """The client's HELO name (shown before ``[client_ip]``)."""
+    if _LITERAL.match(value):
+        return value
+    return token(value)
+
+
+_ADDR_BAD = re.compile(r"[\s<>\[\]\\]")
+
+
+def address(value: str) -> str:
+    """An untrusted address shown in ``<...>``."""
+    if value.isprintable() and _ADDR_BAD.search(value) is None:
+        return value
+    local, at, domain = value.rpartition("@")
+    if at and _LITERAL.match(domain):
+        return _escape(local, _ADDR_BAD) + "@" + domain
+    return _escape(value, _ADDR_BAD)
+
+
+# Field names of relay events whose values come from outside, and how each is
+# shown.  Any other string field gets ``control``.  A new event field that
+# carries a peer's words belongs here.
+FIELD_KINDS: dict[str, Callable[[str], str]] = {
+    # addresses, always shown as <...>
+    "sender": address, "rcpt": address, "to": address, "orig_to": address, "recipient": address,
+    # names shown bare
+    "helo": helo, "user": token, "sasl_username": token, "name": token, "queue_id": token,
+    "dsn_id": token, "client": token, "method": token,
+    # free text
+    "reply": text, "reason": text, "why": text, "error": text, "err": text, "line": text,
+    "diagnostic": text, "problem": text, "problems": text,
+    # failures written by workers (relay.worker.EventPipe)
+    "traceback": multiline,
+}
+_ADDRESS_FIELDS = tuple(k for k, v in FIELD_KINDS.items() if v is address)
+_SCALARS = (int, float, bool, type(None))
+
+_formatter = string.Formatter()
+_NAMES: dict[str, tuple[str, ...]] = {}
+
+
+def format_fields(fmt: str) -> tuple[str, ...]:
+    """The event fields a format string refers to ("{a.b[0]:>3}" -> "a")."""
+    names = _NAMES.get(fmt)
+    if names is None:
+        seen = []
+        try:
+            for _, field, _, _ in _formatter.parse(fmt):
+                if field:
+                    base = re.split(r"[.\[(]", field, maxsplit=1)[0]
+                    if base and base not in seen:
+                        seen.append(base)
+        except ValueError:
+            pass  # an unformattable event: twisted's formatter says so
+        names = tuple(seen)
+        if len(_NAMES) < 4096:
+            _NAMES[fmt] = names
+    return names
+
+
+def _render(name: str, value: Any) -> Any:
+    kind = FIELD_KINDS.get(name)
+    if isinstance(value, str):
+        return (kind or control)(value)
+    if kind is None or isinstance(value, _SCALARS):
+        return value  # objects: the whole line is checked for controls after formatting
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    try:
+        return kind(str(value))
+    except Exception:  # noqa: BLE001 - a log line must never fail over a field
+        return f"<unprintable {type(value).__name__}>"
+
+
+def neutralise(event: dict, names: Iterable[str] | None = None) -> dict:
+    """``event`` with its fields ``names`` (default: all but ``log_*``)
+    rendered for a line; the event itself when nothing needed a change."""
+    if names is None:
+        names = [k for k in event if not k.startswith("log_") or k == "log_text"]
+    changed: dict[str, Any] = {}
+    for name in names:
+        if name not in event:
+            continue
+        value = event[name]
+        new = _render(name, value)
+        if new is not value:
+            changed[name] = new
+    if not changed:
+        return event
+    # A reply quotes the address it refuses ("<a@b>: Relay access denied"):
+    # show it there as escaped as in its own field.
+    swaps = []
+    for key in _ADDRESS_FIELDS:
+        raw = event.get(key)
+        if key in changed and isinstance(raw, str) and raw:
+            shown = text(raw)
+            if shown != changed[key]:
+                swaps.append((shown, changed[key]))
+    if swaps:
+        for key in ("reply", "reason", "diagnostic"):
+            value = changed.get(key, event.get(key))
+            if isinstance(value, str):
+                for shown, escaped in swaps:
+                    value = value.replace(shown, escaped)
+                changed[key] = value
+    out = dict(event)
+    out.update(changed)
+    return out
+
+
+def line_text(value: str) -> str:
+    """The last check on a whole formatted text (an object's str(), a
+    traceback): non-printable characters escaped, newlines kept (the line
+    writer indents what follows them)."""
+    return multiline(value)
