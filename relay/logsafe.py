@@ -67,10 +67,11 @@ def control(value: str) -> str:
 
 
 def multiline(value: str) -> str:
-    """A traceback: keeps its newlines (the line writer indents what follows them)."""
+    """A traceback: keeps its newlines (the line writer indents what follows
+    them, so no line of it can pass for a line of its own) and tabs."""
     if value.isprintable():
         return value
-    return "".join(c if c.isprintable() or c == "\n" else _escape_char(c) for c in value)
+    return "".join(c if c.isprintable() or c in "\n\t" else _escape_char(c) for c in value)
 
 
 def text(value: str) -> str:
@@ -109,7 +110,8 @@ def address(value: str) -> str:
         return value
     local, at, domain = value.rpartition("@")
     if at and _LITERAL.match(domain):
-        return _escape(local, _ADDR_BAD) + "@" + domain
+        shown = _escape(local, _ADDR_BAD) + "@" + domain
+        return value if shown == value else shown
     return _escape(value, _ADDR_BAD)
 
 
@@ -206,6 +208,6 @@ def neutralise(event: dict, names: Iterable[str] | None = None) -> dict:
 
 def line_text(value: str) -> str:
     """The last check on a whole formatted text (an object's str(), a
-    traceback): non-printable characters escaped, newlines kept (the line
-    writer indents what follows them)."""
+    traceback): non-printable characters escaped, newlines and tabs kept
+    (the line writer indents what follows a newline)."""
     return multiline(value)
