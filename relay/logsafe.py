@@ -20,8 +20,9 @@ field is rendered here before it reaches a line:
     white space, ``<``, ``>``, ``[``, ``]``, ``"``; a HELO that is exactly an
     address literal (``[192.0.2.1]``) is kept;
   - free text (replies, reasons, errors): controls and backslashes only;
-    inside a reply, an address of the same event is shown escaped as in
-    its own field.
+    inside it, an address or name of the same event (a refused address
+    quoted in a reply, a user name in an error) is shown escaped as in its
+    own field.
 
 For normal input every function returns its argument unchanged (the same
 object), so the lines scripts grep stay exactly as they were; only unusual
@@ -123,14 +124,15 @@ FIELD_KINDS: dict[str, Callable[[str], str]] = {
     "sender": address, "rcpt": address, "to": address, "orig_to": address, "recipient": address,
     # names shown bare
     "helo": helo, "user": token, "sasl_username": token, "name": token, "queue_id": token,
-    "dsn_id": token, "client": token, "method": token,
+    "dsn_id": token, "client": token,
     # free text
     "reply": text, "reason": text, "why": text, "error": text, "err": text, "line": text,
     "diagnostic": text, "problem": text, "problems": text,
     # failures written by workers (relay.worker.EventPipe)
     "traceback": multiline,
 }
-_ADDRESS_FIELDS = tuple(k for k, v in FIELD_KINDS.items() if v is address)
+_QUOTED_FIELDS = tuple(k for k, v in FIELD_KINDS.items() if v in (address, token, helo))
+_FREE_TEXT_FIELDS = tuple(k for k, v in FIELD_KINDS.items() if v is text)
 _SCALARS = (int, float, bool, type(None))
 
 _formatter = string.Formatter()
@@ -185,17 +187,19 @@ def neutralise(event: dict, names: Iterable[str] | None = None) -> dict:
             changed[name] = new
     if not changed:
         return event
-    # A reply quotes the address it refuses ("<a@b>: Relay access denied"):
-    # show it there as escaped as in its own field.
+    # A reply quotes the address it refuses ("<a@b>: Relay access denied"), an
+    # error the name it could not use: show such a value there as escaped as
+    # in its own field (values too short to hold a marker are left alone).
     swaps = []
-    for key in _ADDRESS_FIELDS:
+    for key in _QUOTED_FIELDS:
         raw = event.get(key)
-        if key in changed and isinstance(raw, str) and raw:
+        if key in changed and isinstance(raw, str) and len(raw) >= 8:
             shown = text(raw)
             if shown != changed[key]:
                 swaps.append((shown, changed[key]))
+                swaps.append((text(repr(raw)), "'" + changed[key] + "'"))  # "{name!r}: invalid ..."
     if swaps:
-        for key in ("reply", "reason", "diagnostic"):
+        for key in _FREE_TEXT_FIELDS:
             value = changed.get(key, event.get(key))
             if isinstance(value, str):
                 for shown, escaped in swaps:
