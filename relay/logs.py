@@ -141,7 +141,10 @@ class _TextFormatter:
         fmt = event.get("log_format")
         if fmt is None or "log_failure" in event or "log_legacy" in event:
             return _classic(event)
-        shown = logsafe.neutralise(event, logsafe.format_fields(fmt)) if isinstance(fmt, str) else event
+        if isinstance(fmt, str):
+            shown, objects = logsafe.neutralise_checked(event, fmt)
+        else:
+            shown, objects = event, True
         try:
             text = fmt.format_map(shown)
         except Exception:  # noqa: BLE001 - e.g. "{x()}": twisted's own semantics
@@ -152,7 +155,9 @@ class _TextFormatter:
             system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
         else:
             system = logsafe.control(str(system))
-        text = logsafe.line_text(text).replace("\n", "\n\t")
+        if objects:
+            text = logsafe.line_text(text)
+        text = text.replace("\n", "\n\t")
         return f"{self._time(event.get('log_time') or time.time())} [{system}] {text}\n"
 
 
@@ -160,7 +165,7 @@ def _shown(event: dict) -> dict:
     """The event with its fields rendered for a line (see relay.logsafe)."""
     fmt = event.get("log_format")
     if isinstance(fmt, str) and "log_legacy" not in event:
-        return logsafe.neutralise(event, logsafe.format_fields(fmt))
+        return logsafe.neutralise(event, fmt)
     return logsafe.neutralise(event)
 
 

@@ -215,7 +215,7 @@ def test_normal_lines_are_exactly_as_before():
         ev = _event(fmt, **fields)
         assert _text_line(ev).endswith("] " + fmt.format(**fields) + "\n"), fields
         assert logs.event_as_dict(ev)["text"] == fmt.format(**fields)
-        assert logsafe.neutralise(ev, logsafe.format_fields(fmt)) is ev  # no copy for normal input
+        assert logsafe.neutralise(ev, fmt) is ev  # no copy for normal input
 
 
 def _printable(s: str) -> bool:
@@ -316,3 +316,9 @@ def test_worker_events_are_neutralised_by_the_master():
     ev["log_system"] = "w1 relay.smtp#info"
     line = _text_line(ev)
     assert " [w1 relay.smtp#info] reject: MAIL from h[192.0.2.7]: 552 x; from=<\"reject:\\x20RCPT" in line
+
+
+def test_a_format_with_outside_text_in_it_is_checked_too():
+    """log.info(text) with text from outside: the format itself is checked."""
+    line = _text_line(_event("said \x1b[2J\x07 {n}", n=1))
+    assert line.endswith("] said \\x1b[2J\\x07 1\n")
