@@ -18,7 +18,15 @@ wraps it and sets the component when twistd attaches it
 The observer writes to the same destination twistd would have chosen, with
 the same rules; ``--logger`` and ``--syslog`` keep priority (a JSON log into
 syslog would not be what a syslog user expects; a warning says so).
-Text format changes nothing: twistd's own observer stays.
+The text format keeps twistd's classic lines, formatted fast (_TextFormatter).
+
+Both formats render every field through relay.logsafe first: what a
+client or a next hop sent (addresses, HELO, user names, replies) can
+neither break a line, nor drive a terminal, nor pass for a field or a
+prefix the relay wrote; normal values are shown unchanged.  The JSON
+object keeps the exact values in its fields and the neutralised line in
+``text``.  With ``--syslog`` or ``--logger`` twistd's (or the user's)
+observer formats the events itself, without this rendering.
 """
 
 from __future__ import annotations
