@@ -9,6 +9,7 @@ raw control character may reach the log."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import poplib
 import re
@@ -43,8 +44,9 @@ def _fail2ban_regex() -> str | None:
     return shutil.which("fail2ban-regex")
 
 
-class LogUnderAttack(unittest.TestCase):
+class _UnderAttack(unittest.TestCase):
     timeout = 120
+    fmt = "text"
 
     async def setUp(self):
         import tempfile
@@ -63,6 +65,7 @@ class LogUnderAttack(unittest.TestCase):
             "tls": {"certificate": cert.cert_pem, "key": cert.key_pem},
             "relay": {"routes": {"remote.example": f"127.0.0.2:{self.sink.port}"}},
             "delivery": {"retry_min": "1h", "retry_max": "1h", "tls": "none"},
+            "log": {"format": self.fmt},
         })
         self.relay = RelayProcess(self.tmp, data)
         self.relay.start(wait_for=("127.0.0.1", self.port))
@@ -123,12 +126,17 @@ class LogUnderAttack(unittest.TestCase):
         finally:
             p.close()
 
-    async def test_fail2ban_bans_only_the_attacker(self):
+    async def attack(self) -> None:
         await in_thread(self.attack_smtp)
         await in_thread(self.attack_pop3)
         await apoll(lambda: "to=<esc@remote.example>" in self.relay.log()
                     and self.relay.log().count("pop3: login failed") >= 2
                     and "reject: AUTH from" in self.relay.log(), 30, what="the attacks in the log")
+
+
+class TextLogUnderAttack(_UnderAttack):
+    async def test_fail2ban_bans_only_the_attacker(self):
+        await self.attack()
         with open(self.relay.log_path, "rb") as f:
             raw = f.read()
         text = raw.decode("utf-8")
@@ -170,3 +178,25 @@ class LogUnderAttack(unittest.TestCase):
         # SMTP: RCPT, SIZE, AUTH (and perhaps refused controls); POP3: USER/PASS, AUTH PLAIN
         assert set(ips) == {ATTACKER}, (ips, text)
         assert len(ips) >= 5, (ips, text)
+
+
+class JSONLogUnderAttack(_UnderAttack):
+    fmt = "json"
+
+    async def test_one_ascii_line_per_event_exact_fields_neutral_text(self):
+        await self.attack()
+        with open(self.relay.log_path, "rb") as f:
+            raw = f.read()
+        assert all(0x20 <= b < 0x7F for b in raw.replace(b"\n", b"")), "a raw control or non-ASCII byte"
+        events = [json.loads(ln) for ln in raw.decode("ascii").splitlines()]  # one JSON object a line
+        for e in events:
+            assert all(c.isprintable() or c in "\n\t" for c in e["text"]), e
+        (received,) = [e for e in events if "nrcpt" in e and e.get("client_ip") == ATTACKER]
+        assert received["sender"] == '"reject: RCPT from x[203.0.113.7]: "@attacker.example'  # exact
+        assert received["helo"] == "x[203.0.113.13]:"
+        assert "x[203.0.113.7]" not in received["text"] and "x[203.0.113.13]" not in received["text"]
+        (deferred,) = [e for e in events if e.get("to") == "esc@remote.example"]
+        assert "\x1b[2J\x07" in deferred["reply"] and "\\x1b[2J\\x07" in deferred["text"], deferred
+        pop3 = [e for e in events if e["text"].startswith("pop3: login failed")]
+        assert {e["user"] for e in pop3} >= {"reject: AUTH from x[203.0.113.8]: y"}, pop3
+        assert all(e["client"] == ATTACKER and "[203.0.113.8]" not in e["text"] for e in pop3), pop3
