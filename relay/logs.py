@@ -98,7 +98,7 @@ def event_as_dict(event: dict) -> dict:
         text = logsafe.control(repr(event.get("log_format")))
     if legacy and failure is not None:
         # the legacy text already embeds the traceback: keep the first line
-        text = str(event.get("why") or "").strip() or text.split("\n", 1)[0]
+        text = logsafe.control(str(event.get("why") or "").strip()) or text.split("\n", 1)[0]
     out["text"] = text.rstrip("\n")
     if failure is not None:
         try:

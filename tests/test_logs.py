@@ -322,3 +322,13 @@ def test_a_format_with_outside_text_in_it_is_checked_too():
     """log.info(text) with text from outside: the format itself is checked."""
     line = _text_line(_event("said \x1b[2J\x07 {n}", n=1))
     assert line.endswith("] said \\x1b[2J\\x07 1\n")
+
+
+def test_legacy_events_are_neutralised_too():
+    evs = capture(lambda: (legacy_log.msg("legacy \x1b[2J msg"),
+                           legacy_log.err(Failure(ValueError("v\x07")), "legacy \x1b failure")))
+    a, b = (logs.event_as_dict(e) for e in evs)
+    assert a["text"] == "legacy \\x1b[2J msg" and b["text"] == "legacy \\x1b failure"
+    for e in evs:
+        line = logs._TextFormatter()(e)
+        assert all(c.isprintable() or c in "\n\t" for c in line), repr(line)
