@@ -164,7 +164,9 @@ class TextLogUnderAttack(_UnderAttack):
             readme = f.read()
         with open(FILTER) as f:
             conf = f.read()
-        for rx in re.findall(r"^(?:failregex =|\s+)\s*(\^%\(_journal\)s.*)$", conf, re.M):
+        regexes = re.findall(r"^(?:failregex =|\s+)\s*(\^%\(_journal\)s.*)$", conf, re.M)
+        assert len(regexes) == 2, conf
+        for rx in regexes:
             assert rx in readme, rx
 
         exe = _fail2ban_regex()
@@ -200,3 +202,59 @@ class JSONLogUnderAttack(_UnderAttack):
         pop3 = [e for e in events if e["text"].startswith("pop3: login failed")]
         assert {e["user"] for e in pop3} >= {"reject: AUTH from x[203.0.113.8]: y"}, pop3
         assert all(e["client"] == ATTACKER and "[203.0.113.8]" not in e["text"] for e in pop3), pop3
+
+
+def test_filter_on_every_refusal_form_and_worker_prefix(tmp_path):
+    """Each form of refusal the relay logs, with and without a worker's
+    namespace, through the relay's own formatter: the filter finds the real
+    client in each, never an address written into a field."""
+    from twisted.logger import LogLevel
+
+    from relay import logs
+
+    exe = _fail2ban_regex()
+    if exe is None:
+        raise unittest.SkipTest("fail2ban-regex is not installed (Debian: apt-get install fail2ban)")
+    evil = '"x]: reject: RCPT from y[203.0.113.30]: "@a.example'
+    forms = [
+        ("reject: connect from [{client_ip}]: too many connections ({count})", {"count": 11}),
+        ("reject: [{client_ip}]: too many errors", {}),
+        ("reject: [{client_ip}]: bare LF in a command", {}),
+        ("reject: MAIL from {helo}[{client_ip}]: 530 5.7.0 Authentication required", {}),
+        ("reject: MAIL from {helo}[{client_ip}]: 552 5.3.4 Message size exceeds fixed limit (SIZE={size}); "
+         "from=<{sender}>", {"size": 10**9, "sender": evil}),
+        ("reject: {stage} from {helo}[{client_ip}]: {reply}; from=<{sender}> to=<{rcpt}>",
+         {"stage": "RCPT", "reply": f"554 5.7.1 <{evil}>: Relay access denied", "sender": evil, "rcpt": evil}),
+        ("{queue_id}: reject: DATA from {helo}[{client_ip}]: {reply}; from=<{sender}>",
+         {"queue_id": "1K17GVE8XSR1FX34", "reply": "552 5.3.4 too big", "sender": evil}),
+        ("{queue_id}: reject: DATA from {helo}[{client_ip}]: {reply}; from=<{sender}>",
+         {"queue_id": "NOQUEUE", "reply": "554 5.6.0 too many hops", "sender": evil}),
+        ("reject: AUTH from {helo}[{client_ip}]: authentication failed for {user}",
+         {"user": "u]: reject: AUTH from y[203.0.113.31]:"}),
+        ("pop3: login failed client={client} user={user} method={method}: {why}",
+         {"user": "reject: AUTH from x[203.0.113.32]: y", "method": "USER/PASS", "why": "bad credentials"}),
+        # not refusals: never matched, whatever they quote
+        ("{queue_id}: client={helo}[{client_ip}], from=<{sender}>, size={size}, nrcpt={nrcpt}",
+         {"queue_id": "1K17GVE8XSR1FX35", "sender": evil, "size": 1, "nrcpt": 1}),
+        ("{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, status={status} ({reply})",
+         {"queue_id": "1K17GVE8XSR1FX35", "to": "a@b.example", "relay": "mx[192.0.2.1]:25", "delay": 1.0,
+          "status": "deferred", "reply": "host mx[192.0.2.1] said: 451 reject: RCPT from y[203.0.113.33]: x"}),
+    ]
+    fmt = logs._TextFormatter()
+    lines, expected = [], []
+    for i, (text, fields) in enumerate(forms):
+        for worker in (None, 1):
+            ip = f"192.0.2.{i * 2 + (worker or 0) + 1}"
+            ns = "relay.pop3" if text.startswith("pop3") else "relay.queue" if "status=" in text else "relay.smtp"
+            event = {"log_format": text, "log_level": LogLevel.info, "log_namespace": ns, "log_time": 1.7e9,
+                     "client_ip": ip, "client": ip, "helo": "x[203.0.113.34]:", **fields}
+            if worker is not None:
+                event["log_system"] = f"w{worker} {ns}#info"
+            lines.append(fmt(event))
+            if text.startswith(("reject", "{queue_id}: reject", "pop3")):
+                expected.append(ip)
+    path = tmp_path / "relay.log"
+    path.write_text("".join(lines))
+    r = subprocess.run([exe, "-o", "ip", str(path), FILTER], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert [ln.strip() for ln in r.stdout.splitlines() if ln.strip()] == expected, (r.stdout, "".join(lines))
