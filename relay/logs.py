@@ -99,7 +99,7 @@ def event_as_dict(event: dict) -> dict:
     if legacy and failure is not None:
         # the legacy text already embeds the traceback: keep the first line
         text = logsafe.control(str(event.get("why") or "").strip()) or text.split("\n", 1)[0]
-    out["text"] = text.rstrip("\n")
+    out["text"] = logsafe.bound_lines(text.rstrip("\n"))
     if failure is not None:
         try:
             out["traceback"] = failure.getTraceback()
@@ -165,6 +165,8 @@ class _TextFormatter:
             system = logsafe.control(str(system))
         if objects:
             text = logsafe.line_text(text)
+        if len(text) > logsafe.MAX_LINE:
+            text = logsafe.bound_lines(text)
         text = text.replace("\n", "\n\t")
         return f"{self._time(event.get('log_time') or time.time())} [{system}] {text}\n"
 
@@ -185,7 +187,7 @@ def _classic(event: dict) -> str | None:
     if line is None:
         return None
     body = line[:-1] if line.endswith("\n") else line
-    return logsafe.line_text(body) + "\n"
+    return logsafe.bound_lines(logsafe.line_text(body)) + "\n"
 
 
 def _utcoffset(sec: int) -> str:

@@ -24,6 +24,9 @@ field is rendered here before it reaches a line:
     quoted in a reply, a user name in an error) is shown escaped as in its
     own field.
 
+A line longer than ``MAX_LINE`` characters is cut (``bound_lines``): no
+reader splits it, so no part of a field ever starts a line elsewhere.
+
 For normal input every function returns its argument unchanged (the same
 object), so the lines scripts grep stay exactly as they were; only unusual
 input is rendered differently.  JSON logs keep the exact values in their
@@ -249,6 +252,27 @@ def neutralise_checked(event: dict, fmt: str | None = None) -> tuple[dict, bool]
     out = dict(event)
     out.update(changed)
     return out, objects
+
+
+# The longest line of a message the text log writes (characters).  A longer
+# line is cut: readers split what they cannot hold (journald at LineMax,
+# 48 KiB by default, makes the rest an entry of its own), and the rest of a
+# line would then start with whatever the peer put there -- a next hop's
+# reply can be 256 lines of 4 KiB.  At most 4 bytes a character, the cut
+# line stays below journald's limit.
+MAX_LINE = 8192
+
+
+def bound_lines(value: str, limit: int = MAX_LINE) -> str:
+    """``value`` with every line longer than ``limit`` cut, saying so."""
+    if len(value) <= limit:
+        return value
+    out = []
+    for line in value.split("\n"):
+        if len(line) > limit:
+            line = f"{line[:limit]}...[{len(line) - limit} more characters not logged]"
+        out.append(line)
+    return "\n".join(out)
 
 
 def line_text(value: str) -> str:

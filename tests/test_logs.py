@@ -332,3 +332,26 @@ def test_legacy_events_are_neutralised_too():
     for e in evs:
         line = logs._TextFormatter()(e)
         assert all(c.isprintable() or c in "\n\t" for c in line), repr(line)
+
+
+def test_a_huge_field_cannot_make_a_reader_split_the_line():
+    """journald splits a line longer than LineMax (48 KiB) into entries of their own:
+    the rest would start with the peer's text.  Lines are cut below that."""
+    forged = "2026-01-01T00:00:00+0000 [relay.smtp#info] reject: RCPT from x[203.0.113.7]: "
+    reply = "451 " + "\u00e9" * 60000 + forged
+    ev = _event("{queue_id}: to=<{to}>, status={status} ({reply})", queue_id="Q", to="a@b.example",
+                status="deferred", reply=reply)
+    line = _text_line(ev)
+    assert len(line.encode("utf-8")) < 48 * 1024 and line.count("\n") == 1
+    assert "203.0.113.7" not in line and line.endswith(" more characters not logged]\n")
+    d = logs.event_as_dict(ev)
+    assert d["reply"] == reply and len(d["text"]) < logsafe.MAX_LINE + 100  # the exact value stays in its field
+
+    def boom():
+        try:
+            raise ValueError("x" * 60000 + forged)
+        except ValueError:
+            Logger(namespace="relay.queue").failure("failed")
+
+    (fev,) = capture(boom)
+    assert all(len(ln) < logsafe.MAX_LINE + 100 for ln in _text_line(fev).splitlines())

@@ -31,6 +31,10 @@ ATTACKER = "127.0.0.9"
 FILTER = os.path.join(ROOT, "etc", "fail2ban", "filter.d", "twisted-relay.conf")
 # the next hop's reply: ESC, BEL, C1 NEL, LINE SEPARATOR, a screen clear and a fake refusal
 HOSTILE_REPLY = "451 4.3.0 \x1b[2J\x07\x85\u2028reject: RCPT from x[203.0.113.10]: \x1b]0;owned\x07 later"
+# a long reply, whose end would be a line of its own where a reader splits long lines
+# (journald at 48 KiB): 200 lines of 400 characters, then a forged line
+FORGED = "2026-01-01T00:00:00+0000 [relay.smtp#info] reject: RCPT from x[203.0.113.16]: "
+HUGE_REPLY = "\n".join(["451-4.3.0 " + "a" * 400] * 200 + ["451 4.3.0 " + FORGED])
 
 
 class _POP3From(poplib.POP3):
@@ -52,7 +56,8 @@ class _UnderAttack(unittest.TestCase):
         import tempfile
 
         self.tmp = tempfile.mkdtemp(prefix="relay-loginj-")
-        self.sink = Sink("127.0.0.2", rcpt_replies={"esc@remote.example": HOSTILE_REPLY}).start()
+        self.sink = Sink("127.0.0.2", rcpt_replies={"esc@remote.example": HOSTILE_REPLY,
+                                                     "huge@remote.example": HUGE_REPLY}).start()
         self.addCleanup(self.sink.stop)
         cert = cert_files("localhost", "127.0.0.1")
         self.ca = cert.ca_pem
@@ -86,6 +91,7 @@ class _UnderAttack(unittest.TestCase):
             ctx_codes["mail"] = code
             ctx_codes["rcpt unknown"] = s.docmd("RCPT TO:<nobody@local.test>")[0]
             ctx_codes["rcpt esc"] = s.docmd("RCPT TO:<esc@remote.example>")[0]
+            ctx_codes["rcpt huge"] = s.docmd("RCPT TO:<huge@remote.example>")[0]
             ctx_codes["data"] = s.data(b"Subject: hi\r\n\r\nhello\r\n")[0]
         # the raw path in the SIZE refusal
         with self._smtp("client.example") as s:
@@ -108,8 +114,8 @@ class _UnderAttack(unittest.TestCase):
                     "x[203.0.113.11]: \x1b[2J")
             blob = base64.b64encode(b"\0" + name.encode() + b"\0wrong").decode()
             ctx_codes["auth"] = s.docmd(f"AUTH PLAIN {blob}")[0]
-        assert ctx_codes == {"mail": 250, "rcpt unknown": 550, "rcpt esc": 250, "data": 250, "size": 552,
-                             "auth": 535}, ctx_codes
+        assert ctx_codes == {"mail": 250, "rcpt unknown": 550, "rcpt esc": 250, "rcpt huge": 250, "data": 250,
+                             "size": 552, "auth": 535}, ctx_codes
 
     def attack_pop3(self) -> None:
         p = _POP3From("127.0.0.1", self.pop3_port, timeout=30)
@@ -130,6 +136,7 @@ class _UnderAttack(unittest.TestCase):
         await in_thread(self.attack_smtp)
         await in_thread(self.attack_pop3)
         await apoll(lambda: "to=<esc@remote.example>" in self.relay.log()
+                    and "to=<huge@remote.example>" in self.relay.log()
                     and self.relay.log().count("pop3: login failed") >= 2
                     and "reject: AUTH from" in self.relay.log(), 30, what="the attacks in the log")
 
@@ -147,6 +154,10 @@ class TextLogUnderAttack(_UnderAttack):
         # every line is one of twistd's (no field started a line of its own)
         stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[")
         assert all(stamp.match(ln) or ln.startswith("\t") for ln in lines), text
+        # and none is so long that a reader (journald) would split it
+        assert max(len(ln.encode()) for ln in lines) < 16 * 1024, max(len(ln) for ln in lines)
+        (huge,) = [ln for ln in lines if "to=<huge@remote.example>" in ln]
+        assert "203.0.113.16" not in huge and huge.endswith(" more characters not logged]"), huge[-200:]
         # the injected markers in addresses, HELO and user names are shown escaped
         for ip in ("203.0.113.7", "203.0.113.8", "203.0.113.11", "203.0.113.12", "203.0.113.13",
                    "203.0.113.15"):
