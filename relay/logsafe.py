@@ -133,7 +133,7 @@ FIELD_KINDS: dict[str, Callable[[str], str]] = {
     "dsn_id": token, "client": token,
     # free text
     "reply": text, "reason": text, "why": text, "error": text, "err": text, "line": text,
-    "diagnostic": text, "problem": text, "problems": text,
+    "diagnostic": text,
     # failures written by workers (relay.worker.EventPipe)
     "traceback": multiline,
 }
