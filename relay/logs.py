@@ -18,7 +18,15 @@ wraps it and sets the component when twistd attaches it
 The observer writes to the same destination twistd would have chosen, with
 the same rules; ``--logger`` and ``--syslog`` keep priority (a JSON log into
 syslog would not be what a syslog user expects; a warning says so).
-Text format changes nothing: twistd's own observer stays.
+The text format keeps twistd's classic lines, formatted fast (_TextFormatter).
+
+Both formats render every field through relay.logsafe first: what a
+client or a next hop sent (addresses, HELO, user names, replies) can
+neither break a line, nor drive a terminal, nor pass for a field or a
+prefix the relay wrote; normal values are shown unchanged.  The JSON
+object keeps the exact values in its fields and the neutralised line in
+``text``.  With ``--syslog`` or ``--logger`` twistd's (or the user's)
+observer formats the events itself, without this rendering.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from typing import Any, Callable, TextIO
 from twisted.application import service
 from twisted.logger import FileLogObserver, ILogObserver, Logger, formatEvent, formatEventAsClassicLogText
 from twisted.python import logfile
+
+from relay import logsafe
 
 log = Logger(namespace="relay.logs")
 
@@ -83,13 +93,13 @@ def event_as_dict(event: dict) -> dict:
     legacy = event.get("log_namespace") == "log_legacy"
     failure = event.get("log_failure") or (event.get("failure") if legacy else None)
     try:
-        text = formatEvent(event)
+        text = logsafe.line_text(formatEvent(_shown(event)))
     except Exception:  # noqa: BLE001 - formatEvent already guards; be doubly sure
-        text = repr(event.get("log_format"))
+        text = logsafe.control(repr(event.get("log_format")))
     if legacy and failure is not None:
         # the legacy text already embeds the traceback: keep the first line
-        text = str(event.get("why") or "").strip() or text.split("\n", 1)[0]
-    out["text"] = text.rstrip("\n")
+        text = logsafe.control(str(event.get("why") or "").strip()) or text.split("\n", 1)[0]
+    out["text"] = logsafe.bound_lines(text.rstrip("\n"))
     if failure is not None:
         try:
             out["traceback"] = failure.getTraceback()
@@ -138,17 +148,46 @@ class _TextFormatter:
     def __call__(self, event: dict) -> str | None:
         fmt = event.get("log_format")
         if fmt is None or "log_failure" in event or "log_legacy" in event:
-            return formatEventAsClassicLogText(event)
+            return _classic(event)
+        if isinstance(fmt, str):
+            shown, objects = logsafe.neutralise_checked(event, fmt)
+        else:
+            shown, objects = event, True
         try:
-            text = fmt.format_map(event)
+            text = fmt.format_map(shown)
         except Exception:  # noqa: BLE001 - e.g. "{x()}": twisted's own semantics
-            return formatEventAsClassicLogText(event)
+            return _classic(event)
         system = event.get("log_system")
         if system is None:
             level = event.get("log_level")
             system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
+        else:
+            system = logsafe.control(str(system))
+        if objects:
+            text = logsafe.line_text(text)
+        if len(text) > logsafe.MAX_LINE:
+            text = logsafe.bound_lines(text)
         text = text.replace("\n", "\n\t")
         return f"{self._time(event.get('log_time') or time.time())} [{system}] {text}\n"
+
+
+def _shown(event: dict) -> dict:
+    """The event with its fields rendered for a line (see relay.logsafe)."""
+    fmt = event.get("log_format")
+    if isinstance(fmt, str) and "log_legacy" not in event:
+        return logsafe.neutralise(event, fmt)
+    return logsafe.neutralise(event)
+
+
+def _classic(event: dict) -> str | None:
+    """twisted's classic text line, for the events the fast path leaves
+    alone, with the same neutralising (a traceback keeps its lines, each
+    continuation indented by twisted; nothing else may break a line)."""
+    line = formatEventAsClassicLogText(_shown(event))
+    if line is None:
+        return None
+    body = line[:-1] if line.endswith("\n") else line
+    return logsafe.bound_lines(logsafe.line_text(body)) + "\n"
 
 
 def _utcoffset(sec: int) -> str:

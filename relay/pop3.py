@@ -722,8 +722,7 @@ class POP3Server(Protocol):
             pw = password.decode("utf-8") if password is not None else None
         except (AddressError, UnicodeDecodeError) as e:
             log.info("pop3: login failed client={client} user={user} method={method}: {why}",
-                     client=self.peer, user=name[:128].encode("unicode_escape").decode("ascii"),
-                     method=method, why=str(e).encode("unicode_escape").decode("ascii"))
+                     client=self.peer, user=name[:128], method=method, why=str(e))  # see relay.logsafe
             return self._failed_login(started)
         if pw is None:
             log.info("pop3: login failed client={client} user={user} method={method}: "

@@ -32,7 +32,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from relay import bounce as bouncemod
-from relay import routing
+from relay import logsafe, routing
 from relay import spool as spoolmod
 from relay.spool import BOUNCED, DEFERRED, DELIVERED, PENDING
 
@@ -509,7 +509,7 @@ class QueueManager:
                 "{queue_id}: to=<{to}>{_orig}, relay={relay}, delay={delay:.1f}, status={status} ({reply})",
                 queue_id=msg.qid, to=r.address,
                 orig_to=r.orcpt if r.orcpt and r.orcpt != r.address else None,
-                _orig=f", orig_to=<{r.orcpt}>" if r.orcpt and r.orcpt != r.address else "",
+                _orig=f", orig_to=<{logsafe.address(r.orcpt)}>" if r.orcpt and r.orcpt != r.address else "",
                 relay=o.relay, delay=delay, status="sent" if kind == "delivered" else kind,
                 reply=o.reply, recipient=r.address, kind=kind, attempts=r.attempts,
             )
