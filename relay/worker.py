@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--fds", required=True, help="JSON: endpoint description -> file descriptor")
+    p.add_argument("--conn-table", type=int, help="descriptor of the per-IP connection table (relay.connlimit)")
     p.add_argument("--config")
     p.add_argument("--defaults-spool")
     p.add_argument("--log-target", default="pipe", help="stdout, pipe, or a file path")
@@ -149,8 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     from relay import fastpoll
 
     fastpoll.install(reactor)
+    table = None
+    if args.conn_table is not None:
+        from relay.connlimit import SharedTable
+
+        try:
+            table = SharedTable(args.conn_table)
+        except (OSError, ValueError) as e:
+            print(f"worker {args.index}: not starting: connection table: {e}", file=sys.stderr)
+            return 1
     try:
-        svc = RelayService(wcfg, reactor, adopted=fds, worker=(args.index, args.count))
+        svc = RelayService(wcfg, reactor, adopted=fds, worker=(args.index, args.count), conn_table=table)
         svc.handle_signals = True
         svc.privilegedStartService()
         svc.startService()
