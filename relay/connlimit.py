@@ -55,6 +55,8 @@ log = Logger(namespace="relay.connlimit")
 MAGIC = b"RLYCONN1"
 HEADER = struct.Struct("<8sII16sI")  # magic, capacity, workers, hash key, used entries
 HEADER_SIZE = 64
+USED_AT = HEADER.size - 4
+_U32 = struct.Struct("<I")
 KEY_SIZE = 16
 EMPTY = bytes(KEY_SIZE)
 CAPACITY = 1 << 16  # slots; at most 3/4 of them used: 49152 addresses connected at once
@@ -182,10 +184,10 @@ class SharedTable:
         return -1, False
 
     def _used(self) -> int:
-        return struct.unpack_from("<I", self.mm, HEADER.size - 4)[0]
+        return _U32.unpack_from(self.mm, USED_AT)[0]
 
     def _set_used(self, n: int) -> None:
-        struct.pack_into("<I", self.mm, HEADER.size - 4, n)
+        _U32.pack_into(self.mm, USED_AT, n)
 
     def _counts(self, i: int) -> tuple[int, ...]:
         return self.counts_fmt.unpack_from(self.mm, self._off(i) + KEY_SIZE)
@@ -212,46 +214,48 @@ class SharedTable:
         self._set_used(self._used() - 1)
 
     def acquire(self, key: bytes, worker: int, limit: int) -> tuple[bool, int]:
-        self._lock()
+        lockf, fd = fcntl.lockf, self.fd
+        lockf(fd, fcntl.LOCK_EX)
         try:
             i, found = self._find(key)
+            off = HEADER_SIZE + i * self.stride
             if found:
-                counts = self._counts(i)
+                counts = self.counts_fmt.unpack_from(self.mm, off + KEY_SIZE)
                 total = sum(counts)
                 if total >= limit:
                     return False, total
-                off = self._off(i) + KEY_SIZE + 4 * worker
-                struct.pack_into("<I", self.mm, off, counts[worker] + 1)
+                _U32.pack_into(self.mm, off + KEY_SIZE + 4 * worker, counts[worker] + 1)
                 return True, total
             if limit < 1:
                 return False, 0
             used = self._used()
             if i < 0 or used + 1 > self.capacity * 3 // 4:
                 raise TableFull(used)
-            off = self._off(i)
             self.mm[off:off + KEY_SIZE] = key
-            struct.pack_into("<I", self.mm, off + KEY_SIZE + 4 * worker, 1)
+            _U32.pack_into(self.mm, off + KEY_SIZE + 4 * worker, 1)
             self._set_used(used + 1)
             return True, 0
         finally:
-            self._unlock()
+            lockf(fd, fcntl.LOCK_UN)
 
     def release(self, key: bytes, worker: int) -> None:
-        self._lock()
+        lockf, fd = fcntl.lockf, self.fd
+        lockf(fd, fcntl.LOCK_EX)
         try:
             i, found = self._find(key)
             if not found:
                 return
-            counts = list(self._counts(i))
-            if counts[worker] == 0:
+            off = HEADER_SIZE + i * self.stride + KEY_SIZE
+            counts = self.counts_fmt.unpack_from(self.mm, off)
+            mine = counts[worker]
+            if mine == 0:
                 return
-            counts[worker] -= 1
-            if sum(counts) == 0:
+            if sum(counts) == 1:
                 self._remove(i)
             else:
-                struct.pack_into("<I", self.mm, self._off(i) + KEY_SIZE + 4 * worker, counts[worker])
+                _U32.pack_into(self.mm, off + 4 * worker, mine - 1)
         finally:
-            self._unlock()
+            lockf(fd, fcntl.LOCK_UN)
 
     def count(self, key: bytes) -> int:
         self._lock()
