@@ -35,8 +35,11 @@ protocol name and the address (the key is random per table), so clients
 cannot choose addresses that pile up on one probe chain.
 
 All calls come from one thread per process (the reactor's).  Cost per
-connection (acquire + release, ``tests/test_connlimit.py`` prints it with
-``-s``): a few microseconds.
+connection (acquire + release; ``python bench/connlimit_cost.py``): about
+12 us on the 2-core reference machine at load 2.5 (26-34 us at load 7),
+against about 1 us for the dict of a single-process relay and about 1 ms of
+CPU per accepted message; the master's ``release_worker`` scans the table
+(about 40 ms with 10,000 addresses connected), once per worker death.
 """
 
 from __future__ import annotations

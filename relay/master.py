@@ -282,10 +282,16 @@ class RelayMaster(service.Service):
         try:
             top.create()
             self._lock_fd = top.lock()
-            self.conn_table = connlimit.SharedTable.create(self.config.workers)
             adopt_orphans(self.config.spool, self.config.workers, lambda fmt, **kw: log.info(fmt, **kw))
         except (OSError, spoolmod.SpoolLocked) as e:
             msg = f"spool {self.config.spool}: {e}"
+            if self.exit_on_error:
+                raise SystemExit(f"twisted-relay: not starting: {msg}")
+            raise StartupError(msg)
+        try:
+            self.conn_table = connlimit.SharedTable.create(self.config.workers)
+        except OSError as e:
+            msg = f"cannot make the workers' connection table (memfd): {e.strerror or e}"
             if self.exit_on_error:
                 raise SystemExit(f"twisted-relay: not starting: {msg}")
             raise StartupError(msg)
