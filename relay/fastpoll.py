@@ -57,33 +57,3 @@ def install(reactor) -> bool:
         return False
     reactor.doIteration = _do_poll.__get__(reactor)
     return True
-
-
-def exclusive_accept(reactor, port) -> bool:
-    """Wake only one of the processes waiting on a shared listening socket.
-
-    The workers of a relay accept on the same listening socket; without
-    EPOLLEXCLUSIVE every idle worker is woken for each new connection and
-    all but one find nothing to accept.  With it, the kernel wakes one
-    worker that is waiting in epoll (a busy one is passed over).  Only for
-    a port registered for reading alone (an exclusive registration cannot
-    be modified, only removed: Twisted's stopReading does just that).
-    True if done.
-    """
-    import select
-
-    from twisted.internet import epollreactor
-
-    flag = getattr(select, "EPOLLEXCLUSIVE", 0)
-    if type(reactor) is not epollreactor.EPollReactor or not flag:
-        return False
-    fd = port.fileno()
-    if fd not in reactor._reads or fd in reactor._writes:
-        return False
-    reactor._poller.unregister(fd)
-    try:
-        reactor._poller.register(fd, select.EPOLLIN | flag)
-    except OSError:
-        reactor._poller.register(fd, select.EPOLLIN)
-        return False
-    return True

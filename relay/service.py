@@ -661,9 +661,6 @@ class AdoptedListener(service.Service):
     def startService(self) -> None:
         super().startService()
         self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
-        from relay import fastpoll
-
-        fastpoll.exclusive_accept(self.reactor, self.port)
         self._waitingForPort = defer.succeed(self.port)
 
     def stopService(self):

@@ -50,31 +50,3 @@ class FastPollTests(unittest.TestCase):
         from twisted.internet import task
 
         self.assertFalse(fastpoll.install(task.Clock()))
-
-
-class ExclusiveAcceptTests(unittest.TestCase):
-    """A shared listening socket is registered with EPOLLEXCLUSIVE, so one
-    new connection wakes one waiting worker, not all of them."""
-
-    def test_listening_port_registered_exclusive(self):
-        import errno
-
-        from twisted.internet.protocol import ServerFactory
-
-        r = epollreactor.EPollReactor()
-        self.addCleanup(r._poller.close)
-        port = r.listenTCP(0, ServerFactory(), interface="127.0.0.1")
-        self.addCleanup(port.connectionLost, None)
-        self.assertTrue(fastpoll.exclusive_accept(r, port))
-        # the kernel refuses to modify an exclusive registration: proof that it is one
-        with self.assertRaises(OSError) as e:
-            r._poller.modify(port.fileno(), select.EPOLLIN)
-        self.assertEqual(e.exception.errno, errno.EINVAL)
-        # and Twisted can still stop reading it (unregister)
-        port.stopReading()
-        self.assertNotIn(port.fileno(), r._reads)
-
-    def test_other_reactors_untouched(self):
-        from twisted.internet import task
-
-        self.assertFalse(fastpoll.exclusive_accept(task.Clock(), None))
