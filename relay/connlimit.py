@@ -34,6 +34,10 @@ it on the reactor thread is cheap.  Keys are a keyed BLAKE2b of the
 protocol name and the address (the key is random per table), so clients
 cannot choose addresses that pile up on one probe chain.
 
+The table has room for 49,152 addresses connected at once (3/4 of its
+slots); past that a new address is refused like one over its limit (421),
+with an error logged once a minute, while addresses already in it go on.
+
 All calls come from one thread per process (the reactor's).  Cost per
 connection (acquire + release; ``python bench/connlimit_cost.py``): about
 12 us on the 2-core reference machine at load 2.5 (26-34 us at load 7),

@@ -2,7 +2,9 @@
 
 It is a complete relay (relay.service.RelayService) whose queue is
 ``<spool>/w<index>/`` and whose listeners are sockets the master bound and
-passed down.  Its log events go to the master as JSON lines on stdout, so
+passed down (the same ones to every worker).  Connections per client IP are
+counted in the master's shared table (``--conn-table``, relay.connlimit), so
+a limit holds for the whole relay.  Its log events go to the master as JSON lines on stdout, so
 the master's log (text or JSON) tells the whole story.  It dies with the
 master (PR_SET_PDEATHSIG): a worker never outlives the process that owns
 its listening sockets.
