@@ -5,9 +5,17 @@ work), so with ``workers > 1`` the ``twistd relay`` process becomes a small
 master that:
 
 * binds every SMTP and POP3 listener itself (as root when started as root,
-  before twistd drops privileges), and hands the listening sockets to N
-  worker processes (``python -m relay.worker``), which all accept on them:
-  the kernel gives each new connection to one worker;
+  before twistd drops privileges), once, and hands the one listening socket
+  of each listener to all N worker processes (``python -m relay.worker``),
+  which all accept on it.  The connections waiting to be accepted are in one
+  queue that only running workers take from: a worker that died (and waits
+  for its restart) is given no connection, and none is lost with it.  (With
+  a SO_REUSEPORT socket per worker, the kernel kept handing a dead worker's
+  socket its share of new clients until the restart; and the master could
+  not bind a new one after the privilege drop.)
+* counts connections per client IP for the whole relay: a table in shared
+  memory (relay.connlimit) that every worker maps, one column per worker;
+  the column of a worker that died is zeroed before it restarts;
 * gives worker i its own queue, ``<spool>/w<i>/`` (a complete spool:
   incoming, queue, lock, control socket), so no two processes ever touch the
   same message: what a worker acknowledged, it delivers; after a crash, the
@@ -39,6 +47,7 @@ from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
+from relay import connlimit
 from relay import endpoints as epmod
 from relay import spool as spoolmod
 from relay.config import Config
@@ -48,6 +57,7 @@ log = Logger(namespace="relay.master")
 RESTART_DELAY = 1.0
 RESTART_BURST = 5  # restarts within RESTART_WINDOW before waiting longer
 RESTART_WINDOW = 60.0
+RESTART_BACKOFF = 30.0  # seconds before the next start of a worker that keeps dying
 STOP_BOUND = 32.0
 
 
@@ -66,12 +76,10 @@ def listener_descriptions(config: Config) -> list[str]:
     return list(dict.fromkeys(list(config.smtp.listen) + list(config.smtp.submission) + list(config.pop3.listen)))
 
 
-def bind(description: str, count: int, backlog_default: int = 1024) -> list[socket.socket]:
-    """Listening sockets for a tcp:, tcp6:, ssl: or systemd: endpoint.
-
-    tcp/ssl: one socket per worker on the same address with SO_REUSEPORT, so
-    the kernel spreads new connections over the workers and wakes only the
-    one it chose.  systemd: the one inherited socket, shared (non-blocking)."""
+def bind(description: str, backlog_default: int = 1024) -> socket.socket:
+    """The listening socket for a tcp:, tcp6:, ssl: or systemd: endpoint,
+    shared by every worker (non-blocking: each worker is woken for a new
+    connection, and all but one find nothing to accept)."""
     spec = epmod.parse(description)
     if spec.kind == "systemd":
         from twisted.python.systemd import ListenFDs
@@ -82,34 +90,25 @@ def bind(description: str, count: int, backlog_default: int = 1024) -> list[sock
         else:
             fd = fds.inheritedNamedDescriptors()[spec.kwargs["name"]]
         s = socket.socket(fileno=fd)
-        # every worker is woken for a new connection and all but one find
-        # nothing to accept: the socket must not block them
         s.setblocking(False)
         s.set_inheritable(True)
-        return [s]
+        return s
     port = int(spec.args[0])
     iface = spec.interface
     family = socket.AF_INET6 if (spec.kind == "tcp6" or ":" in iface) else socket.AF_INET
     if family == socket.AF_INET6 and not iface:
         iface = "::"
-    out = []
+    s = socket.socket(family, socket.SOCK_STREAM)
     try:
-        for _ in range(count):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            out.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind((iface, port))
-            if port == 0:  # tests: the workers' sockets share the first one's port
-                port = s.getsockname()[1]
-            s.listen(int(spec.kwargs.get("backlog", backlog_default)))
-            s.set_inheritable(True)
-            s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((iface, port))
+        s.listen(int(spec.kwargs.get("backlog", backlog_default)))
+        s.set_inheritable(True)
+        s.setblocking(False)
     except OSError:
-        for s in out:
-            s.close()
+        s.close()
         raise
-    return out
+    return s
 
 
 def adopt_orphans(top: str, workers: int, logfn=None) -> int:
@@ -210,7 +209,8 @@ class RelayMaster(service.Service):
         # a file's path (appended to, as the master does), or "pipe": sent to the
         # master as JSON events and logged by it (syslog, --logger)
         self.log_target = log_target
-        self.sockets: dict[str, list[socket.socket]] = {}
+        self.sockets: dict[str, socket.socket] = {}
+        self.conn_table = None  # relay.connlimit.SharedTable, made before the first worker starts
         self.procs: dict[int, WorkerProcess] = {}
         self.restarts: dict[int, list[float]] = {}
         self.stopping = False
@@ -225,7 +225,7 @@ class RelayMaster(service.Service):
         raise_fd_limit()
         for desc in listener_descriptions(self.config):
             try:
-                self.sockets[desc] = bind(desc, self.config.workers)
+                self.sockets[desc] = bind(desc)
             except OSError as e:
                 msg = f"{self.config.source}: cannot listen on {desc!r}: {e.strerror or e}"
                 if self.exit_on_error:
@@ -288,6 +288,13 @@ class RelayMaster(service.Service):
             if self.exit_on_error:
                 raise SystemExit(f"twisted-relay: not starting: {msg}")
             raise StartupError(msg)
+        try:
+            self.conn_table = connlimit.SharedTable.create(self.config.workers)
+        except OSError as e:
+            msg = f"cannot make the workers' connection table (memfd): {e.strerror or e}"
+            if self.exit_on_error:
+                raise SystemExit(f"twisted-relay: not starting: {msg}")
+            raise StartupError(msg)
         super().startService()
         log.info("twisted-relay master starting {workers} workers: config {source}, spool {spool}",
                  workers=self.config.workers, source=self.config.source, spool=self.config.spool)
@@ -312,17 +319,19 @@ class RelayMaster(service.Service):
         fds = {}
         child_fds: dict[int, object] = {0: "w", 1: "r", 2: "r"}
         n = 3
-        for desc, socks in self.sockets.items():
-            sock = socks[i] if len(socks) > 1 else socks[0]
+        for desc, sock in self.sockets.items():
             child_fds[n] = sock.fileno()
             fds[desc] = n
             n += 1
+        table_fd = n
+        child_fds[table_fd] = self.conn_table.fd
         if self.log_target == "stdout":
             child_fds[1] = 1  # the workers write their own lines where the master writes
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         args = [sys.executable, "-m", "relay.worker", "--index", str(i), "--count", str(self.config.workers),
-                "--fds", json.dumps(fds), "--log-target", self.log_target, "--log-format", self.config.log.format]
+                "--fds", json.dumps(fds), "--conn-table", str(table_fd),
+                "--log-target", self.log_target, "--log-format", self.config.log.format]
         if self.config.path:
             args += ["--config", self.config.path]
         else:
@@ -336,6 +345,9 @@ class RelayMaster(service.Service):
         i = proto.index
         if self.procs.get(i) is proto:
             del self.procs[i]
+        if self.conn_table is not None:
+            # its connections died with it: they no longer count against anyone's limit
+            self.conn_table.release_worker(i)
         if self.stopping:
             log.info("worker {worker} stopped (exit {code})", worker=i, code=code if sig is None else f"signal {sig}")
             return
@@ -344,7 +356,11 @@ class RelayMaster(service.Service):
         now = time.monotonic()
         recent = [t for t in self.restarts.get(i, []) if now - t < RESTART_WINDOW] + [now]
         self.restarts[i] = recent
-        delay = RESTART_DELAY if len(recent) <= RESTART_BURST else 30.0
+        delay = RESTART_DELAY if len(recent) <= RESTART_BURST else RESTART_BACKOFF
+        if delay > RESTART_DELAY:
+            log.error("worker {worker} ended {count} times in {window:.0f} s: next start in {delay:.0f} s "
+                      "(the other workers take its connections meanwhile)", worker=i, count=len(recent),
+                      window=RESTART_WINDOW, delay=delay)
         self.reactor.callLater(delay, lambda: None if self.stopping or i in self.procs else self.spawn(i))
 
     def forward(self, sig: int) -> None:
@@ -370,9 +386,11 @@ class RelayMaster(service.Service):
             yield defer.DeferredList([p.ended for p in procs], consumeErrors=True)
             if kill.active():
                 kill.cancel()
-        for socks in self.sockets.values():
-            for s in socks:
-                s.close()
+        for s in self.sockets.values():
+            s.close()
+        if self.conn_table is not None:
+            self.conn_table.close()
+            self.conn_table = None
         for port in self.metrics_ports:
             yield port.stopListening()
         self.metrics_ports = []

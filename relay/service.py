@@ -81,12 +81,17 @@ def server_endpoint(reactor, description: str):
 
 class RelayService(service.MultiService):
     def __init__(self, config: Config, reactor=None, *, deliver: bool = True,
-                 adopted: dict[str, int] | None = None, worker: tuple[int, int] | None = None):
+                 adopted: dict[str, int] | None = None, worker: tuple[int, int] | None = None,
+                 conn_table=None):
         super().__init__()
         # listening sockets inherited from a master process (workers > 1):
         # endpoint description -> file descriptor
         self.adopted = dict(adopted or {})
         self.worker = worker  # (index, count) when this is one of several workers
+        # relay.connlimit.SharedTable the master made (workers > 1): per-IP
+        # limits count the connections of every worker
+        self.conn_table = conn_table
+        self._counters: dict[str, object] = {}
         from twisted.internet import reactor as default_reactor
 
         self.config = config
@@ -133,6 +138,7 @@ class RelayService(service.MultiService):
             tls=self.tls,
             on_queued=self._queued,
             reactor=self.reactor,
+            limiter=self.connection_counter("smtp"),
         )
         self._build_listeners(config)
         if deliver:
@@ -154,6 +160,21 @@ class RelayService(service.MultiService):
             return load_server_tls(config.tls.certificate, config.tls.key)
         except TLSConfigError as e:
             raise StartupError(f"{config.source}: {e}")
+
+    def connection_counter(self, protocol: str):
+        """The per-IP connection counter of one protocol ("smtp", "pop3"):
+        one object for all its listeners, counting across every worker of
+        the relay when there are several (relay.connlimit)."""
+        counter = self._counters.get(protocol)
+        if counter is None:
+            from relay import connlimit
+
+            if self.conn_table is not None and self.worker is not None:
+                counter = self.conn_table.counter(protocol, self.worker[0])
+            else:
+                counter = connlimit.LocalCounter()
+            self._counters[protocol] = counter
+        return counter
 
     def _make_policy(self, config: Config) -> policymod.Policy:
         return policymod.Policy(

@@ -2,7 +2,9 @@
 
 It is a complete relay (relay.service.RelayService) whose queue is
 ``<spool>/w<index>/`` and whose listeners are sockets the master bound and
-passed down.  Its log events go to the master as JSON lines on stdout, so
+passed down (the same ones to every worker).  Connections per client IP are
+counted in the master's shared table (``--conn-table``, relay.connlimit), so
+a limit holds for the whole relay.  Its log events go to the master as JSON lines on stdout, so
 the master's log (text or JSON) tells the whole story.  It dies with the
 master (PR_SET_PDEATHSIG): a worker never outlives the process that owns
 its listening sockets.
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--fds", required=True, help="JSON: endpoint description -> file descriptor")
+    p.add_argument("--conn-table", type=int, help="descriptor of the per-IP connection table (relay.connlimit)")
     p.add_argument("--config")
     p.add_argument("--defaults-spool")
     p.add_argument("--log-target", default="pipe", help="stdout, pipe, or a file path")
@@ -149,8 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     from relay import fastpoll
 
     fastpoll.install(reactor)
+    table = None
+    if args.conn_table is not None:
+        from relay.connlimit import SharedTable
+
+        try:
+            table = SharedTable(args.conn_table)
+        except (OSError, ValueError) as e:
+            print(f"worker {args.index}: not starting: connection table: {e}", file=sys.stderr)
+            return 1
     try:
-        svc = RelayService(wcfg, reactor, adopted=fds, worker=(args.index, args.count))
+        svc = RelayService(wcfg, reactor, adopted=fds, worker=(args.index, args.count), conn_table=table)
         svc.handle_signals = True
         svc.privilegedStartService()
         svc.startService()

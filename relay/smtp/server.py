@@ -99,6 +99,7 @@ class ServerContext:
         tls=None,  # relay.tls.ServerTLS or None
         on_queued: Callable[[spoolmod.QueueEntry], Any] | None = None,
         reactor=None,
+        limiter=None,  # relay.connlimit counter: connections per IP for the whole relay
     ):
         from twisted.internet import reactor as default_reactor
 
@@ -111,10 +112,19 @@ class ServerContext:
         self.on_queued = on_queued
         self.reactor = reactor or default_reactor
         self.auth_failure_delay = 2.0
-        self.connections: dict[str, int] = {}
+        if limiter is None:
+            from relay.connlimit import LocalCounter
+
+            limiter = LocalCounter()
+        self.limiter = limiter
         self.counters = Counters()
         self.accepting = True  # False while shutting down
         self.open_sessions: set["SMTPServer"] = set()
+
+    @property
+    def connections(self) -> dict[str, int]:
+        """This process's counted sessions per client IP."""
+        return self.limiter.counts()
 
 
 @implementer(interfaces.IHandshakeListener)
@@ -181,13 +191,13 @@ class SMTPServer(Protocol):
         if self.implicit_tls:
             self.tls_active = True
         ctx = self.ctx
-        count = ctx.connections.get(self.peer_ip, 0)
         if not ctx.accepting:
             self._send_now("421 4.3.2 Service shutting down, try again later")
             self.transport.loseConnection()
             self.closing = True
             return
-        if count >= self.cfg.smtp.max_connections_per_ip:
+        admitted, count = ctx.limiter.acquire(self.peer_ip, self.cfg.smtp.max_connections_per_ip)
+        if not admitted:
             log.info("reject: connect from [{client_ip}]: too many connections ({count})",
                      client_ip=self.peer_ip, count=count, reason="too_many_connections")
             ctx.counters.reject("too_many_connections")
@@ -195,7 +205,6 @@ class SMTPServer(Protocol):
             self.transport.loseConnection()
             self.closing = True
             return
-        ctx.connections[self.peer_ip] = count + 1
         self.counted = True
         ctx.counters.sessions += 1
         ctx.open_sessions.add(self)
@@ -211,11 +220,7 @@ class SMTPServer(Protocol):
         self.closing = True
         if getattr(self, "counted", False):
             self.counted = False
-            n = self.ctx.connections.get(self.peer_ip, 1) - 1
-            if n <= 0:
-                self.ctx.connections.pop(self.peer_ip, None)
-            else:
-                self.ctx.connections[self.peer_ip] = n
+            self.ctx.limiter.release(self.peer_ip)
         self.ctx.open_sessions.discard(self)
 
     def handshakeCompleted(self) -> None:

@@ -3,14 +3,22 @@
 Every test runs ``twistd -n relay`` for real.  Each worker owns its queue
 (``spool/w<i>``): what one acknowledged, it delivers, also after it was
 killed and restarted by the master.
+
+The workers accept on one shared listening socket, and which of them takes a
+connection is up to the kernel (and to which one is idle).  A test that needs
+a given worker to take connections stops the others (``only_worker``): a
+stopped worker accepts nothing, so every new connection goes to the one left
+running.  No test relies on how the kernel happens to spread connections.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -51,14 +59,92 @@ def worker_pids(master_pid: int) -> list[int]:
     return sorted(pids)
 
 
-def send_many(port: int, n: int, rcpt: str, threads: int = 6) -> list[str]:
+def worker_map(master_pid: int) -> dict[int, int]:
+    """{worker index: pid} of the master's live workers."""
+    out = {}
+    for pid in worker_pids(master_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            out[int(argv[argv.index(b"--index") + 1])] = pid
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "?"
+
+
+def holds_table_lock(pid: int) -> bool:
+    """True if the worker holds the lock of the shared connection table
+    (stopping it there would block the others' accepts until it goes on)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        fd = int(argv[argv.index(b"--conn-table") + 1])
+        ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+    except (OSError, ValueError, IndexError):
+        return False
+    with open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[1] == "POSIX" and parts[4] == str(pid) \
+                    and parts[5].rsplit(":", 1)[-1] == str(ino):
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def only_worker(relay: RelayProcess, index: int, workers: int = 2):
+    """Every new connection goes to worker ``index``: the others are stopped
+    (SIGSTOP) meanwhile, never while they hold the connection table's lock."""
+    def running():
+        m = worker_map(relay.proc.pid)
+        return m if len(m) == workers else None
+
+    pids = poll(running, 30, what=f"{workers} workers running")
+    stopped = []
+    try:
+        for j, pid in sorted(pids.items()):
+            if j == index:
+                continue
+            while True:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+                poll(lambda p=pid: _state(p) in ("T", "t", "?"), 10, interval=0.005, what=f"worker {j} stopped")
+                if not holds_table_lock(pid):
+                    break
+                stopped.remove(pid)
+                os.kill(pid, signal.SIGCONT)
+                poll(lambda p=pid: _state(p) not in ("T", "t"), 10, interval=0.005, what=f"worker {j} going on")
+        yield pids[index]
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+
+
+def send_each(relay: RelayProcess, port: int, n: int, rcpt: str, threads: int = 6) -> list[str]:
+    """send_many, half through each worker."""
+    acked = []
+    for i in (0, 1):
+        with only_worker(relay, i):
+            acked += send_many(port, n // 2, rcpt, threads=threads, first=i * (n // 2))
+    return acked
+
+
+def send_many(port: int, n: int, rcpt: str, threads: int = 6, first: int = 0) -> list[str]:
     acked: list[str] = []
     lock = threading.Lock()
 
     def run(k):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
             s.ehlo("client.test")
-            for i in range(k, n, threads):
+            for i in range(first + k, first + n, threads):
                 body = f"Message-ID: <w-{i}@client.test>\r\nSubject: {i}\r\n\r\nbody {i}\r\n".encode()
                 s.mail("a@client.test")
                 s.rcpt(rcpt)
@@ -98,7 +184,7 @@ def test_two_workers_share_the_port_and_deliver_everything(tmp_path):
     final.start(wait_for=("127.0.0.4", dport))
     relay.start(wait_for=("127.0.0.1", port))
     try:
-        acked = send_many(port, 120, "u@dest.test")
+        acked = send_each(relay, port, 120, "u@dest.test")
         assert len(acked) == 120
         box = tmp_path / "final-mail" / "dest.test" / "u" / "new"
         poll(lambda: box.is_dir() and len(os.listdir(box)) == 120, 30, what="120 messages in the Maildir")
@@ -118,7 +204,7 @@ def test_relayctl_sees_every_worker_and_acts_on_the_right_one(tmp_path):
                        delivery={"retry_min": "1h", "retry_max": "1h"})
     relay.start(wait_for=("127.0.0.1", port))
     try:
-        acked = send_many(port, 40, "x@remote.test", threads=8)
+        acked = send_each(relay, port, 40, "x@remote.test", threads=8)
         spool = relay.data["spool"]
         poll(lambda: all(ids_in(spool).values()), 10, what="messages in both workers' queues")
         st = relayctl(relay.config_path, "status", "--json")
@@ -160,7 +246,7 @@ def test_a_killed_worker_is_restarted_and_delivers_its_queue(tmp_path):
     usersmod.add_user(str(tmp_path / "final-users"), "u@dest.test", "pw")
     relay.start(wait_for=("127.0.0.1", port))
     try:
-        acked = send_many(port, 30, "u@dest.test")  # the next hop is down: all deferred
+        acked = send_each(relay, port, 30, "u@dest.test")  # the next hop is down: all deferred
         spool = relay.data["spool"]
         poll(lambda: all(ids_in(spool).values()), 10, what="messages in both queues")
         victim = worker_pids(relay.proc.pid)[0]
@@ -210,21 +296,21 @@ def test_sighup_reaches_every_worker(tmp_path):
 
     def rcpt():
         codes = set()
-        for _ in range(12):  # connections spread over both workers
-            with smtplib.SMTP("127.0.0.1", port) as s:
+        for i in (0, 1):  # through each worker
+            with only_worker(relay, i), smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
                 s.ehlo("x")
                 s.mail("a@b.example")
-                codes.add(s.rcpt("someone@far.example")[0])
+                codes.add((i, s.rcpt("someone@far.example")[0]))
         return codes
 
     try:
-        assert rcpt() == {250}
+        assert rcpt() == {(0, 250), (1, 250)}
         relay.data = deep_merge(relay.data, {"relay": {"networks": ["10.9.0.0/16"]}})
         with open(relay.config_path, "w") as f:
             f.write(toml_dumps(relay.data))
         relay.proc.send_signal(signal.SIGHUP)
         poll(lambda: relay.log().count("config reloaded") >= 2, 10, what="both workers to reload")
-        assert rcpt() == {554}
+        assert rcpt() == {(0, 554), (1, 554)}
     finally:
         relay.stop()
 
@@ -247,7 +333,7 @@ def test_metrics_are_the_sum_of_the_workers(tmp_path):
                        metrics={"listen": [f"tcp:{mport}:interface=127.0.0.1"]})
     relay.start(wait_for=("127.0.0.1", port))
     try:
-        acked = send_many(port, 40, "x@remote.test", threads=8)
+        acked = send_each(relay, port, 40, "x@remote.test", threads=8)
         spool = relay.data["spool"]
         poll(lambda: all(ids_in(spool).values()), 10, what="messages in both workers' queues")
         poll(lambda: scrape(mport)[("relay_queue_messages", (("state", "deferred"),))] == 40, 10,
@@ -291,4 +377,113 @@ def test_metrics_port_in_use_is_a_clear_start_up_error(tmp_path):
         assert not os.path.exists(os.path.join(relay.data["spool"], "w0")), "a worker started anyway"
     finally:
         busy.close()
+        relay.stop()
+
+
+def connect(port: int, timeout: float = 20.0) -> tuple[socket.socket, str]:
+    """A new client: (socket, its first reply line, or "" if none came in time)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = s.recv(512)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    return s, data.split(b"\r\n", 1)[0].decode("ascii", "replace")
+
+
+def test_max_connections_per_ip_is_one_limit_for_all_workers(tmp_path):
+    relay, port = make(tmp_path, smtp={"max_connections_per_ip": 3})
+    relay.start(wait_for=("127.0.0.1", port))
+    held: list[socket.socket] = []
+    try:
+        # the limit counts what every worker has open: 2 on worker 0 ...
+        with only_worker(relay, 0):
+            for _ in range(2):
+                s, line = connect(port)
+                held.append(s)
+                assert line.startswith("220 "), line
+        # ... so worker 1 may take only one more
+        replies = []
+        with only_worker(relay, 1):
+            for _ in range(4):
+                s, line = connect(port)
+                held.append(s)
+                replies.append(line)
+        assert replies[0].startswith("220 "), replies
+        assert [r.split(" ", 2)[:2] for r in replies[1:]] == [["421", "4.7.0"]] * 3, replies
+        assert "too many connections (3)" in relay.log()
+        # a worker that dies takes its connections with it: they no longer count
+        victim = worker_map(relay.proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        poll(lambda: "worker 0 ended unexpectedly" in relay.log(), 20, what="the master to see worker 0 die")
+        lines = []
+        for _ in range(3):
+            s, line = connect(port)
+            held.append(s)
+            lines.append(line)
+        assert [r[:3] for r in lines] == ["220", "220", "421"], lines
+        # a client that leaves frees its slot, whichever worker served it
+        held[2].close()  # worker 1's banner connection
+
+        def admitted():
+            s, line = connect(port)
+            held.append(s)
+            return line.startswith("220 ")
+
+        poll(admitted, 20, interval=0.1, what="a slot freed by a client that left")
+    finally:
+        for s in held:
+            s.close()
+        relay.stop()
+
+
+def test_a_worker_that_keeps_dying_is_given_no_connections(tmp_path):
+    relay, port = make(tmp_path)
+    relay.start(wait_for=("127.0.0.1", port))
+    try:
+        # kill worker 1 at each start until the master waits before the next one
+        from relay.master import RESTART_BACKOFF, RESTART_BURST
+
+        assert RESTART_BACKOFF >= 20  # the check below must end well before its restart
+        last = None
+        for kills in range(1, RESTART_BURST + 2):
+            def new_worker1(last=last):
+                p = worker_map(relay.proc.pid).get(1)
+                return p if p != last else None
+
+            pid = poll(new_worker1, 30, what="worker 1 (re)started")
+            os.kill(pid, signal.SIGKILL)
+            last = pid
+            poll(lambda n=kills: relay.log().count("worker 1 ended unexpectedly") >= n, 20,
+                 what="the master to see worker 1 die")
+        assert 1 not in worker_map(relay.proc.pid)
+        # worker 0 takes every new client while worker 1 is down (well before its restart)
+        t0 = time.monotonic()
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        try:
+            got = []
+            for s in clients:
+                data = b""
+                try:
+                    s.settimeout(max(0.1, 10 - (time.monotonic() - t0)))
+                    while b"\r\n" not in data:
+                        chunk = s.recv(512)
+                        if not chunk:
+                            break
+                        data += chunk
+                except OSError:
+                    pass
+                got.append(data[:3])
+            assert got == [b"220"] * 20, got
+            assert 1 not in worker_map(relay.proc.pid), "worker 1 restarted during the test: it proves nothing"
+            assert f"worker 1 ended {RESTART_BURST + 1} times in 60 s: next start in {RESTART_BACKOFF:.0f} s" \
+                in relay.log()
+        finally:
+            for s in clients:
+                s.close()
+    finally:
         relay.stop()
