@@ -239,16 +239,36 @@ class UserDB:
 
 @contextmanager
 def locked(path: str):
-    """Exclusive lock on <path>.lock, held while reading and rewriting path."""
+    """Exclusive lock on <path>.lock, held while reading and rewriting path.
+
+    As root, the whole edit runs as the user who controls the file's
+    directory (relay.privdrop): a link planted there as the lock or as the
+    file is never followed with root's rights, and the new file is that
+    user's.  The lock is never opened through a link, nor unless it is a
+    regular file."""
+    from relay import privdrop
+
     lock_path = path + ".lock"
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        with privdrop.as_controller(d):
+            os.makedirs(d, exist_ok=True)
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                             0o600)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise UsersFileError(f"{lock_path} is a symbolic link: not following it (remove it)")
+                raise
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise UsersFileError(f"{lock_path} is not a regular file: not using it (remove it)")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+    except privdrop.UnsafePath as e:
+        raise UsersFileError(f"{path}: {e}")
 
 
 def _keep_owner(fd: int, path: str) -> None:
