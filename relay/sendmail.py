@@ -598,11 +598,14 @@ def open_drop(cfg, qid: str, me: Identity) -> DropSink:
     drop = Spool(cfg.spool).drop_dir
     try:
         fd = drop_dir_fd(Spool(cfg.spool).root)
-    except (PermissionError, FileNotFoundError, NotADirectoryError):
+    except (PermissionError, FileNotFoundError):
         raise NoDrop(f"uid {me.uid} ({me.user or '?'}) may not write to {drop}")
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        # O_PATH|O_NOFOLLOW opens a link itself, which O_DIRECTORY refuses: ENOTDIR
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(drop):
             raise NoDrop(f"{drop} is a symbolic link: not following it")
+        if e.errno == errno.ENOTDIR:
+            raise NoDrop(f"{drop} is not a directory")
         raise Fatal(EX_TEMPFAIL, f"cannot open {drop}: {e.strerror or e}")
     try:
         return DropSink(drop, fd, qid)

@@ -30,6 +30,7 @@ import os
 import random
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -553,8 +554,6 @@ class Spool:
         """An fd on ``<root>/lock``, made if missing; never through a link
         (``O_NOFOLLOW``) and only a regular file (a FIFO or a device there
         would make whoever opens it hang or worse)."""
-        import stat as statmod
-
         path = os.path.join(self.root, "lock")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
@@ -565,7 +564,7 @@ class Spool:
             raise
         try:
             st = os.fstat(fd)
-            if not statmod.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
                 raise UnsafeSpoolFile(errno.EINVAL, f"{path} is not a regular file: not using it (remove it; "
                                       "the relay makes a new one)", path)
         except BaseException:
