@@ -357,10 +357,11 @@ os.rename(os.path.join(d, "." + name + ".tmp"), os.path.join(d, name))
 
 
 @needs_root
-def test_group_member_cannot_forge_the_submitter_or_backdate_arrival(shared_base):
+@pytest.mark.parametrize("forge", ["user", "arrival"])
+def test_group_member_cannot_forge_the_submitter_or_backdate_arrival(shared_base, forge):
     """nobody, a member of the drop directory's group, writes a drop file by
     hand claiming to be "root" (with its own uid, as relay-sendmail's line
-    has it) and an arrival 30 days ago (past delivery.max_lifetime, so a
+    has it), or an arrival 30 days ago (past delivery.max_lifetime, so a
     backdated message would be bounced at its first failed attempt)."""
     import json
     import time
@@ -375,8 +376,9 @@ def test_group_member_cannot_forge_the_submitter_or_backdate_arrival(shared_base
     os.chown(s.spool.drop_dir, 0, NOBODY)
     os.chmod(s.spool.drop_dir, 0o3730)
     qid = spoolmod.new_id()
-    forged = {"from": "boss@local.test", "rcpt": ["x@dest.test"], "t": time.time() - 30 * 86400,
-              "uid": NOBODY, "user": "root"}
+    forged = {"from": "boss@local.test", "rcpt": ["x@dest.test"],
+              "t": time.time() - 30 * 86400 if forge == "arrival" else time.time(),
+              "uid": NOBODY, "user": "root" if forge == "user" else "nobody"}
     data = (b"RELAYDROP1 " + json.dumps(forged).encode() + b"\nSubject: forged\r\n\r\nx\r\n")
     started = time.time()
     w = subprocess.run([sys.executable, "-c", _WRITE_AS.format(uid=NOBODY), s.spool.drop_dir, qid], input=data,
