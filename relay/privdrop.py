@@ -32,6 +32,7 @@ as: ``UnsafePath``.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import stat
@@ -42,6 +43,12 @@ from typing import Iterator
 
 class UnsafePath(OSError):
     """No single user to act as: the path is under several users' control."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EPERM, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def _prefixes(path: str) -> list[str]:

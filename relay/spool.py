@@ -580,6 +580,7 @@ class Spool:
         """
         import fcntl
 
+        self._refuse_root_on_another_users_spool()
         self.create()
         fd = self.open_lock()
         try:
@@ -590,6 +591,22 @@ class Spool:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
+
+    def _refuse_root_on_another_users_spool(self) -> None:
+        """A relay running as root on a spool another user controls would
+        follow whatever links that user puts in it, as root."""
+        if os.geteuid() != 0:
+            return
+        from relay import privdrop
+
+        try:
+            uid = privdrop.controller(self.root)[0]
+        except privdrop.UnsafePath:
+            return  # no single other user: an administrator's set-up, not refused here
+        if uid != 0:
+            raise UnsafeSpoolFile(errno.EPERM, f"{self.root} is controlled by uid {uid}: a relay running as root "
+                                  "would follow the links that user can put in it; start the relay as that user "
+                                  "(twistd -u/-g, or User= in the systemd unit)", self.root)
 
     def clean_incoming(self, log=None) -> int:
         """Remove half-written files left by a crash: received messages never

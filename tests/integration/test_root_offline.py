@@ -45,7 +45,7 @@ def run_ctl(cfg: str, *args: str, input_text: str | None = None) -> subprocess.C
 
 
 def give_away(path: str, uid: int = NOBODY) -> None:
-    for top, dirs, files in os.walk(path):
+    for top, _dirs, files in os.walk(path):
         os.lchown(top, uid, uid)
         for n in files:
             os.lchown(os.path.join(top, n), uid, uid)
@@ -222,3 +222,30 @@ def test_sendmail_as_root_into_the_spool_owners_drop_directory(base):
     (name,) = os.listdir(sp.drop_dir)
     st = os.stat(os.path.join(sp.drop_dir, name))
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, NOBODY, 0o640)
+
+
+# -- the relay itself, started as root without -u ----------------------------------------------------
+
+
+def test_relay_as_root_refuses_a_spool_another_user_controls(base):
+    """twistd run as root (no -u) on the relay user's spool would follow
+    that user's links as root for as long as it runs: it does not start."""
+    from tests.support.relay import RelayProcess, base_config, deep_merge, free_port
+    from tests.support.wait import poll
+
+    port = free_port()
+    data = deep_merge(base_config(base), {"smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"]}})
+    sp = spoolmod.Spool(data["spool"])
+    sp.create()
+    give_away(sp.root)
+    etc = outside(base)
+    os.symlink(os.path.join(etc, "ld.so.preload"), os.path.join(sp.root, "lock"))
+    os.lchown(os.path.join(sp.root, "lock"), NOBODY, NOBODY)
+    relay = RelayProcess(base, data).start()
+    try:
+        poll(lambda: relay.proc.poll() is not None, 30, what="the relay to give up")
+        assert relay.proc.returncode != 0
+        assert f"{sp.root} is controlled by uid {NOBODY}: a relay running as root" in relay.log(), relay.log()
+        assert os.listdir(etc) == []
+    finally:
+        relay.stop()
