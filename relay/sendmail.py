@@ -10,13 +10,19 @@ options are honoured, ignored or refused) and queues the message:
    queue id and the directory fsynced, so it is queued durably whether or
    not the relay runs; the relay picks it up at start and, while running,
    at once (inotify; relay/pickup.py).  The relay learns who submitted it
-   from the file's owner, which a user cannot forge.
+   from the file's owner, which a user cannot forge, and when from the
+   file's ctime.  Every step is relative to an fd on the real drop
+   directory, reached without following a link below the spool: root never
+   writes anywhere the spool's owner could point it to.  Before the relay's
+   first start there is no spool: root (as the spool's owner) or the user
+   the relay would make it as makes the relay's own layout first.
 2. **SMTP to the relay's own listener on loopback** otherwise (the spool is
    0700, so by default only the relay's user and root may write to drop/):
    the relay answers 250 only once the message is on disk.  The user name
    in the Received header is then only a claim of this program.
 3. Neither (the relay is down and drop/ is not writable): nothing is
-   queued, exit 75 (EX_TEMPFAIL) with a message saying so.
+   queued, exit 75 (EX_TEMPFAIL) with a message saying so and why drop/
+   could not be used (no permission, no spool yet, a link).
 
 Input: LF or CRLF line endings (stored as CRLF); a bare CR is refused; a
 line with only "." ends the message unless -i/-oi; lines over 998 octets are
