@@ -37,8 +37,9 @@ def base():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def run_ctl(cfg: str, *args: str, input_text: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def run_ctl(cfg: str, *args: str, input_text: str | None = None, env_extra: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, **(env_extra or {}))
     env.pop("RELAY_CONFIG", None)
     return subprocess.run([sys.executable, "-m", "relay.cli", "--config", cfg, *args], input=input_text,
                           capture_output=True, text=True, env=env, timeout=60, cwd="/")
@@ -111,6 +112,32 @@ def test_status_as_root_makes_the_lock_as_the_spools_owner(base):
     assert "Queue:" in r.stdout or "1" in r.stdout
     st = os.lstat(lock)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (NOBODY, NOBODY, 0o600)
+
+
+def test_relayctl_as_root_does_not_connect_through_a_control_socket_link(base):
+    """control.sock replaced by a link to a socket only root may use: root's
+    relayctl must not reach it with root's credentials."""
+    import socket
+
+    cfg, sp, _ = nobody_spool(base, [{"rcpts": ["x@dest.test"]}])
+    etc = outside(base)
+    victim = os.path.join(etc, "root-only.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        srv.bind(victim)
+        os.chmod(victim, 0o600)
+        srv.listen(8)
+        srv.setblocking(False)
+        link = os.path.join(sp.root, "control.sock")
+        os.symlink(victim, link)
+        os.lchown(link, NOBODY, NOBODY)
+        r = run_ctl(cfg, "status", env_extra={"RELAYCTL_TIMEOUT": "2"})
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        with pytest.raises(BlockingIOError):
+            conn, _ = srv.accept()
+            conn.close()
+    finally:
+        srv.close()
 
 
 # -- queue actions with the relay down --------------------------------------------------------------
