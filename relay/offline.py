@@ -34,6 +34,8 @@ from relay import spool as spoolmod
 from relay.config import Config
 from relay.spool import FINAL, CorruptEntry, QueueEntry, Spool, is_queue_id
 
+BATCH = 256  # spool files read per switch to the spool owner's uid
+
 
 class OfflineError(Exception):
     pass
@@ -57,15 +59,22 @@ class OfflineSpool:
         self.config = config
         self.spool = Spool(config.spool)
         self.lock_path = os.path.join(self.spool.root, "lock")
+        self._owner: tuple[int, int] | None = None  # (uid, gid) to act as, when root
 
     @contextmanager
     def _as_owner(self) -> Iterator[None]:
-        """The block runs as the user who controls the spool (root only)."""
-        try:
-            with privdrop.as_controller(self.spool.root):
-                yield
-        except privdrop.UnsafePath as e:
-            raise OfflineError(f"{e} (spool {self.spool.root})")
+        """The block runs as the user who controls the spool (root only).
+        Who that is is looked up once: only root could change it."""
+        if os.geteuid() != 0:
+            yield
+            return
+        if self._owner is None:
+            try:
+                self._owner = privdrop.controller(self.spool.root)
+            except privdrop.UnsafePath as e:
+                raise OfflineError(f"{e} (spool {self.spool.root})")
+        with privdrop.as_user(*self._owner):
+            yield
 
     # -- the lock ---------------------------------------------------------
     def exists(self) -> bool:
@@ -143,19 +152,22 @@ class OfflineSpool:
                                "(run relayctl as the relay's user or root)")
 
     def entries(self, problems: list[str] | None = None) -> Iterator[QueueEntry]:
-        for qid in self.ids():
-            try:
-                with self._as_owner():
-                    entry = self.spool.load(qid)
-            except FileNotFoundError:
-                continue
-            except (CorruptEntry, OSError, UnicodeDecodeError) as e:
-                if problems is not None:
-                    problems.append(f"{qid}: unreadable, skipped ({e})")
-                continue
-            if entry.state.done:
-                continue  # all final; the relay removes it at start
-            yield entry
+        ids = self.ids()
+        for start in range(0, len(ids), BATCH):
+            batch = []
+            with self._as_owner():  # one switch per batch, not per file; never across a yield
+                for qid in ids[start:start + BATCH]:
+                    try:
+                        entry = self.spool.load(qid)
+                    except FileNotFoundError:
+                        continue
+                    except (CorruptEntry, OSError, UnicodeDecodeError) as e:
+                        if problems is not None:
+                            problems.append(f"{qid}: unreadable, skipped ({e})")
+                        continue
+                    if not entry.state.done:  # all final: the relay removes it at start
+                        batch.append(entry)
+            yield from batch
 
     def lines(self, problems: list[str] | None = None) -> Iterator[bytes]:
         for e in self.entries(problems):

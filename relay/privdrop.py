@@ -33,6 +33,7 @@ as: ``UnsafePath``.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import pwd
 import stat
@@ -94,6 +95,16 @@ def controller(path: str) -> tuple[int, int]:
     return uid, gid
 
 
+@functools.lru_cache(maxsize=8)
+def _groups(uid: int, gid: int) -> list[int]:
+    """The user's groups (the password and group files are read once per
+    process: relayctl and relay-sendmail are short-lived)."""
+    try:
+        return os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:
+        return [gid]
+
+
 _lock = threading.RLock()
 _depth = 0
 
@@ -111,11 +122,7 @@ def as_user(uid: int, gid: int) -> Iterator[None]:
     with _lock:
         old_egid = os.getegid()
         old_groups = os.getgroups()
-        try:
-            groups = os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
-        except KeyError:
-            groups = [gid]
-        os.setgroups(groups)
+        os.setgroups(_groups(uid, gid))
         os.setegid(gid)
         try:
             os.seteuid(uid)
