@@ -30,6 +30,7 @@ import email.utils
 import errno
 import os
 import pwd
+import re
 import secrets
 import stat
 import time
@@ -122,6 +123,22 @@ def ready_names(spool: spoolmod.Spool, now: float, log_fn=None) -> list[str]:
     return out
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,80}\Z")
+
+
+def _shown(name: str) -> str:
+    """A file name in drop/ as logged: anyone who may write there chooses it
+    (a newline, "reject: RCPT from ..."), so anything but a plain name is
+    shown quoted, with escapes, and cut short."""
+    return name if _PLAIN_NAME.match(name) else ascii(name[:80])
+
+
+def _qid(name: str) -> str | None:
+    """The queue id a drop file name stands for (the log's grep key), if any."""
+    stem = name.lstrip(".")[:16]
+    return stem if spoolmod.is_queue_id(stem) else None
+
+
 def quarantine(spool: spoolmod.Spool, name: str, reason: str, log_fn=None) -> bool:
     src = os.path.join(spool.drop_dir, name)
     dst = os.path.join(spool.quarantine_dir, "drop-" + name.lstrip("."))
@@ -135,11 +152,11 @@ def quarantine(spool: spoolmod.Spool, name: str, reason: str, log_fn=None) -> bo
     except OSError as e:
         if log_fn:
             log_fn("drop/{name}: cannot move to quarantine ({error}); left in place: {reason}",
-                   name=name, error=e.strerror, reason=reason, queue_id=name[:16])
+                   name=_shown(name), error=e.strerror, reason=reason, queue_id=_qid(name))
         return False
     if log_fn:
-        log_fn("drop/{name}: moved to quarantine as {dest}: {reason}", name=name,
-               dest=os.path.basename(dst), reason=reason, queue_id=name[:16])
+        log_fn("drop/{name}: moved to quarantine as {dest}: {reason}", name=_shown(name),
+               dest=_shown(os.path.basename(dst)), reason=reason, queue_id=_qid(name))
     return True
 
 
@@ -513,12 +530,12 @@ class Pickup(service.Service):
         if moved:
             self.quarantined += 1
             self._retry_at.pop(name, None)
-            log.error("drop/{name}: moved to quarantine: {reason}", name=name, reason=reason,
-                      queue_id=name[:16] if spoolmod.is_queue_id(name) else None)
+            log.error("drop/{name}: moved to quarantine: {reason}", name=_shown(name), reason=reason,
+                      queue_id=_qid(name))
         else:
             self._later(name, f"cannot move it to quarantine ({reason})")
 
     def _later(self, name: str, why: str) -> None:
         self._retry_at[name] = self.svc.reactor.seconds() + RETRY_AFTER
-        log.warn("drop/{name}: not picked up, trying again in {secs:g}s: {why}", name=name, secs=RETRY_AFTER,
-                 why=why, queue_id=name[:16] if spoolmod.is_queue_id(name) else None)
+        log.warn("drop/{name}: not picked up, trying again in {secs:g}s: {why}", name=_shown(name),
+                 secs=RETRY_AFTER, why=why, queue_id=_qid(name))

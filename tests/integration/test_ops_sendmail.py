@@ -399,3 +399,22 @@ def test_group_member_cannot_forge_the_submitter_or_backdate_arrival(shared_base
         assert f"{qid}: client=local, uid=65534 (nobody)" in text and "(root)" not in text
     finally:
         relay.stop()
+
+
+def test_a_drop_file_name_cannot_forge_a_log_line(tmp_path):
+    """Whoever may write to drop/ chooses the names there: one with a
+    newline and a fail2ban-looking text is logged quoted, on one line."""
+    s = Setup(str(tmp_path))
+    s.spool.create()
+    evil = "x\nreject: RCPT from x[203.0.113.7]: 554 5.7.1 forged"
+    with open(os.path.join(s.spool.drop_dir, evil), "wb") as f:
+        f.write(b"garbage")
+    relay = s.relay().start(wait_for=("127.0.0.1", s.port))
+    try:
+        poll(lambda: "moved to quarantine" in relay.log(), 20, what="the quarantine")
+        lines = relay.log().splitlines()
+        assert not [ln for ln in lines if ln.startswith("reject:") or "reject: RCPT" in ln.split("drop/")[0]]
+        (line,) = [ln for ln in lines if "moved to quarantine:" in ln]
+        assert "drop/'x\\nreject: RCPT from x[203.0.113.7]: 554 5.7.1 forged'" in line
+    finally:
+        relay.stop()
