@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from relay import privdrop  # at import: a submitter run as another user may not read the tree later
+
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -535,8 +537,6 @@ def drop_dir_fd(root: str) -> int:
     administrator's path, maybe a link), then ``drop`` without following a
     link.  As root, the directory must belong to root or to the user who
     controls the spool (relay.privdrop.controller): nobody else's."""
-    from relay import privdrop
-
     flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
     rfd = os.open(root, flags)
     try:
@@ -550,6 +550,9 @@ def drop_dir_fd(root: str) -> int:
             if uid not in (0, owner):
                 raise NoDrop(f"{root}/drop belongs to uid {uid}, not to the spool's owner (uid {owner}): "
                              "not writing to it as root")
+        except privdrop.UnsafePath as e:
+            os.close(fd)
+            raise NoDrop(str(e))
         except BaseException:
             os.close(fd)
             raise
@@ -562,7 +565,6 @@ def prepare_spool(cfg, me: Identity) -> None:
     root or the user the relay would make it as (the owner of the spool, or
     of the directory it goes in).  As root, it is made as that user, so it
     is theirs.  NoDrop: anyone else, saying so."""
-    from relay import privdrop
     from relay.spool import Spool
 
     sp = Spool(cfg.spool)
