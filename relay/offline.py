@@ -76,6 +76,13 @@ class OfflineSpool:
         with privdrop.as_user(*self._owner):
             yield
 
+    def _hint(self) -> str:
+        """What to do about a permission error."""
+        if os.getuid() == 0 and self._owner and self._owner[0] != 0:  # real uid: also while acting as the owner
+            return (f"(relayctl run by root acts as the spool's owner, uid {self._owner[0]}; "
+                    "something in the spool leads outside it)")
+        return "(run relayctl as the relay's user or root)"
+
     # -- the lock ---------------------------------------------------------
     def exists(self) -> bool:
         with self._as_owner():
@@ -112,8 +119,7 @@ class OfflineSpool:
         except spoolmod.UnsafeSpoolFile as e:
             raise OfflineError(str(e.strerror))
         except PermissionError as e:
-            raise OfflineError(f"cannot open {self.lock_path}: {e.strerror} "
-                               "(run relayctl as the relay's user or root)")
+            raise OfflineError(f"cannot open {self.lock_path}: {e.strerror} {self._hint()}")
         except OSError as e:
             raise OfflineError(f"cannot open {self.lock_path}: {e.strerror or e}")
         if fd is None:
@@ -148,8 +154,7 @@ class OfflineSpool:
         except FileNotFoundError:
             return []
         except PermissionError as e:
-            raise OfflineError(f"cannot read the spool {self.spool.queue_dir}: {e.strerror} "
-                               "(run relayctl as the relay's user or root)")
+            raise OfflineError(f"cannot read the spool {self.spool.queue_dir}: {e.strerror} {self._hint()}")
 
     def entries(self, problems: list[str] | None = None) -> Iterator[QueueEntry]:
         ids = self.ids()
@@ -184,7 +189,7 @@ class OfflineSpool:
         except (CorruptEntry, UnicodeDecodeError) as e:
             raise OfflineError(f"{qid}: unreadable spool entry: {e}")
         except PermissionError as e:
-            raise OfflineError(f"{qid}: {e.strerror} (run relayctl as the relay's user or root)")
+            raise OfflineError(f"{qid}: {e.strerror} {self._hint()}")
         if entry.state.done:
             raise NoSuchMessage(f"{qid}: no such message in the queue (all recipients are final)")
         return entry
@@ -210,8 +215,12 @@ class OfflineSpool:
 
     def act(self, action: str, qid: str) -> tuple[bool | None, str]:
         """(ok, text) like the running relay's answer; ok None: nothing to do."""
-        with self._as_owner():
-            return self._act(action, qid)
+        try:
+            with self._as_owner():
+                return self._act(action, qid)
+        except PermissionError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            raise OfflineError(f"{qid}: {e.strerror}{where} {self._hint()}")
 
     def _act(self, action: str, qid: str) -> tuple[bool | None, str]:
         try:

@@ -176,6 +176,7 @@ def test_offline_action_as_root_writes_nothing_through_a_linked_queue_dir(base, 
     r = run_ctl(cfg, "queue", action, a)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Permission denied" in r.stderr or "permission denied" in r.stderr, r.stderr
+    assert f"relayctl run by root acts as the spool's owner, uid {NOBODY}" in r.stderr, r.stderr
     assert snapshot(etc) == before
 
 
