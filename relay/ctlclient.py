@@ -17,6 +17,7 @@ over a real UNIX socket.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 import time
@@ -166,10 +167,16 @@ class Client:
 
     @classmethod
     def connect(cls, path: str, timeout: float) -> "Client":
+        from relay import privdrop
+
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
         try:
-            s.connect(path)
+            # as root: connect as the user who controls the socket's directory (the relay's),
+            # so a link planted there to another service's socket reaches it without root's
+            # credentials (SO_PEERCRED is taken at connect)
+            with privdrop.as_controller(os.path.dirname(os.path.abspath(path))):
+                s.connect(path)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
             s.close()
             raise NotListening(path, e)

@@ -11,9 +11,13 @@ atomically, so each read is consistent, and a slow reader (``relayctl queue
 
 Changes are the ones the running queue manager makes (hold flag and
 next-attempt times in the state file, removal message-first, a DSN queued
-like any message) so the relay picks them up at start.  When run as root on
-a spool owned by another user (the relay's), files relayctl creates are
-handed to that user, so the relay can read them.
+like any message) so the relay picks them up at start.
+
+Run as root on a spool another user controls (the relay's), every access
+to it is made as that user (relay.privdrop): a link that user planted in
+the spool (``lock`` -> ``/etc/ld.so.preload``) is followed with that
+user's rights only, and the files relayctl makes are that user's, as if
+the relay had made them.  Nothing is chowned.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from relay import bounce as bouncemod
-from relay import queueview
+from relay import privdrop, queueview
 from relay import spool as spoolmod
 from relay.config import Config
 from relay.spool import FINAL, CorruptEntry, QueueEntry, Spool, is_queue_id
+
+BATCH = 256  # spool files read per switch to the spool owner's uid
 
 
 class OfflineError(Exception):
@@ -53,38 +59,69 @@ class OfflineSpool:
         self.config = config
         self.spool = Spool(config.spool)
         self.lock_path = os.path.join(self.spool.root, "lock")
+        self._owner: tuple[int, int] | None = None  # (uid, gid) to act as, when root
+
+    @contextmanager
+    def _as_owner(self) -> Iterator[None]:
+        """The block runs as the user who controls the spool (root only).
+        Who that is is looked up once: only root could change it."""
+        if os.geteuid() != 0:
+            yield
+            return
+        if self._owner is None:
+            try:
+                self._owner = privdrop.controller(self.spool.root)
+            except privdrop.UnsafePath as e:
+                raise OfflineError(f"{e} (spool {self.spool.root})")
+        with privdrop.as_user(*self._owner):
+            yield
+
+    def _hint(self) -> str:
+        """What to do about a permission error."""
+        if os.getuid() == 0 and self._owner and self._owner[0] != 0:  # real uid: also while acting as the owner
+            return (f"(relayctl run by root acts as the spool's owner, uid {self._owner[0]}; "
+                    "something in the spool leads outside it)")
+        return "(run relayctl as the relay's user or root)"
 
     # -- the lock ---------------------------------------------------------
     def exists(self) -> bool:
-        return os.path.isdir(self.spool.queue_dir)
+        with self._as_owner():
+            return os.path.isdir(self.spool.queue_dir)
 
     def holder_pid(self) -> int | None:
         try:
-            with open(self.lock_path, encoding="ascii", errors="replace") as f:
-                text = f.read(32).strip()
+            with self._as_owner():
+                fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                text = os.read(fd, 32).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
             return int(text) if text.isdigit() else None
         except OSError:
             return None
 
     def _open_lock(self) -> int | None:
         """An fd on the lock file; None when there is no spool at all."""
-        if not os.path.isdir(self.spool.root):
-            return None
-        try:
-            return os.open(self.lock_path, os.O_RDONLY)
-        except FileNotFoundError:
-            pass
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._give_to_owner(self.lock_path)
-        return fd
+        with self._as_owner():
+            if not os.path.isdir(self.spool.root):
+                return None
+            try:
+                return self.spool.open_lock()
+            except PermissionError:
+                pass
+            # a user who may read the spool but not write it: the lock the relay made will do
+            return os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _try_lock(self) -> int | None:
         """Our fd holding the lock, or raise RelayRunning; None: no spool."""
         try:
             fd = self._open_lock()
+        except spoolmod.UnsafeSpoolFile as e:
+            raise OfflineError(str(e.strerror))
         except PermissionError as e:
-            raise OfflineError(f"cannot open {self.lock_path}: {e.strerror} "
-                               "(run relayctl as the relay's user or root)")
+            raise OfflineError(f"cannot open {self.lock_path}: {e.strerror} {self._hint()}")
+        except OSError as e:
+            raise OfflineError(f"cannot open {self.lock_path}: {e.strerror or e}")
         if fd is None:
             return None
         try:
@@ -109,40 +146,33 @@ class OfflineSpool:
             if fd is not None:
                 os.close(fd)
 
-    def _give_to_owner(self, path: str) -> None:
-        """As root on another user's spool: make a file we created theirs."""
-        if os.geteuid() != 0:
-            return
-        try:
-            st = os.stat(self.spool.root)
-            if st.st_uid != 0:
-                os.chown(path, st.st_uid, st.st_gid)
-        except OSError:
-            pass
-
     # -- reading ------------------------------------------------------------------
     def ids(self) -> list[str]:
         try:
-            return self.spool.queue_ids()
+            with self._as_owner():
+                return self.spool.queue_ids()
         except FileNotFoundError:
             return []
         except PermissionError as e:
-            raise OfflineError(f"cannot read the spool {self.spool.queue_dir}: {e.strerror} "
-                               "(run relayctl as the relay's user or root)")
+            raise OfflineError(f"cannot read the spool {self.spool.queue_dir}: {e.strerror} {self._hint()}")
 
     def entries(self, problems: list[str] | None = None) -> Iterator[QueueEntry]:
-        for qid in self.ids():
-            try:
-                entry = self.spool.load(qid)
-            except FileNotFoundError:
-                continue
-            except (CorruptEntry, OSError, UnicodeDecodeError) as e:
-                if problems is not None:
-                    problems.append(f"{qid}: unreadable, skipped ({e})")
-                continue
-            if entry.state.done:
-                continue  # all final; the relay removes it at start
-            yield entry
+        ids = self.ids()
+        for start in range(0, len(ids), BATCH):
+            batch = []
+            with self._as_owner():  # one switch per batch, not per file; never across a yield
+                for qid in ids[start:start + BATCH]:
+                    try:
+                        entry = self.spool.load(qid)
+                    except FileNotFoundError:
+                        continue
+                    except (CorruptEntry, OSError, UnicodeDecodeError) as e:
+                        if problems is not None:
+                            problems.append(f"{qid}: unreadable, skipped ({e})")
+                        continue
+                    if not entry.state.done:  # all final: the relay removes it at start
+                        batch.append(entry)
+            yield from batch
 
     def lines(self, problems: list[str] | None = None) -> Iterator[bytes]:
         for e in self.entries(problems):
@@ -152,13 +182,14 @@ class OfflineSpool:
         if not is_queue_id(qid):
             raise NoSuchMessage(f"{qid}: no such message in the queue (not a queue id)")
         try:
-            entry = self.spool.load(qid)
+            with self._as_owner():
+                entry = self.spool.load(qid)
         except FileNotFoundError:
             raise NoSuchMessage(f"{qid}: no such message in the queue")
         except (CorruptEntry, UnicodeDecodeError) as e:
             raise OfflineError(f"{qid}: unreadable spool entry: {e}")
         except PermissionError as e:
-            raise OfflineError(f"{qid}: {e.strerror} (run relayctl as the relay's user or root)")
+            raise OfflineError(f"{qid}: {e.strerror} {self._hint()}")
         if entry.state.done:
             raise NoSuchMessage(f"{qid}: no such message in the queue (all recipients are final)")
         return entry
@@ -166,7 +197,8 @@ class OfflineSpool:
     def details(self, qid: str) -> dict:
         e = self.load(qid)
         try:
-            headers = self.spool.read_headers(qid)
+            with self._as_owner():
+                headers = self.spool.read_headers(qid)
         except FileNotFoundError:
             raise NoSuchMessage(f"{qid}: no such message in the queue")
         return queueview.details(e.envelope, e.state, e.size, queueview.queue_name(e.state), headers)
@@ -180,10 +212,17 @@ class OfflineSpool:
     # -- changes (call inside ``locked()``) -------------------------------------------------
     def _write_state(self, qid: str, state: spoolmod.State) -> None:
         self.spool.write_state(qid, state)
-        self._give_to_owner(self.spool.state_path(qid))
 
     def act(self, action: str, qid: str) -> tuple[bool | None, str]:
         """(ok, text) like the running relay's answer; ok None: nothing to do."""
+        try:
+            with self._as_owner():
+                return self._act(action, qid)
+        except PermissionError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            raise OfflineError(f"{qid}: {e.strerror}{where} {self._hint()}")
+
+    def _act(self, action: str, qid: str) -> tuple[bool | None, str]:
         try:
             entry = self.load(qid)
         except NoSuchMessage as e:
@@ -246,7 +285,6 @@ class OfflineSpool:
                 client={"proto": "dsn"}, extra={"dsn": bouncemod.FAILED, "for": env.queue_id},
             )
             self.spool.inject(denv, data)
-            self._give_to_owner(self.spool.message_path(denv.queue_id))
             spoolmod.fsync_dir(self.spool.queue_dir)
             dsn_id = denv.queue_id
         self.spool.remove(env.queue_id)

@@ -9,10 +9,11 @@ and since the queue entry keeps the drop file's name as its queue id, the
 start-up pass (``reconcile``, run before the queue is loaded) sees it is
 already queued and removes the drop file: nothing is lost or sent twice.
 
-Who submitted it: the file's owner, which a local user cannot forge.  A
-file owned by root or by the relay's own user was written by a trusted
-party (root's relay-sendmail hands its files to the drop directory's
-group), whose uid/user claim is then taken as is.
+Who submitted it: the file's owner (fstat of the open file, then the
+password database), which a local user cannot forge; when: the file's
+ctime (its rename into drop/), which its owner cannot set back.  The uid,
+user and time written in the envelope line are never used (in a drop
+directory opened to a group, every member writes that line).
 
 Anything that is not a well-formed drop file (garbage, a symlink, a
 hard link, a file the relay cannot read, a bare CR or LF, a line over 998
@@ -29,6 +30,7 @@ import email.utils
 import errno
 import os
 import pwd
+import re
 import secrets
 import stat
 import time
@@ -121,6 +123,22 @@ def ready_names(spool: spoolmod.Spool, now: float, log_fn=None) -> list[str]:
     return out
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,80}\Z")
+
+
+def _shown(name: str) -> str:
+    """A file name in drop/ as logged: anyone who may write there chooses it
+    (a newline, "reject: RCPT from ..."), so anything but a plain name is
+    shown quoted, with escapes, and cut short."""
+    return name if _PLAIN_NAME.match(name) else ascii(name[:80])
+
+
+def _qid(name: str) -> str | None:
+    """The queue id a drop file name stands for (the log's grep key), if any."""
+    stem = name.lstrip(".")[:16]
+    return stem if spoolmod.is_queue_id(stem) else None
+
+
 def quarantine(spool: spoolmod.Spool, name: str, reason: str, log_fn=None) -> bool:
     src = os.path.join(spool.drop_dir, name)
     dst = os.path.join(spool.quarantine_dir, "drop-" + name.lstrip("."))
@@ -134,25 +152,31 @@ def quarantine(spool: spoolmod.Spool, name: str, reason: str, log_fn=None) -> bo
     except OSError as e:
         if log_fn:
             log_fn("drop/{name}: cannot move to quarantine ({error}); left in place: {reason}",
-                   name=name, error=e.strerror, reason=reason, queue_id=name[:16])
+                   name=_shown(name), error=e.strerror, reason=reason, queue_id=_qid(name))
         return False
     if log_fn:
-        log_fn("drop/{name}: moved to quarantine as {dest}: {reason}", name=name,
-               dest=os.path.basename(dst), reason=reason, queue_id=name[:16])
+        log_fn("drop/{name}: moved to quarantine as {dest}: {reason}", name=_shown(name),
+               dest=_shown(os.path.basename(dst)), reason=reason, queue_id=_qid(name))
     return True
 
 
-def _owner(st_uid: int, claimed_uid: int, claimed_user: str) -> tuple[int, str]:
-    """Who submitted the file: its owner; root and the relay's own user
-    write on behalf of someone, so their claim stands."""
-    if st_uid in (0, os.geteuid()):
-        return claimed_uid, claimed_user
-    if claimed_uid == st_uid and claimed_user:
-        return st_uid, claimed_user
+def _owner(st_uid: int) -> tuple[int, str]:
+    """Who submitted the file: its owner (fstat of the open file), named by
+    the password database.  The uid and user name written in the file are
+    never used: in a drop directory opened to a group, any member writes
+    that line (``"user": "root"``)."""
     try:
         return st_uid, pwd.getpwuid(st_uid).pw_name
     except KeyError:
         return st_uid, ""
+
+
+def _arrival(st: os.stat_result, now: float) -> float:
+    """When the message was queued: the drop file's ctime (set by the
+    kernel when relay-sendmail renamed it into drop/, and never settable
+    backwards by its owner), bounded by now; never the time written in the
+    file, which its writer chooses."""
+    return st.st_ctime if 0 < st.st_ctime <= now else now
 
 
 def _address(text: str, what: str) -> str:
@@ -202,9 +226,8 @@ def open_drop_file(spool: spoolmod.Spool, name: str, max_size: int) -> DropFile 
             raise Quarantined(f"message of {size} octets is over smtp.max_message_size ({max_size})")
         sender = _address(env["from"], "sender") if env["from"] else ""
         rcpts = [_address(r, "recipient") for r in env["rcpt"]]
-        uid, user = _owner(st.st_uid, env["uid"], env["user"])
-        now = time.time()
-        arrival = env["t"] if 0 < env["t"] <= now else now
+        uid, user = _owner(st.st_uid)
+        arrival = _arrival(st, time.time())
         return DropFile(name, fd, offset, size, sender, rcpts, arrival, uid, user)
     except BaseException:
         os.close(fd)
@@ -507,12 +530,12 @@ class Pickup(service.Service):
         if moved:
             self.quarantined += 1
             self._retry_at.pop(name, None)
-            log.error("drop/{name}: moved to quarantine: {reason}", name=name, reason=reason,
-                      queue_id=name[:16] if spoolmod.is_queue_id(name) else None)
+            log.error("drop/{name}: moved to quarantine: {reason}", name=_shown(name), reason=reason,
+                      queue_id=_qid(name))
         else:
             self._later(name, f"cannot move it to quarantine ({reason})")
 
     def _later(self, name: str, why: str) -> None:
         self._retry_at[name] = self.svc.reactor.seconds() + RETRY_AFTER
-        log.warn("drop/{name}: not picked up, trying again in {secs:g}s: {why}", name=name, secs=RETRY_AFTER,
-                 why=why, queue_id=name[:16] if spoolmod.is_queue_id(name) else None)
+        log.warn("drop/{name}: not picked up, trying again in {secs:g}s: {why}", name=_shown(name),
+                 secs=RETRY_AFTER, why=why, queue_id=_qid(name))

@@ -10,13 +10,19 @@ options are honoured, ignored or refused) and queues the message:
    queue id and the directory fsynced, so it is queued durably whether or
    not the relay runs; the relay picks it up at start and, while running,
    at once (inotify; relay/pickup.py).  The relay learns who submitted it
-   from the file's owner, which a user cannot forge.
+   from the file's owner, which a user cannot forge, and when from the
+   file's ctime.  Every step is relative to an fd on the real drop
+   directory, reached without following a link below the spool: root never
+   writes anywhere the spool's owner could point it to.  Before the relay's
+   first start there is no spool: root (as the spool's owner) or the user
+   the relay would make it as makes the relay's own layout first.
 2. **SMTP to the relay's own listener on loopback** otherwise (the spool is
    0700, so by default only the relay's user and root may write to drop/):
    the relay answers 250 only once the message is on disk.  The user name
    in the Received header is then only a claim of this program.
 3. Neither (the relay is down and drop/ is not writable): nothing is
-   queued, exit 75 (EX_TEMPFAIL) with a message saying so.
+   queued, exit 75 (EX_TEMPFAIL) with a message saying so and why drop/
+   could not be used (no permission, no spool yet, a link).
 
 Input: LF or CRLF line endings (stored as CRLF); a bare CR is refused; a
 line with only "." ends the message unless -i/-oi; lines over 998 octets are
@@ -32,12 +38,13 @@ import json
 import os
 import re
 import secrets
-import stat
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+from relay import privdrop  # at import: a submitter run as another user may not read the tree later
 
 EX_OK = 0
 EX_USAGE = 64
@@ -440,17 +447,24 @@ def fold(line: bytes, header: bool) -> list[bytes]:
 
 
 class DropSink:
-    """A file in <spool>/drop: temp name, fsync, rename, directory fsync."""
+    """A file in <spool>/drop: temp name, fsync, rename, directory fsync.
 
-    def __init__(self, drop_dir: str, qid: str):
+    Every step is relative to ``dir_fd``, an fd on the drop directory
+    reached without following a link below the spool (``drop_dir_fd``):
+    relay-sendmail run by root never creates, renames or chowns a file
+    anywhere else, whatever the spool's owner put at those names."""
+
+    def __init__(self, drop_dir: str, dir_fd: int, qid: str):
         self.dir = drop_dir
+        self.dir_fd = dir_fd
         self.qid = qid
-        self.tmp = os.path.join(drop_dir, f".{qid}.{secrets.token_hex(4)}.tmp")
+        self.tmp = f".{qid}.{secrets.token_hex(4)}.tmp"
         self.final = os.path.join(drop_dir, qid)
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, DROP_MODE)
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, DROP_MODE,
+                     dir_fd=dir_fd)
         try:
             os.fchmod(fd, DROP_MODE)  # whatever the umask: the relay must be able to read it
-            dir_gid = os.stat(drop_dir).st_gid
+            dir_gid = os.fstat(dir_fd).st_gid
             if os.fstat(fd).st_gid != dir_gid:
                 try:
                     os.fchown(fd, -1, dir_gid)  # root, or a member of the directory's group
@@ -468,11 +482,12 @@ class DropSink:
     def commit(self) -> str:
         self.file.flush()
         os.fsync(self.file.fileno())
-        os.rename(self.tmp, self.final)
+        os.rename(self.tmp, self.qid, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
         try:
-            _sync_directory(self.dir, self.file.fileno())
+            _sync_directory(self.dir_fd, self.file.fileno())
         finally:
             self.file.close()
+            self._close_dir()
         return self.qid
 
     def abort(self) -> None:
@@ -481,23 +496,31 @@ class DropSink:
         except OSError:
             pass
         self._unlink()
+        self._close_dir()
 
     def _unlink(self) -> None:
         try:
-            os.unlink(self.tmp)
+            os.unlink(self.tmp, dir_fd=self.dir_fd)
         except FileNotFoundError:
             pass
 
+    def _close_dir(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
 
-def _sync_directory(path: str, file_fd: int) -> None:
-    """Make a rename in ``path`` durable.  A submitter in a group-opened drop
-    directory (mode 3730) may write but not read it, so it cannot open the
-    directory to fsync it: syncfs() on the file's filesystem does it then
+
+def _sync_directory(dir_fd: int, file_fd: int) -> None:
+    """Make a rename in the directory durable.  A submitter in a group-opened
+    drop directory (mode 3730) may write but not read it, so it cannot open
+    the directory to fsync it: syncfs() on the file's filesystem does it then
     (the whole filesystem, but only on this path, for local submissions)."""
+    from relay.spool import syncfs
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     except PermissionError:
-        _syncfs(file_fd)
+        syncfs(file_fd)
         return
     try:
         os.fsync(fd)
@@ -505,38 +528,100 @@ def _sync_directory(path: str, file_fd: int) -> None:
         os.close(fd)
 
 
-def _syncfs(fd: int) -> None:
+class NoDrop(Exception):
+    """This user cannot queue through drop/; the text says why."""
+
+
+def drop_dir_fd(root: str) -> int:
+    """An O_PATH fd on ``<root>/drop``: the spool root as configured (the
+    administrator's path, maybe a link), then ``drop`` without following a
+    link.  As root, the directory must belong to root or to the user who
+    controls the spool (relay.privdrop.controller): nobody else's."""
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    rfd = os.open(root, flags)
     try:
-        import ctypes
-        import ctypes.util
+        fd = os.open("drop", flags | os.O_NOFOLLOW, dir_fd=rfd)
+    finally:
+        os.close(rfd)
+    if os.geteuid() == 0:
+        try:
+            owner = privdrop.controller(root)[0]
+            uid = os.fstat(fd).st_uid
+            if uid not in (0, owner):
+                raise NoDrop(f"{root}/drop belongs to uid {uid}, not to the spool's owner (uid {owner}): "
+                             "not writing to it as root")
+        except privdrop.UnsafePath as e:
+            os.close(fd)
+            raise NoDrop(str(e))
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        if libc.syncfs(fd) == 0:
-            return
-    except (OSError, AttributeError):
-        pass
-    os.sync()
 
-
-def open_drop(cfg, qid: str) -> DropSink | None:
-    """The drop sink, or None when this user may not write to drop/."""
+def prepare_spool(cfg, me: Identity) -> None:
+    """Before the relay's first start there is no spool: make its layout
+    (relay.spool.Spool.create: the relay's own modes, fsynced) when this is
+    root or the user the relay would make it as (the owner of the spool, or
+    of the directory it goes in).  As root, it is made as that user, so it
+    is theirs.  NoDrop: anyone else, saying so."""
     from relay.spool import Spool
 
+    sp = Spool(cfg.spool)
+    try:
+        os.stat(sp.drop_dir)
+        return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return  # not ours to look into: the open says why
+    if os.path.lexists(sp.drop_dir):
+        return  # a dangling link: the open refuses it
+    parent = os.path.dirname(sp.root)
+    if not os.path.isdir(parent):
+        raise NoDrop(f"the spool {sp.root} does not exist, nor does {parent} (the relay makes only the spool "
+                     "itself)")
+    try:
+        uid, gid = privdrop.controller(sp.root)
+    except privdrop.UnsafePath as e:
+        raise NoDrop(str(e))
+    where = f"the spool {sp.root}" if not os.path.lexists(sp.root) else f"the spool's drop directory {sp.drop_dir}"
+    if os.geteuid() != 0 and os.geteuid() != uid:
+        raise NoDrop(f"{where} does not exist yet: start the relay once, or run relay-sendmail as root "
+                     "or as the relay's user")
+    try:
+        with privdrop.as_user(uid, gid):
+            sp.create()
+    except OSError as e:
+        raise NoDrop(f"{where} does not exist yet and cannot be made as uid {uid}: {e.strerror or e}")
+
+
+def open_drop(cfg, qid: str, me: Identity) -> DropSink:
+    """The drop sink; NoDrop when this user may not write to drop/."""
+    import errno
+
+    from relay.spool import Spool
+
+    prepare_spool(cfg, me)
     drop = Spool(cfg.spool).drop_dir
     try:
-        st = os.stat(drop)
-    except (PermissionError, FileNotFoundError, NotADirectoryError):
-        return None
-    if not stat.S_ISDIR(st.st_mode):
-        return None
+        fd = drop_dir_fd(Spool(cfg.spool).root)
+    except (PermissionError, FileNotFoundError):
+        raise NoDrop(f"uid {me.uid} ({me.user or '?'}) may not write to {drop}")
+    except OSError as e:
+        # O_PATH|O_NOFOLLOW opens a link itself, which O_DIRECTORY refuses: ENOTDIR
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(drop):
+            raise NoDrop(f"{drop} is a symbolic link: not following it")
+        if e.errno == errno.ENOTDIR:
+            raise NoDrop(f"{drop} is not a directory")
+        raise Fatal(EX_TEMPFAIL, f"cannot open {drop}: {e.strerror or e}")
     try:
-        return DropSink(drop, qid)
+        return DropSink(drop, fd, qid)
     except (PermissionError, FileNotFoundError, OSError) as e:
-        import errno
-
+        os.close(fd)
         if isinstance(e, (PermissionError, FileNotFoundError)) or e.errno in (errno.EROFS, errno.EACCES,
                                                                                errno.EPERM):
-            return None
+            raise NoDrop(f"uid {me.uid} ({me.user or '?'}) may not write to {drop}")
         raise Fatal(EX_TEMPFAIL, f"cannot write to {drop}: {e.strerror or e}")
 
 
@@ -684,13 +769,18 @@ def build_and_queue(o: Options, inp: BinaryIO, cfg, me: Identity) -> str:
         added.append(b"Message-ID: " + f"<{new_id()}.{secrets.token_hex(4)}@{cfg.hostname}>".encode("ascii"))
 
     qid = new_id()
-    sink = open_drop(cfg, qid)
+    try:
+        sink = open_drop(cfg, qid, me)
+        no_drop = ""
+    except NoDrop as e:
+        sink = None
+        no_drop = str(e)
     via_drop = sink is not None
     tmp = None
     if sink is None:
         targets = smtp_targets(cfg)
         if not targets:
-            raise Fatal(EX_TEMPFAIL, _not_queued(cfg, me, "the relay has no plain TCP SMTP listener to submit to"))
+            raise Fatal(EX_TEMPFAIL, _not_queued(no_drop, "the relay has no plain TCP SMTP listener to submit to"))
         tmp = tempfile.NamedTemporaryFile(prefix="relay-sendmail.", delete=False)
         sink = tmp
     try:
@@ -739,7 +829,7 @@ def build_and_queue(o: Options, inp: BinaryIO, cfg, me: Identity) -> str:
         tmp.close()
         queued = submit_smtp(cfg, tmp.name, size, sender, recipients, msg.eight_bit, smtp_targets(cfg))
         if queued is None:
-            raise Fatal(EX_TEMPFAIL, _not_queued(cfg, me, "the relay is not running (no answer on "
+            raise Fatal(EX_TEMPFAIL, _not_queued(no_drop, "the relay is not running (no answer on "
                                                  + ", ".join(f"{h}:{p}" for h, p in smtp_targets(cfg)) + ")"))
         return queued
     except BaseException:
@@ -758,11 +848,9 @@ def build_and_queue(o: Options, inp: BinaryIO, cfg, me: Identity) -> str:
                 pass
 
 
-def _not_queued(cfg, me: Identity, why: str) -> str:
-    from relay.spool import Spool
-
-    return (f"message NOT queued: {why}, and uid {me.uid} ({me.user or '?'}) may not write to "
-            f"{Spool(cfg.spool).drop_dir} (see \"Sending from local programs\" in the README to allow it)")
+def _not_queued(no_drop: str, why: str) -> str:
+    return (f"message NOT queued: {why}, and {no_drop} (see \"Sending from local programs\" in the README "
+            "to allow it)")
 
 
 def _safe(text: str) -> str:

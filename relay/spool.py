@@ -30,6 +30,7 @@ import os
 import random
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -66,6 +67,12 @@ class CorruptEntry(SpoolError):
 
 class SpoolLocked(SpoolError):
     """Another relay process holds the spool."""
+
+
+class UnsafeSpoolFile(SpoolError, OSError):
+    """A name in the spool is not what the relay made there (a symbolic
+    link, a FIFO): not followed, not used.  An OSError, with the reason
+    as its strerror."""
 
 
 def _b32(n: int, width: int) -> str:
@@ -279,6 +286,35 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir_anyway(path: str, inside: str) -> None:
+    """fsync a directory we may write but not read (mode 0730, say): then
+    syncfs() on the file system of ``inside`` (a directory in it)."""
+    try:
+        fsync_dir(path)
+        return
+    except PermissionError:
+        pass
+    fd = os.open(inside, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2) on fd's file system (sync(2) where there is none)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if libc.syncfs(fd) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    os.sync()
 
 
 def write_atomic(path: str, data: bytes, *, sync_dir: bool = True, sync_file: bool = True) -> None:
@@ -495,11 +531,46 @@ class Spool:
         self._cleaned = False
 
     def create(self) -> None:
+        """Make the layout (each directory 0700), durably: a directory made
+        here is fsynced, and so is the one it was made in, so that a power
+        cut right after the first start cannot take a directory away from
+        under a message acknowledged in it.  relay-sendmail uses this too
+        (before the first start), as the user the relay runs as."""
+        made = []
         for d in (self.root, self.incoming_dir, self.queue_dir, self.quarantine_dir, self.drop_dir):
             try:
                 os.mkdir(d, 0o700)
             except FileExistsError:
-                pass
+                continue
+            made.append(d)
+        if not made:
+            return
+        for d in made:
+            fsync_dir(d)
+        for parent in dict.fromkeys(os.path.dirname(d) for d in reversed(made)):
+            _fsync_dir_anyway(parent, made[0])
+
+    def open_lock(self) -> int:
+        """An fd on ``<root>/lock``, made if missing; never through a link
+        (``O_NOFOLLOW``) and only a regular file (a FIFO or a device there
+        would make whoever opens it hang or worse)."""
+        path = os.path.join(self.root, "lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeSpoolFile(errno.ELOOP, f"{path} is a symbolic link: not following it (remove it; "
+                                      "the relay makes a new one)", path)
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafeSpoolFile(errno.EINVAL, f"{path} is not a regular file: not using it (remove it; "
+                                      "the relay makes a new one)", path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def lock(self) -> int:
         """Take the spool's exclusive lock (held by a running relay); return the fd.
@@ -509,8 +580,9 @@ class Spool:
         """
         import fcntl
 
+        self._refuse_root_on_another_users_spool()
         self.create()
-        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self.open_lock()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -519,6 +591,22 @@ class Spool:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
+
+    def _refuse_root_on_another_users_spool(self) -> None:
+        """A relay running as root on a spool another user controls would
+        follow whatever links that user puts in it, as root."""
+        if os.geteuid() != 0:
+            return
+        from relay import privdrop
+
+        try:
+            uid = privdrop.controller(self.root)[0]
+        except privdrop.UnsafePath:
+            return  # no single other user: an administrator's set-up, not refused here
+        if uid != 0:
+            raise UnsafeSpoolFile(errno.EPERM, f"{self.root} is controlled by uid {uid}: a relay running as root "
+                                  "would follow the links that user can put in it; start the relay as that user "
+                                  "(twistd -u/-g, or User= in the systemd unit)", self.root)
 
     def clean_incoming(self, log=None) -> int:
         """Remove half-written files left by a crash: received messages never

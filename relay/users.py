@@ -239,16 +239,53 @@ class UserDB:
 
 @contextmanager
 def locked(path: str):
-    """Exclusive lock on <path>.lock, held while reading and rewriting path."""
+    """Exclusive lock on <path>.lock, held while reading and rewriting path.
+
+    As root, the whole edit runs as the user who controls the file's
+    directory (relay.privdrop): a link planted there as the lock or as the
+    file is never followed with root's rights, and the new file is that
+    user's.  The lock is never opened through a link, nor unless it is a
+    regular file."""
+    from relay import privdrop
+
     lock_path = path + ".lock"
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        with privdrop.as_controller(d):
+            # 0755 whatever the umask: the relay (maybe another user) must reach the file, and
+            # nobody else may put names in the directory
+            _makedirs(d, 0o755)
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                             0o600)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise UsersFileError(f"{lock_path} is a symbolic link: not following it (remove it)")
+                raise
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise UsersFileError(f"{lock_path} is not a regular file: not using it (remove it)")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+    except privdrop.UnsafePath as e:
+        raise UsersFileError(f"{path}: {e}")
+
+
+def _makedirs(d: str, mode: int) -> None:
+    """os.makedirs with ``mode`` for every directory it makes (os.makedirs
+    gives the ones above the last 0777 less the umask)."""
+    if os.path.isdir(d):
+        return
+    parent = os.path.dirname(d)
+    if parent != d:
+        _makedirs(parent, mode)
+    try:
+        os.mkdir(d)
+    except FileExistsError:
+        return
+    os.chmod(d, mode)
 
 
 def _keep_owner(fd: int, path: str) -> None:
@@ -269,7 +306,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     """Write path durably: temp file, fsync, rename, fsync the directory."""
     d = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
         _keep_owner(fd, path)
@@ -357,7 +394,14 @@ def delete_user(path: str, address: str) -> None:
 
 
 def list_users(path: str) -> list[str]:
-    users, order = UserDB.parse(path, _read_text(path))
+    from relay import privdrop
+
+    try:
+        with privdrop.as_controller(os.path.dirname(os.path.abspath(path))):
+            text = _read_text(path)
+    except privdrop.UnsafePath as e:
+        raise UsersFileError(f"{path}: {e}")
+    users, order = UserDB.parse(path, text)
     return order
 
 

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 
@@ -249,16 +250,35 @@ def test_bad_addresses(setup, capsys):
     assert os.listdir(sp.drop_dir) == []
 
 
-def test_relay_down_and_drop_unwritable_is_a_clear_tempfail(tmp_path, capsys):
-    port = free_port()
-    data = deep_merge(base_config(str(tmp_path)), {"smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"]}})
+def test_never_started_relay_gets_its_spool_made_and_the_message_queued(tmp_path, capsys):
+    """Before the first start there is no spool: the user the relay would
+    make it as (here: this test's user, who owns the directory it goes in)
+    makes the relay's own layout and queues in drop/."""
+    data = base_config(str(tmp_path))
     cfg = tmp_path / "relay.toml"
     cfg.write_text(toml_dumps(data))
-    # the spool was never created: no drop directory to write to
+    sp = spoolmod.Spool(data["spool"])
+    assert not os.path.exists(sp.root)
+    assert run(str(cfg), ["x@example.org"], b"Subject: a\n\nb\n") == sm.EX_OK, capsys.readouterr().err
+    for d in (sp.root, sp.incoming_dir, sp.queue_dir, sp.quarantine_dir, sp.drop_dir):
+        st = os.stat(d)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid(), d
+    (name,) = os.listdir(sp.drop_dir)
+    assert spoolmod.is_queue_id(name)
+
+
+def test_relay_down_and_drop_unreachable_is_a_clear_tempfail(tmp_path, capsys):
+    port = free_port()
+    data = deep_merge(base_config(str(tmp_path)), {"smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"]},
+                                                   "spool": str(tmp_path / "missing" / "spool")})
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(toml_dumps(data))
+    # a spool the relay itself could not make (its parent is missing): nothing to write to
     assert run(str(cfg), ["x@example.org"], b"Subject: a\n\nb\n") == sm.EX_TEMPFAIL
     err = capsys.readouterr().err
     assert "message NOT queued: the relay is not running" in err and f"127.0.0.1:{port}" in err
-    assert "spool/drop" in err
+    assert f"the spool {tmp_path}/missing/spool does not exist, nor does {tmp_path}/missing" in err
+    assert not os.path.exists(tmp_path / "missing")
 
 
 def test_no_config_anywhere(tmp_path, monkeypatch, capsys):

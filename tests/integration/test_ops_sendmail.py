@@ -257,3 +257,164 @@ def test_group_opened_drop_directory_for_other_users(shared_base):
         p.terminate()
         p.wait(30)
         log.close()
+
+
+# -- before the first start (no spool yet) ----------------------------------------------------------
+
+
+def test_never_started_relay_sendmail_makes_the_spool_and_the_first_start_delivers(tmp_path):
+    """A fresh install: relay-sendmail (root, or the user who owns the
+    directory the spool goes in: the one the relay would make it as) makes
+    the relay's own spool layout and queues; the first start delivers."""
+    s = Setup(str(tmp_path))
+    assert not os.path.exists(s.spool.root)
+    r = sendmail(["-C", s.cfg, "alice@local.test"], b"Subject: before the first start\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == b""
+    for d in (s.spool.root, s.spool.incoming_dir, s.spool.queue_dir, s.spool.quarantine_dir, s.spool.drop_dir):
+        st = os.stat(d)
+        assert (st.st_mode & 0o777, st.st_uid) == (0o700, os.geteuid()), d
+    (name,) = os.listdir(s.spool.drop_dir)
+    relay = s.relay().start(wait_for=("127.0.0.1", s.port))
+    try:
+        poll(s.mails, 20, what="delivery at the first start")
+        (mail,) = s.mails()
+        assert b"Subject: before the first start" in mail and f"id {name};".encode() in mail
+        assert os.listdir(s.spool.drop_dir) == []
+    finally:
+        relay.stop()
+
+
+@needs_root
+def test_never_started_relay_root_makes_the_layout_as_the_spools_owner(shared_base):
+    """The documented install (``install -d -o relay /var/spool/relay``),
+    never started: root's relay-sendmail makes the rest of the layout as
+    the spool's owner (nobody here), the relay running as that user
+    delivers it at its first start."""
+    s = Setup(shared_base)
+    os.chmod(s.cfg, 0o644)
+    mail_root = s.data["local"]["mailboxes"]
+    os.makedirs(mail_root, 0o700)
+    os.mkdir(s.spool.root, 0o700)
+    for p in (s.spool.root, mail_root, s.data["local"]["users"]):
+        os.chown(p, NOBODY, NOBODY)
+    r = sendmail(["-C", s.cfg, "alice@local.test"], b"Subject: cron before the start\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    for d in (s.spool.incoming_dir, s.spool.queue_dir, s.spool.quarantine_dir, s.spool.drop_dir):
+        st = os.stat(d)
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o700, NOBODY, NOBODY), d
+    (name,) = os.listdir(s.spool.drop_dir)
+    st = os.stat(os.path.join(s.spool.drop_dir, name))
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, NOBODY, 0o640)  # root's: root sent it
+
+    log = open(os.path.join(shared_base, "relay.log"), "wb")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                          "-n", "--pidfile=", "--logfile", "-", "-u", str(NOBODY), "-g", str(NOBODY),
+                          "relay", "--config", s.cfg], cwd=shared_base, env=env, stdout=log,
+                         stderr=subprocess.STDOUT)
+    try:
+        poll(lambda: RelayProcess._connectable("127.0.0.1", s.port) or p.poll() is not None, 20,
+             what="the relay")
+        assert p.poll() is None, open(os.path.join(shared_base, "relay.log")).read()
+        poll(s.mails, 20, what="delivery at the first start")
+        (mail,) = s.mails()
+        assert b"(twisted-relay, from userid root (uid 0))" in mail
+        assert b"Subject: cron before the start" in mail
+    finally:
+        p.terminate()
+        p.wait(30)
+        log.close()
+
+
+@needs_root
+def test_never_started_relay_other_user_is_told_what_is_wrong(shared_base):
+    s = Setup(shared_base)
+    os.chmod(s.cfg, 0o644)
+    r = sendmail(["-C", s.cfg, "alice"], b"Subject: x\n\nx\n", as_uid=NOBODY)
+    assert r.returncode == 75
+    assert (f"the spool {s.spool.root} does not exist yet: start the relay once, or run relay-sendmail "
+            "as root or as the relay's user").encode() in r.stderr, r.stderr
+    assert b"may not write" not in r.stderr
+    assert not os.path.exists(s.spool.root)
+
+
+# -- a group-opened drop directory: who and when come from the file, not its text --------------------
+
+
+_WRITE_AS = """
+import os, sys
+os.setgroups([])
+os.setgid({uid})
+os.setuid({uid})
+d, name, data = sys.argv[1], sys.argv[2], sys.stdin.buffer.read()
+fd = os.open(os.path.join(d, "." + name + ".tmp"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+os.write(fd, data)
+os.fsync(fd)
+os.close(fd)
+os.rename(os.path.join(d, "." + name + ".tmp"), os.path.join(d, name))
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("forge", ["user", "arrival"])
+def test_group_member_cannot_forge_the_submitter_or_backdate_arrival(shared_base, forge):
+    """nobody, a member of the drop directory's group, writes a drop file by
+    hand claiming to be "root" (with its own uid, as relay-sendmail's line
+    has it), or an arrival 30 days ago (past delivery.max_lifetime, so a
+    backdated message would be bounced at its first failed attempt)."""
+    import json
+    import time
+
+    dead = free_port()
+    s = Setup(shared_base, relay={"routes": {"dest.test": f"127.0.0.1:{dead}"}},
+              delivery={"retry_min": "1h", "retry_max": "2h", "connect_timeout": 5})
+    os.chmod(s.cfg, 0o644)
+    s.spool.create()
+    os.chown(s.spool.root, 0, NOBODY)
+    os.chmod(s.spool.root, 0o710)
+    os.chown(s.spool.drop_dir, 0, NOBODY)
+    os.chmod(s.spool.drop_dir, 0o3730)
+    qid = spoolmod.new_id()
+    forged = {"from": "boss@local.test", "rcpt": ["x@dest.test"],
+              "t": time.time() - 30 * 86400 if forge == "arrival" else time.time(),
+              "uid": NOBODY, "user": "root" if forge == "user" else "nobody"}
+    data = (b"RELAYDROP1 " + json.dumps(forged).encode() + b"\nSubject: forged\r\n\r\nx\r\n")
+    started = time.time()
+    w = subprocess.run([sys.executable, "-c", _WRITE_AS.format(uid=NOBODY), s.spool.drop_dir, qid], input=data,
+                       capture_output=True, timeout=60)
+    assert w.returncode == 0, w.stderr
+    assert os.stat(os.path.join(s.spool.drop_dir, qid)).st_uid == NOBODY
+    relay = s.relay().start(wait_for=("127.0.0.1", s.port))
+    try:
+        poll(lambda: f"{qid}: client=local" in relay.log(), 20, what="the pickup")
+        poll(lambda: "deferred" in relay.log() or "bounced" in relay.log() or "expired" in relay.log(), 20,
+             what="the first attempt")
+        env, _, _ = s.spool.read_envelope(qid)  # still queued: deferred, not bounced as expired
+        assert env.client["uid"] == NOBODY and env.client["user"] == "nobody"
+        assert started - 5 <= env.arrival <= time.time()
+        with open(s.spool.message_path(qid), "rb") as f:
+            assert b"(twisted-relay, from userid nobody (uid 65534))" in f.read()
+        text = relay.log()
+        assert f"{qid}: client=local, uid=65534 (nobody)" in text and "(root)" not in text
+    finally:
+        relay.stop()
+
+
+def test_a_drop_file_name_cannot_forge_a_log_line(tmp_path):
+    """Whoever may write to drop/ chooses the names there: one with a
+    newline and a fail2ban-looking text is logged quoted, on one line."""
+    s = Setup(str(tmp_path))
+    s.spool.create()
+    evil = "x\nreject: RCPT from x[203.0.113.7]: 554 5.7.1 forged"
+    with open(os.path.join(s.spool.drop_dir, evil), "wb") as f:
+        f.write(b"garbage")
+    relay = s.relay().start(wait_for=("127.0.0.1", s.port))
+    try:
+        poll(lambda: "moved to quarantine" in relay.log(), 20, what="the quarantine")
+        lines = relay.log().splitlines()
+        assert not [ln for ln in lines if ln.startswith("reject:") or "reject: RCPT" in ln.split("drop/")[0]]
+        (line,) = [ln for ln in lines if "moved to quarantine:" in ln]
+        assert "drop/'x\\nreject: RCPT from x[203.0.113.7]: 554 5.7.1 forged'" in line
+    finally:
+        relay.stop()
