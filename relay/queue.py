@@ -75,6 +75,7 @@ class Message:
     busy: bool = False  # an activation is being finalised
     jobs: list | None = None  # jobs waiting for a slot
     io: defer.Deferred | None = None  # fires when the last spool write or removal queued for it ends
+    forced: bool = False  # the next activation was asked for by a retry: no dead-destination suspension
     token: int = 0  # heap entries with another token are stale
     failures: list = field(default_factory=list)  # bounce.Failure of this activation
     settled: bool = False  # a recipient became final in this activation: fsync the state
@@ -124,6 +125,7 @@ class Job:
     recipients: list[spoolmod.Recipient]
     local: bool
     withdrawn: bool = False  # ended without an attempt while it waited (an admin action)
+    forced: bool = False  # an administrator's retry: tried even if the destination is marked dead
 
 
 @dataclass
@@ -402,8 +404,9 @@ class QueueManager:
             groups.setdefault(dest.key, (dest, []))[1].append(r)
         msg.failures = []
         msg.started = now
+        forced, msg.forced = msg.forced, False
         for dest, rcpts in groups.values():
-            job = Job(msg, dest, rcpts, local=not dest.remote)
+            job = Job(msg, dest, rcpts, local=not dest.remote, forced=forced)
             msg.active += 1
             if msg.jobs is None:
                 msg.jobs = []
@@ -453,7 +456,7 @@ class QueueManager:
             pool.done(job)
             self._job_finished(job, [])
             return  # the _dispatch loop that started it goes on with the freed slot
-        dead = self.dead.get(job.dest.key) if not job.local else None
+        dead = self.dead.get(job.dest.key) if not (job.local or job.forced) else None
         if dead is not None and dead[0] > self.now():
             # like Postfix's dead destinations: no new connection for a while
             from relay.delivery import Outcome
@@ -526,6 +529,7 @@ class QueueManager:
         for r in msg.open_recipients():
             r.next_attempt = min(r.next_attempt, now)
         self._forget_dead(msg)
+        msg.forced = True  # even if another attempt marks the destination dead again meanwhile
 
     # -- writing: one spool operation at a time per message ------------------------------
     def _io(self, msg: Message, fn) -> defer.Deferred:
@@ -837,6 +841,7 @@ class QueueManager:
         msg.state.pending = ""  # a retry asked for before is void
         msg.token += 1  # drop it from the heap
         self._withdraw(msg)
+        in_progress = msg.attempting or msg.busy
 
         def undo():
             msg.state.hold = False
@@ -847,7 +852,7 @@ class QueueManager:
         if not msg.active:
             self._drop_data(msg)
         log.info("{queue_id}: held by the administrator", queue_id=qid)
-        return "on hold (the delivery in progress finishes)" if msg.attempting or msg.busy else "on hold"
+        return "on hold (the delivery in progress finishes)" if in_progress else "on hold"
 
     async def release(self, qid: str) -> str:
         msg = self.get(qid)
