@@ -313,7 +313,7 @@ class QueueManager:
         return d
 
     def busy(self) -> bool:
-        return bool(self._inflight) or any(m.active or m.busy for m in self.messages.values())
+        return bool(self._inflight) or any(m.active or m.busy or m.io is not None for m in self.messages.values())
 
     def _check_idle(self) -> None:
         if self._idle_waiters and not self.busy():
@@ -516,6 +516,8 @@ class QueueManager:
     def _forget_dead(self, msg: Message) -> None:
         """An administrator's retry: the destinations of its open recipients
         are tried for real, not suspended as dead (like postqueue -f)."""
+        if not self.dead:
+            return
         for r in msg.open_recipients():
             key = routing.route(self.config, r.address).key
             if self.dead.pop(key, None) is not None:
@@ -549,6 +551,7 @@ class QueueManager:
                 if msg.io is tail:
                     msg.io = None
                 tail.callback(None)
+                self._check_idle()
                 return result
 
             d.addBoth(end).chainDeferred(out)
@@ -591,6 +594,7 @@ class QueueManager:
 
     def _job_finished(self, job: Job, outcomes) -> None:
         msg = job.msg
+        self._unlist(job)
         now = self.now()
         by_addr = {o.address: o for o in outcomes}
         d = self.config.delivery

@@ -387,3 +387,101 @@ class HeldData(QueueCase):
         self.hop.release_all()
         self.assertEqual(qm.held_bytes, 0)
         self.assertEqual(self.spool.queue_ids(), [])
+
+
+class PendingActions(QueueCase):
+    """Actions on busy messages: recorded in the state file at once, applied
+    when the busy step ends or at the next start (the integration tests in
+    tests/integration/test_admin_actions.py do the same over real processes)."""
+
+    delivery = {"max_concurrency": 1, "max_per_destination": 1}
+
+    def restart(self):
+        self.qm.running = False  # the old one is gone (a crash): nothing more of it runs
+        self.qm = None
+        return self.start(self.hop)
+
+    def test_delete_during_an_attempt_is_durable_across_a_crash(self):
+        hop = ScriptedNextHop(manual=True)
+        self.start(hop)
+        qid = self.queue(["a@remote.example"])
+        self.clock.advance(0)
+        self.assertEqual(len(hop.calls), 1)
+        text = self.successResultOf(defer.ensureDeferred(self.qm.delete(qid)))
+        self.assertEqual(text, "will be deleted when the delivery in progress ends")
+        env = self.qm.messages[qid].env
+        self.assertEqual(self.spool.read_state(qid, env).pending, "delete")
+        self.restart()  # the attempt never ended
+        self.assertEqual(self.spool.queue_ids(), [])
+        self.assertEqual(len(hop.calls), 1)
+
+    def test_hold_and_bounce_of_jobs_waiting_for_a_slot(self):
+        hop = ScriptedNextHop(manual=True)
+        self.start(hop)
+        blocker = self.queue(["x@one.example"])
+        held = self.queue(["a@two.example"])
+        returned = self.queue(["b@two.example"])
+        self.clock.advance(0)
+        self.assertEqual([c[1] for c in hop.calls], [blocker])
+        self.assertEqual(self.successResultOf(defer.ensureDeferred(self.qm.hold(held))), "on hold")
+        self.assertEqual(self.successResultOf(defer.ensureDeferred(self.qm.bounce(returned))),
+                         "will be returned to the sender when the delivery in progress ends")
+        self.clock.advance(0)
+        # applied without waiting for the slot: held on disk, returned with a DSN
+        self.assertTrue(self.spool.read_state(held, self.qm.messages[held].env).hold)
+        self.assertNotIn(returned, self.qm.messages)
+        self.assertEqual(len([m for env, m in self.dsns() if env.extra["for"] == returned]), 1)
+        hop.release_all()
+        self.clock.advance(0)
+        while hop.pending:
+            hop.release_all()
+            self.clock.advance(0)
+        self.assertNotIn(held, [c[1] for c in hop.calls])
+        self.assertNotIn(returned, [c[1] for c in hop.calls])
+        self.restart()
+        self.assertEqual(self.qm.messages[held].queue_name, "hold")
+
+    def test_outcome_kept_until_written(self):
+        self.start(ScriptedNextHop(lambda d, r, n: ("delivered", "2.0.0", "250 ok") if r.startswith("a")
+                                   else ("deferred", "4.0.0", "451 later")))
+        real = self.spool.write_state_merged
+        fails = [1]
+
+        def full(*a, **kw):
+            if fails[0]:
+                fails[0] -= 1
+                raise OSError(28, "No space left on device")
+            return real(*a, **kw)
+
+        self.spool.write_state_merged = full
+        qid = self.queue(["a@remote.example", "b@remote.example"])
+        self.clock.advance(0)
+        env = self.qm.messages[qid].env
+        self.assertEqual([r.status for r in self.spool.read_state(qid, env).recipients], ["pending", "pending"])
+        self.clock.advance(self.qm.finalize_retry)
+        self.assertEqual([r.status for r in self.spool.read_state(qid, env).recipients], ["delivered", "deferred"])
+
+    def test_writes_of_one_message_never_overlap(self):
+        self.start(ScriptedNextHop(lambda d, r, n: ("deferred", "4.0.0", "451 later")))
+        qid = self.queue(["a@remote.example"])
+        self.clock.advance(0)
+        msg = self.qm.messages[qid]
+        gate: defer.Deferred = defer.Deferred()
+        order = []
+        real = self.qm.aspool.write_state
+
+        def write_state(q, state, **kw):
+            order.append(("start", state.hold))
+            d = gate if len(order) == 1 else defer.succeed(None)
+            return d.addCallback(lambda _: real(q, state, **kw)).addCallback(
+                lambda r: (order.append(("end", None)), r)[1])
+
+        self.qm.aspool.write_state = write_state
+        d1 = defer.ensureDeferred(self.qm.hold(qid))
+        d2 = defer.ensureDeferred(self.qm.release(qid))
+        self.assertEqual(order, [("start", True)])  # the release waits for the hold's write
+        gate.callback(None)
+        self.successResultOf(d1)
+        self.successResultOf(d2)
+        self.assertEqual(order, [("start", True), ("end", None), ("start", False), ("end", None)])
+        self.assertFalse(self.spool.read_state(qid, msg.env).hold)
