@@ -17,7 +17,18 @@ made durable *before* anything relies on it, in this order:
 
 A crash between a remote 250 and step 2 means that recipient is tried again
 (at-least-once); a recipient recorded as delivered or bounced is never
-tried again.  Time comes from the reactor (task.Clock in tests).
+tried again.  An outcome whose write fails (a full disk) stays in memory,
+flags and all, and is written again FINALIZE_RETRY later: never dropped.
+Time comes from the reactor (task.Clock in tests).
+
+Administrator's actions (relayctl, through relay.control) are applied
+durably or refused.  On a busy message (an attempt under way, or its
+outcome being written) the action is recorded at once in the state file
+(the hold flag, or State.pending: "retry", "delete", "bounce") and applied
+by _after_finalize, the end of every busy step, or by _resume at the next
+start; jobs still waiting for a slot are withdrawn at once.  The spool
+operations of one message run one after another (_io), so an action's
+write and an outcome's write can never land out of order.
 """
 
 from __future__ import annotations
