@@ -895,6 +895,8 @@ class QueueManager:
         if msg.leaving:
             raise ActionFailed(f"is being {_LEAVING_WORDS[msg.state.pending]}")
         self._forget_dead(msg)
+        for job in msg.jobs or ():
+            job.forced = True  # not suspended when its slot comes, whatever happens meanwhile
         if self._in_progress(msg):
             if not msg.attempting and not msg.busy:
                 log.info("{queue_id}: retry requested (waiting for a delivery slot)", queue_id=qid)

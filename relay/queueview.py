@@ -236,6 +236,9 @@ def format_details(d: dict[str, Any], now: float | None = None) -> str:
         notes.append("delivery in progress")
     if d.get("deleting"):
         notes.append("will be deleted when the delivery in progress ends")
+    pending = d.get("pending_action")
+    if pending:  # recorded while it was busy; the relay applies it at the end of that step or at its start
+        notes.append(f"{pending} requested: done when the delivery in progress ends (or at the relay's next start)")
     out = [
         f"Queue ID:  {d['queue_id']}",
         f"Queue:     {state}" + (f" ({'; '.join(notes)})" if notes else ""),
