@@ -211,7 +211,22 @@ def _loading(q) -> str:
     return "" if q.loaded else " (the relay is still reading its spool at start-up: try again)"
 
 
-class ControlProtocol(amp.AMP):
+class QuietAMP(amp.AMP):
+    """AMP without its "connection established" / "connection lost" lines:
+    every relayctl call (and every metrics scrape of a master with workers)
+    would write two lines about the transport into the relay's log, where an
+    operator greps for what happened.  What a command did is logged instead
+    (ControlProtocol._log_action, the reload's own lines)."""
+
+    def makeConnection(self, transport) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class ControlProtocol(QuietAMP):
     """One relayctl connection, bound to the running RelayService."""
 
     def __init__(self, svc, factory: "ControlFactory"):
@@ -221,12 +236,6 @@ class ControlProtocol(amp.AMP):
         self._snapshot: list[str] | None = None
         self._pos = 0
 
-    # AMP.makeConnection and AMP.connectionLost log "connection established"
-    # and "connection lost" for every relayctl call: transport noise in the
-    # relay's log.  What a command did is logged instead (_act, reload).
-    def makeConnection(self, transport) -> None:
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
-
     def connectionMade(self) -> None:
         super().connectionMade()
         self.factory.protocols.add(self)
@@ -234,8 +243,7 @@ class ControlProtocol(amp.AMP):
     def connectionLost(self, reason) -> None:
         self.factory.protocols.discard(self)
         self._snapshot = None
-        amp.BinaryBoxProtocol.connectionLost(self, reason)
-        self.transport = None
+        super().connectionLost(reason)
 
     def _queue(self):
         q = self.svc.queue

@@ -345,3 +345,26 @@ class ActionLog(AdminCase):
             f"relayctl queue release {qid}: 1 done, 0 skipped, 0 failed: released",
             "relayctl queue retry --all (1 message): 1 done, 0 skipped, 0 failed",
         ])
+
+
+def test_metrics_scrapes_and_relayctl_leave_no_transport_lines_with_workers(tmp_path):
+    """The master asks each worker for its metrics over AMP at every scrape,
+    and relayctl talks to each worker: neither is logged as connections."""
+    from tests.integration.test_workers import make, relayctl, scrape
+    from tests.support.wait import poll
+
+    mport = free_port()
+    relay, port = make(tmp_path, metrics={"listen": [f"tcp:{mport}:interface=127.0.0.1"]})
+    relay.start(wait_for=("127.0.0.1", port))
+    try:
+        poll(lambda: scrape(mport)[("relay_workers", (("state", "answering"),))] == 2, 20,
+             what="both workers answering the master's scrape")
+        for _ in range(3):
+            scrape(mport)
+        r = relayctl(relay.config_path, "status")
+        assert r.returncode == 0, r.stderr
+        log = relay.log()
+        noise = [ln for ln in log.splitlines() if "connection established" in ln or "connection lost" in ln]
+        assert noise == [], noise[:4]
+    finally:
+        relay.stop()
