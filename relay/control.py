@@ -6,7 +6,11 @@ would be overwritten or missed.  Over the socket every verb goes through
 the QueueManager, which sees it at once: a retry is attempted within a
 second, a hold stops the next delivery from starting, a delete of a message
 being delivered waits for that attempt to end and then removes it, with no
-half state.
+half state.  Every action is on disk when relayctl gets its answer, or is
+refused with the reason (relay.queue: an action on a busy message is
+recorded in its state file and applied when the busy step ends, or at the
+next start).  The log gets one line per action request, none per
+connection (QuietAMP).
 
 The socket is a UNIX socket (``control.socket``, default
 ``<spool>/control.sock``) with mode 0600 inside the 0700 spool: only the

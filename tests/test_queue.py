@@ -485,3 +485,24 @@ class PendingActions(QueueCase):
         self.successResultOf(d2)
         self.assertEqual(order, [("start", True), ("end", None), ("start", False), ("end", None)])
         self.assertFalse(self.spool.read_state(qid, msg.env).hold)
+
+    def test_an_action_that_cannot_be_recorded_is_refused_and_changes_nothing(self):
+        from relay.queue import ActionFailed
+
+        self.start(ScriptedNextHop(lambda d, r, n: ("deferred", "4.0.0", "451 later")))
+        qid = self.queue(["a@remote.example"])
+        self.clock.advance(0)
+
+        def full(*a, **kw):
+            raise OSError(28, "No space left on device")
+
+        self.spool.write_state_merged = full
+        f = self.failureResultOf(defer.ensureDeferred(self.qm.hold(qid)), ActionFailed)
+        self.assertEqual(str(f.value), "not done: cannot record the hold (No space left on device); try again")
+        msg = self.qm.messages[qid]
+        self.assertFalse(msg.hold)
+        self.assertFalse(self.spool.read_state(qid, msg.env).hold)
+        # still delivered on schedule
+        calls = len(self.hop.calls)
+        self.clock.advance(2 * 3600)
+        self.assertGreater(len(self.hop.calls), calls)
