@@ -357,8 +357,13 @@ def test_metrics_scrapes_and_relayctl_leave_no_transport_lines_with_workers(tmp_
     relay, port = make(tmp_path, metrics={"listen": [f"tcp:{mport}:interface=127.0.0.1"]})
     relay.start(wait_for=("127.0.0.1", port))
     try:
-        poll(lambda: scrape(mport)[("relay_workers", (("state", "answering"),))] == 2, 20,
-             what="both workers answering the master's scrape")
+        def answering() -> bool:
+            try:
+                return scrape(mport).get(("relay_workers", (("state", "answering"),))) == 2
+            except OSError:  # the metrics listener is not up yet
+                return False
+
+        poll(answering, 30, what="both workers answering the master's scrape")
         for _ in range(3):
             scrape(mport)
         r = relayctl(relay.config_path, "status")
