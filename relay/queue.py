@@ -86,7 +86,7 @@ class Message:
     busy: bool = False  # an activation is being finalised
     jobs: list | None = None  # jobs waiting for a slot
     io: defer.Deferred | None = None  # fires when the last spool write or removal queued for it ends
-    forced: bool = False  # the next activation was asked for by a retry: no dead-destination suspension
+    forced: float | None = None  # when a retry asked for the next activation (see Job.forced)
     token: int = 0  # heap entries with another token are stale
     failures: list = field(default_factory=list)  # bounce.Failure of this activation
     settled: bool = False  # a recipient became final in this activation: fsync the state
@@ -136,7 +136,9 @@ class Job:
     recipients: list[spoolmod.Recipient]
     local: bool
     withdrawn: bool = False  # ended without an attempt while it waited (an admin action)
-    forced: bool = False  # an administrator's retry: tried even if the destination is marked dead
+    # an administrator's retry at this time: a dead-destination mark does not
+    # suspend it unless an attempt started after the retry set that mark
+    forced: float | None = None
 
 
 @dataclass
@@ -221,7 +223,8 @@ class QueueManager:
         self._idle_waiters: list[defer.Deferred] = []
         self._inflight: set[defer.Deferred] = set()  # finalisations and admin actions under way
         # destinations that just failed to answer at all: key -> (until, reason)
-        self.dead: dict[str, tuple[float, str]] = {}
+        # (until, reason, start time of the attempt that found it dead)
+        self.dead: dict[str, tuple[float, str, float]] = {}
         self.finalize_retry = FINALIZE_RETRY
         self._refinalize_calls: dict[str, object] = {}
         self.on_attempt = None  # metrics hook: f(local: bool, seconds: float) after each attempt
@@ -415,7 +418,7 @@ class QueueManager:
             groups.setdefault(dest.key, (dest, []))[1].append(r)
         msg.failures = []
         msg.started = now
-        forced, msg.forced = msg.forced, False
+        forced, msg.forced = msg.forced, None
         for dest, rcpts in groups.values():
             job = Job(msg, dest, rcpts, local=not dest.remote, forced=forced)
             msg.active += 1
@@ -467,7 +470,9 @@ class QueueManager:
             pool.done(job)
             self._job_finished(job, [])
             return  # the _dispatch loop that started it goes on with the freed slot
-        dead = self.dead.get(job.dest.key) if not (job.local or job.forced) else None
+        dead = self.dead.get(job.dest.key) if not job.local else None
+        if dead is not None and job.forced is not None and dead[2] < job.forced:
+            dead = None  # found before the administrator's retry: stale news, try for real
         if dead is not None and dead[0] > self.now():
             # like Postfix's dead destinations: no new connection for a while
             from relay.delivery import Outcome
@@ -495,7 +500,7 @@ class QueueManager:
                 self.on_attempt(job.local, self.now() - started)
             pool.done(job)
             if not job.local:
-                self._note_destination(job.dest.key, outcomes)
+                self._note_destination(job.dest.key, outcomes, started)
             self._job_finished(job, outcomes)
             self._dispatch()
 
@@ -542,7 +547,7 @@ class QueueManager:
         for r in msg.open_recipients():
             r.next_attempt = min(r.next_attempt, now)
         self._forget_dead(msg)
-        msg.forced = True  # even if another attempt marks the destination dead again meanwhile
+        msg.forced = now  # even if an attempt started before marks the destination dead meanwhile
 
     # -- writing: one spool operation at a time per message ------------------------------
     def _io(self, msg: Message, fn) -> defer.Deferred:
@@ -584,11 +589,11 @@ class QueueManager:
     def _remove(self, msg: Message) -> defer.Deferred:
         return self._io(msg, lambda: self.aspool.remove(msg.qid, state_file=msg.state_file))
 
-    def _note_destination(self, key: str, outcomes) -> None:
+    def _note_destination(self, key: str, outcomes, started: float) -> None:
         """No hop answered (connection refused, timeouts, DNS): mark it dead."""
         if outcomes and all(o.kind == "deferred" and not o.remote for o in outcomes):
             window = min(self.config.delivery.retry_min, DEAD_WINDOW)
-            self.dead[key] = (self.now() + window, outcomes[0].reply)
+            self.dead[key] = (self.now() + window, outcomes[0].reply, started)
         else:
             self.dead.pop(key, None)
 
@@ -896,7 +901,7 @@ class QueueManager:
             raise ActionFailed(f"is being {_LEAVING_WORDS[msg.state.pending]}")
         self._forget_dead(msg)
         for job in msg.jobs or ():
-            job.forced = True  # not suspended when its slot comes, whatever happens meanwhile
+            job.forced = self.now()  # not suspended by what attempts started before found
         if self._in_progress(msg):
             if not msg.attempting and not msg.busy:
                 log.info("{queue_id}: retry requested (waiting for a delivery slot)", queue_id=qid)

@@ -289,6 +289,53 @@ class DeadDestinationBacklog(QueueCase):
         self.assertEqual(len(hop.calls), 1)
 
 
+class RetryOfADeadDestination(QueueCase):
+    """relayctl queue retry: what was found dead before the retry does not
+    suspend it (a real attempt at once); what the retry's own attempts find
+    does suspend the rest of a retry --all."""
+
+    def test_retry_makes_a_real_attempt_then_a_fresh_failure_suspends_the_rest(self):
+        refused = [True]
+
+        class Hop(ScriptedNextHop):
+            def attempt(self, msg, dest, recipients):
+                self.calls.append((self.clock.seconds(), msg.qid, dest.key, list(recipients)))
+                if refused[0]:
+                    return defer.succeed([Outcome(r, "deferred", "4.4.1", "connect to mx.dead.example: refused",
+                                                  "none", None, False) for r in recipients])
+                return defer.succeed([Outcome(r, "delivered", "2.0.0", "250 ok", "mx", "mx", True)
+                                      for r in recipients])
+
+        hop = Hop()
+        self.start(hop)
+        q1 = self.queue(["a@dead.example"])
+        self.clock.advance(0)
+        q2 = self.queue(["b@dead.example"])
+        q3 = self.queue(["c@dead.example"])
+        self.clock.advance(0)
+        self.assertEqual([c[1] for c in hop.calls], [q1])  # q2, q3 suspended
+        self.clock.advance(60)  # past the dead window (30 s at most); q2, q3 wait for their backoff
+        self.assertEqual(len(hop.calls), 1)
+        q4 = self.queue(["d@dead.example"])
+        self.clock.advance(0)
+        self.assertEqual([c[1] for c in hop.calls], [q1, q4])  # a new real attempt: dead again
+        # the next hop is still down: a retry of one makes a real attempt anyway
+        self.assertEqual(self.successResultOf(self.qm.retry(q2)), "will be attempted now")
+        self.clock.advance(0)
+        self.assertEqual([c[1] for c in hop.calls], [q1, q4, q2])
+        # retry of all: the first real attempt finds it dead again, the others are suspended
+        for q in (q1, q3, q4):
+            self.qm.retry(q)
+        self.clock.advance(0)
+        self.assertEqual(len(hop.calls), 4)
+        # the next hop is back: a retry delivers at once
+        refused[0] = False
+        for q in (q1, q2, q3, q4):
+            self.qm.retry(q)
+        self.clock.advance(0)
+        self.assertEqual(self.qm.messages, {})
+
+
 class Admin(QueueCase):
     def test_hold_stops_delivery_and_expiry_release_delivers(self):
         self.start(ScriptedNextHop(lambda d, r, n: ("deferred", "4.0.0", "451 later") if n == 1
