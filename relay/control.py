@@ -6,7 +6,11 @@ would be overwritten or missed.  Over the socket every verb goes through
 the QueueManager, which sees it at once: a retry is attempted within a
 second, a hold stops the next delivery from starting, a delete of a message
 being delivered waits for that attempt to end and then removes it, with no
-half state.
+half state.  Every action is on disk when relayctl gets its answer, or is
+refused with the reason (relay.queue: an action on a busy message is
+recorded in its state file and applied when the busy step ends, or at the
+next start).  The log gets one line per action request, none per
+connection (QuietAMP).
 
 The socket is a UNIX socket (``control.socket``, default
 ``<spool>/control.sock``) with mode 0600 inside the 0700 spool: only the
@@ -39,6 +43,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 import relay
+from relay import queue as queuemod
 from relay import queueview, routecheck
 from relay import spool as spoolmod
 from relay.spool import is_queue_id
@@ -210,7 +215,22 @@ def _loading(q) -> str:
     return "" if q.loaded else " (the relay is still reading its spool at start-up: try again)"
 
 
-class ControlProtocol(amp.AMP):
+class QuietAMP(amp.AMP):
+    """AMP without its "connection established" / "connection lost" lines:
+    every relayctl call (and every metrics scrape of a master with workers)
+    would write two lines about the transport into the relay's log, where an
+    operator greps for what happened.  What a command did is logged instead
+    (ControlProtocol._log_action, the reload's own lines)."""
+
+    def makeConnection(self, transport) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class ControlProtocol(QuietAMP):
     """One relayctl connection, bound to the running RelayService."""
 
     def __init__(self, svc, factory: "ControlFactory"):
@@ -349,6 +369,7 @@ class ControlProtocol(amp.AMP):
         await defer.gatherResults([defer.ensureDeferred(worker()) for _ in range(ACTION_CONCURRENCY)])
         order = {qid: i for i, qid in enumerate(targets)}
         results.sort(key=lambda r: order.get(r["id"], 0))
+        self._log_action(action, targets, every, totals, results)
         out = {"action": action, "all": every, **totals, "results": results}
         return {"result": json.dumps(out).encode("utf-8")}
 
@@ -359,38 +380,47 @@ class ControlProtocol(amp.AMP):
         m = q.messages.get(qid)
         if m is None or (m.deleted and action != "delete"):
             return False, f"no such message in the queue{_loading(q)}"
-        busy = bool(m.active or m.busy)
-        if action == "delete":
-            if m.deleted:
-                return True, "already being deleted (after the delivery in progress)"
-            await q.delete(qid)
-            return True, ("will be deleted when the delivery in progress ends" if busy else "deleted")
-        if action == "hold":
-            if m.hold:
-                return None, "already on hold"
-            await q.hold(qid)
-            return True, ("on hold (the delivery in progress finishes)" if busy else "on hold")
-        if action == "release":
-            if not m.hold:
-                return None, "was not on hold"
-            await q.release(qid)
-            return True, "released"
-        if action == "retry":
-            if m.hold:
-                if every:
+        try:
+            if action == "delete":
+                return True, await q.delete(qid)
+            if action == "hold":
+                if m.hold:
+                    return None, "already on hold"
+                return True, await q.hold(qid)
+            if action == "release":
+                if not m.hold:
+                    return None, "was not on hold"
+                return True, await q.release(qid)
+            if action == "retry":
+                if m.hold and every:
                     return None, "on hold"
-                return False, "is on hold: release it first (relayctl queue release)"
-            if busy:
-                return None, "being delivered now"
-            q.retry(qid)
-            return True, "will be attempted now"
-        if action == "bounce":
-            await q.bounce(qid)
-            if not m.env.sender:
-                return True, "removed (a null-sender message cannot be returned)"
-            return True, ("will be returned to the sender when the delivery in progress ends" if busy
-                          else "returned to the sender")
+                return True, await q.retry(qid)
+            if action == "bounce":
+                text = await q.bounce(qid)
+                if not m.env.sender and not text.startswith("already"):
+                    return True, "removed (a null-sender message cannot be returned)"
+                return True, text
+        except queuemod.ActionFailed as e:
+            return False, str(e)
+        except queuemod.UnknownMessage:
+            return False, "no such message in the queue (gone meanwhile)"
         raise BadRequest(action)
+
+    @staticmethod
+    def _log_action(action: str, targets: list[str], every: bool, totals: dict, results: list[dict]) -> None:
+        """One line per state-changing request: the verb, what it was for,
+        what came of it (each message's own line carries its queue id)."""
+        if every:
+            what = f"--all ({len(targets)} message{'s' if len(targets) != 1 else ''})"
+        else:
+            shown = [t if is_queue_id(t) else repr(t[:20]) for t in targets[:5]]
+            what = " ".join(shown) + (f" (+{len(targets) - 5} more)" if len(targets) > 5 else "")
+        result = f"{totals['done']} done, {totals['skipped']} skipped, {totals['failed']} failed"
+        if len(results) == 1 and not every:
+            result += f": {results[0]['text']}"
+        log.info("relayctl queue {action} {targets}: {result}", action=action, targets=what, result=result,
+                 done=totals["done"], skipped=totals["skipped"], failed=totals["failed"],
+                 queue_ids=None if every else targets[:100])
 
     @Route.responder
     def route(self, address: str, client: str | None = None):

@@ -310,7 +310,8 @@ class AsyncSpool:
         self.queue_sync.sync_after()
         return entry
 
-    def write_state(self, qid: str, state: spoolmod.State, durable: bool = True) -> defer.Deferred:
+    def write_state(self, qid: str, state: spoolmod.State, durable: bool = True,
+                    unfinal: frozenset[str] | set[str] = frozenset()) -> defer.Deferred:
         """Replace the state file atomically.
 
         durable: fsync it and the directory (a recipient became delivered or
@@ -322,11 +323,16 @@ class AsyncSpool:
         next start then keeps the message with every recipient pending again
         (Spool.recover), so the cost is at most a second copy, never a loss.
         """
-        # a snapshot: the reactor may change the live state meanwhile
+        # a snapshot: the reactor may change the live state meanwhile.
+        # unfinal: recipients bounced in memory whose DSN is not queued yet
+        # (an administrator's write during an attempt): written as deferred,
+        # so a crash before the DSN never loses it
         snap = spoolmod.State(
-            [spoolmod.Recipient(r.address, r.orcpt, r.status, r.attempts, r.reply, r.next_attempt,
-                                list(r.history)) for r in state.recipients],
-            state.hold, state.warned,
+            [spoolmod.Recipient(r.address, r.orcpt,
+                                spoolmod.DEFERRED if r.address in unfinal and r.final else r.status,
+                                r.attempts, r.reply, r.next_attempt, list(r.history))
+             for r in state.recipients],
+            state.hold, state.warned, state.pending,
         )
 
         def written(counts):

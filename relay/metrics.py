@@ -311,12 +311,11 @@ class WorkersMetrics:
 
     def _ask(self, path: str):
         from twisted.internet import endpoints
-        from twisted.protocols import amp
 
-        from relay.control import Metrics
+        from relay.control import Metrics, QuietAMP
 
         ep = endpoints.UNIXClientEndpoint(self.reactor, path, timeout=self.timeout)
-        d = endpoints.connectProtocol(ep, amp.AMP())
+        d = endpoints.connectProtocol(ep, QuietAMP())
 
         def call(proto):
             c = proto.callRemote(Metrics)

@@ -17,7 +17,18 @@ made durable *before* anything relies on it, in this order:
 
 A crash between a remote 250 and step 2 means that recipient is tried again
 (at-least-once); a recipient recorded as delivered or bounced is never
-tried again.  Time comes from the reactor (task.Clock in tests).
+tried again.  An outcome whose write fails (a full disk) stays in memory,
+flags and all, and is written again FINALIZE_RETRY later: never dropped.
+Time comes from the reactor (task.Clock in tests).
+
+Administrator's actions (relayctl, through relay.control) are applied
+durably or refused.  On a busy message (an attempt under way, or its
+outcome being written) the action is recorded at once in the state file
+(the hold flag, or State.pending: "retry", "delete", "bounce") and applied
+by _after_finalize, the end of every busy step, or by _resume at the next
+start; jobs still waiting for a slot are withdrawn at once.  The spool
+operations of one message run one after another (_io), so an action's
+write and an outcome's write can never land out of order.
 """
 
 from __future__ import annotations
@@ -54,6 +65,15 @@ class UnknownMessage(KeyError):
     pass
 
 
+class ActionFailed(Exception):
+    """An administrator's action that could not be recorded: nothing changed."""
+
+
+# State.pending values applied by a finalisation (the message leaves the queue)
+LEAVING = ("delete", "bounce")
+_LEAVING_WORDS = {"delete": "deleted", "bounce": "returned to the sender"}
+
+
 @dataclass(eq=False, slots=True)
 class Message:
     qid: str
@@ -61,10 +81,12 @@ class Message:
     state: spoolmod.State
     size: int
     offset: int
-    active: int = 0  # jobs running
+    active: int = 0  # jobs of this activation not finished (waiting for a slot or running)
+    attempting: int = 0  # jobs whose attempt is under way
     busy: bool = False  # an activation is being finalised
-    deleted: bool = False  # delete requested while active
-    bounce_now: bool = False  # bounce requested while active
+    jobs: list | None = None  # jobs waiting for a slot
+    io: defer.Deferred | None = None  # fires when the last spool write or removal queued for it ends
+    forced: float | None = None  # when a retry asked for the next activation (see Job.forced)
     token: int = 0  # heap entries with another token are stale
     failures: list = field(default_factory=list)  # bounce.Failure of this activation
     settled: bool = False  # a recipient became final in this activation: fsync the state
@@ -77,6 +99,19 @@ class Message:
     @property
     def hold(self) -> bool:
         return self.state.hold
+
+    @property
+    def deleted(self) -> bool:
+        """A delete was accepted (and recorded): gone for the administrator."""
+        return self.state.pending == "delete"
+
+    @property
+    def bounce_now(self) -> bool:
+        return self.state.pending == "bounce"
+
+    @property
+    def leaving(self) -> bool:
+        return self.state.pending in LEAVING
 
     def open_recipients(self) -> list[spoolmod.Recipient]:
         return [r for r in self.state.recipients if not r.final]
@@ -100,6 +135,10 @@ class Job:
     dest: routing.Destination
     recipients: list[spoolmod.Recipient]
     local: bool
+    withdrawn: bool = False  # ended without an attempt while it waited (an admin action)
+    # an administrator's retry at this time: a dead-destination mark does not
+    # suspend it unless an attempt started after the retry set that mark
+    forced: float | None = None
 
 
 @dataclass
@@ -184,7 +223,8 @@ class QueueManager:
         self._idle_waiters: list[defer.Deferred] = []
         self._inflight: set[defer.Deferred] = set()  # finalisations and admin actions under way
         # destinations that just failed to answer at all: key -> (until, reason)
-        self.dead: dict[str, tuple[float, str]] = {}
+        # (until, reason, start time of the attempt that found it dead)
+        self.dead: dict[str, tuple[float, str, float]] = {}
         self.finalize_retry = FINALIZE_RETRY
         self._refinalize_calls: dict[str, object] = {}
         self.on_attempt = None  # metrics hook: f(local: bool, seconds: float) after each attempt
@@ -246,8 +286,8 @@ class QueueManager:
             for e in entries:
                 self.add(e, schedule=False)
             self.loaded = True
-            for m in self.messages.values():
-                self._schedule(m)
+            for m in list(self.messages.values()):
+                self._resume(m)
             log.info("queue loaded: {count} messages in {secs:.2f}s", count=len(entries),
                      secs=time.monotonic() - t0)
 
@@ -273,7 +313,8 @@ class QueueManager:
             pool.waiting.clear()
             pool.ready.clear()
             for job in waiting:
-                self._job_finished(job, [])
+                if not job.withdrawn:
+                    self._job_finished(job, [])
         cache = getattr(self.deliverer, "cache", None)
         if not self.busy():
             return cache.close_all() if cache is not None else defer.succeed(None)
@@ -286,7 +327,7 @@ class QueueManager:
         return d
 
     def busy(self) -> bool:
-        return bool(self._inflight) or any(m.active or m.busy for m in self.messages.values())
+        return bool(self._inflight) or any(m.active or m.busy or m.io is not None for m in self.messages.values())
 
     def _check_idle(self) -> None:
         if self._idle_waiters and not self.busy():
@@ -312,8 +353,22 @@ class QueueManager:
             self._schedule(msg)
         return msg
 
+    def _resume(self, msg: Message) -> None:
+        """A message read at start: an administrator's action recorded while it
+        was busy before the restart is applied now."""
+        pending = msg.state.pending
+        if pending:
+            log.info("{queue_id}: applying the administrator's {action} recorded before the restart",
+                     queue_id=msg.qid, action=pending)
+        if pending in LEAVING:
+            self._start_finalize(msg)
+            return
+        if pending == "retry":
+            self._apply_retry(msg)
+        self._schedule(msg)
+
     def _schedule(self, msg: Message, at: float | None = None) -> None:
-        if msg.hold or msg.active or msg.busy or msg.deleted or not self.running:
+        if msg.hold or msg.active or msg.busy or msg.leaving or not self.running:
             return
         t = msg.next_time() if at is None else at
         if t is None:
@@ -351,7 +406,7 @@ class QueueManager:
 
     # -- activation -----------------------------------------------------------------------
     def _activate(self, msg: Message, now: float) -> None:
-        if msg.hold or msg.active or msg.busy or msg.deleted:
+        if msg.hold or msg.active or msg.busy or msg.leaving:
             return
         due = [r for r in msg.state.recipients if not r.final and r.next_attempt <= now]
         if not due:
@@ -363,9 +418,13 @@ class QueueManager:
             groups.setdefault(dest.key, (dest, []))[1].append(r)
         msg.failures = []
         msg.started = now
+        forced, msg.forced = msg.forced, None
         for dest, rcpts in groups.values():
-            job = Job(msg, dest, rcpts, local=not dest.remote)
+            job = Job(msg, dest, rcpts, local=not dest.remote, forced=forced)
             msg.active += 1
+            if msg.jobs is None:
+                msg.jobs = []
+            msg.jobs.append(job)
             (self.local if job.local else self.remote).add(job)
         self._dispatch()
 
@@ -402,12 +461,18 @@ class QueueManager:
 
     def _run(self, job: Job, pool: _Pool) -> None:
         msg = job.msg
-        if msg.deleted or msg.hold:
-            # deleted or held while waiting for a free slot: do not start it
+        if job.withdrawn:
+            pool.done(job)  # ended already (_withdraw)
+            return
+        self._unlist(job)
+        if msg.leaving or msg.hold:
+            # deleted, returned or held while waiting for a free slot: do not start it
             pool.done(job)
             self._job_finished(job, [])
             return  # the _dispatch loop that started it goes on with the freed slot
         dead = self.dead.get(job.dest.key) if not job.local else None
+        if dead is not None and job.forced is not None and dead[2] < job.forced:
+            dead = None  # found before the administrator's retry: stale news, try for real
         if dead is not None and dead[0] > self.now():
             # like Postfix's dead destinations: no new connection for a while
             from relay.delivery import Outcome
@@ -419,6 +484,7 @@ class QueueManager:
             return  # the _dispatch loop that started it goes on with the freed slot
         self.counters.attempts += 1
         started = self.now()
+        msg.attempting += 1
         d = self.deliverer.attempt(msg, job.dest, [r.address for r in job.recipients])
 
         def failed(f):
@@ -429,22 +495,105 @@ class QueueManager:
                     for r in job.recipients]
 
         def done(outcomes):
+            msg.attempting -= 1
             if self.on_attempt is not None:
                 self.on_attempt(job.local, self.now() - started)
             pool.done(job)
             if not job.local:
-                self._note_destination(job.dest.key, outcomes)
+                self._note_destination(job.dest.key, outcomes, started)
             self._job_finished(job, outcomes)
             self._dispatch()
 
         d.addErrback(failed).addCallback(done).addErrback(
             lambda f: log.failure("{queue_id}: recording the attempt failed", f, queue_id=msg.qid))
 
-    def _note_destination(self, key: str, outcomes) -> None:
+    def _unlist(self, job: Job) -> None:
+        jobs = job.msg.jobs
+        if jobs is not None:
+            try:
+                jobs.remove(job)
+            except ValueError:
+                pass
+            if not jobs:
+                job.msg.jobs = None
+
+    def _withdraw(self, msg: Message) -> None:
+        """End the message's jobs still waiting for a slot, without an attempt:
+        an action that stops its delivery (hold, delete, bounce) takes effect
+        now, not when a slot frees (which may take as long as the slowest
+        next hop).  The jobs stay in their pool's queue, marked, and are
+        skipped when their turn comes."""
+        jobs, msg.jobs = msg.jobs or [], None
+        for job in jobs:
+            job.withdrawn = True
+        for job in jobs:
+            self._job_finished(job, [])
+
+    def _forget_dead(self, msg: Message) -> None:
+        """An administrator's retry: the destinations of its open recipients
+        are tried for real, not suspended as dead (like postqueue -f)."""
+        if not self.dead:
+            return
+        for r in msg.open_recipients():
+            key = routing.route(self.config, r.address).key
+            if self.dead.pop(key, None) is not None:
+                log.info("{queue_id}: retry: {dest} is tried again at once (no longer suspended)",
+                         queue_id=msg.qid, dest=key)
+
+    def _apply_retry(self, msg: Message) -> None:
+        now = self.now()
+        if msg.state.pending == "retry":
+            msg.state.pending = ""
+        for r in msg.open_recipients():
+            r.next_attempt = min(r.next_attempt, now)
+        self._forget_dead(msg)
+        msg.forced = now  # even if an attempt started before marks the destination dead meanwhile
+
+    # -- writing: one spool operation at a time per message ------------------------------
+    def _io(self, msg: Message, fn) -> defer.Deferred:
+        """Run fn() (a Deferred-returning spool operation) after the ones
+        queued before for this message have ended: two writes of one state
+        file in the disk pool at once could land in either order (an older
+        snapshot over a newer one) or follow its removal."""
+        prev = msg.io
+        tail: defer.Deferred = defer.Deferred()
+        msg.io = tail
+        out: defer.Deferred = defer.Deferred()
+
+        def start(_=None):
+            d = defer.maybeDeferred(fn)
+
+            def end(result):
+                if msg.io is tail:
+                    msg.io = None
+                tail.callback(None)
+                self._check_idle()
+                return result
+
+            d.addBoth(end).chainDeferred(out)
+
+        if prev is None:
+            start()
+        else:
+            prev.addCallback(start)
+        return out
+
+    def _write(self, msg: Message, durable: bool = True) -> defer.Deferred:
+        def go():
+            msg.state_file = True
+            unfinal = {f.recipient for f in msg.failures}  # their DSN is not queued yet
+            return self.aspool.write_state(msg.qid, msg.state, durable=durable, unfinal=unfinal)
+
+        return self._io(msg, go)
+
+    def _remove(self, msg: Message) -> defer.Deferred:
+        return self._io(msg, lambda: self.aspool.remove(msg.qid, state_file=msg.state_file))
+
+    def _note_destination(self, key: str, outcomes, started: float) -> None:
         """No hop answered (connection refused, timeouts, DNS): mark it dead."""
         if outcomes and all(o.kind == "deferred" and not o.remote for o in outcomes):
             window = min(self.config.delivery.retry_min, DEAD_WINDOW)
-            self.dead[key] = (self.now() + window, outcomes[0].reply)
+            self.dead[key] = (self.now() + window, outcomes[0].reply, started)
         else:
             self.dead.pop(key, None)
 
@@ -461,6 +610,7 @@ class QueueManager:
 
     def _job_finished(self, job: Job, outcomes) -> None:
         msg = job.msg
+        self._unlist(job)
         now = self.now()
         by_addr = {o.address: o for o in outcomes}
         d = self.config.delivery
@@ -532,7 +682,7 @@ class QueueManager:
         if self._simple_outcome(msg):
             if msg.state.done:
                 # delivered (or bounced without a DSN to send): remove it
-                d = self.aspool.remove(msg.qid, state_file=msg.state_file)
+                d = self._remove(msg)
                 d.addCallback(lambda _: self._forget(msg, "all recipients final"))
             elif not (msg.settled or msg.tried):
                 # only suspended (a dead destination, nothing tried): the
@@ -571,13 +721,12 @@ class QueueManager:
             return
         now = self.now()
         if msg.deleted:
-            await self.aspool.remove(msg.qid, state_file=msg.state_file)
+            await self._remove(msg)
             self._forget(msg, "deleted by the administrator")
             return
         if msg.bounce_now:
             await self._admin_bounce(msg)
             return
-        notice_sent = False
         if msg.failures:
             await self._send_dsn(msg, bouncemod.FAILED, msg.failures)
             msg.failures = []
@@ -592,20 +741,21 @@ class QueueManager:
             ]
             await self._send_dsn(msg, bouncemod.DELAYED, delayed)
             msg.state.warned = True
-            notice_sent = True
+            msg.settled = True  # the notice is sent: never a second one
         if msg.state.done:
-            await self.aspool.remove(msg.qid, state_file=msg.state_file)
+            await self._remove(msg)
             self._forget(msg, "all recipients final")
-        else:
-            durable, msg.settled = msg.settled or notice_sent, False
-            tried, msg.tried = msg.tried, False
-            if durable or tried:
-                msg.state_file = True
-                await self.aspool.write_state(msg.qid, msg.state, durable=durable)
-            # else: only suspended (a dead destination, nothing tried): the
-            # record stays in memory; after a crash it is simply tried again
+        elif msg.settled or msg.tried:
+            # the flags are cleared only once written: a write that fails (a
+            # full disk) is made again with the same outcome, never dropped
+            await self._write(msg, durable=msg.settled)
+            msg.settled = msg.tried = False
+        # else: only suspended (a dead destination, nothing tried): the
+        # record stays in memory; after a crash it is simply tried again
 
     def _after_finalize(self, msg: Message, retry: bool = False) -> None:
+        """The end of every busy step: what an administrator asked for
+        meanwhile (recorded in State.pending) is applied here."""
         msg.busy = False
         if msg.qid in self.messages:
             if retry and self.running:
@@ -615,8 +765,18 @@ class QueueManager:
                     old.cancel()
                 self._refinalize_calls[msg.qid] = self.reactor.callLater(
                     self.finalize_retry, self._refinalize, msg)
+            elif msg.leaving:
+                # a delete or bounce that came during this step; when shutting
+                # down it is on disk and applied at the next start
+                if self.running and not msg.active and not getattr(self.svc.disk, "stopped", False):
+                    self._start_finalize(msg)
+                    return
             else:
-                self._schedule(msg)
+                if msg.state.pending == "retry" and not msg.active:
+                    self._apply_retry(msg)
+                    self._schedule(msg, at=self.now())
+                else:
+                    self._schedule(msg)
         self._check_idle()
 
     def _forget(self, msg: Message, why: str) -> None:
@@ -664,79 +824,173 @@ class QueueManager:
         except KeyError:
             raise UnknownMessage(qid)
 
-    async def hold(self, qid: str) -> None:
+    # Every action is applied durably or refused (ActionFailed, nothing
+    # changed).  A message that is busy (an attempt under way, or its outcome
+    # being recorded) gets the action recorded in its state file at once
+    # (State.pending, or the hold flag), and the end of the busy step
+    # (_after_finalize) applies it; so does the next start after a restart
+    # in between (_resume).  Jobs still waiting for a slot are withdrawn, so
+    # hold, delete and bounce take effect without waiting for a slot.
+    # Each returns the text relayctl shows.
+
+    def _in_progress(self, msg: Message) -> bool:
+        return bool(msg.active or msg.busy)
+
+    async def _record(self, msg: Message, what: str, undo) -> None:
+        """The durable write of an action; on failure undo() and refuse."""
+        try:
+            await self._write(msg, durable=True)
+        except OSError as e:
+            if msg.qid not in self.messages:
+                return  # removed meanwhile (delivered, or the action itself applied)
+            undo()
+            if not self._in_progress(msg):
+                self._schedule(msg)
+            log.error("{queue_id}: cannot record the administrator's {what}: {error}",
+                      queue_id=msg.qid, what=what, error=e.strerror or str(e))
+            raise ActionFailed(f"not done: cannot record the {what} ({e.strerror or e}); try again")
+
+    async def hold(self, qid: str) -> str:
         msg = self.get(qid)
         if msg.hold:
-            return
+            return "already on hold"
+        if msg.leaving:
+            raise ActionFailed(f"is being {_LEAVING_WORDS[msg.state.pending]}")
+        old_pending = msg.state.pending
         msg.state.hold = True
+        msg.state.pending = ""  # a retry asked for before is void
         msg.token += 1  # drop it from the heap
+        self._withdraw(msg)
+        in_progress = msg.attempting or msg.busy
+
+        def undo():
+            msg.state.hold = False
+            if not msg.state.pending:
+                msg.state.pending = old_pending
+
+        await self._record(msg, "hold", undo)
         if not msg.active:
             self._drop_data(msg)
-        if not msg.active and not msg.busy:
-            msg.state_file = True
-            await self.aspool.write_state(qid, msg.state)
         log.info("{queue_id}: held by the administrator", queue_id=qid)
+        return "on hold (the delivery in progress finishes)" if in_progress else "on hold"
 
-    async def release(self, qid: str) -> None:
+    async def release(self, qid: str) -> str:
         msg = self.get(qid)
         if not msg.hold:
-            return
+            return "was not on hold"
         msg.state.hold = False
-        if not msg.active and not msg.busy:
-            msg.state_file = True
-            await self.aspool.write_state(qid, msg.state)
+
+        def undo():
+            msg.state.hold = True
+
+        await self._record(msg, "release", undo)
         log.info("{queue_id}: released from hold", queue_id=qid)
         self._schedule(msg)
+        return "released"
 
-    def retry(self, qid: str) -> None:
+    def retry(self, qid: str) -> defer.Deferred:
+        """Fires with the text; an attempt is made at once (the destination's
+        dead-destination suspension forgotten), or right after the busy step."""
+        return defer.ensureDeferred(self._retry(qid))
+
+    async def _retry(self, qid: str) -> str:
         msg = self.get(qid)
-        now = self.now()
-        for r in msg.open_recipients():
-            r.next_attempt = min(r.next_attempt, now)
+        if msg.hold:
+            raise ActionFailed("is on hold: release it first (relayctl queue release)")
+        if msg.leaving:
+            raise ActionFailed(f"is being {_LEAVING_WORDS[msg.state.pending]}")
+        self._forget_dead(msg)
+        for job in msg.jobs or ():
+            job.forced = self.now()  # not suspended by what attempts started before found
+        if self._in_progress(msg):
+            if not msg.attempting and not msg.busy:
+                log.info("{queue_id}: retry requested (waiting for a delivery slot)", queue_id=qid)
+                return "waiting for a delivery slot: attempted as soon as one is free"
+            msg.state.pending = "retry"
+
+            def undo():
+                if msg.state.pending == "retry":
+                    msg.state.pending = ""
+
+            await self._record(msg, "retry", undo)
+            log.info("{queue_id}: retry requested (after the delivery in progress)", queue_id=qid)
+            return "will be attempted again when the delivery in progress ends"
+        self._apply_retry(msg)
         log.info("{queue_id}: retry requested", queue_id=qid)
-        self._schedule(msg, at=now)
+        self._schedule(msg, at=self.now())
+        return "will be attempted now"
 
-    async def delete(self, qid: str) -> None:
+    async def delete(self, qid: str) -> str:
         msg = self.get(qid)
-        msg.deleted = True
-        msg.token += 1
-        if msg.active or msg.busy:
-            log.info("{queue_id}: will be deleted when the delivery in progress ends", queue_id=qid)
-            return
-        await self.aspool.remove(qid, state_file=msg.state_file)
-        self._forget(msg, "deleted by the administrator")
+        if msg.deleted:
+            return "already being deleted (after the delivery in progress)"
+        return await self._leave(msg, "delete")
 
-    async def bounce(self, qid: str) -> None:
+    async def bounce(self, qid: str) -> str:
         msg = self.get(qid)
+        if msg.leaving:
+            return f"already being {_LEAVING_WORDS[msg.state.pending]} (after the delivery in progress)"
+        return await self._leave(msg, "bounce")
+
+    async def _leave(self, msg: Message, action: str) -> str:
+        """delete or bounce: the message leaves the queue."""
+        old_pending = msg.state.pending
+        msg.state.pending = action
         msg.token += 1
-        if msg.active or msg.busy:
-            msg.bounce_now = True
-            return
-        msg.busy = True
-        try:
-            await self._admin_bounce(msg)
-        finally:
-            msg.busy = False
-            self._check_idle()
+        if not self._in_progress(msg):
+            msg.busy = True
+            retry = False
+            try:
+                if action == "delete":
+                    await self._remove(msg)
+                    self._forget(msg, "deleted by the administrator")
+                else:
+                    await self._admin_bounce(msg)
+            except OSError as e:
+                if action == "bounce" and msg.state.done:
+                    retry = True  # returned (the DSN is queued); the removal is made again
+                else:
+                    msg.state.pending = old_pending
+                    log.error("{queue_id}: cannot {action} it: {error}", queue_id=msg.qid, action=action,
+                              error=e.strerror or str(e))
+                    raise ActionFailed(f"not done: {e.strerror or e}; try again")
+            finally:
+                self._after_finalize(msg, retry)
+            return "deleted" if action == "delete" else "returned to the sender"
+        self._withdraw(msg)
+
+        def undo():
+            if msg.state.pending == action:
+                msg.state.pending = old_pending
+
+        await self._record(msg, "deletion" if action == "delete" else "bounce", undo)
+        log.info("{queue_id}: will be {what} when the delivery in progress ends", queue_id=msg.qid,
+                 what=_LEAVING_WORDS[action])
+        if action == "delete":
+            return "will be deleted when the delivery in progress ends"
+        return "will be returned to the sender when the delivery in progress ends"
 
     async def _admin_bounce(self, msg: Message) -> None:
+        """A DSN for every open recipient (and the attempt's own failures),
+        then removal.  A failure before the DSN is queued changes nothing."""
         now = self.now()
-        failures = list(msg.failures)
+        open_rcpts = [r for r in msg.state.recipients if not r.final]
+        failures = list(msg.failures) + [
+            bouncemod.Failure(
+                r.address, "5.0.0", "message returned to sender by the mail administrator"
+                + (f"; last error: {r.reply}" if r.reply else ""), original=r.orcpt, last_attempt=now,
+                diagnostic_type="x-relay")
+            for r in open_rcpts]
+        if failures:
+            await self._send_dsn(msg, bouncemod.FAILED, failures)
         msg.failures = []
-        for r in msg.state.recipients:
-            if r.final:
-                continue
+        for r in open_rcpts:
             r.status = BOUNCED
             r.history.append({"t": round(now, 3), "relay": "none", "status": "bounced",
                               "reply": "returned to sender by the administrator"})
-            failures.append(bouncemod.Failure(
-                r.address, "5.0.0", "message returned to sender by the mail administrator"
-                + (f"; last error: {r.reply}" if r.reply else ""), original=r.orcpt, last_attempt=now,
-                diagnostic_type="x-relay"))
             self.counters.bounced += 1
-        if failures:
-            await self._send_dsn(msg, bouncemod.FAILED, failures)
-        await self.aspool.remove(msg.qid, state_file=msg.state_file)
+        msg.settled = True
+        await self._remove(msg)
         self._forget(msg, "returned to sender by the administrator")
 
     # -- inspection -------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def record(env: Envelope, state: State, size: int, name: str, delivering: bool =
             "delay_reason": r.reply if r.status == DEFERRED else "",
             "next_attempt": None if final else int(max(r.next_attempt, env.arrival)),
         })
-    return {
+    d = {
         "queue_name": name,
         "queue_id": env.queue_id,
         "arrival_time": arrival,
@@ -61,6 +61,11 @@ def record(env: Envelope, state: State, size: int, name: str, delivering: bool =
         "recipients": rcpts,
         "delivering": delivering,
     }
+    if state.pending:
+        # an administrator's action accepted while the message was busy,
+        # applied when that step ends: "retry", "bounce" (or "delete")
+        d["pending_action"] = state.pending
+    return d
 
 
 def record_line(env: Envelope, state: State, size: int, name: str, delivering: bool = False) -> bytes:
@@ -231,6 +236,9 @@ def format_details(d: dict[str, Any], now: float | None = None) -> str:
         notes.append("delivery in progress")
     if d.get("deleting"):
         notes.append("will be deleted when the delivery in progress ends")
+    pending = d.get("pending_action")
+    if pending:  # recorded while it was busy; the relay applies it at the end of that step or at its start
+        notes.append(f"{pending} requested: done when the delivery in progress ends (or at the relay's next start)")
     out = [
         f"Queue ID:  {d['queue_id']}",
         f"Queue:     {state}" + (f" ({'; '.join(notes)})" if notes else ""),

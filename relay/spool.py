@@ -53,6 +53,7 @@ DELIVERED = "delivered"
 BOUNCED = "bounced"
 FINAL = (DELIVERED, BOUNCED)
 _STATUSES = frozenset((PENDING, DEFERRED, DELIVERED, BOUNCED))
+PENDING_ACTIONS = frozenset(("", "retry", "delete", "bounce"))  # State.pending
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=...) builds one per call
 _NO_CLIENT: dict = {}  # shared by the lean in-memory envelopes (never modified)
 
@@ -222,11 +223,16 @@ class State:
     recipients: list[Recipient]
     hold: bool = False
     warned: bool = False  # delay notice sent
+    # an administrator's action accepted while the message was busy (an
+    # attempt, or the recording of its outcome), applied when that step ends
+    # or at the next start: "" (none), "retry", "delete" or "bounce"
+    pending: str = ""
 
     def to_bytes(self) -> bytes:
         d = {
             "hold": self.hold,
             "warned": self.warned,
+            **({"admin": self.pending} if self.pending else {}),
             "rcpt": [
                 {
                     "a": r.address,
@@ -267,7 +273,10 @@ class State:
                     a, o, status, int(x.get("n", 0)), reply if history else sys.intern(reply),
                     float(x.get("t", 0.0)), h if (history and isinstance(h, list)) else [],
                 ))
-            return cls(recipients, bool(d.get("hold", False)), bool(d.get("warned", False)))
+            pending = d.get("admin", "")
+            if pending not in PENDING_ACTIONS:
+                raise CorruptEntry(f"unknown pending action {pending!r}")
+            return cls(recipients, bool(d.get("hold", False)), bool(d.get("warned", False)), pending)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CorruptEntry(f"bad state file: {e.__class__.__name__}: {e}")
 
@@ -751,7 +760,7 @@ class Spool:
         full = State(
             [Recipient(r.address, r.orcpt, r.status, r.attempts, r.reply, r.next_attempt,
                        (old[i] + r.history)[-max_history:]) for i, r in enumerate(state.recipients)],
-            state.hold, state.warned,
+            state.hold, state.warned, state.pending,
         )
         write_atomic(self.state_path(qid), full.to_bytes(), sync_dir=False, sync_file=durable)
         return written

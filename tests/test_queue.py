@@ -290,6 +290,53 @@ class DeadDestinationBacklog(QueueCase):
         self.assertEqual(len(hop.calls), 1)
 
 
+class RetryOfADeadDestination(QueueCase):
+    """relayctl queue retry: what was found dead before the retry does not
+    suspend it (a real attempt at once); what the retry's own attempts find
+    does suspend the rest of a retry --all."""
+
+    def test_retry_makes_a_real_attempt_then_a_fresh_failure_suspends_the_rest(self):
+        refused = [True]
+
+        class Hop(ScriptedNextHop):
+            def attempt(self, msg, dest, recipients):
+                self.calls.append((self.clock.seconds(), msg.qid, dest.key, list(recipients)))
+                if refused[0]:
+                    return defer.succeed([Outcome(r, "deferred", "4.4.1", "connect to mx.dead.example: refused",
+                                                  "none", None, False) for r in recipients])
+                return defer.succeed([Outcome(r, "delivered", "2.0.0", "250 ok", "mx", "mx", True)
+                                      for r in recipients])
+
+        hop = Hop()
+        self.start(hop)
+        q1 = self.queue(["a@dead.example"])
+        self.clock.advance(0)
+        q2 = self.queue(["b@dead.example"])
+        q3 = self.queue(["c@dead.example"])
+        self.clock.advance(0)
+        self.assertEqual([c[1] for c in hop.calls], [q1])  # q2, q3 suspended
+        self.clock.advance(60)  # past the dead window (30 s at most); q2, q3 wait for their backoff
+        self.assertEqual(len(hop.calls), 1)
+        q4 = self.queue(["d@dead.example"])
+        self.clock.advance(0)
+        self.assertEqual([c[1] for c in hop.calls], [q1, q4])  # a new real attempt: dead again
+        # the next hop is still down: a retry of one makes a real attempt anyway
+        self.assertEqual(self.successResultOf(self.qm.retry(q2)), "will be attempted now")
+        self.clock.advance(0)
+        self.assertEqual([c[1] for c in hop.calls], [q1, q4, q2])
+        # retry of all: the first real attempt finds it dead again, the others are suspended
+        for q in (q1, q3, q4):
+            self.qm.retry(q)
+        self.clock.advance(0)
+        self.assertEqual(len(hop.calls), 4)
+        # the next hop is back: a retry delivers at once
+        refused[0] = False
+        for q in (q1, q2, q3, q4):
+            self.qm.retry(q)
+        self.clock.advance(0)
+        self.assertEqual(self.qm.messages, {})
+
+
 class Admin(QueueCase):
     def test_hold_stops_delivery_and_expiry_release_delivers(self):
         self.start(ScriptedNextHop(lambda d, r, n: ("deferred", "4.0.0", "451 later") if n == 1
@@ -388,3 +435,122 @@ class HeldData(QueueCase):
         self.hop.release_all()
         self.assertEqual(qm.held_bytes, 0)
         self.assertEqual(self.spool.queue_ids(), [])
+
+
+class PendingActions(QueueCase):
+    """Actions on busy messages: recorded in the state file at once, applied
+    when the busy step ends or at the next start (the integration tests in
+    tests/integration/test_admin_actions.py do the same over real processes)."""
+
+    delivery = {"max_concurrency": 1, "max_per_destination": 1}
+
+    def restart(self):
+        self.qm.running = False  # the old one is gone (a crash): nothing more of it runs
+        self.qm = None
+        return self.start(self.hop)
+
+    def test_delete_during_an_attempt_is_durable_across_a_crash(self):
+        hop = ScriptedNextHop(manual=True)
+        self.start(hop)
+        qid = self.queue(["a@remote.example"])
+        self.clock.advance(0)
+        self.assertEqual(len(hop.calls), 1)
+        text = self.successResultOf(defer.ensureDeferred(self.qm.delete(qid)))
+        self.assertEqual(text, "will be deleted when the delivery in progress ends")
+        env = self.qm.messages[qid].env
+        self.assertEqual(self.spool.read_state(qid, env).pending, "delete")
+        self.restart()  # the attempt never ended
+        self.assertEqual(self.spool.queue_ids(), [])
+        self.assertEqual(len(hop.calls), 1)
+
+    def test_hold_and_bounce_of_jobs_waiting_for_a_slot(self):
+        hop = ScriptedNextHop(manual=True)
+        self.start(hop)
+        blocker = self.queue(["x@one.example"])
+        held = self.queue(["a@two.example"])
+        returned = self.queue(["b@two.example"])
+        self.clock.advance(0)
+        self.assertEqual([c[1] for c in hop.calls], [blocker])
+        self.assertEqual(self.successResultOf(defer.ensureDeferred(self.qm.hold(held))), "on hold")
+        self.assertEqual(self.successResultOf(defer.ensureDeferred(self.qm.bounce(returned))),
+                         "will be returned to the sender when the delivery in progress ends")
+        self.clock.advance(0)
+        # applied without waiting for the slot: held on disk, returned with a DSN
+        self.assertTrue(self.spool.read_state(held, self.qm.messages[held].env).hold)
+        self.assertNotIn(returned, self.qm.messages)
+        self.assertEqual(len([m for env, m in self.dsns() if env.extra["for"] == returned]), 1)
+        hop.release_all()
+        self.clock.advance(0)
+        while hop.pending:
+            hop.release_all()
+            self.clock.advance(0)
+        self.assertNotIn(held, [c[1] for c in hop.calls])
+        self.assertNotIn(returned, [c[1] for c in hop.calls])
+        self.restart()
+        self.assertEqual(self.qm.messages[held].queue_name, "hold")
+
+    def test_outcome_kept_until_written(self):
+        self.start(ScriptedNextHop(lambda d, r, n: ("delivered", "2.0.0", "250 ok") if r.startswith("a")
+                                   else ("deferred", "4.0.0", "451 later")))
+        real = self.spool.write_state_merged
+        fails = [1]
+
+        def full(*a, **kw):
+            if fails[0]:
+                fails[0] -= 1
+                raise OSError(28, "No space left on device")
+            return real(*a, **kw)
+
+        self.spool.write_state_merged = full
+        qid = self.queue(["a@remote.example", "b@remote.example"])
+        self.clock.advance(0)
+        env = self.qm.messages[qid].env
+        self.assertEqual([r.status for r in self.spool.read_state(qid, env).recipients], ["pending", "pending"])
+        self.clock.advance(self.qm.finalize_retry)
+        self.assertEqual([r.status for r in self.spool.read_state(qid, env).recipients], ["delivered", "deferred"])
+
+    def test_writes_of_one_message_never_overlap(self):
+        self.start(ScriptedNextHop(lambda d, r, n: ("deferred", "4.0.0", "451 later")))
+        qid = self.queue(["a@remote.example"])
+        self.clock.advance(0)
+        msg = self.qm.messages[qid]
+        gate: defer.Deferred = defer.Deferred()
+        order = []
+        real = self.qm.aspool.write_state
+
+        def write_state(q, state, **kw):
+            order.append(("start", state.hold))
+            d = gate if len(order) == 1 else defer.succeed(None)
+            return d.addCallback(lambda _: real(q, state, **kw)).addCallback(
+                lambda r: (order.append(("end", None)), r)[1])
+
+        self.qm.aspool.write_state = write_state
+        d1 = defer.ensureDeferred(self.qm.hold(qid))
+        d2 = defer.ensureDeferred(self.qm.release(qid))
+        self.assertEqual(order, [("start", True)])  # the release waits for the hold's write
+        gate.callback(None)
+        self.successResultOf(d1)
+        self.successResultOf(d2)
+        self.assertEqual(order, [("start", True), ("end", None), ("start", False), ("end", None)])
+        self.assertFalse(self.spool.read_state(qid, msg.env).hold)
+
+    def test_an_action_that_cannot_be_recorded_is_refused_and_changes_nothing(self):
+        from relay.queue import ActionFailed
+
+        self.start(ScriptedNextHop(lambda d, r, n: ("deferred", "4.0.0", "451 later")))
+        qid = self.queue(["a@remote.example"])
+        self.clock.advance(0)
+
+        def full(*a, **kw):
+            raise OSError(28, "No space left on device")
+
+        self.spool.write_state_merged = full
+        f = self.failureResultOf(defer.ensureDeferred(self.qm.hold(qid)), ActionFailed)
+        self.assertEqual(str(f.value), "not done: cannot record the hold (No space left on device); try again")
+        msg = self.qm.messages[qid]
+        self.assertFalse(msg.hold)
+        self.assertFalse(self.spool.read_state(qid, msg.env).hold)
+        # still delivered on schedule
+        calls = len(self.hop.calls)
+        self.clock.advance(2 * 3600)
+        self.assertGreater(len(self.hop.calls), calls)

@@ -135,13 +135,16 @@ class RelayProcess:
             f.write(toml_dumps(data))
 
     _preexec = None  # a subclass may set limits in the child (tests.support.procs)
+    launch = "from twisted.scripts.twistd import run; run()"  # a subclass may install test hooks first
+    env: dict | None = None  # extra environment of the child
 
     def start(self, wait_for: tuple[str, int] | None = None, timeout: float = 20.0) -> "RelayProcess":
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.update(self.env or {})
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            [sys.executable, "-c", self.launch,
              "-n", "--pidfile=", "--logfile", "-", "relay", "--config", self.config_path],
             cwd=self.tmpdir, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=self._preexec,
         )
