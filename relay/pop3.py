@@ -19,7 +19,14 @@ What this module guarantees, and why:
   up to SEEN_INLINE retrieved messages are renamed new/ -> cur/.
 * Nothing slow runs on the reactor: password hashing, opening/listing the
   Maildir, deleting, reading large messages and bursts of renames happen in
-  a thread pool (``factory.run_blocking``).  Messages up to INLINE_MAX
+  a thread pool (``factory.run_blocking``).  Password checks (scrypt, which
+  anyone can ask for without an account) go to the small pool of their own
+  the relay gives SMTP AUTH (``factory.run_auth``), never to the disk pool
+  whose fsyncs stand behind every SMTP 250.
+* At most ``max_connections_per_ip`` connections from one address (counted
+  in ``factory.connections``, which the relay shares between its POP3
+  listeners, as SMTP's ServerContext.connections); more get -ERR [SYS/TEMP]
+  and are closed.  Messages up to INLINE_MAX
   octets are read inline (a page-cache read of a few KB costs less than a
   thread hop), as are the renames above (metadata only, no fsync).
 * Large messages are streamed: the protocol is the transport's push
@@ -316,6 +323,7 @@ class POP3Server(Protocol):
         self._unflushed = False
         self._can_flush = False
         self._prefetched: tuple[int, bytes] | None = None  # (index, RETR reply)
+        self._counted = False  # counted in factory.connections
 
     # -- connection ---------------------------------------------------------
     def connectionMade(self) -> None:
@@ -325,6 +333,15 @@ class POP3Server(Protocol):
             self.peer = self.transport.getPeer().host
         except Exception:  # noqa: BLE001 - a transport without addresses (tests)
             self.peer = "?"
+        count = f.connections.get(self.peer, 0)
+        if count >= f.max_connections_per_ip:
+            log.info("pop3: reject: connect from [{client_ip}]: too many connections ({count})",
+                     client_ip=self.peer, count=count, reason="too_many_connections")
+            self._write(b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n")
+            self._close()
+            return
+        f.connections[self.peer] = count + 1
+        self._counted = True
         nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if nodelay is not None:  # not on UNIX sockets or test transports
             try:
@@ -345,6 +362,13 @@ class POP3Server(Protocol):
         self._lost = True
         self._closing = True
         self.factory.open_sessions -= 1
+        if self._counted:
+            self._counted = False
+            n = self.factory.connections.get(self.peer, 1) - 1
+            if n <= 0:
+                self.factory.connections.pop(self.peer, None)
+            else:
+                self.factory.connections[self.peer] = n
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -729,12 +753,29 @@ class POP3Server(Protocol):
             log.info("pop3: login failed client={client} user={user} method={method}: "
                      "authorization identity differs", client=self.peer, user=user, method=method)
             return self._failed_login(started)
-        d = f.run_blocking(
-            _check_and_open, f.userdb, user, pw, f.mailbox_root, addr.domain, addr.local
-        )
+        userdb = f.userdb
+        try:
+            # on the reactor (a stat, and a small file read only when it
+            # changed): a user just added can log in at once, and the users
+            # are never reloaded from two threads at a time
+            userdb.refresh()
+        except UsersFileError as e:  # keep the users we had; say why once per bad version
+            log.error("pop3: {err}", err=str(e))
+        root = f.mailbox_root
+        d = f.run_auth(userdb.check, user, pw)
+
+        def checked(ok: bool):
+            if not ok:
+                return None
+            if self._lost:
+                return None
+            # the Maildir (lock, listing) is disk work: the disk pool
+            return f.run_blocking(maildir.open_mailbox, root, addr.domain, addr.local)
 
         def done(result):
             if result is None:
+                if self._lost:
+                    return None
                 log.info("pop3: login failed client={client} user={user} method={method}: "
                          "bad credentials", client=self.peer, user=user, method=method)
                 return self._failed_login(started)
@@ -762,7 +803,7 @@ class POP3Server(Protocol):
             self._write(b"-ERR [SYS/TEMP] Cannot open the mailbox, try again later\r\n")
             return None
 
-        return d.addCallbacks(done, failed)
+        return d.addCallback(checked).addCallbacks(done, failed)
 
     def _failed_login(self, started: float) -> defer.Deferred:
         f = self.factory
@@ -1001,20 +1042,6 @@ class POP3Server(Protocol):
     }
 
 
-def _check_and_open(userdb: UserDB, user: str, password: str, root: str, domain: str, local: str):
-    """In a thread: the slow password check, then lock and list the Maildir.
-
-    Returns None for bad credentials, else (maildir path, lock, messages).
-    """
-    try:
-        userdb.refresh()
-    except UsersFileError as e:  # keep the users we had; say why once per attempt
-        log.error("pop3: {err}", err=str(e))
-    if not userdb.check(user, password):
-        return None
-    return maildir.open_mailbox(root, domain, local)
-
-
 class POP3Factory(ServerFactory):
     """Builds POP3Server protocols for one listening endpoint.
 
@@ -1023,8 +1050,13 @@ class POP3Factory(ServerFactory):
     logged in keep their mailbox.
 
     ``run_blocking(f, *args)`` returns a Deferred for f run in the thread
-    pool; unit tests driving a task.Clock replace it with a synchronous one.
-    ``open_sessions`` counts connections, ``logged_in`` the logged-in ones.
+    pool (``threadpool``: the disk pool); ``run_auth`` the same for password
+    checks, in ``auth_pool`` (the relay's AUTH pool), or through
+    run_blocking when there is none; unit tests driving a task.Clock replace
+    run_blocking with a synchronous one.
+    ``open_sessions`` counts connections, ``logged_in`` the logged-in ones,
+    ``connections`` the connections per client address (a dict the relay may
+    share between factories).
     """
 
     protocol = POP3Server  # type: ignore[assignment]
@@ -1044,6 +1076,9 @@ class POP3Factory(ServerFactory):
         idle_timeout: float = 600.0,
         max_login_failures: int = 3,
         max_bad_commands: int = 20,
+        auth_pool: Any = None,
+        max_connections_per_ip: int = 20,
+        connections: dict[str, int] | None = None,
     ):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -1061,6 +1096,9 @@ class POP3Factory(ServerFactory):
         self.idle_timeout = idle_timeout
         self.max_login_failures = max_login_failures
         self.max_bad_commands = max_bad_commands
+        self.auth_pool = auth_pool
+        self.max_connections_per_ip = max_connections_per_ip
+        self.connections: dict[str, int] = {} if connections is None else connections
         self.open_sessions = 0
         self.logged_in = 0
 
@@ -1069,6 +1107,13 @@ class POP3Factory(ServerFactory):
 
         pool = self.threadpool or self.reactor.getThreadPool()
         return deferToThreadPool(self.reactor, pool, f, *args, **kwargs)
+
+    def run_auth(self, f: Callable, *args: Any, **kwargs: Any) -> defer.Deferred:
+        if self.auth_pool is None:
+            return self.run_blocking(f, *args, **kwargs)
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.auth_pool, f, *args, **kwargs)
 
     def buildProtocol(self, addr):
         p = self.protocol(self)
@@ -1092,6 +1137,7 @@ def apply_config(factory: POP3Factory, config: Any, userdb: UserDB, tls_options:
     factory.userdb = userdb
     factory.tls_options = tls_options
     factory.auth_requires_tls = config.tls.auth_requires_tls
+    factory.max_connections_per_ip = config.pop3.max_connections_per_ip
 
 
 def factory_from_config(config: Any, userdb: UserDB, tls_options: Any, **kwargs: Any) -> POP3Factory:
@@ -1103,6 +1149,7 @@ def factory_from_config(config: Any, userdb: UserDB, tls_options: Any, **kwargs:
         userdb=userdb,
         tls_options=tls_options,
         auth_requires_tls=config.tls.auth_requires_tls,
+        max_connections_per_ip=config.pop3.max_connections_per_ip,
         **kwargs,
     )
 

@@ -108,6 +108,9 @@ class RelayService(service.MultiService):
         self._lock_fd: int | None = None
         self.queue = None  # relay.queue.QueueManager, set up in _build_queue
         self.pop3_factories: list = []
+        # POP3 connections per client address, one count for all POP3
+        # listeners (as smtp_ctx.connections for SMTP's)
+        self.pop3_connections: dict[str, int] = {}
         self.listener_services: list = []
         self.scanned: defer.Deferred = defer.Deferred()  # fires when the start-up scan is done
         self.exit_on_error = False  # set by the twistd plugin: a start-up error exits the process
@@ -261,7 +264,10 @@ class RelayService(service.MultiService):
                 tls_options=self.tls.options if self.tls else None,
                 auth_requires_tls=config.tls.auth_requires_tls,
                 reactor=self.reactor,
-                threadpool=self.disk.pool,
+                threadpool=self.disk.pool,  # the Maildirs
+                auth_pool=self.auth_pool.pool,  # password checks: never the disk pool
+                max_connections_per_ip=config.pop3.max_connections_per_ip,
+                connections=self.pop3_connections,
             )
             self.pop3_factories.append(factory)
             self._listen(desc, factory, f"pop3 {desc}")
@@ -580,7 +586,8 @@ class RelayService(service.MultiService):
             for attr, value in (("hostname", new.hostname), ("mailbox_root", new.local.mailboxes),
                                 ("local_domains", new.local.domains), ("userdb", users),
                                 ("tls_options", tls.options if tls else None),
-                                ("auth_requires_tls", new.tls.auth_requires_tls)):
+                                ("auth_requires_tls", new.tls.auth_requires_tls),
+                                ("max_connections_per_ip", new.pop3.max_connections_per_ip)):
                 if hasattr(f, attr):
                     setattr(f, attr, value)
         if self.queue is not None:
