@@ -41,6 +41,7 @@ from twisted.protocols import amp
 import relay
 from relay import queueview, routecheck
 from relay import spool as spoolmod
+from relay.flow import ReadOnlyWhileDrained
 from relay.spool import is_queue_id
 
 log = Logger(namespace="relay.control")
@@ -210,7 +211,7 @@ def _loading(q) -> str:
     return "" if q.loaded else " (the relay is still reading its spool at start-up: try again)"
 
 
-class ControlProtocol(amp.AMP):
+class ControlProtocol(ReadOnlyWhileDrained, amp.AMP):
     """One relayctl connection, bound to the running RelayService."""
 
     def __init__(self, svc, factory: "ControlFactory"):
