@@ -324,6 +324,7 @@ class POP3Server(Protocol):
         self._can_flush = False
         self._prefetched: tuple[int, bytes] | None = None  # (index, RETR reply)
         self._counted = False  # counted in factory.connections
+        self._abort_call = None  # aborts a closed session whose client does not drain
 
     # -- connection ---------------------------------------------------------
     def connectionMade(self) -> None:
@@ -372,6 +373,9 @@ class POP3Server(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         if self._delay is not None and not self._delay.called:
             self._delay.cancel()
         if self._streamer is not None:
@@ -405,6 +409,16 @@ class POP3Server(Protocol):
             self._producing = False
             self.transport.unregisterProducer()
         self.transport.loseConnection()
+        if self._abort_call is None and not self._lost:
+            # A client that does not read its last replies would hold the
+            # connection (and its place in the per-address count) for ever.
+            self._abort_call = self.factory.reactor.callLater(self.factory.close_grace, self._abort_unread)
+
+    def _abort_unread(self) -> None:
+        self._abort_call = None
+        if not self._lost:
+            log.info("pop3: closing: the client does not read its replies client={client}", client=self.peer)
+            self.transport.abortConnection()
 
     def _abort(self) -> None:
         self._closing = True
@@ -1079,6 +1093,7 @@ class POP3Factory(ServerFactory):
         auth_pool: Any = None,
         max_connections_per_ip: int = 20,
         connections: dict[str, int] | None = None,
+        close_grace: float = 30.0,
     ):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -1097,6 +1112,7 @@ class POP3Factory(ServerFactory):
         self.max_login_failures = max_login_failures
         self.max_bad_commands = max_bad_commands
         self.auth_pool = auth_pool
+        self.close_grace = close_grace  # seconds a closed session waits for its last reply to drain
         self.max_connections_per_ip = max_connections_per_ip
         self.connections: dict[str, int] = {} if connections is None else connections
         self.open_sessions = 0
