@@ -208,6 +208,19 @@ class OutputFlowControl(Harness):
         self.assertEqual(self.take(t).count(b"250 "), n - LINES_PER_TURN)
         self.assertEqual(t.producerState, "producing")
 
+    def test_paused_in_data_the_message_is_still_taken(self):
+        p, t = self.connect()
+        p.dataReceived(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@local.test>\r\nDATA\r\n")
+        self.assertIn(b"354 ", self.take(t))
+        p.pauseProducing()  # the client has not read the 354 yet: data needs no reply, it goes on
+        p.dataReceived(b"Subject: x\r\n\r\n" + b"y" * 60 + b"\r\n")
+        p.dataReceived(b".\r\nNOOP\r\n")
+        out = self.take(t)
+        self.assertIn(b"250 2.0.0 Ok: queued as", out)
+        self.assertNotIn(b"2.0.0 Ok\r\n", out)  # the NOOP waits for the client to read
+        p.resumeProducing()
+        self.assertEqual(self.take(t), b"250 2.0.0 Ok\r\n")
+
     def test_close_unregisters_so_the_close_is_not_stalled(self):
         p, t = self.connect()
         self.take(t)
