@@ -45,6 +45,7 @@ class SMTPConfig:
     max_recipients: int = 1000
     timeout: float = 300.0
     max_connections_per_ip: int = 20
+    junk_command_limit: int = 100  # NOOP/RSET/HELP/VRFY/HELO/EHLO per message before they count as errors; 0: off
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class LocalConfig:
 @dataclass(frozen=True)
 class POP3Config:
     listen: tuple[str, ...] = ("tcp:1100:interface=127.0.0.1",)
+    max_connections_per_ip: int = 20
 
 
 @dataclass(frozen=True)
@@ -435,6 +437,7 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
             "max_recipients": _int(1),
             "timeout": parse_duration,
             "max_connections_per_ip": _int(1),
+            "junk_command_limit": _int(0),
         },
     )
     tls = ld.section("tls", {"certificate": _str, "key": _str, "auth_requires_tls": _bool})
@@ -470,7 +473,7 @@ def load(path: str | None = None, *, data: dict | None = None) -> Config:
         "local",
         {"domains": _list_of(_domain), "mailboxes": _path, "users": _path, "aliases": _str},
     )
-    pop3 = ld.section("pop3", {"listen": _list_of(ep)})
+    pop3 = ld.section("pop3", {"listen": _list_of(ep), "max_connections_per_ip": _int(1)})
     control = ld.section("control", {"socket": _str})
     metrics = ld.section("metrics", {"listen": _list_of(ep)})
     log = ld.section("log", {"format": _choice("text", "json")})

@@ -46,6 +46,7 @@ import relay
 from relay import queue as queuemod
 from relay import queueview, routecheck
 from relay import spool as spoolmod
+from relay.flow import ReadOnlyWhileDrained
 from relay.spool import is_queue_id
 
 log = Logger(namespace="relay.control")
@@ -230,7 +231,7 @@ class QuietAMP(amp.AMP):
         self.transport = None
 
 
-class ControlProtocol(QuietAMP):
+class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
     """One relayctl connection, bound to the running RelayService."""
 
     def __init__(self, svc, factory: "ControlFactory"):

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from twisted.logger import Logger
-from twisted.web import pages, resource, server
+from twisted.web import http, pages, resource, server
 
 import relay
 
@@ -227,8 +227,34 @@ class _Root(resource.Resource):
         return b"twisted-relay: Prometheus metrics at /metrics\n"
 
 
+class _OneRequestChannel(http.HTTPChannel):
+    """One request per connection (the response says Connection: close).
+
+    Twisted's HTTPChannel answers pipelined requests one after another
+    without waiting for the client to read: its pause of the transport is
+    skipped while a request is being handled, which is always the case
+    here (the page is written at once), so a client that pipelines GETs and
+    never reads made the relay hold every response (20,000 requests, 0.6
+    MB: 140 MB).  A scraper makes one request per scrape; one per
+    connection costs it a connect and bounds what a connection can hold to
+    one page."""
+
+    def checkPersistence(self, request, version) -> bool:
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.persistent = False
+        return False
+
+
 class MetricsSite(server.Site):
-    """No access log: a scrape every 15 s would drown the mail log."""
+    """No access log: a scrape every 15 s would drown the mail log.
+
+    One request per connection (_OneRequestChannel), and a connection idle
+    for a minute is closed (twisted.web's default is 12 hours)."""
+
+    protocol = _OneRequestChannel
+
+    def __init__(self, resource, *args, timeout: float = 60.0, **kwargs):
+        super().__init__(resource, *args, timeout=timeout, **kwargs)
 
     def log(self, request) -> None:
         pass

@@ -19,7 +19,15 @@ What this module guarantees, and why:
   up to SEEN_INLINE retrieved messages are renamed new/ -> cur/.
 * Nothing slow runs on the reactor: password hashing, opening/listing the
   Maildir, deleting, reading large messages and bursts of renames happen in
-  a thread pool (``factory.run_blocking``).  Messages up to INLINE_MAX
+  a thread pool (``factory.run_blocking``).  Password checks (scrypt, which
+  anyone can ask for without an account) go to the small pool of their own
+  the relay gives SMTP AUTH (``factory.run_auth``), never to the disk pool
+  whose fsyncs stand behind every SMTP 250.
+* At most ``max_connections_per_ip`` connections from one address (counted
+  by ``factory.limiter``, a relay.connlimit counter that the relay shares
+  between its POP3 listeners and, with workers, between its processes, as
+  SMTP's); more get -ERR [SYS/TEMP]
+  and are closed.  Messages up to INLINE_MAX
   octets are read inline (a page-cache read of a few KB costs less than a
   thread hop), as are the renames above (metadata only, no fsync).
 * Large messages are streamed: the protocol is the transport's push
@@ -52,6 +60,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay import endpoints, maildir
+from relay.connlimit import LocalCounter
 from relay.address import AddressError, parse_mailbox
 from relay.users import UserDB, UsersFileError, normalize_user
 
@@ -316,6 +325,8 @@ class POP3Server(Protocol):
         self._unflushed = False
         self._can_flush = False
         self._prefetched: tuple[int, bytes] | None = None  # (index, RETR reply)
+        self._counted = False  # counted in factory.limiter
+        self._abort_call = None  # aborts a closed session whose client does not drain
 
     # -- connection ---------------------------------------------------------
     def connectionMade(self) -> None:
@@ -325,6 +336,14 @@ class POP3Server(Protocol):
             self.peer = self.transport.getPeer().host
         except Exception:  # noqa: BLE001 - a transport without addresses (tests)
             self.peer = "?"
+        admitted, count = f.limiter.acquire(self.peer, f.max_connections_per_ip)
+        if not admitted:
+            log.info("pop3: reject: connect from [{client_ip}]: too many connections ({count})",
+                     client_ip=self.peer, count=count, reason="too_many_connections")
+            self._write(b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n")
+            self._close()
+            return
+        self._counted = True
         nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if nodelay is not None:  # not on UNIX sockets or test transports
             try:
@@ -345,9 +364,15 @@ class POP3Server(Protocol):
         self._lost = True
         self._closing = True
         self.factory.open_sessions -= 1
+        if self._counted:
+            self._counted = False
+            self.factory.limiter.release(self.peer)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         if self._delay is not None and not self._delay.called:
             self._delay.cancel()
         if self._streamer is not None:
@@ -381,6 +406,16 @@ class POP3Server(Protocol):
             self._producing = False
             self.transport.unregisterProducer()
         self.transport.loseConnection()
+        if self._abort_call is None and not self._lost:
+            # A client that does not read its last replies would hold the
+            # connection (and its place in the per-address count) for ever.
+            self._abort_call = self.factory.reactor.callLater(self.factory.close_grace, self._abort_unread)
+
+    def _abort_unread(self) -> None:
+        self._abort_call = None
+        if not self._lost:
+            log.info("pop3: closing: the client does not read its replies client={client}", client=self.peer)
+            self.transport.abortConnection()
 
     def _abort(self) -> None:
         self._closing = True
@@ -728,12 +763,29 @@ class POP3Server(Protocol):
             log.info("pop3: login failed client={client} user={user} method={method}: "
                      "authorization identity differs", client=self.peer, user=user, method=method)
             return self._failed_login(started)
-        d = f.run_blocking(
-            _check_and_open, f.userdb, user, pw, f.mailbox_root, addr.domain, addr.local
-        )
+        userdb = f.userdb
+        try:
+            # on the reactor (a stat, and a small file read only when it
+            # changed): a user just added can log in at once, and the users
+            # are never reloaded from two threads at a time
+            userdb.refresh()
+        except UsersFileError as e:  # keep the users we had; say why once per bad version
+            log.error("pop3: {err}", err=str(e))
+        root = f.mailbox_root
+        d = f.run_auth(userdb.check, user, pw)
+
+        def checked(ok: bool):
+            if not ok:
+                return None
+            if self._lost:
+                return None
+            # the Maildir (lock, listing) is disk work: the disk pool
+            return f.run_blocking(maildir.open_mailbox, root, addr.domain, addr.local)
 
         def done(result):
             if result is None:
+                if self._lost:
+                    return None
                 log.info("pop3: login failed client={client} user={user} method={method}: "
                          "bad credentials", client=self.peer, user=user, method=method)
                 return self._failed_login(started)
@@ -761,7 +813,7 @@ class POP3Server(Protocol):
             self._write(b"-ERR [SYS/TEMP] Cannot open the mailbox, try again later\r\n")
             return None
 
-        return d.addCallbacks(done, failed)
+        return d.addCallback(checked).addCallbacks(done, failed)
 
     def _failed_login(self, started: float) -> defer.Deferred:
         f = self.factory
@@ -1000,20 +1052,6 @@ class POP3Server(Protocol):
     }
 
 
-def _check_and_open(userdb: UserDB, user: str, password: str, root: str, domain: str, local: str):
-    """In a thread: the slow password check, then lock and list the Maildir.
-
-    Returns None for bad credentials, else (maildir path, lock, messages).
-    """
-    try:
-        userdb.refresh()
-    except UsersFileError as e:  # keep the users we had; say why once per attempt
-        log.error("pop3: {err}", err=str(e))
-    if not userdb.check(user, password):
-        return None
-    return maildir.open_mailbox(root, domain, local)
-
-
 class POP3Factory(ServerFactory):
     """Builds POP3Server protocols for one listening endpoint.
 
@@ -1022,8 +1060,14 @@ class POP3Factory(ServerFactory):
     logged in keep their mailbox.
 
     ``run_blocking(f, *args)`` returns a Deferred for f run in the thread
-    pool; unit tests driving a task.Clock replace it with a synchronous one.
-    ``open_sessions`` counts connections, ``logged_in`` the logged-in ones.
+    pool (``threadpool``: the disk pool); ``run_auth`` the same for password
+    checks, in ``auth_pool`` (the relay's AUTH pool), or through
+    run_blocking when there is none; unit tests driving a task.Clock replace
+    run_blocking with a synchronous one.
+    ``open_sessions`` counts connections, ``logged_in`` the logged-in ones,
+    ``limiter`` counts the connections per client address (a relay.connlimit
+    counter the relay shares between factories and workers; ``connections``
+    shows this process's counts).
     """
 
     protocol = POP3Server  # type: ignore[assignment]
@@ -1043,6 +1087,10 @@ class POP3Factory(ServerFactory):
         idle_timeout: float = 600.0,
         max_login_failures: int = 3,
         max_bad_commands: int = 20,
+        auth_pool: Any = None,
+        max_connections_per_ip: int = 20,
+        limiter: Any = None,
+        close_grace: float = 30.0,
     ):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -1060,14 +1108,32 @@ class POP3Factory(ServerFactory):
         self.idle_timeout = idle_timeout
         self.max_login_failures = max_login_failures
         self.max_bad_commands = max_bad_commands
+        self.auth_pool = auth_pool
+        self.close_grace = close_grace  # seconds a closed session waits for its last reply to drain
+        self.max_connections_per_ip = max_connections_per_ip
+        if limiter is None:
+            limiter = LocalCounter()
+        self.limiter = limiter
         self.open_sessions = 0
         self.logged_in = 0
+
+    @property
+    def connections(self) -> dict[str, int]:
+        """This process's counted sessions per client address."""
+        return self.limiter.counts()
 
     def run_blocking(self, f: Callable, *args: Any, **kwargs: Any) -> defer.Deferred:
         from twisted.internet.threads import deferToThreadPool
 
         pool = self.threadpool or self.reactor.getThreadPool()
         return deferToThreadPool(self.reactor, pool, f, *args, **kwargs)
+
+    def run_auth(self, f: Callable, *args: Any, **kwargs: Any) -> defer.Deferred:
+        if self.auth_pool is None:
+            return self.run_blocking(f, *args, **kwargs)
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.auth_pool, f, *args, **kwargs)
 
     def buildProtocol(self, addr):
         p = self.protocol(self)
@@ -1091,6 +1157,7 @@ def apply_config(factory: POP3Factory, config: Any, userdb: UserDB, tls_options:
     factory.userdb = userdb
     factory.tls_options = tls_options
     factory.auth_requires_tls = config.tls.auth_requires_tls
+    factory.max_connections_per_ip = config.pop3.max_connections_per_ip
 
 
 def factory_from_config(config: Any, userdb: UserDB, tls_options: Any, **kwargs: Any) -> POP3Factory:
@@ -1102,6 +1169,7 @@ def factory_from_config(config: Any, userdb: UserDB, tls_options: Any, **kwargs:
         userdb=userdb,
         tls_options=tls_options,
         auth_requires_tls=config.tls.auth_requires_tls,
+        max_connections_per_ip=config.pop3.max_connections_per_ip,
         **kwargs,
     )
 

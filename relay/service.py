@@ -282,7 +282,10 @@ class RelayService(service.MultiService):
                 tls_options=self.tls.options if self.tls else None,
                 auth_requires_tls=config.tls.auth_requires_tls,
                 reactor=self.reactor,
-                threadpool=self.disk.pool,
+                threadpool=self.disk.pool,  # the Maildirs
+                auth_pool=self.auth_pool.pool,  # password checks: never the disk pool
+                max_connections_per_ip=config.pop3.max_connections_per_ip,
+                limiter=self.connection_counter("pop3"),  # one count for all POP3 listeners
             )
             self.pop3_factories.append(factory)
             self._listen(desc, factory, f"pop3 {desc}")
@@ -601,7 +604,8 @@ class RelayService(service.MultiService):
             for attr, value in (("hostname", new.hostname), ("mailbox_root", new.local.mailboxes),
                                 ("local_domains", new.local.domains), ("userdb", users),
                                 ("tls_options", tls.options if tls else None),
-                                ("auth_requires_tls", new.tls.auth_requires_tls)):
+                                ("auth_requires_tls", new.tls.auth_requires_tls),
+                                ("max_connections_per_ip", new.pop3.max_connections_per_ip)):
                 if hasattr(f, attr):
                     setattr(f, attr, value)
         if self.queue is not None:

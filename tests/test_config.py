@@ -204,6 +204,8 @@ class Defaults(ConfigCase):
         self.assertEqual(cfg.smtp.max_recipients, 1000)
         self.assertEqual(cfg.smtp.timeout, 300.0)
         self.assertEqual(cfg.smtp.max_connections_per_ip, 20)
+        self.assertEqual(cfg.smtp.junk_command_limit, 100)
+        self.assertEqual(cfg.pop3.max_connections_per_ip, 20)
         self.assertEqual((cfg.tls.certificate, cfg.tls.key, cfg.tls.auth_requires_tls), ("", "", True))
         self.assertFalse(cfg.tls.enabled)
         self.assertEqual(cfg.relay.networks, (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")))
@@ -301,6 +303,9 @@ class BadValues(ConfigCase):
             ('[smtp]\nmax_recipients = 0', "smtp.max_recipients", "an integer >= 1"),
             ('[smtp]\nmax_recipients = true', "smtp.max_recipients", "an integer"),
             ('[smtp]\nmax_connections_per_ip = -1', "smtp.max_connections_per_ip", "an integer >= 1"),
+            ('[smtp]\njunk_command_limit = -1', "smtp.junk_command_limit", "an integer >= 0"),
+            ('[smtp]\njunk_command_limit = "many"', "smtp.junk_command_limit", "an integer >= 0"),
+            ('[pop3]\nmax_connections_per_ip = 0', "pop3.max_connections_per_ip", "an integer >= 1"),
             ('[tls]\ncertificate = 1', "tls.certificate", "a string"),
             ('[tls]\nauth_requires_tls = "yes"', "tls.auth_requires_tls", "true or false"),
             ('[relay]\nnetworks = "10.0.0.0/8"', "relay.networks", "a list"),
@@ -620,14 +625,14 @@ class SampleConfig(unittest.TestCase):
         schema = {
             "": ["hostname", "spool"],
             "smtp": ["listen", "submission", "max_message_size", "max_recipients", "timeout",
-                     "max_connections_per_ip"],
+                     "max_connections_per_ip", "junk_command_limit"],
             "tls": ["certificate", "key", "auth_requires_tls"],
             "relay": ["networks", "domains", "smarthost", "smarthost_username", "smarthost_password_file",
                       "smarthost_tls", "routes"],
             "delivery": ["nameservers", "port", "tls", "retry_min", "retry_max", "max_lifetime", "delay_warning",
                          "connect_timeout", "max_concurrency", "max_per_destination"],
             "local": ["domains", "mailboxes", "users", "aliases"],
-            "pop3": ["listen"],
+            "pop3": ["listen", "max_connections_per_ip"],
             "control": ["socket"],
         }
         for section, keys in schema.items():

@@ -781,3 +781,22 @@ class SessionAccountingTests(Base):
         self.assertEqual(len(logouts), 1)
         self.assertEqual((logouts[0]["retrieved"], logouts[0]["deleted"]), (2, 1))
         self.assertFalse([e for e in events if e.get("log_failure") is not None])
+
+
+class UnreadRepliesTests(Base):
+    """A client that pipelines commands and never reads the replies: the
+    server stops handling them (it is its transport's producer), the idle
+    timeout still ends the session, and the connection is aborted when the
+    client does not read the last reply either (it would otherwise stay
+    open for ever, and count against the per-address limit)."""
+
+    factory_kwargs: ClassVar[dict] = {"idle_timeout": 2.0, "close_grace": 1.0}
+
+    async def test_flood_of_unread_replies_is_bounded_then_dropped(self):
+        from tests.support.flood import pour_unread
+
+        junk = await self.run_client(pour_unread, "127.0.0.1", self.portno, b"CAPA\r\n" * 2_000_000, stall=3)
+        self.addCleanup(junk.sock.close)
+        self.assertTrue(junk.stalled, f"the server read all {junk.sent} octets while its replies piled up")
+        await apoll(lambda: self.factory.open_sessions == 0, 30,
+                    what="the server to drop a client that does not read")

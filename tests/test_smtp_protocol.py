@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 
@@ -19,6 +20,7 @@ from relay.smtp.server import ServerContext, SMTPServer
 
 class Harness(unittest.TestCase):
     timeout_s = 60
+    smtp: dict = {}  # more [smtp] keys
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="relay-proto-")
@@ -26,7 +28,7 @@ class Harness(unittest.TestCase):
         self.clock = task.Clock()
         self.cfg = configmod.load(None, data={
             "hostname": "relay.test", "spool": self.tmp + "/spool",
-            "smtp": {"timeout": self.timeout_s},
+            "smtp": {"timeout": self.timeout_s, **self.smtp},
             "local": {"domains": ["local.test"], "users": self.tmp + "/users"},
         })
         sp = spoolmod.Spool(self.cfg.spool)
@@ -134,6 +136,8 @@ class Replies(Harness):
 
 
 class PipelinedFlood(Harness):
+    smtp = {"junk_command_limit": 0}  # a thousand NOOPs: the limit would end the session
+
     def test_long_burst_is_handled_in_slices_in_order(self):
         from relay.smtp.server import LINES_PER_TURN
 
@@ -151,3 +155,120 @@ class PipelinedFlood(Harness):
         # and the session goes on normally
         p.dataReceived(b"QUIT\r\n")
         self.assertTrue(self.take(t).startswith(b"221 "))
+
+
+class OutputFlowControl(Harness):
+    """The session is its transport's push producer: while the transport says
+    its buffer is full, no command is read or handled."""
+
+    smtp = {"junk_command_limit": 0}
+
+    def test_registered_as_streaming_producer(self):
+        p, t = self.connect()
+        self.assertIs(t.producer, p)
+        self.assertTrue(t.streaming)
+
+    def test_paused_output_holds_commands_until_resumed(self):
+        p, t = self.connect()
+        self.take(t)
+        from relay.smtp.server import PAUSED_INPUT_LIMIT
+
+        p.pauseProducing()  # what the transport does when its write buffer is over its bound
+        p.dataReceived(b"NOOP\r\nHELP\r\nNOOP\r\n")
+        self.assertEqual(self.take(t), b"")
+        self.assertEqual(len(p.buf), 18)
+        # a little input is still read (a TLS handshake needs it), then the socket is not read either
+        self.assertEqual(t.producerState, "producing")
+        n = PAUSED_INPUT_LIMIT // 6 + 1
+        p.dataReceived(b"NOOP\r\n" * n)
+        self.assertEqual(self.take(t), b"")
+        self.assertEqual(t.producerState, "paused")
+        p.resumeProducing()
+        self.clock.advance(0)
+        self.clock.advance(0)
+        codes = [ln[:3] for ln in self.take(t).split(b"\r\n") if ln]
+        self.assertEqual(codes, [b"250", b"214", b"250"] + [b"250"] * n)
+        self.assertEqual(t.producerState, "producing")
+
+    def test_pause_within_a_long_burst(self):
+        from relay.smtp.server import LINES_PER_TURN
+
+        p, t = self.connect()
+        self.take(t)
+        n = LINES_PER_TURN * 3
+        p.dataReceived(b"NOOP\r\n" * n)
+        self.assertEqual(self.take(t).count(b"250 "), LINES_PER_TURN)
+        p.pauseProducing()
+        self.clock.advance(0)  # the follow-up turn: output still paused, nothing handled
+        self.assertEqual(self.take(t), b"")
+        self.assertEqual(len(p.buf), (n - LINES_PER_TURN) * 6)
+        p.resumeProducing()
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(self.take(t).count(b"250 "), n - LINES_PER_TURN)
+        self.assertEqual(t.producerState, "producing")
+
+    def test_paused_in_data_the_message_is_still_taken(self):
+        p, t = self.connect()
+        p.dataReceived(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@local.test>\r\nDATA\r\n")
+        self.assertIn(b"354 ", self.take(t))
+        p.pauseProducing()  # the client has not read the 354 yet: data needs no reply, it goes on
+        p.dataReceived(b"Subject: x\r\n\r\n" + b"y" * 60 + b"\r\n")
+        p.dataReceived(b".\r\nNOOP\r\n")
+        out = self.take(t)
+        self.assertIn(b"250 2.0.0 Ok: queued as", out)
+        self.assertNotIn(b"2.0.0 Ok\r\n", out)  # the NOOP waits for the client to read
+        p.resumeProducing()
+        self.assertEqual(self.take(t), b"250 2.0.0 Ok\r\n")
+
+    def test_close_unregisters_so_the_close_is_not_stalled(self):
+        p, t = self.connect()
+        self.take(t)
+        p.pauseProducing()
+        p.dataReceived(b"QUIT\r\n")
+        self.assertEqual(self.take(t), b"")
+        p.resumeProducing()
+        self.assertEqual(self.take(t), b"221 2.0.0 Bye\r\n")
+        self.assertIsNone(t.producer)
+        self.assertTrue(t.disconnecting)
+
+
+class JunkCommands(Harness):
+    smtp = {"junk_command_limit": 5}
+
+    def codes(self, t) -> list[bytes]:
+        return [ln[:4] for ln in self.take(t).split(b"\r\n") if ln]
+
+    def test_past_the_limit_junk_counts_as_errors(self):
+        from relay.smtp.server import MAX_ERRORS
+
+        p, t = self.connect()
+        self.take(t)
+        p.dataReceived(b"NOOP\r\nRSET\r\nHELP\r\nVRFY x\r\nEHLO a\r\n")  # 5: the limit
+        self.assertEqual(self.codes(t), [b"250 ", b"250 ", b"214 ", b"252 ", b"250-"] + [b"250-"] * 4 + [b"250 "])
+        p.dataReceived(b"NOOP\r\n" * (MAX_ERRORS - 1))
+        self.assertEqual(self.codes(t), [b"250 "] * (MAX_ERRORS - 1))
+        self.assertFalse(t.disconnecting)
+        p.dataReceived(b"HELO a\r\nNOOP\r\n")
+        self.assertEqual(self.codes(t), [b"250 ", b"421 "])
+        self.assertTrue(t.disconnecting)
+
+    def test_a_message_received_starts_the_count_afresh(self):
+        p, t = self.connect()
+        self.take(t)
+        for _ in range(3):
+            p.dataReceived(b"EHLO a\r\nNOOP\r\nNOOP\r\nNOOP\r\n"
+                           b"MAIL FROM:<a@b.example>\r\nRCPT TO:<alice@local.test>\r\nDATA\r\n")
+            p.dataReceived(b"Subject: x\r\n\r\nx\r\n.\r\nRSET\r\n")
+            self.assertIn(b"250 2.0.0 Ok: queued as", self.take(t))
+        self.assertEqual(p.errors, 0)
+        self.assertFalse(t.disconnecting)
+
+    def test_zero_is_no_limit(self):
+        self.cfg = dataclasses.replace(self.cfg, smtp=dataclasses.replace(self.cfg.smtp, junk_command_limit=0))
+        self.ctx.config = self.cfg
+        p, t = self.connect()
+        self.take(t)
+        p.dataReceived(b"NOOP\r\n" * 200)
+        self.assertEqual(self.take(t).count(b"250 "), 200)
+        self.assertEqual(p.errors, 0)

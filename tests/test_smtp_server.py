@@ -596,3 +596,58 @@ class SpoolFailures(RelayTestCase):
         self.assertEqual(r.code, 452)
         self.assertEqual(self.relay.service.spool.incoming_leftovers(), [])
         self.assertEqual(queued_files(self.relay), [])
+
+
+class JunkCommandLimit(RelayTestCase):
+    """smtp.junk_command_limit (default 100), as Postfix's smtpd_junk_command_limit:
+    past it each NOOP/RSET/HELP/VRFY/HELO/EHLO counts as an error, and 20
+    errors end the session; a message received starts the count afresh."""
+
+    async def test_pipelined_junk_ends_the_session(self):
+        def fn(c):
+            c.send(b"NOOP\r\nRSET\r\nHELP\r\nVRFY x\r\n" * 50)  # 200 junk commands
+            replies = []
+            while not replies or replies[-1].code != 421:
+                replies.append(c.reply())
+            return replies, c.closed()
+
+        replies, closed = await self.session(fn)
+        # 100 free, then 20 that count as errors: the 120th is answered, then 421
+        self.assertEqual(len(replies), 121)
+        self.assertEqual([r.code for r in replies[:4]], [250, 250, 214, 252])
+        self.assertEqual(replies[-2].code, 252)  # the 120th, a VRFY
+        self.assertEqual(replies[-1].code, 421)
+        self.assertEqual(replies[-1].lines[0], "4.7.0 Too many errors, closing connection")
+        self.assertTrue(closed)
+
+    async def test_a_message_received_starts_the_count_afresh(self):
+        def fn(c):
+            out = []
+            for i in range(3):
+                c.send(b"NOOP\r\n" * 90)
+                out += [c.reply() for _ in range(90)]
+                out.append(c.cmd("EHLO client.test"))
+                out.append(c.cmd("MAIL FROM:<a@b.example>"))
+                out.append(c.cmd("RCPT TO:<alice@local.test>"))
+                out.append(c.cmd("DATA"))
+                c.send(b"Subject: %d\r\n\r\nbody\r\n.\r\n" % i)
+                out.append(c.reply())
+            return out, c.cmd("QUIT")
+
+        out, bye = await self.session(fn)
+        self.assertEqual({r.code for r in out}, {250, 354})
+        self.assertEqual(bye.code, 221)
+        self.assertEqual(len(queued_files(self.relay)), 3)
+
+
+class JunkCommandLimitOff(RelayTestCase):
+    overrides = {"smtp": {"junk_command_limit": 0}}
+
+    async def test_zero_is_no_limit(self):
+        def fn(c):
+            c.send(b"NOOP\r\n" * 300)
+            return [c.reply().code for _ in range(300)], c.cmd("QUIT")
+
+        codes, bye = await self.session(fn)
+        self.assertEqual(set(codes), {250})
+        self.assertEqual(bye.code, 221)

@@ -18,6 +18,16 @@ replace anyway.  What this protocol guarantees:
   fsynced, renamed into queue/ and the directory fsynced.
 * After STARTTLS everything the client sent before the handshake is thrown
   away and the session starts from scratch (RFC 3207).
+* Flow control on the output side: the session is its transport's push
+  producer, so while the replies to a client are not drained (the
+  transport's write buffer is over its bound, or TLS's is) no further
+  command is read or handled; a client that pipelines commands and never
+  reads the replies cannot make the relay hold them in memory.
+* Commands that move no mail forward (NOOP, RSET, HELP, VRFY, HELO/EHLO)
+  are bounded per session like Postfix's smtpd_junk_command_limit: past
+  smtp.junk_command_limit each one also counts as an error, and the error
+  limit ends the session; a message received resets the count.  So junk
+  cannot keep a session (and its idle timer) alive forever.
 
 Policy decisions come from relay.policy, storage from relay.spool/diskio;
 this module only speaks the protocol.
@@ -51,6 +61,11 @@ MAX_ERRORS = 20
 MAX_AUTH_FAILURES = 3
 MAX_HOPS = 100  # Received headers (RFC 5321 6.3)
 BUSY_BUFFER_LIMIT = 1 << 20
+CLOSE_GRACE = 30.0  # seconds a closing session waits for its last reply to drain
+# Input read (not handled) while the replies are not drained, before the
+# socket is not read either.  Not 0: a TLS layer pauses us while its
+# handshake is in progress, and the handshake needs the socket read.
+PAUSED_INPUT_LIMIT = 64 * 1024
 LINES_PER_TURN = 256  # pipelined commands handled in one reactor turn before others get theirs
 
 _VERB_OK = {
@@ -127,7 +142,7 @@ class ServerContext:
         return self.limiter.counts()
 
 
-@implementer(interfaces.IHandshakeListener)
+@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
 class SMTPServer(Protocol):
     """One SMTP session."""
 
@@ -151,7 +166,12 @@ class SMTPServer(Protocol):
         self.peer_ip = "?"
         self.tls_active = False
         self.tls_info: dict | None = None
-        self.paused = False
+        self.paused = False  # input paused: busy with a megabyte of input waiting
+        self._out_paused = False  # the transport asked us to stop: replies not drained
+        self._read_paused = False  # transport.pauseProducing() in effect
+        self._producing = False  # registered as the transport's producer
+        self._abort_call = None  # aborts a closed session whose client does not drain
+        self.junk = 0  # commands that moved no mail forward (see _junk)
         self.shutting_down = False
         self._reset_session()
 
@@ -208,6 +228,8 @@ class SMTPServer(Protocol):
         self.counted = True
         ctx.counters.sessions += 1
         ctx.open_sessions.add(self)
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self._send_now(f"220 {self.cfg.hostname} ESMTP twisted-relay")
         self._arm()
 
@@ -216,6 +238,10 @@ class SMTPServer(Protocol):
         if self._more is not None and self._more.active():
             self._more.cancel()
         self._more = None
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
+        self._producing = False
         self._abort_incoming()
         self.closing = True
         if getattr(self, "counted", False):
@@ -320,13 +346,76 @@ class SMTPServer(Protocol):
         self._flush()
         self.closing = True
         self._disarm()
+        if self._producing:
+            # a paused producer would keep loseConnection waiting for ever
+            self._producing = False
+            self.transport.unregisterProducer()
+        if self._read_paused:
+            # TLS's close needs the peer's close_notify (or its FIN) read
+            self._read_paused = False
+            self.transport.resumeProducing()
         self.transport.loseConnection()
+        if self._abort_call is None and getattr(self.transport, "connected", False):
+            # A client that does not read its last replies would hold the
+            # connection (and the buffer) open: give it a grace period.
+            grace = min(CLOSE_GRACE, self.cfg.smtp.timeout)
+            self._abort_call = self.ctx.reactor.callLater(grace, self._abort_unread)
+
+    def _abort_unread(self) -> None:
+        self._abort_call = None
+        if getattr(self.transport, "connected", False):
+            log.info("[{client_ip}]: closing: the client does not read its replies", client_ip=self.peer_ip)
+            self.transport.abortConnection()
+
+    # -- flow control (IPushProducer: the transport says when its buffer is full)
+    def pauseProducing(self) -> None:
+        self._out_paused = True
+        self._sync_reading()
+
+    def resumeProducing(self) -> None:
+        self._out_paused = False
+        if self.closing:
+            return
+        self._sync_reading()
+        if self._more is None and not self.busy and self.buf:
+            self._process()
+
+    def stopProducing(self) -> None:
+        self._producing = False  # the connection is going away (connectionLost follows)
+
+    def _sync_reading(self) -> None:
+        """Read from the socket only while nothing holds the input back: the
+        replies not drained with PAUSED_INPUT_LIMIT of input waiting, a long
+        burst handed over to the next reactor turn (_more), or a wait (AUTH,
+        commit) with a megabyte of input behind it."""
+        hold = (self._more is not None or self.paused
+                or (self._out_paused and len(self.buf) >= PAUSED_INPUT_LIMIT))
+        if hold and not self._read_paused:
+            self._read_paused = True
+            self.transport.pauseProducing()
+        elif not hold and self._read_paused and not self.closing:
+            self._read_paused = False
+            self.transport.resumeProducing()
 
     def error(self, code: int, text: str) -> None:
         """A reply to a bad command; too many of them end the session."""
         self.reply(code, text)
+        self._count_error()
+
+    def _junk(self) -> None:
+        """A command that moved no mail forward has been answered: past
+        smtp.junk_command_limit it counts as an error too (Postfix's
+        smtpd_junk_command_limit), so the error limit ends the session."""
+        limit = self.cfg.smtp.junk_command_limit
+        if not limit:
+            return
+        self.junk += 1
+        if self.junk > limit:
+            self._count_error()
+
+    def _count_error(self) -> None:
         self.errors += 1
-        if self.errors >= MAX_ERRORS:
+        if self.errors >= MAX_ERRORS and not self.closing:
             self.reply(421, "4.7.0 Too many errors, closing connection")
             log.info("reject: [{client_ip}]: too many errors", client_ip=self.peer_ip, reason="too_many_errors")
             self.ctx.counters.reject("too_many_errors")
@@ -347,7 +436,7 @@ class SMTPServer(Protocol):
 
     def _process(self) -> None:
         budget = LINES_PER_TURN
-        while not self.busy and not self.closing and self.buf:
+        while not self.busy and not self.closing and self.buf and not self._out_paused:
             if self.mode == "data":
                 self._data_input()
                 continue
@@ -357,7 +446,7 @@ class SMTPServer(Protocol):
                 # turn first, then this one goes on (input paused meanwhile)
                 if self._more is None:
                     self._more = self.ctx.reactor.callLater(0, self._go_on)
-                    self.transport.pauseProducing()
+                    self._sync_reading()
                 break
             limit = MAX_AUTH_LINE if (self.mode == "auth" or self.buf[:5].upper() == b"AUTH ") else MAX_COMMAND
             i = self.buf.find(b"\n")
@@ -403,17 +492,16 @@ class SMTPServer(Protocol):
         self._flush()
         if self.paused and (not self.busy and len(self.buf) < BUSY_BUFFER_LIMIT):
             self.paused = False
-            self.transport.resumeProducing()
         elif self.busy and len(self.buf) > BUSY_BUFFER_LIMIT and not self.paused:
             self.paused = True
-            self.transport.pauseProducing()
+        if not self.closing:
+            self._sync_reading()
 
     def _go_on(self) -> None:
         self._more = None
         if self.closing:
             return
-        if not self.paused:
-            self.transport.resumeProducing()
+        self._sync_reading()
         self._process()
 
     def _line(self, raw: bytes) -> None:
@@ -467,6 +555,7 @@ class SMTPServer(Protocol):
         host = self.cfg.hostname
         if not esmtp:
             self.reply(250, host)
+            self._junk()
             return
         lines = [
             host,
@@ -481,6 +570,7 @@ class SMTPServer(Protocol):
             lines.append("AUTH PLAIN LOGIN")
         lines.append("HELP")
         self.reply(250, "\n".join(lines))
+        self._junk()
 
     def _auth_allowed(self) -> bool:
         if self.tls_active:
@@ -489,6 +579,7 @@ class SMTPServer(Protocol):
 
     def do_NOOP(self, arg: str) -> None:
         self.reply(250, "2.0.0 Ok")
+        self._junk()
 
     def do_RSET(self, arg: str) -> None:
         if arg.strip():
@@ -496,6 +587,7 @@ class SMTPServer(Protocol):
             return
         self._reset_transaction()
         self.reply(250, "2.0.0 Ok")
+        self._junk()
 
     def do_QUIT(self, arg: str) -> None:
         self.reply(221, "2.0.0 Bye")
@@ -505,12 +597,14 @@ class SMTPServer(Protocol):
         self.reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY"
                    + (" STARTTLS" if self.ctx.tls is not None else "")
                    + (" AUTH" if self.ctx.checker is not None else ""))
+        self._junk()
 
     def do_VRFY(self, arg: str) -> None:
         if not arg.strip():
             self.error(501, "5.5.4 Syntax: VRFY address")
             return
         self.reply(252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+        self._junk()
 
     def do_EXPN(self, arg: str) -> None:
         self.error(502, "5.5.1 EXPN is not available")
@@ -781,6 +875,7 @@ class SMTPServer(Protocol):
                 recipients=env.recipients,
             )
             self.ctx.counters.received += 1
+            self.junk = 0  # a message moved forward: junk counts afresh (as Postfix does)
             self.reply(250, f"2.0.0 Ok: queued as {qid}")
             if self.ctx.on_queued is not None:
                 entry = spoolmod.QueueEntry(env, spoolmod.State.fresh(env), size, len(inc.header),
@@ -823,6 +918,9 @@ class SMTPServer(Protocol):
         self.tls_active = True
         self._direct = False
         self.transport.startTLS(self.ctx.tls.options)
+        # startTLS moved this producer onto the TLS layer, which starts unpaused
+        self._out_paused = False
+        self._sync_reading()
 
     # -- AUTH ----------------------------------------------------------------------
     def do_AUTH(self, arg: str) -> None:

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from relay import spool as spoolmod
-from tests.support.flood import open_many, reply_lines, stream
+from tests.support.flood import open_many, pour_unread, reply_lines, stream
 from tests.support.procs import LimitedRelayProcess, memory, nofile_limit, open_fds, raise_nofile
 from tests.support.relay import base_config, deep_merge, free_port
 from tests.support.wait import poll
@@ -237,3 +237,65 @@ def _open(st) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_pipelined_junk_whose_replies_are_never_read(tmp_path):
+    """16 MB of pipelined HELP (a 90-octet reply each, 15 times what is sent)
+    from a client that never reads: the relay stops reading while its output
+    to that client is not drained (flow control), so its memory stays
+    bounded; after the client leaves it is back near where it started.
+    (The junk command limit is off here: it would end the session first.)"""
+    relay, port = make_relay(tmp_path, junk_command_limit=0)
+    try:
+        pid = relay.proc.pid
+        served(port, "warm-up")
+        before = memory(pid)["VmRSS"]
+        junk = pour_unread("127.0.0.1", port, b"HELP\r\n" * (16 * MB // 6), stall=5)
+        try:
+            during = memory(pid)
+            banner_wait = served(port, "beside-unread")
+        finally:
+            junk.sock.close()
+        grown = max(during["VmHWM"], during["VmRSS"]) - before
+        print(f"\nunread replies: the relay took {junk.sent / MB:.1f} MB of HELP before it stopped reading "
+              f"(stalled={junk.stalled}); VmRSS {before / MB:.1f} -> {during['VmRSS'] / MB:.1f} MB "
+              f"(peak +{grown / MB:.1f} MB); a new client got its banner in {banner_wait * 1000:.0f} ms")
+        assert junk.stalled, f"the relay read all {junk.sent} octets while its replies piled up"
+        assert grown < 10 * MB
+        poll(lambda: memory(pid)["VmRSS"] - before < 5 * MB, 30,
+             what="the relay's memory to come back after the client left")
+        assert relay.proc.poll() is None
+    finally:
+        relay.stop()
+
+
+def test_a_client_that_never_reads_is_dropped_after_the_timeout(tmp_path):
+    """Paused for a client that does not read, the session still times out
+    (smtp.timeout), and the relay does not keep the connection open for
+    ever waiting for that client to read the 421: it aborts it."""
+    relay, port = make_relay(tmp_path, timeout="5s", junk_command_limit=0)
+    try:
+        junk = pour_unread("127.0.0.1", port, b"HELP\r\n" * (16 * MB // 6), stall=3)
+        try:
+            assert junk.stalled
+            client_port = junk.sock.getsockname()[1]
+            assert _relay_side(port, client_port), "the relay's end of the connection"
+            poll(lambda: not _relay_side(port, client_port), 60,
+                 what="the relay to drop the connection of a client that does not read")
+        finally:
+            junk.sock.close()
+        log = relay.log()
+        assert "timeout after command from [127.0.0.1]" in log
+        assert "[127.0.0.1]: closing: the client does not read its replies" in log
+        assert relay.proc.poll() is None
+    finally:
+        relay.stop()
+
+
+def _relay_side(port: int, client_port: int) -> list[str]:
+    """TCP states (hex, /proc/net/tcp) of the relay's socket for the connection
+    from 127.0.0.1:client_port to 127.0.0.1:port."""
+    local, remote = f"0100007F:{port:04X}", f"0100007F:{client_port:04X}"
+    with open("/proc/net/tcp") as f:
+        rows = [ln.split() for ln in f.readlines()[1:]]
+    return [r[3] for r in rows if r[1] == local and r[2] == remote]

@@ -126,3 +126,44 @@ def stream(host: str, port: int, prologue: bytes, chunks, epilogue: bytes = b"")
 
 def reply_lines(data: bytes) -> list[bytes]:
     return [ln for ln in data.split(b"\r\n") if ln]
+
+
+@dataclass
+class Unread:
+    """What ``pour_unread`` managed to send; the socket stays open, never read."""
+
+    sock: socket.socket
+    sent: int
+    stalled: bool  # the server stopped taking data (its reading paused)
+
+
+def pour_unread(host: str, port: int, data: bytes, chunk: int = 65536, stall: float = 3.0,
+                deadline: float = 60.0, rcvbuf: int = 4096) -> Unread:
+    """Connect with a small receive buffer and send data as fast as the
+    server takes it, never reading a byte of the replies.  Stops when all is
+    sent, or when the socket has not been writable for ``stall`` seconds (the
+    server stopped reading), or at ``deadline``."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window
+    sock.connect((host, port))
+    sock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_WRITE)
+    sent = 0
+    stalled = False
+    end = time.monotonic() + deadline
+    view = memoryview(data)
+    try:
+        while sent < len(data) and time.monotonic() < end:
+            if not sel.select(stall):
+                stalled = True
+                break
+            try:
+                sent += sock.send(view[sent:sent + chunk])
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+    finally:
+        sel.close()
+    return Unread(sock, sent, stalled)
