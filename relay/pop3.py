@@ -60,8 +60,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay import endpoints, maildir
-from relay.connlimit import LocalCounter
 from relay.address import AddressError, parse_mailbox
+from relay.connlimit import LocalCounter
 from relay.users import UserDB, UsersFileError, normalize_user
 
 log = Logger(namespace="relay.pop3")
