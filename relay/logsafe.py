@@ -130,7 +130,7 @@ FIELD_KINDS: dict[str, Callable[[str], str]] = {
     "sender": address, "rcpt": address, "to": address, "orig_to": address, "recipient": address,
     # names shown bare
     "helo": helo, "user": token, "sasl_username": token, "name": token, "queue_id": token,
-    "dsn_id": token, "client": token,
+    "dsn_id": token, "client": token, "dest": token,
     # free text
     "reply": text, "reason": text, "why": text, "error": text, "err": text, "line": text,
     "diagnostic": text,

@@ -30,7 +30,6 @@ import email.utils
 import errno
 import os
 import pwd
-import re
 import secrets
 import stat
 import time
@@ -123,14 +122,15 @@ def ready_names(spool: spoolmod.Spool, now: float, log_fn=None) -> list[str]:
     return out
 
 
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,80}\Z")
+
 
 
 def _shown(name: str) -> str:
     """A file name in drop/ as logged: anyone who may write there chooses it
-    (a newline, "reject: RCPT from ..."), so anything but a plain name is
-    shown quoted, with escapes, and cut short."""
-    return name if _PLAIN_NAME.match(name) else ascii(name[:80])
+    (a newline, "reject: RCPT from ..."); it is cut short here, and the log
+    formatter escapes it as a name (relay.logsafe: the ``name`` and ``dest``
+    fields), so it stays one field on one line."""
+    return name if len(name) <= 80 else name[:80] + "..."
 
 
 def _qid(name: str) -> str | None:

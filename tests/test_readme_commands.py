@@ -51,6 +51,7 @@ NOT_SHELL = [
     (re.compile(r"^import \w+"), "Python (poplib example)"),
     (re.compile(r"^failregex = "), "a fail2ban filter line"),
     (re.compile(r"^[0-9A-Z]{16}: "), "log lines"),
+    (re.compile(r"^(\.\.\. |\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} )\[(w\d+ )?relay\.[\w.]+#\w+\] "), "log lines"),
     (re.compile(r'^\{"'), "a JSON log line"),
 ]
 NOT_SHELL_LANGS = {"toml", "yaml", "yml", "json", "python", "ini"}
@@ -157,7 +158,7 @@ def readme_commands(text: str) -> list[Command]:
             continue
         for span in re.findall(r"`([^`\n]+)`", line):
             words = span.split()
-            if len(words) > 1 and (words[0] in PROGRAMS or words[0].startswith(PROGRAMS)):
+            if len(words) > 1 and (words[0] in PROGRAMS or words[0].startswith(tuple(p for p in PROGRAMS if p.endswith("/")))):
                 out.append(Command(i + 1, span.strip()))
         prev_blank = not line.strip()
         i += 1

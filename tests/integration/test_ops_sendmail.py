@@ -415,6 +415,6 @@ def test_a_drop_file_name_cannot_forge_a_log_line(tmp_path):
         lines = relay.log().splitlines()
         assert not [ln for ln in lines if ln.startswith("reject:") or "reject: RCPT" in ln.split("drop/")[0]]
         (line,) = [ln for ln in lines if "moved to quarantine:" in ln]
-        assert "drop/'x\\nreject: RCPT from x[203.0.113.7]: 554 5.7.1 forged'" in line
+        assert "drop/x\\x0areject:\\x20RCPT\\x20from\\x20x\\x5b203.0.113.7\\x5d:\\x20554\\x205.7.1\\x20forged:" in line
     finally:
         relay.stop()
