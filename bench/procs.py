@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -202,6 +203,51 @@ def wait_idle(pid_cpu, *, window: float = 0.5, threshold: float = 0.01, timeout:
             return time.monotonic() - t0
         last = now
     raise BenchError(f"the relay did not become idle within {timeout:.0f}s")
+
+
+def meminfo_kb(field: str) -> int:
+    """A kB figure from /proc/meminfo (Cached, MemFree...)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"no {field} in /proc/meminfo")
+
+
+def drop_caches() -> int:
+    """``sync; echo 3 > /proc/sys/vm/drop_caches``: the page cache, dentries and
+    inodes of the whole machine are dropped, so that what is read next comes
+    from the disk.  Returns the kernel's Cached figure (kB) right after.
+    Raises BenchError when this machine does not allow it (not root, a
+    read-only /proc in a container): a "cold" figure must not be a warm one."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise BenchError(f"cannot drop the page cache (sync; echo 3 > /proc/sys/vm/drop_caches): {e}")
+    return meminfo_kb("Cached")
+
+
+def resident_fraction(paths: list[str]) -> float | None:
+    """The fraction of these files' pages in the page cache (util-linux fincore),
+    None when fincore is missing or fails: how cold a "cold" start really was."""
+    exe = shutil.which("fincore")
+    if not exe or not paths:
+        return None
+    try:
+        out = subprocess.run([exe, "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *paths],
+                             capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    res = size = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            res += int(parts[0])
+            size += -(-int(parts[1]) // page) * page  # fincore counts whole pages
+    return res / size if size else None
 
 
 # -- cgroups: an exact CPU total for a server and every process it ever forked ------------
