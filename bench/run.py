@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import scenarios as sc  # noqa: E402
 import setup_env  # noqa: E402
 import summary  # noqa: E402
-from procs import BenchError, Registry, raise_nofile, remove_our_cgroups  # noqa: E402
+from procs import BenchError, OthersMonitor, Registry, raise_nofile, remove_our_cgroups  # noqa: E402
 
 BENCHES = ("relay", "accept", "large", "idle", "spool", "pop3")
 
@@ -203,13 +203,15 @@ def round_order(i: int, peer: bool) -> tuple[str, ...]:
     return ("ours", "postfix") if i % 2 == 0 else ("postfix", "ours")
 
 
-def run_all(ctx: sc.Ctx, only: list[str], peer: bool, profile: str | None) -> tuple[dict, dict, dict]:
+def run_all(ctx: sc.Ctx, only: list[str], peer: bool, profile: str | None,
+            mark: Callable[[str], None] = lambda bench: None) -> tuple[dict, dict, dict]:
     p = ctx.p
     res: dict = {}
     errors: dict = {}
     extra: dict = {}
 
     def attempt(bench: str, fn: Callable[[], None]) -> None:
+        mark(bench)
         try:
             fn()
         except (BenchError, OSError, ValueError, RuntimeError) as e:
@@ -332,7 +334,8 @@ def results_md(rows: list[Row], res: dict, errors: dict, extra: dict, meta: dict
            f"- Load average at the start: {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}; at the end: "
            f"{la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f} (the machine is shared; the load during and at the end "
            "of the run includes the benchmark's own processes: the `rest` column of the CPU accounting "
-           "check below shows how much CPU others used during the relay and accept runs)",
+           "check in bench/RESULTS.md shows how much CPU others used during the relay and accept runs)",
+           f"- Other work on the machine during the run: {others_note(meta)}",
            f"- Versions: Python {v['python']}, Twisted {v['twisted']}, Postfix {v['postfix']}, "
            f"Dovecot {v['dovecot']}, twisted-relay {v['twisted-relay']}",
            f"- Commit measured: {v.get('checkout', '?')} (the whole checkout, bench/ included; the relay's "
@@ -372,6 +375,19 @@ def results_md(rows: list[Row], res: dict, errors: dict, extra: dict, meta: dict
     if extra.get("spool_fill_seconds"):
         out.append(f"Filling the spool took {extra['spool_fill_seconds']:.0f} s (not timed).\n")
     return "\n".join(out) + "\n"
+
+
+def others_note(meta: dict) -> str:
+    """How much of the machine other processes (other users' tests and benchmarks) took."""
+    o = meta.get("others")
+    if not o:
+        return "not recorded (an older bench/run.py)"
+    secs = ", ".join(f"{k} {v['share']:.0%}" for k, v in o["sections"].items() if k != "start")
+    top = ", ".join(f"`{label}` {cpu:.0f} s" for label, cpu in o["top"][:4]) or "none"
+    bench = ", ".join(f"`{b}`" for b in o["benchmarks"]) or "none"
+    return (f"about {o['share']:.0%} of the {o['cores']} cores on average ({secs}; the machine's process "
+            f"CPU less this benchmark's), most CPU among those sampled every 5 s: {top}; other benchmark "
+            f"runs seen: {bench}")
 
 
 def sizes_note(meta: dict) -> str:
@@ -627,12 +643,14 @@ def main() -> int:
 
     reg = Registry()
     ctx = sc.Ctx(reg=reg, env=env, work=work, p=p, say=say)
+    others = OthersMonitor().start()
     try:
-        res, errors, extra = run_all(ctx, only, not args.no_peer, args.profile)
+        res, errors, extra = run_all(ctx, only, not args.no_peer, args.profile, mark=others.mark)
     except KeyboardInterrupt:
         say("interrupted: stopping everything")
         raise
     finally:
+        others.stop()
         reg.stop_all()
         remove_our_cgroups()
         if not args.keep:
@@ -656,7 +674,7 @@ def main() -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "duration": time.time() - t_start, "command": command, "machine": mach, "versions": vers,
             "load_start": la0, "load_end": la1, "runs": p.runs, "work": args.workdir, "installed": installed,
-            "params": dataclasses.asdict(p), "full": full}
+            "params": dataclasses.asdict(p), "full": full, "others": others.summary(os.cpu_count() or 1)}
     os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
     with open(results_path, "w") as f:
         f.write(results_md(rows, res, errors, extra, meta))

@@ -26,7 +26,7 @@ README = os.path.join(ROOT, "README.md")
 
 START = "<!-- bench-results: generated from bench/RESULTS.md by `python3 bench/summary.py`; edit that, not this -->"
 END = "<!-- /bench-results -->"
-HEADER_KEYS = ("Date", "Command", "Commit measured", "Load average", "Runs", "Sizes")
+HEADER_KEYS = ("Date", "Command", "Commit measured", "Load average", "Other work", "Runs", "Sizes")
 NOTES = "## Where the two do different work"
 
 

@@ -69,6 +69,9 @@ def test_committed_results_come_from_the_current_benchmark():
     assert m, "RESULTS.md does not say which commit it measured"
     assert "uncommitted" not in m.group(2), "RESULTS.md measured uncommitted code"
     assert "ours and the peer alternate within each round" in results
+    # the load of the shared machine, and what else ran, are on record
+    assert re.search(r"^- Load average at the start: [\d.]+ ", results, re.M)
+    assert re.search(r"^- Other work on the machine during the run: about \d+% of the \d+ cores", results, re.M)
     # who went first, per run: both sides went first at least once
     for bench in ("relay", "accept"):
         for who in ("ours", "postfix"):
