@@ -101,7 +101,7 @@ def update(readme: str, results: str) -> str:
     return readme.replace(old, new, 1)
 
 
-NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*x?")
+NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*x?(?!\w)")  # not a part of a word (a commit id)
 
 
 def numbers(text: str) -> list[str]:

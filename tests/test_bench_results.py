@@ -61,6 +61,7 @@ def test_the_number_check_catches_a_figure_not_in_the_results():
     assert summary.missing_numbers("its rate was 1.0x-1.4x Postfix's, 970 to 1440", results) == \
         ["1.0x", "1.4x", "970", "1440"]
     assert summary.missing_numbers("1.0", results) == ["1.0"]  # not a part of 1.08x
+    assert summary.numbers("commit 2239e2b50a, relay 4ffaab0: 614 msg/s") == ["614"]
 
 
 def test_committed_results_come_from_the_current_benchmark():
