@@ -245,6 +245,21 @@ listen = []
                 pass
         return total
 
+    def deferrals_on_disk(self) -> int:
+        """Messages whose deferral is written down: a .state file next to the
+        message.  A message only suspended (its next hop known dead, no
+        attempt made) keeps its deferral in memory: after a crash it is
+        simply tried again."""
+        total = 0
+        dirs = [os.path.join(self.spool, "queue")] + [os.path.join(self.spool, f"w{i}", "queue")
+                                                      for i in range(self.workers)]
+        for qdir in dirs:
+            try:
+                total += sum(1 for n in os.listdir(qdir) if n.endswith(".state"))
+            except FileNotFoundError:
+                pass
+        return total
+
     def relayctl(self, *args: str, timeout: float = 600.0) -> subprocess.CompletedProcess:
         return subprocess.run([self.env.relayctl, "--config", self.config, *args], capture_output=True,
                               timeout=timeout)
@@ -385,6 +400,15 @@ class Postfix:
         for q in ("maildrop", "incoming", "active", "deferred", "hold"):
             for _dirpath, _dirnames, files in os.walk(os.path.join(self.queue_dir, q)):
                 n += len(files)
+        return n
+
+    def deferrals_on_disk(self) -> int:
+        """Messages whose deferral is written down: Postfix's bounce daemon
+        appends the reason to a defer logfile per message (defer/) and qmgr
+        moves the queue file into deferred/, for a dead destination too."""
+        n = 0
+        for _dirpath, _dirnames, files in os.walk(os.path.join(self.queue_dir, "defer")):
+            n += len(files)
         return n
 
     def stop(self) -> None:

@@ -59,39 +59,86 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on {HOST}:{port} after {timeout}s")
 
 
+class Mismatch(RuntimeError):
+    """A server listed or returned other messages than were delivered."""
+
+
 def make_mailbox(root: str, n: int, size: int) -> str:
-    """Deliver n messages of about size octets; return the Maildir path."""
+    """Deliver n distinct messages of about size octets (each its own number in
+    its Message-ID and body, and a line starting with a dot, which goes
+    dot-stuffed over the wire); return the Maildir path."""
     from relay import maildir
 
     src = os.path.join(os.path.dirname(root), "message.eml")
     body_line = b"The quick brown fox jumps over the lazy dog, again and again.\r\n"
-    head = (b"From: bench@example.net\r\nTo: alice@example.org\r\n"
-            b"Subject: benchmark message\r\nMessage-ID: <bench@example.net>\r\n\r\n")
-    body = body_line * max(1, (size - len(head)) // len(body_line))
-    with open(src, "wb") as f:
-        f.write(head + body)
     path = ""
-    for _ in range(n):
+    for k in range(n):
+        head = (b"From: bench@example.net\r\nTo: alice@example.org\r\n"
+                b"Subject: benchmark message %d\r\nMessage-ID: <bench.%d@example.net>\r\n\r\n"
+                b".message %d of %d\r\n" % (k, k, k, n))
+        body = body_line * max(1, (size - len(head)) // len(body_line))
+        with open(src, "wb") as f:
+            f.write(head + body)
         path = maildir.deliver(root, "example.org", "alice", src, 0, b"Return-Path: <bench@example.net>\r\n")
+    os.unlink(src)
     return os.path.dirname(os.path.dirname(path))
 
 
-def session(port: int, timed: bool) -> tuple[float, int]:
+def delivered(maildir_path: str) -> dict[bytes, int]:
+    """What a POP3 client must get for each delivered message, as it comes out of
+    poplib (lines joined with CRLF, dot-stuffing undone): the Maildir files
+    with their LF endings as CRLF.  Keyed by content (a multiset: equal
+    messages would count twice)."""
+    want: dict[bytes, int] = {}
+    for sub in ("new", "cur"):
+        d = os.path.join(maildir_path, sub)
+        for name in sorted(os.listdir(d)):
+            with open(os.path.join(d, name), "rb") as f:
+                data = f.read()
+            if b"\r\n" in data:
+                raise Mismatch(f"{name}: the Maildir holds CRLF line ends; expected LF")
+            data = data.replace(b"\n", b"\r\n")
+            want[data] = want.get(data, 0) + 1
+    return want
+
+
+def session(port: int, timed: bool, want: dict[bytes, int] | None = None) -> tuple[float, int, int]:
+    """One POP3 session; timed: LIST + RETR of every message + QUIT.  Returns the
+    seconds, the messages retrieved, and how many of them were compared equal
+    to a delivered message (after the timer stops).  Raises Mismatch when the
+    server listed or returned other messages than were delivered, so that a
+    fast figure from a server that skipped or mangled mail is never reported."""
     c = poplib.POP3(HOST, port, timeout=60)
     c.user(USER)
     c.pass_(PASSWORD)
     if not timed:
         c.stat()
         c.quit()
-        return 0.0, 0
+        return 0.0, 0, 0
     t0 = time.perf_counter()
     _, listing, _ = c.list()
-    octets = 0
+    got = []
     for i in range(1, len(listing) + 1):
-        _, lines, n = c.retr(i)
-        octets += n
+        _, lines, _octets = c.retr(i)
+        got.append(lines)
     c.quit()
-    return time.perf_counter() - t0, len(listing)
+    secs = time.perf_counter() - t0
+    compared = 0
+    if want is not None:
+        left = dict(want)
+        expected = sum(want.values())
+        if len(listing) != expected:
+            raise Mismatch(f"LIST shows {len(listing)} messages; {expected} were delivered")
+        for i, lines in enumerate(got, 1):
+            data = b"\r\n".join(lines) + b"\r\n"
+            if left.get(data, 0) <= 0:
+                raise Mismatch(f"RETR {i} returned {len(data)} octets that match no delivered message "
+                               f"(or one already retrieved): {data[:120]!r}")
+            left[data] -= 1
+            compared += 1
+        if compared != expected:
+            raise Mismatch(f"retrieved and compared {compared} messages; {expected} were delivered")
+    return secs, len(got), compared
 
 
 # -- our server -----------------------------------------------------------------
@@ -245,11 +292,11 @@ service imap-login {{
             self.proc = None
 
 
-def measure(server, template: str) -> tuple[float, int]:
+def measure(server, template: str, want: dict[bytes, int]) -> tuple[float, int, int]:
     try:
         port = server.start(template)
         session(port, timed=False)
-        return session(port, timed=True)
+        return session(port, timed=True, want=want)
     finally:
         server.stop()
 
@@ -328,6 +375,7 @@ def main() -> int:
         serve(args.serve[0], args.serve[1], int(args.serve[2]))
         return 0
     workdir = tempfile.mkdtemp(prefix="pop3-bench-")
+    errors: dict[str, str] = {}
     try:
         template = make_mailbox(os.path.join(workdir, "template"), args.messages, args.size)
         servers = [OurServer(workdir)]
@@ -340,14 +388,19 @@ def main() -> int:
                     servers.append(Dovecot(exe, workdir))
                 except (RuntimeError, OSError, KeyError) as e:
                     print(f"Dovecot cannot run here: {e}", file=sys.stderr)
-        results: dict[str, list[tuple[float, int]]] = {srv.name: [] for srv in servers}
-        errors: dict[str, str] = {}
-        for _ in range(args.runs):  # interleaved, so load changes hit both alike
-            for srv in list(servers):
+        want = delivered(template)
+        if sum(want.values()) != args.messages or len(want) != args.messages:
+            raise Mismatch(f"the template Maildir holds {sum(want.values())} messages "
+                           f"({len(want)} distinct); {args.messages} were delivered")
+        results: dict[str, list[tuple[float, int, int]]] = {srv.name: [] for srv in servers}
+        for i in range(args.runs):
+            # interleaved, so load changes hit both alike, and which goes first
+            # alternates from round to round (AB BA ...)
+            for srv in (list(servers) if i % 2 == 0 else list(reversed(servers))):
                 try:
-                    results[srv.name].append(measure(srv, template))
+                    results[srv.name].append(measure(srv, template, want))
                 except (RuntimeError, OSError, poplib.error_proto) as e:
-                    print(f"{srv.name} failed: {e}", file=sys.stderr)
+                    print(f"{srv.name} FAILED: {e}", file=sys.stderr)
                     errors[srv.name] = str(e)
                     servers.remove(srv)
         rows = [(name, res) for name, res in results.items() if res]
@@ -357,15 +410,14 @@ def main() -> int:
         print(f"{'server':<18}{'seconds':>10}{'msg/s':>10}{'best':>8}   runs (msg/s)")
         rates = {}
         for name, res in rows:
-            secs = statistics.median(t for t, _ in res)
-            counts = {n for _, n in res}
-            if counts != {args.messages}:
-                print(f"{name}: listed {counts} messages, expected {args.messages}", file=sys.stderr)
+            secs = statistics.median(t for t, _, _ in res)
             rate = args.messages / secs
             rates[name] = rate
-            each = " ".join(f"{args.messages / t:.0f}" for t, _ in res)
-            best = args.messages / min(t for t, _ in res)
+            each = " ".join(f"{args.messages / t:.0f}" for t, _, _ in res)
+            best = args.messages / min(t for t, _, _ in res)
             print(f"{name:<18}{secs:>10.3f}{rate:>10.0f}{best:>8.0f}   {each}")
+            print(f"{'':<18}retrieved and compared with what was delivered, per run: "
+                  + ", ".join(f"{n}/{c}" for _, n, c in res))
         if peer:
             names = list(rates)
             print(f"ratio ours/dovecot (median msg/s): {rates[names[0]] / rates[names[1]]:.2f}"
@@ -373,7 +425,9 @@ def main() -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"messages": args.messages, "size": args.size, "runs": args.runs,
-                           "servers": {name: {"seconds": [t for t, _ in res], "listed": [n for _, n in res],
+                           "servers": {name: {"seconds": [t for t, _, _ in res],
+                                              "retrieved": [n for _, n, _ in res],
+                                              "compared": [c for _, _, c in res],
                                               "ours": name == OurServer.name}
                                        for name, res in results.items()},
                            "errors": errors}, f, indent=1)
@@ -383,6 +437,9 @@ def main() -> int:
                   f"({octets / 1e6 / secs:.0f} MB/s); server RSS growth {growth / 1024:.1f} MB (sampled every 8 MB)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if errors:
+        print("pop3_bench.py: FAILED: " + "; ".join(f"{k}: {e}" for k, e in errors.items()), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -202,6 +203,181 @@ def wait_idle(pid_cpu, *, window: float = 0.5, threshold: float = 0.01, timeout:
             return time.monotonic() - t0
         last = now
     raise BenchError(f"the relay did not become idle within {timeout:.0f}s")
+
+
+def meminfo_kb(field: str) -> int:
+    """A kB figure from /proc/meminfo (Cached, MemFree...)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"no {field} in /proc/meminfo")
+
+
+def drop_caches() -> int:
+    """``sync; echo 3 > /proc/sys/vm/drop_caches``: the page cache, dentries and
+    inodes of the whole machine are dropped, so that what is read next comes
+    from the disk.  Returns the kernel's Cached figure (kB) right after.
+    Raises BenchError when this machine does not allow it (not root, a
+    read-only /proc in a container): a "cold" figure must not be a warm one."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise BenchError(f"cannot drop the page cache (sync; echo 3 > /proc/sys/vm/drop_caches): {e}")
+    return meminfo_kb("Cached")
+
+
+def resident_fraction(paths: list[str]) -> float | None:
+    """The fraction of these files' pages in the page cache (util-linux fincore),
+    None when fincore is missing or fails: how cold a "cold" start really was."""
+    exe = shutil.which("fincore")
+    if not exe or not paths:
+        return None
+    try:
+        out = subprocess.run([exe, "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *paths],
+                             capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    res = size = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            res += int(parts[0])
+            size += -(-int(parts[1]) // page) * page  # fincore counts whole pages
+    return res / size if size else None
+
+
+def _label(pid: int) -> str:
+    """A short name for a process: its command and script or module."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    words = [os.path.basename(argv[0])]
+    rest = argv[1:]
+    if words[0].startswith("python"):
+        words = ["python"]
+        while rest and rest[0].startswith("-") and rest[0] != "-m":
+            rest = rest[1:]
+        words += rest[:2] if rest[:1] == ["-m"] else rest[:1]
+    return " ".join(words)[:60]
+
+
+def _task_cpu() -> float:
+    """user+nice+system CPU seconds of the whole machine (what processes' utime
+    and stime add up to; interrupts and softirq, e.g. loopback traffic, are
+    left out)."""
+    with open("/proc/stat") as f:
+        user, nice, system = (int(x) for x in f.readline().split()[1:4])
+    return (user + nice + system) / CLK_TCK
+
+
+class OthersMonitor:
+    """What else runs on the machine while the benchmark does.
+
+    Per benchmark section: the machine's process CPU (user+nice+system) less
+    this benchmark's own (this process, the children it reaped, and every
+    live descendant with the children they reaped), i.e. what other users'
+    tests and benchmarks took.  Every interval seconds it also samples which
+    other processes used CPU (utime+stime of those alive at two samples in a
+    row: short-lived ones are missed there, so these names are a lower bound).
+    """
+
+    def __init__(self, interval: float = 5.0):
+        import threading
+
+        self.interval = interval
+        self.section = "start"
+        self.by_section: dict[str, list[float]] = {}  # section -> [others' CPU s, wall s]
+        self.by_label: dict[str, float] = {}
+        self.benchmarks: set[str] = set()  # other bench/run.py, crash_harness... command lines
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._last: dict[int, int] = {}
+        self._t = time.monotonic()
+        self._machine = self._ours = 0.0
+
+    def start(self) -> "OthersMonitor":
+        self._last, self._ours = self._sample()
+        self._machine = _task_cpu()
+        self._t = time.monotonic()
+        self._thread.start()
+        return self
+
+    def mark(self, section: str) -> None:
+        """From now on, others' CPU counts towards this section."""
+        self._tick()
+        with self._lock:
+            self.section = section
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._tick()
+
+    def _sample(self) -> tuple[dict[int, int], float]:
+        pmap = ppid_map()
+        me = os.getpid()
+        ours = set(descendants(me, pmap))
+        ru_self = resource.getrusage(resource.RUSAGE_SELF)
+        ru_kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours_cpu = ru_self.ru_utime + ru_self.ru_stime + ru_kids.ru_utime + ru_kids.ru_stime
+        others = {}
+        for pid in pmap:
+            if pid == me:
+                continue
+            st = _stat(pid)
+            if st is None:
+                continue
+            if pid in ours:
+                ours_cpu += (int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])) / CLK_TCK
+            else:
+                others[pid] = int(st[11]) + int(st[12])
+        return others, ours_cpu
+
+    def _tick(self) -> None:
+        with self._lock:
+            now_t = time.monotonic()
+            machine = _task_cpu()
+            cur, ours = self._sample()
+            for pid, ticks in cur.items():
+                d = ticks - self._last.get(pid, ticks)
+                if d > 0:
+                    label = _label(pid)
+                    self.by_label[label] = self.by_label.get(label, 0.0) + d / CLK_TCK
+                    if "bench/" in label or "crash_harness" in label:
+                        self.benchmarks.add(label)
+            sec = self.by_section.setdefault(self.section, [0.0, 0.0])
+            sec[0] += max(0.0, (machine - self._machine) - (ours - self._ours))
+            sec[1] += now_t - self._t
+            self._last, self._t, self._machine, self._ours = cur, now_t, machine, ours
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._tick()
+            except OSError:
+                pass
+
+    def summary(self, cores: int) -> dict:
+        with self._lock:
+            cpu = sum(v[0] for v in self.by_section.values())
+            wall = sum(v[1] for v in self.by_section.values())
+            return {
+                "cpu_seconds": cpu, "wall_seconds": wall, "cores": cores,
+                "share": cpu / wall / cores if wall else 0.0,
+                "sections": {k: {"share": v[0] / v[1] / cores if v[1] else 0.0, "cpu_seconds": v[0]}
+                             for k, v in self.by_section.items() if v[1] > 0},
+                "top": sorted(self.by_label.items(), key=lambda kv: -kv[1])[:6],
+                "benchmarks": sorted(self.benchmarks),
+            }
 
 
 # -- cgroups: an exact CPU total for a server and every process it ever forked ------------

@@ -16,8 +16,13 @@ services and port 25 are never touched).  Measures, in the same run:
   3. one 100 MB message in and out of our relay: peak RSS growth
   4. 1000 idle SMTP connections to our relay: RSS, banner wait of a new client
   5. a spool of 100,000 deferred messages: start -> accepting mail, relayctl
-     queue --json, RSS
-  6. POP3: one session retrieving 1000 x 2 KB messages, ours vs Dovecot
+     queue --json, RSS; started cold (sync; drop_caches) and warm
+  6. POP3: one session retrieving 1000 x 2 KB messages, ours vs Dovecot, each
+     message compared with what was delivered
+
+Ours and the peer alternate within each round, and which goes first
+alternates from round to round.  A full run also rewrites README.md's
+benchmark summary from the new bench/RESULTS.md (bench/summary.py).
 
 prints one table (metric, ours, peer, ratio ours/peer, target, met?) and
 writes it with the machine, versions and raw numbers to bench/RESULTS.md
@@ -45,7 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import scenarios as sc  # noqa: E402
 import setup_env  # noqa: E402
-from procs import BenchError, Registry, raise_nofile, remove_our_cgroups  # noqa: E402
+import summary  # noqa: E402
+from procs import BenchError, OthersMonitor, Registry, raise_nofile, remove_our_cgroups  # noqa: E402
 
 BENCHES = ("relay", "accept", "large", "idle", "spool", "pop3")
 
@@ -150,36 +156,62 @@ def build_rows(res: dict, errors: dict, p: sc.Params, peer_names: dict) -> list[
                             [r["burst_banners_10s"] for r in idl], None, error=e))
     if "spool" in res or "spool" in errors:
         e = errors.get("spool")
-        sp = res.get("spool", {}).get("ours", [])
         n = f"{p.spool:,}"
-        rows.append(Row(f"5. {n} deferred: start -> mail accepted", "s", [r["accept_seconds"] for r in sp], None,
-                        target="< 10 s", met=lambda o, r: o < 10, digits=2, error=e))
-        rows.append(Row(f"5. {n} deferred: relayctl queue --json", "s", [r["listing_seconds"] for r in sp],
-                        None, target="< 5 s", met=lambda o, r: o < 5, digits=2, error=e))
-        rows.append(Row(f"5. {n} deferred: start -> listing complete", "s", [r["listed_seconds"] for r in sp],
-                        None, digits=2, error=e))
-        rows.append(Row(f"5. {n} deferred: relay peak RSS", "MB", [r["peak_rss_mb"] for r in sp], None,
-                        target="< 300 MB", met=lambda o, r: o < 300, digits=0, error=e))
+        for who, cache in (("ours", "warm"), ("ours-cold", "cold")):
+            sp = res.get("spool", {}).get(who, [])
+            if cache == "cold" and "ours-cold" not in res.get("spool", {}) and "spool-cold" not in errors:
+                continue  # results from before cold starts were measured (--render of an old JSON)
+            ec = e or (errors.get("spool-cold") if cache == "cold" else None)
+            lab = f"5. {n} deferred, {cache} cache"
+            rows.append(Row(f"{lab}: start -> mail accepted", "s", [r["accept_seconds"] for r in sp], None,
+                            target="< 10 s", met=lambda o, r: o < 10, digits=2, error=ec))
+            rows.append(Row(f"{lab}: relayctl queue --json", "s", [r["listing_seconds"] for r in sp],
+                            None, target="< 5 s", met=lambda o, r: o < 5, digits=2, error=ec))
+            rows.append(Row(f"{lab}: start -> listing complete", "s", [r["listed_seconds"] for r in sp],
+                            None, digits=2, error=ec))
+            rows.append(Row(f"{lab}: relay peak RSS", "MB", [r["peak_rss_mb"] for r in sp], None,
+                            target="< 300 MB", met=lambda o, r: o < 300, digits=0, error=ec))
     if "pop3" in res or "pop3" in errors:
         e = errors.get("pop3")
-        po = res.get("pop3", {})
+        po = {who: [r["rate"] if isinstance(r, dict) else r for r in runs]  # old JSON: plain rates
+              for who, runs in res.get("pop3", {}).items()}
         rows.append(Row(f"6. POP3 LIST+RETR {p.pop3_messages} x {p.pop3_size / 1024:g} KB, one session",
                         "msg/s", po.get("ours", []), po.get("dovecot") or None,
                         target=f">= 1.00x {peer_names.get('dovecot', 'Dovecot')}", met=lambda o, r: r >= 1.0,
                         error=e))
+        checked = {who: [r["compared"] for r in runs if isinstance(r, dict)]
+                   for who, runs in res.get("pop3", {}).items()}
+        if checked.get("ours"):
+            # the fewest of any run: every run must have retrieved and compared them all
+            rows.append(Row("6. POP3 messages retrieved and equal to those delivered (fewest of any run)",
+                            "messages", [min(checked["ours"])],
+                            [min(checked["dovecot"])] if checked.get("dovecot") else None, ratio=False,
+                            target=f"= {p.pop3_messages}", met=lambda o, r: o == p.pop3_messages, error=e))
     return rows
 
 
 # -- running ---------------------------------------------------------------------------------
 
 
-def run_all(ctx: sc.Ctx, only: list[str], peer: bool, profile: str | None) -> tuple[dict, dict, dict]:
+def round_order(i: int, peer: bool) -> tuple[str, ...]:
+    """Who goes first in round i: ours and Postfix alternate (AB BA AB ...), so
+    that a drift of the machine's load, or what one run leaves behind (page
+    cache, dirty pages still being written), does not always favour the same
+    side."""
+    if not peer:
+        return ("ours",)
+    return ("ours", "postfix") if i % 2 == 0 else ("postfix", "ours")
+
+
+def run_all(ctx: sc.Ctx, only: list[str], peer: bool, profile: str | None,
+            mark: Callable[[str], None] = lambda bench: None) -> tuple[dict, dict, dict]:
     p = ctx.p
     res: dict = {}
     errors: dict = {}
     extra: dict = {}
 
     def attempt(bench: str, fn: Callable[[], None]) -> None:
+        mark(bench)
         try:
             fn()
         except (BenchError, OSError, ValueError, RuntimeError) as e:
@@ -194,9 +226,10 @@ def run_all(ctx: sc.Ctx, only: list[str], peer: bool, profile: str | None) -> tu
         def go(bench=bench, accept=accept) -> None:
             res[bench] = {"ours": [], "postfix": []}
             for i in range(p.runs):
-                for kind in ("ours", "postfix") if peer else ("ours",):
+                for pos, kind in enumerate(round_order(i, peer), 1):
                     say(f"{bench} run {i + 1}/{p.runs}: {kind}")
                     r = sc.relay_run(ctx, kind, accept, i)
+                    r["order"] = pos  # 1: went first in its round
                     res[bench][kind].append(r)
                     say(f"  {r['rate']:.0f} msg/s, {r['cpu_ms']:.2f} ms CPU/msg "
                         f"(process tree {r['cpu_tree_ms']:.2f}, whole machine {r['system_ms']:.2f})")
@@ -227,18 +260,33 @@ def run_all(ctx: sc.Ctx, only: list[str], peer: bool, profile: str | None) -> tu
 
     if "spool" in only:
         def go_spool() -> None:
-            res["spool"] = {"ours": []}
+            # "ours" keeps its name (warm page cache, as before); "ours-cold" after drop_caches
+            res["spool"] = {"ours": [], "ours-cold": []}
             say(f"spool: writing {p.spool:,} deferred messages")
             t0 = time.monotonic()
             spool = sc.spool_fill(ctx)
             extra["spool_fill_seconds"] = time.monotonic() - t0
-            for i in range(p.runs):
-                say(f"spool run {i + 1}/{p.runs}: starting our relay on {p.spool:,} messages")
-                r = sc.spool_run(ctx, spool, i)
-                res["spool"]["ours"].append(r)
-                say(f"  accepting after {r['accept_seconds']:.2f} s, listed after {r['listed_seconds']:.2f} s, "
-                    f"--json {r['listing_seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
-            shutil.rmtree(os.path.dirname(spool), ignore_errors=True)
+            try:
+                for i in range(p.runs):
+                    # cold first: the cold run reads the whole spool, which leaves it warm for the next
+                    for cold in (True, False):
+                        which = "cold (caches dropped)" if cold else "warm"
+                        say(f"spool run {i + 1}/{p.runs}, {which}: starting our relay on {p.spool:,} messages")
+                        try:
+                            r = sc.spool_run(ctx, spool, i, cold=cold)
+                        except BenchError as e:
+                            if not cold:
+                                raise
+                            errors["spool-cold"] = str(e)
+                            say(f"  cold start: FAILED: {e}")
+                            continue
+                        res["spool"]["ours-cold" if cold else "ours"].append(r)
+                        say(f"  accepting after {r['accept_seconds']:.2f} s, listed after "
+                            f"{r['listed_seconds']:.2f} s, --json {r['listing_seconds']:.2f} s, "
+                            f"peak RSS {r['peak_rss_mb']:.0f} MB; spool sample in the page cache at the "
+                            f"start: {_pct(r['resident_at_start'])}")
+            finally:
+                shutil.rmtree(os.path.dirname(spool), ignore_errors=True)
 
         attempt("spool", go_spool)
 
@@ -248,14 +296,16 @@ def run_all(ctx: sc.Ctx, only: list[str], peer: bool, profile: str | None) -> tu
             out = sc.pop3_all(ctx, peer)
             res["pop3"] = {"ours": [], "dovecot": []}
             for name, r in out["servers"].items():
-                rates = [out["messages"] / t for t in r["seconds"]]
-                res["pop3"]["ours" if r["ours"] else "dovecot"] = rates
+                who = "ours" if r["ours"] else "dovecot"
+                res["pop3"][who] = [{"rate": out["messages"] / t, "seconds": t, "retrieved": n, "compared": c}
+                                    for t, n, c in zip(r["seconds"], r["retrieved"], r["compared"])]
                 if not r["ours"]:
                     extra["dovecot_name"] = name
             extra["pop3_output"] = out["output"]
-            if out.get("errors"):
-                extra["pop3_errors"] = out["errors"]
             sys.stderr.write(out["output"])
+            if out.get("errors"):
+                # a server that listed or returned other messages than were delivered
+                raise BenchError("; ".join(f"{k}: {e}" for k, e in out["errors"].items()))
 
         attempt("pop3", go_pop3)
 
@@ -284,13 +334,19 @@ def results_md(rows: list[Row], res: dict, errors: dict, extra: dict, meta: dict
            f"- Load average at the start: {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}; at the end: "
            f"{la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f} (the machine is shared; the load during and at the end "
            "of the run includes the benchmark's own processes: the `rest` column of the CPU accounting "
-           "check below shows how much CPU others used during the relay and accept runs)",
+           "check in bench/RESULTS.md shows how much CPU others used during the relay and accept runs)",
+           f"- Other work on the machine during the run: {others_note(meta)}",
            f"- Versions: Python {v['python']}, Twisted {v['twisted']}, Postfix {v['postfix']}, "
            f"Dovecot {v['dovecot']}, twisted-relay {v['twisted-relay']}",
-           f"- Runs: median of {meta['runs']} (each figure below); ratio = ours / peer",
+           f"- Commit measured: {v.get('checkout', '?')} (the whole checkout, bench/ included; the relay's "
+           f"code last changed in {v['twisted-relay']})",
+           f"- Runs: median of {meta['runs']} (each figure below); ratio = ours / peer; ours and the peer "
+           "alternate within each round, and which goes first alternates from round to round",
+           f"- Sizes: {sizes_note(meta)}",
            "", md_table(rows), ""]
     if errors:
         out += ["## Errors", ""] + [f"- {k}: {e}" for k, e in errors.items()] + [""]
+    out += ["## Where the two do different work", "", different_work(res).strip(), ""]
     out += ["## How it was measured", "", METHOD.strip(), "", "## Raw numbers (every run)", ""]
     for bench in BENCHES:
         if bench not in res:
@@ -321,6 +377,68 @@ def results_md(rows: list[Row], res: dict, errors: dict, extra: dict, meta: dict
     return "\n".join(out) + "\n"
 
 
+def others_note(meta: dict) -> str:
+    """How much of the machine other processes (other users' tests and benchmarks) took."""
+    o = meta.get("others")
+    if not o:
+        return "not recorded (an older bench/run.py)"
+    secs = ", ".join(f"{k} {v['share']:.0%}" for k, v in o["sections"].items() if k != "start")
+    top = ", ".join(f"`{label}` {cpu:.0f} s" for label, cpu in o["top"][:4]) or "none"
+    bench = ", ".join(f"`{b}`" for b in o["benchmarks"]) or "none"
+    return (f"about {o['share']:.0%} of the {o['cores']} cores on average ({secs}; the machine's process "
+            f"CPU less this benchmark's), most CPU among those sampled every 5 s: {top}; other benchmark "
+            f"runs seen: {bench}")
+
+
+def sizes_note(meta: dict) -> str:
+    """The sizes of this run, and whether they are the full ones (a reduced run says so)."""
+    full = dataclasses.asdict(sc.Params())
+    got = meta.get("params", full)
+    diff = [f"{k} {got[k]:,} (full: {full[k]:,})" for k in full if k in got and got[k] != full[k]
+            and k != "workers"]
+    if not diff:
+        return "the full sizes (bench/scenarios.py Params)"
+    return "REDUCED run: " + ", ".join(diff)
+
+
+def different_work(res: dict) -> str:
+    """Where ours and the peer do not do the same durable work: said next to the
+    figures, so that nobody reads a ratio as more than it is."""
+    acc = res.get("accept", {})
+
+    def med(who: str) -> str:
+        xs = [r["deferrals_on_disk"] for r in acc.get(who, []) if "deferrals_on_disk" in r]
+        return f"{statistics.median(xs):.0f}" if xs else "?"
+
+    return f"""
+- **Deferrals with the next hop down (2. accept rate and its CPU).** Both write each message
+  to disk and fsync it before the 250. After that they differ: once a next hop refused a
+  connection, our relay marks it dead for a while and defers the other messages to it
+  without an attempt ("delivery temporarily suspended"); such a suspended deferral stays in
+  memory only (the message file is unchanged; after a crash it is simply tried again), and a
+  state file is written only for messages that had a real attempt. Postfix also suspends the
+  dead destination, but writes every deferral down: its bounce daemon appends the reason to
+  a defer logfile per message (`defer/`) and qmgr moves the queue file into `deferred/`.
+  Deferrals on disk at the end of an accept run (median): ours {med('ours')}, Postfix
+  {med('postfix')} (`deferrals_on_disk` in the raw numbers). So in the accept run Postfix
+  writes a record per message that ours keeps in memory: the accept figures compare the two
+  as each is configured by default, not the same durable work.
+- **Relaying to smtp-sink (1.)**: both fsync each message before the 250 and remove it once
+  delivered; neither writes a deferral. Postfix logs through postlogd to a file, ours to its
+  own log file.
+- **POP3 (6.)**: neither fsyncs. Dovecot builds its index files and moves the messages from
+  new/ to cur/ on the untimed first login, and in the timed session records the retrieved
+  messages as seen (its default `pop3_no_flag_updates = no`); ours writes no index and
+  renames each retrieved message from new/ to cur/ during the timed session.
+- **Cold spool (5., cold cache)**: the page cache, dentries and inodes are dropped in this
+  machine's kernel (`sync; echo 3 > /proc/sys/vm/drop_caches`, as root) before the relay starts,
+  and `resident_at_start` in the raw numbers is the share of a sample of 200 spool files still
+  cached at that moment (fincore). On a virtual machine, a cache of the host below the virtual
+  disk is out of reach: "cold" is cold for this kernel, reads may still be served from the
+  host's memory.
+"""
+
+
 CPU_CHECK = """
 Medians per message, ms.  `relay` is the figure in the table (cgroup); `tree` the /proc sum
 over the relay's process tree; `machine` all busy CPU of the machine; `rest` = machine -
@@ -349,6 +467,10 @@ def cpu_check(res: dict) -> str:
         return ""
     return "\n".join(["| bench | relay | relay (cgroup) | tree (/proc) | machine | smtp-source | smtp-sink | rest "
                       "| processes at the end |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"] + lines)
+
+
+def _pct(x) -> str:
+    return f"{x:.0%}" if isinstance(x, float) else str(x)
 
 
 def _fmt(x) -> str:
@@ -391,13 +513,23 @@ METHOD = """
   them open; the probe is a new client from 127.0.0.80, connect to complete banner, 10 probes
   per run.  Then, with those closed, a burst: 500 connects at once (or as many as the idle
   count), counting the banners that arrive within 10 s.
-- Deferred spool: written like bench/queue_listing.py (not timed, page cache warm); "start"
+- Deferred spool: written like bench/queue_listing.py (not timed); "start"
   is the spawn of twistd; "mail accepted" the 250 of a message from a probe client retrying
   every 20 ms; the listing time is `relayctl queue --json` once the queue is loaded (median
   of 3); peak RSS is the relay's VmHWM after those listings.
+- Order: in each round of the relay and accept rates, ours and Postfix run one after the
+  other, and who goes first alternates (round 1 ours first, round 2 Postfix first, ...;
+  `order` in the raw numbers: 1 = went first); POP3 alternates the same way.
+- Deferred spool, cold and warm: in each round our relay starts twice on the same spool:
+  cold (caches dropped right before the start, see above), then warm (the cold run has just
+  read the whole spool).
 - POP3: bench/pop3_bench.py: poplib, LIST + RETR of every message + QUIT in one session,
   each server on a fresh copy of the same Maildir after an untimed login; Dovecot from a
-  private config.
+  private config. Each of the messages is distinct (its number in Message-ID and body, and a
+  line starting with a dot); after the timer stops every retrieved message is compared, byte
+  for byte, with the delivered files (LF as CRLF, dot-stuffing undone): a run that lists or
+  retrieves fewer, more or other messages fails, and the benchmark reports an error instead of
+  a rate (`retrieved`, `compared` in the raw numbers).
 """
 
 
@@ -418,7 +550,27 @@ def render(raw: str, results_path: str | None) -> int:
         f.write(results_md(rows, res, errors, extra, meta))
     print(text_table(rows))
     print(f"\nwritten: {os.path.relpath(path)} (from {raw})")
+    if os.path.abspath(path) == os.path.abspath(summary.RESULTS):
+        rewrite_readme()
     return 0
+
+
+def rewrite_readme() -> None:
+    """README.md quotes the committed results only: its summary is regenerated
+    from bench/RESULTS.md (bench/summary.py) whenever that file is written."""
+    with open(summary.RESULTS) as f:
+        results = f.read()
+    with open(summary.README) as f:
+        readme = f.read()
+    try:
+        new = summary.update(readme, results)
+    except summary.SummaryError as e:
+        say(f"README.md not updated: {e}")
+        return
+    if new != readme:
+        with open(summary.README, "w") as f:
+            f.write(new)
+        say("README.md: benchmark summary rewritten from bench/RESULTS.md")
 
 
 def main() -> int:
@@ -491,12 +643,14 @@ def main() -> int:
 
     reg = Registry()
     ctx = sc.Ctx(reg=reg, env=env, work=work, p=p, say=say)
+    others = OthersMonitor().start()
     try:
-        res, errors, extra = run_all(ctx, only, not args.no_peer, args.profile)
+        res, errors, extra = run_all(ctx, only, not args.no_peer, args.profile, mark=others.mark)
     except KeyboardInterrupt:
         say("interrupted: stopping everything")
         raise
     finally:
+        others.stop()
         reg.stop_all()
         remove_our_cgroups()
         if not args.keep:
@@ -520,7 +674,7 @@ def main() -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "duration": time.time() - t_start, "command": command, "machine": mach, "versions": vers,
             "load_start": la0, "load_end": la1, "runs": p.runs, "work": args.workdir, "installed": installed,
-            "params": dataclasses.asdict(p), "full": full}
+            "params": dataclasses.asdict(p), "full": full, "others": others.summary(os.cpu_count() or 1)}
     os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
     with open(results_path, "w") as f:
         f.write(results_md(rows, res, errors, extra, meta))
@@ -530,6 +684,8 @@ def main() -> int:
         json.dump({"meta": meta, "results": res, "errors": errors,
                    "extra": {k: v for k, v in extra.items() if k != "pop3_output"}}, f, indent=1, default=str)
     print(f"\nwritten: {os.path.relpath(results_path)} (raw: {os.path.relpath(raw)})")
+    if os.path.abspath(results_path) == os.path.abspath(summary.RESULTS):
+        rewrite_readme()
     if extra.get("profile_summary"):
         print()
         print(extra["profile_summary"])

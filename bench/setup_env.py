@@ -214,8 +214,11 @@ def versions(env: Env) -> dict:
     code = ["relay", "twisted", "setup.cfg", "pyproject.toml"]
     commit = _out(["git", "-C", ROOT, "log", "-1", "--format=%h", "--", *code]) or "?"  # the relay code's commit
     dirty = _out(["git", "-C", ROOT, "status", "--porcelain", "--", *code])
+    head = _out(["git", "-C", ROOT, "rev-parse", "--short=10", "HEAD"]) or "?"  # the whole checkout, bench/ too
+    head_dirty = _out(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"])
     return {"python": py, "twisted": tw, "postfix": postfix_version(env), "dovecot": dv[0] if dv else "-",
-            "twisted-relay": commit + (" (with uncommitted changes)" if dirty else "")}
+            "twisted-relay": commit + (" (with uncommitted changes)" if dirty else ""),
+            "checkout": head + (" (with uncommitted changes)" if head_dirty else "")}
 
 
 def loadavg() -> tuple[float, float, float]:
