@@ -46,6 +46,8 @@ VENV = sys.prefix
 PROGRAMS = ("relayctl", "twistd", "relay-sendmail", "sendmail", "python", "python3", "sudo", "pip", "systemctl",
             "kill", ".venv/bin/", ".venv-new/bin/", "bench/")
 
+PATH_PROGRAMS = tuple(p for p in PROGRAMS if p.endswith("/"))  # prefixes: ".venv/bin/relayctl"
+
 # Indented blocks without a ``$`` prompt that are not shell, by their first line.
 NOT_SHELL = [
     (re.compile(r"^import \w+"), "Python (poplib example)"),
@@ -158,7 +160,7 @@ def readme_commands(text: str) -> list[Command]:
             continue
         for span in re.findall(r"`([^`\n]+)`", line):
             words = span.split()
-            if len(words) > 1 and (words[0] in PROGRAMS or words[0].startswith(tuple(p for p in PROGRAMS if p.endswith("/")))):
+            if len(words) > 1 and (words[0] in PROGRAMS or words[0].startswith(PATH_PROGRAMS)):
                 out.append(Command(i + 1, span.strip()))
         prev_blank = not line.strip()
         i += 1
