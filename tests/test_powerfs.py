@@ -167,8 +167,10 @@ def test_many_threads_and_processes(fs):
     for t in threads:
         t.start()
     # meanwhile another process reads the files
-    subprocess.run([sys.executable, "-c", f"import os\nfor _ in range(20): [open(os.path.join({m + '/q'!r}, n), 'rb').read() for n in os.listdir({m + '/q'!r}) if not n.endswith('.tmp')]"],
-                   check=False, timeout=120)
+    q = m + "/q"
+    reader = ("import os, sys\nq = sys.argv[1]\nfor _ in range(20):\n"
+              "    [open(os.path.join(q, n), 'rb').read() for n in os.listdir(q) if not n.endswith('.tmp')]")
+    subprocess.run([sys.executable, "-c", reader, q], check=True, timeout=120)
     for t in threads:
         t.join(120)
     assert not errors, errors

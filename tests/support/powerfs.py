@@ -217,8 +217,7 @@ class Model:
         def place_dir(n: Node, path: str) -> None:
             os.mkdir(path, n.mode or 0o700)
             summary["dirs"] += 1
-            for name in n.children.keys() - n.durable_children.keys():
-                summary["names_dropped"] += 1
+            summary["names_dropped"] += len(n.children.keys() - n.durable_children.keys())
             for name, cid in n.durable_children.items():
                 if n.children.get(name) != cid:
                     summary["names_restored"] += 1
@@ -278,7 +277,8 @@ def make_operations(model: Model):
                 st = os.fstat(fh) if fh is not None and fh in m.fhs else os.lstat(m.real(path))
                 nlink = node.links if node.kind == FILE else st.st_nlink
             return {
-                "st_ino": node.id, "st_mode": st.st_mode, "st_nlink": max(nlink, 0), "st_uid": st.st_uid, "st_gid": st.st_gid,
+                "st_ino": node.id, "st_mode": st.st_mode, "st_nlink": max(nlink, 0),
+                "st_uid": st.st_uid, "st_gid": st.st_gid,
                 "st_size": st.st_size, "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns,
                 "st_ctime": st.st_ctime_ns, "st_blocks": st.st_blocks, "st_blksize": st.st_blksize,
             }
