@@ -48,7 +48,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-FILE, DIR, LINK = "f", "d", "l"
+FILE, DIR, LINK, SPECIAL = "f", "d", "l", "s"
 
 
 def available() -> str | None:
@@ -233,6 +233,8 @@ class Model:
                     place_dir(c, p)
                 elif c.kind == LINK:
                     os.symlink(c.target, p)
+                elif c.kind == SPECIAL:
+                    summary["names_dropped"] += 1
                 elif cid in placed:
                     os.link(placed[cid], p)
                 else:
@@ -329,7 +331,7 @@ def make_operations(model: Model):
             with m.lock:
                 node = m.node_of(path, fh)
                 # with use_ino an entry needs its inode number (0 is skipped)
-                kinds = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, LINK: stat.S_IFLNK}
+                kinds = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, LINK: stat.S_IFLNK, SPECIAL: 0}
                 return [(".", {"st_ino": node.id, "st_mode": stat.S_IFDIR}, 0),
                         ("..", {"st_ino": 1, "st_mode": stat.S_IFDIR}, 0)] + [
                     (name, {"st_ino": cid, "st_mode": kinds[m.nodes[cid].kind]}, 0)
@@ -413,6 +415,17 @@ def make_operations(model: Model):
                 os.symlink(source, m.real(target))
                 node = m._new(LINK, 0o777)
                 node.target = source
+                dp.children[dname] = node.id
+            return 0
+
+        def mknod(self, path, mode, dev):
+            """Sockets and FIFOs (the relay's control socket): served, but
+            like a reboot a cut does not keep them."""
+            m = self.m
+            with m.lock:
+                dp, dname = m.parent(path)
+                os.mknod(m.real(path), mode, dev)
+                node = m._new(SPECIAL, stat.S_IMODE(mode))
                 dp.children[dname] = node.id
             return 0
 
