@@ -12,3 +12,45 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory: its entries (files created, renamed or removed in it) become durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(path: str, mode: int = 0o700, *, parents: bool = True) -> bool:
+    """Make sure path is a directory whose name survives a power loss.
+
+    Missing parents are created too (parents=False: they must exist,
+    FileNotFoundError otherwise).  A new directory's name is only in its
+    parent's page cache until the parent is fsynced, so after each mkdir the
+    parent is fsynced; and the parent of path is fsynced even when path
+    already existed, since a crash (or another thread) may have made it
+    without the fsync.  Returns True when path was created here.
+    """
+    path = os.path.abspath(path)
+    missing: list[str] = []
+    p = path
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p or not parents:
+            break
+        p = parent
+    created = False
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+            created = d == path or created
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+        fsync_dir(os.path.dirname(d))
+    if not missing:
+        fsync_dir(os.path.dirname(path))
+    return created

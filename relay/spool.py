@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from relay.fileio import write_all
+from relay.fileio import makedirs_durable, write_all
 
 MAGIC = b"RELAYQ1 "
 STATE_SUFFIX = ".state"
@@ -495,11 +495,17 @@ class Spool:
         self._cleaned = False
 
     def create(self) -> None:
-        for d in (self.root, self.incoming_dir, self.queue_dir, self.quarantine_dir, self.drop_dir):
+        """Make the layout, durably: a message fsynced into queue/ must not
+        vanish with queue/ itself in a power loss, so the spool's parent and
+        the spool directory are fsynced too (also when they exist: a first
+        start may have crashed before its fsync)."""
+        makedirs_durable(self.root, parents=False)
+        for d in (self.incoming_dir, self.queue_dir, self.quarantine_dir, self.drop_dir):
             try:
                 os.mkdir(d, 0o700)
             except FileExistsError:
                 pass
+        fsync_dir(self.root)
 
     def lock(self) -> int:
         """Take the spool's exclusive lock (held by a running relay); return the fd.
@@ -665,7 +671,14 @@ class Spool:
                        (old[i] + r.history)[-max_history:]) for i, r in enumerate(state.recipients)],
             state.hold, state.warned,
         )
-        write_atomic(self.state_path(qid), full.to_bytes(), sync_dir=False, sync_file=durable)
+        # The file's data is always fdatasynced before the rename, durable or
+        # not: any later fsync of queue/ (the next message's commit) makes
+        # the rename durable, and a rename that outlives the data it points
+        # to would leave an empty state file, losing the delivered and
+        # bounced records it replaced.  durable=False only spares the
+        # directory fsync: a deferral lost to a power cut leaves the previous
+        # state file, whole.
+        write_atomic(self.state_path(qid), full.to_bytes(), sync_dir=False, sync_file=True)
         return written
 
     def read_headers(self, qid: str, limit: int = 256 * 1024) -> bytes:

@@ -33,7 +33,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tests.support.crash import RELAY_IP, SINK_IP, SinkProcess, kill_relay, queued, recorded_delivered
+from relay import spool as spoolmod
+from tests.support.crash import RELAY_IP, SINK_IP, SinkProcess, kill_relay, queued
 from tests.support.pop3server import write_users
 from tests.support.powerfs import PowerFS
 from tests.support.relay import RelayProcess, base_config, deep_merge, free_port
@@ -184,6 +185,52 @@ def maildir_copies(mail_root: str) -> Counter:
     return out
 
 
+def final_pairs(spool_root: str, acked: dict) -> dict[tuple[str, str], str]:
+    """At a kill, from the spool as the relay left it (page cache): the
+    acknowledged (message, recipient) pairs it had recorded as final, with
+    their queue ids (a message gone from queue/: all of its recipients)."""
+    present = queued(spool_root)
+    out: dict[tuple[str, str], str] = {}
+    for qid, (mid, rcpts) in acked.items():
+        if qid not in present:
+            out.update(((mid, r), qid) for r in rcpts)
+            continue
+        try:
+            entry = present[qid].load(qid)
+        except (OSError, spoolmod.CorruptEntry):
+            continue
+        for r in entry.state.recipients:
+            if r.final:
+                out[(mid, r.address.lower())] = qid
+    return out
+
+
+def kept_records(spool_root: str, at_kill: dict[tuple[str, str], str]) -> set[tuple[str, str]]:
+    """Of the records seen at the kill, those the relay had really made:
+    still final in the spool that survived the cut, or replaced by a state
+    file the cut left unreadable (a record lost by a write in the wrong
+    order, which is the relay's fault).  A record whose write was still in
+    flight at the kill (the cut brought back the previous, readable state,
+    or the message file of a removal not yet durable) is not one: its
+    recipient may be tried again (at-least-once)."""
+    present = queued(spool_root)
+    out: set[tuple[str, str]] = set()
+    for pair, qid in at_kill.items():
+        if qid not in present:
+            out.add(pair)
+            continue
+        try:
+            entry = present[qid].load(qid)
+        except spoolmod.CorruptEntry:
+            out.add(pair)
+            continue
+        except OSError:
+            continue
+        if any(r.final and r.address.lower() == pair[1] for r in entry.state.recipients):
+            out.add(pair)
+    return out
+
+
 def run(workdir: str, cuts: int = 3, clients: int = 6, seed: int | None = None, min_up: float = 0.5,
         max_up: float = 2.0, drain_timeout: float = 120.0, progress=None) -> PowerReport:
     seed = seed if seed is not None else random.randrange(1 << 30)
@@ -222,7 +269,7 @@ def run(workdir: str, cuts: int = 3, clients: int = 6, seed: int | None = None, 
         def cut(label: str) -> None:
             kill_relay(relay)
             acked = cl.snapshot()
-            done = recorded_delivered(spool_root, acked)
+            at_kill = final_pairs(spool_root, acked)
             summary = fs.cut()
             report.cuts += 1
             for k, v in summary.items():
@@ -230,6 +277,7 @@ def run(workdir: str, cuts: int = 3, clients: int = 6, seed: int | None = None, 
                     report.fs[k] += v
             fs.mount()
             after = copies()
+            done = kept_records(spool_root, at_kill)
             for pair in done:
                 if pair not in recorded:
                     recorded[pair] = after[pair]
@@ -240,7 +288,7 @@ def run(workdir: str, cuts: int = 3, clients: int = 6, seed: int | None = None, 
 
         relay.start(wait_for=(RELAY_IP, port), timeout=60)
         cl.start()
-        for k in range(cuts):
+        for _k in range(cuts):
             up = rnd.uniform(min_up, max_up)
             time.sleep(up)  # a random moment: the fault injection itself, not a wait for a result
             cut(f"under load, after {up:.2f}s")
@@ -259,13 +307,14 @@ def run(workdir: str, cuts: int = 3, clients: int = 6, seed: int | None = None, 
         report.quarantined = len(report.quarantined_names)
         bodies = read_bodies(sink.record) + maildir_copies(mail_root)
     finally:
-        if cl is not None:
+        try:
             cl.stop()
-        if relay is not None and relay.proc is not None and relay.proc.poll() is None:
-            kill_relay(relay)
-        if sink is not None:
-            sink.stop()
-        fs.unmount()
+            if relay is not None and relay.proc is not None and relay.proc.poll() is None:
+                kill_relay(relay)
+            if sink is not None:
+                sink.stop()
+        finally:
+            fs.unmount()
     acked = cl.snapshot()
     counts: Counter = Counter()
     for (mid, r, digest), n in bodies.items():
