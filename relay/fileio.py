@@ -28,10 +28,10 @@ def makedirs_durable(path: str, mode: int = 0o700, *, parents: bool = True) -> b
 
     Missing parents are created too (parents=False: they must exist,
     FileNotFoundError otherwise).  A new directory's name is only in its
-    parent's page cache until the parent is fsynced, so after each mkdir the
-    parent is fsynced; and the parent of path is fsynced even when path
-    already existed, since a crash (or another thread) may have made it
-    without the fsync.  Returns True when path was created here.
+    parent's page cache until the parent is fsynced, so each directory on
+    the way, from path up to the root of its file system, has its parent
+    fsynced, also when it already existed: a crash (or another thread) may
+    have made it without the fsync.  Returns True when path was created here.
     """
     path = os.path.abspath(path)
     missing: list[str] = []
@@ -50,7 +50,12 @@ def makedirs_durable(path: str, mode: int = 0o700, *, parents: bool = True) -> b
         except FileExistsError:
             if not os.path.isdir(d):
                 raise
-        fsync_dir(os.path.dirname(d))
-    if not missing:
-        fsync_dir(os.path.dirname(path))
+    d = path
+    dev = os.stat(d).st_dev
+    while True:
+        parent = os.path.dirname(d)
+        if parent == d or os.stat(parent).st_dev != dev:
+            break  # the file system's root: its name is not in a directory of it
+        fsync_dir(parent)
+        d = parent
     return created
