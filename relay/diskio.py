@@ -313,14 +313,15 @@ class AsyncSpool:
     def write_state(self, qid: str, state: spoolmod.State, durable: bool = True) -> defer.Deferred:
         """Replace the state file atomically.
 
-        durable: fsync it and the directory (a recipient became delivered or
-        bounced, a notice was sent, a hold changed: what must never be
-        undone).  Not durable: temp + rename only, which survives a crash of
-        the relay but maybe not of the machine; for deferrals, whose loss
-        means no more than an earlier retry.  A power failure may even leave
-        the renamed file empty or torn (XFS, ext4 without auto_da_alloc): the
-        next start then keeps the message with every recipient pending again
-        (Spool.recover), so the cost is at most a second copy, never a loss.
+        durable: fdatasync it and fsync the directory (a recipient became
+        delivered or bounced, a notice was sent, a hold changed: what must
+        never be undone).  Not durable (deferrals, whose loss means no more
+        than an earlier retry): the file is still fdatasynced before its
+        rename, only the directory fsync is skipped.  The fdatasync is not
+        optional: the next message's commit fsyncs queue/, which makes the
+        rename durable, and a durable rename of data that is not would
+        leave an empty state file after a power loss, losing the delivered
+        and bounced records it replaced (found by tests/faults/test_power_loss.py).
         """
         # a snapshot: the reactor may change the live state meanwhile
         snap = spoolmod.State(

@@ -13,8 +13,10 @@ followed by the message bytes exactly as they will be delivered (CRLF line
 endings, our Received header first).  It is fsynced in incoming/, renamed
 into queue/ and the directory fsynced: only then does the client get its
 250.  A crash at any instant leaves either no file in queue/ or a complete
-one.  The state file is small and rewritten atomically (temp, fsync,
-rename, directory fsync) whenever a recipient's state changes.  When every
+one.  The state file is small and rewritten atomically (temp, fdatasync,
+rename, directory fsync; a deferral skips only the directory fsync)
+whenever a recipient's state changes.  The layout's directories are made
+durable too (Spool.create).  When every
 recipient is final, the message file is unlinked *before* the state file,
 so a crash in between can never make delivered recipients look pending.
 
@@ -752,11 +754,13 @@ class Spool:
             yield entry
 
     def _without_state(self, qid: str, error: Exception, log=None) -> QueueEntry | None:
-        """A readable message whose state file is not (a deferral record is
-        written without fsync, so a power failure may leave it empty or torn):
-        the message stays queued with every recipient pending again, and the
-        state file goes to quarantine.  Recipients delivered before may get a
-        second copy; nothing is lost.  None when the message itself is bad."""
+        """A readable message whose state file is not.  Every state file is
+        fdatasynced before its rename, so no crash or power loss leaves one
+        torn: this is damage from outside (a disk error, a hand edit).  The
+        message stays queued with every recipient pending again, and the
+        state file goes to quarantine (logged): recipients delivered before
+        may get a second copy; nothing is lost.  None when the message
+        itself is bad."""
         try:
             env, offset, size = self.read_envelope(qid)
         except Exception:  # noqa: BLE001 - the message is bad too: the caller quarantines both
