@@ -91,6 +91,26 @@ def test_a_deferral_never_undoes_a_recorded_delivery(fs):
     assert statuses["a@example.test"] == spoolmod.DELIVERED, statuses
 
 
+def test_a_message_removed_as_delivered_stays_removed(fs):
+    """A message delivered at its first attempt has no state file: its
+    removal is the only record.  Before, the queue forgot it without an
+    fsync of queue/, and a power cut brought it back with every recipient
+    pending: all of them were sent again."""
+    from relay.diskio import AsyncSpool, DiskPool
+
+    root = os.path.join(fs.mnt, "spool")
+    sp = spoolmod.Spool(root)
+    sp.create()
+    qid = _queue(sp, ["a@example.test", "b@example.test"])
+    aspool = AsyncSpool(sp, DiskPool(None, inline=True))
+    results: list = []
+    aspool.remove(qid, state_file=False).addBoth(results.append)
+    assert results == [None]
+    fs.cut()
+    fs.mount()
+    assert spoolmod.Spool(root).queue_ids() == []
+
+
 def _message_file(tmp_path) -> str:
     p = os.path.join(str(tmp_path), "src")
     with open(p, "wb") as f:

@@ -266,6 +266,23 @@ def run(workdir: str, cuts: int = 3, clients: int = 6, seed: int | None = None, 
                 c[(mid, r)] += n
             return c
 
+        def start_relay() -> None:
+            """Start the relay and wait until it has loaded its queue (over
+            this file system a big backlog takes seconds to read), so that
+            each time up until the next cut is spent delivering too."""
+            try:
+                offset = os.path.getsize(relay.log_path)
+            except FileNotFoundError:
+                offset = 0
+            relay.start(wait_for=(RELAY_IP, port), timeout=60)
+
+            def loaded() -> bool:
+                with open(relay.log_path, "rb") as f:
+                    f.seek(offset)
+                    return b"queue loaded:" in f.read()
+
+            poll(lambda: loaded() or relay._died(), 120, interval=0.05, what="the relay to load its queue")
+
         def cut(label: str) -> None:
             kill_relay(relay)
             acked = cl.snapshot()
@@ -284,9 +301,9 @@ def run(workdir: str, cuts: int = 3, clients: int = 6, seed: int | None = None, 
             say(f"cut {report.cuts} ({label}): {len(acked)} acknowledged, {len(recorded)} recipients recorded "
                 f"delivered; lost on the disk: {summary.get('names_dropped', 0)} names, "
                 f"{summary.get('empty_never_synced', 0)} files emptied")
-            relay.start(wait_for=(RELAY_IP, port), timeout=60)
+            start_relay()
 
-        relay.start(wait_for=(RELAY_IP, port), timeout=60)
+        start_relay()
         cl.start()
         for _k in range(cuts):
             up = rnd.uniform(min_up, max_up)
