@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from relay.address import Address, AddressError, parse_mailbox
-from relay.fileio import write_all
+from relay.fileio import makedirs_durable, write_all
 
 SCRYPT_LN = 14  # n = 2**14: ~16 MiB and ~40 ms per check
 SCRYPT_R = 8
@@ -242,7 +242,7 @@ def locked(path: str):
     """Exclusive lock on <path>.lock, held while reading and rewriting path."""
     lock_path = path + ".lock"
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
+    makedirs_durable(d, 0o777)  # the users file must not vanish with a new directory in a power loss
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

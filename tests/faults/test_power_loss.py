@@ -111,6 +111,20 @@ def test_a_message_removed_as_delivered_stays_removed(fs):
     assert spoolmod.Spool(root).queue_ids() == []
 
 
+def test_users_file_in_a_new_directory_survives_a_power_cut(fs):
+    """relayctl user add into a directory it creates: the file was fsynced
+    and its directory too, but not the new directory's name in its parent."""
+    from relay import users as usersmod
+
+    path = os.path.join(fs.mnt, "etc", "relay", "users")
+    with usersmod.locked(path):
+        usersmod.atomic_write(path, b"u1@local.test:x\n")
+    fs.cut()
+    fs.mount()
+    with open(path, "rb") as f:
+        assert f.read() == b"u1@local.test:x\n"
+
+
 def _message_file(tmp_path) -> str:
     p = os.path.join(str(tmp_path), "src")
     with open(p, "wb") as f:
