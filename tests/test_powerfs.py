@@ -180,3 +180,26 @@ def test_many_threads_and_processes(fs):
     assert names == sorted(f"{k}-{i}" for k in range(6) for i in range(60))
     for n in names:
         assert _read(f"{m}/q/{n}") == n.encode() * 100
+
+
+def test_unix_sockets_work_and_a_stale_one_can_be_replaced(fs):
+    """The relay's control socket lives in the spool."""
+    import socket
+
+    path = os.path.join(fs.mnt, "control.sock")
+    for _ in range(2):
+        if os.path.exists(path):
+            os.unlink(path)  # the relay removes a socket left by a crash
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(path)
+        srv.listen(1)
+        cli = socket.socket(socket.AF_UNIX)
+        cli.connect(path)
+        conn, _ = srv.accept()
+        cli.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+        for s in (conn, cli, srv):
+            s.close()
+        fs.unmount()  # a clean stop keeps the stale socket file
+        fs.mount()
+        assert os.path.exists(path)

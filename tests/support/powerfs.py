@@ -95,7 +95,7 @@ class Model:
         self.next_id = 1
         self.fhs: dict[int, int] = {}  # open fd (file or directory) -> node id
         self.cut_armed = False
-        self.stats = {"fsyncs": 0, "dir_fsyncs": 0, "ops": 0}
+        self.stats = {"fsyncs": 0, "dir_fsyncs": 0}
         shutil.rmtree(self.shadow, ignore_errors=True)
         os.mkdir(self.shadow, 0o700)
         self.root = self._scan(self.backing)
@@ -131,8 +131,8 @@ class Model:
                         c.synced = c.shared = True
                         by_ino[cst.st_ino] = c
                     c.links += 1
-                else:
-                    continue  # sockets, FIFOs: not served
+                else:  # sockets, FIFOs: served; a cut drops them
+                    c = self._new(SPECIAL, stat.S_IMODE(cst.st_mode))
                 node.children[name] = c.id
             node.durable_children = dict(node.children)
         return d
