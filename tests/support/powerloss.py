@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import smtplib
 import threading
 import time
@@ -103,6 +104,8 @@ class Clients:
     def __init__(self, host: str, port: int, n: int, seed: int):
         self.host, self.port = host, port
         self.stop_event = threading.Event()
+        self.go = threading.Event()  # cleared while the relay restarts and loads its queue
+        self.go.set()
         self.lock = threading.Lock()
         self.acked: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.digests: dict[str, str] = {}  # Message-ID -> body digest (every message sent)
@@ -133,6 +136,8 @@ class Clients:
                 with smtplib.SMTP(self.host, self.port, timeout=15) as s:
                     s.ehlo("power.client")
                     while not self.stop_event.is_set():
+                        if not self.go.is_set():
+                            break  # reconnect once the relay is back and has loaded its queue
                         n += 1
                         mid = f"{seed}.{n}@power.test"
                         rcpts = tuple(rnd.sample(pool, rnd.randint(1, 3)))
@@ -163,6 +168,8 @@ class Clients:
                 with self.lock:
                     self.errors[e.__class__.__name__] += 1
                 self.stop_event.wait(0.02)
+            while not self.go.wait(0.05) and not self.stop_event.is_set():
+                pass
 
 
 def maildir_copies(mail_root: str) -> Counter:
@@ -274,6 +281,7 @@ def run(workdir: str, cuts: int = 3, clients: int = 6, seed: int | None = None, 
                 offset = os.path.getsize(relay.log_path)
             except FileNotFoundError:
                 offset = 0
+            cl.go.clear()  # no new mail until the queue is loaded: the backlog stays bounded
             relay.start(wait_for=(RELAY_IP, port), timeout=60)
 
             def loaded() -> bool:
@@ -282,6 +290,7 @@ def run(workdir: str, cuts: int = 3, clients: int = 6, seed: int | None = None, 
                     return b"queue loaded:" in f.read()
 
             poll(lambda: loaded() or relay._died(), 120, interval=0.05, what="the relay to load its queue")
+            cl.go.set()
 
         def cut(label: str) -> None:
             kill_relay(relay)
@@ -319,9 +328,14 @@ def run(workdir: str, cuts: int = 3, clients: int = 6, seed: int | None = None, 
              what="the relay to deliver everything again")
         relay.stop()
         report.left_in_queue = len(queued(spool_root))
+        # from the log of every incarnation: a quarantine rename is not
+        # fsynced, so a later cut may have undone it
         qdir = os.path.join(spool_root, "quarantine")
-        report.quarantined_names = sorted(os.listdir(qdir)) if os.path.isdir(qdir) else []
-        report.quarantined = len(report.quarantined_names)
+        names = set(os.listdir(qdir)) if os.path.isdir(qdir) else set()
+        with open(relay.log_path, encoding="utf-8", errors="replace") as f:
+            names.update(m.group(1) for m in re.finditer(r"\] (\S+): moved to quarantine", f.read()))
+        report.quarantined_names = sorted(names)
+        report.quarantined = len(names)
         bodies = read_bodies(sink.record) + maildir_copies(mail_root)
     finally:
         try:
