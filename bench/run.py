@@ -383,8 +383,10 @@ def others_note(meta: dict) -> str:
     if not o:
         return "not recorded (an older bench/run.py)"
     secs = ", ".join(f"{k} {v['share']:.0%}" for k, v in o["sections"].items() if k != "start")
-    top = ", ".join(f"`{label}` {cpu:.0f} s" for label, cpu in o["top"][:4]) or "none"
-    bench = ", ".join(f"`{b}`" for b in o["benchmarks"]) or "none"
+    # process names in quotes, not code spans: they are not commands to run
+    # (tests/test_readme_commands.py runs the README's code spans)
+    top = ", ".join(f'"{label}" {cpu:.0f} s' for label, cpu in o["top"][:4]) or "none"
+    bench = ", ".join(f'"{b}"' for b in o["benchmarks"]) or "none"
     return (f"about {o['share']:.0%} of the {o['cores']} cores on average ({secs}; the machine's process "
             f"CPU less this benchmark's), most CPU among those sampled every 5 s: {top}; other benchmark "
             f"runs seen: {bench}")

@@ -314,14 +314,15 @@ class AsyncSpool:
                     unfinal: frozenset[str] | set[str] = frozenset()) -> defer.Deferred:
         """Replace the state file atomically.
 
-        durable: fsync it and the directory (a recipient became delivered or
-        bounced, a notice was sent, a hold changed: what must never be
-        undone).  Not durable: temp + rename only, which survives a crash of
-        the relay but maybe not of the machine; for deferrals, whose loss
-        means no more than an earlier retry.  A power failure may even leave
-        the renamed file empty or torn (XFS, ext4 without auto_da_alloc): the
-        next start then keeps the message with every recipient pending again
-        (Spool.recover), so the cost is at most a second copy, never a loss.
+        durable: fdatasync it and fsync the directory (a recipient became
+        delivered or bounced, a notice was sent, a hold changed: what must
+        never be undone).  Not durable (deferrals, whose loss means no more
+        than an earlier retry): the file is still fdatasynced before its
+        rename, only the directory fsync is skipped.  The fdatasync is not
+        optional: the next message's commit fsyncs queue/, which makes the
+        rename durable, and a durable rename of data that is not would
+        leave an empty state file after a power loss, losing the delivered
+        and bounced records it replaced (found by tests/faults/test_power_loss.py).
         """
         # a snapshot: the reactor may change the live state meanwhile.
         # unfinal: recipients bounced in memory whose DSN is not queued yet
@@ -352,17 +353,20 @@ class AsyncSpool:
         return d
 
     def remove(self, qid: str, state_file: bool = True) -> defer.Deferred:
-        """Unlink the message, then its state file, in the disk pool.
+        """Unlink the message, then its state file, in the disk pool, and
+        fsync queue/ before the Deferred fires.
 
         The message file goes first, so no crash can leave a message without
         the state that says which recipients are done.  Removals are batched:
         those asked for while a batch runs go together in the next one (an
         unlink of a file just fsynced can wait for the journal: never on
-        the reactor).  The directory is not fsynced: after a relay crash the
-        removal holds; only a power loss in the next seconds could bring the
-        message back, to be delivered a second time (at-least-once), which is
-        how Postfix behaves too.  state_file=False: the caller knows no
-        state file was ever written (one unlink fewer).
+        the reactor), and the directory fsync is the grouped one of
+        QueueDirSync, shared with the commits of new messages.  Without it a
+        power loss could bring back a message delivered at its first
+        attempt (no state file): every recipient tried again, which the
+        README promises never happens to a recorded recipient.
+        state_file=False: the caller knows no state file was ever written
+        (one unlink fewer).
         """
         d: defer.Deferred = defer.Deferred()
         self._to_remove.append((qid, d, state_file))
@@ -385,6 +389,15 @@ class AsyncSpool:
                     errors.append(None)
                 except OSError as e:
                     errors.append(e)
+            if any(e is None for e in errors):
+                # the removal is the record that every recipient is final:
+                # durable (grouped with the commits' fsyncs of queue/) before
+                # the queue forgets the message, or a power loss brings it
+                # back, with no state file: every recipient pending again
+                try:
+                    self.queue_sync.sync_after()
+                except OSError as e:
+                    errors = [e if err is None else err for err in errors]
             return errors
 
         def done(result):

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from relay.address import AddressError
-from relay.fileio import write_all
+from relay.fileio import fsync_dir, makedirs_durable, write_all
 from relay.users import check_safe_local_part
 
 CHUNK = 256 * 1024
@@ -97,40 +97,26 @@ def mailbox_path(root: str, domain: str, local: str) -> str:
     return os.path.join(root, domain.lower(), local.lower())
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
+
+# Maildirs this process has made durable (created or found, parents
+# fsynced): later deliveries skip the checks and the fsyncs.
+_durable_maildirs: set[str] = set()
 
 
 def ensure_maildir(maildir: str) -> None:
     """Create maildir (and missing parents) with tmp/new/cur, mode 0700.
 
-    Each directory we create is made durable by fsyncing its parent, so a
-    message fsynced into new/ cannot vanish with a directory after a crash.
+    Every directory on the way is made durable (its parent fsynced), also
+    when it already exists: it may have been made by a process that crashed
+    before its fsync, or by another thread that has not fsynced yet, and a
+    message fsynced into new/ must not vanish with its directory in a power
+    loss.  Once done, a process remembers it (no fsyncs per delivery).
     """
-    if os.path.isdir(os.path.join(maildir, "new")) and os.path.isdir(
-        os.path.join(maildir, "cur")
-    ) and os.path.isdir(os.path.join(maildir, "tmp")):
+    maildir = os.path.abspath(maildir)
+    if maildir in _durable_maildirs:
         return
-    missing: list[str] = []
-    p = os.path.abspath(maildir)
-    while not os.path.isdir(p):
-        missing.append(p)
-        parent = os.path.dirname(p)
-        if parent == p:
-            break
-        p = parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, DIR_MODE)
-        except FileExistsError:
-            if not os.path.isdir(d):
-                raise
-            continue
-        _fsync_dir(os.path.dirname(d))
+    makedirs_durable(maildir, DIR_MODE)
     for sub in ("tmp", "new", "cur"):
         d = os.path.join(maildir, sub)
         try:
@@ -138,8 +124,8 @@ def ensure_maildir(maildir: str) -> None:
         except FileExistsError:
             if not os.path.isdir(d):
                 raise
-            continue
-        _fsync_dir(maildir)
+    _fsync_dir(maildir)
+    _durable_maildirs.add(maildir)
 
 
 # ---------------------------------------------------------------------------
@@ -247,11 +233,14 @@ def deliver(root: str, domain: str, local: str, src_path: str, src_offset: int, 
     conv = _ToLF()
     vsize = _VirtualSize()
     size = 0
-    fd = os.open(
-        tmp_path,
-        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-        FILE_MODE,
-    )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp_path, flags, FILE_MODE)
+    except FileNotFoundError:
+        # removed since this process made it durable: make it again
+        _durable_maildirs.discard(os.path.abspath(maildir))
+        ensure_maildir(maildir)
+        fd = os.open(tmp_path, flags, FILE_MODE)
     try:
         pending: list[bytes] = []
         pending_len = 0

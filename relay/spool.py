@@ -13,8 +13,10 @@ followed by the message bytes exactly as they will be delivered (CRLF line
 endings, our Received header first).  It is fsynced in incoming/, renamed
 into queue/ and the directory fsynced: only then does the client get its
 250.  A crash at any instant leaves either no file in queue/ or a complete
-one.  The state file is small and rewritten atomically (temp, fsync,
-rename, directory fsync) whenever a recipient's state changes.  When every
+one.  The state file is small and rewritten atomically (temp, fdatasync,
+rename, directory fsync; a deferral skips only the directory fsync)
+whenever a recipient's state changes.  The layout's directories are made
+durable too (Spool.create).  When every
 recipient is final, the message file is unlinked *before* the state file,
 so a crash in between can never make delivered recipients look pending.
 
@@ -37,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from relay.fileio import write_all
+from relay.fileio import makedirs_durable, syncfs, write_all  # noqa: F401 - syncfs: relay.sendmail uses it
 
 MAGIC = b"RELAYQ1 "
 STATE_SUFFIX = ".state"
@@ -297,35 +299,6 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_dir_anyway(path: str, inside: str) -> None:
-    """fsync a directory we may write but not read (mode 0730, say): then
-    syncfs() on the file system of ``inside`` (a directory in it)."""
-    try:
-        fsync_dir(path)
-        return
-    except PermissionError:
-        pass
-    fd = os.open(inside, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        syncfs(fd)
-    finally:
-        os.close(fd)
-
-
-def syncfs(fd: int) -> None:
-    """syncfs(2) on fd's file system (sync(2) where there is none)."""
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        if libc.syncfs(fd) == 0:
-            return
-    except (OSError, AttributeError):
-        pass
-    os.sync()
-
-
 def write_atomic(path: str, data: bytes, *, sync_dir: bool = True, sync_file: bool = True) -> None:
     """temp file, write, fsync, rename over path, fsync the directory."""
     d = os.path.dirname(path)
@@ -540,24 +513,20 @@ class Spool:
         self._cleaned = False
 
     def create(self) -> None:
-        """Make the layout (each directory 0700), durably: a directory made
-        here is fsynced, and so is the one it was made in, so that a power
-        cut right after the first start cannot take a directory away from
-        under a message acknowledged in it.  relay-sendmail uses this too
-        (before the first start), as the user the relay runs as."""
-        made = []
-        for d in (self.root, self.incoming_dir, self.queue_dir, self.quarantine_dir, self.drop_dir):
+        """Make the layout (each directory 0700), durably: a message fsynced
+        into queue/ must not vanish with queue/ itself in a power loss, so the
+        spool's parent and the spool directory are fsynced too (also when
+        they exist: a first start may have crashed before its fsync).
+        relay-sendmail uses this too (before the first start), as the user
+        the relay runs as."""
+        makedirs_durable(self.root, parents=False)
+        for d in (self.incoming_dir, self.queue_dir, self.quarantine_dir, self.drop_dir):
             try:
                 os.mkdir(d, 0o700)
             except FileExistsError:
                 continue
-            made.append(d)
-        if not made:
-            return
-        for d in made:
-            fsync_dir(d)
-        for parent in dict.fromkeys(os.path.dirname(d) for d in reversed(made)):
-            _fsync_dir_anyway(parent, made[0])
+            fsync_dir(d)  # its own inode, before the entry that names it is made durable
+        fsync_dir(self.root)
 
     def open_lock(self) -> int:
         """An fd on ``<root>/lock``, made if missing; never through a link
@@ -762,7 +731,14 @@ class Spool:
                        (old[i] + r.history)[-max_history:]) for i, r in enumerate(state.recipients)],
             state.hold, state.warned, state.pending,
         )
-        write_atomic(self.state_path(qid), full.to_bytes(), sync_dir=False, sync_file=durable)
+        # The file's data is always fdatasynced before the rename, durable or
+        # not: any later fsync of queue/ (the next message's commit) makes
+        # the rename durable, and a rename that outlives the data it points
+        # to would leave an empty state file, losing the delivered and
+        # bounced records it replaced.  durable=False only spares the
+        # directory fsync: a deferral lost to a power cut leaves the previous
+        # state file, whole.
+        write_atomic(self.state_path(qid), full.to_bytes(), sync_dir=False, sync_file=True)
         return written
 
     def read_headers(self, qid: str, limit: int = 256 * 1024) -> bytes:
@@ -836,11 +812,13 @@ class Spool:
             yield entry
 
     def _without_state(self, qid: str, error: Exception, log=None) -> QueueEntry | None:
-        """A readable message whose state file is not (a deferral record is
-        written without fsync, so a power failure may leave it empty or torn):
-        the message stays queued with every recipient pending again, and the
-        state file goes to quarantine.  Recipients delivered before may get a
-        second copy; nothing is lost.  None when the message itself is bad."""
+        """A readable message whose state file is not.  Every state file is
+        fdatasynced before its rename, so no crash or power loss leaves one
+        torn: this is damage from outside (a disk error, a hand edit).  The
+        message stays queued with every recipient pending again, and the
+        state file goes to quarantine (logged): recipients delivered before
+        may get a second copy; nothing is lost.  None when the message
+        itself is bad."""
         try:
             env, offset, size = self.read_envelope(qid)
         except Exception:  # noqa: BLE001 - the message is bad too: the caller quarantines both

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from relay.address import Address, AddressError, parse_mailbox
-from relay.fileio import write_all
+from relay.fileio import makedirs_durable, write_all
 
 SCRYPT_LN = 14  # n = 2**14: ~16 MiB and ~40 ms per check
 SCRYPT_R = 8
@@ -276,11 +276,19 @@ def locked(path: str):
 def _makedirs(d: str, mode: int) -> None:
     """os.makedirs with ``mode`` for every directory it makes (os.makedirs
     gives the ones above the last 0777 less the umask)."""
+    _makedirs_each(d, mode)
+    # the users file must not vanish with a new directory in a power loss:
+    # every parent fsynced (also when it exists: an earlier run may have
+    # crashed before its fsync)
+    makedirs_durable(d, mode)
+
+
+def _makedirs_each(d: str, mode: int) -> None:
     if os.path.isdir(d):
         return
     parent = os.path.dirname(d)
     if parent != d:
-        _makedirs(parent, mode)
+        _makedirs_each(parent, mode)
     try:
         os.mkdir(d)
     except FileExistsError:

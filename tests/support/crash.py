@@ -107,7 +107,8 @@ class CrashReport:
 
 
 class SinkProcess:
-    def __init__(self, workdir: str, interface: str = SINK_IP):
+    def __init__(self, workdir: str, interface: str = SINK_IP, extra_args: tuple[str, ...] = ()):
+        self.extra_args = tuple(extra_args)
         self.record = os.path.join(workdir, "sink.record")
         self.log_path = os.path.join(workdir, "sink.log")
         self.interface = interface
@@ -120,7 +121,7 @@ class SinkProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.sinkproc", "--interface", self.interface,
-             "--record", self.record],
+             "--record", self.record, *self.extra_args],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log,
         )
         line = self.proc.stdout.readline().decode()

@@ -11,9 +11,10 @@ sends the reply), so a relay that recorded a delivery after reading that
     python -m tests.support.sinkproc --interface 127.0.0.5 --record FILE
 
 prints ``READY <port>`` once it listens.  Record lines are
-``<message-id> <recipient> <sha256>\\n`` (the digest of the message as
-received from its Message-ID header on, so that the relay's own Received
-header is left out: what a client sent starts there), written with one
+``<message-id> <recipient> <sha256> <body>\\n`` (the digest of the message
+as received from its Message-ID header on, so that the relay's own Received
+header is left out: what a client sent starts there; then a short digest
+of the body alone, which the power-loss harness compares), written with one
 ``os.write`` on an O_APPEND descriptor each (no torn lines for readers).
 Message data is not kept after it is recorded, so memory stays flat over
 long runs.
@@ -47,6 +48,14 @@ def digest_from_message_id(data: bytes) -> str:
     return hashlib.sha256(data[m.start():]).hexdigest() if m else "-"
 
 
+def body_digest(data: bytes) -> str:
+    """SHA-256 (hex, 16 digits) of a message's body, CRLF line endings: what
+    a relay must pass on unchanged (it adds header fields, never touches the
+    body), so a torn or mixed-up copy shows."""
+    end = data.find(b"\r\n\r\n")
+    return hashlib.sha256(data[end + 4:] if end >= 0 else b"").hexdigest()[:16]
+
+
 class _Recorder(list):
     """Stands in for Sink.transactions: records, then forgets the data."""
 
@@ -59,7 +68,8 @@ class _Recorder(list):
     def append(self, t) -> None:  # called by SinkProtocol right after it sent the 250
         mid = message_id(t.data)
         digest = digest_from_message_id(t.data)
-        lines = "".join(f"{mid} {r.lower()} {digest}\n" for r in t.rcpts)
+        body = body_digest(t.data)
+        lines = "".join(f"{mid} {r.lower()} {digest} {body}\n" for r in t.rcpts)
         os.write(self.fd, lines.encode("ascii", "replace"))
         self.count += 1
         t.data = b""
@@ -68,6 +78,36 @@ class _Recorder(list):
         t.session.transactions.clear()
         t.session.commands.clear()
         t.session.replies.clear()
+
+
+class _Cycle:
+    """A scripted reply list (tests.support.sink._take) that never runs out."""
+
+    def __init__(self, replies: list[str]):
+        self.replies = replies
+        self.n = 0
+
+    def __len__(self) -> int:
+        return 2
+
+    def pop(self, _index: int) -> str:
+        self.n += 1
+        return self.replies[(self.n - 1) % len(self.replies)]
+
+
+def read_bodies(path: str) -> Counter:
+    """(message-id, recipient, body digest) -> copies accepted."""
+    c: Counter = Counter()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return c
+    for line in data.split(b"\n"):
+        parts = line.split(b" ")
+        if len(parts) >= 4:
+            c[(parts[0].decode(), parts[1].decode(), parts[3].decode())] += 1
+    return c
 
 
 def read_record(path: str) -> Counter:
@@ -102,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interface", default="127.0.0.5")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--record", required=True)
+    ap.add_argument("--defer", action="append", default=[], metavar="RCPT",
+                    help="answer RCPT TO this address 451 twice, then 250, over and over")
     args = ap.parse_args(argv)
     fd = os.open(args.record, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    sink = Sink(args.interface, port=args.port, reactor=reactor)
+    sink = Sink(args.interface, port=args.port, reactor=reactor,
+                rcpt_replies={r.lower(): _Cycle(["451 4.3.0 try again later"] * 2 + ["250 2.1.5 Ok"])
+                              for r in args.defer})
     sink.transactions = _Recorder(fd, sink)
     sink.start()
     print(f"READY {sink.port}", flush=True)
