@@ -38,7 +38,14 @@ import time
 from typing import Any, Callable, TextIO
 
 from twisted.application import service
-from twisted.logger import FileLogObserver, ILogObserver, Logger, formatEvent, formatEventAsClassicLogText
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    Logger,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+)
 from twisted.python import logfile
 
 from relay import logsafe
@@ -274,8 +281,10 @@ def for_twistd(svc: service.IService, config, options: Any) -> service.IService:
     if parent.get("syslog"):
         if config.log.format == "json":
             log.warn("log.format = \"json\" is ignored with --syslog: syslog gets text lines")
+        neutralise_at_source()
         return svc
     if parent.get("logger"):
+        neutralise_at_source()
         return svc  # the user's own observer wins, as with any twistd application
     make_observer = json_file_observer if config.log.format == "json" else text_file_observer
 
@@ -284,3 +293,47 @@ def for_twistd(svc: service.IService, config, options: Any) -> service.IService:
         return make_observer(out) if out is not None else None
 
     return TwistdLogSetup(svc, make)
+
+
+_NEUTRALISED = "log_relay_neutralised"
+
+
+def neutralise_in_place(event: dict) -> None:
+    """An observer that renders an event's untrusted fields (relay.logsafe)
+    in the event itself, so that observers after it see them neutralised.
+
+    With ``--syslog`` or ``--logger`` twistd's own observer writes the
+    lines, not ours: Twisted's syslog observer sends each line of an event's
+    text as a message of its own, so a newline in a field would become a
+    forged syslog entry.  This observer runs first (it is added when the
+    plugin builds the service, before twistd starts logging), and marks the
+    event, so an event replayed from twistd's start-up buffer is not
+    escaped twice.
+    """
+    if event.get(_NEUTRALISED):
+        return
+    fmt = event.get("log_format")
+    if fmt is not None:
+        shown = logsafe.neutralise(event, fmt)
+        if shown is not event:
+            event.update(shown)
+    event[_NEUTRALISED] = True
+
+
+_at_source = False
+
+
+def neutralise_at_source() -> None:
+    """Put ``neutralise_in_place`` on the global log publisher (once: a
+    second call must not move it behind observers added since)."""
+    global _at_source
+    if not _at_source:
+        _at_source = True
+        globalLogPublisher.addObserver(neutralise_in_place)
+
+
+def stop_neutralising_at_source() -> None:
+    """Undo ``neutralise_at_source`` (tests)."""
+    global _at_source
+    _at_source = False
+    globalLogPublisher.removeObserver(neutralise_in_place)

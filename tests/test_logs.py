@@ -6,6 +6,7 @@ import io
 import json
 import sys
 
+import pytest
 from twisted.application import service
 from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python import log as legacy_log
@@ -130,6 +131,45 @@ def test_text_format_is_twistds_classic_lines_formatted_fast(tmp_path):
     lines = (tmp_path / "relay.log").read_text().splitlines(keepends=True)
     assert lines[0] == formatEventAsClassicLogText(event)
     assert lines[1].endswith("[t#warn] odd call\n")
+
+
+@pytest.fixture(autouse=True)
+def _no_source_neutraliser_left_behind():
+    """for_twistd with --syslog/--logger puts an observer on the global log
+    publisher (as in a real twistd run): take it off after each test."""
+    yield
+    logs.stop_neutralising_at_source()
+
+
+def test_syslog_lines_are_neutralised_before_twistds_syslog_observer():
+    """--syslog: Twisted's own syslog observer writes the lines and sends each
+    line of an event's text as a message of its own; a newline in a field must
+    not make a forged entry, nor may a control character reach syslog."""
+    from twisted.logger import LegacyLogObserverWrapper
+    from twisted.python.syslog import SyslogObserver
+
+    sent = []
+
+    class CapturedSyslog(SyslogObserver):  # the real observer; only the syslog(3) calls are captured
+        openlog = staticmethod(lambda *a: None)
+        syslog = staticmethod(lambda prio, msg: sent.append(msg))
+
+    svc = service.MultiService()
+    opts = FakePluginOptions(FakeServerOptions(nodaemon=True, syslog=True))
+    assert logs.for_twistd(svc, cfg("text"), opts) is svc
+    # what twistd's AppLogger.start does after the plugin built the service
+    syslog_obs = LegacyLogObserverWrapper(CapturedSyslog("relay").emit)
+    globalLogPublisher.addObserver(syslog_obs)
+    try:
+        Logger(namespace="relay.smtp").info(
+            "reject: MAIL from {client}[{client_ip}]: {reply}; from=<{sender}>",
+            client="x", client_ip="127.0.0.9", reply="553 5.1.8 no",
+            sender='a\nreject: RCPT from x[203.0.113.7]: \x1b[2J"@attacker.example')
+    finally:
+        globalLogPublisher.removeObserver(syslog_obs)
+    assert len(sent) == 1, sent
+    assert "203.0.113.7" in sent[0] and "\x1b" not in sent[0] and "\n" not in sent[0]
+    assert sent[0].startswith("[-] reject: MAIL from x[127.0.0.9]: 553 5.1.8 no; from=<a\\x0areject:"), sent
 
 
 def test_text_format_with_syslog_leaves_twistd_alone():
