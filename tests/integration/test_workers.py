@@ -441,6 +441,35 @@ def test_max_connections_per_ip_is_one_limit_for_all_workers(tmp_path):
         relay.stop()
 
 
+def test_pop3_max_connections_per_ip_is_one_limit_for_all_workers(tmp_path):
+    """POP3's per-address limit counts on the same relay-wide table as SMTP's."""
+    pport = free_port()
+    relay, port = make(tmp_path, pop3={"listen": [f"tcp:{pport}:interface=127.0.0.1"], "max_connections_per_ip": 2})
+    relay.start(wait_for=("127.0.0.1", pport))
+    held: list[socket.socket] = []
+    try:
+        with only_worker(relay, 0):
+            s, line = connect(pport)
+            held.append(s)
+            assert line.startswith("+OK "), line
+        replies = []
+        with only_worker(relay, 1):
+            for _ in range(3):
+                s, line = connect(pport)
+                held.append(s)
+                replies.append(line)
+        assert replies[0].startswith("+OK "), replies
+        assert replies[1:] == ["-ERR [SYS/TEMP] Too many connections from your address, try again later"] * 2, replies
+        # SMTP's count for the same address is its own
+        s, line = connect(port)
+        held.append(s)
+        assert line.startswith("220 "), line
+    finally:
+        for s in held:
+            s.close()
+        relay.stop()
+
+
 def test_a_worker_that_keeps_dying_is_given_no_connections(tmp_path):
     relay, port = make(tmp_path)
     relay.start(wait_for=("127.0.0.1", port))
