@@ -21,7 +21,7 @@ services and port 25 are never touched).  Measures, in the same run:
      message compared with what was delivered
 
 Ours and the peer alternate within each round, and which goes first
-alternates from round to round.  A full run also rewrites README.md's
+alternates from round to round.  A full run also rewrites docs/benchmarks.md's
 benchmark summary from the new bench/RESULTS.md (bench/summary.py).
 
 prints one table (metric, ours, peer, ratio ours/peer, target, met?) and
@@ -384,7 +384,7 @@ def others_note(meta: dict) -> str:
         return "not recorded (an older bench/run.py)"
     secs = ", ".join(f"{k} {v['share']:.0%}" for k, v in o["sections"].items() if k != "start")
     # process names in quotes, not code spans: they are not commands to run
-    # (tests/test_readme_commands.py runs the README's code spans)
+    # (tests/test_readme_commands.py runs the code spans of docs/benchmarks.md)
     top = ", ".join(f'"{label}" {cpu:.0f} s' for label, cpu in o["top"][:4]) or "none"
     bench = ", ".join(f'"{b}"' for b in o["benchmarks"]) or "none"
     return (f"about {o['share']:.0%} of the {o['cores']} cores on average ({secs}; the machine's process "
@@ -553,26 +553,26 @@ def render(raw: str, results_path: str | None) -> int:
     print(text_table(rows))
     print(f"\nwritten: {os.path.relpath(path)} (from {raw})")
     if os.path.abspath(path) == os.path.abspath(summary.RESULTS):
-        rewrite_readme()
+        rewrite_summary()
     return 0
 
 
-def rewrite_readme() -> None:
-    """README.md quotes the committed results only: its summary is regenerated
+def rewrite_summary() -> None:
+    """docs/benchmarks.md quotes the committed results only: its summary is regenerated
     from bench/RESULTS.md (bench/summary.py) whenever that file is written."""
     with open(summary.RESULTS) as f:
         results = f.read()
-    with open(summary.README) as f:
-        readme = f.read()
+    with open(summary.PAGE) as f:
+        page = f.read()
     try:
-        new = summary.update(readme, results)
+        new = summary.update(page, results)
     except summary.SummaryError as e:
-        say(f"README.md not updated: {e}")
+        say(f"docs/benchmarks.md not updated: {e}")
         return
-    if new != readme:
-        with open(summary.README, "w") as f:
+    if new != page:
+        with open(summary.PAGE, "w") as f:
             f.write(new)
-        say("README.md: benchmark summary rewritten from bench/RESULTS.md")
+        say("docs/benchmarks.md: benchmark summary rewritten from bench/RESULTS.md")
 
 
 def main() -> int:
@@ -687,7 +687,7 @@ def main() -> int:
                    "extra": {k: v for k, v in extra.items() if k != "pop3_output"}}, f, indent=1, default=str)
     print(f"\nwritten: {os.path.relpath(results_path)} (raw: {os.path.relpath(raw)})")
     if os.path.abspath(results_path) == os.path.abspath(summary.RESULTS):
-        rewrite_readme()
+        rewrite_summary()
     if extra.get("profile_summary"):
         print()
         print(extra["profile_summary"])

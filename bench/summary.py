@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""The README's benchmark summary, generated from bench/RESULTS.md.
+"""The benchmark summary of docs/benchmarks.md, generated from bench/RESULTS.md.
 
-    python3 bench/summary.py            # rewrite the summary in README.md from bench/RESULTS.md
-    python3 bench/summary.py --check    # exit 1 when README.md's summary is not the generated one
+    python3 bench/summary.py            # rewrite the summary in docs/benchmarks.md from bench/RESULTS.md
+    python3 bench/summary.py --check    # exit 1 when docs/benchmarks.md's summary is not the generated one
 
-The README quotes the committed results and nothing else: the header lines
+The page quotes the committed results and nothing else: the header lines
 (date, command, commit measured, load, runs, sizes), the table as it is,
 and the notes on where ours and the peer do different work, all copied
 line for line.  bench/run.py rewrites it after each full run;
@@ -22,7 +22,7 @@ import sys
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 RESULTS = os.path.join(BENCH, "RESULTS.md")
-README = os.path.join(ROOT, "README.md")
+PAGE = os.path.join(ROOT, "docs", "benchmarks.md")  # the summary was in README.md before issue 13
 
 START = "<!-- bench-results: generated from bench/RESULTS.md by `python3 bench/summary.py`; edit that, not this -->"
 END = "<!-- /bench-results -->"
@@ -80,7 +80,7 @@ def block(results: str) -> str:
 
 
 def readme_region(readme: str) -> str | None:
-    """The README's results summary: between the markers, or (a README from
+    """The page's results summary: between the markers, or (a page from
     before they existed) the paragraph that starts with **Results."""
     if START in readme and END in readme:
         a = readme.index(START)
@@ -97,7 +97,8 @@ def update(readme: str, results: str) -> str:
         return readme[:a] + new + readme[b:]
     old = readme_region(readme)
     if old is None:
-        raise SummaryError("README.md has no results summary to replace (no markers, no **Results paragraph)")
+        raise SummaryError("docs/benchmarks.md has no results summary to replace (no markers, no **Results "
+                           "paragraph)")
     return readme.replace(old, new, 1)
 
 
@@ -119,13 +120,14 @@ def missing_numbers(region: str, results: str) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="only check; exit 1 when README.md is out of date")
+    ap.add_argument("--check", action="store_true", help="only check; exit 1 when docs/benchmarks.md is out of date")
     ap.add_argument("--results", default=RESULTS)
-    ap.add_argument("--readme", default=README)
+    ap.add_argument("--page", "--readme", dest="page", default=PAGE,
+                    help="the page with the summary (default docs/benchmarks.md)")
     args = ap.parse_args()
     with open(args.results) as f:
         results = f.read()
-    with open(args.readme) as f:
+    with open(args.page) as f:
         readme = f.read()
     try:
         new = update(readme, results)
@@ -134,16 +136,16 @@ def main() -> int:
         return 1
     if args.check:
         if new != readme:
-            print("README.md's benchmark summary is not the one bench/RESULTS.md gives: "
+            print(f"{os.path.relpath(args.page)}'s benchmark summary is not the one bench/RESULTS.md gives: "
                   "run python3 bench/summary.py", file=sys.stderr)
             return 1
         return 0
     if new != readme:
-        with open(args.readme, "w") as f:
+        with open(args.page, "w") as f:
             f.write(new)
-        print(f"{os.path.relpath(args.readme)}: benchmark summary rewritten from {os.path.relpath(args.results)}")
+        print(f"{os.path.relpath(args.page)}: benchmark summary rewritten from {os.path.relpath(args.results)}")
     else:
-        print(f"{os.path.relpath(args.readme)}: benchmark summary already up to date")
+        print(f"{os.path.relpath(args.page)}: benchmark summary already up to date")
     return 0
 
 

@@ -1,7 +1,10 @@
-"""Every shell command README.md shows runs as written, after its two set-up
-commands (``python3 -m venv .venv && .venv/bin/pip install ...``).
+"""Every shell command README.md, ARCHITECTURE.md and docs/*.md show runs as
+written, after the README's two set-up commands (``python3 -m venv .venv &&
+.venv/bin/pip install ...``).
 
-The commands are taken from the README itself: fenced code blocks that are
+The commands are taken from the pages themselves (README.md first, then
+ARCHITECTURE.md, then docs/*.md by name; "README" below means any of them):
+fenced code blocks that are
 not TOML/YAML, indented blocks (only the ``$ `` lines when a block has
 prompts, since the rest is output), and inline code spans that start with
 one of the programs the README tells a reader to run.  Each simple command
@@ -28,6 +31,7 @@ and a directory where ``sendmail`` is relay-sendmail, as the README's
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 import shlex
@@ -39,6 +43,8 @@ import pytest
 from tests.support.relay import ROOT, RelayProcess, free_port
 
 README = os.path.join(ROOT, "README.md")
+# The pages whose commands are checked, in the order their REAL commands run.
+PAGES = [README, os.path.join(ROOT, "ARCHITECTURE.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 VENV = sys.prefix
 
 # Programs the README tells the reader to run; an inline code span is a
@@ -76,6 +82,9 @@ ALLOWED = [
     (r"relayctl --config /etc/relay/relay\.toml user add alice@example\.org",
      "a system install's config; asks for a password on the terminal (user add --help is run instead)"),
     (r"kill -HUP PID", "needs the pid of a running relay (reload is tested in tests/integration/test_reload.py)"),
+    (r"python3 -c import (smtplib|poplib); .*", "the five-minute tour: needs the tour's relay on the built-in "
+     "defaults (ports 2525 and 1100; the same SMTP and POP3 exchanges are tested in tests/test_smtp_flow.py and "
+     "tests/test_pop3.py)"),
     (r"curl -s http://127\.0\.0\.1:9025/metrics", "needs the metrics port 9025 free on this machine "
      "(the endpoint is tested in tests/test_metrics.py)"),
 ]
@@ -97,16 +106,17 @@ TINY = [
 ]
 
 # Standard tools in README pipelines; not the project's, not run by themselves.
-TOOLS = {"echo", "printf", "grep", "head", "tail", "jq"}
+TOOLS = {"echo", "printf", "grep", "head", "tail", "jq", "ls"}
 
 
 @dataclasses.dataclass
 class Command:
-    line: int  # README line number
+    line: int  # line number in its page
     text: str  # the command line as shown (prompt and comment removed)
+    page: str = "README.md"  # the page, relative to the checkout
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}: {self.text}"
+        return f"{self.page}:{self.line}: {self.text}"
 
 
 def _strip_comment(text: str) -> str:
@@ -124,8 +134,8 @@ def _strip_comment(text: str) -> str:
     return text.rstrip()
 
 
-def readme_commands(text: str) -> list[Command]:
-    """The shell commands shown in README.md (see the module docstring)."""
+def readme_commands(text: str, page: str = "README.md") -> list[Command]:
+    """The shell commands shown in a page (see the module docstring)."""
     lines = text.split("\n")
     out: list[Command] = []
     unclassified: list[str] = []
@@ -142,7 +152,7 @@ def readme_commands(text: str) -> list[Command]:
                 body.append((j + 1, lines[j]))
                 j += 1
             if lang not in NOT_SHELL_LANGS:
-                out.extend(_block_commands(body, unclassified))
+                out.extend(_block_commands(body, unclassified, page))
             i = j + 1
             prev_blank = False
             continue
@@ -154,14 +164,14 @@ def readme_commands(text: str) -> list[Command]:
                 j += 1
             while body and not body[-1][1].strip():
                 body.pop()
-            out.extend(_block_commands(body, unclassified))
+            out.extend(_block_commands(body, unclassified, page))
             i = j
             prev_blank = True
             continue
         for span in re.findall(r"`([^`\n]+)`", line):
             words = span.split()
             if len(words) > 1 and (words[0] in PROGRAMS or words[0].startswith(PATH_PROGRAMS)):
-                out.append(Command(i + 1, span.strip()))
+                out.append(Command(i + 1, span.strip(), page))
         prev_blank = not line.strip()
         i += 1
     assert not unclassified, ("README blocks neither shell nor known as something else (add to NOT_SHELL "
@@ -169,19 +179,19 @@ def readme_commands(text: str) -> list[Command]:
     return out
 
 
-def _block_commands(body: list[tuple[int, str]], unclassified: list[str]) -> list[Command]:
+def _block_commands(body: list[tuple[int, str]], unclassified: list[str], page: str) -> list[Command]:
     body = [(n, t) for n, t in body if t.strip()]
     if not body:
         return []
     if any(t.startswith("$ ") for _, t in body):
-        return [Command(n, _strip_comment(t[2:])) for n, t in body if t.startswith("$ ")]
+        return [Command(n, _strip_comment(t[2:]), page) for n, t in body if t.startswith("$ ")]
     first = body[0][1]
     if any(p.match(first) for p, _ in NOT_SHELL):
         return []
     if not re.match(r"^[\w./-]+( |$)", first):
-        unclassified.append(f"README.md:{body[0][0]}: {first}")
+        unclassified.append(f"{page}:{body[0][0]}: {first}")
         return []
-    return [Command(n, _strip_comment(t)) for n, t in body if _strip_comment(t)]
+    return [Command(n, _strip_comment(t), page) for n, t in body if _strip_comment(t)]
 
 
 def simple_commands(text: str) -> list[list[str]]:
@@ -263,7 +273,17 @@ def _allowed(words: list[str]) -> str | None:
     return None
 
 
-COMMANDS = readme_commands(open(README, encoding="utf-8").read())
+def page_commands(paths: list[str]) -> list[Command]:
+    """The commands of every page that exists, page after page."""
+    out: list[Command] = []
+    for path in paths:
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                out.extend(readme_commands(f.read(), os.path.relpath(path, ROOT)))
+    return out
+
+
+COMMANDS = page_commands(PAGES)
 
 
 def _help_runs() -> dict[tuple[str, ...], tuple[list[str], list[Command]]]:
@@ -332,6 +352,18 @@ def test_readme_commands_are_found():
     assert any(t.startswith("useradd --system") for t in texts)
     assert any("sendmail -i admin@example.org" in t for t in texts)
     assert len(COMMANDS) > 40, texts
+    # the guides under docs/ are read too, not only the README
+    pages = {c.page for c in COMMANDS}
+    assert "README.md" in pages and any(p.startswith("docs" + os.sep) for p in pages), pages
+
+
+def test_a_docs_page_command_without_a_rule_is_found(tmp_path):
+    """A command in a docs/ page is extracted with its page and line, like the README's."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.md").write_text("# X\n\nText.\n\n    $ relayctl queue --json\n    output\n")
+    cmds = page_commands([str(tmp_path / "docs" / "x.md")])
+    assert [(c.line, c.text) for c in cmds] == [(5, "relayctl queue --json")]
+    assert str(cmds[0]).endswith("x.md:5: relayctl queue --json")
 
 
 def test_every_command_has_a_rule():

@@ -1,7 +1,7 @@
 """Log injection, from outside: a real ``twistd relay`` process is attacked
 over SMTP and POP3 from 127.0.0.9, and a next hop (a sink on 127.0.0.2)
 answers with terminal escapes; then Debian's ``fail2ban-regex`` runs the
-filter the README documents (etc/fail2ban/filter.d/twisted-relay.conf)
+filter docs/security.md documents (etc/fail2ban/filter.d/twisted-relay.conf)
 over the log the relay wrote.  Only the attacker's real address may match,
 never one of the addresses it wrote into its commands (203.0.113.x), and no
 raw control character may reach the log."""
@@ -170,8 +170,8 @@ class TextLogUnderAttack(_UnderAttack):
         assert any(f"reject: RCPT from x\\x5b203.0.113.13\\x5d:[{ATTACKER}]: 550 5.1.1" in ln for ln in lines)
         assert any(f"reject: MAIL from client.example[{ATTACKER}]: 552 5.3.4" in ln for ln in lines)
 
-        # the filter documented in README is the one in etc/fail2ban
-        with open(os.path.join(ROOT, "README.md")) as f:
+        # the filter documented in docs/security.md (the README's before issue 13) is the one in etc/fail2ban
+        with open(os.path.join(ROOT, "docs", "security.md")) as f:
             readme = f.read()
         with open(FILTER) as f:
             conf = f.read()
