@@ -103,7 +103,7 @@ class SMTPConfig:
         'need root at start, see the README\'s "Privileges").')
     submission: tuple[str, ...] = declare(
         [], v.ENDPOINTS,
-        'Where mail is accepted only after AUTH (MAIL before AUTH gets 530 5.7.0): e.g. ["tcp:587", "ssl:465"]. '
+        'Where mail is accepted only after AUTH (MAIL before AUTH gets 530 5.7.0): e.g. ["tcp:587", "ssl:465"].  '
         "Needs users (`relayctl user add`) and, in practice, [tls].")
     max_message_size: int = declare(
         36700160, v.integer(1024), "Largest message in bytes, advertised with SIZE; bigger ones get 552 5.3.4.")
