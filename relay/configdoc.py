@@ -109,7 +109,9 @@ def relay_toml() -> str:
 
 def _md_key(k: configmod.Declared) -> list[str]:
     spec = k.spec
-    kind = spec.check.doc + (f", {spec.refine.doc}" if spec.refine else "")
+    kind = spec.check.doc
+    if spec.refine:
+        kind = spec.refine.doc if spec.refine.whole_kind else f"{kind}, {spec.refine.doc}"
     if spec.default is None:
         default = spec.computed_doc
     else:

@@ -51,6 +51,7 @@ class Check:
 class Refine:
     doc: str  # what it adds to the check's kind ("above 0")
     fn: Callable[[Any], Any]
+    whole_kind: bool = False  # doc is the whole kind of value, not an addition to the check's
 
     def __call__(self, value: Any) -> Any:
         return self.fn(value)
@@ -278,7 +279,7 @@ def _above_zero(value: float) -> float:
 STRING = Check("a string", lambda v, r: _str(v))
 BOOL = Check("true or false", lambda v, r: _bool(v))
 PATH = Check("a non-empty path", _path)
-OPTIONAL_PATH = Check('a path, or "" for none', _optional_path)
+OPTIONAL_PATH = Check('a path or ""', _optional_path)
 DURATION = Check('a duration ("30s", "5m", "1h", "5d", "2w" or a number of seconds)',
                  lambda v, r: parse_duration(v))
 DOMAIN = Check("a domain name", _domain)
@@ -288,5 +289,5 @@ NAMESERVERS = list_of(Check("an IP address", _nameserver), 'a list of "ip" or "i
 ENDPOINTS = list_of(Check("an endpoint description", _endpoint), "a list of Twisted endpoint descriptions")
 ROUTES = Check('a table of "domain" = "host:port"', _routes)
 
-SMARTHOST = Refine('"host:port", "[host]:port" or "host" (port 25), or "" for none', _smarthost)
+SMARTHOST = Refine('"host:port", "[host]:port" or "host" (port 25), or "" for none', _smarthost, whole_kind=True)
 ABOVE_ZERO = Refine("above 0", _above_zero)
