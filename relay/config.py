@@ -443,7 +443,11 @@ def _build(values: dict[str, Any], path: str | None) -> Config:
     for sec in schema():
         kw = {}
         for k in sec.keys:
-            kw[k.name] = values[k.dotted] if k.dotted in values else k.spec.computed()
+            if k.dotted in values:
+                kw[k.name] = values[k.dotted]
+            else:  # no default in the file: made now, once the file is known to be good
+                assert k.spec.computed is not None, k.dotted
+                kw[k.name] = k.spec.computed()
         if sec.name:
             parts[sec.name] = sec.cls(**kw)
         else:
