@@ -223,7 +223,7 @@ class LocalConfig:
     mailboxes: str = declare("mail", v.PATH, "Maildir root: `<mailboxes>/<domain>/<localpart>/{tmp,new,cur}`.")
     users: str = declare(
         "users", v.PATH,
-        "Credentials file (salted scrypt hashes, mode 0600), managed with `relayctl user add|passwd|delete|list`; "
+        "Credentials file (salted scrypt hashes, mode 0600), managed with `relayctl user` (add, passwd, delete, list); "
         "a running relay sees changes within a few seconds.")
     aliases: str = declare(
         "", v.OPTIONAL_PATH,

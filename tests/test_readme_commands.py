@@ -256,6 +256,8 @@ def help_invocation(words: list[str]) -> tuple[list[str], list[str]] | None:
     if base in ("python", "python3"):
         if words[1:3] == ["-m", "pytest"]:
             return [prog, "-m", "pytest", "--help"], _options(words[3:])
+        if len(words) > 2 and words[1] == "-m" and words[2].split(".")[0] == "relay":
+            return [prog, "-m", words[2], "--help"], _options(words[3:])
         if len(words) > 1 and words[1].startswith("bench/"):
             return [prog, words[1], "--help"], _options(words[2:])
     if base in TOOLS:
