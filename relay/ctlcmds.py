@@ -15,6 +15,8 @@ usage.  Data goes to stdout, messages to stderr.  ``RELAYCTL_TIMEOUT``
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -24,6 +26,7 @@ from relay import config as configmod
 from relay import ctlclient as cc
 from relay import queueview
 from relay.offline import NoSuchMessage, OfflineError, OfflineSpool, RelayRunning
+from relay.workerpaths import worker_config, worker_socket_path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 PAGE = 2000  # messages per listing page asked of the relay
@@ -141,13 +144,7 @@ def worker_configs(cfg: configmod.Config) -> list[configmod.Config]:
     relay.master): every worker has its own spool and control socket."""
     if cfg.workers <= 1:
         return [cfg]
-    import dataclasses
-
-    from relay.master import worker_socket, worker_spool
-
-    return [dataclasses.replace(cfg, spool=worker_spool(cfg.spool, i),
-                                control=configmod.ControlConfig(socket=worker_socket(cfg, i)))
-            for i in range(cfg.workers)]
+    return [worker_config(cfg, i) for i in range(cfg.workers)]
 
 
 def open_relays(cfg: configmod.Config) -> list[Live | Offline]:
@@ -272,6 +269,8 @@ def _guard(pages):
 def queue_show(relay, qid: str, as_json: bool) -> int:
     qid = qid.strip().upper()
     relays = relay if isinstance(relay, list) else [relay]
+    if not relays:  # workers > 1, none of which has run yet: no queue at all
+        raise CtlError(f"{qid}: no such message in the queue")
     d = None
     for i, r in enumerate(relays):
         try:
@@ -337,9 +336,6 @@ def _queue_action_workers(relays, action: str, ids: list[str], every: bool) -> i
     done by the worker that has it (only "no such message" everywhere fails)."""
     if len(relays) == 1:
         return queue_action(relays[0], action, ids, every)
-    import contextlib
-    import io
-
     if every:
         code = EXIT_OK
         for r in relays:
@@ -347,7 +343,8 @@ def _queue_action_workers(relays, action: str, ids: list[str], every: bool) -> i
         return code
     failed = False
     for qid in ids:
-        outcome = None
+        # no relay (workers > 1, none of which has run yet): no queue has it
+        outcome = (EXIT_FAIL, f"relayctl: {qid.strip().upper()}: no such message in the queue\n")
         for r in relays:
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
@@ -360,7 +357,7 @@ def _queue_action_workers(relays, action: str, ids: list[str], every: bool) -> i
             if rc == EXIT_OK:
                 outcome = (rc, text)
                 break
-            if outcome is None or "no such message" not in text:
+            if r is relays[0] or "no such message" not in text:
                 outcome = (rc, text)
         rc, text = outcome
         sys.stderr.write(text)
@@ -563,9 +560,8 @@ def _raw_socket_path(explicit: str | None) -> str | None:
     spool = os.path.join(base, spool if isinstance(spool, str) and spool else "spool")
     workers = data.get("workers")
     if isinstance(workers, int) and not isinstance(workers, bool) and 1 < workers <= 64:
-        if isinstance(sock, str) and sock:
-            return [f"{os.path.join(base, sock)}.w{i}" for i in range(workers)]
-        return [os.path.join(spool, f"w{i}", "control.sock") for i in range(workers)]
+        named = os.path.join(base, sock) if isinstance(sock, str) and sock else ""
+        return [worker_socket_path(spool, named, i) for i in range(workers)]
     if isinstance(sock, str) and sock:
         return os.path.join(base, sock)
     return os.path.join(spool, "control.sock")
