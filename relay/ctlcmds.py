@@ -24,6 +24,7 @@ import time
 
 from relay import config as configmod
 from relay import ctlclient as cc
+from relay import ctlproto as proto
 from relay import queueview
 from relay.offline import NoSuchMessage, OfflineError, OfflineSpool, RelayRunning
 from relay.workerpaths import worker_config, worker_socket_path
@@ -123,7 +124,7 @@ def open_relay(cfg: configmod.Config) -> Live | Offline:
             raise CtlError(str(e))
         else:
             try:
-                client.call("Hello")
+                client.call(proto.HELLO)
             except cc.ControlError as e:
                 client.close()
                 raise CtlError(str(e))
@@ -194,17 +195,17 @@ def _offline(fn, *args, **kw):
 def _live_pages(client: cc.Client):
     """JSON-lines pages from the relay; the next page is asked for before
     this one is handled, so the relay builds it while we print."""
-    pending = client.send("QueueList", {"start": cc.boolean(True), "limit": cc.integer(PAGE)})
+    pending = client.send(proto.QUEUE_LIST, start=True, limit=PAGE)
     warned = False
     while True:
         box = client.result(pending)
-        more = cc.decode_boolean(box.get(b"more", b"False"))
-        if cc.decode_boolean(box.get(b"loading", b"False")) and not warned:
+        more = box["more"]
+        if box["loading"] and not warned:
             warned = True
             _err("the relay is still reading its spool at start-up: this listing is incomplete")
         if more:
-            pending = client.send("QueueList", {"start": cc.boolean(False), "limit": cc.integer(PAGE)})
-        yield cc.big(box, b"lines")
+            pending = client.send(proto.QUEUE_LIST, start=False, limit=PAGE)
+        yield box["lines"]
         if not more:
             return
 
@@ -275,8 +276,8 @@ def queue_show(relay, qid: str, as_json: bool) -> int:
     for i, r in enumerate(relays):
         try:
             if isinstance(r, Live):
-                box = _remote(r.client.call, "QueueShow", {"id": cc.text(qid)})
-                d = json.loads(cc.big(box, b"message"))
+                box = _remote(r.client.call, proto.QUEUE_SHOW, id=qid)
+                d = json.loads(box["message"])
             else:
                 d = _offline(r.spool.details, qid)
             break
@@ -302,18 +303,16 @@ def queue_action(relay, action: str, ids: list[str], every: bool) -> int:
     if isinstance(relay, Live):
         timeout = _timeout()
         if every:
-            box = _remote(relay.client.call, "QueueAction",
-                          {"action": cc.text(action), "ids": cc.text_list([]), "all": cc.boolean(True)},
+            box = _remote(relay.client.call, proto.QUEUE_ACTION, action=action, ids=[], all=True,
                           timeout=timeout * 60)
-            res = json.loads(cc.big(box, b"result"))
+            res = json.loads(box["result"])
             _merge(res, results, totals)
         else:
             for i in range(0, len(ids), ID_BATCH):
                 batch = ids[i : i + ID_BATCH]
-                box = _remote(relay.client.call, "QueueAction",
-                              {"action": cc.text(action), "ids": cc.text_list(batch), "all": cc.boolean(False)},
+                box = _remote(relay.client.call, proto.QUEUE_ACTION, action=action, ids=batch, all=False,
                               timeout=timeout * 6)
-                _merge(json.loads(cc.big(box, b"result")), results, totals)
+                _merge(json.loads(box["result"]), results, totals)
     else:
         off = relay.spool
         _offline(_offline_action, off, action, ids, every, results, totals)
@@ -390,7 +389,7 @@ def _offline_action(off: OfflineSpool, action: str, ids: list[str], every: bool,
 @_verb
 def cmd_queue(args) -> int:
     action = args.queue_cmd or "list"
-    if action in ("delete", "retry"):
+    if action in proto.ACTIONS_ON_ALL:
         if args.all and args.ids:
             raise CtlError(f"queue {action}: give queue ids or --all, not both", EXIT_USAGE)
         if not args.all and not args.ids:
@@ -419,8 +418,8 @@ def cmd_status(args) -> int:
     try:
         for relay, wcfg in zip(relays, worker_configs(cfg)):
             if isinstance(relay, Live):
-                box = _remote(relay.client.call, "Status")
-                parts.append(json.loads(cc.big(box, b"status")))
+                box = _remote(relay.client.call, proto.STATUS)
+                parts.append(json.loads(box["status"]))
             else:
                 counts = _offline(relay.spool.counts)
                 parts.append({"running": False, "config": cfg.source, "spool": relay.spool.spool.root,
@@ -521,11 +520,9 @@ def cmd_route(args) -> int:
     relay = open_relay(worker_configs(cfg)[0])
     try:
         if isinstance(relay, Live):
-            a = {"address": cc.text(args.address)}
-            if args.client:
-                a["client"] = cc.text(args.client)
-            box = _remote(relay.client.call, "Route", a, timeout=max(_timeout(), 60.0))
-            r = json.loads(cc.big(box, b"route"))
+            box = _remote(relay.client.call, proto.ROUTE, address=args.address, client=args.client or None,
+                          timeout=max(_timeout(), 60.0))
+            r = json.loads(box["route"])
         else:
             r = _offline_route(cfg, args.address, args.client)
     finally:
@@ -578,7 +575,7 @@ def _reload_targets(args) -> list[Live]:
         for sock in socks if isinstance(socks, list) else [socks]:
             try:
                 client = cc.Client.connect(sock, _timeout())
-                client.call("Hello")
+                client.call(proto.HELLO)
             except cc.ControlError:
                 continue
             out.append(Live(client, sock))
@@ -602,13 +599,13 @@ def cmd_reload(args) -> int:
     all_ok = True
     try:
         for i, relay in enumerate(relays):
-            box = _remote(relay.client.call, "Reload", timeout=max(_timeout(), 60.0))
+            box = _remote(relay.client.call, proto.RELOAD, timeout=max(_timeout(), 60.0))
             prefix = f"worker {i}: " if len(relays) > 1 else ""
-            ok = cc.decode_boolean(box.get(b"ok", b"False"))
-            messages = cc.decode_text_list(box.get(b"messages", b""))
+            ok = box["ok"]
+            messages = box["messages"]
             for m in messages:
                 print(prefix + m, file=sys.stderr)
-            for key in cc.decode_text_list(box.get(b"restart_needed", b"")):
+            for key in box["restart_needed"]:
                 if not any(key in m for m in messages):
                     print(f"{prefix}{key} changed: takes effect after a restart", file=sys.stderr)
             if not ok:

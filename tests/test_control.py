@@ -30,7 +30,8 @@ from twisted.trial import unittest
 from relay import config as configmod
 from relay import spool as spoolmod
 from relay import users as usersmod
-from relay.ctlclient import _BoxReader, big, encode_box
+from relay.ctlclient import _BoxReader, encode_box
+from relay.ctlproto import big
 from tests.support.dns import DNSServer, Zone
 from tests.support.relay import ROOT, InProcessRelay, in_thread, toml_dumps
 from tests.support.sink import Sink
@@ -779,7 +780,7 @@ def test_box_codec_roundtrip():
     """The Twisted-free client codec reads what Twisted's AMP writes, BigString included."""
     from twisted.protocols import amp
 
-    from relay.control import BigString, QueueList
+    from relay.ctlamp import BigString, QueueList
 
     value = bytes(range(256)) * 700  # 179,200 bytes: three AMP values
     strings = amp.AmpBox()
