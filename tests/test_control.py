@@ -32,6 +32,7 @@ from relay import spool as spoolmod
 from relay import users as usersmod
 from relay.ctlclient import _BoxReader, encode_box
 from relay.ctlproto import big
+from tests.support.ctlprobe import probe_imports
 from tests.support.dns import DNSServer, Zone
 from tests.support.relay import ROOT, InProcessRelay, in_thread, toml_dumps
 from tests.support.sink import Sink
@@ -232,6 +233,23 @@ class Listing(LiveCase):
             r = await self.ctl(*args)
             self.assertEqual(r.returncode, 2, args)
             self.assertIn("relayctl", r.stderr)
+
+
+class LiveImports(LiveCase):
+    """Against a running relay too, relayctl's queue and status verbs import
+    no Twisted (relay.cli): the protocol comes from relay.ctlproto."""
+
+    sink_behaviour = {"rcpt_replies": {"b@sink.test": "451 4.2.0 mailbox busy"}}
+
+    async def test_no_twisted_on_the_live_path(self):
+        qid = await self.send(["b@sink.test"])
+        await apoll(lambda: self.deferred(qid), what="b deferred")
+        for args in (("queue",), ("queue", "--json"), ("queue", "show", qid), ("queue", "hold", qid),
+                     ("queue", "release", qid), ("status",)):
+            seen, r = await in_thread(probe_imports, "--config", self.cfg, *args, cwd=self.tmp)
+            self.assertEqual(seen["rc"], 0, f"relayctl {' '.join(args)}: {r.stderr}")
+            self.assertEqual(seen["twisted"], [], f"relayctl {' '.join(args)} imported Twisted")
+        self.assertIs(self.queue.messages[qid].hold, False)  # the hold and release went through
 
 
 class Actions(LiveCase):

@@ -9,7 +9,6 @@ without a restart.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 import stat
@@ -24,6 +23,7 @@ from twisted.trial import unittest as trial
 
 from relay import users as usersmod
 from tests.support.certs import cert_files
+from tests.support.ctlprobe import probe_imports
 from tests.support.relay import InProcessRelay, in_thread, toml_dumps
 from tests.support.smtpclient import RawSMTP
 from tests.support.wait import apoll
@@ -297,41 +297,20 @@ class Usage(CtlCase):
 # ---------------------------------------------------------------------------
 # what relayctl imports (relay.cli's promise: no Twisted on these verbs)
 
-# runs relayctl's entry point in a fresh interpreter, then reports which
-# Twisted modules the verb imported (sys.modules at the end)
-IMPORT_PROBE = """
-import json, os, sys
-from relay import cli
-rc = cli.main(sys.argv[1:])
-with open(os.environ["PROBE_OUT"], "w") as f:
-    json.dump({"rc": rc, "twisted": sorted(m for m in sys.modules if m.split(".")[0] == "twisted")}, f)
-"""
-
-
-def probe_imports(*args: str, cwd: str) -> tuple[dict, subprocess.CompletedProcess]:
-    """(what the probe reported, the process) for ``relayctl ARGS``."""
-    out = os.path.join(cwd, "probe.json")
-    e = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"}
-    e.update(PYTHONPATH=ROOT, PROBE_OUT=out)
-    r = subprocess.run([sys.executable, "-c", IMPORT_PROBE, *args], cwd=cwd, env=e, capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert "Traceback" not in r.stderr, r.stderr
-    with open(out) as f:
-        return json.load(f), r
-
-
 def queue_verbs(qid: str) -> list[tuple[tuple[str, ...], int]]:
-    """The queue, status and reload verbs, with their exit status on a stopped relay."""
+    """The queue, status, reload, check (no TLS) and user verbs, with their
+    exit status on a stopped relay."""
     return [(("queue",), 0), (("queue", "--json"), 0), (("queue", "show", qid), 0),
             (("queue", "show", "0" * 16), 1), (("queue", "hold", qid), 0), (("queue", "release", qid), 0),
             (("queue", "retry", "--all"), 0), (("queue", "delete", "0" * 16), 1), (("status",), 1),
-            (("reload",), 1)]
+            (("reload",), 1), (("check",), 0), (("user", "list"), 0)]
 
 
 class Imports(CtlCase):
-    """relayctl's queue, status and reload verbs import no Twisted module at
-    all (relay.cli's docstring): neither with one queue nor with the queues of
-    several workers (whose paths relay.master also uses)."""
+    """relayctl's queue, status, reload, user verbs and check of a config
+    without TLS import no Twisted module at all (relay.cli's docstring):
+    neither with one queue nor with the queues of several workers (whose
+    paths relay.master also uses)."""
 
     def spool_with_a_message(self, root: str) -> str:
         from relay import spool as spoolmod
