@@ -26,7 +26,13 @@ takes a sorted snapshot of the queue ids for this connection, each next
 page continues it (messages gone meanwhile are skipped), so 100,000
 messages stream in a few dozen round trips without blocking the reactor
 for long.  The client (relay.ctlclient) is a small blocking AMP
-implementation without Twisted, for relayctl's start-up time.
+implementation without Twisted, for relayctl's start-up time; the commands
+are declared once, in relay.ctlproto (their AMP classes: relay.ctlamp).
+
+The control socket reaches the relay's parts only through what the service
+that assembled them hands over (ControlContext): the queue, the spool, and
+callables for what changes with a reload (the status, the routing context,
+the reload itself).
 """
 
 from __future__ import annotations
@@ -36,16 +42,21 @@ import os
 import socket
 import stat
 import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger
-from twisted.protocols import amp
 
 import relay
 from relay import queue as queuemod
 from relay import queueview, routecheck
 from relay import spool as spoolmod
+from relay.ctlamp import Hello, Metrics, QueueAction, QueueList, QueueShow, QuietAMP, Reload, Route, Status
+from relay.ctlproto import ACTIONS, ACTIONS_ON_ALL, BadRequest, NoQueue, NoSuchMessage, ReloadUnsupported
+from relay.diskio import AsyncSpool, DiskPool
+from relay.errors import StartupError
 from relay.flow import ReadOnlyWhileDrained
 from relay.spool import is_queue_id
 
@@ -55,119 +66,6 @@ PAGE_BYTES = 1 << 20  # a listing page stops after about this much JSON
 MAX_PAGE = 5000  # messages per listing page at most
 ACTION_CONCURRENCY = 32  # spool writes in flight for one multi-message action
 ACTIONS_PER_TURN = 256  # ids handled between two reactor turns
-ACTIONS = ("delete", "hold", "release", "retry", "bounce")
-
-
-class BigString(amp.Argument):
-    """Bytes of any length: chunks in keys ``name``, ``name.2``, ``name.3``..."""
-
-    CHUNK = amp.MAX_VALUE_LENGTH
-
-    def fromBox(self, name, strings, objects, proto):
-        parts = [strings.pop(name, b"")]
-        i = 2
-        while True:
-            part = strings.pop(name + b".%d" % i, None)
-            if part is None:
-                break
-            parts.append(part)
-            i += 1
-        objects[name.decode("ascii")] = b"".join(parts)
-
-    def toBox(self, name, strings, objects, proto):
-        value = objects.pop(name.decode("ascii"))
-        n = self.CHUNK
-        strings[name] = value[:n]
-        for i, start in enumerate(range(n, len(value), n), 2):
-            strings[name + b".%d" % i] = value[start : start + n]
-
-
-# -- errors (AMP error codes relayctl understands) -------------------------------
-
-
-class NoSuchMessage(Exception):
-    pass
-
-
-class ReloadUnsupported(Exception):
-    pass
-
-
-class NoQueue(Exception):
-    pass
-
-
-class BadRequest(Exception):
-    pass
-
-
-_ERRORS = {NoQueue: b"NO_QUEUE", BadRequest: b"BAD_REQUEST"}
-
-
-# -- commands -------------------------------------------------------------------------
-
-
-class Hello(amp.Command):
-    """Who answers: proves the relay is alive before a long call."""
-
-    commandName = b"Hello"
-    arguments: list = []
-    response = [(b"version", amp.Unicode()), (b"pid", amp.Integer()), (b"spool", amp.Unicode())]
-
-
-class Status(amp.Command):
-    commandName = b"Status"
-    arguments: list = []
-    response = [(b"status", BigString())]  # JSON object
-
-
-class QueueList(amp.Command):
-    """One page of the listing: JSON lines as in ``relayctl queue --json``."""
-
-    commandName = b"QueueList"
-    arguments = [(b"start", amp.Boolean()), (b"limit", amp.Integer())]
-    response = [(b"lines", BigString()), (b"more", amp.Boolean()), (b"total", amp.Integer()),
-                (b"loading", amp.Boolean())]
-    errors = _ERRORS
-
-
-class QueueShow(amp.Command):
-    commandName = b"QueueShow"
-    arguments = [(b"id", amp.Unicode())]
-    response = [(b"message", BigString())]  # JSON object, queueview.details()
-    errors = {NoSuchMessage: b"NO_SUCH_MESSAGE", **_ERRORS}
-
-
-class QueueAction(amp.Command):
-    """delete | hold | release | retry | bounce, on ids or on every message."""
-
-    commandName = b"QueueAction"
-    arguments = [(b"action", amp.Unicode()), (b"ids", amp.ListOf(amp.Unicode())), (b"all", amp.Boolean())]
-    response = [(b"result", BigString())]  # JSON object, see ControlProtocol._act
-    errors = _ERRORS
-
-
-class Route(amp.Command):
-    commandName = b"Route"
-    arguments = [(b"address", amp.Unicode()), (b"client", amp.Unicode(optional=True))]
-    response = [(b"route", BigString())]  # JSON object, routecheck.explain()
-
-
-class Metrics(amp.Command):
-    """This relay's Prometheus text exposition: the master of a relay with
-    workers serves the sum of its workers' (relay.metrics.WorkersMetrics)."""
-
-    commandName = b"Metrics"
-    arguments: list = []
-    response = [(b"text", BigString())]
-
-
-class Reload(amp.Command):
-    commandName = b"Reload"
-    arguments: list = []
-    response = [(b"ok", amp.Boolean()), (b"messages", amp.ListOf(amp.Unicode())),
-                (b"restart_needed", amp.ListOf(amp.Unicode()))]
-    errors = {ReloadUnsupported: b"NO_RELOAD"}
 
 
 # -- the server side ----------------------------------------------------------------------
@@ -177,9 +75,12 @@ def normalize_id(text: str) -> str:
     return text.strip().upper()
 
 
-def status_of(svc, listeners) -> dict:
-    """The ``relayctl status`` data of a running RelayService."""
-    q = svc.queue
+def status_of(*, config, spool_root: str, started_at: float, queue, smtp, pop3_factories,
+              listeners: list[tuple[str, str, int]]) -> dict:
+    """The ``relayctl status`` data of a running relay: its config, its
+    queue (None: no queue runner), its SMTP server context (counters, open
+    sessions), its POP3 factories and its bound listeners."""
+    q = queue
     counts = dict.fromkeys(queueview.QUEUE_NAMES, 0)
     qc = {}
     if q is not None:
@@ -189,54 +90,58 @@ def status_of(svc, listeners) -> dict:
         c = q.counters
         qc = {"delivered": c.delivered, "deferred": c.deferred, "bounced": c.bounced, "expired": c.expired,
               "dsn_sent": c.dsn_sent, "removed": c.removed, "attempts": c.attempts}
-    sc = svc.smtp_ctx.counters
+    sc = smtp.counters
     now = time.time()
     return {
         "running": True,
         "pid": os.getpid(),
         "version": relay.__version__,
-        "started_at": svc.started_at,
-        "uptime": now - svc.started_at,
-        "config": svc.config.source,
-        "spool": svc.spool.root,
-        "hostname": svc.config.hostname,
-        "control_socket": svc.config.control_socket,
+        "started_at": started_at,
+        "uptime": now - started_at,
+        "config": config.source,
+        "spool": spool_root,
+        "hostname": config.hostname,
+        "control_socket": config.control_socket,
         "queue": {**counts, "total": sum(counts.values())},
         "queue_loaded": bool(q is not None and q.loaded),
         "counters": {"received": sc.received, "rejected": dict(sc.rejected), "smtp_sessions": sc.sessions,
                      **qc},
-        "sessions": {"smtp": len(svc.smtp_ctx.open_sessions),
-                     "pop3": sum(getattr(f, "open_sessions", 0) for f in svc.pop3_factories)},
+        "sessions": {"smtp": len(smtp.open_sessions),
+                     "pop3": sum(getattr(f, "open_sessions", 0) for f in pop3_factories)},
         "listeners": [{"name": n, "host": h, "port": p} for n, h, p in listeners],
         "delivering": q is not None,
     }
+
+
+@dataclass
+class ControlContext:
+    """What the control socket serves, handed over by the service that built
+    the parts (relay.service); nothing here reaches back into that service.
+
+    What a reload replaces (the config, the policy, the users) is reached
+    through the callables, so every request sees the current one.
+    """
+
+    reactor: Any  # IReactorTime: long actions yield to it between batches
+    spool: AsyncSpool  # the spool, read off the reactor thread
+    queue: Any  # relay.queue.QueueManager; None: a relay without its queue runner
+    status: Callable[[], defer.Deferred]  # fires with status_of()'s dict
+    route_context: Callable[[], routecheck.RouteContext]  # relayctl route decides with this
+    dns: DiskPool  # routecheck.explain runs there (it blocks on DNS look-ups)
+    metrics: Callable[[], bytes] | None = None  # this relay's Prometheus exposition
+    reload: Callable[[], dict] | None = None  # None: no reload support (ReloadUnsupported)
 
 
 def _loading(q) -> str:
     return "" if q.loaded else " (the relay is still reading its spool at start-up: try again)"
 
 
-class QuietAMP(amp.AMP):
-    """AMP without its "connection established" / "connection lost" lines:
-    every relayctl call (and every metrics scrape of a master with workers)
-    would write two lines about the transport into the relay's log, where an
-    operator greps for what happened.  What a command did is logged instead
-    (ControlProtocol._log_action, the reload's own lines)."""
-
-    def makeConnection(self, transport) -> None:
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
-
-    def connectionLost(self, reason) -> None:
-        amp.BinaryBoxProtocol.connectionLost(self, reason)
-        self.transport = None
-
-
 class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
-    """One relayctl connection, bound to the running RelayService."""
+    """One relayctl connection."""
 
-    def __init__(self, svc, factory: "ControlFactory"):
+    def __init__(self, ctx: ControlContext, factory: "ControlFactory"):
         super().__init__()
-        self.svc = svc
+        self.ctx = ctx
         self.factory = factory
         self._snapshot: list[str] | None = None
         self._pos = 0
@@ -251,24 +156,24 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
         super().connectionLost(reason)
 
     def _queue(self):
-        q = self.svc.queue
+        q = self.ctx.queue
         if q is None:
             raise NoQueue("this relay runs without its queue runner")
         return q
 
     @Hello.responder
     def hello(self):
-        return {"version": relay.__version__, "pid": os.getpid(), "spool": self.svc.spool.root}
+        return {"version": relay.__version__, "pid": os.getpid(), "spool": self.ctx.spool.spool.root}
 
     @Metrics.responder
     def metrics(self):
-        m = getattr(self.svc, "metrics", None)
-        return {"text": m.render() if m is not None else b""}
+        render = self.ctx.metrics
+        return {"text": render() if render is not None else b""}
 
     @Status.responder
     def status(self):
-        d = self.svc.listening()
-        d.addCallback(lambda ls: {"status": json.dumps(status_of(self.svc, ls)).encode("utf-8")})
+        d = self.ctx.status()
+        d.addCallback(lambda s: {"status": json.dumps(s).encode("utf-8")})
         return d
 
     @QueueList.responder
@@ -305,16 +210,18 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
         m = q.messages.get(qid)
         if m is None or m.deleted:
             raise NoSuchMessage(f"{qid}: no such message in the queue{_loading(q)}")
+        aspool = self.ctx.spool
+        sp = aspool.spool
         try:
-            headers = await self.svc.aspool.run(self.svc.spool.read_headers, qid)
+            headers = await aspool.run(sp.read_headers, qid)
         except FileNotFoundError:
             raise NoSuchMessage(f"{qid}: no such message in the queue")
         # the history and the client details live on disk; memory holds what
         # is not written yet
         env = m.env
         try:
-            env = (await self.svc.aspool.run(self.svc.spool.read_envelope, qid))[0]
-            disk = await self.svc.aspool.run(self.svc.spool.read_state, qid, env)
+            env = (await aspool.run(sp.read_envelope, qid))[0]
+            disk = await aspool.run(sp.read_state, qid, env)
         except (FileNotFoundError, spoolmod.CorruptEntry):
             disk = None
         state = m.state
@@ -332,7 +239,7 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
     def queue_action(self, action: str, ids: list[str], all: bool):  # noqa: A002
         if action not in ACTIONS:
             raise BadRequest(f"unknown action {action!r}")
-        if all and action not in ("delete", "retry"):
+        if all and action not in ACTIONS_ON_ALL:
             raise BadRequest(f"{action} needs queue ids")
         return defer.ensureDeferred(self._act(action, ids, all))
 
@@ -351,7 +258,7 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
         totals = {"done": 0, "failed": 0, "skipped": 0}
         it = iter(targets)
         handled = [0]
-        reactor = self.svc.reactor
+        reactor = self.ctx.reactor
 
         async def worker() -> None:
             for qid in it:
@@ -425,30 +332,16 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
 
     @Route.responder
     def route(self, address: str, client: str | None = None):
-        svc = self.svc
-        ctx = routecheck.RouteContext(
-            config=svc.config, policy=svc.smtp_ctx.policy, expand=svc.expand,
-            user_exists=svc.users.exists, resolver=self._resolver(), is_self=svc.listeners.is_self,
-        )
-        d = svc.dns_pool.run(routecheck.explain, ctx, address, client or None)
+        ctx = self.ctx.route_context()
+        d = self.ctx.dns.run(routecheck.explain, ctx, address, client or None)
         d.addCallback(lambda r: {"route": json.dumps(r).encode("utf-8")})
         return d
 
-    def _resolver(self):
-        q = self.svc.queue
-        r = getattr(getattr(q, "deliverer", None), "resolver", None)
-        if r is None or not hasattr(r, "resolve_mx"):
-            from relay.mx import Resolver
-
-            r = Resolver(nameservers=self.svc.config.delivery.nameservers, lifetime=10.0)
-        return r
-
     @Reload.responder
     def reload(self):
-        fn = getattr(self.svc, "reload", None)
+        fn = self.ctx.reload
         if fn is None:
-            raise ReloadUnsupported("this relay cannot reload its config while it runs (no reload "
-                                    "support in this version): restart it to apply changes")
+            raise ReloadUnsupported()
         d = defer.maybeDeferred(fn)
 
         def answer(r: dict) -> dict:
@@ -461,12 +354,12 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
 class ControlFactory(protocol.Factory):
     noisy = False
 
-    def __init__(self, svc):
-        self.svc = svc
+    def __init__(self, ctx: ControlContext):
+        self.ctx = ctx
         self.protocols: set[ControlProtocol] = set()
 
     def buildProtocol(self, addr):
-        return ControlProtocol(self.svc, self)
+        return ControlProtocol(self.ctx, self)
 
 
 def clear_stale_socket(path: str) -> bool:
@@ -495,38 +388,34 @@ def clear_stale_socket(path: str) -> bool:
 
 
 class ControlService(service.Service):
-    """Listens on the control socket while the relay runs."""
+    """Listens on the control socket while the relay runs.
 
-    def __init__(self, svc, path: str, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
-        self.svc = svc
+    A socket that cannot be used stops the start with StartupError (the
+    service that owns this one says it under twistd, without a traceback).
+    """
+
+    def __init__(self, ctx: ControlContext, path: str, *, source: str):
+        self.ctx = ctx
         self.path = path
-        self.reactor = reactor
-        self.factory = ControlFactory(svc)
+        self.reactor = ctx.reactor
+        self.where = f"{source}: control.socket"  # how errors name the setting
+        self.factory = ControlFactory(ctx)
         self.port = None
 
     def startService(self) -> None:
-        from relay.service import StartupError
-
         super().startService()
-        where = f"{self.svc.config.source}: control.socket"
+        where = self.where
         try:
-            try:
-                if clear_stale_socket(self.path):
-                    log.info("removed stale control socket {path} (left by a relay that did not stop "
-                             "cleanly)", path=self.path)
-            except ValueError as e:
-                raise StartupError(f"{where}: cannot use {e}")
-            try:
-                self.port = self.reactor.listenUNIX(self.path, self.factory, mode=0o600)
-            except error.CannotListenError as e:
-                reason = getattr(e.socketError, "strerror", None) or e.socketError
-                raise StartupError(f"{where}: cannot listen on {self.path}: {reason}")
-        except StartupError as e:
-            if getattr(self.svc, "exit_on_error", False):  # under twistd: a clear message, no traceback
-                raise SystemExit(f"twisted-relay: not starting: {e}")
-            raise
+            if clear_stale_socket(self.path):
+                log.info("removed stale control socket {path} (left by a relay that did not stop "
+                         "cleanly)", path=self.path)
+        except ValueError as e:
+            raise StartupError(f"{where}: cannot use {e}")
+        try:
+            self.port = self.reactor.listenUNIX(self.path, self.factory, mode=0o600)
+        except error.CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or e.socketError
+            raise StartupError(f"{where}: cannot listen on {self.path}: {reason}")
         log.info("control socket for relayctl: {path}", path=self.path)
 
     def stopService(self):

@@ -7,11 +7,10 @@ wire format is small and fixed (see twisted.protocols.amp): a box is a
 sequence of (2-byte length, key), (2-byte length, value) pairs ended by an
 empty key; a request carries ``_command`` and ``_ask``, the answer
 ``_answer`` or ``_error`` with ``_error_code`` and ``_error_description``.
-The commands and their argument types are defined once, in relay.control;
-this module only encodes the few argument types they use (Unicode, Integer,
-Boolean, ListOf(Unicode), and relay.control.BigString, whose value may span
-several keys ``name``, ``name.2``, ``name.3``...).  Tests drive both ends
-over a real UNIX socket.
+The commands, their arguments and the encoding of each argument type are
+declared once, in relay.ctlproto (which imports no Twisted either); this
+module frames boxes and carries them.  Tests drive both ends over a real
+UNIX socket.
 """
 
 from __future__ import annotations
@@ -21,8 +20,10 @@ import os
 import socket
 import struct
 import time
+from typing import Any
 
-MAX_VALUE = 0xFFFF
+from relay import privdrop
+from relay.ctlproto import MAX_VALUE, Command
 
 
 class ControlError(Exception):
@@ -53,56 +54,6 @@ class RemoteError(ControlError):
         self.code = code
         self.description = description
         super().__init__(description)
-
-
-# -- argument encoding (the types relay.control's commands use) ----------------
-
-
-def text(value: str) -> bytes:
-    return value.encode("utf-8")
-
-
-def integer(value: int) -> bytes:
-    return str(int(value)).encode("ascii")
-
-
-def boolean(value: bool) -> bytes:
-    return b"True" if value else b"False"
-
-
-def text_list(values) -> bytes:
-    out = []
-    for v in values:
-        b = v.encode("utf-8")
-        out.append(struct.pack("!H", len(b)))
-        out.append(b)
-    return b"".join(out)
-
-
-def decode_text_list(data: bytes) -> list[str]:
-    out = []
-    i = 0
-    while i < len(data):
-        (n,) = struct.unpack_from("!H", data, i)
-        out.append(data[i + 2 : i + 2 + n].decode("utf-8"))
-        i += 2 + n
-    return out
-
-
-def decode_boolean(data: bytes) -> bool:
-    return data == b"True"
-
-
-def big(box: dict[bytes, bytes], name: bytes) -> bytes:
-    """The value of a BigString argument (relay.control.BigString)."""
-    parts = [box.get(name, b"")]
-    i = 2
-    while True:
-        part = box.get(name + b".%d" % i)
-        if part is None:
-            return b"".join(parts)
-        parts.append(part)
-        i += 1
 
 
 def encode_box(box: dict[bytes, bytes]) -> bytes:
@@ -164,11 +115,10 @@ class Client:
         self._tag = 0
         self._reader = _BoxReader()
         self._answers: dict[bytes, dict[bytes, bytes]] = {}
+        self._commands: dict[bytes, Command] = {}  # tag -> what it asked (to decode its answer)
 
     @classmethod
     def connect(cls, path: str, timeout: float) -> "Client":
-        from relay import privdrop
-
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
         try:
@@ -205,13 +155,12 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def send(self, command: str, args: dict[str, bytes] | None = None) -> bytes:
+    def send(self, command: Command, **args: Any) -> bytes:
         """Send one request; return its tag (for ``result``)."""
         self._tag += 1
         tag = b"%x" % self._tag
-        box = {b"_command": command.encode("ascii"), b"_ask": tag}
-        for k, v in (args or {}).items():
-            box[k.encode("ascii")] = v
+        box = {b"_command": command.name.encode("ascii"), b"_ask": tag, **command.request(**args)}
+        self._commands[tag] = command
         try:
             self.sock.sendall(encode_box(box))
         except socket.timeout:
@@ -221,8 +170,8 @@ class Client:
             raise NoAnswer(f"the connection to the relay on {self.path} was lost: {e.strerror or e}")
         return tag
 
-    def result(self, tag: bytes, timeout: float | None = None) -> dict[bytes, bytes]:
-        """Wait for the answer to ``tag``; raise RemoteError for an error box."""
+    def result(self, tag: bytes, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the answer to ``tag``, decoded; raise RemoteError for an error box."""
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while tag not in self._answers:
@@ -244,11 +193,11 @@ class Client:
                 if key is not None:
                     self._answers[key] = box
         box = self._answers.pop(tag)
+        command = self._commands.pop(tag)
         if b"_error" in box:
             raise RemoteError(box.get(b"_error_code", b"UNKNOWN").decode("ascii", "replace"),
                               box.get(b"_error_description", b"").decode("utf-8", "replace"))
-        return box
+        return command.answer(box)
 
-    def call(self, command: str, args: dict[str, bytes] | None = None,
-             timeout: float | None = None) -> dict[bytes, bytes]:
-        return self.result(self.send(command, args), timeout)
+    def call(self, command: Command, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        return self.result(self.send(command, **args), timeout)

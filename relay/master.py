@@ -51,6 +51,7 @@ from relay import connlimit
 from relay import endpoints as epmod
 from relay import spool as spoolmod
 from relay.config import Config
+from relay.workerpaths import worker_socket, worker_spool
 
 log = Logger(namespace="relay.master")
 
@@ -59,17 +60,6 @@ RESTART_BURST = 5  # restarts within RESTART_WINDOW before waiting longer
 RESTART_WINDOW = 60.0
 RESTART_BACKOFF = 30.0  # seconds before the next start of a worker that keeps dying
 STOP_BOUND = 32.0
-
-
-def worker_spool(top: str, i: int) -> str:
-    return os.path.join(top, f"w{i}")
-
-
-def worker_socket(config: Config, i: int) -> str:
-    """The control socket of worker i (relayctl connects to each)."""
-    if config.control.socket:
-        return f"{config.control.socket}.w{i}"
-    return os.path.join(worker_spool(config.spool, i), "control.sock")
 
 
 def listener_descriptions(config: Config) -> list[str]:

@@ -24,10 +24,13 @@ from urllib.parse import parse_qs
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.web import http, pages, resource, server
 
 import relay
+from relay.ctlamp import Metrics, QuietAMP
 
 log = Logger(namespace="relay.metrics")
 
@@ -37,26 +40,36 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class RelayCollector:
-    """Reads the running relay's counters at scrape time."""
+    """Reads the running relay's counters at scrape time.
 
-    def __init__(self, svc):
-        self.svc = svc
+    It is given the parts that keep them: the SMTP server context (counters,
+    open sessions), the queue runner (None: none), the pickup (None: another
+    worker takes the drop directory), the POP3 factories, and the reactor for
+    the time.
+    """
+
+    def __init__(self, reactor, *, smtp, queue, pickup, pop3_factories: list, started_at: float):
+        self.reactor = reactor
+        self.smtp = smtp
+        self.queue = queue
+        self.pickup = pickup
+        self.pop3_factories = pop3_factories
+        self.started_at = started_at
 
     def describe(self) -> Iterable[Metric]:
         # the names, for the registry (duplicate checks, ?name[]= filters)
         return list(self.collect())
 
     def collect(self) -> Iterable[Metric]:
-        svc = self.svc
-        smtp = svc.smtp_ctx.counters
-        queue = getattr(svc, "queue", None)
+        smtp = self.smtp.counters
+        queue = self.queue
         qc = queue.counters if queue is not None else None
-        pickup = getattr(svc, "pickup", None)
+        pickup = self.pickup
 
         yield InfoMetricFamily("relay_build", "twisted-relay version",
                                value={"version": getattr(relay, "__version__", "unknown")})
         g = GaugeMetricFamily("relay_start_time_seconds", "When the relay started (Unix time)")
-        g.add_metric([], svc.started_at)
+        g.add_metric([], self.started_at)
         yield g
 
         c = CounterMetricFamily("relay_messages_received", "Messages accepted into the queue",
@@ -107,8 +120,8 @@ class RelayCollector:
         yield g
 
         g = GaugeMetricFamily("relay_sessions_open", "Client sessions open now", labels=["protocol"])
-        g.add_metric(["smtp"], len(svc.smtp_ctx.open_sessions))
-        g.add_metric(["pop3"], sum(getattr(f, "open_sessions", 0) for f in svc.pop3_factories))
+        g.add_metric(["smtp"], len(self.smtp.open_sessions))
+        g.add_metric(["pop3"], sum(getattr(f, "open_sessions", 0) for f in self.pop3_factories))
         yield g
         c = CounterMetricFamily("relay_sessions", "Inbound SMTP sessions accepted (after the connection limit)",
                                 labels=["protocol"])
@@ -136,16 +149,17 @@ class RelayCollector:
         if queue is None or not queue.messages:
             return 0.0
         oldest = min(m.env.arrival for m in queue.messages.values())
-        return max(0.0, self.svc.reactor.seconds() - oldest)
+        return max(0.0, self.reactor.seconds() - oldest)
 
 
 class RelayMetrics:
-    """The registry of one relay: its collector and the latency histogram."""
+    """The registry of one relay: its collector and the latency histogram
+    (the arguments are RelayCollector's)."""
 
-    def __init__(self, svc):
-        self.svc = svc
+    def __init__(self, reactor, *, smtp, queue, pickup, pop3_factories: list, started_at: float):
         self.registry = CollectorRegistry()
-        self.collector = RelayCollector(svc)
+        self.collector = RelayCollector(reactor, smtp=smtp, queue=queue, pickup=pickup,
+                                        pop3_factories=pop3_factories, started_at=started_at)
         self.registry.register(self.collector)
         self.latency = Histogram(
             "relay_delivery_attempt_duration_seconds",
@@ -280,8 +294,6 @@ def merge_expositions(texts: Iterable[str]) -> list[Metric]:
     one set of metric families: counters, histograms, queue sizes and open
     sessions add up; start time and creation stamps take the earliest; the
     oldest message age and the build info the largest."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple, float]] = {}
     labels_of: dict[tuple, dict] = {}
@@ -324,7 +336,7 @@ class WorkersMetrics:
     """The /metrics page of a relay master (workers > 1).
 
     At each scrape the master asks every worker for its exposition over the
-    worker's control socket (the ``Metrics`` AMP command, relay.control) and
+    worker's control socket (the ``Metrics`` AMP command, relay.ctlproto) and
     serves the sum, plus ``relay_workers{state="configured"|"answering"}``.
     A worker that does not answer within ``timeout`` (being restarted) is
     left out of that scrape, and the answering count says so.
@@ -336,10 +348,6 @@ class WorkersMetrics:
         self.timeout = timeout
 
     def _ask(self, path: str):
-        from twisted.internet import endpoints
-
-        from relay.control import Metrics, QuietAMP
-
         ep = endpoints.UNIXClientEndpoint(self.reactor, path, timeout=self.timeout)
         d = endpoints.connectProtocol(ep, QuietAMP())
 
@@ -357,8 +365,6 @@ class WorkersMetrics:
 
     def registry(self):
         """A Deferred: a registry holding this scrape's merged families."""
-        from twisted.internet import defer
-
         ds = [self._ask(p) for p in self.sockets]
         d = defer.DeferredList(ds, consumeErrors=True)
 

@@ -24,10 +24,15 @@ from zope.interface import implementer
 from relay import aliases as aliasesmod
 from relay import endpoints as epmod
 from relay import policy as policymod
+from relay import routecheck
 from relay import spool as spoolmod
 from relay import users as usersmod
 from relay.config import Config
+from relay.control import ControlContext, ControlService, ReloadUnsupported, status_of
 from relay.diskio import AsyncSpool, DiskPool
+from relay.errors import StartupError
+from relay.metrics import RelayMetrics
+from relay.mx import Resolver
 from relay.netutil import Listeners
 from relay.smtp.server import ServerContext, SMTPFactory
 
@@ -38,10 +43,6 @@ LOCK_WAIT = 10.0  # seconds to wait at start for a relayctl holding the spool lo
 SMTP_GRACE = 10.0  # seconds an SMTP transaction may take to finish at shutdown
 STOP_BOUND = 28.0  # seconds: the whole shutdown, within systemd's/our 30 s promise
 LISTEN_BACKLOG = 1024  # for tcp/ssl listeners that do not say (Twisted's default is 50)
-
-
-class StartupError(Exception):
-    pass
 
 
 def exit_on_second_signal(before=None) -> None:
@@ -312,9 +313,8 @@ class RelayService(service.MultiService):
     def _build_metrics(self, config: Config) -> None:
         """This relay's metrics registry, fed by the queue's attempt hook, and
         served over HTTP on each metrics.listen endpoint."""
-        from relay.metrics import RelayMetrics
-
-        self.metrics = RelayMetrics(self)
+        self.metrics = RelayMetrics(self.reactor, smtp=self.smtp_ctx, queue=self.queue, pickup=self.pickup,
+                                    pop3_factories=self.pop3_factories, started_at=self.started_at)
         if self.queue is not None:
             self.queue.on_attempt = self.metrics.observe_attempt
         for desc in config.metrics.listen:
@@ -326,10 +326,36 @@ class RelayService(service.MultiService):
 
     def _build_control(self) -> None:
         """The control socket relayctl talks to (relay.control)."""
-        from relay.control import ControlService
-
-        self.control = ControlService(self, self.config.control_socket, self.reactor)
+        ctx = ControlContext(reactor=self.reactor, spool=self.aspool, queue=self.queue, status=self.status,
+                             route_context=self.route_context, dns=self.dns_pool,
+                             metrics=self.metrics.render, reload=self._reload_for_control)
+        self.control = ControlService(ctx, self.config.control_socket, source=self.config.source)
         self.control.setServiceParent(self)
+
+    def status(self) -> defer.Deferred:
+        """Fires with the ``relayctl status`` data (relay.control.status_of)."""
+        return self.listening().addCallback(lambda ls: status_of(
+            config=self.config, spool_root=self.spool.root, started_at=self.started_at, queue=self.queue,
+            smtp=self.smtp_ctx, pop3_factories=self.pop3_factories, listeners=ls))
+
+    def route_context(self) -> routecheck.RouteContext:
+        """What ``relayctl route`` decides with: the running config, policy,
+        aliases and users, and the deliverer's resolver."""
+        q = self.queue
+        r = getattr(getattr(q, "deliverer", None), "resolver", None)
+        if r is None or not hasattr(r, "resolve_mx"):
+            r = Resolver(nameservers=self.config.delivery.nameservers, lifetime=10.0)
+        return routecheck.RouteContext(
+            config=self.config, policy=self.smtp_ctx.policy, expand=self.expand,
+            user_exists=self.users.exists, resolver=r, is_self=self.listeners.is_self,
+        )
+
+    def _reload_for_control(self) -> dict:
+        """relayctl reload: the service's ``reload`` at the time of the call
+        (None in a relay without reload support)."""
+        if self.reload is None:
+            raise ReloadUnsupported()
+        return self.reload()
 
     # -- start / stop ----------------------------------------------------------
     def privilegedStartService(self) -> None:
@@ -357,7 +383,12 @@ class RelayService(service.MultiService):
         self.disk.start()
         self.dns_pool.start()
         self.auth_pool.start()
-        super().startService()
+        try:
+            super().startService()  # the children: listeners, the pickup, the control socket
+        except StartupError as e:
+            if self.exit_on_error:  # under twistd: a clear message, no traceback
+                raise SystemExit(f"twisted-relay: not starting: {e}")
+            raise
         cfg = self.config
         log.info("twisted-relay starting: config {source}, spool {spool}, hostname {hostname}, uid {uid}",
                  source=cfg.source, spool=self.spool.root, hostname=cfg.hostname, uid=os.geteuid())

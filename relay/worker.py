@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     _start_logging(args.log_target, args.log_format, args.index)
 
     from relay import config as configmod
-    from relay.master import worker_socket, worker_spool
     from relay.service import RelayService, StartupError
+    from relay.workerpaths import worker_config
 
     try:
         cfg = configmod.load(args.config) if args.config else configmod.load(
@@ -138,10 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except configmod.ConfigError as e:
         print(f"worker {args.index}: bad config:\n{e}", file=sys.stderr)
         return 1
-    top = cfg.spool
     wcfg = dataclasses.replace(
-        cfg, spool=worker_spool(top, args.index),
-        control=configmod.ControlConfig(socket=worker_socket(cfg, args.index)),
+        worker_config(cfg, args.index),
         metrics=configmod.MetricsConfig(listen=[]),  # the master serves the sum of the workers'
     )
     os.makedirs(wcfg.spool, mode=0o700, exist_ok=True)

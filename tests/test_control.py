@@ -30,7 +30,9 @@ from twisted.trial import unittest
 from relay import config as configmod
 from relay import spool as spoolmod
 from relay import users as usersmod
-from relay.ctlclient import _BoxReader, big, encode_box
+from relay.ctlclient import _BoxReader, encode_box
+from relay.ctlproto import big
+from tests.support.ctlprobe import probe_imports
 from tests.support.dns import DNSServer, Zone
 from tests.support.relay import ROOT, InProcessRelay, in_thread, toml_dumps
 from tests.support.sink import Sink
@@ -231,6 +233,23 @@ class Listing(LiveCase):
             r = await self.ctl(*args)
             self.assertEqual(r.returncode, 2, args)
             self.assertIn("relayctl", r.stderr)
+
+
+class LiveImports(LiveCase):
+    """Against a running relay too, relayctl's queue and status verbs import
+    no Twisted (relay.cli): the protocol comes from relay.ctlproto."""
+
+    sink_behaviour = {"rcpt_replies": {"b@sink.test": "451 4.2.0 mailbox busy"}}
+
+    async def test_no_twisted_on_the_live_path(self):
+        qid = await self.send(["b@sink.test"])
+        await apoll(lambda: self.deferred(qid), what="b deferred")
+        for args in (("queue",), ("queue", "--json"), ("queue", "show", qid), ("queue", "hold", qid),
+                     ("queue", "release", qid), ("status",)):
+            seen, r = await in_thread(probe_imports, "--config", self.cfg, *args, cwd=self.tmp)
+            self.assertEqual(seen["rc"], 0, f"relayctl {' '.join(args)}: {r.stderr}")
+            self.assertEqual(seen["twisted"], [], f"relayctl {' '.join(args)} imported Twisted")
+        self.assertIs(self.queue.messages[qid].hold, False)  # the hold and release went through
 
 
 class Actions(LiveCase):
@@ -779,7 +798,7 @@ def test_box_codec_roundtrip():
     """The Twisted-free client codec reads what Twisted's AMP writes, BigString included."""
     from twisted.protocols import amp
 
-    from relay.control import BigString, QueueList
+    from relay.ctlamp import BigString, QueueList
 
     value = bytes(range(256)) * 700  # 179,200 bytes: three AMP values
     strings = amp.AmpBox()

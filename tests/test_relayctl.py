@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 from twisted.logger import globalLogPublisher
@@ -22,6 +23,7 @@ from twisted.trial import unittest as trial
 
 from relay import users as usersmod
 from tests.support.certs import cert_files
+from tests.support.ctlprobe import probe_imports
 from tests.support.relay import InProcessRelay, in_thread, toml_dumps
 from tests.support.smtpclient import RawSMTP
 from tests.support.wait import apoll
@@ -290,6 +292,60 @@ class Usage(CtlCase):
         self.assertExit(r, 0)
         for verb in ("add", "passwd", "delete", "list"):
             self.assertIn(verb, r.stdout)
+
+
+# ---------------------------------------------------------------------------
+# what relayctl imports (relay.cli's promise: no Twisted on these verbs)
+
+def queue_verbs(qid: str) -> list[tuple[tuple[str, ...], int]]:
+    """The queue, status, reload, check (no TLS) and user verbs, with their
+    exit status on a stopped relay."""
+    return [(("queue",), 0), (("queue", "--json"), 0), (("queue", "show", qid), 0),
+            (("queue", "show", "0" * 16), 1), (("queue", "hold", qid), 0), (("queue", "release", qid), 0),
+            (("queue", "retry", "--all"), 0), (("queue", "delete", "0" * 16), 1), (("status",), 1),
+            (("reload",), 1), (("check",), 0), (("user", "list"), 0)]
+
+
+class Imports(CtlCase):
+    """relayctl's queue, status, reload, user verbs and check of a config
+    without TLS import no Twisted module at all (relay.cli's docstring):
+    neither with one queue nor with the queues of several workers (whose
+    paths relay.master also uses)."""
+
+    def spool_with_a_message(self, root: str) -> str:
+        from relay import spool as spoolmod
+
+        os.makedirs(os.path.dirname(root), mode=0o700, exist_ok=True)
+        sp = spoolmod.Spool(root)
+        sp.create()
+        env = spoolmod.Envelope(spoolmod.new_id(), "a@client.test", ["x@dest.test"], time.time())
+        sp.inject(env, b"Subject: x\r\n\r\nbody\r\n")
+        return env.queue_id
+
+    def check_verbs(self, qid: str) -> None:
+        for args, code in queue_verbs(qid):
+            seen, r = probe_imports("--config", os.path.join(self.dir, "relay.toml"), *args, cwd=self.dir)
+            self.assertEqual(seen["rc"], code, f"relayctl {' '.join(args)}: {r.stderr}")
+            self.assertEqual(seen["twisted"], [], f"relayctl {' '.join(args)} imported Twisted")
+
+    def test_one_queue(self):
+        self.write("relay.toml", 'spool = "spool"\n')
+        self.check_verbs(self.spool_with_a_message(os.path.join(self.dir, "spool")))
+
+    def test_workers(self):
+        self.write("relay.toml", 'spool = "spool"\nworkers = 2\n')
+        self.check_verbs(self.spool_with_a_message(os.path.join(self.dir, "spool", "w1")))
+
+    def test_workers_that_never_ran(self):
+        """No worker's spool exists yet: every queue is empty, an id is in none
+        (this crashed with a traceback for ``show`` and the actions)."""
+        self.write("relay.toml", 'spool = "spool"\nworkers = 2\n')
+        r = self.ctl("queue", "show", "0" * 16)
+        self.assertExit(r, 1, "0000000000000000: no such message in the queue")
+        r = self.ctl("queue", "hold", "0" * 16, "1" * 16)
+        self.assertExit(r, 1, "0000000000000000: no such message in the queue",
+                        "1111111111111111: no such message in the queue")
+        self.assertEqual(self.ctl("queue").stdout, "Mail queue is empty\n")
 
 
 # ---------------------------------------------------------------------------

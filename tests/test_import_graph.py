@@ -1,0 +1,98 @@
+"""No import cycles among the relay's modules (issue 13: explicit dependencies).
+
+Every ``import relay...`` / ``from relay... import`` counts, at module level
+and inside functions alike: an import inside a function hides a cycle from
+Python's import machinery, not from the reader.  The graph is read from the
+source (ast), so nothing is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def relay_modules() -> dict[str, str]:
+    mods = {}
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "relay")):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                mods[name.removesuffix(".__init__")] = path
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = relay_modules()
+    graph = {}
+    for name, path in mods.items():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("relay"):
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    deps.add(sub if sub in mods else node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("relay"))
+        graph[name] = {d for d in deps if d in mods and d not in (name, "relay")}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert "relay.control" in graph and "relay.service" in graph  # the graph was read
+    assert cycles(graph) == []
+
+
+def test_control_side_does_not_reach_into_the_service():
+    """The control socket, the protocol and the metrics get what they use as
+    parameters: none imports the service that assembles them."""
+    graph = import_graph()
+    for name in ("relay.control", "relay.ctlproto", "relay.ctlamp", "relay.ctlclient", "relay.ctlcmds",
+                 "relay.metrics", "relay.cli", "relay.workerpaths"):
+        assert "relay.service" not in graph[name], name
+        assert "relay.master" not in graph[name], name
