@@ -46,7 +46,6 @@ Time comes from ``factory.reactor``, so unit tests drive it with task.Clock.
 
 from __future__ import annotations
 
-import binascii
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
@@ -59,7 +58,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay import endpoints, maildir
+from relay import endpoints, maildir, sasl
 from relay.address import AddressError, parse_mailbox
 from relay.connlimit import LocalCounter
 from relay.users import UserDB, UsersFileError, normalize_user
@@ -721,21 +720,16 @@ class POP3Server(Protocol):
         return self._sasl_plain(line.strip())
 
     def _sasl_plain(self, data: bytes):
-        if data == b"=":
-            data = b""
         try:
-            raw = binascii.a2b_base64(data, strict_mode=True) if data else b""
-        except (binascii.Error, ValueError):
+            plain = sasl.decode_plain(data)
+        except sasl.Base64Error:
             raise _cmd_error("Invalid base64 data in the SASL response", bad=True)
-        fields = raw.split(b"\x00")
-        if len(fields) != 3:
+        except sasl.PlainFormatError:
             raise _cmd_error("Invalid SASL PLAIN response (authzid NUL authcid NUL password)", bad=True)
-        authz, authc, password = fields
-        user = authc.decode("utf-8", "replace")
-        if authz and authz.decode("utf-8", "replace").strip().lower() != user.strip().lower():
+        if not plain.authzid_allowed:
             # Acting as another user is not supported: a failed login like any other.
-            return self._login(user, None, "SASL PLAIN")
-        return self._login(user, password, "SASL PLAIN")
+            return self._login(plain.user, None, "SASL PLAIN")
+        return self._login(plain.user, plain.password, "SASL PLAIN")
 
     def do_QUIT(self, arg: bytes):
         if self.session is None:

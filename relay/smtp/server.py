@@ -35,8 +35,6 @@ this module only speaks the protocol.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.utils
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,6 +45,7 @@ from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relay import sasl
 from relay import spool as spoolmod
 from relay.address import Address, AddressError, parse_path, split_command_argument
 from relay.fastwrite import send_now
@@ -969,22 +968,22 @@ class SMTPServer(Protocol):
             self.error(501, "5.0.0 Authentication aborted")
             return
         try:
-            value = base64.b64decode(b64, validate=True) if b64 != "=" else b""
-        except (binascii.Error, ValueError):
+            value = sasl.decode_base64(b64)
+        except sasl.Base64Error:
             self.mode = "command"
             self.error(501, "5.5.2 Cannot decode response")
             return
         if mech == "PLAIN":
-            fields = value.split(b"\x00")
             self.mode = "command"
-            if len(fields) != 3:
+            try:
+                plain = sasl.split_plain(value)
+            except sasl.PlainFormatError:
                 self.error(501, "5.5.2 Invalid PLAIN response")
                 return
-            authz, user, pw = fields
-            if authz and authz != user:
+            if not plain.authzid_allowed:
                 self._auth_fail()
                 return
-            self._auth_check(user, pw)
+            self._auth_check(plain.authcid, plain.password)
             return
         parts.append(value)
         if len(parts) == 1:
