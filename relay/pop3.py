@@ -58,7 +58,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay import endpoints, maildir, sasl
+from relay import dotstuff, endpoints, maildir, sasl
 from relay.address import AddressError, parse_mailbox
 from relay.connlimit import LocalCounter
 from relay.users import UserDB, UsersFileError, normalize_user
@@ -95,33 +95,8 @@ def _cmd_error(text: str, bad: bool = False) -> _CommandError:
     return _CommandError(b"-ERR " + text.encode("ascii", "replace") + b"\r\n", bad)
 
 
-class DotStuffer:
-    """Dot-stuffs CRLF text across chunk boundaries (RFC 1939 section 3).
-
-    Input chunks must not end in a lone CR (maildir.ToCRLF guarantees it),
-    so "line start" is known exactly at every boundary.
-    """
-
-    def __init__(self) -> None:
-        self.at_line_start = True
-        self.last2 = b""
-
-    def feed(self, data: bytes) -> bytes:
-        if not data:
-            return data
-        if b"\n." in data:
-            data = data.replace(b"\r\n.", b"\r\n..")
-        if self.at_line_start and data[:1] == b".":
-            data = b"." + data
-        self.at_line_start = data[-2:] == b"\r\n"
-        self.last2 = (self.last2 + data[-2:])[-2:]
-        return data
-
-    def end(self) -> bytes:
-        """The termination: CRLF if the text did not end with one, then ".CRLF"."""
-        if self.last2 and self.last2 != b"\r\n":
-            return b"\r\n.\r\n"
-        return b".\r\n"
+# the POP3 name of the one stuffer (its input: CRLF text, see maildir.ToCRLF)
+DotStuffer = dotstuff.Stuffer
 
 
 class TopFilter:
@@ -175,13 +150,7 @@ def _render(data: bytes, top: int | None) -> bytes:
         text = data.replace(b"\n", b"\r\n")
     if top is not None:
         text = TopFilter(top).feed(text)
-    if b"\n." in text:
-        text = text.replace(b"\r\n.", b"\r\n..")
-    if text[:1] == b".":
-        text = b"." + text
-    if not text or text[-2:] == b"\r\n":
-        return text + b".\r\n"
-    return text + b"\r\n.\r\n"
+    return dotstuff.stuff_message(text)
 
 
 class _Streamer:

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from relay import fileio, privdrop  # at import: a submitter run as another user may not read the tree later
+from relay import dotstuff, fileio, privdrop  # at import: a submitter run as another user may not read the tree later
 from relay.dropfile import DROP_MAGIC, DROP_MODE, MAX_HOPS, MAX_LINE, drop_line, parse_drop_line  # noqa: F401
 
 EX_OK = 0
@@ -628,19 +628,11 @@ def _smtp_transaction(s, path: str, size: int, sender: str, recipients: list[str
         code, text = s.getreply()
         if code != 354:
             fail(code, text, "DATA")
+        stuffer = dotstuff.Stuffer()
         with open(path, "rb") as f:
-            buf = []
-            n = 0
-            for line in f:
-                if line.startswith(b"."):
-                    line = b"." + line
-                buf.append(line)
-                n += len(line)
-                if n > 65536:
-                    s.sock.sendall(b"".join(buf))
-                    buf, n = [], 0
-            buf.append(b".\r\n")
-            s.sock.sendall(b"".join(buf))
+            while chunk := f.read(65536):
+                s.sock.sendall(stuffer.feed(chunk))
+        s.sock.sendall(stuffer.end())
         code, text = s.getreply()
         if code != 250:
             fail(code, text, "the message")
@@ -770,10 +762,7 @@ def build_and_queue(o: Options, inp: BinaryIO, cfg, me: Identity) -> str:
                 tmp.close()
             except OSError:
                 pass
-            try:
-                os.unlink(tmp.name)
-            except FileNotFoundError:
-                pass
+            fileio.unlink_quiet(tmp.name)
 
 
 def _not_queued(no_drop: str, why: str) -> str:

@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay import dotstuff
 from relay.fastwrite import send_now
 from relay.mx import Hop
 from relay.tls import session_info
@@ -481,11 +482,7 @@ class _ClientProtocol(Protocol):
         sent with its final "." in one write, as _MessageProducer would."""
         if self.lost is not None:
             raise self.lost
-        out = data.replace(b"\n.", b"\n..")
-        if data[:1] == b".":
-            out = b"." + out
-        tail = b"" if not data or data.endswith(b"\r\n") else b"\r\n"
-        send_now(self.transport, out + tail + b".\r\n")
+        send_now(self.transport, dotstuff.stuff_message(data))
 
     def send_message(self, path: str, offset: int, size: int, block_timeout: float) -> defer.Deferred:
         """Stream the message, dot-stuffed, then ".": fires when all is written."""
@@ -532,8 +529,7 @@ class _MessageProducer:
         self.remaining = size
         self.size = size
         self.block_timeout = block_timeout
-        self.at_line_start = True
-        self.last2 = b""
+        self.stuffer = dotstuff.Stuffer()
         self.paused = False
         self.finished = False
         self.sent = 0  # message bytes read and written so far (for tests/logs)
@@ -579,9 +575,8 @@ class _MessageProducer:
         t = self.proto.transport
         while not self.paused and not self.finished and self.proto.lost is None:
             if self.remaining == 0:
-                tail = b"" if self.size == 0 or self.last2 == b"\r\n" else b"\r\n"
                 self._finish()
-                t.write(tail + b".\r\n")
+                t.write(self.stuffer.end())
                 self.d.callback(None)
                 return
             try:
@@ -596,12 +591,7 @@ class _MessageProducer:
                 return
             self.remaining -= len(chunk)
             self.sent += len(chunk)
-            out = chunk.replace(b"\n.", b"\n..")
-            if self.at_line_start and chunk[:1] == b".":
-                out = b"." + out
-            self.at_line_start = chunk.endswith(b"\n")
-            self.last2 = (self.last2 + chunk)[-2:]
-            t.write(out)
+            t.write(self.stuffer.feed(chunk))
 
     def stopProducing(self) -> None:
         self._close()
