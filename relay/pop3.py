@@ -61,6 +61,7 @@ from zope.interface import implementer
 from relay import dotstuff, endpoints, maildir, sasl
 from relay.address import AddressError, parse_mailbox
 from relay.connlimit import LocalCounter
+from relay.idle import IdleTimer
 from relay.users import UserDB, UsersFileError, normalize_user
 
 log = Logger(namespace="relay.pop3")
@@ -277,7 +278,7 @@ class POP3Server(Protocol):
         self._closing = False
         self._out_paused = False
         self._in_paused = False
-        self._timer = None
+        self._idle: IdleTimer | None = None
         self._tls_started = False
         self._user: str | None = None
         self._sasl: str | None = None
@@ -289,7 +290,6 @@ class POP3Server(Protocol):
         self._producing = False
         self._lost = False
         self._delay: defer.Deferred | None = None
-        self._activity = 0.0
         self._unflushed = False
         self._can_flush = False
         self._prefetched: tuple[int, bytes] | None = None  # (index, RETR reply)
@@ -321,8 +321,8 @@ class POP3Server(Protocol):
         self.transport.registerProducer(self, True)
         self._producing = True
         self._can_flush = isinstance(self.transport, tcp.Connection)  # stays so after STLS
-        self._activity = f.reactor.seconds()
-        self._timer = f.reactor.callLater(f.idle_timeout, self._timedOut)
+        self._idle = IdleTimer(f.reactor, self._timedOut)
+        self._idle.set(f.idle_timeout)
         host = f.hostname.replace("\r", "").replace("\n", "")
         self._write(f"+OK {host} POP3 server ready\r\n".encode("utf-8", "replace"))
 
@@ -335,9 +335,8 @@ class POP3Server(Protocol):
         if self._counted:
             self._counted = False
             self.factory.limiter.release(self.peer)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self._idle is not None:
+            self._idle.cancel()
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None
@@ -393,20 +392,12 @@ class POP3Server(Protocol):
         self.transport.abortConnection()
 
     def _touch(self) -> None:
-        """Note activity.  The timer is not moved on every command (that is a
-        heap operation per line); _timedOut re-arms it for the time left."""
-        now = self.factory.reactor.seconds()
-        self._activity = now
-        t = self._timer
-        if t is not None and t.getTime() > now + self.factory.idle_timeout:
-            t.reset(self.factory.idle_timeout)  # the timeout was shortened meanwhile
+        """Note activity: the idle deadline moves (relay.idle: lazily, not a
+        heap operation per line; a timeout shortened meanwhile applies)."""
+        if self._idle is not None:
+            self._idle.set(self.factory.idle_timeout)
 
     def _timedOut(self) -> None:
-        left = self._activity + self.factory.idle_timeout - self.factory.reactor.seconds()
-        if left > 0:
-            self._timer = self.factory.reactor.callLater(left, self._timedOut)
-            return
-        self._timer = None
         log.info("pop3: idle timeout, closing client={client} user={user}",
                  client=self.peer, user=self.session.user if self.session else None)
         if self._streamer is not None:

@@ -59,6 +59,7 @@ from zope.interface import implementer
 
 from relay import dotstuff
 from relay.fastwrite import send_now
+from relay.idle import IdleTimer
 from relay.mx import Hop
 from relay.tls import session_info
 
@@ -253,7 +254,7 @@ class _ClientProtocol(Protocol):
         self._code: int | None = None
         self._waiters: deque[_Waiter] = deque()
         self._early: deque[Reply] = deque()
-        self._timer = None
+        self._reply_timer = IdleTimer(clock, self._reply_timed_out)
         self._failure: ConversationError | None = None
         self._discarding = False
         self.discarded = 0  # bytes thrown away after the reply to STARTTLS
@@ -377,43 +378,23 @@ class _ClientProtocol(Protocol):
         self.send(line)
         return d
 
-    # One reply timer per connection, moved lazily: starting and stopping
-    # it only sets the deadline; when it fires early it sleeps again for the
-    # rest, and with no deadline it just ends.  (A callLater and a cancel
-    # per reply were a measurable cost with several replies per message.)
-    _deadline: float | None = None
+    # One reply timer per connection, moved lazily (relay.idle): starting
+    # and stopping it only sets the deadline.
     _deadline_stage = ""
 
     def _start_timer(self, w: _Waiter) -> None:
-        self._deadline = deadline = self.clock.seconds() + w.timeout
         self._deadline_stage = w.stage
-        t = self._timer
-        if t is not None:
-            if t.getTime() <= deadline:
-                return
-            t.cancel()
-        self._timer = self.clock.callLater(w.timeout, self._check_timeout)
+        self._reply_timer.set(w.timeout)
 
     def _stop_timer(self) -> None:
-        self._deadline = None
+        self._reply_timer.pause()
 
     def _cancel_timer(self) -> None:
-        self._deadline = None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._reply_timer.cancel()
 
-    def _check_timeout(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None or self.lost is not None:
-            return
-        left = deadline - self.clock.seconds()
-        if left > 0:
-            self._timer = self.clock.callLater(left, self._check_timeout)
-            return
-        self._deadline = None
-        self.fail(ConversationError("timeout", self._deadline_stage))
+    def _reply_timed_out(self) -> None:
+        if self.lost is None:
+            self.fail(ConversationError("timeout", self._deadline_stage))
 
     def _protocol_error(self, detail: str) -> None:
         self.fail(ConversationError("protocol", self.stage, detail))
