@@ -1,7 +1,7 @@
 """The pickup: messages from relay-sendmail's drop directory into the queue.
 
 relay-sendmail writes ``<spool>/drop/<queue id>`` atomically (a dot-named
-temp file, fsync, rename, directory fsync; relay/sendmail.py has the
+temp file, fsync, rename, directory fsync: relay.fileio; relay/dropfile.py has the
 format).  The pickup turns each into a normal queue entry through the
 spool's own durable path (incoming/, fsync, rename into queue/, directory
 fsync), and only then removes the drop file; a crash in between leaves both,
