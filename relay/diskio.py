@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay import fileio
 from relay import spool as spoolmod
 
 log = Logger(namespace="relay.diskio")
@@ -196,7 +197,7 @@ class QueueDirSync:
                 self.syncs += 1
                 cond.release()
                 try:
-                    spoolmod.fsync_dir(self.path)
+                    fileio.fsync_dir(self.path)
                     err = None
                 except BaseException as e:  # noqa: BLE001 - handed to every waiter
                     err = e
@@ -258,7 +259,7 @@ class IncomingStock:
                 os.close(fd)
             except OSError:
                 pass
-            spoolmod._unlink_quiet(path)
+            fileio.unlink_quiet(path)
 
     def close(self) -> None:
         items, self.stock = self.stock, []
@@ -383,9 +384,9 @@ class AsyncSpool:
             errors = []
             for msg, state in paths:
                 try:
-                    spoolmod._unlink_quiet(msg)
+                    fileio.unlink_quiet(msg)
                     if state is not None:
-                        spoolmod._unlink_quiet(state)
+                        fileio.unlink_quiet(state)
                     errors.append(None)
                 except OSError as e:
                     errors.append(e)

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from relay.address import AddressError
-from relay.fileio import fsync_dir, makedirs_durable, write_all
+from relay.fileio import DurableFile, fsync_dir, makedirs_durable
 from relay.users import check_safe_local_part
 
 CHUNK = 256 * 1024
@@ -233,14 +233,13 @@ def deliver(root: str, domain: str, local: str, src_path: str, src_offset: int, 
     conv = _ToLF()
     vsize = _VirtualSize()
     size = 0
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(tmp_path, flags, FILE_MODE)
+        out = DurableFile(tmp_path, mode=FILE_MODE)
     except FileNotFoundError:
         # removed since this process made it durable: make it again
         _durable_maildirs.discard(os.path.abspath(maildir))
         ensure_maildir(maildir)
-        fd = os.open(tmp_path, flags, FILE_MODE)
+        out = DurableFile(tmp_path, mode=FILE_MODE)
     try:
         pending: list[bytes] = []
         pending_len = 0
@@ -259,7 +258,7 @@ def deliver(root: str, domain: str, local: str, src_path: str, src_offset: int, 
         def flush() -> None:
             nonlocal pending_len
             if pending:
-                write_all(fd, b"".join(pending))
+                out.write(b"".join(pending))
                 pending.clear()
                 pending_len = 0
 
@@ -273,27 +272,12 @@ def deliver(root: str, domain: str, local: str, src_path: str, src_offset: int, 
                 put(conv.feed(chunk))
         put(conv.flush())
         flush()
-        os.fsync(fd)
     except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp_path)
+        out.abort()
         raise
-    os.close(fd)
+    # the name carries the sizes, known only now; the new/ directory is fsynced
     final = os.path.join(maildir, "new", f"{base},S={size},W={vsize.size}")
-    try:
-        os.rename(tmp_path, final)
-    except BaseException:
-        _unlink_quietly(tmp_path)
-        raise
-    _fsync_dir(os.path.join(maildir, "new"))
-    return final
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    return out.commit(final)
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The pickup: messages from relay-sendmail's drop directory into the queue.
 
 relay-sendmail writes ``<spool>/drop/<queue id>`` atomically (a dot-named
-temp file, fsync, rename, directory fsync; relay/sendmail.py has the
+temp file, fsync, rename, directory fsync: relay.fileio; relay/dropfile.py has the
 format).  The pickup turns each into a normal queue entry through the
 spool's own durable path (incoming/, fsync, rename into queue/, directory
 fsync), and only then removes the drop file; a crash in between leaves both,
@@ -40,9 +40,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
+from relay import fileio
 from relay import spool as spoolmod
 from relay.address import AddressError, parse_mailbox
-from relay.sendmail import MAX_HOPS, MAX_LINE, parse_drop_line
+from relay.dropfile import MAX_HOPS, MAX_LINE, parse_drop_line
 
 try:  # imported now, not at start: after twistd -u/-g the Python tree may not be readable
     from twisted.internet import inotify
@@ -93,12 +94,12 @@ def reconcile(spool: spoolmod.Spool, log_fn=None) -> int:
     done = 0
     for name in names:
         if spoolmod.is_queue_id(name) and os.path.exists(spool.message_path(name)):
-            spoolmod._unlink_quiet(os.path.join(spool.drop_dir, name))
+            fileio.unlink_quiet(os.path.join(spool.drop_dir, name))
             done += 1
             if log_fn:
                 log_fn("{queue_id}: drop file removed: it was already queued", queue_id=name)
     if done:
-        spoolmod.fsync_dir(spool.drop_dir)
+        fileio.fsync_dir(spool.drop_dir)
     return done
 
 
@@ -146,7 +147,7 @@ def quarantine(spool: spoolmod.Spool, name: str, reason: str, log_fn=None) -> bo
         dst = f"{dst}.{secrets.token_hex(3)}"
     try:
         os.rename(src, dst)
-        spoolmod.fsync_dir(spool.drop_dir)
+        fileio.fsync_dir(spool.drop_dir)
     except FileNotFoundError:
         return True
     except OSError as e:
@@ -301,8 +302,8 @@ def commit(spool: spoolmod.Spool, drop: DropFile, recipients: list[str], orcpts:
     try:
         if os.path.exists(spool.message_path(drop.name)):
             # queued by an earlier pass that could not remove the drop file
-            spoolmod._unlink_quiet(os.path.join(spool.drop_dir, drop.name))
-            spoolmod.fsync_dir(spool.drop_dir)
+            fileio.unlink_quiet(os.path.join(spool.drop_dir, drop.name))
+            fileio.fsync_dir(spool.drop_dir)
             raise FileExistsError(drop.name)
         env = spoolmod.Envelope(
             queue_id=drop.name, sender=drop.sender, recipients=recipients, orcpts=orcpts,
@@ -332,10 +333,10 @@ def commit(spool: spoolmod.Spool, drop: DropFile, recipients: list[str], orcpts:
         except BaseException:
             inc.abort()
             raise
-        spoolmod.fsync_dir(spool.queue_dir)
+        fileio.fsync_dir(spool.queue_dir)
         # the queue entry is durable: only now may the drop file go
-        spoolmod._unlink_quiet(os.path.join(spool.drop_dir, drop.name))
-        spoolmod.fsync_dir(spool.drop_dir)
+        fileio.unlink_quiet(os.path.join(spool.drop_dir, drop.name))
+        fileio.fsync_dir(spool.drop_dir)
         return spoolmod.QueueEntry(env, spoolmod.State.fresh(env), size, len(inc.header))
     finally:
         os.close(drop.fd)

@@ -46,7 +46,6 @@ Time comes from ``factory.reactor``, so unit tests drive it with task.Clock.
 
 from __future__ import annotations
 
-import binascii
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
@@ -59,9 +58,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay import endpoints, maildir
+from relay import dotstuff, endpoints, maildir, sasl
 from relay.address import AddressError, parse_mailbox
 from relay.connlimit import LocalCounter
+from relay.idle import IdleTimer
 from relay.users import UserDB, UsersFileError, normalize_user
 
 log = Logger(namespace="relay.pop3")
@@ -96,33 +96,8 @@ def _cmd_error(text: str, bad: bool = False) -> _CommandError:
     return _CommandError(b"-ERR " + text.encode("ascii", "replace") + b"\r\n", bad)
 
 
-class DotStuffer:
-    """Dot-stuffs CRLF text across chunk boundaries (RFC 1939 section 3).
-
-    Input chunks must not end in a lone CR (maildir.ToCRLF guarantees it),
-    so "line start" is known exactly at every boundary.
-    """
-
-    def __init__(self) -> None:
-        self.at_line_start = True
-        self.last2 = b""
-
-    def feed(self, data: bytes) -> bytes:
-        if not data:
-            return data
-        if b"\n." in data:
-            data = data.replace(b"\r\n.", b"\r\n..")
-        if self.at_line_start and data[:1] == b".":
-            data = b"." + data
-        self.at_line_start = data[-2:] == b"\r\n"
-        self.last2 = (self.last2 + data[-2:])[-2:]
-        return data
-
-    def end(self) -> bytes:
-        """The termination: CRLF if the text did not end with one, then ".CRLF"."""
-        if self.last2 and self.last2 != b"\r\n":
-            return b"\r\n.\r\n"
-        return b".\r\n"
+# the POP3 name of the one stuffer (its input: CRLF text, see maildir.ToCRLF)
+DotStuffer = dotstuff.Stuffer
 
 
 class TopFilter:
@@ -176,13 +151,7 @@ def _render(data: bytes, top: int | None) -> bytes:
         text = data.replace(b"\n", b"\r\n")
     if top is not None:
         text = TopFilter(top).feed(text)
-    if b"\n." in text:
-        text = text.replace(b"\r\n.", b"\r\n..")
-    if text[:1] == b".":
-        text = b"." + text
-    if not text or text[-2:] == b"\r\n":
-        return text + b".\r\n"
-    return text + b"\r\n.\r\n"
+    return dotstuff.stuff_message(text)
 
 
 class _Streamer:
@@ -309,7 +278,7 @@ class POP3Server(Protocol):
         self._closing = False
         self._out_paused = False
         self._in_paused = False
-        self._timer = None
+        self._idle: IdleTimer | None = None
         self._tls_started = False
         self._user: str | None = None
         self._sasl: str | None = None
@@ -321,7 +290,6 @@ class POP3Server(Protocol):
         self._producing = False
         self._lost = False
         self._delay: defer.Deferred | None = None
-        self._activity = 0.0
         self._unflushed = False
         self._can_flush = False
         self._prefetched: tuple[int, bytes] | None = None  # (index, RETR reply)
@@ -353,8 +321,8 @@ class POP3Server(Protocol):
         self.transport.registerProducer(self, True)
         self._producing = True
         self._can_flush = isinstance(self.transport, tcp.Connection)  # stays so after STLS
-        self._activity = f.reactor.seconds()
-        self._timer = f.reactor.callLater(f.idle_timeout, self._timedOut)
+        self._idle = IdleTimer(f.reactor, self._timedOut)
+        self._idle.set(f.idle_timeout)
         host = f.hostname.replace("\r", "").replace("\n", "")
         self._write(f"+OK {host} POP3 server ready\r\n".encode("utf-8", "replace"))
 
@@ -367,9 +335,8 @@ class POP3Server(Protocol):
         if self._counted:
             self._counted = False
             self.factory.limiter.release(self.peer)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self._idle is not None:
+            self._idle.cancel()
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None
@@ -425,20 +392,12 @@ class POP3Server(Protocol):
         self.transport.abortConnection()
 
     def _touch(self) -> None:
-        """Note activity.  The timer is not moved on every command (that is a
-        heap operation per line); _timedOut re-arms it for the time left."""
-        now = self.factory.reactor.seconds()
-        self._activity = now
-        t = self._timer
-        if t is not None and t.getTime() > now + self.factory.idle_timeout:
-            t.reset(self.factory.idle_timeout)  # the timeout was shortened meanwhile
+        """Note activity: the idle deadline moves (relay.idle: lazily, not a
+        heap operation per line; a timeout shortened meanwhile applies)."""
+        if self._idle is not None:
+            self._idle.set(self.factory.idle_timeout)
 
     def _timedOut(self) -> None:
-        left = self._activity + self.factory.idle_timeout - self.factory.reactor.seconds()
-        if left > 0:
-            self._timer = self.factory.reactor.callLater(left, self._timedOut)
-            return
-        self._timer = None
         log.info("pop3: idle timeout, closing client={client} user={user}",
                  client=self.peer, user=self.session.user if self.session else None)
         if self._streamer is not None:
@@ -721,21 +680,16 @@ class POP3Server(Protocol):
         return self._sasl_plain(line.strip())
 
     def _sasl_plain(self, data: bytes):
-        if data == b"=":
-            data = b""
         try:
-            raw = binascii.a2b_base64(data, strict_mode=True) if data else b""
-        except (binascii.Error, ValueError):
+            plain = sasl.decode_plain(data)
+        except sasl.Base64Error:
             raise _cmd_error("Invalid base64 data in the SASL response", bad=True)
-        fields = raw.split(b"\x00")
-        if len(fields) != 3:
+        except sasl.PlainFormatError:
             raise _cmd_error("Invalid SASL PLAIN response (authzid NUL authcid NUL password)", bad=True)
-        authz, authc, password = fields
-        user = authc.decode("utf-8", "replace")
-        if authz and authz.decode("utf-8", "replace").strip().lower() != user.strip().lower():
+        if not plain.authzid_allowed:
             # Acting as another user is not supported: a failed login like any other.
-            return self._login(user, None, "SASL PLAIN")
-        return self._login(user, password, "SASL PLAIN")
+            return self._login(plain.user, None, "SASL PLAIN")
+        return self._login(plain.user, plain.password, "SASL PLAIN")
 
     def do_QUIT(self, arg: bytes):
         if self.session is None:

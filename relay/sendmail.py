@@ -34,7 +34,6 @@ removed.  Exit codes are sendmail's (sysexits.h).
 from __future__ import annotations
 
 import email.utils
-import json
 import os
 import re
 import secrets
@@ -44,7 +43,8 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from relay import privdrop  # at import: a submitter run as another user may not read the tree later
+from relay import dotstuff, fileio, privdrop  # at import: a submitter run as another user may not read the tree later
+from relay.dropfile import DROP_MAGIC, DROP_MODE, MAX_HOPS, MAX_LINE, drop_line, parse_drop_line  # noqa: F401
 
 EX_OK = 0
 EX_USAGE = 64
@@ -59,13 +59,7 @@ EX_CONFIG = 78
 PROG = "relay-sendmail"
 SYSTEM_CONFIG = "/etc/relay/relay.toml"
 
-# The drop file: this line, then the message (CRLF line endings, headers
-# complete except the relay's Received header, which the pickup adds).
-DROP_MAGIC = b"RELAYDROP1 "
-DROP_MODE = 0o640  # group-readable: see "Permissions" in the README
-MAX_LINE = 998  # octets without CRLF (RFC 5322 2.1.1)
 MAX_HEADER_SECTION = 1 << 20
-MAX_HOPS = 100  # Received headers: a mail loop (the SMTP server's limit, relay.smtp.server.MAX_HOPS)
 SMTP_TIMEOUT = 60.0
 
 # Postfix's sendmail getopt string "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q:tvx"
@@ -79,41 +73,6 @@ class Fatal(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-# ---------------------------------------------------------------------------
-# the drop file's first line (read by relay/pickup.py)
-
-
-def drop_line(sender: str, recipients: list[str], uid: int, user: str, arrival: float) -> bytes:
-    d = {"from": sender, "rcpt": recipients, "t": arrival, "uid": uid, "user": user}
-    return DROP_MAGIC + json.dumps(d, separators=(",", ":")).encode("ascii") + b"\n"
-
-
-def parse_drop_line(line: bytes) -> dict:
-    """The envelope of a drop file; ValueError says what is wrong."""
-    if not line.startswith(DROP_MAGIC) or not line.endswith(b"\n"):
-        raise ValueError("not a relay-sendmail drop file (no RELAYDROP1 line)")
-    try:
-        d = json.loads(line[len(DROP_MAGIC):])
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"bad envelope line: {e}")
-    if not isinstance(d, dict):
-        raise ValueError("bad envelope line: not an object")
-    rcpt = d.get("rcpt")
-    if not isinstance(rcpt, list) or not rcpt or not all(isinstance(r, str) and r for r in rcpt):
-        raise ValueError("bad envelope line: no recipient list")
-    if not isinstance(d.get("from"), str):
-        raise ValueError("bad envelope line: no sender")
-    t = d.get("t")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t == t) or t in (float("inf"), -float("inf")):
-        raise ValueError("bad envelope line: no arrival time")
-    uid = d.get("uid")
-    if isinstance(uid, bool) or not isinstance(uid, int) or uid < 0:
-        raise ValueError("bad envelope line: no uid")
-    if not isinstance(d.get("user"), str):
-        raise ValueError("bad envelope line: no user name")
-    return d
 
 
 # ---------------------------------------------------------------------------
@@ -458,74 +417,43 @@ class DropSink:
         self.dir = drop_dir
         self.dir_fd = dir_fd
         self.qid = qid
-        self.tmp = f".{qid}.{secrets.token_hex(4)}.tmp"
+        self.tmp = fileio.temp_name(qid)
         self.final = os.path.join(drop_dir, qid)
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, DROP_MODE,
-                     dir_fd=dir_fd)
-        try:
-            os.fchmod(fd, DROP_MODE)  # whatever the umask: the relay must be able to read it
-            dir_gid = os.fstat(dir_fd).st_gid
-            if os.fstat(fd).st_gid != dir_gid:
-                try:
-                    os.fchown(fd, -1, dir_gid)  # root, or a member of the directory's group
-                except PermissionError:
-                    pass
-        except BaseException:
-            os.close(fd)
-            self._unlink()
-            raise
-        self.file = os.fdopen(fd, "wb", buffering=256 * 1024)
+        # chmod: whatever the umask, the relay must be able to read it
+        self.file = fileio.DurableFile(self.tmp, mode=DROP_MODE, chmod=True, dir_fd=dir_fd,
+                                       buffering=256 * 1024, setup=self._group)
+
+    def _group(self, fd: int) -> None:
+        dir_gid = os.fstat(self.dir_fd).st_gid
+        if os.fstat(fd).st_gid != dir_gid:
+            try:
+                os.fchown(fd, -1, dir_gid)  # root, or a member of the directory's group
+            except PermissionError:
+                pass
 
     def write(self, data: bytes) -> None:
         self.file.write(data)
 
     def commit(self) -> str:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        os.rename(self.tmp, self.qid, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        """fsync, rename, fsync the directory.  A submitter in a group-opened
+        drop directory (mode 3730) may write but not read it, so it cannot
+        open the directory to fsync it: syncfs() on the file's filesystem
+        does it then (the whole filesystem, but only on this path, for local
+        submissions)."""
         try:
-            _sync_directory(self.dir_fd, self.file.fileno())
+            self.file.commit(self.qid, close_first=False)
         finally:
-            self.file.close()
             self._close_dir()
         return self.qid
 
     def abort(self) -> None:
-        try:
-            self.file.close()
-        except OSError:
-            pass
-        self._unlink()
+        self.file.abort()
         self._close_dir()
-
-    def _unlink(self) -> None:
-        try:
-            os.unlink(self.tmp, dir_fd=self.dir_fd)
-        except FileNotFoundError:
-            pass
 
     def _close_dir(self) -> None:
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
             self.dir_fd = -1
-
-
-def _sync_directory(dir_fd: int, file_fd: int) -> None:
-    """Make a rename in the directory durable.  A submitter in a group-opened
-    drop directory (mode 3730) may write but not read it, so it cannot open
-    the directory to fsync it: syncfs() on the file's filesystem does it then
-    (the whole filesystem, but only on this path, for local submissions)."""
-    from relay.spool import syncfs
-
-    try:
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
-    except PermissionError:
-        syncfs(file_fd)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class NoDrop(Exception):
@@ -700,19 +628,11 @@ def _smtp_transaction(s, path: str, size: int, sender: str, recipients: list[str
         code, text = s.getreply()
         if code != 354:
             fail(code, text, "DATA")
+        stuffer = dotstuff.Stuffer()
         with open(path, "rb") as f:
-            buf = []
-            n = 0
-            for line in f:
-                if line.startswith(b"."):
-                    line = b"." + line
-                buf.append(line)
-                n += len(line)
-                if n > 65536:
-                    s.sock.sendall(b"".join(buf))
-                    buf, n = [], 0
-            buf.append(b".\r\n")
-            s.sock.sendall(b"".join(buf))
+            while chunk := f.read(65536):
+                s.sock.sendall(stuffer.feed(chunk))
+        s.sock.sendall(stuffer.end())
         code, text = s.getreply()
         if code != 250:
             fail(code, text, "the message")
@@ -842,10 +762,7 @@ def build_and_queue(o: Options, inp: BinaryIO, cfg, me: Identity) -> str:
                 tmp.close()
             except OSError:
                 pass
-            try:
-                os.unlink(tmp.name)
-            except FileNotFoundError:
-                pass
+            fileio.unlink_quiet(tmp.name)
 
 
 def _not_queued(no_drop: str, why: str) -> str:

@@ -39,7 +39,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from relay.fileio import makedirs_durable, syncfs, write_all  # noqa: F401 - syncfs: relay.sendmail uses it
+from relay import fileio
+from relay.fileio import DurableFile, fsync_dir, makedirs_durable, unlink_quiet
 
 MAGIC = b"RELAYQ1 "
 STATE_SUFFIX = ".state"
@@ -288,45 +289,14 @@ class State:
 
 
 # ---------------------------------------------------------------------------
-# durable file primitives
+# durable file primitives: relay.fileio (fsync_dir is also reached as
+# spool.fsync_dir by the offline tools and the master's spool move)
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes, *, sync_dir: bool = True, sync_file: bool = True) -> None:
-    """temp file, write, fsync, rename over path, fsync the directory."""
-    d = os.path.dirname(path)
-    tmp = f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        write_all(fd, data)
-        if sync_file:
-            os.fdatasync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quiet(tmp)
-        raise
-    os.close(fd)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-    if sync_dir:
-        fsync_dir(d)
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def write_atomic(path: str, data: bytes, *, sync_dir: bool = True) -> None:
+    """temp file, write, fdatasync, rename over path, fsync the directory."""
+    fileio.write_atomic(path, data, tmp_path=f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}", datasync=True,
+                        sync_dir=sync_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -397,10 +367,10 @@ class IncomingMessage:
         if prepared is not None:
             # a file created ahead of time off the reactor (diskio.IncomingStock)
             self.tmp_path, fd = prepared
+            self._file = DurableFile(self.tmp_path, fd=fd, buffering=64 * 1024)
         else:
             self.tmp_path = os.path.join(self.spool.incoming_dir, self.queue_id + TMP_SUFFIX)
-            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=64 * 1024)
+            self._file = DurableFile(self.tmp_path, buffering=64 * 1024)
 
     def write(self, data: bytes) -> None:
         chunks = self._chunks
@@ -425,78 +395,51 @@ class IncomingMessage:
             raise
 
     def finish(self) -> str:
-        """Blocking: write, fsync, close, rename into queue/ (no dir fsync)."""
+        """Blocking: write, fdatasync, rename into queue/ (no dir fsync: the
+        caller's, grouped)."""
         if self.closed:
             raise OSError(errno.EBADF, "message was aborted", self.queue_id)
         if self._chunks is not None:
             return self._finish_memory()
+        self.closed = True
         try:
-            self._file.flush()
-            os.fdatasync(self._file.fileno())
-            self._file.close()
-            self.closed = True
-            os.rename(self.tmp_path, self.final_path)
-        except BaseException:
-            self.abort(here=True)
-            raise
+            self._file.commit(self.final_path, datasync=True, sync_dir=False)
+        finally:
+            self.tmp_path = None  # renamed, or removed by the failed commit
         return self.queue_id
 
     def _finish_memory(self) -> str:
         blob = b"".join(self._chunks)
         self._chunks = None
-        self.tmp_path = os.path.join(self.spool.incoming_dir, self.queue_id + TMP_SUFFIX)
-        try:
-            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except BaseException:
-            self.tmp_path = None
-            self.closed = True
-            raise
-        try:
-            write_all(fd, blob)
-            os.fdatasync(fd)
-        except BaseException:
-            os.close(fd)
-            self.abort(here=True)
-            raise
-        os.close(fd)
         self.closed = True
+        f = DurableFile(os.path.join(self.spool.incoming_dir, self.queue_id + TMP_SUFFIX))
         try:
-            os.rename(self.tmp_path, self.final_path)
+            f.write(blob)
         except BaseException:
-            self.abort(here=True)
+            f.abort()
             raise
+        f.commit(self.final_path, datasync=True, sync_dir=False)
         self.data = blob[len(self.header):]
         return self.queue_id
 
     def abort(self, here: bool = False) -> None:
-        """Drop the message.  here=True: do the file work in this thread
-        (finish() fails in a disk-pool thread); otherwise it may be handed to
-        the disk pool (defer_io), as the reactor must not wait for it."""
+        """Drop the message.  here=True: do the file work in this thread;
+        otherwise it may be handed to the disk pool (defer_io), as the
+        reactor must not wait for it."""
         self._chunks = None
-        f = None
-        if not self.closed:
-            self.closed = True
-            f = self._file
-        path, self.tmp_path = self.tmp_path, None
-        if f is None and path is None:
+        self.tmp_path = None
+        if self.closed:
+            return
+        self.closed = True
+        f = self._file
+        if f is None:
             return  # held in memory only: nothing on disk
         if self.defer_io is not None and not here:
             # a rejected big message, from the reactor: closing flushes up to
             # 64 KiB and the unlink may wait for the journal, so in a thread
-            self.defer_io(_discard_file, f, path)
+            self.defer_io(f.abort)
         else:
-            _discard_file(f, path)
-
-
-def _discard_file(f, path: str | None) -> None:
-    """Close and remove an aborted incoming file (blocking)."""
-    if f is not None:
-        try:
-            f.close()
-        except OSError:
-            pass
-    if path is not None:
-        _unlink_quiet(path)
+            f.abort()
 
 
 class Spool:
@@ -597,13 +540,13 @@ class Spool:
         self.create()
         for name in os.listdir(self.queue_dir):
             if name.endswith(TMP_SUFFIX):
-                _unlink_quiet(os.path.join(self.queue_dir, name))
+                unlink_quiet(os.path.join(self.queue_dir, name))
                 if log:
                     log("removed temporary file {name} from queue/", name=name)
         self._cleaned = True
         for name in os.listdir(self.incoming_dir):
             try:
-                _unlink_quiet(os.path.join(self.incoming_dir, name))
+                unlink_quiet(os.path.join(self.incoming_dir, name))
             except OSError as e:  # a directory, say: not ours to remove, and not fatal
                 if log:
                     log("cannot remove {name} from incoming/: {error}", name=name, error=str(e))
@@ -627,7 +570,7 @@ class Spool:
         out = []
         for _ in range(count):
             path = os.path.join(self.incoming_dir, f"{STOCK_PREFIX}{secrets.token_hex(8)}{TMP_SUFFIX}")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = fileio.create_exclusive(path)
             out.append((path, fd))
         return out
 
@@ -652,10 +595,10 @@ class Spool:
 
     def remove(self, qid: str, *, sync_dir: bool = True) -> None:
         """Remove a message whose recipients are all final (message first)."""
-        _unlink_quiet(self.message_path(qid))
+        unlink_quiet(self.message_path(qid))
         if sync_dir:
             fsync_dir(self.queue_dir)
-        _unlink_quiet(self.state_path(qid))
+        unlink_quiet(self.state_path(qid))
 
     # -- reading ---------------------------------------------------------
     def read_envelope(self, qid: str) -> tuple[Envelope, int, int]:
@@ -738,7 +681,7 @@ class Spool:
         # bounced records it replaced.  durable=False only spares the
         # directory fsync: a deferral lost to a power cut leaves the previous
         # state file, whole.
-        write_atomic(self.state_path(qid), full.to_bytes(), sync_dir=False, sync_file=True)
+        write_atomic(self.state_path(qid), full.to_bytes(), sync_dir=False)
         return written
 
     def read_headers(self, qid: str, limit: int = 256 * 1024) -> bytes:
@@ -783,13 +726,13 @@ class Spool:
             elif name.endswith(TMP_SUFFIX):
                 if self._cleaned:
                     continue  # clean_incoming() removed the stale ones; this one is live
-                _unlink_quiet(os.path.join(self.queue_dir, name))
+                unlink_quiet(os.path.join(self.queue_dir, name))
                 if log:
                     log("removed temporary file {name} from queue/", name=name)
             else:
                 self.quarantine(name, "unexpected file in queue/", log)
         for qid in states - msgs:
-            _unlink_quiet(self.state_path(qid))
+            unlink_quiet(self.state_path(qid))
             if log:
                 log("{queue_id}: removed state file of a finished message", queue_id=qid)
         for qid in sorted(msgs):

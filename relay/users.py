@@ -23,8 +23,9 @@ import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from relay import fileio
 from relay.address import Address, AddressError, parse_mailbox
-from relay.fileio import makedirs_durable, write_all
+from relay.fileio import makedirs_durable
 
 SCRYPT_LN = 14  # n = 2**14: ~16 MiB and ~40 ms per check
 SCRYPT_R = 8
@@ -311,36 +312,11 @@ def _keep_owner(fd: int, path: str) -> None:
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write path durably: temp file, fsync, rename, fsync the directory."""
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        _keep_owner(fd, path)
-        write_all(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    os.close(fd)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Write path durably: temp file, fsync, rename, fsync the directory
+    (relay.fileio); mode whatever the umask, the old file's owner kept."""
+    fileio.write_atomic(path, data, tmp_path=os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                          fileio.temp_name(os.path.basename(path), pid=True)),
+                        mode=mode, chmod=True, setup=lambda fd: _keep_owner(fd, path))
 
 
 class UserExists(Exception):

@@ -11,8 +11,7 @@ from unittest import mock
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from relay import diskio
-from relay import spool as spoolmod
+from relay import diskio, fileio
 
 
 class QueueDirSyncTests(unittest.TestCase):
@@ -25,7 +24,7 @@ class QueueDirSyncTests(unittest.TestCase):
         log: list[tuple] = []
         gate = threading.Event()
         lock = threading.Lock()
-        real = spoolmod.fsync_dir
+        real = fileio.fsync_dir
 
         def fsync(path):
             with lock:
@@ -35,7 +34,7 @@ class QueueDirSyncTests(unittest.TestCase):
             with lock:
                 log.append(("end", len(log)))
 
-        with mock.patch.object(spoolmod, "fsync_dir", side_effect=fsync):
+        with mock.patch.object(fileio, "fsync_dir", side_effect=fsync):
             first = threading.Thread(target=qs.sync_after)
             first.start()
             while not log:  # the first fsync is running (and blocked)
@@ -62,7 +61,7 @@ class QueueDirSyncTests(unittest.TestCase):
 
     def test_a_failed_sync_fails_its_waiters_then_recovers(self):
         qs = diskio.QueueDirSync(self.dir)
-        with mock.patch.object(spoolmod, "fsync_dir", side_effect=OSError(5, "I/O error")):
+        with mock.patch.object(fileio, "fsync_dir", side_effect=OSError(5, "I/O error")):
             with self.assertRaises(OSError):
                 qs.sync_after()
         qs.sync_after()  # the next one works again

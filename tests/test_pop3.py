@@ -614,6 +614,16 @@ class SASLTests(Base):
         self.assertTrue(r[4].startswith(b"-ERR Invalid SASL PLAIN"))
         self.assertTrue(r[5].startswith(b"-ERR Unsupported authentication mechanism"))
 
+    async def test_authorization_identity_rule(self):
+        """relay.sasl's rule, the same as SMTP's (tests/test_smtp_tls.py): an
+        authzid is accepted when empty or the authcid's user modulo case."""
+        got = {}
+        for authz in ("", ALICE, ALICE.upper(), " " + ALICE, BOB):
+            # QUIT: the mailbox lock is free for the next login
+            r = await self.exchange(b"AUTH PLAIN " + self._plain(authz, ALICE, PASSWORDS[ALICE]), b"QUIT")
+            got[authz] = r[0].startswith(b"+OK Logged in")
+        self.assertEqual(got, {"": True, ALICE: True, ALICE.upper(): True, " " + ALICE: True, BOB: False})
+
     async def test_other_authorization_identity_refused(self):
         r = await self.exchange(b"AUTH PLAIN " + self._plain(BOB, ALICE, PASSWORDS[ALICE]))
         self.assertEqual(r, [b"-ERR [AUTH] Authentication failed"])

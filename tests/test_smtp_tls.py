@@ -197,6 +197,28 @@ class SubmissionAuth(TLSRelayCase):
         self.assertEqual(rs[0].lines, rs[1].lines)  # unknown user looks the same
         self.assertTrue(closed)
 
+    async def test_auth_plain_authorization_identity_rule(self):
+        """relay.sasl's rule, the same as POP3's (tests/test_pop3.py): an
+        authzid is accepted when empty or the authcid's user modulo case."""
+        def login(authz: str) -> int:
+            c = RawSMTP(*self.sub)
+            c.reply()
+            c.cmd("EHLO x")
+            c.cmd("STARTTLS")
+            c.starttls(self.certs.ca_pem)
+            c.cmd("EHLO x")
+            resp = base64.b64encode(f"{authz}\0alice@local.test\0alice-pw".encode()).decode()
+            r = c.cmd("AUTH PLAIN " + resp)
+            c.close()
+            return r.code
+
+        def run():
+            return {authz: login(authz) for authz in
+                    ("", "alice@local.test", "ALICE@Local.TEST", " alice@local.test", "bob@local.test")}
+
+        self.assertEqual(await in_thread(run), {"": 235, "alice@local.test": 235, "ALICE@Local.TEST": 235,
+                                                " alice@local.test": 235, "bob@local.test": 535})
+
     async def test_auth_refused_before_tls(self):
         def run():
             c = RawSMTP(*self.sub)

@@ -19,6 +19,7 @@ import time
 import unittest
 from unittest import mock
 
+from relay import fileio
 from relay import spool as spoolmod
 from relay.spool import (
     BOUNCED,
@@ -361,10 +362,10 @@ class Writing(SpoolCase):
     def test_state_write_syncs_file_before_rename_and_directory_after(self):
         env = self.queue()
         calls = []
-        real_rename, real_fdatasync, real_fsync_dir = os.rename, os.fdatasync, spoolmod.fsync_dir
+        real_rename, real_fdatasync, real_fsync_dir = os.rename, os.fdatasync, fileio.fsync_dir
         with mock.patch("os.fdatasync", side_effect=lambda fd: (calls.append("fdatasync"), real_fdatasync(fd))), \
              mock.patch("os.rename", side_effect=lambda a, b: (calls.append("rename"), real_rename(a, b))), \
-             mock.patch.object(spoolmod, "fsync_dir", side_effect=lambda d: (calls.append("fsync_dir"),
+             mock.patch.object(fileio, "fsync_dir", side_effect=lambda d: (calls.append("fsync_dir"),
                                                                             real_fsync_dir(d))):
             self.spool.write_state(env.queue_id, State.fresh(env))
         self.assertEqual(calls, ["fdatasync", "rename", "fsync_dir"])
@@ -381,8 +382,8 @@ class Writing(SpoolCase):
         qid = env.queue_id
         self.spool.write_state(qid, State.fresh(env))
         calls = []
-        real_unlink, real_fsync_dir = spoolmod._unlink_quiet, spoolmod.fsync_dir
-        with mock.patch.object(spoolmod, "_unlink_quiet",
+        real_unlink, real_fsync_dir = spoolmod.unlink_quiet, spoolmod.fsync_dir
+        with mock.patch.object(spoolmod, "unlink_quiet",
                                side_effect=lambda p: (calls.append(("unlink", os.path.basename(p))), real_unlink(p))), \
              mock.patch.object(spoolmod, "fsync_dir",
                                side_effect=lambda d: (calls.append(("fsync_dir", os.path.basename(d))),

@@ -57,7 +57,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay import dotstuff
 from relay.fastwrite import send_now
+from relay.idle import IdleTimer
 from relay.mx import Hop
 from relay.tls import session_info
 
@@ -252,7 +254,7 @@ class _ClientProtocol(Protocol):
         self._code: int | None = None
         self._waiters: deque[_Waiter] = deque()
         self._early: deque[Reply] = deque()
-        self._timer = None
+        self._reply_timer = IdleTimer(clock, self._reply_timed_out)
         self._failure: ConversationError | None = None
         self._discarding = False
         self.discarded = 0  # bytes thrown away after the reply to STARTTLS
@@ -376,43 +378,23 @@ class _ClientProtocol(Protocol):
         self.send(line)
         return d
 
-    # One reply timer per connection, moved lazily: starting and stopping
-    # it only sets the deadline; when it fires early it sleeps again for the
-    # rest, and with no deadline it just ends.  (A callLater and a cancel
-    # per reply were a measurable cost with several replies per message.)
-    _deadline: float | None = None
+    # One reply timer per connection, moved lazily (relay.idle): starting
+    # and stopping it only sets the deadline.
     _deadline_stage = ""
 
     def _start_timer(self, w: _Waiter) -> None:
-        self._deadline = deadline = self.clock.seconds() + w.timeout
         self._deadline_stage = w.stage
-        t = self._timer
-        if t is not None:
-            if t.getTime() <= deadline:
-                return
-            t.cancel()
-        self._timer = self.clock.callLater(w.timeout, self._check_timeout)
+        self._reply_timer.set(w.timeout)
 
     def _stop_timer(self) -> None:
-        self._deadline = None
+        self._reply_timer.pause()
 
     def _cancel_timer(self) -> None:
-        self._deadline = None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._reply_timer.cancel()
 
-    def _check_timeout(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None or self.lost is not None:
-            return
-        left = deadline - self.clock.seconds()
-        if left > 0:
-            self._timer = self.clock.callLater(left, self._check_timeout)
-            return
-        self._deadline = None
-        self.fail(ConversationError("timeout", self._deadline_stage))
+    def _reply_timed_out(self) -> None:
+        if self.lost is None:
+            self.fail(ConversationError("timeout", self._deadline_stage))
 
     def _protocol_error(self, detail: str) -> None:
         self.fail(ConversationError("protocol", self.stage, detail))
@@ -481,11 +463,7 @@ class _ClientProtocol(Protocol):
         sent with its final "." in one write, as _MessageProducer would."""
         if self.lost is not None:
             raise self.lost
-        out = data.replace(b"\n.", b"\n..")
-        if data[:1] == b".":
-            out = b"." + out
-        tail = b"" if not data or data.endswith(b"\r\n") else b"\r\n"
-        send_now(self.transport, out + tail + b".\r\n")
+        send_now(self.transport, dotstuff.stuff_message(data))
 
     def send_message(self, path: str, offset: int, size: int, block_timeout: float) -> defer.Deferred:
         """Stream the message, dot-stuffed, then ".": fires when all is written."""
@@ -532,8 +510,7 @@ class _MessageProducer:
         self.remaining = size
         self.size = size
         self.block_timeout = block_timeout
-        self.at_line_start = True
-        self.last2 = b""
+        self.stuffer = dotstuff.Stuffer()
         self.paused = False
         self.finished = False
         self.sent = 0  # message bytes read and written so far (for tests/logs)
@@ -579,9 +556,8 @@ class _MessageProducer:
         t = self.proto.transport
         while not self.paused and not self.finished and self.proto.lost is None:
             if self.remaining == 0:
-                tail = b"" if self.size == 0 or self.last2 == b"\r\n" else b"\r\n"
                 self._finish()
-                t.write(tail + b".\r\n")
+                t.write(self.stuffer.end())
                 self.d.callback(None)
                 return
             try:
@@ -596,12 +572,7 @@ class _MessageProducer:
                 return
             self.remaining -= len(chunk)
             self.sent += len(chunk)
-            out = chunk.replace(b"\n.", b"\n..")
-            if self.at_line_start and chunk[:1] == b".":
-                out = b"." + out
-            self.at_line_start = chunk.endswith(b"\n")
-            self.last2 = (self.last2 + chunk)[-2:]
-            t.write(out)
+            t.write(self.stuffer.feed(chunk))
 
     def stopProducing(self) -> None:
         self._close()

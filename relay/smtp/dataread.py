@@ -19,6 +19,8 @@ the client sends.
 
 from __future__ import annotations
 
+from relay.dotstuff import unstuff_lines
+
 MAX_LINE = 998  # octets of text per line, without CRLF
 TERM = b"\r\n.\r\n"
 
@@ -80,8 +82,7 @@ class DataReader:
         crlf = text.count(b"\r\n")
         if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
             return self._bad("bare", pre, rest)
-        if b"\r\n." in b"\r\n" + text:
-            text = (b"\r\n" + text).replace(b"\r\n.", b"\r\n")[2:]
+        text = unstuff_lines(text)
         if len(text) > MAX_LINE and max(map(len, text.split(b"\r\n"))) > MAX_LINE:
             return self._bad("long", pre, rest)
         self.size += len(text)

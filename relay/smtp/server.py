@@ -35,8 +35,6 @@ this module only speaks the protocol.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.utils
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,9 +45,11 @@ from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relay import sasl
 from relay import spool as spoolmod
 from relay.address import Address, AddressError, parse_path, split_command_argument
 from relay.fastwrite import send_now
+from relay.idle import IdleTimer
 from relay.policy import Client, Decision
 from relay.smtp.dataread import DataReader
 
@@ -160,7 +160,7 @@ class SMTPServer(Protocol):
         self.discard_line = False  # skipping the rest of an over-long line
         self._more = None  # the call that goes on with a long pipelined burst
         self.mode = "command"  # command | data | auth
-        self.timer = None
+        self.idle = IdleTimer(ctx.reactor, self._idle_expired)
         self.errors = 0
         self.auth_failures = 0
         self.peer_ip = "?"
@@ -275,44 +275,22 @@ class SMTPServer(Protocol):
         self._close()
 
     # -- timers ----------------------------------------------------------
-    # One idle timer per session, re-armed lazily: each command only moves
-    # the deadline; when the timer fires before it, it sleeps again for the
-    # rest.  (A callLater and a cancel per command was a measurable part of
-    # the reactor's time with a new connection per message.)
-    _deadline: float | None = None
+    # One idle timer per session, moved lazily (relay.idle).
 
     def _arm(self) -> None:
-        if self.closing:
-            return
-        timeout = self.cfg.smtp.timeout
-        self._deadline = self.ctx.reactor.seconds() + timeout
-        if self.timer is None:
-            self.timer = self.ctx.reactor.callLater(timeout, self._check_timeout)
+        if not self.closing:
+            self.idle.set(self.cfg.smtp.timeout)
 
     def _suspend(self) -> None:
         """No idle timeout while we make the client wait (disk, AUTH delay)."""
-        self._deadline = None
+        self.idle.pause()
 
     def _disarm(self) -> None:
-        self._deadline = None
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.idle.cancel()
 
-    def _check_timeout(self) -> None:
-        self.timer = None
-        if self.closing:
-            return
-        reactor = self.ctx.reactor
-        deadline = self._deadline
-        if deadline is None:
-            self.timer = reactor.callLater(self.cfg.smtp.timeout, self._check_timeout)
-            return
-        left = deadline - reactor.seconds()
-        if left > 0:
-            self.timer = reactor.callLater(left, self._check_timeout)
-            return
-        self._timeout()
+    def _idle_expired(self) -> None:
+        if not self.closing:
+            self._timeout()
 
     def _timeout(self) -> None:
         self._disarm()
@@ -969,22 +947,22 @@ class SMTPServer(Protocol):
             self.error(501, "5.0.0 Authentication aborted")
             return
         try:
-            value = base64.b64decode(b64, validate=True) if b64 != "=" else b""
-        except (binascii.Error, ValueError):
+            value = sasl.decode_base64(b64)
+        except sasl.Base64Error:
             self.mode = "command"
             self.error(501, "5.5.2 Cannot decode response")
             return
         if mech == "PLAIN":
-            fields = value.split(b"\x00")
             self.mode = "command"
-            if len(fields) != 3:
+            try:
+                plain = sasl.split_plain(value)
+            except sasl.PlainFormatError:
                 self.error(501, "5.5.2 Invalid PLAIN response")
                 return
-            authz, user, pw = fields
-            if authz and authz != user:
+            if not plain.authzid_allowed:
                 self._auth_fail()
                 return
-            self._auth_check(user, pw)
+            self._auth_check(plain.authcid, plain.password)
             return
         parts.append(value)
         if len(parts) == 1:
