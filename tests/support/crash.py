@@ -148,14 +148,22 @@ class SinkProcess:
 
 
 class Clients:
-    """Client threads sending numbered messages in a loop."""
+    """Client threads sending numbered messages in a loop.
+
+    Subclasses choose the messages (``_message``) and what an acknowledged
+    one records (``_acked``); ``go`` is cleared to hold the clients back
+    (they reconnect once it is set again)."""
+
+    name = "crash"
 
     def __init__(self, host: str, port: int, n: int, seed: int):
         self.host, self.port = host, port
         self.stop_event = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
         self.lock = threading.Lock()
         # queue id -> (Message-ID, rcpts, sha256 of the message as sent)
-        self.acked: dict[str, tuple[str, tuple[str, ...], str]] = {}
+        self.acked: dict[str, tuple] = {}
         self.sent = 0
         self.errors: Counter = Counter()
         self.threads = [threading.Thread(target=self._loop, args=(seed * 1000 + i,), daemon=True)
@@ -170,9 +178,20 @@ class Clients:
         for t in self.threads:
             t.join(30)
 
-    def snapshot(self) -> dict[str, tuple[str, tuple[str, ...], str]]:
+    def snapshot(self) -> dict[str, tuple]:
         with self.lock:
             return dict(self.acked)
+
+    def _message(self, rnd: random.Random, mid: str, n: int) -> tuple[tuple[str, ...], bytes]:
+        """(recipients, message) of the n-th message of one client."""
+        rcpts = tuple(f"r{k}@dest.test" for k in rnd.sample(range(8), rnd.randint(1, 3)))
+        lines = rnd.randint(10, 250)
+        msg = (f"Message-ID: <{mid}>\r\nFrom: <c@client.test>\r\nSubject: crash {n}\r\n\r\n"
+               + f"{mid} line of text to make up some size .......................\r\n" * lines).encode()
+        return rcpts, msg
+
+    def _acked(self, qid: str, mid: str, rcpts: tuple[str, ...], msg: bytes) -> None:
+        self.acked[qid] = (mid, rcpts, hashlib.sha256(msg).hexdigest())
 
     def _loop(self, seed: int) -> None:
         rnd = random.Random(seed)
@@ -180,15 +199,11 @@ class Clients:
         while not self.stop_event.is_set():
             try:
                 with smtplib.SMTP(self.host, self.port, timeout=15) as s:
-                    s.ehlo("crash.client")
-                    while not self.stop_event.is_set():
+                    s.ehlo(f"{self.name}.client")
+                    while not self.stop_event.is_set() and self.go.is_set():
                         n += 1
-                        mid = f"{seed}.{n}@crash.test"
-                        rcpts = tuple(f"r{k}@dest.test" for k in rnd.sample(range(8), rnd.randint(1, 3)))
-                        lines = rnd.randint(10, 250)
-                        body = (f"Message-ID: <{mid}>\r\nFrom: <c@client.test>\r\nSubject: crash {n}\r\n\r\n"
-                                + f"{mid} line of text to make up some size .......................\r\n" * lines
-                                ).encode()
+                        mid = f"{seed}.{n}@{self.name}.test"
+                        rcpts, msg = self._message(rnd, mid, n)
                         s.mail("c@client.test")
                         for r in rcpts:
                             s.rcpt(r)
@@ -198,19 +213,19 @@ class Clients:
                         with self.lock:
                             self.sent += 1
                         # smtplib.data() would send DATA again: send the body by hand
-                        s.send(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+                        s.send(msg.replace(b"\r\n.", b"\r\n..") + b".\r\n")
                         code, resp = s.getreply()
-                        if code == 250:
-                            qid = resp.decode().rsplit(" ", 1)[1]
-                            with self.lock:
-                                self.acked[qid] = (mid, rcpts, hashlib.sha256(body).hexdigest())
-                        else:
-                            with self.lock:
+                        with self.lock:
+                            if code == 250:
+                                self._acked(resp.decode().rsplit(" ", 1)[1], mid, rcpts, msg)
+                            else:
                                 self.errors[f"{code}"] += 1
             except (OSError, smtplib.SMTPException) as e:
                 with self.lock:
                     self.errors[e.__class__.__name__] += 1
                 self.stop_event.wait(0.02)
+            while not self.go.wait(0.05) and not self.stop_event.is_set():
+                pass
 
 
 def spools(spool_root: str) -> list[spoolmod.Spool]:

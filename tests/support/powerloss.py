@@ -28,13 +28,12 @@ import hashlib
 import os
 import random
 import re
-import smtplib
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from relay import spool as spoolmod
+from tests.support import crash
 from tests.support.crash import RELAY_IP, SINK_IP, SinkProcess, kill_relay, queued
 from tests.support.pop3server import write_users
 from tests.support.powerfs import PowerFS
@@ -98,78 +97,26 @@ class PowerReport:
         )
 
 
-class Clients:
-    """Client threads sending numbered messages; every body's digest is kept."""
+class Clients(crash.Clients):
+    """The crash harness's clients, with local and deferred recipients too;
+    every body's digest is kept (an acknowledged message records its
+    Message-ID and recipients)."""
+
+    name = "power"
 
     def __init__(self, host: str, port: int, n: int, seed: int):
-        self.host, self.port = host, port
-        self.stop_event = threading.Event()
-        self.go = threading.Event()  # cleared while the relay restarts and loads its queue
-        self.go.set()
-        self.lock = threading.Lock()
-        self.acked: dict[str, tuple[str, tuple[str, ...]]] = {}
+        super().__init__(host, port, n, seed)
         self.digests: dict[str, str] = {}  # Message-ID -> body digest (every message sent)
-        self.sent = 0
-        self.errors: Counter = Counter()
-        self.threads = [threading.Thread(target=self._loop, args=(seed * 1000 + i,), daemon=True)
-                        for i in range(n)]
 
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(30)
-
-    def snapshot(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+    def _message(self, rnd: random.Random, mid: str, n: int) -> tuple[tuple[str, ...], bytes]:
+        rcpts = tuple(rnd.sample(REMOTE + DEFERRED + LOCAL, rnd.randint(1, 3)))
+        body = f"{mid} line of text to make up some size ....................\r\n".encode() * rnd.randint(5, 150)
         with self.lock:
-            return dict(self.acked)
+            self.digests[mid] = hashlib.sha256(body).hexdigest()[:16]
+        return rcpts, f"Message-ID: <{mid}>\r\nFrom: <c@client.test>\r\nSubject: power {n}\r\n\r\n".encode() + body
 
-    def _loop(self, seed: int) -> None:
-        rnd = random.Random(seed)
-        pool = REMOTE + DEFERRED + LOCAL
-        n = 0
-        while not self.stop_event.is_set():
-            try:
-                with smtplib.SMTP(self.host, self.port, timeout=15) as s:
-                    s.ehlo("power.client")
-                    while not self.stop_event.is_set():
-                        if not self.go.is_set():
-                            break  # reconnect once the relay is back and has loaded its queue
-                        n += 1
-                        mid = f"{seed}.{n}@power.test"
-                        rcpts = tuple(rnd.sample(pool, rnd.randint(1, 3)))
-                        body = f"{mid} line of text to make up some size ....................\r\n".encode() \
-                            * rnd.randint(5, 150)
-                        msg = (f"Message-ID: <{mid}>\r\nFrom: <c@client.test>\r\nSubject: power {n}\r\n\r\n"
-                               .encode() + body)
-                        with self.lock:
-                            self.digests[mid] = hashlib.sha256(body).hexdigest()[:16]
-                        s.mail("c@client.test")
-                        for r in rcpts:
-                            s.rcpt(r)
-                        code, _ = s.docmd("DATA")
-                        if code != 354:
-                            raise smtplib.SMTPResponseException(code, b"DATA refused")
-                        with self.lock:
-                            self.sent += 1
-                        s.send(msg.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-                        code, resp = s.getreply()
-                        if code == 250:
-                            qid = resp.decode().rsplit(" ", 1)[1]
-                            with self.lock:
-                                self.acked[qid] = (mid, rcpts)
-                        else:
-                            with self.lock:
-                                self.errors[f"{code}"] += 1
-            except (OSError, smtplib.SMTPException) as e:
-                with self.lock:
-                    self.errors[e.__class__.__name__] += 1
-                self.stop_event.wait(0.02)
-            while not self.go.wait(0.05) and not self.stop_event.is_set():
-                pass
+    def _acked(self, qid: str, mid: str, rcpts: tuple[str, ...], msg: bytes) -> None:
+        self.acked[qid] = (mid, rcpts)
 
 
 def maildir_copies(mail_root: str) -> Counter:

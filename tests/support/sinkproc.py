@@ -95,19 +95,19 @@ class _Cycle:
         return self.replies[(self.n - 1) % len(self.replies)]
 
 
-def read_bodies(path: str) -> Counter:
-    """(message-id, recipient, body digest) -> copies accepted."""
-    c: Counter = Counter()
+def _records(path: str):
+    """The fields of each complete record line ([] when the file is missing)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return c
-    for line in data.split(b"\n"):
-        parts = line.split(b" ")
-        if len(parts) >= 4:
-            c[(parts[0].decode(), parts[1].decode(), parts[3].decode())] += 1
-    return c
+        return []
+    return [[p.decode() for p in line.split(b" ")] for line in data.split(b"\n") if line.count(b" ") >= 3]
+
+
+def read_bodies(path: str) -> Counter:
+    """(message-id, recipient, body digest) -> copies accepted."""
+    return Counter((mid, rcpt, body) for mid, rcpt, _digest, body, *_ in _records(path))
 
 
 def read_record(path: str) -> Counter:
@@ -121,15 +121,8 @@ def read_record(path: str) -> Counter:
 def read_digests(path: str) -> dict[tuple[str, str], list[str]]:
     """(message-id, recipient) -> the digest of every copy the sink accepted."""
     out: dict[tuple[str, str], list[str]] = {}
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return out
-    for line in data.split(b"\n"):
-        parts = line.split(b" ")
-        if len(parts) >= 3:
-            out.setdefault((parts[0].decode(), parts[1].decode()), []).append(parts[2].decode())
+    for mid, rcpt, digest, *_ in _records(path):
+        out.setdefault((mid, rcpt), []).append(digest)
     return out
 
 
