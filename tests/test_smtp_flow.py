@@ -19,6 +19,7 @@ from twisted.internet import reactor, task
 from twisted.internet import tcp as tcpmod
 from twisted.trial import unittest
 
+from relay.smtp.server import PAUSED_INPUT_LIMIT
 from tests.support.certs import cert_files
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.wait import apoll
@@ -95,7 +96,11 @@ class FlowControl(unittest.TestCase):
             def held() -> int:
                 return len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen
 
-            await apoll(lambda: tcp not in reactor.getReaders(), 30,
+            # the steady state: the transport said its buffer is full and the
+            # session stopped reading (a pause between two slices of a burst
+            # also takes the socket out of the readers, for one reactor turn)
+            await apoll(lambda: getattr(p, "_out_paused", False) and len(p.buf) >= PAUSED_INPUT_LIMIT
+                        and tcp not in reactor.getReaders(), 30,
                         what="the relay to stop reading while its replies are not drained")
             # and it stays so (not the pause between two slices of a long burst),
             # holding a bounded amount: a transport buffer and the lines read before
