@@ -1,6 +1,6 @@
 """POP3 retrieval benchmark: twisted-relay's POP3 server vs Dovecot's.
 
-One mailbox of 1000 x 2 KB messages (delivered with relay.maildir.deliver);
+One mailbox of 1000 x 2 KB messages (delivered with relay.mailbox.maildir.deliver);
 Python's poplib logs in and the timed part is LIST + RETR of every message +
 QUIT, one session.  Each run gets a fresh copy of the Maildir (all mail in
 new/) and an untimed warm-up login (STAT, QUIT) first, so both servers are
@@ -67,8 +67,7 @@ def make_mailbox(root: str, n: int, size: int) -> str:
     """Deliver n distinct messages of about size octets (each its own number in
     its Message-ID and body, and a line starting with a dot, which goes
     dot-stuffed over the wire); return the Maildir path."""
-    from relay import maildir
-
+    from relay.mailbox import maildir
     src = os.path.join(os.path.dirname(root), "message.eml")
     body_line = b"The quick brown fox jumps over the lazy dog, again and again.\r\n"
     path = ""
@@ -148,8 +147,8 @@ def serve(root: str, users: str, port: int) -> None:
     """Subprocess mode: run our POP3 server on HOST:port until killed."""
     from twisted.internet import reactor
 
-    from relay import pop3
-    from relay.users import UserDB
+    from relay.mailbox import pop3
+    from relay.mailbox.users import UserDB
 
     f = pop3.POP3Factory(hostname="bench.example.org", mailbox_root=root,
                          local_domains=["example.org"], userdb=UserDB(users))
@@ -161,7 +160,7 @@ class OurServer:
     name = "twisted-relay"
 
     def __init__(self, workdir: str):
-        from relay.users import hash_password
+        from relay.mailbox.users import hash_password
 
         self.workdir = workdir
         self.users = os.path.join(workdir, "users")
@@ -311,8 +310,7 @@ def proc_kb(pid: int, field: str) -> int:
 
 def large_message(workdir: str, mb: int) -> tuple[float, int, int]:
     """RETR of one mb-MB message from our server: seconds, octets, RSS growth (KB, sampled)."""
-    from relay import maildir
-
+    from relay.mailbox import maildir
     src = os.path.join(workdir, "large.eml")
     line = b"y" * 78 + b"\r\n"
     with open(src, "wb") as f:

@@ -27,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from relay import spool as spoolmod  # noqa: E402
+from relay.queue import spool as spoolmod  # noqa: E402
 
 BODY = b"Subject: bench\r\nMessage-ID: <%s@bench>\r\n\r\n" + b"x" * 70 + b"\r\n"
 
@@ -79,7 +79,7 @@ def relayctl(cfg: str, *args: str) -> float:
     env = dict(os.environ, PYTHONPATH=ROOT)
     t0 = time.monotonic()
     with open(os.devnull, "wb") as null:
-        p = subprocess.run([sys.executable, "-m", "relay.cli", "--config", cfg, *args], stdout=null,
+        p = subprocess.run([sys.executable, "-m", "relay.admin.cli", "--config", cfg, *args], stdout=null,
                            stderr=subprocess.PIPE, env=env, timeout=600)
     dt = time.monotonic() - t0
     if p.returncode != 0:
@@ -101,7 +101,7 @@ def free_port() -> int:
 
 def count_lines(cfg: str) -> int:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-m", "relay.cli", "--config", cfg, "queue", "--json"],
+    out = subprocess.run([sys.executable, "-m", "relay.admin.cli", "--config", cfg, "queue", "--json"],
                          capture_output=True, env=env, timeout=600).stdout
     return sum(1 for line in out.splitlines() if json.loads(line))
 

@@ -1,4 +1,4 @@
-"""relay.address: RFC 5321 paths and mailboxes, normalising, routing detection.
+"""relay.common.address: RFC 5321 paths and mailboxes, normalising, routing detection.
 
 Plain Python (no reactor).  The hypothesis tests fuzz the parser: whatever
 a client sends, the parser either returns a canonical Address that parses
@@ -13,7 +13,7 @@ import unittest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from relay.address import (
+from relay.common.address import (
     Address,
     AddressError,
     normalize_domain,

@@ -1,4 +1,4 @@
-"""relay.aliases: the aliases file, its errors (file and line), expansion, reloads."""
+"""relay.intake.aliases: the aliases file, its errors (file and line), expansion, reloads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tempfile
 import unittest
 from unittest import mock
 
-from relay.aliases import MAX_DEPTH, AliasesFileError, AliasFile, AliasMap, expand
+from relay.intake.aliases import MAX_DEPTH, AliasesFileError, AliasFile, AliasMap, expand
 
 LOCAL = ("local.test", "second.test")
 USERS = ["alice@local.test", "bob@local.test", "carol@local.test", "dave@second.test"]

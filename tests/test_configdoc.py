@@ -1,6 +1,6 @@
-"""relay.configdoc: etc/relay.toml and docs/configuration.md come from the one
+"""relay.config.doc: etc/relay.toml and docs/configuration.md come from the one
 declaration of the keys in relay.config, document exactly the declared keys,
-and are current (``python -m relay.configdoc`` rewrites them)."""
+and are current (``python -m relay.config.doc`` rewrites them)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import unittest
 from unittest import mock
 
 from relay import config as configmod
-from relay import configdoc
-from relay import configvalues as v
+from relay.config import doc as configdoc
+from relay.config import values as v
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "etc", "relay.toml")
@@ -31,12 +31,12 @@ def _read(path: str) -> str:
 class Current(unittest.TestCase):
     def test_sample_is_generated_from_the_declaration(self):
         self.assertEqual(_read(SAMPLE), configdoc.relay_toml(),
-                         "etc/relay.toml is not current: run .venv/bin/python -m relay.configdoc")
+                         "etc/relay.toml is not current: run .venv/bin/python -m relay.config.doc")
 
     def test_reference_is_generated_from_the_declaration(self):
         text = _read(REFERENCE)
         self.assertEqual(text, configdoc.configuration_md(text),
-                         "docs/configuration.md is not current: run .venv/bin/python -m relay.configdoc")
+                         "docs/configuration.md is not current: run .venv/bin/python -m relay.config.doc")
 
     def test_reference_names_every_key(self):
         text = _read(REFERENCE)
@@ -118,7 +118,7 @@ class SampleMeansTheDefaults(unittest.TestCase):
 
 
 class Command(unittest.TestCase):
-    """``python -m relay.configdoc`` as a real process, on a copy of the files."""
+    """``python -m relay.config.doc`` as a real process, on a copy of the files."""
 
     def setUp(self):
         self.root = tempfile.mkdtemp(prefix="relay-doc-root-")
@@ -129,7 +129,7 @@ class Command(unittest.TestCase):
 
     def run_configdoc(self, *args: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, PYTHONPATH=ROOT)
-        return subprocess.run([sys.executable, "-m", "relay.configdoc", "--root", self.root, *args],
+        return subprocess.run([sys.executable, "-m", "relay.config.doc", "--root", self.root, *args],
                               capture_output=True, text=True, env=env, timeout=60)
 
     def test_check_passes_on_current_files(self):

@@ -2,11 +2,11 @@
 
 The relay runs in-process on the test reactor (RelayService with its
 ControlService listening on <spool>/control.sock); ``relayctl`` runs as a
-subprocess (``python -m relay.cli --config FILE``) in a thread, so the
+subprocess (``python -m relay.admin.cli --config FILE``) in a thread, so the
 reactor keeps serving it.  The next hop is tests.support.sink on 127.0.0.2,
 reached by a relay.routes entry, so every delivery outcome is scripted; MX
 look-ups for ``route`` go to tests.support.dns.  The offline verbs (no
-relay running) are tested on spools written with relay.spool.
+relay running) are tested on spools written with relay.queue.spool.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import pytest
 from twisted.trial import unittest
 
 from relay import config as configmod
-from relay import spool as spoolmod
-from relay import users as usersmod
-from relay.ctlclient import _BoxReader, encode_box
-from relay.ctlproto import big
+from relay.admin.client import _BoxReader, encode_box
+from relay.admin.proto import big
+from relay.mailbox import users as usersmod
+from relay.queue import spool as spoolmod
 from tests.support.ctlprobe import probe_imports
 from tests.support.dns import DNSServer, Zone
 from tests.support.relay import ROOT, InProcessRelay, in_thread, toml_dumps
@@ -50,7 +50,7 @@ def run_ctl(config_path: str, *args: str, env: dict | None = None, user: int | N
         kw["user"] = user
         kw["group"] = user
         kw["extra_groups"] = []
-    return subprocess.run([sys.executable, "-m", "relay.cli", "--config", config_path, *args],
+    return subprocess.run([sys.executable, "-m", "relay.admin.cli", "--config", config_path, *args],
                           capture_output=True, text=True, env=e, timeout=timeout, cwd="/", **kw)
 
 
@@ -237,7 +237,7 @@ class Listing(LiveCase):
 
 class LiveImports(LiveCase):
     """Against a running relay too, relayctl's queue and status verbs import
-    no Twisted (relay.cli): the protocol comes from relay.ctlproto."""
+    no Twisted (relay.admin.cli): the protocol comes from relay.admin.proto."""
 
     sink_behaviour = {"rcpt_replies": {"b@sink.test": "451 4.2.0 mailbox busy"}}
 
@@ -614,7 +614,7 @@ class SocketStartup(unittest.TestCase):
         self.assertIs(json.loads(r.stdout)["running"], True)
 
     async def test_live_socket_or_other_file_stops_the_start(self):
-        from relay.service import StartupError
+        from relay.runtime.service import StartupError
 
         s = socket.socket(socket.AF_UNIX)
         s.bind(self.path)
@@ -780,7 +780,7 @@ def test_offline_relay_waits_for_relayctl_lock(tmp):
     cfg, (a,) = make_spool(tmp, [{"rcpts": ["x@dest.test"]}])
     lock = os.open(os.path.join(tmp, "spool", "lock"), os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)  # as relayctl does during a change
-    from relay.service import RelayService
+    from relay.runtime.service import RelayService
 
     svc = RelayService(configmod.load(cfg))
     t0 = time.monotonic()
@@ -798,7 +798,7 @@ def test_box_codec_roundtrip():
     """The Twisted-free client codec reads what Twisted's AMP writes, BigString included."""
     from twisted.protocols import amp
 
-    from relay.ctlamp import BigString, QueueList
+    from relay.admin.amp import BigString, QueueList
 
     value = bytes(range(256)) * 700  # 179,200 bytes: three AMP values
     strings = amp.AmpBox()

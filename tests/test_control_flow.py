@@ -1,4 +1,4 @@
-"""The control socket's output flow control (relay.flow), over the real UNIX
+"""The control socket's output flow control (relay.common.flow), over the real UNIX
 socket: a client that sends requests and never reads the answers makes the
 relay stop reading it, instead of holding every answer in memory; once it
 reads, every answer comes."""
@@ -13,7 +13,7 @@ import threading
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
-from relay.ctlclient import _BoxReader, encode_box
+from relay.admin.client import _BoxReader, encode_box
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.wait import apoll
 

@@ -1,4 +1,4 @@
-"""relay.diskio: the thread-side group commit of directory fsyncs, and
+"""relay.queue.diskio: the thread-side group commit of directory fsyncs, and
 results of the disk pool coming back to the reactor."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from unittest import mock
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from relay import diskio, fileio
+from relay.common import fileio
+from relay.queue import diskio
 
 
 class QueueDirSyncTests(unittest.TestCase):

@@ -111,11 +111,11 @@ def test_architecture_names_only_what_exists():
 
 
 def test_the_reference_check_catches_a_wrong_name():
-    refs = architecture_references("`spool.write_atomic`, `queue.QueueManager.nonesuch`, `relay.toml`, `x.y`, "
+    refs = architecture_references("`queue/spool.write_atomic`, `queue/manager.QueueManager.nonesuch`, `relay.toml`, `x.y`, "
                                    "`delivery.max_concurrency`")
-    assert refs == [("relay/spool.py", "write_atomic"), ("relay/queue.py", "QueueManager.nonesuch")]
-    assert "QueueManager.nonesuch" not in _definitions("relay/queue.py")
-    assert "QueueManager.add" in _definitions("relay/queue.py")
+    assert refs == [("relay/queue/spool.py", "write_atomic"), ("relay/queue/manager.py", "QueueManager.nonesuch")]
+    assert "QueueManager.nonesuch" not in _definitions("relay/queue/manager.py")
+    assert "QueueManager.add" in _definitions("relay/queue/manager.py")
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -140,7 +140,7 @@ def test_every_docs_page_is_linked_from_the_readme():
 
 
 def test_sections_named_in_the_relays_messages_exist():
-    # relay/sendmail.py tells a user whose message was not queued to see this README section
-    assert 'see \\"Sending from local programs\\" in the README' in _read("relay/sendmail.py")
+    # relay/intake/sendmail.py tells a user whose message was not queued to see this README section
+    assert 'see \\"Sending from local programs\\" in the README' in _read("relay/intake/sendmail.py")
     assert "\n## Sending from local programs (relay-sendmail)\n" in _read("README.md")
     assert "](docs/sendmail.md)" in _section(_read("README.md"), "Sending from local programs (relay-sendmail)")

@@ -1,4 +1,4 @@
-"""relay.dotstuff: one helper for both directions (the wire behaviour is
+"""relay.common.dotstuff: one helper for both directions (the wire behaviour is
 tested over sockets in test_smtp_client.py, test_pop3.py, test_sendmail.py
 and test_smtp_server.py)."""
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from relay import dotstuff
+from relay.common import dotstuff
 
 CASES = [b"", b".", b"..", b"a", b".a\r\n", b"a\r\n.\r\n", b"a\r\n..b\r\n.", b"x\n.y\r\n", b"\r\n.\r\n.\r\n",
          b"no end", b"a\r", b"line\r\n"]

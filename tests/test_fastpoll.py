@@ -1,4 +1,4 @@
-"""relay.fastpoll: the epoll loop without the per-event logging context."""
+"""relay.runtime.fastpoll: the epoll loop without the per-event logging context."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import select
 from twisted.internet import epollreactor
 from twisted.trial import unittest
 
-from relay import fastpoll
+from relay.runtime import fastpoll
 
 
 class _Poller:

@@ -1,11 +1,11 @@
-"""relay.idle: the one lazily moved idle timer (its users over sockets:
+"""relay.common.idle: the one lazily moved idle timer (its users over sockets:
 test_smtp_protocol.py, test_pop3_unit.py, test_smtp_client_faults.py)."""
 
 from __future__ import annotations
 
 from twisted.internet import task
 
-from relay.idle import IdleTimer
+from relay.common.idle import IdleTimer
 
 
 def make():

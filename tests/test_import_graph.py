@@ -84,7 +84,7 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert "relay.control" in graph and "relay.service" in graph  # the graph was read
+    assert "relay.admin.control" in graph and "relay.runtime.service" in graph  # the graph was read
     assert cycles(graph) == []
 
 
@@ -92,7 +92,7 @@ def test_control_side_does_not_reach_into_the_service():
     """The control socket, the protocol and the metrics get what they use as
     parameters: none imports the service that assembles them."""
     graph = import_graph()
-    for name in ("relay.control", "relay.ctlproto", "relay.ctlamp", "relay.ctlclient", "relay.ctlcmds",
-                 "relay.metrics", "relay.cli", "relay.workerpaths"):
-        assert "relay.service" not in graph[name], name
-        assert "relay.master" not in graph[name], name
+    for name in ("relay.admin.control", "relay.admin.proto", "relay.admin.amp", "relay.admin.client",
+                 "relay.admin.commands", "relay.runtime.metrics", "relay.admin.cli", "relay.runtime.workerpaths"):
+        assert "relay.runtime.service" not in graph[name], name
+        assert "relay.runtime.master" not in graph[name], name

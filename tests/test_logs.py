@@ -1,4 +1,4 @@
-"""relay.logs: the JSON object of an event, and how twistd is made to use it."""
+"""relay.runtime.logs: the JSON object of an event, and how twistd is made to use it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 
 from relay import config as configmod
-from relay import logs, logsafe
+from relay.common import logsafe
+from relay.runtime import logs
 
 
 def capture(fn):
@@ -214,7 +215,7 @@ def test_syslog_and_logger_options_win():
     assert logs.for_twistd(svc, cfg("json"), FakePluginOptions(FakeServerOptions(logger="a.b"))) is svc
 
 
-# -- untrusted text in lines (relay.logsafe) -------------------------------------------------
+# -- untrusted text in lines (relay.common.logsafe) -------------------------------------------------
 
 ATTACK_SENDER = '"reject: RCPT from x[203.0.113.7]: "@attacker.example'
 CONTROLS = "\x00\x07\x1b[2J\r\n\x7f\x85\x9b\u2028\u2029\u202e\u2066\u200f\ufeff\udcff\xa0"
@@ -344,8 +345,8 @@ def test_json_lines_stay_one_line_without_raw_controls_and_keep_exact_values():
 
 def test_worker_events_are_neutralised_by_the_master():
     """A worker's events reach the master's formatter as JSON-decoded fields
-    (relay.worker.EventPipe): the same rendering applies there."""
-    from relay.worker import EventPipe
+    (relay.runtime.worker.EventPipe): the same rendering applies there."""
+    from relay.runtime.worker import EventPipe
 
     out = io.StringIO()
     pipe = EventPipe(out)

@@ -1,4 +1,4 @@
-"""relay.maildir: delivery into Maildirs and the reading helpers POP3 uses."""
+"""relay.mailbox.maildir: delivery into Maildirs and the reading helpers POP3 uses."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import maildir
-from relay.address import AddressError
+from relay.common.address import AddressError
+from relay.mailbox import maildir
 
 
 def spool_file(tmp_path, data: bytes, junk: bytes = b"") -> tuple[str, int]:

@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
 from relay import config as configmod
-from relay import users as usersmod
-from relay.service import RelayService, StartupError
+from relay.mailbox import users as usersmod
+from relay.runtime.service import RelayService, StartupError
 from tests.support.certs import cert_files
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.sink import Sink
@@ -193,7 +193,7 @@ def test_merge_expositions_sums_counters_and_keeps_extremes():
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from relay.metrics import _Families, merge_expositions
+    from relay.runtime.metrics import _Families, merge_expositions
 
     a = """# HELP relay_messages_received_total Messages
 # TYPE relay_messages_received_total counter

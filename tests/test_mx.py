@@ -1,4 +1,4 @@
-"""relay.mx against a real DNS server (tests/support/dns.py) over UDP/TCP."""
+"""relay.delivery.mx against a real DNS server (tests/support/dns.py) over UDP/TCP."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from relay.config import HostPort
-from relay.mx import (
+from relay.delivery.mx import (
     DNSFailure,
     Hop,
     Resolver,

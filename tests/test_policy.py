@@ -1,4 +1,4 @@
-"""relay.policy: who may send what where.  Pure decisions, tested as plain Python.
+"""relay.intake.policy: who may send what where.  Pure decisions, tested as plain Python.
 
 No open relay, ever: every path to "relay" is either a relay.domains
 recipient or a trusted client (relay.networks or authenticated), and
@@ -11,8 +11,8 @@ import ipaddress
 import unittest
 
 from relay import config as configmod
-from relay.address import Address, parse_path
-from relay.policy import Client, Decision, Policy, in_networks
+from relay.common.address import Address, parse_path
+from relay.intake.policy import Client, Decision, Policy, in_networks
 
 NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
         ipaddress.ip_network("192.168.1.0/24"))

@@ -615,7 +615,7 @@ class SASLTests(Base):
         self.assertTrue(r[5].startswith(b"-ERR Unsupported authentication mechanism"))
 
     async def test_authorization_identity_rule(self):
-        """relay.sasl's rule, the same as SMTP's (tests/test_smtp_tls.py): an
+        """relay.common.sasl's rule, the same as SMTP's (tests/test_smtp_tls.py): an
         authzid is accepted when empty or the authcid's user modulo case."""
         got = {}
         for authz in ("", ALICE, ALICE.upper(), " " + ALICE, BOB):

@@ -20,8 +20,8 @@ from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from relay import pop3
-from relay.users import UserDB
+from relay.mailbox import pop3
+from relay.mailbox.users import UserDB
 from tests.support.pop3server import ALICE, PASSWORDS, FakeTransport, write_users
 
 VERBS = ["USER", "PASS", "AUTH", "CAPA", "STAT", "LIST", "UIDL", "TOP", "RETR", "DELE",

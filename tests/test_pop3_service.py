@@ -1,4 +1,4 @@
-"""POP3 as the relay runs it (relay.service builds the factories), over real
+"""POP3 as the relay runs it (relay.runtime.service builds the factories), over real
 sockets on loopback: which thread pool checks passwords, and the per-IP
 connection limit (pop3.max_connections_per_ip), shared by all POP3 listeners.
 """
@@ -14,7 +14,7 @@ import threading
 
 from twisted.trial import unittest
 
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.wait import apoll
 
@@ -27,7 +27,7 @@ class POP3RelayCase(unittest.TestCase):
     async def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="relay-pop3svc-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
-        # a real scrypt hash (relay.users' default cost), as in production
+        # a real scrypt hash (relay.mailbox.users' default cost), as in production
         usersmod.add_user(os.path.join(self.tmp, "users"), "alice@local.test", "alice-pw")
         self.relay = InProcessRelay(self.tmp, {"pop3": {"listen": LISTEN, **self.pop3}}, deliver=False)
         await self.relay.start()

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from relay import maildir, pop3
 from relay.config import Config, LocalConfig, POP3Config, TLSConfig
-from relay.users import UserDB
+from relay.mailbox import maildir, pop3
+from relay.mailbox.users import UserDB
 from tests.support.pop3server import ALICE, PASSWORDS, FakeTransport, write_users
 
 

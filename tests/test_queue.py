@@ -2,7 +2,7 @@
 
 These drive a 5-day schedule in milliseconds: time comes from a Clock, the
 spool is real (a temporary directory) with disk work run inline, and the
-next hop is a scripted stand-in for relay.delivery (the real deliveries
+next hop is a scripted stand-in for relay.delivery.attempt (the real deliveries
 are covered over real sockets in tests/integration).
 """
 
@@ -19,11 +19,11 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from relay import config as configmod
-from relay import routing
-from relay import spool as spoolmod
-from relay.delivery import Outcome
-from relay.diskio import AsyncSpool, DiskPool
-from relay.queue import QueueManager
+from relay.delivery import routing
+from relay.delivery.attempt import Outcome
+from relay.queue import spool as spoolmod
+from relay.queue.diskio import AsyncSpool, DiskPool
+from relay.queue.manager import QueueManager
 
 DAY = 86400
 
@@ -264,7 +264,7 @@ class DeadDestinationBacklog(QueueCase):
     delivery = {"max_concurrency": 1, "max_per_destination": 1}
 
     def test_backlog_of_a_dead_destination_is_suspended_over_several_turns(self):
-        from relay.queue import DISPATCH_PER_TURN
+        from relay.queue.manager import DISPATCH_PER_TURN
 
         hop = ScriptedNextHop(manual=True)
         self.start(hop)
@@ -423,7 +423,7 @@ class HeldData(QueueCase):
         self.assertEqual(seen[1:], [None])
 
     def test_budget_and_removal(self):
-        import relay.queue as queuemod
+        import relay.queue.manager as queuemod
 
         self.patch(queuemod, "MAX_HELD_BYTES", 100)
         qm = self.start(ScriptedNextHop(manual=True))
@@ -535,7 +535,7 @@ class PendingActions(QueueCase):
         self.assertFalse(self.spool.read_state(qid, msg.env).hold)
 
     def test_an_action_that_cannot_be_recorded_is_refused_and_changes_nothing(self):
-        from relay.queue import ActionFailed
+        from relay.queue.manager import ActionFailed
 
         self.start(ScriptedNextHop(lambda d, r, n: ("deferred", "4.0.0", "451 later")))
         qid = self.queue(["a@remote.example"])

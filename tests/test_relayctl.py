@@ -21,7 +21,7 @@ import unittest
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest as trial
 
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
 from tests.support.certs import cert_files
 from tests.support.ctlprobe import probe_imports
 from tests.support.relay import InProcessRelay, in_thread, toml_dumps
@@ -37,7 +37,7 @@ def relayctl(*args: str, cwd: str, input: str | None = None, env: dict | None = 
     e["PYTHONPATH"] = ROOT
     e.update(env or {})
     kw: dict = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
-    return subprocess.run([sys.executable, "-m", "relay.cli", *args], cwd=cwd, env=e, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "relay.admin.cli", *args], cwd=cwd, env=e, capture_output=True,
                           text=True, timeout=120, **kw)
 
 
@@ -295,7 +295,7 @@ class Usage(CtlCase):
 
 
 # ---------------------------------------------------------------------------
-# what relayctl imports (relay.cli's promise: no Twisted on these verbs)
+# what relayctl imports (relay.admin.cli's promise: no Twisted on these verbs)
 
 def queue_verbs(qid: str) -> list[tuple[tuple[str, ...], int]]:
     """The queue, status, reload, check (no TLS) and user verbs, with their
@@ -308,13 +308,12 @@ def queue_verbs(qid: str) -> list[tuple[tuple[str, ...], int]]:
 
 class Imports(CtlCase):
     """relayctl's queue, status, reload, user verbs and check of a config
-    without TLS import no Twisted module at all (relay.cli's docstring):
+    without TLS import no Twisted module at all (relay.admin.cli's docstring):
     neither with one queue nor with the queues of several workers (whose
-    paths relay.master also uses)."""
+    paths relay.runtime.master also uses)."""
 
     def spool_with_a_message(self, root: str) -> str:
-        from relay import spool as spoolmod
-
+        from relay.queue import spool as spoolmod
         os.makedirs(os.path.dirname(root), mode=0o700, exist_ok=True)
         sp = spoolmod.Spool(root)
         sp.create()

@@ -1,4 +1,4 @@
-"""relay.sasl: the one SASL PLAIN decoder (SMTP and POP3 over sockets:
+"""relay.common.sasl: the one SASL PLAIN decoder (SMTP and POP3 over sockets:
 tests/test_smtp_tls.py and tests/test_pop3.py)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import base64
 
 import pytest
 
-from relay import sasl
+from relay.common import sasl
 
 
 def b64(raw: bytes) -> bytes:

@@ -19,9 +19,9 @@ import time
 import pytest
 from twisted.trial import unittest
 
-from relay import sendmail as sm
-from relay import spool as spoolmod
-from relay import users as usersmod
+from relay.intake import sendmail as sm
+from relay.mailbox import users as usersmod
+from relay.queue import spool as spoolmod
 from tests.support.relay import InProcessRelay, base_config, deep_merge, free_port, toml_dumps
 from tests.support.wait import apoll
 

@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from relay.mx import Hop
+from relay.delivery.mx import Hop
 from relay.smtp import client as smtpclient
 from relay.smtp.client import DeliveryReport, Reply, Timeouts, deliver
 from tests.support.sink import Sink
@@ -483,7 +483,7 @@ class DataTests(ClientCase):
 
 class InMemoryDataTests(DataTests):
     """The same wire bytes when the message comes from memory (just
-    received, relay.queue keeps it for the first attempt) instead of the
+    received, relay.queue.manager keeps it for the first attempt) instead of the
     spool file.  The file is overwritten first, so a small message can only
     arrive intact if it was really sent from memory."""
 

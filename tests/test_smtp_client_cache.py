@@ -9,7 +9,7 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from relay.mx import Hop
+from relay.delivery.mx import Hop
 from relay.smtp.client import ConnectionCache, Timeouts, deliver
 from tests.support.sink import Sink
 from tests.support.wait import apoll
@@ -78,7 +78,7 @@ class Cache(unittest.TestCase):
 
 
 def test_host_limit_hands_slots_over_in_order_and_cancels():
-    from relay.smtp.hostlimit import HostLimit
+    from relay.delivery.hostlimit import HostLimit
 
     limit = [2]
     hl = HostLimit(lambda: limit[0])

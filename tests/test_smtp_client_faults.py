@@ -9,7 +9,7 @@ import socket
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from relay.mx import Hop, Resolver
+from relay.delivery.mx import Hop, Resolver
 from relay.smtp.client import Timeouts, deliver
 from tests.support.dns import DNSServer, Zone
 from tests.test_smtp_client import MSG, ClientCase, write_big

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from twisted.internet import ssl
 
-from relay.mx import Hop
+from relay.delivery.mx import Hop
 from tests.support.certs import cert_files
 from tests.test_smtp_client import ClientCase
 

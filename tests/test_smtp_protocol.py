@@ -12,9 +12,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from relay import config as configmod
-from relay import policy as policymod
-from relay import spool as spoolmod
-from relay.diskio import AsyncSpool, DiskPool
+from relay.intake import policy as policymod
+from relay.queue import spool as spoolmod
+from relay.queue.diskio import AsyncSpool, DiskPool
 from relay.smtp.server import ServerContext, SMTPServer
 
 

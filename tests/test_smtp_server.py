@@ -14,8 +14,8 @@ import tempfile
 
 from twisted.trial import unittest
 
-from relay import spool as spoolmod
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
+from relay.queue import spool as spoolmod
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.smtpclient import RawSMTP
 from tests.support.wait import apoll

@@ -15,7 +15,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
 from tests.support.certs import cert_files
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.smtpclient import RawSMTP
@@ -198,7 +198,7 @@ class SubmissionAuth(TLSRelayCase):
         self.assertTrue(closed)
 
     async def test_auth_plain_authorization_identity_rule(self):
-        """relay.sasl's rule, the same as POP3's (tests/test_pop3.py): an
+        """relay.common.sasl's rule, the same as POP3's (tests/test_pop3.py): an
         authzid is accepted when empty or the authcid's user modulo case."""
         def login(authz: str) -> int:
             c = RawSMTP(*self.sub)

@@ -1,4 +1,4 @@
-"""relay.spool: queue ids, envelope and state files, durable writes, recovery, the lock.
+"""relay.queue.spool: queue ids, envelope and state files, durable writes, recovery, the lock.
 
 Plain blocking Python, tested on a real directory.  Crash states are built
 by hand (the files a crash at each instant would leave) and recover() must
@@ -19,9 +19,9 @@ import time
 import unittest
 from unittest import mock
 
-from relay import fileio
-from relay import spool as spoolmod
-from relay.spool import (
+from relay.common import fileio
+from relay.queue import spool as spoolmod
+from relay.queue.spool import (
     BOUNCED,
     DEFERRED,
     DELIVERED,
@@ -580,7 +580,7 @@ class Lock(SpoolCase):
         os.close(Spool(self.spool.root).lock())  # free again once closed
 
     def test_other_process_refused_while_held(self):
-        script = ("import sys\nfrom relay.spool import Spool, SpoolLocked\n"
+        script = ("import sys\nfrom relay.queue.spool import Spool, SpoolLocked\n"
                   "try:\n    Spool(sys.argv[1]).lock()\nexcept SpoolLocked as e:\n    print(e)\n    sys.exit(3)\n")
         env = dict(os.environ, PYTHONPATH=ROOT)
         fd = self.spool.lock()
@@ -598,7 +598,7 @@ class Lock(SpoolCase):
     def test_lock_dies_with_the_process(self):
         env = dict(os.environ, PYTHONPATH=ROOT)
         holder = subprocess.Popen(
-            [sys.executable, "-c", "import sys, time\nfrom relay.spool import Spool\nSpool(sys.argv[1]).lock()\n"
+            [sys.executable, "-c", "import sys, time\nfrom relay.queue.spool import Spool\nSpool(sys.argv[1]).lock()\n"
              "print('locked', flush=True)\ntime.sleep(60)\n", self.spool.root],
             env=env, stdout=subprocess.PIPE, text=True)
         try:

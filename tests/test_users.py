@@ -1,4 +1,4 @@
-"""relay.users: the credentials file, its hashes, editing under a lock, reloads."""
+"""relay.mailbox.users: the credentials file, its hashes, editing under a lock, reloads."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from unittest import mock
 from twisted.cred import credentials, error
 from twisted.trial import unittest as trial
 
-from relay import users as usersmod
-from relay.address import AddressError
+from relay.common.address import AddressError
+from relay.mailbox import users as usersmod
 
 LOCAL = ("local.test", "second.test")
 

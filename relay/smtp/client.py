@@ -57,11 +57,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay import dotstuff
-from relay.fastwrite import send_now
-from relay.idle import IdleTimer
-from relay.mx import Hop
-from relay.tls import session_info
+from relay.common import dotstuff
+from relay.common.fastwrite import send_now
+from relay.common.idle import IdleTimer
+from relay.delivery.mx import Hop
+from relay.runtime.tls import session_info
 
 log = Logger(namespace="relay.smtp.client")
 
@@ -370,7 +370,7 @@ class _ClientProtocol(Protocol):
         """All lines in one write (a pipelined group is one TCP segment)."""
         t = self.transport
         if self.lost is None and t is not None:
-            # the server waits for this: send it now (relay.fastwrite)
+            # the server waits for this: send it now (relay.common.fastwrite)
             send_now(t, b"".join(ln + b"\r\n" for ln in lines))
 
     def command(self, line: bytes, stage: str, timeout: float) -> defer.Deferred:
@@ -378,7 +378,7 @@ class _ClientProtocol(Protocol):
         self.send(line)
         return d
 
-    # One reply timer per connection, moved lazily (relay.idle): starting
+    # One reply timer per connection, moved lazily (relay.common.idle): starting
     # and stopping it only sets the deadline.
     _deadline_stage = ""
 
@@ -970,7 +970,7 @@ class _Delivery:
         self.threadpool = threadpool
         self.queue_id = queue_id
         self.cache: ConnectionCache | None = cache
-        self.host_limit = host_limit  # relay.smtp.hostlimit.HostLimit or None
+        self.host_limit = host_limit  # relay.delivery.hostlimit.HostLimit or None
         self._park: tuple | None = None  # (proto, ext) to park instead of QUIT
         self.report = DeliveryReport(results={})
         if tls_mode != "none":
@@ -1629,7 +1629,7 @@ async def deliver(
     """Deliver one queued message to one destination; never raises for a
     delivery problem (see the module docstring).
 
-    ``hops``: from relay.mx, in order.  ``sender``: "" for the null sender.
+    ``hops``: from relay.delivery.mx, in order.  ``sender``: "" for the null sender.
     ``message_path``/``message_offset``/``message_size``: where the message
     (CRLF line endings, not dot-stuffed) lies in the spool file.
     ``tls_mode``: none | may | encrypt | verify ("verify" checks the chain
@@ -1640,7 +1640,7 @@ async def deliver(
     TLS.  ``body_8bit``: whether the message has 8-bit bytes (None: scan the
     file in a thread when the server offers 8BITMIME).  ``queue_id`` goes in
     the log lines.  ``cache``: a ConnectionCache for reuse; ``host_limit``: a
-    relay.smtp.hostlimit.HostLimit (connections per host).  ``message_data``:
+    relay.delivery.hostlimit.HostLimit (connections per host).  ``message_data``:
     the message bytes (what the file holds from ``message_offset``), when the
     caller has them in memory; a small one is then sent without reading the file.
     """

@@ -19,7 +19,7 @@ the client sends.
 
 from __future__ import annotations
 
-from relay.dotstuff import unstuff_lines
+from relay.common.dotstuff import unstuff_lines
 
 MAX_LINE = 998  # octets of text per line, without CRLF
 TERM = b"\r\n.\r\n"

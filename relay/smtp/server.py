@@ -29,7 +29,7 @@ replace anyway.  What this protocol guarantees:
   limit ends the session; a message received resets the count.  So junk
   cannot keep a session (and its idle timer) alive forever.
 
-Policy decisions come from relay.policy, storage from relay.spool/diskio;
+Policy decisions come from relay.intake.policy, storage from relay.queue.spool/diskio;
 this module only speaks the protocol.
 """
 
@@ -45,12 +45,12 @@ from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay import sasl
-from relay import spool as spoolmod
-from relay.address import Address, AddressError, parse_path, split_command_argument
-from relay.fastwrite import send_now
-from relay.idle import IdleTimer
-from relay.policy import Client, Decision
+from relay.common import sasl
+from relay.common.address import Address, AddressError, parse_path, split_command_argument
+from relay.common.fastwrite import send_now
+from relay.common.idle import IdleTimer
+from relay.intake.policy import Client, Decision
+from relay.queue import spool as spoolmod
 from relay.smtp.dataread import DataReader
 
 log = Logger(namespace="relay.smtp")
@@ -111,10 +111,10 @@ class ServerContext:
         spool,  # diskio.AsyncSpool
         expand: Callable[[str], list[tuple[str, str | None]]],
         checker=None,  # twisted.cred checker for AUTH
-        tls=None,  # relay.tls.ServerTLS or None
+        tls=None,  # relay.runtime.tls.ServerTLS or None
         on_queued: Callable[[spoolmod.QueueEntry], Any] | None = None,
         reactor=None,
-        limiter=None,  # relay.connlimit counter: connections per IP for the whole relay
+        limiter=None,  # relay.runtime.connlimit counter: connections per IP for the whole relay
     ):
         from twisted.internet import reactor as default_reactor
 
@@ -128,7 +128,7 @@ class ServerContext:
         self.reactor = reactor or default_reactor
         self.auth_failure_delay = 2.0
         if limiter is None:
-            from relay.connlimit import LocalCounter
+            from relay.runtime.connlimit import LocalCounter
 
             limiter = LocalCounter()
         self.limiter = limiter
@@ -250,7 +250,7 @@ class SMTPServer(Protocol):
         self.ctx.open_sessions.discard(self)
 
     def handshakeCompleted(self) -> None:
-        from relay.tls import session_info
+        from relay.runtime.tls import session_info
 
         self.tls_info = session_info(self.transport)
         self.tls_active = True
@@ -275,7 +275,7 @@ class SMTPServer(Protocol):
         self._close()
 
     # -- timers ----------------------------------------------------------
-    # One idle timer per session, moved lazily (relay.idle).
+    # One idle timer per session, moved lazily (relay.common.idle).
 
     def _arm(self) -> None:
         if not self.closing:

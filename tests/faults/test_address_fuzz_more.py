@@ -1,4 +1,4 @@
-"""More fuzzing of relay.address, for what tests/test_address.py does not
+"""More fuzzing of relay.common.address, for what tests/test_address.py does not
 reach: its inputs stop at 80 characters, so the length limits (64-octet
 local part, 63-octet labels, 253-octet domains, 256-octet paths) are never
 approached.  Here inputs are built around those limits, and every accepted
@@ -14,7 +14,7 @@ import unittest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.address import MAX_LOCAL, AddressError, parse_mailbox, parse_path, split_command_argument
+from relay.common.address import MAX_LOCAL, AddressError, parse_mailbox, parse_path, split_command_argument
 
 _atext = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
 _label = st.integers(1, 66).flatmap(
@@ -31,7 +31,7 @@ def _quote(s: str) -> str:
 
 
 # The strategies below give (text, valid): whether RFC 5321 and the limits
-# allow it, decided here independently of relay.address (the generators only
+# allow it, decided here independently of relay.common.address (the generators only
 # make inputs whose validity these few rules settle).
 def _domain_ok(d: str) -> bool:
     return len(d) <= 253 and all(1 <= len(label) <= 63 for label in d.split("."))

@@ -16,8 +16,8 @@ import tempfile
 
 from twisted.trial import unittest
 
-from relay import spool as spoolmod
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
+from relay.queue import spool as spoolmod
 from tests.support.procs import LimitedRelayProcess
 from tests.support.relay import InProcessRelay, base_config, deep_merge, free_port, in_thread
 from tests.support.sink import Sink

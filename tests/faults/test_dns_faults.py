@@ -18,9 +18,9 @@ import tempfile
 
 from twisted.trial import unittest
 
-from relay import maildir
-from relay import users as usersmod
-from relay.mx import Resolver
+from relay.delivery.mx import Resolver
+from relay.mailbox import maildir
+from relay.mailbox import users as usersmod
 from tests.support.dns import DNSServer, Zone
 from tests.support.relay import InProcessRelay, free_port, in_thread
 from tests.support.sink import Sink

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from relay import spool as spoolmod
+from relay.queue import spool as spoolmod
 from tests.support.flood import open_many, pour_unread, reply_lines, stream
 from tests.support.procs import LimitedRelayProcess, memory, nofile_limit, open_fds, raise_nofile
 from tests.support.relay import base_config, deep_merge, free_port

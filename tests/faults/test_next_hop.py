@@ -22,8 +22,8 @@ import tempfile
 
 from twisted.trial import unittest
 
-from relay import maildir
-from relay import users as usersmod
+from relay.mailbox import maildir
+from relay.mailbox import users as usersmod
 from relay.smtp.client import Timeouts
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.sink import Sink

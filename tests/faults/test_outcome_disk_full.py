@@ -85,7 +85,7 @@ class OutcomeOnAFullDisk(unittest.TestCase):
         await apoll(lambda: f"{qid}: cannot record the outcome" in self.proc.log(), timeout=20,
                     what="the failed write")
         self.fs.free()
-        # the write is made again (after relay.queue.FINALIZE_RETRY) with the outcome kept in memory
+        # the write is made again (after relay.queue.manager.FINALIZE_RETRY) with the outcome kept in memory
         await apoll(lambda: self.recorded(qid).get("a@sink.test") == "delivered", timeout=40,
                     what="a@ recorded as delivered")
         self.assertEqual(self.recorded(qid)["b@sink.test"], "deferred")

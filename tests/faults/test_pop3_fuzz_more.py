@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from relay import maildir, pop3
+from relay.mailbox import maildir, pop3
 from tests.support.pop3server import ALICE, PASSWORDS
 from tests.test_pop3_fuzz import MESSAGES, check_well_formed, chunked, make_protocol
 

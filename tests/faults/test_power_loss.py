@@ -13,8 +13,8 @@ import os
 
 import pytest
 
-from relay import maildir as maildirmod
-from relay import spool as spoolmod
+from relay.mailbox import maildir as maildirmod
+from relay.queue import spool as spoolmod
 from tests.support.powerfs import PowerFS, available
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
@@ -96,7 +96,7 @@ def test_a_message_removed_as_delivered_stays_removed(fs):
     removal is the only record.  Before, the queue forgot it without an
     fsync of queue/, and a power cut brought it back with every recipient
     pending: all of them were sent again."""
-    from relay.diskio import AsyncSpool, DiskPool
+    from relay.queue.diskio import AsyncSpool, DiskPool
 
     root = os.path.join(fs.mnt, "spool")
     sp = spoolmod.Spool(root)
@@ -114,8 +114,7 @@ def test_a_message_removed_as_delivered_stays_removed(fs):
 def test_users_file_in_a_new_directory_survives_a_power_cut(fs):
     """relayctl user add into a directory it creates: the file was fsynced
     and its directory too, but not the new directory's name in its parent."""
-    from relay import users as usersmod
-
+    from relay.mailbox import users as usersmod
     path = os.path.join(fs.mnt, "etc", "relay", "users")
     with usersmod.locked(path):
         usersmod.atomic_write(path, b"u1@local.test:x\n")

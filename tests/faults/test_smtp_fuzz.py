@@ -43,10 +43,10 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from relay import config as configmod
-from relay import policy as policymod
-from relay import spool as spoolmod
-from relay.address import AddressError, parse_path, split_command_argument
-from relay.diskio import AsyncSpool, DiskPool
+from relay.common.address import AddressError, parse_path, split_command_argument
+from relay.intake import policy as policymod
+from relay.queue import spool as spoolmod
+from relay.queue.diskio import AsyncSpool, DiskPool
 from relay.smtp.server import MAX_AUTH_LINE, MAX_COMMAND, ServerContext, SMTPServer
 
 MAX_SIZE = 3000

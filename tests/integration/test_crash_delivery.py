@@ -17,7 +17,7 @@ import re
 import smtplib
 from collections import Counter
 
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
 from tests.support.relay import RelayProcess, free_port
 from tests.support.wait import poll
 

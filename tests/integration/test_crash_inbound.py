@@ -15,7 +15,7 @@ import smtplib
 import threading
 import time
 
-from relay import spool as spoolmod
+from relay.queue import spool as spoolmod
 from tests.support.relay import RelayProcess, base_config, deep_merge, free_port
 from tests.support.wait import poll
 

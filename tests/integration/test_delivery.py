@@ -18,7 +18,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
 from tests.support.certs import cert_files
 from tests.support.dns import DNSServer, Zone
 from tests.support.relay import InProcessRelay, free_port, in_thread

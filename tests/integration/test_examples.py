@@ -21,7 +21,7 @@ import tomllib
 
 from twisted.trial import unittest
 
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
 from tests.support.certs import cert_files
 from tests.support.dns import DNSServer, Zone
 from tests.support.relay import ROOT, InProcessRelay, free_port, in_thread
@@ -94,7 +94,6 @@ class ExampleCase(unittest.TestCase):
         self.relay = InProcessRelay(self.tmp, {}, reactor=None)
         self.relay.data = self.data
         from relay import config as configmod
-
         self.relay.config = configmod.load(None, data=self.data)
         await self.relay.start()
         self.addCleanup(self.relay.stop)

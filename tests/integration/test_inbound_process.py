@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from relay import spool as spoolmod
+from relay.queue import spool as spoolmod
 from tests.support.relay import ROOT, RelayProcess, base_config, deep_merge, free_port
 from tests.support.wait import poll
 

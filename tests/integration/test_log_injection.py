@@ -21,7 +21,7 @@ import subprocess
 
 from twisted.trial import unittest
 
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
 from tests.support.certs import cert_files
 from tests.support.relay import ROOT, RelayProcess, base_config, deep_merge, free_port, in_thread
 from tests.support.sink import Sink
@@ -221,8 +221,7 @@ def test_filter_on_every_refusal_form_and_worker_prefix(tmp_path):
     client in each, never an address written into a field."""
     from twisted.logger import LogLevel
 
-    from relay import logs
-
+    from relay.runtime import logs
     exe = _fail2ban_regex()
     if exe is None:
         raise unittest.SkipTest("fail2ban-regex is not installed (Debian: apt-get install fail2ban)")

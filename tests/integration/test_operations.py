@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from relay import spool as spoolmod
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
+from relay.queue import spool as spoolmod
 from tests.support.relay import ROOT, RelayProcess, base_config, deep_merge, free_port, toml_dumps
 from tests.support.smtpclient import RawSMTP
 from tests.support.wait import poll

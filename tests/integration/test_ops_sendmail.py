@@ -22,8 +22,8 @@ import tempfile
 
 import pytest
 
-from relay import spool as spoolmod
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
+from relay.queue import spool as spoolmod
 from tests.support.relay import ROOT, RelayProcess, base_config, deep_merge, free_port, toml_dumps
 from tests.support.wait import poll
 
@@ -46,7 +46,7 @@ def sendmail(argv: list[str], data: bytes, *, as_uid: int | None = None, env_ext
     env.pop("RELAY_CONFIG", None)
     env.update(env_extra or {})
     if as_uid is None:
-        cmd = [sys.executable, "-m", "relay.sendmail", *argv]
+        cmd = [sys.executable, "-m", "relay.intake.sendmail", *argv]
     else:
         # The Python tree of this test machine may be unreadable by other
         # users: import everything first, then become the user, as a
@@ -58,15 +58,15 @@ def sendmail(argv: list[str], data: bytes, *, as_uid: int | None = None, env_ext
 _AS_USER = """
 import os, sys
 sys.path.insert(0, {root!r})
-import relay.sendmail, relay.config, relay.address, relay.spool, relay.endpoints
+import relay.intake.sendmail, relay.config, relay.common.address, relay.queue.spool, relay.runtime.endpoints
 import smtplib, pwd, tempfile, errno, email.policy, email.headerregistry, email._header_value_parser
 import email.utils, email.charset, email.base64mime, email.quoprimime, encodings.idna, idna, ctypes, ctypes.util
 'x'.encode('idna')
-relay.sendmail.load_config(sys.argv[sys.argv.index('-C') + 1])  # imports what validating endpoints needs
+relay.intake.sendmail.load_config(sys.argv[sys.argv.index('-C') + 1])  # imports what validating endpoints needs
 os.setgroups([])
 os.setgid({uid})
 os.setuid({uid})
-sys.exit(relay.sendmail.main(sys.argv[1:]))
+sys.exit(relay.intake.sendmail.main(sys.argv[1:]))
 """
 
 

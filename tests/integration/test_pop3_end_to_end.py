@@ -11,7 +11,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.wait import apoll
 

@@ -17,7 +17,7 @@ import tempfile
 from twisted.trial import unittest
 
 from relay import config as configmod
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
 from tests.support.relay import InProcessRelay, base_config, deep_merge, free_port, in_thread, toml_dumps
 from tests.support.sink import Sink
 from tests.support.wait import apoll

@@ -20,7 +20,7 @@ import tempfile
 
 import pytest
 
-from relay import spool as spoolmod
+from relay.queue import spool as spoolmod
 from tests.support.relay import ROOT
 from tests.test_control import make_spool
 
@@ -41,7 +41,7 @@ def run_ctl(cfg: str, *args: str, input_text: str | None = None, env_extra: dict
             ) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT, **(env_extra or {}))
     env.pop("RELAY_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "relay.cli", "--config", cfg, *args], input=input_text,
+    return subprocess.run([sys.executable, "-m", "relay.admin.cli", "--config", cfg, *args], input=input_text,
                           capture_output=True, text=True, env=env, timeout=60, cwd="/")
 
 
@@ -224,7 +224,7 @@ def test_user_add_as_root_makes_the_file_the_directory_owners(base):
 def sendmail_as_root(cfg: str, *args: str, data: bytes = b"Subject: x\n\nx\n") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("RELAY_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "relay.sendmail", "-C", cfg, *args], input=data,
+    return subprocess.run([sys.executable, "-m", "relay.intake.sendmail", "-C", cfg, *args], input=data,
                           capture_output=True, env=env, timeout=60, cwd="/")
 
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from relay import spool as spoolmod
+from relay.queue import spool as spoolmod
 from tests.support.relay import ROOT, base_config, toml_dumps
 
 STRACE = shutil.which("strace")
@@ -69,11 +69,11 @@ def test_the_new_spool_layout_is_fsynced_with_its_parent(tmp_path, how):
     data = base_config(str(tmp_path))
     root = data["spool"]
     if how == "relay start":  # what RelayService._open_spool does first
-        argv = [sys.executable, "-c", f"from relay.spool import Spool; Spool({root!r}).lock()"]
+        argv = [sys.executable, "-c", f"from relay.queue.spool import Spool; Spool({root!r}).lock()"]
     else:
         cfg = tmp_path / "relay.toml"
         cfg.write_text(toml_dumps(data))
-        argv = [sys.executable, "-m", "relay.sendmail", "-C", str(cfg), "x@example.org"]
+        argv = [sys.executable, "-m", "relay.intake.sendmail", "-C", str(cfg), "x@example.org"]
     calls = traced(tmp_path, argv, b"Subject: x\n\nx\n")
     dirs = layout(root)
     seen = synced_after_made(calls, [*dirs, str(tmp_path)])

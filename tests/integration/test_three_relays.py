@@ -17,7 +17,7 @@ import smtplib
 import subprocess
 import sys
 
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
 from tests.support.relay import ROOT, RelayProcess, free_port
 from tests.support.wait import poll
 

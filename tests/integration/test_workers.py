@@ -24,15 +24,15 @@ import sys
 import threading
 import time
 
-from relay import spool as spoolmod
-from relay import users as usersmod
+from relay.mailbox import users as usersmod
+from relay.queue import spool as spoolmod
 from tests.support.relay import ROOT, RelayProcess, base_config, deep_merge, free_port, toml_dumps
 from tests.support.wait import poll
 
 
 def relayctl(cfg_path, *args):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "relay.cli", "--config", cfg_path, *args], env=env,
+    return subprocess.run([sys.executable, "-m", "relay.admin.cli", "--config", cfg_path, *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -52,7 +52,7 @@ def worker_pids(master_pid: int) -> list[int]:
                 with open(f"/proc/{p}/stat") as f:
                     if f.read().split()[3] == str(master_pid):
                         with open(f"/proc/{p}/cmdline", "rb") as c:
-                            if b"relay.worker" in c.read():
+                            if b"relay.runtime.worker" in c.read():
                                 pids.append(int(p))
             except OSError:
                 pass
@@ -475,7 +475,7 @@ def test_a_worker_that_keeps_dying_is_given_no_connections(tmp_path):
     relay.start(wait_for=("127.0.0.1", port))
     try:
         # kill worker 1 at each start until the master waits before the next one
-        from relay.master import RESTART_BACKOFF, RESTART_BURST
+        from relay.runtime.master import RESTART_BACKOFF, RESTART_BURST
 
         assert RESTART_BACKOFF >= 20  # the check below must end well before its restart
         last = None

@@ -49,7 +49,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from relay import spool as spoolmod
+from relay.queue import spool as spoolmod
 from tests.support.relay import ROOT, RelayProcess, base_config, deep_merge, free_port
 from tests.support.sinkproc import read_digests, read_record
 from tests.support.wait import poll

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Twisted modules the verb imported (sys.modules at the end)
 IMPORT_PROBE = """
 import json, os, sys
-from relay import cli
+from relay.admin import cli
 rc = cli.main(sys.argv[1:])
 with open(os.environ["PROBE_OUT"], "w") as f:
     json.dump({"rc": rc, "twisted": sorted(m for m in sys.modules if m.split(".")[0] == "twisted")}, f)

@@ -13,7 +13,7 @@ In a trial test (same reactor)::
     zone.a("mx1.example.test", "127.0.0.2")
     server = DNSServer(zone).start()
     self.addCleanup(server.stop)
-    resolver = Resolver(server.nameservers, lifetime=2)   # relay.mx.Resolver
+    resolver = Resolver(server.nameservers, lifetime=2)   # relay.delivery.mx.Resolver
     zone.behave("example.test", "servfail")                # or nxdomain/refused/drop
     zone.behave("example.test", None)                      # back to normal
     zone.delay("example.test", 0.5)                         # slow answers

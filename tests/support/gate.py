@@ -23,8 +23,7 @@ def install() -> None:
     gate = os.environ.get(ENV)
     if not gate:
         return
-    from relay import spool as spoolmod
-
+    from relay.queue import spool as spoolmod
     orig = spoolmod.Spool.write_state_merged
 
     def gated(self, qid, *args, **kw):

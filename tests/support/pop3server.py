@@ -20,8 +20,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.python.threadpool import ThreadPool
 
-from relay import maildir, pop3
-from relay.users import UserDB, hash_password
+from relay.mailbox import maildir, pop3
+from relay.mailbox.users import UserDB, hash_password
 from tests.support.wait import apoll
 
 DOMAIN = "example.org"

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from relay import spool as spoolmod
+from relay.queue import spool as spoolmod
 from tests.support import crash
 from tests.support.crash import RELAY_IP, SINK_IP, SinkProcess, kill_relay, queued
 from tests.support.pop3server import write_users

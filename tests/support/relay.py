@@ -96,7 +96,7 @@ class InProcessRelay:
         self.ports: dict[str, tuple[str, int]] = {}
 
     async def start(self):
-        from relay.service import RelayService
+        from relay.runtime.service import RelayService
 
         self.service = RelayService(self.config, reactor=self.reactor, deliver=self.deliver)
         self.service.smtp_ctx.auth_failure_delay = 0.05

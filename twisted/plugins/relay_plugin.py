@@ -28,26 +28,26 @@ class RelayServiceMaker:
 
     def makeService(self, options):
         from relay.config import ConfigError, load_effective
-        from relay.service import StartupError, make_service
+        from relay.runtime.service import StartupError, make_service
 
         try:
             config = load_effective(options["config"])
             if config.workers > 1:
-                from relay.master import RelayMaster
+                from relay.runtime.master import RelayMaster
 
-                svc = RelayMaster(config, log_target=_worker_log_target(options))  # relay/master.py
+                svc = RelayMaster(config, log_target=_worker_log_target(options))  # relay/runtime/master.py
             else:
                 svc = make_service(config)
         except (ConfigError, StartupError) as e:
             raise SystemExit(f"twisted-relay: not starting:\n{e}")
         svc.exit_on_error = True
         svc.handle_signals = True
-        from relay.preload import preload
+        from relay.runtime.preload import preload
 
-        preload()  # while still privileged: see relay/preload.py
-        from relay.logs import for_twistd
+        preload()  # while still privileged: see relay/runtime/preload.py
+        from relay.runtime.logs import for_twistd
 
-        return for_twistd(svc, config, options)  # [log] format = "json": see relay/logs.py
+        return for_twistd(svc, config, options)  # [log] format = "json": see relay/runtime/logs.py
 
 
 def _worker_log_target(options) -> str:

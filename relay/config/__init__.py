@@ -1,0 +1,561 @@
+"""Configuration: one TOML file -> frozen dataclasses, from one declaration.
+
+The schema is a contract (issue 2): every key below is accepted and
+validated, whether or not the behaviour behind it exists yet, so that the
+file format never changes under a user.  Every error names the file, the key
+and what was expected; a bad config never starts the service.
+
+Each key is declared once, as a field of the section dataclasses below made
+with ``declare()``: its default (as written in the file), its check (from
+relay.config.values), its doc line.  ``load`` iterates that declaration, and
+``python -m relay.config.doc`` writes etc/relay.toml and docs/configuration.md
+from it.  Rules between keys are the functions in ``_RULES``.
+
+Where the file is found (the same rule for ``twistd relay`` and ``relayctl``):
+``--config FILE``, else ``$RELAY_CONFIG``, else ``./relay.toml`` if it exists,
+else the built-in defaults.  Relative paths resolve against the directory of
+the config file (the working directory when there is none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import socket
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.common.address import AddressError, normalize_domain
+from relay.config import values as v
+from relay.config.values import HostPort, IPNetwork, parse_duration, parse_hostport
+from relay.runtime import endpoints
+
+__all__ = ["Config", "ConfigError", "HostPort", "IPNetwork", "load", "load_effective", "find_config_file",
+           "parse_duration", "parse_hostport", "schema", "Key", "Declared"]
+
+
+class ConfigError(Exception):
+    """A config problem; str() names the file and the key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@functools.lru_cache(maxsize=1)
+def _default_hostname() -> str:
+    """socket.getfqdn(), once per process: it may ask DNS, which must not
+    happen again on the reactor at every reload."""
+    name = socket.getfqdn()
+    try:
+        return normalize_domain(name)
+    except AddressError:
+        return "localhost"
+
+
+# --------------------------------------------------------------------------- the declaration
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of the file: what the docs show and what the loader does."""
+
+    default: Any  # the default as a TOML value, exactly as etc/relay.toml shows it (None: computed)
+    check: v.Check
+    doc: str
+    refine: v.Refine | None = None  # run after every key is read, in the order of _RULES
+    computed: Callable[[], Any] | None = None  # the default when default is None, made at load
+    computed_doc: str = ""  # what the computed default is, in words
+    example: Any = None  # a TOML value shown as an example
+
+    def convert(self, value: Any, resolve: v.Resolve = v.as_is) -> Any:
+        value = self.check(value, resolve)
+        return self.refine(value) if self.refine else value
+
+
+_KEY = "relay.config.key"
+_SECTION = "relay.config.section"
+
+
+def declare(default: Any, check: v.Check, doc: str, *, required: bool = False, **kw: Any) -> Any:
+    """A dataclass field declaring a key; its dataclass default is the
+    converted TOML default (paths not resolved: the loader resolves them)."""
+    spec = Key(default, check, doc, **kw)
+    if required or default is None:
+        return field(metadata={_KEY: spec})
+    return field(default=spec.convert(default), metadata={_KEY: spec})
+
+
+def section(cls: type) -> Any:
+    return field(default_factory=cls, metadata={_SECTION: cls})
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    """The SMTP server: where mail comes in, and the limits of a session."""
+
+    listen: tuple[str, ...] = declare(
+        ["tcp:2525:interface=127.0.0.1"], v.ENDPOINTS,
+        "Where mail is accepted without authentication (the MX port: port 25 in production; ports below 1024 "
+        'need root at start, see the README\'s "Privileges").')
+    submission: tuple[str, ...] = declare(
+        [], v.ENDPOINTS,
+        'Where mail is accepted only after AUTH (MAIL before AUTH gets 530 5.7.0): e.g. ["tcp:587", "ssl:465"].  '
+        "Needs users (`relayctl user add`) and, in practice, [tls].")
+    max_message_size: int = declare(
+        36700160, v.integer(1024), "Largest message in bytes, advertised with SIZE; bigger ones get 552 5.3.4.")
+    max_recipients: int = declare(1000, v.integer(1), "Recipients per message; the extra ones get 452 4.5.3.")
+    timeout: float = declare(
+        "5m", v.DURATION, "How long a command line (or, in DATA, the next data) may take; then 421 4.4.2.",
+        refine=v.ABOVE_ZERO)
+    max_connections_per_ip: int = declare(
+        20, v.integer(1),
+        "Simultaneous connections from one IP address; more get 421 4.7.0.  One limit for the whole relay: with "
+        "workers > 1 the connections every worker has open count together (SMTP and submission listeners "
+        "together, too).")
+    junk_command_limit: int = declare(
+        100, v.integer(0),
+        "Commands that move no mail forward (NOOP, RSET, HELP, VRFY, HELO, EHLO) a session may send before each "
+        "further one also counts as an error (as Postfix's smtpd_junk_command_limit); 20 errors end the session "
+        "with 421 4.7.0.  A message received starts the count afresh.  0: no limit.")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """The certificate of the relay's servers (SMTP, submission, POP3)."""
+
+    certificate: str = declare(
+        "", v.OPTIONAL_PATH,
+        "A PEM certificate chain (leaf first).  With it and `key` set, STARTTLS (SMTP) and STLS (POP3) are "
+        "offered and ssl: endpoints without their own key use them.  TLS 1.2 and 1.3 only.")
+    key: str = declare("", v.OPTIONAL_PATH, "The PEM private key of `certificate`; the two are set together.")
+    auth_requires_tls: bool = declare(
+        True, v.BOOL,
+        "With a certificate: SMTP AUTH and POP3 logins only over TLS (as Dovecot's default), loopback included.  "
+        "Without a certificate, logins work in plaintext (a warning is logged for every non-loopback login "
+        "endpoint).")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate and self.key)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Who may relay through us, and where non-local mail goes."""
+
+    networks: tuple[IPNetwork, ...] = declare(
+        ["127.0.0.0/8", "::1/128"], v.NETWORKS, "Clients allowed to relay to any domain without AUTH (your LAN).")
+    domains: tuple[str, ...] = declare(
+        [], v.DOMAINS, "Domains accepted from anyone and relayed onward: we are their backup MX.")
+    smarthost: HostPort | None = declare(
+        "", v.STRING,
+        '"host:port" (or "[host]:port"): all non-local mail goes there instead of to the MX hosts.  Empty: '
+        "deliver by MX lookup.", refine=v.SMARTHOST)
+    smarthost_username: str = declare(
+        "", v.STRING,
+        'AUTH PLAIN/LOGIN to the smarthost with this name, never over plaintext (so a username with '
+        'smarthost_tls = "none" is a config error).  Needs smarthost_password_file.')
+    smarthost_password_file: str = declare(
+        "", v.OPTIONAL_PATH,
+        "The smarthost password is the first line of this file (keep it mode 0600).")
+    smarthost_tls: str = declare(
+        "may", v.choice("none", "may", "encrypt", "verify"),
+        "TLS to the smarthost: none | may (STARTTLS if offered) | encrypt (TLS or defer) | verify (TLS with "
+        "the certificate checked against the system CAs, or smarthost_ca_file, and the host name).")
+    smarthost_ca_file: str = declare(
+        "", v.OPTIONAL_PATH,
+        'With smarthost_tls = "verify": a PEM file of trusted CA certificates (for a smarthost with a private '
+        "CA).  Empty: the system's trusted CAs.")
+    routes: tuple[tuple[str, HostPort], ...] = declare(
+        {}, v.ROUTES, "Per-domain next hops, overriding MX and smarthost.",
+        example={"example.com": "10.0.0.5:25", "lab.example": "[192.0.2.7]:2525"})
+
+    def route_for(self, domain: str) -> HostPort | None:
+        for d, hp in self.routes:
+            if d == domain:
+                return hp
+        return None
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Outbound delivery: DNS, TLS, retries and concurrency."""
+
+    nameservers: tuple[HostPort, ...] = declare(
+        [], v.NAMESERVERS, 'DNS servers for MX lookups, "ip" or "ip:port".  Empty: the system resolver.')
+    port: int = declare(25, v.integer(1, 65535), "TCP port of MX hosts (25; another port only for tests and labs).")
+    tls: str = declare(
+        "may", v.choice("none", "may", "encrypt"),
+        "STARTTLS to MX hosts: none | may (try; fall back to plaintext on a new connection if the handshake "
+        "fails) | encrypt (no TLS: defer).  MX certificates are not verified (as Postfix), the outcome is logged.")
+    retry_min: float = declare(
+        "5m", v.DURATION,
+        "The first retry comes after retry_min, then the wait doubles up to retry_max (with a little random "
+        "jitter).", refine=v.ABOVE_ZERO)
+    retry_max: float = declare("1h", v.DURATION, "The longest wait between two tries; not shorter than retry_min.")
+    max_lifetime: float = declare(
+        "5d", v.DURATION, "After this long in the queue, the remaining recipients are bounced (5.4.7).",
+        refine=v.ABOVE_ZERO)
+    delay_warning: float = declare(
+        "4h", v.DURATION, 'After this long, the sender gets one delay notice.  "0" disables it.')
+    connect_timeout: float = declare(
+        "30s", v.DURATION, "How long to wait for a TCP connection to a next hop.", refine=v.ABOVE_ZERO)
+    max_concurrency: int = declare(
+        50, v.integer(1),
+        "At most this many outbound connections at once (sessions kept open a moment for reuse by the next "
+        "message to the same host count too).")
+    max_per_destination: int = declare(
+        10, v.integer(1),
+        "At most this many outbound connections to one destination (a domain, smarthost or route), and to one "
+        "host (address and port), whatever the domains it serves.")
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Local delivery: the domains that end here, their Maildirs, users and aliases."""
+
+    domains: tuple[str, ...] = declare(
+        ["localhost"], v.DOMAINS, "Final destinations: mail for these domains goes to Maildirs here.")
+    mailboxes: str = declare("mail", v.PATH, "Maildir root: `<mailboxes>/<domain>/<localpart>/{tmp,new,cur}`.")
+    users: str = declare(
+        "users", v.PATH,
+        "Credentials file (salted scrypt hashes, mode 0600), managed with `relayctl user` (add, passwd, delete, list); "
+        "a running relay sees changes within a few seconds.")
+    aliases: str = declare(
+        "", v.OPTIONAL_PATH,
+        'An aliases file: lines "name: target, target" where name is a local part (in every local domain) or a '
+        "full address, and targets are local parts or addresses (local or remote).  Reloaded within seconds "
+        "when edited.  postmaster always resolves: its alias, else the user postmaster@domain, else the first "
+        "user of the domain, else a postmaster mailbox.")
+
+
+@dataclass(frozen=True)
+class POP3Config:
+    """The POP3 server users fetch local mail from."""
+
+    listen: tuple[str, ...] = declare(
+        ["tcp:1100:interface=127.0.0.1"], v.ENDPOINTS,
+        'Where users fetch local mail ("tcp:110", "ssl:995"); [] disables POP3.')
+    max_connections_per_ip: int = declare(
+        20, v.integer(1),
+        'Simultaneous POP3 connections from one IP address; more get "-ERR [SYS/TEMP] Too many connections '
+        'from your address" and are closed.')
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The control socket of relayctl."""
+
+    socket: str = declare(
+        "", v.OPTIONAL_PATH, "The UNIX socket relayctl talks to (mode 0600).  Empty: `<spool>/control.sock`.")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics."""
+
+    listen: tuple[str, ...] = declare(
+        [], v.ENDPOINTS,
+        'Prometheus metrics over HTTP, e.g. ["tcp:9025:interface=127.0.0.1"].  Empty: off.')
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The log format."""
+
+    format: str = declare(
+        "text", v.choice("text", "json"), '"text" (human-readable lines) or "json" (one JSON object per line).')
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = declare(
+        None, v.DOMAIN,
+        "The name of this host: in the SMTP banner, in EHLO when we deliver, in the Received headers we add "
+        "and in bounces.", computed=_default_hostname, computed_doc="the machine's FQDN",
+        example="mx.example.org")
+    spool: str = declare(
+        "spool", v.PATH,
+        "The queue and state directory (created with mode 0700).  It holds the queue (queue/), half-received "
+        "mail (incoming/, cleaned at start), unreadable entries moved aside (quarantine/), a lock file and the "
+        "control socket.", required=True)
+    smtp: SMTPConfig = section(SMTPConfig)
+    tls: TLSConfig = section(TLSConfig)
+    relay: RelayConfig = section(RelayConfig)
+    delivery: DeliveryConfig = section(DeliveryConfig)
+    local: LocalConfig = section(LocalConfig)
+    pop3: POP3Config = section(POP3Config)
+    control: ControlConfig = section(ControlConfig)
+    metrics: MetricsConfig = section(MetricsConfig)
+    log: LogConfig = section(LogConfig)
+    path: str | None = None  # the file this came from, None for built-in defaults
+    workers: int = declare(
+        1, v.integer(1, 64),
+        "Relay processes (1 to 64).  One Python process works on one core; with workers = N the `twistd relay` "
+        "process becomes a master that binds the listeners and runs N workers accepting on the same sockets, "
+        "each with its own queue in `<spool>/w<i>/` (what a worker accepted, it delivers; a worker that dies is "
+        "restarted and finds its queue; meanwhile the others take every new connection).  relayctl covers all "
+        "of them.  Set it to the number of cores for the most mail per second.  With [metrics], the master "
+        "serves the sum of the workers' figures.")
+
+    @property
+    def control_socket(self) -> str:
+        return self.control.socket or os.path.join(self.spool, "control.sock")
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain in self.local.domains
+
+    @property
+    def source(self) -> str:
+        return self.path or "built-in defaults"
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A key where it is declared: its section ("" at the top level) and name."""
+
+    section: str
+    name: str
+    spec: Key
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}" if self.section else self.name
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str  # "" for the top level
+    cls: type
+    keys: tuple[Declared, ...]
+
+
+def _declared(name: str, cls: type) -> Section:
+    keys = tuple(Declared(name, f.name, f.metadata[_KEY]) for f in dataclasses.fields(cls) if _KEY in f.metadata)
+    return Section(name, cls, keys)
+
+
+@functools.lru_cache(maxsize=1)
+def schema() -> tuple[Section, ...]:
+    """The top level, then each [section], in the order of the file."""
+    subs = [_declared(f.name, f.metadata[_SECTION]) for f in dataclasses.fields(Config) if _SECTION in f.metadata]
+    return (_declared("", Config), *subs)
+
+
+@functools.lru_cache(maxsize=1)
+def declared_keys() -> dict[str, Declared]:
+    return {k.dotted: k for s in schema() for k in s.keys}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Loader:
+    def __init__(self, data: dict, path: str | None, base: str):
+        self.data = data
+        self.path = path
+        self.base = base
+        self.problems: list[str] = []
+
+    @property
+    def where(self) -> str:
+        return self.path or "built-in defaults"
+
+    def resolve(self, p: str) -> str:
+        if not p:
+            return p
+        p = os.path.expanduser(p)
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(self.base, p))
+
+    def problem(self, key: str, msg: str) -> None:
+        self.problems.append(f"{self.where}: {key}: {msg}")
+
+    def section(self, sec: Section, subs: tuple[str, ...], out: dict[str, Any]) -> None:
+        """Check one table: the converted value of each key present goes to out["section.key"]."""
+        name = sec.name
+        table = self.data if not name else self.data.get(name, {})
+        if not isinstance(table, dict):
+            self.problem(name, f"expected a table [{name}]")
+            return
+        known = {k.name: k for k in sec.keys}
+        for key, value in table.items():
+            if not name and key in subs:
+                continue
+            dotted = f"{name}.{key}" if name else key
+            if key not in known:
+                hint = ", ".join(sorted(known) + ([] if name else [f"[{s}]" for s in subs]))
+                what = "unknown key" if name or not isinstance(value, dict) else "unknown section"
+                self.problem(dotted, f"{what} (known: {hint})")
+                continue
+            try:
+                out[dotted] = known[key].spec.check(value, self.resolve)
+            except v.Bad as e:
+                self.problem(dotted, f"expected {e}, got {value!r}")
+
+
+def _read_file(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"])
+    except PermissionError:
+        raise ConfigError([f"{path}: permission denied"])
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a config file"])
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"])
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not valid UTF-8: {e}"])
+
+
+def load(path: str | None = None, *, data: dict | None = None) -> Config:
+    """Load and validate a config file (None: built-in defaults)."""
+    if data is None:
+        data = {} if path is None else _read_file(path)
+    base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+    ld = _Loader(data, os.path.abspath(path) if path else None, base)
+    sections = schema()
+    subs = tuple(s.name for s in sections if s.name)
+    values: dict[str, Any] = {}
+    for sec in sections:
+        ld.section(sec, subs, values)
+    for k in declared_keys().values():  # absent (or refused) keys: their default, checked the same way
+        if k.dotted not in values and k.spec.default is not None:
+            values[k.dotted] = k.spec.check(k.spec.default, ld.resolve)
+    for rule in _RULES:
+        rule(ld, values)
+    if ld.problems:
+        raise ConfigError(ld.problems)
+    for rule in _RULES_OF_A_VALID_FILE:
+        rule(ld, values)
+    if ld.problems:
+        raise ConfigError(ld.problems)
+    return _build(values, ld.path)
+
+
+def _build(values: dict[str, Any], path: str | None) -> Config:
+    parts: dict[str, Any] = {}
+    for sec in schema():
+        kw = {}
+        for k in sec.keys:
+            if k.dotted in values:
+                kw[k.name] = values[k.dotted]
+            else:  # no default in the file: made now, once the file is known to be good
+                assert k.spec.computed is not None, k.dotted
+                kw[k.name] = k.spec.computed()
+        if sec.name:
+            parts[sec.name] = sec.cls(**kw)
+        else:
+            parts.update(kw)
+    return Config(**parts, path=path)
+
+
+# --------------------------------------------------------------------------- rules between keys
+# Each is rule(loader, values) with values["section.key"] for every key
+# (its default when absent); they run in this order, after every key is read.
+
+Rule = Callable[[_Loader, dict[str, Any]], None]
+
+# The listeners of the mail servers (not metrics): ssl: ones need a
+# certificate, and workers > 1 share them.
+_MAIL_LISTENERS = ("smtp.listen", "smtp.submission", "pop3.listen")
+
+
+def _refine(dotted: str) -> Rule:
+    """The key's own refinement (Key.refine), at this point of the order."""
+
+    def rule(ld: _Loader, values: dict[str, Any]) -> None:
+        spec = declared_keys()[dotted].spec
+        assert spec.refine is not None, dotted
+        try:
+            values[dotted] = spec.refine(values[dotted])
+        except v.Invalid as e:
+            ld.problem(dotted, str(e))
+
+    rule.refines = dotted  # type: ignore[attr-defined]
+    return rule
+
+
+def _smarthost_login(ld: _Loader, values: dict[str, Any]) -> None:
+    if values["relay.smarthost_username"] and not values["relay.smarthost_password_file"]:
+        ld.problem("relay.smarthost_password_file", "required when relay.smarthost_username is set")
+    if values["relay.smarthost_username"] and values["relay.smarthost_tls"] == "none":
+        # the password is never sent in plaintext: every message would wait
+        # in the queue and bounce after max_lifetime
+        ld.problem("relay.smarthost_tls", '"none" with relay.smarthost_username: the login is only ever sent '
+                   'over TLS; use "may", "encrypt" or "verify"')
+
+
+def _tls_pair(ld: _Loader, values: dict[str, Any]) -> None:
+    cert, key_ = values["tls.certificate"], values["tls.key"]
+    if bool(cert) != bool(key_):
+        ld.problem("tls.key" if cert else "tls.certificate", "tls.certificate and tls.key must be set together")
+
+
+def _retry_order(ld: _Loader, values: dict[str, Any]) -> None:
+    dmin, dmax = values["delivery.retry_min"], values["delivery.retry_max"]
+    if dmax < dmin:
+        ld.problem("delivery.retry_max", f"must not be shorter than delivery.retry_min ({dmin:g}s)")
+
+
+def _ssl_needs_certificate(ld: _Loader, values: dict[str, Any]) -> None:
+    needs = [(k, d) for k in _MAIL_LISTENERS for d in values[k]
+             if (s := endpoints.parse(d)).implicit_tls and not s.own_certificate]
+    if needs and not (values["tls.certificate"] and values["tls.key"]):
+        for k, d in needs:
+            ld.problem(k, f"{d!r} is an ssl: endpoint without privateKey=, so it needs tls.certificate and tls.key")
+
+
+def _domains_disjoint(ld: _Loader, values: dict[str, Any]) -> None:
+    overlap = set(values["local.domains"]) & set(values["relay.domains"])
+    if overlap:
+        ld.problem("relay.domains", f"{', '.join(sorted(overlap))} also in local.domains")
+
+
+def _workers_share_listeners(ld: _Loader, values: dict[str, Any]) -> None:
+    if values["workers"] <= 1:
+        return
+    for k in _MAIL_LISTENERS:
+        for d in values[k]:
+            if endpoints.parse(d).kind not in ("tcp", "tcp6", "ssl", "systemd"):
+                ld.problem(k, f"{d!r}: with workers > 1 only tcp:, tcp6:, ssl: and systemd: endpoints can be "
+                           "shared by the workers")
+
+
+_RULES: tuple[Rule, ...] = (
+    _refine("relay.smarthost"),
+    _smarthost_login,
+    _tls_pair,
+    _refine("delivery.retry_min"),
+    _retry_order,
+    _refine("smtp.timeout"),
+    _refine("delivery.connect_timeout"),
+    _refine("delivery.max_lifetime"),
+    _ssl_needs_certificate,
+    _domains_disjoint,
+)
+_RULES_OF_A_VALID_FILE: tuple[Rule, ...] = (_workers_share_listeners,)
+
+
+# --------------------------------------------------------------------------- finding the file
+
+
+def find_config_file(explicit: str | None) -> str | None:
+    """--config FILE, else $RELAY_CONFIG, else ./relay.toml if it exists, else None."""
+    if explicit:
+        return explicit
+    env = os.environ.get("RELAY_CONFIG")
+    if env:
+        return env
+    if os.path.exists("relay.toml"):
+        return os.path.abspath("relay.toml")
+    return None
+
+
+def load_effective(explicit: str | None = None) -> Config:
+    return load(find_config_file(explicit))

@@ -1,0 +1,293 @@
+"""The value checks of the config schema (relay.config declares which key uses which).
+
+A ``Check`` turns a TOML value into the value the relay uses, or raises
+``Bad(expected)``; the loader reports that as ``FILE: KEY: expected ..., got
+VALUE``.  A ``Refine`` runs once every key has been read (for a value that
+must be looked at beyond its type: a host:port, a duration above 0) and
+raises ``Invalid(message)`` with the whole message after ``FILE: KEY: ``.
+Each has a ``doc``, the kind of value it takes, shown in the generated
+configuration reference.  Pure: no Twisted, no I/O besides what an endpoint
+check needs (it loads an ssl: endpoint's own key files).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from relay.common.address import AddressError, normalize_domain
+from relay.runtime import endpoints
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolve = Callable[[str], str]  # a relative path -> a path against the config file's directory
+
+
+class Bad(Exception):
+    """The value is not of the key's kind; str() is what was expected."""
+
+
+class Invalid(Exception):
+    """A refinement refused the value; str() is the whole message."""
+
+
+def as_is(path: str) -> str:
+    return path
+
+
+@dataclass(frozen=True)
+class Check:
+    doc: str  # the kind of value, for the configuration reference
+    fn: Callable[[Any, Resolve], Any]
+
+    def __call__(self, value: Any, resolve: Resolve = as_is) -> Any:
+        return self.fn(value, resolve)
+
+
+@dataclass(frozen=True)
+class Refine:
+    doc: str  # what it adds to the check's kind ("above 0")
+    fn: Callable[[Any], Any]
+    whole_kind: bool = False  # doc is the whole kind of value, not an addition to the check's
+
+    def __call__(self, value: Any) -> Any:
+        return self.fn(value)
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{h}:{self.port}"
+
+
+# --------------------------------------------------------------------------- scalars
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_FORMS = 'a duration like "30s", "5m", "1h", "5d" or a number of seconds'
+
+
+def parse_duration(value: Any) -> float:
+    """"30s", "5m", "1h", "5d" or plain seconds (a number or digits)."""
+    if isinstance(value, bool):
+        raise Bad(_DURATION_FORMS)
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:  # TOML has inf and nan
+            raise Bad("a non-negative duration")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise Bad(_DURATION_FORMS)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Bad("a string")
+    return value
+
+
+def _path(value: Any, resolve: Resolve) -> str:
+    """A file or directory name that must be set (an empty one would mean the cwd)."""
+    if not isinstance(value, str) or not value.strip():
+        raise Bad("a non-empty path")
+    return resolve(value)
+
+
+def _optional_path(value: Any, resolve: Resolve) -> str:
+    s = _str(value)
+    return resolve(s) if s else s
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Bad("true or false")
+    return value
+
+
+def integer(lo: int, hi: int | None = None) -> Check:
+    expected = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+
+    def check(value: Any, resolve: Resolve) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Bad(expected)
+        if value < lo or (hi is not None and value > hi):
+            raise Bad(expected)
+        return value
+
+    return Check(expected, check)
+
+
+def choice(*choices: str) -> Check:
+    expected = "one of " + " | ".join(choices)
+
+    def check(value: Any, resolve: Resolve) -> str:
+        if value not in choices:
+            raise Bad(expected)
+        return value
+
+    return Check(expected, check)
+
+
+def list_of(item: Check, doc: str) -> Check:
+    def check(value: Any, resolve: Resolve) -> tuple:
+        if not isinstance(value, list):
+            raise Bad("a list")
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(item(v, resolve))
+            except Bad as e:
+                raise Bad(f"a list whose items are {e} (item {i + 1}: {v!r})")
+        return tuple(out)
+
+    return Check(doc, check)
+
+
+def _domain(value: Any, resolve: Resolve = as_is) -> str:
+    if not isinstance(value, str):
+        raise Bad("a domain name")
+    try:
+        return normalize_domain(value)
+    except AddressError as e:
+        raise Bad(f"a domain name ({e})")
+
+
+_NETWORK_FORM = 'a network like "192.168.1.0/24" or "::1/128"'
+
+
+def _network(value: Any, resolve: Resolve) -> IPNetwork:
+    if not isinstance(value, str):
+        raise Bad(_NETWORK_FORM)
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise Bad(_NETWORK_FORM)
+
+
+# --------------------------------------------------------------------------- hosts and endpoints
+
+_HOSTPORT_FORM = '"host:port" (like "smtp.example.org:587" or "[2001:db8::1]:25")'
+
+
+def _split_hostport(v: str) -> tuple[str, str | None]:
+    if v.startswith("["):
+        end = v.find("]")
+        if end < 0:
+            raise Bad(_HOSTPORT_FORM)
+        host, rest = v[1:end], v[end + 1 :]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise Bad(_HOSTPORT_FORM)
+        return host, rest[1:]
+    if v.count(":") == 1:
+        host, port = v.split(":")
+        return host, port
+    return v, None  # a name, an IPv4 address, or a bare IPv6 address without port
+
+
+def parse_hostport(value: Any, default_port: int | None = 25) -> HostPort:
+    """ "host", "host:port", "[host]:port", "[v6addr]:port", "1.2.3.4"."""
+    if not isinstance(value, str) or not value.strip():
+        raise Bad(_HOSTPORT_FORM)
+    host, port = _split_hostport(value.strip())
+    try:
+        host = ipaddress.ip_address(host).compressed
+    except ValueError:
+        try:
+            host = normalize_domain(host)
+        except AddressError:
+            raise Bad(_HOSTPORT_FORM)
+    if port is None:
+        if default_port is None:
+            raise Bad(_HOSTPORT_FORM)
+        return HostPort(host, default_port)
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise Bad(_HOSTPORT_FORM)
+    return HostPort(host, int(port))
+
+
+def _nameserver(value: Any, resolve: Resolve) -> HostPort:
+    expected = '"ip" or "ip:port" (like "127.0.0.1:5353")'
+    try:
+        hp = parse_hostport(value, default_port=53)
+    except Bad:
+        raise Bad(expected)
+    try:
+        ipaddress.ip_address(hp.host)
+    except ValueError:
+        raise Bad(expected)
+    return hp
+
+
+def _endpoint(value: Any, resolve: Resolve) -> str:
+    """Validates an endpoint description and resolves its file arguments."""
+    if not isinstance(value, str):
+        raise Bad('a Twisted endpoint description like "tcp:25"')
+    try:
+        spec = endpoints.parse(value)
+        spec = endpoints.resolve_paths(spec, resolve)
+        endpoints.check_server(spec)
+    except ValueError as e:
+        raise Bad(f'a Twisted endpoint description like "tcp:25" ({value!r}: {e})')
+    return spec.description
+
+
+def _routes(value: Any, resolve: Resolve) -> tuple[tuple[str, HostPort], ...]:
+    if not isinstance(value, dict):
+        raise Bad('a table of "domain" = "host:port"')
+    out = []
+    for d, hp in value.items():
+        try:
+            dom = normalize_domain(d)
+        except AddressError as e:
+            raise Bad(f'a table of "domain" = "host:port" ({d!r}: {e})')
+        try:
+            out.append((dom, parse_hostport(hp)))
+        except Bad as e:
+            raise Bad(f"{e} for route {d!r}")
+    return tuple(out)
+
+
+def _smarthost(value: str) -> HostPort | None:
+    """"" (none: deliver by MX) or a host:port; the check before made sure of a string."""
+    if not value.strip():
+        return None
+    try:
+        return parse_hostport(value)
+    except Bad as e:
+        raise Invalid(f"expected {e}, got {value!r}")
+
+
+def _above_zero(value: float) -> float:
+    if value <= 0:
+        raise Invalid("expected a duration above 0")
+    return value
+
+
+# --------------------------------------------------------------------------- the kinds the schema uses
+
+STRING = Check("a string", lambda v, r: _str(v))
+BOOL = Check("true or false", lambda v, r: _bool(v))
+PATH = Check("a non-empty path", _path)
+OPTIONAL_PATH = Check('a path or ""', _optional_path)
+DURATION = Check('a duration ("30s", "5m", "1h", "5d", "2w" or a number of seconds)',
+                 lambda v, r: parse_duration(v))
+DOMAIN = Check("a domain name", _domain)
+DOMAINS = list_of(DOMAIN, "a list of domain names")
+NETWORKS = list_of(Check("a network", _network), 'a list of networks ("192.168.1.0/24", "::1/128")')
+NAMESERVERS = list_of(Check("an IP address", _nameserver), 'a list of "ip" or "ip:port"')
+ENDPOINTS = list_of(Check("an endpoint description", _endpoint), "a list of Twisted endpoint descriptions")
+ROUTES = Check('a table of "domain" = "host:port"', _routes)
+
+SMARTHOST = Refine('"host:port", "[host]:port" or "host" (port 25), or "" for none', _smarthost, whole_kind=True)
+ABOVE_ZERO = Refine("above 0", _above_zero)

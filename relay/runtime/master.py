@@ -1,0 +1,391 @@
+"""Several relay processes on one machine: ``workers = N`` in the config.
+
+One Python process runs on one core (the reactor thread does the protocol
+work), so with ``workers > 1`` the ``twistd relay`` process becomes a small
+master that:
+
+* binds every SMTP and POP3 listener itself (as root when started as root,
+  before twistd drops privileges), once, and hands the one listening socket
+  of each listener to all N worker processes (``python -m relay.runtime.worker``),
+  which all accept on it.  The connections waiting to be accepted are in one
+  queue that only running workers take from: a worker that died (and waits
+  for its restart) is given no connection, and none is lost with it.  (With
+  a SO_REUSEPORT socket per worker, the kernel kept handing a dead worker's
+  socket its share of new clients until the restart; and the master could
+  not bind a new one after the privilege drop.)
+* counts connections per client IP for the whole relay: a table in shared
+  memory (relay.runtime.connlimit) that every worker maps, one column per worker;
+  the column of a worker that died is zeroed before it restarts;
+* gives worker i its own queue, ``<spool>/w<i>/`` (a complete spool:
+  incoming, queue, lock, control socket), so no two processes ever touch the
+  same message: what a worker acknowledged, it delivers; after a crash, the
+  restarted worker finds it in its own directory;
+* moves messages left in a directory no worker owns (``<spool>/queue`` from
+  a single-process relay, ``w<j>`` after fewer workers) into an owned one
+  before any worker starts;
+* restarts a worker that dies, forwards SIGHUP (reload) and SIGTERM
+  (graceful stop, 30 s bound) and re-emits the workers' log events in its
+  own log (each marked with its worker), so the log is one story.
+
+relayctl finds the workers' control sockets (``<spool>/w<i>/control.sock``)
+and speaks to each; relay-sendmail's drop directory (``<spool>/drop``) is
+picked up by worker 0.  With ``[metrics] listen``, the master serves the
+metrics page: at each scrape it asks every worker for its figures over the
+control socket and serves their sum (relay.runtime.metrics.WorkersMetrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.logger import Logger, LogLevel, globalLogPublisher
+
+from relay.config import Config
+from relay.queue import spool as spoolmod
+from relay.runtime import connlimit
+from relay.runtime import endpoints as epmod
+from relay.runtime.workerpaths import worker_socket, worker_spool
+
+log = Logger(namespace="relay.master")
+
+RESTART_DELAY = 1.0
+RESTART_BURST = 5  # restarts within RESTART_WINDOW before waiting longer
+RESTART_WINDOW = 60.0
+RESTART_BACKOFF = 30.0  # seconds before the next start of a worker that keeps dying
+STOP_BOUND = 32.0
+
+
+def listener_descriptions(config: Config) -> list[str]:
+    return list(dict.fromkeys(list(config.smtp.listen) + list(config.smtp.submission) + list(config.pop3.listen)))
+
+
+def bind(description: str, backlog_default: int = 1024) -> socket.socket:
+    """The listening socket for a tcp:, tcp6:, ssl: or systemd: endpoint,
+    shared by every worker (non-blocking: each worker is woken for a new
+    connection, and all but one find nothing to accept)."""
+    spec = epmod.parse(description)
+    if spec.kind == "systemd":
+        from twisted.python.systemd import ListenFDs
+
+        fds = ListenFDs.fromEnvironment()
+        if "index" in spec.kwargs:
+            fd = fds.inheritedDescriptors()[int(spec.kwargs["index"])]
+        else:
+            fd = fds.inheritedNamedDescriptors()[spec.kwargs["name"]]
+        s = socket.socket(fileno=fd)
+        s.setblocking(False)
+        s.set_inheritable(True)
+        return s
+    port = int(spec.args[0])
+    iface = spec.interface
+    family = socket.AF_INET6 if (spec.kind == "tcp6" or ":" in iface) else socket.AF_INET
+    if family == socket.AF_INET6 and not iface:
+        iface = "::"
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((iface, port))
+        s.listen(int(spec.kwargs.get("backlog", backlog_default)))
+        s.set_inheritable(True)
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def adopt_orphans(top: str, workers: int, logfn=None) -> int:
+    """Move queued messages from directories no worker owns into worker 0..N-1.
+
+    The state file moves first, then the message: a crash in between leaves a
+    message without its state (all recipients pending again) - a duplicate
+    delivery at worst, never a loss.
+    """
+    moved = 0
+    candidates = [(top, 0)]
+    for name in os.listdir(top) if os.path.isdir(top) else ():
+        if name.startswith("w") and name[1:].isdigit() and int(name[1:]) >= workers:
+            candidates.append((os.path.join(top, name), int(name[1:]) % workers))
+    for root, target in candidates:
+        qdir = os.path.join(root, "queue")
+        if not os.path.isdir(qdir):
+            continue
+        dst = spoolmod.Spool(worker_spool(top, target))
+        dst.create()
+        names = os.listdir(qdir)
+        for name in sorted(names):
+            if not spoolmod.is_queue_id(name):
+                continue
+            st = os.path.join(qdir, name + spoolmod.STATE_SUFFIX)
+            if os.path.exists(st):
+                os.rename(st, dst.state_path(name))
+            os.rename(os.path.join(qdir, name), dst.message_path(name))
+            moved += 1
+        if moved:
+            spoolmod.fsync_dir(dst.queue_dir)
+            spoolmod.fsync_dir(qdir)
+    if moved and logfn:
+        logfn("moved {count} queued messages into the workers' queues", count=moved)
+    return moved
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    """One worker: its log events come as JSON lines on its stdout."""
+
+    def __init__(self, master: "RelayMaster", index: int):
+        self.master = master
+        self.index = index
+        self.buf = b""
+        self.ended: defer.Deferred = defer.Deferred()
+        self.pid = None
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            self._event(line)
+        if len(self.buf) > 1 << 20:
+            self._event(self.buf)
+            self.buf = b""
+
+    def errReceived(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                log.error("[worker {worker}] {line}", worker=self.index, line=line)
+
+    def _event(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+            level = LogLevel.levelWithName(event.pop("log_level", "info"))
+        except (ValueError, KeyError, AttributeError, TypeError):
+            log.info("[worker {worker}] {line}", worker=self.index, line=line.decode("utf-8", "replace"))
+            return
+        event["log_level"] = level
+        event["worker"] = self.index
+        ns = event.get("log_namespace", "-")
+        event["log_system"] = f"w{self.index} {ns}#{level.name}"
+        globalLogPublisher(event)
+
+    def processEnded(self, reason) -> None:
+        if self.buf:
+            self._event(self.buf)
+            self.buf = b""
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        self.master.worker_ended(self, code, sig)
+        self.ended.callback(None)
+
+
+class RelayMaster(service.Service):
+    """The ``twistd relay`` process when workers > 1 (see the module docstring)."""
+
+    def __init__(self, config: Config, reactor=None, log_target: str = "pipe"):
+        from twisted.internet import reactor as default_reactor
+
+        self.config = config
+        self.reactor = reactor or default_reactor
+        # where the workers write their log lines: "stdout" (the master's, inherited),
+        # a file's path (appended to, as the master does), or "pipe": sent to the
+        # master as JSON events and logged by it (syslog, --logger)
+        self.log_target = log_target
+        self.sockets: dict[str, socket.socket] = {}
+        self.conn_table = None  # relay.runtime.connlimit.SharedTable, made before the first worker starts
+        self.procs: dict[int, WorkerProcess] = {}
+        self.restarts: dict[int, list[float]] = {}
+        self.stopping = False
+        self.exit_on_error = False
+        self.handle_signals = False
+        self._lock_fd = None
+        self.metrics_ports: list = []
+
+    def privilegedStartService(self) -> None:
+        from relay.runtime.service import StartupError, raise_fd_limit
+
+        raise_fd_limit()
+        for desc in listener_descriptions(self.config):
+            try:
+                self.sockets[desc] = bind(desc)
+            except OSError as e:
+                msg = f"{self.config.source}: cannot listen on {desc!r}: {e.strerror or e}"
+                if self.exit_on_error:
+                    raise SystemExit(f"twisted-relay: not starting: {msg}")
+                raise StartupError(msg)
+        try:
+            self._listen_metrics()
+        except StartupError as e:
+            if self.exit_on_error:
+                raise SystemExit(f"twisted-relay: not starting: {e}")
+            raise
+        super().privilegedStartService()
+
+    def _listen_metrics(self) -> None:
+        """[metrics] listen: the master's page, summing the workers'."""
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from relay.runtime.metrics import WorkersMetrics
+        from relay.runtime.service import StartupError, server_endpoint
+
+        if not self.config.metrics.listen:
+            return
+        site = WorkersMetrics(self.reactor, [worker_socket(self.config, i)
+                                             for i in range(self.config.workers)]).site()
+        for desc in self.config.metrics.listen:
+            factory = site
+            try:
+                ep, wrap = server_endpoint(self.reactor, desc)
+                if wrap:
+                    if not self.config.tls.enabled:
+                        raise StartupError(f"{self.config.source}: metrics.listen: {desc!r} is an ssl: endpoint "
+                                           "without privateKey=, so it needs tls.certificate and tls.key")
+                    from relay.runtime.tls import load_server_tls
+
+                    tls = load_server_tls(self.config.tls.certificate, self.config.tls.key)
+                    factory = TLSMemoryBIOFactory(tls.options, False, site)
+                d = ep.listen(factory)
+                failures: list = []
+                d.addCallbacks(self.metrics_ports.append, failures.append)
+                if failures:
+                    failures[0].raiseException()
+            except StartupError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a bad endpoint or a port in use: said, not a traceback
+                raise StartupError(f"{self.config.source}: cannot listen on metrics endpoint {desc!r}: {e}")
+            log.info("metrics on {endpoint} (the sum of the workers')", endpoint=desc)
+
+    def startService(self) -> None:
+        from relay.runtime.service import StartupError
+
+        if not self.sockets:
+            self.privilegedStartService()
+        top = spoolmod.Spool(self.config.spool)
+        try:
+            top.create()
+            self._lock_fd = top.lock()
+            adopt_orphans(self.config.spool, self.config.workers, lambda fmt, **kw: log.info(fmt, **kw))
+        except (OSError, spoolmod.SpoolLocked) as e:
+            msg = f"spool {self.config.spool}: {e}"
+            if self.exit_on_error:
+                raise SystemExit(f"twisted-relay: not starting: {msg}")
+            raise StartupError(msg)
+        try:
+            self.conn_table = connlimit.SharedTable.create(self.config.workers)
+        except OSError as e:
+            msg = f"cannot make the workers' connection table (memfd): {e.strerror or e}"
+            if self.exit_on_error:
+                raise SystemExit(f"twisted-relay: not starting: {msg}")
+            raise StartupError(msg)
+        super().startService()
+        log.info("twisted-relay master starting {workers} workers: config {source}, spool {spool}",
+                 workers=self.config.workers, source=self.config.source, spool=self.config.spool)
+        for desc in self.sockets:
+            log.info("listening on {endpoint} (shared by the workers)", endpoint=desc)
+        if self.handle_signals:
+            signal.signal(signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.forward, signal.SIGHUP))
+            if self.log_target not in ("stdout", "pipe"):
+                # twistd rotates its log file on SIGUSR1: the workers reopen theirs
+                old = signal.getsignal(signal.SIGUSR1)
+
+                def usr1(signum, frame):
+                    if callable(old):
+                        old(signum, frame)
+                    self.reactor.callFromThread(self.forward, signal.SIGUSR1)
+
+                signal.signal(signal.SIGUSR1, usr1)
+        for i in range(self.config.workers):
+            self.spawn(i)
+
+    def spawn(self, i: int) -> None:
+        fds = {}
+        child_fds: dict[int, object] = {0: "w", 1: "r", 2: "r"}
+        n = 3
+        for desc, sock in self.sockets.items():
+            child_fds[n] = sock.fileno()
+            fds[desc] = n
+            n += 1
+        table_fd = n
+        child_fds[table_fd] = self.conn_table.fd
+        if self.log_target == "stdout":
+            child_fds[1] = 1  # the workers write their own lines where the master writes
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        args = [sys.executable, "-m", "relay.runtime.worker", "--index", str(i), "--count", str(self.config.workers),
+                "--fds", json.dumps(fds), "--conn-table", str(table_fd),
+                "--log-target", self.log_target, "--log-format", self.config.log.format]
+        if self.config.path:
+            args += ["--config", self.config.path]
+        else:
+            args += ["--defaults-spool", self.config.spool]
+        proto = WorkerProcess(self, i)
+        self.procs[i] = proto
+        self.reactor.spawnProcess(proto, sys.executable, args, env=env, childFDs=child_fds)
+        log.info("worker {worker} started (pid {pid})", worker=i, pid=proto.pid)
+
+    def worker_ended(self, proto: WorkerProcess, code, sig) -> None:
+        i = proto.index
+        if self.procs.get(i) is proto:
+            del self.procs[i]
+        if self.conn_table is not None:
+            # its connections died with it: they no longer count against anyone's limit
+            self.conn_table.release_worker(i)
+        if self.stopping:
+            log.info("worker {worker} stopped (exit {code})", worker=i, code=code if sig is None else f"signal {sig}")
+            return
+        log.error("worker {worker} ended unexpectedly (exit {code}); restarting it", worker=i,
+                  code=code if sig is None else f"signal {sig}")
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(i, []) if now - t < RESTART_WINDOW] + [now]
+        self.restarts[i] = recent
+        delay = RESTART_DELAY if len(recent) <= RESTART_BURST else RESTART_BACKOFF
+        if delay > RESTART_DELAY:
+            log.error("worker {worker} ended {count} times in {window:.0f} s: next start in {delay:.0f} s "
+                      "(the other workers take its connections meanwhile)", worker=i, count=len(recent),
+                      window=RESTART_WINDOW, delay=delay)
+        self.reactor.callLater(delay, lambda: None if self.stopping or i in self.procs else self.spawn(i))
+
+    def forward(self, sig: int) -> None:
+        for p in list(self.procs.values()):
+            try:
+                p.transport.signalProcess(sig)
+            except Exception:  # noqa: BLE001 - it may have just ended
+                pass
+        if sig == signal.SIGHUP:
+            log.info("SIGHUP forwarded to {count} workers (each reloads its config)", count=len(self.procs))
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        self.stopping = True
+        if self.handle_signals:
+            from relay.runtime.service import exit_on_second_signal
+
+            exit_on_second_signal(before=lambda: self.forward(signal.SIGKILL))
+        procs = list(self.procs.values())
+        self.forward(signal.SIGTERM)
+        if procs:
+            kill = self.reactor.callLater(STOP_BOUND, self.forward, signal.SIGKILL)
+            yield defer.DeferredList([p.ended for p in procs], consumeErrors=True)
+            if kill.active():
+                kill.cancel()
+        for s in self.sockets.values():
+            s.close()
+        if self.conn_table is not None:
+            self.conn_table.close()
+            self.conn_table = None
+        for port in self.metrics_ports:
+            yield port.stopListening()
+        self.metrics_ports = []
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        super().stopService()
+        log.info("twisted-relay master stopped")

@@ -1,0 +1,739 @@
+"""Builds the running relay from a config: a MultiService of listeners,
+the spool, the queue runner, the control socket and the file watchers.
+
+Start-up order matters for durability: the spool is locked (one relay per
+spool) and half-received files from a crash are removed *before* anything
+listens; the queue is then scanned in a thread while new mail is already
+accepted.  Listeners bind in privilegedStartService, so with ``twistd -u/-g``
+ports below 1024 are bound as root before privileges are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from twisted.application import internet, service
+from twisted.internet import defer, endpoints, task
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import threadable
+from zope.interface import implementer
+
+from relay.admin import route as routecheck
+from relay.admin.control import ControlContext, ControlService, ReloadUnsupported, status_of
+from relay.common.errors import StartupError
+from relay.common.netutil import Listeners
+from relay.config import Config
+from relay.delivery.mx import Resolver
+from relay.intake import aliases as aliasesmod
+from relay.intake import policy as policymod
+from relay.mailbox import users as usersmod
+from relay.queue import spool as spoolmod
+from relay.queue.diskio import AsyncSpool, DiskPool
+from relay.runtime import endpoints as epmod
+from relay.runtime.metrics import RelayMetrics
+from relay.smtp.server import ServerContext, SMTPFactory
+
+log = Logger(namespace="relay.service")
+
+REFRESH_INTERVAL = 2.0  # seconds between checks of the users and aliases files
+LOCK_WAIT = 10.0  # seconds to wait at start for a relayctl holding the spool lock
+SMTP_GRACE = 10.0  # seconds an SMTP transaction may take to finish at shutdown
+STOP_BOUND = 28.0  # seconds: the whole shutdown, within systemd's/our 30 s promise
+LISTEN_BACKLOG = 1024  # for tcp/ssl listeners that do not say (Twisted's default is 50)
+
+
+def exit_on_second_signal(before=None) -> None:
+    """From now on SIGTERM or SIGINT exits at once (the graceful stop is
+    under way); ``before`` runs first (the master kills its workers)."""
+    import signal
+
+    def now(signum, frame):
+        if before is not None:
+            before()
+        os.write(2, b"twisted-relay: second SIGTERM, exiting now\n")
+        os._exit(1)
+
+    try:
+        signal.signal(signal.SIGTERM, now)
+        signal.signal(signal.SIGINT, now)
+    except (ValueError, OSError):
+        pass
+
+
+def server_endpoint(reactor, description: str):
+    """(endpoint, wrap) for a listener description: wrap is True for an
+    ssl: endpoint without its own privateKey=, which listens as plain TCP and
+    must be wrapped in TLS with the relay's certificate by the caller."""
+    spec = epmod.parse(description)
+    if spec.kind in ("tcp", "tcp6", "ssl") and "backlog" not in spec.kwargs:
+        # Twisted's default listen backlog is 50: a burst of clients would
+        # overflow it and, SMTP being server-speaks-first, wait forever
+        spec = epmod.EndpointSpec("", spec.kind, spec.args, {**spec.kwargs, "backlog": str(LISTEN_BACKLOG)})
+        spec = epmod.EndpointSpec(epmod.unparse(spec), spec.kind, spec.args, spec.kwargs)
+    if spec.implicit_tls and not spec.own_certificate:
+        tcp = epmod.EndpointSpec("", "tcp", spec.args, {k: v for k, v in spec.kwargs.items()
+                                                        if k in ("interface", "backlog")})
+        return endpoints.serverFromString(reactor, epmod.unparse(tcp)), True
+    return endpoints.serverFromString(reactor, spec.description), False
+
+
+class RelayService(service.MultiService):
+    def __init__(self, config: Config, reactor=None, *, deliver: bool = True,
+                 adopted: dict[str, int] | None = None, worker: tuple[int, int] | None = None,
+                 conn_table=None):
+        super().__init__()
+        # listening sockets inherited from a master process (workers > 1):
+        # endpoint description -> file descriptor
+        self.adopted = dict(adopted or {})
+        self.worker = worker  # (index, count) when this is one of several workers
+        # relay.runtime.connlimit.SharedTable the master made (workers > 1): per-IP
+        # limits count the connections of every worker
+        self.conn_table = conn_table
+        self._counters: dict[str, object] = {}
+        from twisted.internet import reactor as default_reactor
+
+        self.config = config
+        self.reactor = reactor or default_reactor
+        self.started_at = time.time()
+        self.spool = spoolmod.Spool(config.spool)
+        self.disk = DiskPool(self.reactor)
+        # DNS look-ups block a thread for up to their lifetime: their own pool,
+        # so a dead DNS server never starves fsyncs (or the reverse).
+        # Each look-up holds a thread up to its lifetime: many silent domains at
+        # once must not leave none for the others (threads grow on demand).
+        self.dns_pool = DiskPool(self.reactor, minthreads=1, maxthreads=64, name="relay-dns")
+        # Password checks (scrypt: ~40 ms of CPU and 16 MiB each) in a small pool
+        # of their own: a burst of AUTH attempts neither delays the fsyncs
+        # behind every 250 nor takes unbounded memory.
+        self.auth_pool = DiskPool(self.reactor, minthreads=1, maxthreads=4, name="relay-auth")
+        self.aspool = AsyncSpool(self.spool, self.disk)
+        self.listeners = Listeners()
+        self._lock_fd: int | None = None
+        self.queue = None  # relay.queue.manager.QueueManager, set up in _build_queue
+        self.pop3_factories: list = []
+        self.listener_services: list = []
+        self.scanned: defer.Deferred = defer.Deferred()  # fires when the start-up scan is done
+        self.exit_on_error = False  # set by the twistd plugin: a start-up error exits the process
+        self.handle_signals = False  # set by the twistd plugin: SIGHUP reloads, 2nd SIGTERM exits
+        self.stopping = False
+
+        try:
+            self.users = usersmod.UserDB(config.local.users)
+        except usersmod.UsersFileError as e:
+            raise StartupError(str(e))
+        try:
+            self.aliases = aliasesmod.AliasFile(config.local.aliases, config.local.domains)
+        except aliasesmod.AliasesFileError as e:
+            raise StartupError(str(e))
+        self.tls = self._load_tls(config)
+        self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
+        self.smtp_ctx = ServerContext(
+            config=config,
+            policy=self._make_policy(config),
+            spool=self.aspool,
+            expand=self.expand,
+            checker=self.checker,
+            tls=self.tls,
+            on_queued=self._queued,
+            reactor=self.reactor,
+            limiter=self.connection_counter("smtp"),
+        )
+        self._build_listeners(config)
+        if deliver:
+            self._build_queue(config)
+        self._build_pickup(config)  # relay-sendmail's drop directory (relay/intake/pickup.py)
+        self._build_metrics(config)  # [metrics] (relay/runtime/metrics.py)
+        self._build_control()  # relayctl's control socket (relay/admin/control.py)
+        self._refresher = task.LoopingCall(self._refresh_files)
+        self._refresher.clock = self.reactor
+
+    # -- construction ------------------------------------------------------
+    @staticmethod
+    def _load_tls(config: Config):
+        if not config.tls.enabled:
+            return None
+        from relay.runtime.tls import TLSConfigError, load_server_tls
+
+        try:
+            return load_server_tls(config.tls.certificate, config.tls.key)
+        except TLSConfigError as e:
+            raise StartupError(f"{config.source}: {e}")
+
+    def connection_counter(self, protocol: str):
+        """The per-IP connection counter of one protocol ("smtp", "pop3"):
+        one object for all its listeners, counting across every worker of
+        the relay when there are several (relay.runtime.connlimit)."""
+        counter = self._counters.get(protocol)
+        if counter is None:
+            from relay.runtime import connlimit
+            if self.conn_table is not None and self.worker is not None:
+                counter = self.conn_table.counter(protocol, self.worker[0])
+            else:
+                counter = connlimit.LocalCounter()
+            self._counters[protocol] = counter
+        return counter
+
+    def _make_policy(self, config: Config) -> policymod.Policy:
+        return policymod.Policy(
+            local_domains=config.local.domains,
+            relay_domains=config.relay.domains,
+            networks=config.relay.networks,
+            user_exists=self._user_exists,
+            alias_exists=lambda a: self.aliases.map.has(a),
+            our_ips=self.listeners.has_ip,
+        )
+
+    def _user_exists(self, address: str) -> bool:
+        """A user known now, or after a fresh look at the users and aliases files.
+
+        `relayctl user add` followed at once by a test message must not get
+        550 for the new user while the 2-second poll has not run yet: a miss
+        costs two stat() calls (cheap, and only for unknown recipients).
+        """
+        if self.users.exists(address):
+            return True
+        if not threadable.isInIOThread():
+            return False  # e.g. relayctl route, answered in a thread: the reactor's poll refreshes
+        self._refresh_files()
+        return self.users.exists(address)
+
+    def expand(self, address: str) -> list[tuple[str, str | None]]:
+        """Final recipients of an accepted recipient (alias expansion)."""
+        domain = address.rpartition("@")[2]
+        if domain not in self.config.local.domains:
+            return [(address, address)]
+        exp = aliasesmod.expand(
+            address,
+            self.aliases.map,
+            is_local_domain=lambda d: d in self.config.local.domains,
+            user_exists=self.users.exists,
+            first_user_in=self.users.first_user_in,
+        )
+        return [(e.address, e.original) for e in exp] or [(address, address)]
+
+    def _listen(self, description: str, factory, name: str) -> None:
+        if description in self.adopted:
+            svc = self._adopted_listener(description, factory)
+        else:
+            ep, wrap = server_endpoint(self.reactor, description)
+            if wrap:
+                factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
+            factory.noisy = False
+            svc = internet.StreamServerEndpointService(ep, factory)
+            svc._raiseSynchronously = True
+        svc.setName(name)
+        svc.setServiceParent(self)
+        self.listener_services.append(svc)
+
+    def _adopted_listener(self, description: str, factory) -> "AdoptedListener":
+        """A listening socket bound by the master process (relay.runtime.master)."""
+        import socket as socketmod
+
+        spec = epmod.parse(description)
+        if spec.implicit_tls:
+            if spec.own_certificate:
+                from twisted.internet import ssl as tssl
+
+                def read(p):
+                    with open(p, "rb") as f:
+                        return f.read()
+
+                key = spec.kwargs["privateKey"]
+                cert = spec.kwargs.get("certKey", key)
+                opts = tssl.PrivateCertificate.loadPEM(read(cert) + b"\n" + read(key)).options()
+                factory = TLSMemoryBIOFactory(opts, False, factory)
+            else:
+                factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
+        factory.noisy = False
+        fd = self.adopted[description]
+        probe = socketmod.socket(fileno=os.dup(fd))
+        family = probe.family
+        probe.setblocking(False)  # shared by several processes: accept() must never block
+        probe.close()
+        return AdoptedListener(self.reactor, fd, family, factory)
+
+    def _build_listeners(self, config: Config) -> None:
+        for kind, descs in (("smtp", config.smtp.listen), ("submission", config.smtp.submission)):
+            for desc in descs:
+                spec = epmod.parse(desc)
+                if spec.port is not None:
+                    self.listeners.add(spec.interface, spec.port)
+                factory = SMTPFactory(self.smtp_ctx, submission=(kind == "submission"),
+                                      implicit_tls=spec.implicit_tls)
+                self._listen(desc, factory, f"{kind} {desc}")
+        self._build_pop3(config)
+
+    def _build_pop3(self, config: Config) -> None:
+        try:
+            from relay.mailbox import pop3
+        except ImportError:
+            if config.pop3.listen:
+                log.warn("POP3 is not available in this build; pop3.listen ignored")
+            return
+        for desc in config.pop3.listen:
+            factory = pop3.POP3Factory(
+                hostname=config.hostname,
+                mailbox_root=config.local.mailboxes,
+                local_domains=config.local.domains,
+                userdb=self.users,
+                tls_options=self.tls.options if self.tls else None,
+                auth_requires_tls=config.tls.auth_requires_tls,
+                reactor=self.reactor,
+                threadpool=self.disk.pool,  # the Maildirs
+                auth_pool=self.auth_pool.pool,  # password checks: never the disk pool
+                max_connections_per_ip=config.pop3.max_connections_per_ip,
+                limiter=self.connection_counter("pop3"),  # one count for all POP3 listeners
+            )
+            self.pop3_factories.append(factory)
+            self._listen(desc, factory, f"pop3 {desc}")
+
+    def _build_queue(self, config: Config) -> None:
+        from relay.queue.manager import QueueManager
+
+        self.queue = QueueManager(self, config)
+
+    def _build_pickup(self, config: Config) -> None:
+        """A child service: it starts before the queue is loaded (see Pickup.startService)."""
+        from relay.intake.pickup import Pickup
+
+        if self.worker is not None:
+            if self.worker[0] != 0:
+                self.pickup = None  # one worker takes relay-sendmail's drop directory
+                return
+            # the drop directory is the one relay-sendmail knows: the top spool's
+            self.spool.drop_dir = os.path.join(os.path.dirname(self.spool.root), "drop")
+
+        self.pickup = Pickup(self)
+        self.pickup.setServiceParent(self)
+
+    def _build_metrics(self, config: Config) -> None:
+        """This relay's metrics registry, fed by the queue's attempt hook, and
+        served over HTTP on each metrics.listen endpoint."""
+        self.metrics = RelayMetrics(self.reactor, smtp=self.smtp_ctx, queue=self.queue, pickup=self.pickup,
+                                    pop3_factories=self.pop3_factories, started_at=self.started_at)
+        if self.queue is not None:
+            self.queue.on_attempt = self.metrics.observe_attempt
+        for desc in config.metrics.listen:
+            spec = epmod.parse(desc)
+            if spec.implicit_tls and not spec.own_certificate and self.tls is None:
+                raise StartupError(f"{config.source}: metrics.listen: {desc!r} is an ssl: endpoint without "
+                                   "privateKey=, so it needs tls.certificate and tls.key")
+            self._listen(desc, self.metrics.site(), f"metrics {desc}")
+
+    def _build_control(self) -> None:
+        """The control socket relayctl talks to (relay.admin.control)."""
+        ctx = ControlContext(reactor=self.reactor, spool=self.aspool, queue=self.queue, status=self.status,
+                             route_context=self.route_context, dns=self.dns_pool,
+                             metrics=self.metrics.render, reload=self._reload_for_control)
+        self.control = ControlService(ctx, self.config.control_socket, source=self.config.source)
+        self.control.setServiceParent(self)
+
+    def status(self) -> defer.Deferred:
+        """Fires with the ``relayctl status`` data (relay.admin.control.status_of)."""
+        return self.listening().addCallback(lambda ls: status_of(
+            config=self.config, spool_root=self.spool.root, started_at=self.started_at, queue=self.queue,
+            smtp=self.smtp_ctx, pop3_factories=self.pop3_factories, listeners=ls))
+
+    def route_context(self) -> routecheck.RouteContext:
+        """What ``relayctl route`` decides with: the running config, policy,
+        aliases and users, and the deliverer's resolver."""
+        q = self.queue
+        r = getattr(getattr(q, "deliverer", None), "resolver", None)
+        if r is None or not hasattr(r, "resolve_mx"):
+            r = Resolver(nameservers=self.config.delivery.nameservers, lifetime=10.0)
+        return routecheck.RouteContext(
+            config=self.config, policy=self.smtp_ctx.policy, expand=self.expand,
+            user_exists=self.users.exists, resolver=r, is_self=self.listeners.is_self,
+        )
+
+    def _reload_for_control(self) -> dict:
+        """relayctl reload: the service's ``reload`` at the time of the call
+        (None in a relay without reload support)."""
+        if self.reload is None:
+            raise ReloadUnsupported()
+        return self.reload()
+
+    # -- start / stop ----------------------------------------------------------
+    def privilegedStartService(self) -> None:
+        """Bind the listeners (as root when started as root; twistd -u/-g
+        drops privileges after this).  Everything that touches the spool
+        happens in startService, as the user the relay runs as, so that the
+        files it creates are that user's."""
+        raise_fd_limit()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        # Long-lived objects (config, modules, the loaded queue) need no
+        # cyclic collection; new garbage is collected less often (each
+        # message makes a few thousand short-lived objects).
+        import gc
+
+        gc.freeze()
+        gc.set_threshold(20000, 20, 20)
+        try:
+            self._open_spool()
+        except StartupError as e:
+            if self.exit_on_error:
+                raise SystemExit(f"twisted-relay: not starting: {e}")
+            raise
+        self.disk.start()
+        self.dns_pool.start()
+        self.auth_pool.start()
+        try:
+            super().startService()  # the children: listeners, the pickup, the control socket
+        except StartupError as e:
+            if self.exit_on_error:  # under twistd: a clear message, no traceback
+                raise SystemExit(f"twisted-relay: not starting: {e}")
+            raise
+        cfg = self.config
+        log.info("twisted-relay starting: config {source}, spool {spool}, hostname {hostname}, uid {uid}",
+                 source=cfg.source, spool=self.spool.root, hostname=cfg.hostname, uid=os.geteuid())
+        for desc in cfg.smtp.listen:
+            log.info("SMTP listening on {endpoint}", endpoint=desc)
+        for desc in cfg.smtp.submission:
+            log.info("SMTP submission (AUTH required) listening on {endpoint}", endpoint=desc)
+        for desc in cfg.pop3.listen if self.pop3_factories else ():
+            log.info("POP3 listening on {endpoint}", endpoint=desc)
+        log.info("local domains: {domains}; relaying for networks {networks}",
+                 domains=", ".join(cfg.local.domains) or "none",
+                 networks=", ".join(str(n) for n in cfg.relay.networks) or "none")
+        self._warn_plaintext_logins()
+        self._install_signals()
+        self._refresher.start(REFRESH_INTERVAL, now=False)
+        if self.queue is not None:
+            d = self.queue.start()
+        else:
+            d = self.disk.run(self._scan_only)
+        d.addErrback(lambda f: log.failure("spool scan failed", f))
+        d.addBoth(lambda _: self.scanned.callback(None) if not self.scanned.called else None)
+
+    def _open_spool(self) -> None:
+        """Create and lock the spool, then remove half-received mail.
+
+        Runs before the reactor does, so no session can have started a new
+        file in incoming/ yet.  An offline relayctl holds the lock only
+        briefly: wait a few seconds for it.
+        """
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                self._lock_fd = self.spool.lock()
+                break
+            except spoolmod.SpoolLocked as e:
+                if time.monotonic() > deadline:
+                    raise StartupError(f"{e} (lock {self.spool.root}/lock)")
+                time.sleep(0.1)
+            except PermissionError:
+                raise StartupError(
+                    f"spool {self.spool.root} is not writable by uid {os.geteuid()}: create it owned by "
+                    f"the user the relay runs as (install -d -m 0700 -o USER {self.spool.root})")
+            except OSError as e:
+                raise StartupError(f"spool {self.spool.root}: {e.strerror}")
+        try:
+            self.spool.clean_incoming(log=lambda fmt, **kw: log.info(fmt, **kw))
+        except OSError as e:
+            raise StartupError(f"spool {self.spool.root}: cannot clean incoming/: {e.strerror}")
+
+    def _install_signals(self) -> None:
+        """SIGHUP reloads the config (twistd leaves SIGHUP alone)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread() or not self.handle_signals:
+            return
+
+        def on_hup(signum, frame):
+            self.reactor.callFromThread(self.reload)
+
+        try:
+            signal.signal(signal.SIGHUP, on_hup)
+        except (ValueError, OSError):
+            pass
+
+    def _scan_only(self) -> None:
+        n = 0
+        for _ in self.spool.recover(log=lambda fmt, **kw: log.info(fmt, **kw)):
+            n += 1
+        log.info("spool scanned: {count} messages queued", count=n)
+
+    def _warn_plaintext_logins(self) -> None:
+        if self.tls is not None:
+            return
+        for desc in list(self.config.pop3.listen) + list(self.config.smtp.submission):
+            spec = epmod.parse(desc)
+            iface = spec.interface
+            if spec.kind in ("tcp", "tcp6") and not (iface.startswith("127.") or iface == "::1"):
+                log.warn("no TLS certificate configured: passwords cross {endpoint} in plaintext",
+                         endpoint=desc)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Graceful stop (SIGTERM): no new connections; SMTP transactions in
+        progress get SMTP_GRACE seconds, then 421 4.3.2; deliveries in flight
+        finish or, past the bound, are simply retried after the restart (their
+        recipients are still recorded as not delivered).  Everything that was
+        acknowledged is already durable, so a second SIGTERM exits at once."""
+        self.stopping = True
+        t0 = self.reactor.seconds()
+        self.smtp_ctx.accepting = False
+        self._arm_second_sigterm()
+        if self._refresher.running:
+            self._refresher.stop()
+        # 1. stop listening (existing connections stay)
+        yield defer.DeferredList([defer.maybeDeferred(svc.stopService) for svc in self.listener_services
+                                  if svc.running], consumeErrors=True)
+        # 2. SMTP sessions: idle ones close now, busy ones after their transaction
+        yield self._drain_smtp(SMTP_GRACE)
+        # 3. deliveries in flight
+        if self.queue is not None:
+            left = max(1.0, STOP_BOUND - (self.reactor.seconds() - t0))
+            yield self.queue.stop(grace=left)
+        yield defer.DeferredList([defer.maybeDeferred(c.stopService) for c in reversed(list(self))
+                                  if c.running], consumeErrors=True)
+        service.Service.stopService(self)
+        for f in self.pop3_factories:
+            close = getattr(f, "close_sessions", None)
+            if close is not None:
+                close()
+        self.aspool.stock.close()
+        self.disk.stop()
+        self.dns_pool.stop()
+        self.auth_pool.stop()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        log.info("twisted-relay stopped in {secs:.1f}s", secs=self.reactor.seconds() - t0)
+
+    def _drain_smtp(self, grace: float) -> defer.Deferred:
+        sessions = list(self.smtp_ctx.open_sessions)
+        for p in sessions:
+            p.begin_shutdown()
+        if not self.smtp_ctx.open_sessions:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        deadline = self.reactor.seconds() + grace
+
+        def check():
+            if not self.smtp_ctx.open_sessions:
+                d.callback(None)
+                return
+            if self.reactor.seconds() >= deadline:
+                for p in list(self.smtp_ctx.open_sessions):
+                    p.force_shutdown()
+                # give the 421s a moment to go out; never wait on a dead peer
+                self.reactor.callLater(0.2, lambda: d.called or d.callback(None))
+                return
+            self.reactor.callLater(0.05, check)
+
+        check()
+        return d
+
+    def _arm_second_sigterm(self) -> None:
+        import threading
+
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        # acknowledged mail is already fsynced; state files are replaced
+        # atomically: stopping here loses nothing acknowledged
+        exit_on_second_signal()
+
+    def listening(self) -> defer.Deferred:
+        """Fires with [(name, host, port)] for every listener once bound."""
+
+        def collect(ports):
+            out = []
+            for svc, (ok, port) in zip(self.listener_services, ports):
+                if ok:
+                    a = port.getHost()
+                    out.append((svc.name, getattr(a, "host", ""), getattr(a, "port", 0)))
+            return out
+
+        ds = [svc._waitingForPort for svc in self.listener_services if svc._waitingForPort]
+        return defer.DeferredList(ds, consumeErrors=True).addCallback(collect)
+
+    # -- reload ---------------------------------------------------------------------
+    RESTART_KEYS = (
+        ("spool", lambda c: c.spool),
+        ("smtp.listen", lambda c: c.smtp.listen),
+        ("smtp.submission", lambda c: c.smtp.submission),
+        ("pop3.listen", lambda c: c.pop3.listen),
+        ("control.socket", lambda c: c.control_socket),
+        ("metrics.listen", lambda c: c.metrics.listen),
+        ("log.format", lambda c: c.log.format),
+    )
+
+    def reload(self) -> dict:
+        """Re-read the config file (SIGHUP, relayctl reload).
+
+        All or nothing: a config that does not load, a certificate, users or
+        aliases file that cannot be read refuses the whole reload and keeps
+        the running config.  Listeners and the spool are not changed live:
+        such changes are reported as needing a restart.
+        """
+        import dataclasses
+
+        from relay import config as configmod
+        from relay.runtime.tls import TLSConfigError, load_server_tls
+
+        old = self.config
+        source = old.path
+        try:
+            new = configmod.load(source)
+        except configmod.ConfigError as e:
+            log.error("reload refused, keeping the running config: {problems}", problems="; ".join(e.problems))
+            return {"ok": False, "messages": ["reload refused, the running config is kept:"] + e.problems,
+                    "restart_needed": []}
+        problems = []
+        tls = None
+        if new.tls.enabled:
+            try:
+                tls = load_server_tls(new.tls.certificate, new.tls.key)
+            except TLSConfigError as e:
+                problems.append(f"{new.source}: {e}")
+        elif self.tls is not None and (new.smtp.submission or any(
+                epmod.parse(d).implicit_tls and not epmod.parse(d).own_certificate
+                for d in old.smtp.listen + old.smtp.submission + old.pop3.listen)):
+            problems.append(f"{new.source}: tls: the certificate is still needed by implicit TLS listeners")
+        try:
+            users = usersmod.UserDB(new.local.users)
+        except usersmod.UsersFileError as e:
+            problems.append(str(e))
+            users = None
+        try:
+            aliases = aliasesmod.AliasFile(new.local.aliases, new.local.domains)
+        except aliasesmod.AliasesFileError as e:
+            problems.append(str(e))
+            aliases = None
+        if problems:
+            for p in problems:
+                log.error("reload refused, keeping the running config: {problem}", problem=p)
+            return {"ok": False, "messages": ["reload refused, the running config is kept:"] + problems,
+                    "restart_needed": []}
+        restart = [key for key, get in self.RESTART_KEYS if get(old) != get(new)]
+        # what cannot change live stays as it runs
+        new = dataclasses.replace(
+            new, spool=old.spool,
+            smtp=dataclasses.replace(new.smtp, listen=old.smtp.listen, submission=old.smtp.submission),
+            pop3=dataclasses.replace(new.pop3, listen=old.pop3.listen),
+            control=old.control, metrics=old.metrics, log=old.log,
+        )
+        self.config = new
+        self.users = users
+        self.aliases = aliases
+        self.tls = tls
+        self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
+        ctx = self.smtp_ctx
+        ctx.config = new
+        ctx.policy = self._make_policy(new)
+        ctx.checker = self.checker
+        ctx.tls = tls
+        for f in self.pop3_factories:
+            for attr, value in (("hostname", new.hostname), ("mailbox_root", new.local.mailboxes),
+                                ("local_domains", new.local.domains), ("userdb", users),
+                                ("tls_options", tls.options if tls else None),
+                                ("auth_requires_tls", new.tls.auth_requires_tls),
+                                ("max_connections_per_ip", new.pop3.max_connections_per_ip)):
+                if hasattr(f, attr):
+                    setattr(f, attr, value)
+        if self.queue is not None:
+            self.queue.reconfigure(new)
+        changed = [f.name for f in dataclasses.fields(new)
+                   if f.name != "path" and getattr(new, f.name) != getattr(old, f.name)]
+        msgs = [f"config reloaded from {new.source}"
+                + (f"; changed: {', '.join(changed)}" if changed else "; no changes")]
+        if tls is not None:
+            msgs.append(f"TLS certificate {new.tls.certificate} loaded ({tls.subject}, "
+                        f"expires {tls.not_after.date().isoformat()})")
+        for key in restart:
+            msgs.append(f"{key} changed: takes effect after a restart")
+        for m in msgs:
+            log.info("{message}", message=m)
+        return {"ok": True, "messages": msgs, "restart_needed": restart}
+
+    # -- runtime -------------------------------------------------------------------
+    def _queued(self, entry: spoolmod.QueueEntry) -> None:
+        if self.queue is not None:
+            self.queue.add(entry)
+
+    def _refresh_files(self) -> None:
+        try:
+            self._refresh_files_once()
+        except Exception:  # noqa: BLE001 - the watcher must survive anything
+            log.failure("checking the users and aliases files failed")
+
+    def _refresh_files_once(self) -> None:
+        try:
+            if self.users.refresh():
+                log.info("users file {path} reloaded: {count} users", path=self.users.path,
+                         count=len(self.users))
+        except usersmod.UsersFileError as e:
+            log.error("users file not reloaded, keeping the previous users: {error}", error=str(e))
+        try:
+            if self.aliases.refresh():
+                log.info("aliases file {path} reloaded: {count} aliases", path=self.aliases.path,
+                         count=len(self.aliases.map))
+        except aliasesmod.AliasesFileError as e:
+            log.error("aliases file not reloaded, keeping the previous aliases: {error}", error=str(e))
+
+
+class AdoptedListener(service.Service):
+    """Accept connections on a socket some other process bound (the master):
+    every worker waits on the same listening socket and the kernel hands
+    each new connection to one of them."""
+
+    def __init__(self, reactor, fd: int, family, factory):
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+        self.factory = factory
+        self.port = None
+        self._waitingForPort = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        self._waitingForPort = defer.succeed(self.port)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
+def raise_fd_limit(cap: int = 1 << 20) -> int:
+    """Raise the soft limit on open files to the hard one (systemd gives
+    services a soft limit of 1024): each connection costs a descriptor, and
+    past the limit new clients would be accepted and dropped at once."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ValueError, OSError):
+        return -1
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentTLS:
+    """The service's current certificate, so that a reload (a renewed
+    certificate) reaches implicit TLS endpoints too."""
+
+    def __init__(self, svc: RelayService):
+        self.svc = svc
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        from OpenSSL import SSL
+
+        return SSL.Connection(self.svc.tls.options.getContext(), None)
+
+
+def make_service(config: Config, reactor=None) -> RelayService:
+    return RelayService(config, reactor=reactor)
