@@ -18,11 +18,32 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from relay.delivery.mx import Hop
-from relay.smtp import client as smtpclient
-from relay.smtp.client import DeliveryReport, Reply, Timeouts, deliver
+from relay.smtp.client import deliver
+from relay.smtp.clientproto import ClientProtocol
+from relay.smtp.msgproducer import CHUNK
+from relay.smtp.outbound import MessageFile, Outbound, Timeouts, TLSPolicy
+from relay.smtp.replies import DeliveryReport, Reply
 from tests.support.sink import Sink
 
 MSG = b"From: a@origin.test\r\nTo: b@dest.test\r\nSubject: test\r\n\r\nHello.\r\n"
+
+
+async def send(
+    reactor, hops, *, sender: str, recipients, message_path: str, message_size: int, message_offset: int = 0,
+    message_data: bytes | None = None, body_8bit: bool | None = None, helo: str, tls_mode: str = "may",
+    tls_hostname: str | None = None, trust_root=None, auth: tuple[str, str] | None = None,
+    connect_timeout: float = 30.0, timeouts: Timeouts | None = None, max_rcpts_per_txn: int = 50,
+    queue_id: str | None = None, threadpool=None, cache=None, host_limit=None,
+) -> DeliveryReport:
+    """deliver() with each setting as a keyword (the tests' spelling): the
+    Outbound built from them, the parts passed beside it."""
+    out = Outbound(
+        sender=sender, recipients=tuple(recipients),
+        message=MessageFile(message_path, message_size, message_offset, message_data, body_8bit),
+        helo=helo, tls=TLSPolicy(tls_mode, tls_hostname, trust_root), auth=auth, connect_timeout=connect_timeout,
+        timeouts=timeouts or Timeouts(), max_rcpts_per_txn=max_rcpts_per_txn, queue_id=queue_id,
+    )
+    return await deliver(reactor, hops, out, threadpool=threadpool, cache=cache, host_limit=host_limit)
 
 
 def write_big(path: str, line: bytes, count: int) -> int:
@@ -67,7 +88,7 @@ class ClientCase(unittest.TestCase):
         kw.setdefault("tls_mode", "none")
         kw.setdefault("timeouts", Timeouts.uniform(2.0))
         kw.setdefault("connect_timeout", 2.0)
-        return await deliver(
+        return await send(
             reactor,
             hops,
             recipients=list(recipients),
@@ -386,7 +407,7 @@ class DataTests(ClientCase):
     async def test_dots_at_every_chunk_boundary(self):
         # "\r\n." straddling the client's read chunks (64 KiB) and Twisted's
         # 16 KiB boundaries, in every alignment.
-        for boundary in (16384, smtpclient.CHUNK, 2 * smtpclient.CHUNK):
+        for boundary in (16384, CHUNK, 2 * CHUNK):
             for shift in (-2, -1, 0, 1):
                 # The "." lands at index boundary + shift + 2.
                 head = b"a" * 70 + b"\r\n"
@@ -396,7 +417,7 @@ class DataTests(ClientCase):
                 self.assertEqual(t.data, body, f"boundary {boundary} shift {shift}")
 
     async def test_chunk_ends_with_crlf_and_next_starts_with_dot(self):
-        n = smtpclient.CHUNK
+        n = CHUNK
         body = b"x" * (n - 2) + b"\r\n" + b".next chunk starts with a dot\r\n"
         self.assertEqual(body[n : n + 1], b".")
         t = await self.roundtrip(body)
@@ -437,7 +458,7 @@ class DataTests(ClientCase):
     async def test_truncated_spool_file_is_never_sent_as_complete(self):
         s = self.sink()
         path, offset, size = self.spool(MSG)
-        rep = await deliver(
+        rep = await send(
             reactor,
             [self.hop(s)],
             sender="a@b.test",
@@ -460,7 +481,7 @@ class DataTests(ClientCase):
         s = self.sink(keep_data=False)
         tracemalloc.start()
         try:
-            rep = await deliver(
+            rep = await send(
                 reactor,
                 [self.hop(s)],
                 sender="a@b.test",
@@ -490,7 +511,7 @@ class InMemoryDataTests(DataTests):
     async def deliver(self, hops, message: bytes = MSG, recipients=("rcpt@dest.test",), *, prefix=b"",
                       suffix=b"", **kw) -> DeliveryReport:
         path, offset, size = self.spool(message, prefix, suffix)
-        if size <= smtpclient.CHUNK:
+        if size <= CHUNK:
             with open(path, "r+b") as f:
                 f.seek(offset)
                 f.write(b"X" * size)
@@ -499,13 +520,13 @@ class InMemoryDataTests(DataTests):
         kw.setdefault("tls_mode", "none")
         kw.setdefault("timeouts", Timeouts.uniform(2.0))
         kw.setdefault("connect_timeout", 2.0)
-        return await deliver(reactor, hops, recipients=list(recipients), message_path=path,
+        return await send(reactor, hops, recipients=list(recipients), message_path=path,
                              message_offset=offset, message_size=size, message_data=message, **kw)
 
     async def test_data_of_another_size_is_not_used(self):
         s = self.sink()
         path, offset, size = self.spool(MSG)
-        rep = await deliver(reactor, [self.hop(s)], sender="a@b.test", recipients=["r@dest.test"],
+        rep = await send(reactor, [self.hop(s)], sender="a@b.test", recipients=["r@dest.test"],
                             message_path=path, message_offset=offset, message_size=size,
                             message_data=MSG[:-2], helo="relay.test", tls_mode="none",
                             timeouts=Timeouts.uniform(2))
@@ -543,7 +564,7 @@ class ReplyParserTests(unittest.TestCase):
         from twisted.internet.task import Clock
 
         self.clock = Clock()
-        self.proto = smtpclient._ClientProtocol(self.clock)
+        self.proto = ClientProtocol(self.clock)
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
 

@@ -1,4 +1,4 @@
-"""Outbound connection reuse (relay.smtp.client.ConnectionCache) against a real sink."""
+"""Outbound connection reuse (relay.smtp.conncache.ConnectionCache) against a real sink."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relay.delivery.mx import Hop
-from relay.smtp.client import ConnectionCache, Timeouts, deliver
+from relay.smtp.client import deliver
+from relay.smtp.conncache import ConnectionCache
+from relay.smtp.outbound import MessageFile, Outbound, Timeouts, TLSPolicy
 from tests.support.sink import Sink
 from tests.support.wait import apoll
 
@@ -29,10 +31,10 @@ class Cache(unittest.TestCase):
 
     def send(self, rcpt, cache=True):
         hop = Hop("sink.test", "127.0.0.2", self.sink.port, 0)
-        return defer.ensureDeferred(deliver(
-            reactor, [hop], sender="a@b.example", recipients=[rcpt], message_path=self.msg,
-            message_size=os.path.getsize(self.msg), helo="relay.test", tls_mode="none",
-            timeouts=Timeouts.uniform(5), cache=self.cache if cache else None))
+        out = Outbound(sender="a@b.example", recipients=(rcpt,),
+                       message=MessageFile(self.msg, os.path.getsize(self.msg)), helo="relay.test",
+                       tls=TLSPolicy("none"), timeouts=Timeouts.uniform(5))
+        return defer.ensureDeferred(deliver(reactor, [hop], out, cache=self.cache if cache else None))
 
     async def test_second_message_reuses_the_session(self):
         r1 = await self.send("one@x.example")

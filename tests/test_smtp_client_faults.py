@@ -10,9 +10,9 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relay.delivery.mx import Hop, Resolver
-from relay.smtp.client import Timeouts, deliver
+from relay.smtp.outbound import Timeouts
 from tests.support.dns import DNSServer, Zone
-from tests.test_smtp_client import MSG, ClientCase, write_big
+from tests.test_smtp_client import MSG, ClientCase, send, write_big
 
 
 def closed_port(address: str) -> int:
@@ -220,7 +220,7 @@ class ResetTests(ClientCase):
         # 24 MB: more than the loopback socket buffers hold.
         size = write_big(path, b"q" * 998 + b"\r\n", 24 * 1024)
         s = self.sink(stall_data=True, keep_data=False)
-        rep = await deliver(
+        rep = await send(
             reactor,
             [self.hop(s)],
             sender="a@b.test",
@@ -273,7 +273,7 @@ class TrialDirtyReactorTests(unittest.TestCase):
     """deliver() leaves no connection behind (trial would report it)."""
 
     async def test_nothing_left_open_after_failures(self):
-        rep = await deliver(
+        rep = await send(
             reactor,
             [Hop("x.test", "127.0.0.5", closed_port("127.0.0.5"))],
             sender="",

@@ -22,25 +22,25 @@ class HostLimit:
     def __init__(self, limit: Callable[[], int]):
         self._limit = limit  # read at each use: a reload changes it
         self.open: dict[tuple[str, int], int] = {}
-        self.waiting: dict[tuple[str, int], deque[defer.Deferred]] = {}
+        self.waiting: dict[tuple[str, int], deque[defer.Deferred[None]]] = {}
 
     def count(self, key: tuple[str, int]) -> int:
         return self.open.get(key, 0)
 
-    def acquire(self, key: tuple[str, int]) -> defer.Deferred:
+    def acquire(self, key: tuple[str, int]) -> defer.Deferred[None]:
         """Fires when a connection to key may be made (at once if under the limit)."""
         if self.open.get(key, 0) < max(1, self._limit()) and not self.waiting.get(key):
             self.open[key] = self.open.get(key, 0) + 1
             return defer.succeed(None)
 
-        def cancel(d: defer.Deferred) -> None:
+        def cancel(d: defer.Deferred[None]) -> None:
             q = self.waiting.get(key)
             if q is not None and d in q:
                 q.remove(d)
                 if not q:
                     del self.waiting[key]
 
-        d = defer.Deferred(cancel)
+        d: defer.Deferred[None] = defer.Deferred(cancel)
         self.waiting.setdefault(key, deque()).append(d)
         return d
 

@@ -239,7 +239,8 @@ class QueueManager:
                 nameservers=config.delivery.nameservers, lifetime=10.0, reactor=self.reactor,
                 threadpool=pool.pool if pool is not None else None,
             )
-            deliverer = Deliverer(service, resolver)
+            deliverer = Deliverer(service.reactor, resolver, spool=service.spool, disk=service.disk,
+                                  users=service.users, listeners=service.listeners, config=config)
         self.deliverer = deliverer
 
     def configure(self, config) -> None:

@@ -639,6 +639,7 @@ class RelayService(service.MultiService):
                 if hasattr(f, attr):
                     setattr(f, attr, value)
         if self.queue is not None:
+            self.queue.deliverer.reconfigure(new, users)
             self.queue.reconfigure(new)
         changed = [f.name for f in dataclasses.fields(new)
                    if f.name != "path" and getattr(new, f.name) != getattr(old, f.name)]

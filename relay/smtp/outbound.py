@@ -1,0 +1,104 @@
+"""What one outbound delivery is asked to do, as one frozen value.
+
+``Outbound`` holds everything relay.smtp.client.deliver needs to know about
+one message for one destination: the envelope, where the message lies in
+the spool (``MessageFile``), the TLS policy (``TLSPolicy``), the AUTH
+credentials, the timeouts and the per-transaction recipient limit.  The
+caller (relay.delivery.attempt) builds it once; every step of the
+conversation reads from it, so the list of settings is written down only
+here.  No Twisted, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+TLS_MODES = ("none", "may", "encrypt", "verify")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds.  Defaults: RFC 5321 section 4.5.3.2 (EHLO, STARTTLS, AUTH and
+    RSET like MAIL); ``session`` caps one whole connection, ``quit`` is short
+    because nothing depends on the answer to QUIT."""
+
+    greeting: float = 300.0
+    helo: float = 300.0
+    starttls: float = 300.0  # the reply to STARTTLS, then the handshake
+    auth: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_end: float = 600.0
+    rset: float = 300.0
+    quit: float = 30.0
+    session: float = 3600.0
+
+    @classmethod
+    def uniform(cls, seconds: float, session: float | None = None) -> Timeouts:
+        """Every per-reply timeout the same (tests use short ones)."""
+        names = [f for f in cls.__dataclass_fields__ if f != "session"]
+        t = cls(**{n: seconds for n in names})
+        return replace(t, session=session if session is not None else max(seconds * 20, 10.0))
+
+
+@dataclass(frozen=True)
+class MessageFile:
+    """Where the message (CRLF line endings, not dot-stuffed) lies in its
+    spool file: ``size`` bytes from ``offset``.  ``data``: those bytes when
+    the caller holds them in memory (just received; used only when its
+    length is ``size``).  ``eight_bit``: whether they hold 8-bit bytes (None:
+    scanned in a thread when the server offers 8BITMIME)."""
+
+    path: str
+    size: int
+    offset: int = 0
+    data: bytes | None = None
+    eight_bit: bool | None = None
+
+    @property
+    def in_memory(self) -> bytes | None:
+        """The message bytes when the caller's copy is the whole message."""
+        return self.data if self.data is not None and len(self.data) == self.size else None
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    """``mode``: none | may | encrypt | verify.  "verify" checks the chain
+    against ``trust_root`` (None for the system CAs, a PEM file path, or an
+    IOpenSSLTrustRoot such as ``ssl.Certificate``) and the name ``hostname``,
+    or the hop's host name, with service-identity."""
+
+    mode: str = "may"
+    hostname: str | None = None
+    trust_root: Any = None  # None | str | IOpenSSLTrustRoot
+
+    def __post_init__(self) -> None:
+        if self.mode not in TLS_MODES:
+            raise ValueError(f"tls_mode must be one of {TLS_MODES}, not {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """One message for one destination.  ``sender``: "" for the null
+    sender; ``recipients`` in order, duplicates sent once.  ``auth``:
+    (username, password) for AUTH PLAIN/LOGIN, only ever sent over TLS.
+    ``queue_id`` goes in the log lines."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    message: MessageFile
+    helo: str
+    tls: TLSPolicy = field(default_factory=TLSPolicy)
+    auth: tuple[str, str] | None = None
+    connect_timeout: float = 30.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_rcpts_per_txn: int = 50
+    queue_id: str | None = None
+
+    @property
+    def log_id(self) -> str:
+        """The queue id as the log lines show it."""
+        return self.queue_id or "-"
