@@ -26,6 +26,7 @@ from relay.admin.control import ControlContext, ControlService, ReloadUnsupporte
 from relay.common.errors import StartupError
 from relay.common.netutil import Listeners
 from relay.config import Config
+from relay.delivery.attempt import Deliverer
 from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
 from relay.intake import policy as policymod
@@ -293,7 +294,14 @@ class RelayService(service.MultiService):
     def _build_queue(self, config: Config) -> None:
         from relay.queue.manager import QueueManager
 
-        self.queue = QueueManager(self, config)
+        deliverer = Deliverer(self, self._resolver(config))
+        self.queue = QueueManager(self.reactor, self.aspool, deliverer, config, parked=deliverer.cache,
+                                  disk_stopped=lambda: self.disk.stopped)
+
+    def _resolver(self, config: Config) -> Resolver:
+        """The deliverer's resolver: the configured nameservers, in the DNS pool."""
+        return Resolver(nameservers=config.delivery.nameservers, lifetime=10.0, reactor=self.reactor,
+                        threadpool=self.dns_pool.pool)
 
     def _build_pickup(self, config: Config) -> None:
         """A child service: it starts before the queue is loaded (see Pickup.startService)."""
@@ -640,6 +648,8 @@ class RelayService(service.MultiService):
                     setattr(f, attr, value)
         if self.queue is not None:
             self.queue.reconfigure(new)
+            if new.delivery.nameservers != old.delivery.nameservers:
+                self.queue.deliverer.resolver = self._resolver(new)
         changed = [f.name for f in dataclasses.fields(new)
                    if f.name != "path" and getattr(new, f.name) != getattr(old, f.name)]
         msgs = [f"config reloaded from {new.source}"
