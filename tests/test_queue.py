@@ -13,7 +13,6 @@ import email.policy
 import os
 import shutil
 import tempfile
-from types import SimpleNamespace
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
@@ -83,9 +82,8 @@ class QueueCase(unittest.TestCase):
             self.hop = hop
             hop.clock = self.clock
         disk = DiskPool(self.clock, inline=True)
-        svc = SimpleNamespace(reactor=self.clock, aspool=AsyncSpool(self.spool, disk), spool=self.spool,
-                              disk=disk, config=self.config)
-        self.qm = QueueManager(svc, self.config, deliverer=self.hop)
+        self.qm = QueueManager(self.clock, AsyncSpool(self.spool, disk), self.hop, self.config,
+                               disk_stopped=lambda: disk.stopped)
         self.qm.random.seed(1)
         self.successResultOf(self.qm.start())
         return self.qm

@@ -260,7 +260,7 @@ class OfflineSpool:
         raise ValueError(action)
 
     def _bounce(self, entry: QueueEntry) -> str | None:
-        """What QueueManager._admin_bounce does: a DSN for the open recipients, then removal."""
+        """What AdminActions.return_to_sender (relay.queue.actions) does: a DSN for open recipients, then removal."""
         env = entry.envelope
         now = time.time()
         failures = []

@@ -380,8 +380,8 @@ class AsyncSpool:
         self._removing = True
         paths = [(self.spool.message_path(q), self.spool.state_path(q) if st else None) for q, _, st in batch]
 
-        def unlink_all():
-            errors = []
+        def unlink_all() -> list[OSError | None]:
+            errors: list[OSError | None] = []
             for msg, state in paths:
                 try:
                     fileio.unlink_quiet(msg)

@@ -26,6 +26,7 @@ from relay.admin.control import ControlContext, ControlService, ReloadUnsupporte
 from relay.common.errors import StartupError
 from relay.common.netutil import Listeners
 from relay.config import Config
+from relay.delivery.attempt import Deliverer
 from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
 from relay.intake import policy as policymod
@@ -293,7 +294,15 @@ class RelayService(service.MultiService):
     def _build_queue(self, config: Config) -> None:
         from relay.queue.manager import QueueManager
 
-        self.queue = QueueManager(self, config)
+        deliverer = Deliverer(self.reactor, self._resolver(config), spool=self.spool, disk=self.disk,
+                              users=self.users, listeners=self.listeners, config=config)
+        self.queue = QueueManager(self.reactor, self.aspool, deliverer, config, parked=deliverer.cache,
+                                  disk_stopped=lambda: self.disk.stopped)
+
+    def _resolver(self, config: Config) -> Resolver:
+        """The deliverer's resolver: the configured nameservers, in the DNS pool."""
+        return Resolver(nameservers=config.delivery.nameservers, lifetime=10.0, reactor=self.reactor,
+                        threadpool=self.dns_pool.pool)
 
     def _build_pickup(self, config: Config) -> None:
         """A child service: it starts before the queue is loaded (see Pickup.startService)."""
@@ -639,7 +648,10 @@ class RelayService(service.MultiService):
                 if hasattr(f, attr):
                     setattr(f, attr, value)
         if self.queue is not None:
+            # the deliverer first: the queue's reconfigure may start attempts at once
             self.queue.deliverer.reconfigure(new, users)
+            if new.delivery.nameservers != old.delivery.nameservers:
+                self.queue.deliverer.set_resolver(self._resolver(new))
             self.queue.reconfigure(new)
         changed = [f.name for f in dataclasses.fields(new)
                    if f.name != "path" and getattr(new, f.name) != getattr(old, f.name)]

@@ -1,0 +1,85 @@
+"""The sender's notifications the queue sends: non-delivery and delay.
+
+Each is an RFC 3464 report (relay.delivery.bounce.build_report) queued as a
+new message from <> to the original sender, durably, before the outcome it
+reports is recorded: a crash in between sends the notice again rather than
+never.  A message from <> (a bounce itself) gets no notice: its failures
+are logged and dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from twisted.logger import Logger
+
+from relay.config import Config
+from relay.delivery import bounce as bouncemod
+from relay.queue.diskio import AsyncSpool
+from relay.queue.envelope import DEFERRED, Envelope, QueueEntry
+from relay.queue.layout import new_id
+from relay.queue.message import Message
+from relay.queue.outcomes import Counters, status_of
+
+log = Logger(namespace="relay.queue")
+
+
+class Notices:
+    """Builds and queues the notices of one queue runner.
+
+    ``config`` gives the current configuration (it changes at a reload),
+    ``now`` the reactor's time, ``queue`` hands a queued notice to the
+    runner (QueueManager.add).
+    """
+
+    def __init__(self, aspool: AsyncSpool, config: Callable[[], Config], now: Callable[[], float],
+                 counters: Counters, queue: Callable[[QueueEntry], object]):
+        self.aspool = aspool
+        self.config = config
+        self.now = now
+        self.counters = counters
+        self.queue = queue
+
+    def delay_due(self, msg: Message, now: float) -> bool:
+        """A delay notice is due: delivery.delay_warning passed, none sent yet,
+        and a recipient is deferred."""
+        dw = self.config().delivery.delay_warning
+        return (dw > 0 and not msg.state.warned and now - msg.env.arrival >= dw
+                and any(r.status == DEFERRED for r in msg.state.recipients))
+
+    def delayed(self, msg: Message, now: float) -> list[bouncemod.Failure]:
+        """What a delay notice reports: each deferred recipient."""
+        until = msg.env.arrival + self.config().delivery.max_lifetime
+        return [
+            bouncemod.Failure(r.address, status_of(r.reply, "4.0.0"), r.reply, original=r.orcpt,
+                              last_attempt=now, will_retry_until=until)
+            for r in msg.state.recipients if r.status == DEFERRED
+        ]
+
+    async def send(self, msg: Message, kind: str, failures: Sequence[bouncemod.Failure]) -> None:
+        if not msg.env.sender:
+            for f in failures:
+                log.warn("{queue_id}: undeliverable message from <> (a bounce) to <{to}> discarded: "
+                         "{reason}", queue_id=msg.qid, to=f.recipient, reason=f.diagnostic)
+            return
+        try:
+            headers = await self.aspool.run(self.aspool.spool.read_headers, msg.qid)
+        except OSError:
+            headers = b""
+        now = self.now()
+        data = bouncemod.build_report(
+            kind=kind, reporting_mta=self.config().hostname, queue_id=msg.qid, sender=msg.env.sender,
+            arrival=msg.env.arrival, failures=list(failures), original_headers=headers, now=now,
+        )
+        env = Envelope(
+            queue_id=new_id(), sender="", recipients=[msg.env.sender], arrival=now,
+            orcpts=[None], client={"proto": "dsn"}, extra={"dsn": kind, "for": msg.qid},
+        )
+        entry = await self.aspool.inject(env, data)
+        self.counters.dsn_sent += 1
+        log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=msg.qid,
+                 kind="non-delivery" if kind == bouncemod.FAILED else "delay", dsn_id=env.queue_id)
+        log.info("{queue_id}: from=<{sender}>, size={size}, nrcpt={nrcpt} (delivery status notification for {orig})",
+                 queue_id=env.queue_id, sender="", size=entry.size, nrcpt=1, orig=msg.qid, dsn=kind,
+                 recipients=env.recipients)
+        self.queue(entry)
