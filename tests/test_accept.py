@@ -1,6 +1,6 @@
-"""The intake (relay.intake.accept), the expander (relay.intake.aliases.Expander)
-and the SMTP AUTH exchange (relay.smtp.auth): the seams of issue 13's intake
-part, without a running relay."""
+"""The intake (relay.intake.accept), the expander (relay.intake.aliases.Expander),
+the SMTP AUTH exchange (relay.smtp.auth) and the pickup built from its parts:
+the seams of issue 13's intake part, without a running relay."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from twisted.internet import task
 from twisted.logger import Logger, globalLogPublisher
 from twisted.trial import unittest
 
+from relay import config as configmod
 from relay.intake import aliases as aliasesmod
 from relay.intake.accept import Intake, Source
+from relay.intake.dropfile import drop_line
+from relay.intake.pickup import Pickup
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool, DiskPool
 from relay.smtp import auth
@@ -157,3 +160,33 @@ class SaslExchangeTests(unittest.TestCase):
     def test_abort_and_bad_base64(self):
         self.assertEqual(auth.SaslExchange("LOGIN").step("*"), auth.Refused(501, "5.0.0 Authentication aborted"))
         self.assertEqual(auth.SaslExchange("PLAIN").step("!!!"), auth.Refused(501, "5.5.2 Cannot decode response"))
+
+
+class PickupWithoutAService(unittest.TestCase):
+    """The pickup is built from its parts (reactor, spool, disk pool, intake,
+    config): no RelayService."""
+
+    def test_a_drop_file_goes_through_the_intake(self):
+        tmp = tempfile.mkdtemp(prefix="relay-pickup-unit-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        cfg = configmod.load(None, data={"hostname": "relay.test", "spool": tmp + "/spool",
+                                         "local": {"domains": ["l.test"]}})
+        sp = spoolmod.Spool(cfg.spool)
+        sp.create()
+        clock = task.Clock()
+        disk = DiskPool(clock, inline=True)
+        queued: list[spoolmod.QueueEntry] = []
+        intake = Intake(spool=AsyncSpool(sp, disk), expand=lambda a: [(a, a)], queued=queued.append, clock=clock)
+        qid = spoolmod.new_id()
+        with open(os.path.join(sp.drop_dir, qid), "wb") as f:
+            f.write(drop_line("s@x.example", ["r@x.example"], 0, "root", 1.0) + b"Subject: x\r\n\r\nhi\r\n")
+        pickup = Pickup(reactor=clock, spool=sp, disk=disk, intake=intake, config=cfg, scan_interval=60.0)
+        pickup.startService()
+        self.addCleanup(pickup.stopService)
+        self.assertEqual([e.envelope.queue_id for e in queued], [qid])
+        self.assertEqual(os.listdir(sp.drop_dir), [])
+        self.assertEqual(sp.queue_ids(), [qid])
+        (entry,) = queued
+        self.assertEqual(entry.envelope.client["proto"], "sendmail")
+        self.assertTrue(entry.state_file)
+        self.assertEqual(pickup.received, 1)
