@@ -19,7 +19,7 @@ from twisted.internet import reactor, task
 from twisted.internet import tcp as tcpmod
 from twisted.trial import unittest
 
-from relay.smtp.server import PAUSED_INPUT_LIMIT
+from relay.smtp.connection import PAUSED_INPUT_LIMIT
 from tests.support.certs import cert_files
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.wait import apoll

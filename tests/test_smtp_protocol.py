@@ -13,9 +13,11 @@ from twisted.trial import unittest
 
 from relay import config as configmod
 from relay.intake import policy as policymod
+from relay.intake.accept import Intake
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool, DiskPool
-from relay.smtp.server import ServerContext, SMTPServer
+from relay.smtp.context import ServerContext
+from relay.smtp.server import SMTPServer
 
 
 class Harness(unittest.TestCase):
@@ -36,8 +38,8 @@ class Harness(unittest.TestCase):
         self.disk = DiskPool(self.clock, inline=True)
         pol = policymod.Policy(("local.test",), (), self.cfg.relay.networks,
                                user_exists=lambda a: a == "alice@local.test", alias_exists=lambda a: False)
-        self.ctx = ServerContext(config=self.cfg, policy=pol, spool=AsyncSpool(sp, self.disk),
-                                 expand=lambda a: [(a, a)], reactor=self.clock)
+        intake = Intake(spool=AsyncSpool(sp, self.disk), expand=lambda a: [(a, a)], queued=None, clock=self.clock)
+        self.ctx = ServerContext(config=self.cfg, policy=pol, intake=intake, reactor=self.clock)
 
     def connect(self, ip="127.0.0.1"):
         p = SMTPServer(self.ctx)
@@ -84,7 +86,7 @@ class Timeouts(Harness):
         self.assertEqual(self.take(t), b"")
         self.clock.advance(61)
         self.assertEqual(self.take(t), b"421 4.4.2 Timeout exceeded, closing connection\r\n")
-        self.assertEqual(self.ctx.spool.spool.queue_ids(), [])
+        self.assertEqual(self.ctx.intake.spool.spool.queue_ids(), [])
 
     def test_connection_lost_in_data_leaves_nothing(self):
         p, t = self.connect()
@@ -92,7 +94,7 @@ class Timeouts(Harness):
         p.dataReceived(b"partial message\r\n")
         p.connectionLost(None)
 
-        self.assertEqual(self.ctx.spool.spool.incoming_leftovers(), [])
+        self.assertEqual(self.ctx.intake.spool.spool.incoming_leftovers(), [])
         self.assertEqual(self.ctx.connections, {})
 
 
@@ -139,7 +141,7 @@ class PipelinedFlood(Harness):
     smtp = {"junk_command_limit": 0}  # a thousand NOOPs: the limit would end the session
 
     def test_long_burst_is_handled_in_slices_in_order(self):
-        from relay.smtp.server import LINES_PER_TURN
+        from relay.smtp.connection import LINES_PER_TURN
 
         p, t = self.connect()
         self.take(t)
@@ -171,7 +173,7 @@ class OutputFlowControl(Harness):
     def test_paused_output_holds_commands_until_resumed(self):
         p, t = self.connect()
         self.take(t)
-        from relay.smtp.server import PAUSED_INPUT_LIMIT
+        from relay.smtp.connection import PAUSED_INPUT_LIMIT
 
         p.pauseProducing()  # what the transport does when its write buffer is over its bound
         p.dataReceived(b"NOOP\r\nHELP\r\nNOOP\r\n")
@@ -191,7 +193,7 @@ class OutputFlowControl(Harness):
         self.assertEqual(t.producerState, "producing")
 
     def test_pause_within_a_long_burst(self):
-        from relay.smtp.server import LINES_PER_TURN
+        from relay.smtp.connection import LINES_PER_TURN
 
         p, t = self.connect()
         self.take(t)
@@ -240,7 +242,7 @@ class JunkCommands(Harness):
         return [ln[:4] for ln in self.take(t).split(b"\r\n") if ln]
 
     def test_past_the_limit_junk_counts_as_errors(self):
-        from relay.smtp.server import MAX_ERRORS
+        from relay.smtp.connection import MAX_ERRORS
 
         p, t = self.connect()
         self.take(t)

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
-from relay.common.address import AddressError, parse_mailbox
+from relay.common.address import DOT_STRING, AddressError, parse_mailbox
 
 MAX_DEPTH = 20
 MAX_EXPANSION = 1000
@@ -123,8 +124,6 @@ class AliasMap:
 
 
 def _plain_local(s: str) -> bool:
-    from relay.common.address import DOT_STRING
-
     return bool(DOT_STRING.match(s))
 
 
@@ -139,9 +138,9 @@ def expand(
     address: str,
     aliases: AliasMap,
     *,
-    is_local_domain,
-    user_exists,
-    first_user_in,
+    is_local_domain: Callable[[str], bool],
+    user_exists: Callable[[str], bool],
+    first_user_in: Callable[[str], str | None],
 ) -> list[Expansion]:
     """Final recipients for one accepted recipient (deduplicated, in order)."""
     out: list[Expansion] = []
@@ -197,8 +196,8 @@ class AliasFile:
         self.path = path
         self.local_domains = local_domains
         self.map = AliasMap()
-        self._stamp = None
-        self._bad_stamp = None  # a version that failed to parse: reported once
+        self._stamp: tuple[int, int, int] | None = None
+        self._bad_stamp: tuple[int, int, int] | None = None  # a version that failed to parse: reported once
         if path:
             self.refresh()
 
@@ -236,3 +235,45 @@ class AliasFile:
         self.map = new
         self._stamp = stamp
         return True
+
+
+class Users(Protocol):
+    """What expansion asks of the users file (relay.mailbox.users.UserDB)."""
+
+    def exists(self, address: str) -> bool: ...
+
+    def first_user_in(self, domain: str) -> str | None: ...
+
+
+class Expander:
+    """The running relay's alias expansion: the final recipients of an
+    accepted recipient, as (address, the recipient it came from) pairs.
+
+    It holds the local domains, the aliases file and the users file of the
+    running config; a reload hands it the new ones (``reconfigure``).  The
+    aliases file reloads itself in place (``AliasFile.refresh``).
+    """
+
+    def __init__(self, *, local_domains: tuple[str, ...], aliases: AliasFile, users: Users):
+        self.local_domains = local_domains
+        self.aliases = aliases
+        self.users = users
+
+    def reconfigure(self, *, local_domains: tuple[str, ...], aliases: AliasFile, users: Users) -> None:
+        self.local_domains = local_domains
+        self.aliases = aliases
+        self.users = users
+
+    def expand(self, address: str) -> list[tuple[str, str | None]]:
+        """Final recipients of an accepted recipient; a remote one is itself."""
+        domains = self.local_domains
+        if address.rpartition("@")[2] not in domains:
+            return [(address, address)]
+        exp = expand(
+            address,
+            self.aliases.map,
+            is_local_domain=lambda d: d in domains,
+            user_exists=self.users.exists,
+            first_user_in=self.users.first_user_in,
+        )
+        return [(e.address, e.original) for e in exp] or [(address, address)]

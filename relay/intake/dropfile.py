@@ -15,7 +15,7 @@ import json
 DROP_MAGIC = b"RELAYDROP1 "
 DROP_MODE = 0o640  # group-readable: see "Permissions" in the README
 MAX_LINE = 998  # octets without CRLF (RFC 5322 2.1.1)
-MAX_HOPS = 100  # Received headers: a mail loop (the SMTP server's limit, relay.smtp.server.MAX_HOPS)
+MAX_HOPS = 100  # Received headers: a mail loop (the SMTP server's limit, relay.smtp.transfer.MAX_HOPS)
 
 
 def drop_line(sender: str, recipients: list[str], uid: int, user: str, arrival: float) -> bytes:

@@ -34,6 +34,9 @@ import secrets
 import stat
 import time
 from dataclasses import dataclass
+from functools import partial
+from types import ModuleType
+from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -42,15 +45,21 @@ from twisted.python.filepath import FilePath
 
 from relay.common import fileio
 from relay.common.address import AddressError, parse_mailbox
+from relay.config import Config
+from relay.intake.accept import Intake, Source
 from relay.intake.dropfile import MAX_HOPS, MAX_LINE, parse_drop_line
 from relay.queue import spool as spoolmod
+from relay.queue.diskio import DiskPool
 
+inotify: ModuleType | None
 try:  # imported now, not at start: after twistd -u/-g the Python tree may not be readable
     from twisted.internet import inotify
 except ImportError:  # not Linux
     inotify = None
 
 log = Logger(namespace="relay.pickup")
+SOURCE = Source(log, "{queue_id}: handing the message to the queue failed", state_file=True)
+LogFn = Callable[..., None]
 
 SCAN_INTERVAL = 10.0  # seconds between safety scans when inotify watches drop/
 POLL_INTERVAL = 1.0  # seconds between scans without inotify
@@ -83,7 +92,7 @@ class DropFile:
 # blocking work (run in the disk pool, or before the reactor runs)
 
 
-def reconcile(spool: spoolmod.Spool, log_fn=None) -> int:
+def reconcile(spool: spoolmod.Spool, log_fn: LogFn | None = None) -> int:
     """Remove drop files already queued under their id (a crash after the
     queue commit, before the drop file's removal).  Run it before the queue
     is loaded: afterwards the queued copy may already be delivered and gone."""
@@ -103,9 +112,9 @@ def reconcile(spool: spoolmod.Spool, log_fn=None) -> int:
     return done
 
 
-def ready_names(spool: spoolmod.Spool, now: float, log_fn=None) -> list[str]:
+def ready_names(spool: spoolmod.Spool, now: float, log_fn: LogFn | None = None) -> list[str]:
     """Drop files to pick up, oldest first; stale temp files go to quarantine."""
-    out = []
+    out: list[str] = []
     try:
         names = os.listdir(spool.drop_dir)
     except FileNotFoundError:
@@ -140,7 +149,7 @@ def _qid(name: str) -> str | None:
     return stem if spoolmod.is_queue_id(stem) else None
 
 
-def quarantine(spool: spoolmod.Spool, name: str, reason: str, log_fn=None) -> bool:
+def quarantine(spool: spoolmod.Spool, name: str, reason: str, log_fn: LogFn | None = None) -> bool:
     src = os.path.join(spool.drop_dir, name)
     dst = os.path.join(spool.quarantine_dir, "drop-" + name.lstrip("."))
     if os.path.lexists(dst):
@@ -240,7 +249,7 @@ class _LineCheck:
     998 octets (what the SMTP server enforces on DATA, so that the outbound
     client never sends what an inbound client could not)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.cr = False  # the previous chunk ended with CR
         self.linelen = 0  # octets of the current line so far
         self.in_header = True  # until the first empty line
@@ -296,21 +305,16 @@ class _LineCheck:
         return b"" if self.linelen == 0 else b"\r\n"
 
 
-def commit(spool: spoolmod.Spool, drop: DropFile, recipients: list[str], orcpts: list[str | None],
-           hostname: str) -> spoolmod.QueueEntry:
-    """Copy the drop file into the queue durably, then remove it."""
+def copy_drop(spool: spoolmod.Spool, drop: DropFile, envelope: spoolmod.Envelope,
+              hostname: str) -> spoolmod.IncomingMessage:
+    """Copy the drop file into a new message in incoming/ (checked on the
+    way), not yet committed: relay.intake.accept makes it durable."""
     try:
         if os.path.exists(spool.message_path(drop.name)):
             # queued by an earlier pass that could not remove the drop file
-            fileio.unlink_quiet(os.path.join(spool.drop_dir, drop.name))
-            fileio.fsync_dir(spool.drop_dir)
+            remove_drop(spool, drop.name)
             raise FileExistsError(drop.name)
-        env = spoolmod.Envelope(
-            queue_id=drop.name, sender=drop.sender, recipients=recipients, orcpts=orcpts,
-            arrival=drop.arrival,
-            client={"proto": "sendmail", "uid": drop.uid, **({"user": drop.user} if drop.user else {})},
-        )
-        inc = spool.incoming(env)
+        inc = spool.incoming(envelope)
         try:
             date = email.utils.format_datetime(email.utils.localtime())
             who = f"{_safe(drop.user) or 'unknown'} (uid {drop.uid})"
@@ -328,18 +332,23 @@ def commit(spool: spoolmod.Spool, drop: DropFile, recipients: list[str], orcpts:
             tail = check.finish()
             if tail:
                 inc.write(tail)
-            size = inc.size
-            inc.finish()
         except BaseException:
             inc.abort()
             raise
-        fileio.fsync_dir(spool.queue_dir)
-        # the queue entry is durable: only now may the drop file go
-        fileio.unlink_quiet(os.path.join(spool.drop_dir, drop.name))
-        fileio.fsync_dir(spool.drop_dir)
-        return spoolmod.QueueEntry(env, spoolmod.State.fresh(env), size, len(inc.header))
+        return inc
     finally:
         os.close(drop.fd)
+
+
+def remove_drop(spool: spoolmod.Spool, name: str) -> None:
+    """The drop file's message is durably queued: only now may the drop file go."""
+    fileio.unlink_quiet(os.path.join(spool.drop_dir, name))
+    fileio.fsync_dir(spool.drop_dir)
+
+
+def drop_client(drop: DropFile) -> dict[str, Any]:
+    """The envelope's client field of a message from relay-sendmail."""
+    return {"proto": "sendmail", "uid": drop.uid, **({"user": drop.user} if drop.user else {})}
 
 
 def _safe(text: str) -> str:
@@ -351,22 +360,32 @@ def _safe(text: str) -> str:
 
 
 class Pickup(service.Service):
-    """Watches the drop directory of a RelayService and queues what arrives."""
+    """Watches the drop directory and queues what arrives, through the intake."""
 
-    name = "pickup"
+    name = "pickup"  # type: ignore[assignment]  # Service declares name as None
 
-    def __init__(self, svc, *, scan_interval: float | None = None):
-        self.svc = svc
-        self.spool: spoolmod.Spool = svc.spool
+    def __init__(self, *, reactor: Any, spool: spoolmod.Spool, disk: DiskPool, intake: Intake, config: Config,
+                 scan_interval: float | None = None):
+        # reactor: IReactorTime, IReactorThreads and IReactorFDSet (inotify), zope
+        # interfaces that mypy cannot read as one type
+        self.reactor = reactor
+        self.spool = spool
+        self.disk = disk
+        self.intake = intake
+        self.config = config
         self.received = 0
         self.quarantined = 0
         self._scan_interval = scan_interval
-        self._busy: defer.Deferred | None = None
+        self._busy: defer.Deferred[None] | None = None
         self._again = False
         self._retry_at: dict[str, float] = {}
-        self._notifier = None
+        self._notifier: Any = None  # twisted.internet.inotify.INotify while watching
         self._loop = task.LoopingCall(self.kick)
-        self._loop.clock = svc.reactor
+        self._loop.clock = reactor
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: smtp.max_message_size and hostname apply to the next file."""
+        self.config = config
 
     # -- life cycle ------------------------------------------------------------
     def startService(self) -> None:
@@ -382,7 +401,7 @@ class Pickup(service.Service):
         self._describe(watching, interval)
         self._loop.start(interval, now=True)
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         if self._loop.running:
             self._loop.stop()
@@ -393,8 +412,13 @@ class Pickup(service.Service):
                 pass
             self._notifier = None
         if self._busy is not None:
-            d: defer.Deferred = defer.Deferred()
-            self._busy.addBoth(lambda r: (d.callback(None), r)[1])
+            d: defer.Deferred[None] = defer.Deferred()
+
+            def stopped(result: object) -> object:
+                d.callback(None)
+                return result
+
+            self._busy.addBoth(stopped)
             return d
         return None
 
@@ -402,7 +426,7 @@ class Pickup(service.Service):
         if inotify is None:
             return False
         try:
-            notifier = inotify.INotify(reactor=self.svc.reactor)
+            notifier = inotify.INotify(reactor=self.reactor)
             notifier.startReading()
             notifier.watch(FilePath(self.spool.drop_dir), mask=inotify.IN_MOVED_TO | inotify.IN_CLOSE_WRITE,
                            callbacks=[self._notified])
@@ -426,7 +450,7 @@ class Pickup(service.Service):
                  "{how}", drop=self.spool.drop_dir, mode=mode, who=who,
                  how="watched with inotify" if watching else f"scanned every {interval:g}s")
 
-    def _notified(self, _ignored, filepath, mask) -> None:
+    def _notified(self, _ignored: object, filepath: FilePath[Any], mask: int) -> None:
         name = filepath.basename()
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
@@ -441,10 +465,10 @@ class Pickup(service.Service):
         if self._busy is not None:
             self._again = True
             return
-        d = defer.ensureDeferred(self._scan())
+        d: defer.Deferred[None] = defer.ensureDeferred(self._scan())
         self._busy = d
 
-        def done(result):
+        def done(result: object) -> object:
             self._busy = None
             return result
 
@@ -454,8 +478,8 @@ class Pickup(service.Service):
     async def _scan(self) -> None:
         while True:
             self._again = False
-            names = await self.svc.disk.run(ready_names, self.spool, time.time(), self._log_fn())
-            now = self.svc.reactor.seconds()
+            names = await self.disk.run(ready_names, self.spool, time.time(), self._log_fn())
+            now = self.reactor.seconds()
             for name in names:
                 if not self.running:
                     return
@@ -465,17 +489,16 @@ class Pickup(service.Service):
             if not self._again or not self.running:
                 return
 
-    def _log_fn(self):
-        def fn(fmt, **kw):
-            self.svc.reactor.callFromThread(lambda: log.info(fmt, **kw))
+    def _log_fn(self) -> LogFn:
+        def fn(fmt: str, **kw: object) -> None:
+            self.reactor.callFromThread(lambda: log.info(fmt, **kw))
 
         return fn
 
     async def _one(self, name: str) -> None:
-        cfg = self.svc.config
-        disk = self.svc.disk
+        cfg = self.config
         try:
-            drop = await disk.run(open_drop_file, self.spool, name, cfg.smtp.max_message_size)
+            drop = await self.disk.run(open_drop_file, self.spool, name, cfg.smtp.max_message_size)
         except Quarantined as e:
             await self._quarantine(name, str(e))
             return
@@ -485,31 +508,26 @@ class Pickup(service.Service):
         if drop is None:
             return
         try:
-            recipients: list[str] = []
-            orcpts: list[str | None] = []
-            seen: set[str] = set()
-            for r in drop.recipients:
-                for addr, orig in self.svc.expand(r):
-                    if addr not in seen:
-                        seen.add(addr)
-                        recipients.append(addr)
-                        orcpts.append(orig if orig != addr else None)
+            env = self.intake.envelope(drop.sender, drop.recipients, drop_client(drop), queue_id=drop.name,
+                                       arrival=drop.arrival)
         except Exception as e:  # noqa: BLE001 - close the file; try again later
             os.close(drop.fd)
             self._later(name, f"alias expansion failed: {e}")
             return
         try:
-            entry = await disk.run(commit, self.spool, drop, recipients, orcpts, cfg.hostname)
+            inc = await self.disk.run(copy_drop, self.spool, drop, env, cfg.hostname)
+            await self.intake.accept(inc, SOURCE, announce=partial(self._queued, drop),
+                                     settle=partial(remove_drop, self.spool, name))
         except FileExistsError:
             log.info("{queue_id}: drop file removed: it was already queued", queue_id=name)
-            return
         except Quarantined as e:
             await self._quarantine(name, str(e))
-            return
         except OSError as e:
             self._later(name, f"cannot queue it: {e.strerror or e}")
-            return
-        self._retry_at.pop(name, None)
+
+    def _queued(self, drop: DropFile, entry: spoolmod.QueueEntry) -> None:
+        """The message is durably queued and its drop file gone."""
+        self._retry_at.pop(drop.name, None)
         self.received += 1
         env = entry.envelope
         log.info(
@@ -519,15 +537,9 @@ class Pickup(service.Service):
             _user=f" ({drop.user})" if drop.user else "", sender=env.sender, size=entry.size,
             nrcpt=len(env.recipients), recipients=env.recipients, source="sendmail",
         )
-        queued = getattr(self.svc, "_queued", None)
-        if queued is not None:
-            try:
-                queued(entry)
-            except Exception:  # noqa: BLE001 - it is durable; the next start loads it anyway
-                log.failure("{queue_id}: handing the message to the queue failed", queue_id=env.queue_id)
 
     async def _quarantine(self, name: str, reason: str) -> None:
-        moved = await self.svc.disk.run(quarantine, self.spool, name, reason)
+        moved = await self.disk.run(quarantine, self.spool, name, reason)
         if moved:
             self.quarantined += 1
             self._retry_at.pop(name, None)
@@ -537,6 +549,6 @@ class Pickup(service.Service):
             self._later(name, f"cannot move it to quarantine ({reason})")
 
     def _later(self, name: str, why: str) -> None:
-        self._retry_at[name] = self.svc.reactor.seconds() + RETRY_AFTER
+        self._retry_at[name] = self.reactor.seconds() + RETRY_AFTER
         log.warn("drop/{name}: not picked up, trying again in {secs:g}s: {why}", name=_shown(name),
                  secs=RETRY_AFTER, why=why, queue_id=_qid(name))

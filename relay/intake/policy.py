@@ -46,7 +46,7 @@ class Client:
 
 
 @functools.lru_cache(maxsize=4096)
-def _client_ip(ip: str):
+def _client_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address to match against networks (parsing it is not free; a
     client sends many commands, and clients come back)."""
     try:
@@ -58,7 +58,7 @@ def _client_ip(ip: str):
     return addr
 
 
-def in_networks(ip: str, networks: Iterable) -> bool:
+def in_networks(ip: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     addr = _client_ip(ip)
     if addr is None:
         return False

@@ -30,12 +30,14 @@ from relay.delivery.attempt import Deliverer
 from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
 from relay.intake import policy as policymod
+from relay.intake.accept import Intake
 from relay.mailbox import users as usersmod
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool, DiskPool
 from relay.runtime import endpoints as epmod
 from relay.runtime.metrics import RelayMetrics
-from relay.smtp.server import ServerContext, SMTPFactory
+from relay.smtp.context import ServerContext
+from relay.smtp.server import SMTPFactory
 
 log = Logger(namespace="relay.service")
 
@@ -131,14 +133,16 @@ class RelayService(service.MultiService):
             raise StartupError(str(e))
         self.tls = self._load_tls(config)
         self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
+        self.expander = aliasesmod.Expander(local_domains=config.local.domains, aliases=self.aliases,
+                                            users=self.users)
+        self.intake = Intake(spool=self.aspool, expand=self.expander.expand, queued=self._queued,
+                             clock=self.reactor)
         self.smtp_ctx = ServerContext(
             config=config,
             policy=self._make_policy(config),
-            spool=self.aspool,
-            expand=self.expand,
+            intake=self.intake,
             checker=self.checker,
             tls=self.tls,
-            on_queued=self._queued,
             reactor=self.reactor,
             limiter=self.connection_counter("smtp"),
         )
@@ -200,20 +204,6 @@ class RelayService(service.MultiService):
             return False  # e.g. relayctl route, answered in a thread: the reactor's poll refreshes
         self._refresh_files()
         return self.users.exists(address)
-
-    def expand(self, address: str) -> list[tuple[str, str | None]]:
-        """Final recipients of an accepted recipient (alias expansion)."""
-        domain = address.rpartition("@")[2]
-        if domain not in self.config.local.domains:
-            return [(address, address)]
-        exp = aliasesmod.expand(
-            address,
-            self.aliases.map,
-            is_local_domain=lambda d: d in self.config.local.domains,
-            user_exists=self.users.exists,
-            first_user_in=self.users.first_user_in,
-        )
-        return [(e.address, e.original) for e in exp] or [(address, address)]
 
     def _listen(self, description: str, factory, name: str) -> None:
         if description in self.adopted:
@@ -315,7 +305,8 @@ class RelayService(service.MultiService):
             # the drop directory is the one relay-sendmail knows: the top spool's
             self.spool.drop_dir = os.path.join(os.path.dirname(self.spool.root), "drop")
 
-        self.pickup = Pickup(self)
+        self.pickup = Pickup(reactor=self.reactor, spool=self.spool, disk=self.disk, intake=self.intake,
+                             config=config)
         self.pickup.setServiceParent(self)
 
     def _build_metrics(self, config: Config) -> None:
@@ -354,7 +345,7 @@ class RelayService(service.MultiService):
         if r is None or not hasattr(r, "resolve_mx"):
             r = Resolver(nameservers=self.config.delivery.nameservers, lifetime=10.0)
         return routecheck.RouteContext(
-            config=self.config, policy=self.smtp_ctx.policy, expand=self.expand,
+            config=self.config, policy=self.smtp_ctx.policy, expand=self.expander.expand,
             user_exists=self.users.exists, resolver=r, is_self=self.listeners.is_self,
         )
 
@@ -634,11 +625,10 @@ class RelayService(service.MultiService):
         self.aliases = aliases
         self.tls = tls
         self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
-        ctx = self.smtp_ctx
-        ctx.config = new
-        ctx.policy = self._make_policy(new)
-        ctx.checker = self.checker
-        ctx.tls = tls
+        self.expander.reconfigure(local_domains=new.local.domains, aliases=self.aliases, users=self.users)
+        self.smtp_ctx.reconfigure(config=new, policy=self._make_policy(new), checker=self.checker, tls=tls)
+        if self.pickup is not None:
+            self.pickup.reconfigure(new)
         for f in self.pop3_factories:
             for attr, value in (("hostname", new.hostname), ("mailbox_root", new.local.mailboxes),
                                 ("local_domains", new.local.domains), ("userdb", users),

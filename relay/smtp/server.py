@@ -1,72 +1,62 @@
-"""The inbound ESMTP server: protocol and factory.
+"""The inbound ESMTP server: the SMTP dialogue of a session, and the factory.
 
 Written on twisted.internet.protocol.Protocol rather than by subclassing
 twisted.mail.smtp.ESMTP, whose defects (issue 2 and 5: MAIL/RCPT parameters
 thrown away, pipelined replies out of order, the rest of an over-long DATA
 line read as commands, data written once per recipient, STARTTLS command
 injection, a sender kept across STARTTLS) sit in the parts we would have to
-replace anyway.  What this protocol guarantees:
+replace anyway.  The server is in parts:
 
-* Replies in command order, batched into one write per input chunk
-  (PIPELINING, RFC 2920); while a command waits for a Deferred (AUTH, the
-  final DATA commit) no later command is even parsed.
-* Only CRLF ends a line; a bare CR or LF is an error, never a guess.
-  Command lines over 512 octets (AUTH: 12288) are refused and skipped to
-  their end; DATA is read by relay.smtp.dataread (CRLF.CRLF only).
+* relay.smtp.connection: lines in, replies out (in command order, batched,
+  PIPELINING), CRLF only, line limits, output flow control, the idle timer,
+  error and junk limits;
+* this module: what each command does, the session's state (HELO, AUTH,
+  the MAIL transaction), STARTTLS;
+* relay.smtp.transfer: the DATA of one message into the intake;
+  relay.smtp.received: the Received header; relay.smtp.auth: the SASL
+  exchange; relay.smtp.context: what the server gets from the relay.
+
+What the session guarantees:
+
 * Message data streams to one spool file, whatever the number of
   recipients; the 250 "queued as" reply is sent only after the file is
-  fsynced, renamed into queue/ and the directory fsynced.
+  fsynced, renamed into queue/ and the directory fsynced
+  (relay.intake.accept).
 * After STARTTLS everything the client sent before the handshake is thrown
   away and the session starts from scratch (RFC 3207).
-* Flow control on the output side: the session is its transport's push
-  producer, so while the replies to a client are not drained (the
-  transport's write buffer is over its bound, or TLS's is) no further
-  command is read or handled; a client that pipelines commands and never
-  reads the replies cannot make the relay hold them in memory.
 * Commands that move no mail forward (NOOP, RSET, HELP, VRFY, HELO/EHLO)
   are bounded per session like Postfix's smtpd_junk_command_limit: past
   smtp.junk_command_limit each one also counts as an error, and the error
   limit ends the session; a message received resets the count.  So junk
   cannot keep a session (and its idle timer) alive forever.
 
-Policy decisions come from relay.intake.policy, storage from relay.queue.spool/diskio;
-this module only speaks the protocol.
+Policy decisions come from relay.intake.policy, storage through
+relay.intake.accept; this module only speaks the protocol.
 """
 
 from __future__ import annotations
 
-import email.utils
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import partial
+from typing import Any
 
-from twisted.internet import defer, interfaces
-from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.internet.tcp import Server as _TCPServer
+from twisted.cred.credentials import UsernamePassword
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.python.failure import Failure
 
-from relay.common import sasl
 from relay.common.address import Address, AddressError, parse_path, split_command_argument
-from relay.common.fastwrite import send_now
-from relay.common.idle import IdleTimer
 from relay.intake.policy import Client, Decision
-from relay.queue import spool as spoolmod
-from relay.smtp.dataread import DataReader
+from relay.queue.spool import QueueEntry
+from relay.smtp import auth
+from relay.smtp.connection import SMTPConnection
+from relay.smtp.context import ServerContext
+from relay.smtp.received import protocol_name, received_header, sanitize
+from relay.smtp.transfer import SOURCE, Transfer
 
 log = Logger(namespace="relay.smtp")
 
-MAX_COMMAND = 512  # octets with CRLF (RFC 5321 4.5.3.1.4)
-MAX_AUTH_LINE = 12288  # RFC 4954 4
-MAX_ERRORS = 20
 MAX_AUTH_FAILURES = 3
-MAX_HOPS = 100  # Received headers (RFC 5321 6.3)
-BUSY_BUFFER_LIMIT = 1 << 20
-CLOSE_GRACE = 30.0  # seconds a closing session waits for its last reply to drain
-# Input read (not handled) while the replies are not drained, before the
-# socket is not read either.  Not 0: a TLS layer pauses us while its
-# handshake is in progress, and the handshake needs the socket read.
-PAUSED_INPUT_LIMIT = 64 * 1024
-LINES_PER_TURN = 256  # pipelined commands handled in one reactor turn before others get theirs
 
 _VERB_OK = {
     "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY",
@@ -74,105 +64,15 @@ _VERB_OK = {
 }
 
 
-_UNSAFE = str.maketrans({c: "?" for c in "()\\"})
-
-
-def _sanitize(text: str, limit: int = 255) -> str:
-    """Keep only printable ASCII without parentheses/brackets trouble."""
-    text = text[:limit]
-    if text.isascii() and text.isprintable() and " " not in text:
-        return text.translate(_UNSAFE)
-    return "".join(c if 33 <= ord(c) <= 126 and c not in "()\\" else "?" for c in text)
-
-
-@dataclass
-class Counters:
-    received: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    sessions: int = 0
-    tls: int = 0  # sessions that completed a TLS handshake (STARTTLS or implicit)
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-
-
-class ServerContext:
-    """What the SMTP server needs from the rest of the relay.
-
-    The service owns it and may replace its attributes (config reload);
-    every new session and command reads the current values.
-    """
-
-    def __init__(
-        self,
-        *,
-        config,
-        policy,
-        spool,  # diskio.AsyncSpool
-        expand: Callable[[str], list[tuple[str, str | None]]],
-        checker=None,  # twisted.cred checker for AUTH
-        tls=None,  # relay.runtime.tls.ServerTLS or None
-        on_queued: Callable[[spoolmod.QueueEntry], Any] | None = None,
-        reactor=None,
-        limiter=None,  # relay.runtime.connlimit counter: connections per IP for the whole relay
-    ):
-        from twisted.internet import reactor as default_reactor
-
-        self.config = config
-        self.policy = policy
-        self.spool = spool
-        self.expand = expand
-        self.checker = checker
-        self.tls = tls
-        self.on_queued = on_queued
-        self.reactor = reactor or default_reactor
-        self.auth_failure_delay = 2.0
-        if limiter is None:
-            from relay.runtime.connlimit import LocalCounter
-
-            limiter = LocalCounter()
-        self.limiter = limiter
-        self.counters = Counters()
-        self.accepting = True  # False while shutting down
-        self.open_sessions: set["SMTPServer"] = set()
-
-    @property
-    def connections(self) -> dict[str, int]:
-        """This process's counted sessions per client IP."""
-        return self.limiter.counts()
-
-
-@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
-class SMTPServer(Protocol):
+class SMTPServer(SMTPConnection):
     """One SMTP session."""
 
     def __init__(self, ctx: ServerContext, submission: bool = False, implicit_tls: bool = False):
-        self.ctx = ctx
-        self.cfg = ctx.config
+        super().__init__(ctx, implicit_tls)
         self.submission = submission
-        self.implicit_tls = implicit_tls
-        # a bytearray: taking a line off the front is O(1) (del buf[:n]), so
-        # a megabyte of pipelined commands is not copied once per line
-        self.buf = bytearray()
-        self.out: list[bytes] = []
-        self.busy = False
-        self.closing = False
-        self.discard_line = False  # skipping the rest of an over-long line
-        self._more = None  # the call that goes on with a long pipelined burst
-        self.mode = "command"  # command | data | auth
-        self.idle = IdleTimer(ctx.reactor, self._idle_expired)
-        self.errors = 0
         self.auth_failures = 0
-        self.peer_ip = "?"
-        self.tls_active = False
-        self.tls_info: dict | None = None
-        self.paused = False  # input paused: busy with a megabyte of input waiting
-        self._out_paused = False  # the transport asked us to stop: replies not drained
-        self._read_paused = False  # transport.pauseProducing() in effect
-        self._producing = False  # registered as the transport's producer
-        self._abort_call = None  # aborts a closed session whose client does not drain
-        self.junk = 0  # commands that moved no mail forward (see _junk)
-        self.shutting_down = False
+        self.transfer: Transfer | None = None  # the message of a DATA in progress
+        self.sasl: auth.SaslExchange | None = None  # an AUTH exchange in progress
         self._reset_session()
 
     # -- session state ---------------------------------------------------
@@ -191,301 +91,14 @@ class SMTPServer(Protocol):
         self._abort_incoming()
 
     def _abort_incoming(self) -> None:
-        inc = getattr(self, "incoming", None)
-        self.incoming = None
-        self.reader = None
-        if inc is not None:
-            inc.abort()
-
-    # -- connection ------------------------------------------------------
-    _direct = False
-
-    def connectionMade(self) -> None:
-        self._direct = type(self.transport) is _TCPServer
-        peer = self.transport.getPeer()
-        self.peer_ip = getattr(peer, "host", "?")
-        try:
-            self.transport.setTcpNoDelay(True)
-        except Exception:  # noqa: BLE001 - not TCP (tests, UNIX)
-            pass
-        if self.implicit_tls:
-            self.tls_active = True
-        ctx = self.ctx
-        if not ctx.accepting:
-            self._send_now("421 4.3.2 Service shutting down, try again later")
-            self.transport.loseConnection()
-            self.closing = True
-            return
-        admitted, count = ctx.limiter.acquire(self.peer_ip, self.cfg.smtp.max_connections_per_ip)
-        if not admitted:
-            log.info("reject: connect from [{client_ip}]: too many connections ({count})",
-                     client_ip=self.peer_ip, count=count, reason="too_many_connections")
-            ctx.counters.reject("too_many_connections")
-            self._send_now("421 4.7.0 Too many connections from your address, try again later")
-            self.transport.loseConnection()
-            self.closing = True
-            return
-        self.counted = True
-        ctx.counters.sessions += 1
-        ctx.open_sessions.add(self)
-        self.transport.registerProducer(self, True)
-        self._producing = True
-        self._send_now(f"220 {self.cfg.hostname} ESMTP twisted-relay")
-        self._arm()
-
-    def connectionLost(self, reason=None) -> None:
-        self._disarm()
-        if self._more is not None and self._more.active():
-            self._more.cancel()
-        self._more = None
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
-        self._abort_call = None
-        self._producing = False
-        self._abort_incoming()
-        self.closing = True
-        if getattr(self, "counted", False):
-            self.counted = False
-            self.ctx.limiter.release(self.peer_ip)
-        self.ctx.open_sessions.discard(self)
-
-    def handshakeCompleted(self) -> None:
-        from relay.runtime.tls import session_info
-
-        self.tls_info = session_info(self.transport)
-        self.tls_active = True
-        self.ctx.counters.tls += 1
-
-    # -- shutdown ----------------------------------------------------------
-    def begin_shutdown(self) -> None:
-        """The relay stops: close now if idle, else after this transaction."""
-        self.shutting_down = True
-        if self.closing:
-            return
-        if not self.busy and self.mode == "command" and not self.has_sender:
-            self._send_now("421 4.3.2 Service shutting down, closing connection")
-            self._close()
-
-    def force_shutdown(self) -> None:
-        """The grace period is over: whatever is in progress was not acknowledged."""
-        if self.closing:
-            return
-        self._abort_incoming()
-        self._send_now("421 4.3.2 Service shutting down, closing connection")
-        self._close()
-
-    # -- timers ----------------------------------------------------------
-    # One idle timer per session, moved lazily (relay.common.idle).
-
-    def _arm(self) -> None:
-        if not self.closing:
-            self.idle.set(self.cfg.smtp.timeout)
-
-    def _suspend(self) -> None:
-        """No idle timeout while we make the client wait (disk, AUTH delay)."""
-        self.idle.pause()
-
-    def _disarm(self) -> None:
-        self.idle.cancel()
-
-    def _idle_expired(self) -> None:
-        if not self.closing:
-            self._timeout()
-
-    def _timeout(self) -> None:
-        self._disarm()
-        log.info("timeout after {mode} from [{client_ip}]", mode=self.mode, client_ip=self.peer_ip)
-        self._send_now("421 4.4.2 Timeout exceeded, closing connection")
-        self._close()
-
-    # -- output ------------------------------------------------------------
-    def reply(self, code: int, text: str) -> None:
-        lines = text.split("\n")
-        for ln in lines[:-1]:
-            self.out.append(b"%d-%s\r\n" % (code, ln.encode("ascii", "replace")))
-        self.out.append(b"%d %s\r\n" % (code, lines[-1].encode("ascii", "replace")))
-
-    def _flush(self) -> None:
-        if self.out:
-            data = b"".join(self.out)
-            self.out = []
-            t = self.transport
-            if not self.closing or t.connected:
-                if self._direct:
-                    send_now(t, data)  # the client waits for it: no reactor round trip
-                else:
-                    t.write(data)
-
-    def _send_now(self, line: str) -> None:
-        self.out.append(line.encode("ascii", "replace") + b"\r\n")
-        self._flush()
-
-    def _close(self) -> None:
-        self._flush()
-        self.closing = True
-        self._disarm()
-        if self._producing:
-            # a paused producer would keep loseConnection waiting for ever
-            self._producing = False
-            self.transport.unregisterProducer()
-        if self._read_paused:
-            # TLS's close needs the peer's close_notify (or its FIN) read
-            self._read_paused = False
-            self.transport.resumeProducing()
-        self.transport.loseConnection()
-        if self._abort_call is None and getattr(self.transport, "connected", False):
-            # A client that does not read its last replies would hold the
-            # connection (and the buffer) open: give it a grace period.
-            grace = min(CLOSE_GRACE, self.cfg.smtp.timeout)
-            self._abort_call = self.ctx.reactor.callLater(grace, self._abort_unread)
-
-    def _abort_unread(self) -> None:
-        self._abort_call = None
-        if getattr(self.transport, "connected", False):
-            log.info("[{client_ip}]: closing: the client does not read its replies", client_ip=self.peer_ip)
-            self.transport.abortConnection()
-
-    # -- flow control (IPushProducer: the transport says when its buffer is full)
-    def pauseProducing(self) -> None:
-        self._out_paused = True
-        self._sync_reading()
-
-    def resumeProducing(self) -> None:
-        self._out_paused = False
-        if self.closing:
-            return
-        self._sync_reading()
-        if self._more is None and not self.busy and self.buf:
-            self._process()
-
-    def stopProducing(self) -> None:
-        self._producing = False  # the connection is going away (connectionLost follows)
-
-    def _sync_reading(self) -> None:
-        """Read from the socket only while nothing holds the input back: the
-        replies not drained with PAUSED_INPUT_LIMIT of input waiting, a long
-        burst handed over to the next reactor turn (_more), or a wait (AUTH,
-        commit) with a megabyte of input behind it."""
-        hold = (self._more is not None or self.paused
-                or (self._out_paused and len(self.buf) >= PAUSED_INPUT_LIMIT))
-        if hold and not self._read_paused:
-            self._read_paused = True
-            self.transport.pauseProducing()
-        elif not hold and self._read_paused and not self.closing:
-            self._read_paused = False
-            self.transport.resumeProducing()
-
-    def error(self, code: int, text: str) -> None:
-        """A reply to a bad command; too many of them end the session."""
-        self.reply(code, text)
-        self._count_error()
-
-    def _junk(self) -> None:
-        """A command that moved no mail forward has been answered: past
-        smtp.junk_command_limit it counts as an error too (Postfix's
-        smtpd_junk_command_limit), so the error limit ends the session."""
-        limit = self.cfg.smtp.junk_command_limit
-        if not limit:
-            return
-        self.junk += 1
-        if self.junk > limit:
-            self._count_error()
-
-    def _count_error(self) -> None:
-        self.errors += 1
-        if self.errors >= MAX_ERRORS and not self.closing:
-            self.reply(421, "4.7.0 Too many errors, closing connection")
-            log.info("reject: [{client_ip}]: too many errors", client_ip=self.peer_ip, reason="too_many_errors")
-            self.ctx.counters.reject("too_many_errors")
-            self._close()
-
-    # -- input ---------------------------------------------------------------
-    def dataReceived(self, data: bytes) -> None:
-        if self.closing:
-            return
-        if self.mode == "data" and not self.busy:
-            self._arm()  # in DATA: no more than timeout without data
-            if not self.buf:
-                self._data_input(data)  # the common case: straight to the reader, no copy
-                self._process()
-                return
-        self.buf += data
-        self._process()
-
-    def _process(self) -> None:
-        budget = LINES_PER_TURN
-        while not self.busy and not self.closing and self.buf and not self._out_paused:
-            if self.mode == "data":
-                self._data_input()
-                continue
-            budget -= 1
-            if budget < 0:
-                # a flood of pipelined commands: the other sessions get their
-                # turn first, then this one goes on (input paused meanwhile)
-                if self._more is None:
-                    self._more = self.ctx.reactor.callLater(0, self._go_on)
-                    self._sync_reading()
-                break
-            limit = MAX_AUTH_LINE if (self.mode == "auth" or self.buf[:5].upper() == b"AUTH ") else MAX_COMMAND
-            i = self.buf.find(b"\n")
-            if i < 0:
-                if len(self.buf) > limit or self.discard_line:
-                    if not self.discard_line:
-                        self.error(500, "5.5.2 Line too long")
-                        self.discard_line = True
-                    del self.buf[:]
-                break
-            line = bytes(self.buf[: i + 1])
-            del self.buf[: i + 1]
-            if self.discard_line:
-                self.discard_line = False
-                continue
-            if len(line) > limit:
-                self.error(500, "5.5.2 Line too long")
-                continue
-            if not line.endswith(b"\r\n"):
-                # A bare LF ends no command here (SMTP smuggling, RFC 5321
-                # 2.3.8): what follows it must never run as a command of its
-                # own, and there is no telling where the client meant its line
-                # to end, so say so and hang up (Postfix's
-                # smtpd_forbid_bare_newline does the same).
-                self.reply(521, "5.5.2 Error: bare LF received (lines must end with CRLF)")
-                log.info("reject: [{client_ip}]: bare LF in a command", client_ip=self.peer_ip,
-                         reason="bare_newline")
-                self.ctx.counters.reject("bare_newline")
-                self._close()
-                break
-            if b"\r" in line[:-2]:
-                self.error(500, "5.5.2 Syntax error: bare CR received (lines must end with CRLF)")
-                continue
-            self._arm()
-            self._line(line[:-2])
-        if not self.busy and not self.closing and self.mode != "data":
-            if self.shutting_down and not self.has_sender and self.mode == "command":
-                self.reply(421, "4.3.2 Service shutting down, closing connection")
-                self._close()
-                return
-            if self.out:
-                self._arm()
-        self._flush()
-        if self.paused and (not self.busy and len(self.buf) < BUSY_BUFFER_LIMIT):
-            self.paused = False
-        elif self.busy and len(self.buf) > BUSY_BUFFER_LIMIT and not self.paused:
-            self.paused = True
-        if not self.closing:
-            self._sync_reading()
-
-    def _go_on(self) -> None:
-        self._more = None
-        if self.closing:
-            return
-        self._sync_reading()
-        self._process()
+        t, self.transfer = self.transfer, None
+        if t is not None:
+            t.abort()
 
     def _line(self, raw: bytes) -> None:
         text = raw.decode("latin-1")
         if self.mode == "auth":
-            self._auth_continue(text)
+            self._auth_step(text.strip())
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
@@ -494,26 +107,6 @@ class SMTPServer(Protocol):
             self.error(500, "5.5.2 Error: command not recognized")
             return
         handler(arg)
-
-    def _wait(self, d: defer.Deferred) -> None:
-        """Hold later commands until d fires (its callbacks queue replies)."""
-        self.busy = True
-        self._suspend()
-
-        def done(_):
-            self.busy = False
-            if self.closing:
-                return
-            if self.mode != "data":
-                self._arm()
-            self._process()
-            self._flush()
-
-        d.addErrback(self._internal_error).addBoth(done)
-
-    def _internal_error(self, failure) -> None:
-        log.failure("internal error in SMTP session from [{client_ip}]", failure, client_ip=self.peer_ip)
-        self.reply(451, "4.3.0 Internal error, try again later")
 
     # -- commands ------------------------------------------------------------
     def do_HELO(self, arg: str) -> None:
@@ -528,7 +121,7 @@ class SMTPServer(Protocol):
             self.error(501, "5.5.4 Syntax: %s hostname" % ("EHLO" if esmtp else "HELO"))
             return
         self._reset_transaction()
-        self.helo = _sanitize(name)
+        self.helo = sanitize(name)
         self.esmtp = esmtp
         host = self.cfg.hostname
         if not esmtp:
@@ -658,10 +251,12 @@ class SMTPServer(Protocol):
         try:
             path, params = split_command_argument(arg[3:])
             stripped = path.strip()
-            if stripped.strip("<>").lower() == "postmaster" and self.cfg.local.domains:
-                rcpt = Address("postmaster", self.cfg.local.domains[0])
-            else:
-                rcpt = parse_path(path)
+            parsed = (Address("postmaster", self.cfg.local.domains[0])
+                      if stripped.strip("<>").lower() == "postmaster" and self.cfg.local.domains
+                      else parse_path(path))
+            if parsed is None:  # not without allow_null: "<>" raises AddressError
+                raise AddressError("missing address")
+            rcpt = parsed
         except AddressError as e:
             code = 553 if e.status == "5.6.7" else 501
             self.error(code, f"{e.status} Bad recipient address syntax: {e}")
@@ -684,7 +279,7 @@ class SMTPServer(Protocol):
     def _client(self) -> Client:
         return Client(self.peer_ip, self.auth_user)
 
-    def _reject(self, stage: str, decision: Decision, addr) -> None:
+    def _reject(self, stage: str, decision: Decision, addr: Address | None) -> None:
         reason = ("relay_denied" if decision.status == "5.7.1" and stage == "RCPT"
                   else "unknown_user" if decision.status == "5.1.1" else "sender")
         log.info(
@@ -706,172 +301,92 @@ class SMTPServer(Protocol):
         if not self.recipients:
             self.error(554, "5.5.1 Error: no valid recipients")
             return
-        qid = spoolmod.new_id()
-        rcpts: list[str] = []
-        orcpts: list[str | None] = []
-        seen: set[str] = set()
-        for dec in self.recipients:
-            for addr, orig in self.ctx.expand(dec.address):
-                if addr in seen:
-                    continue
-                seen.add(addr)
-                rcpts.append(addr)
-                orcpts.append(orig if orig != addr else None)
-        env = spoolmod.Envelope(
-            queue_id=qid,
-            sender=str(self.sender) if self.sender else "",
-            recipients=rcpts,
-            orcpts=orcpts,
-            arrival=self.ctx.reactor.seconds(),
-            client={
-                "ip": self.peer_ip,
-                "helo": self.helo,
-                "proto": self._protocol_name(),
-                **({"auth": self.auth_user} if self.auth_user else {}),
-                **({"tls": self.tls_info} if self.tls_info else {}),
-            },
-        )
+        intake = self.ctx.intake
+        env = intake.envelope(str(self.sender) if self.sender else "", [d.address for d in self.recipients], {
+            "ip": self.peer_ip,
+            "helo": self.helo,
+            "proto": self._protocol_name(),
+            **({"auth": self.auth_user} if self.auth_user else {}),
+            **({"tls": self.tls_info} if self.tls_info else {}),
+        })
+        inc = None
         try:
-            self.incoming = self.ctx.spool.incoming(env)
-            self.incoming.write(self._received_header(qid))
+            inc = intake.receive(env)
+            inc.write(received_header(
+                helo=self.helo, client_ip=self.peer_ip, hostname=self.cfg.hostname,
+                proto=self._protocol_name(), queue_id=env.queue_id, tls_active=self.tls_active,
+                tls_info=self.tls_info, now=self.ctx.reactor.seconds(),
+                recipient=self.recipients[0].address if len(self.recipients) == 1 else None))
         except OSError as e:
-            log.error("{queue_id}: cannot create spool file: {error}", queue_id=qid, error=str(e))
-            self._abort_incoming()
+            log.error("{queue_id}: cannot create spool file: {error}", queue_id=env.queue_id, error=str(e))
+            if inc is not None:
+                inc.abort()
             self.reply(452, "4.3.1 Insufficient system storage")
             return
-        self.reader = DataReader(self.cfg.smtp.max_message_size)
-        self._message_start = True
+        self.transfer = Transfer(inc, self.cfg.smtp.max_message_size)
         self.mode = "data"
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
         self._flush()
         self._arm()
 
     def _protocol_name(self) -> str:
-        if not self.esmtp:
-            return "SMTP"
-        p = "ESMTP"
-        if self.tls_active:
-            p += "S"
-        if self.auth_user:
-            p += "A"
-        return p
-
-    def _received_header(self, qid: str) -> bytes:
-        date = _date_header(self.ctx.reactor.seconds())
-        tls = ""
-        if self.tls_active and self.tls_info:
-            ti = self.tls_info
-            tls = (f"\r\n\t(using {_sanitize(str(ti.get('version')))} with cipher "
-                   f"{_sanitize(str(ti.get('cipher')))} ({int(ti.get('bits') or 0)} bits))")
-        elif self.tls_active:
-            tls = "\r\n\t(using TLS)"
-        rc = ""
-        if len(self.recipients) == 1:
-            rc = f"\r\n\tfor <{_sanitize(self.recipients[0].address, 300)}>"
-        hdr = (
-            f"Received: from {self.helo} ([{self.peer_ip}])\r\n"
-            f"\tby {self.cfg.hostname} (twisted-relay) with {self._protocol_name()} id {qid}"
-            f"{tls}{rc};\r\n\t{date}\r\n"
-        )
-        return hdr.encode("ascii", "replace")
+        return protocol_name(self.esmtp, self.tls_active, bool(self.auth_user))
 
     def _data_input(self, chunk: bytes | None = None) -> None:
-        reader = self.reader
+        t = self.transfer
+        assert t is not None, "DATA input without a message"
         if chunk is None:
             chunk = bytes(self.buf)
             del self.buf[:]
-        text, rest = reader.feed(chunk)
-        if text and self.incoming is not None and reader.error is None:
-            if self._message_start:
-                self._message_start = False
-                if text[:1] in (b" ", b"\t"):
-                    # a first line starting with blanks would fold into our
-                    # Received header: end the header section there, as
-                    # Postfix's smtpd does
-                    text = b"\r\n" + text
-            try:
-                self.incoming.write(text)
-            except OSError as e:
-                log.error("{queue_id}: write to spool failed: {error}",
-                          queue_id=self.incoming.queue_id, error=str(e))
-                reader.fail("io")
-                self._abort_incoming_keep_reader()
+        rest = t.feed(chunk)
         if rest is None:
             return
         self.buf = bytearray(rest)
         self.mode = "command"
-        self._end_of_data()
+        self._end_of_data(t)
 
-    def _abort_incoming_keep_reader(self) -> None:
-        inc, self.incoming = self.incoming, None
-        if inc is not None:
-            inc.abort()
-
-    def _end_of_data(self) -> None:
-        reader = self.reader
-        inc = self.incoming
-        self.reader = None
-        self.incoming = None
-        if reader.error is None and reader.received > MAX_HOPS:
-            reader.error = "hops"
-        if reader.error is not None:
-            if inc is not None:
-                inc.abort()
-            code, text, reason = {
-                "bare": (550, "5.6.0 Message rejected: bare CR or LF in message data "
-                         "(only CRLF may end a line)", "bare_newline"),
-                "long": (550, "5.6.0 Message rejected: line longer than 1000 octets in message data",
-                         "line_too_long"),
-                "size": (552, "5.3.4 Message size exceeds fixed limit", "size"),
-                "io": (452, "4.3.1 Insufficient system storage", "spool_error"),
-                "hops": (554, "5.4.6 Too many hops: more than 100 Received headers (mail loop?)",
-                         "hops"),
-            }[reader.error]
+    def _end_of_data(self, t: Transfer) -> None:
+        self.transfer = None
+        qid = t.queue_id if t.incoming is not None else "NOQUEUE"
+        rejected = t.rejection()
+        if rejected is not None:
+            code, text, reason = rejected
             log.info("{queue_id}: reject: DATA from {helo}[{client_ip}]: {reply}; from=<{sender}>",
-                     queue_id=inc.queue_id if inc is not None else "NOQUEUE", helo=self.helo,
-                     client_ip=self.peer_ip, code=code, reply=f"{code} {text}",
+                     queue_id=qid, helo=self.helo, client_ip=self.peer_ip, code=code, reply=f"{code} {text}",
                      sender=str(self.sender or ""), reason=reason)
             self.ctx.counters.reject(reason)
             self._reset_transaction()
             self.error(code, text)
             return
-        env = inc.envelope
-        size = inc.size
-        reader_8bit = reader.eight_bit
-        d = self.ctx.spool.commit(inc)
-
-        def queued(qid):
-            log.info(
-                "{queue_id}: client={helo}[{client_ip}], from=<{sender}>, size={size}, nrcpt={nrcpt}"
-                "{_tls}{_auth}",
-                queue_id=qid, helo=self.helo, client_ip=self.peer_ip, sender=env.sender,
-                size=size, nrcpt=len(env.recipients), proto=self._protocol_name(),
-                tls=self.tls_info.get("version") if self.tls_info else None,
-                sasl_username=self.auth_user,
-                _tls=f", tls={self.tls_info.get('version')}" if self.tls_info else "",
-                _auth=f", sasl_username={self.auth_user}" if self.auth_user else "",
-                recipients=env.recipients,
-            )
-            self.ctx.counters.received += 1
-            self.junk = 0  # a message moved forward: junk counts afresh (as Postfix does)
-            self.reply(250, f"2.0.0 Ok: queued as {qid}")
-            if self.ctx.on_queued is not None:
-                entry = spoolmod.QueueEntry(env, spoolmod.State.fresh(env), size, len(inc.header),
-                                            eight_bit=reader_8bit, data=inc.data, state_file=False)
-                try:
-                    self.ctx.on_queued(entry)
-                except Exception:  # noqa: BLE001 - never lose the 250 over a hook
-                    log.failure("{queue_id}: on_queued hook failed", queue_id=qid)
-
-        def failed(f):
-            log.error("{queue_id}: could not queue: {error}", queue_id=env.queue_id,
-                      error=f.getErrorMessage())
-            self.ctx.counters.reject("spool_error")
-            self.reply(452, "4.3.1 Insufficient system storage")
-
-        d.addCallbacks(queued, failed)
+        assert t.incoming is not None  # not refused: still there
+        d = self.ctx.intake.accept(t.incoming, SOURCE, announce=self._queued,
+                                   failed=partial(self._not_queued, t.queue_id),
+                                   eight_bit=t.reader.eight_bit)
         self._reset_transaction()
         self._wait(d)
+
+    def _queued(self, entry: QueueEntry) -> None:
+        """The message is durable: say so (the queue gets it next)."""
+        env = entry.envelope
+        log.info(
+            "{queue_id}: client={helo}[{client_ip}], from=<{sender}>, size={size}, nrcpt={nrcpt}"
+            "{_tls}{_auth}",
+            queue_id=env.queue_id, helo=self.helo, client_ip=self.peer_ip, sender=env.sender,
+            size=entry.size, nrcpt=len(env.recipients), proto=self._protocol_name(),
+            tls=self.tls_info.get("version") if self.tls_info else None,
+            sasl_username=self.auth_user,
+            _tls=f", tls={self.tls_info.get('version')}" if self.tls_info else "",
+            _auth=f", sasl_username={self.auth_user}" if self.auth_user else "",
+            recipients=env.recipients,
+        )
+        self.ctx.counters.received += 1
+        self.junk = 0  # a message moved forward: junk counts afresh (as Postfix does)
+        self.reply(250, f"2.0.0 Ok: queued as {env.queue_id}")
+
+    def _not_queued(self, qid: str, f: Failure) -> None:
+        log.error("{queue_id}: could not queue: {error}", queue_id=qid, error=f.getErrorMessage())
+        self.ctx.counters.reject("spool_error")
+        self.reply(452, "4.3.1 Insufficient system storage")
 
     # -- STARTTLS ----------------------------------------------------------------
     def do_STARTTLS(self, arg: str) -> None:
@@ -919,112 +434,66 @@ class SMTPServer(Protocol):
             return
         mech, _, initial = arg.strip().partition(" ")
         mech = mech.upper()
-        initial = initial.strip()
-        if mech == "PLAIN":
-            self.auth_state = ("PLAIN", [])
-            if initial:
-                self._auth_step(initial)
-            else:
-                self.mode = "auth"
-                self.reply(334, "")
-        elif mech == "LOGIN":
-            self.auth_state = ("LOGIN", [])
-            if initial:
-                self._auth_step(initial)
-            else:
-                self.mode = "auth"
-                self.reply(334, "VXNlcm5hbWU6")
-        else:
+        if mech not in auth.MECHANISMS:
             self.error(504, "5.5.4 Unrecognized authentication type")
-
-    def _auth_continue(self, text: str) -> None:
-        self._auth_step(text.strip())
+            return
+        self.sasl = auth.SaslExchange(mech)
+        self._auth_next(self.sasl.start(initial.strip()))
 
     def _auth_step(self, b64: str) -> None:
-        mech, parts = self.auth_state
-        if b64 == "*":
-            self.mode = "command"
-            self.error(501, "5.0.0 Authentication aborted")
-            return
-        try:
-            value = sasl.decode_base64(b64)
-        except sasl.Base64Error:
-            self.mode = "command"
-            self.error(501, "5.5.2 Cannot decode response")
-            return
-        if mech == "PLAIN":
-            self.mode = "command"
-            try:
-                plain = sasl.split_plain(value)
-            except sasl.PlainFormatError:
-                self.error(501, "5.5.2 Invalid PLAIN response")
-                return
-            if not plain.authzid_allowed:
-                self._auth_fail()
-                return
-            self._auth_check(plain.authcid, plain.password)
-            return
-        parts.append(value)
-        if len(parts) == 1:
+        assert self.sasl is not None  # mode "auth" only while an exchange is in progress
+        self._auth_next(self.sasl.step(b64))
+
+    def _auth_next(self, step: auth.Step) -> None:
+        if isinstance(step, auth.Challenge):
             self.mode = "auth"
-            self.reply(334, "UGFzc3dvcmQ6")
+            self.reply(334, step.text)
             return
         self.mode = "command"
-        self._auth_check(parts[0], parts[1])
+        self.sasl = None
+        if isinstance(step, auth.Refused):
+            self.error(step.code, step.text)
+        elif isinstance(step, auth.Denied):
+            self._wait(self._auth_fail_later())
+        else:
+            self._auth_check(step.user, step.password)
 
     def _auth_check(self, user: bytes, pw: bytes) -> None:
-        from twisted.cred.credentials import UsernamePassword
-
+        checker = self.ctx.checker
+        assert checker is not None  # AUTH is refused without one
         name = user.decode("utf-8", "replace").strip()
-        d = defer.maybeDeferred(self.ctx.checker.requestAvatarId, UsernamePassword(name, pw))
+        # UsernamePassword is annotated with bytes; the relay's checker takes the name as str
+        creds = UsernamePassword(name, pw)  # type: ignore[arg-type]
+        d: defer.Deferred[Any] = defer.maybeDeferred(checker.requestAvatarId, creds)
 
-        def ok(avatar):
+        def ok(avatar: str | bytes) -> None:
             self.auth_user = avatar if isinstance(avatar, str) else avatar.decode()
             self.auth_failures = 0
             log.info("[{client_ip}]: authenticated as {user}", client_ip=self.peer_ip, user=self.auth_user)
             self.reply(235, "2.7.0 Authentication successful")
 
-        def bad(f):
+        def bad(f: Failure) -> defer.Deferred[None]:
             log.info("reject: AUTH from {helo}[{client_ip}]: authentication failed for {user}",
-                     helo=self.helo, client_ip=self.peer_ip, user=_sanitize(name, 100), reason="auth_failed")
+                     helo=self.helo, client_ip=self.peer_ip, user=sanitize(name, 100), reason="auth_failed")
             self.ctx.counters.reject("auth_failed")
             return self._auth_fail_later()
 
         d.addCallbacks(ok, bad)
         self._wait(d)
 
-    def _auth_fail(self) -> None:
-        self._wait(self._auth_fail_later())
+    def _auth_fail_later(self) -> defer.Deferred[None]:
+        """535 after the failure delay; the third failure in a row ends the session."""
+        d: defer.Deferred[None] = defer.Deferred()
 
-    def _auth_fail_later(self) -> defer.Deferred:
-        from twisted.internet import task
-
-        def after():
+        def after(_: object) -> None:
             self.auth_failures += 1
             self.error(535, "5.7.8 Error: authentication failed")
             if self.auth_failures >= MAX_AUTH_FAILURES and not self.closing:
                 self.reply(421, "4.7.0 Too many authentication failures, closing connection")
                 self._close()
 
-        return task.deferLater(self.ctx.reactor, self.ctx.auth_failure_delay, after)
-
-
-def _dt(ts: float):
-    import datetime
-
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
-
-
-_last_date: tuple[int, str] = (-1, "")
-
-
-def _date_header(ts: float) -> str:
-    """RFC 5322 date in local time, computed once per second."""
-    global _last_date
-    sec = int(ts)
-    if _last_date[0] != sec:
-        _last_date = (sec, email.utils.format_datetime(email.utils.localtime(_dt(sec))))
-    return _last_date[1]
+        self.ctx.reactor.callLater(self.ctx.auth_failure_delay, d.callback, None)
+        return d.addCallback(after)
 
 
 class SMTPFactory(ServerFactory):
@@ -1035,8 +504,7 @@ class SMTPFactory(ServerFactory):
         self.submission = submission
         self.implicit_tls = implicit_tls
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: Any) -> SMTPServer:
         p = SMTPServer(self.ctx, self.submission, self.implicit_tls)
         p.factory = self
         return p
-

@@ -45,9 +45,12 @@ from twisted.trial import unittest
 from relay import config as configmod
 from relay.common.address import AddressError, parse_path, split_command_argument
 from relay.intake import policy as policymod
+from relay.intake.accept import Intake
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool, DiskPool
-from relay.smtp.server import MAX_AUTH_LINE, MAX_COMMAND, ServerContext, SMTPServer
+from relay.smtp.connection import MAX_AUTH_LINE, MAX_COMMAND
+from relay.smtp.context import ServerContext
+from relay.smtp.server import SMTPServer
 
 MAX_SIZE = 3000
 TIMEOUT = 300
@@ -491,8 +494,8 @@ class SMTPFuzz(unittest.TestCase):
         pol = policymod.Policy((LOCAL,), (), self.cfg.relay.networks,
                                user_exists=lambda a: a == f"alice@{LOCAL}", alias_exists=lambda a: False)
         disk = disk if disk is not None else DiskPool(clock, inline=True)
-        ctx = ServerContext(config=self.cfg, policy=pol, spool=AsyncSpool(self.spool, disk),
-                            expand=lambda a: [(a, a)], reactor=clock)
+        intake = Intake(spool=AsyncSpool(self.spool, disk), expand=lambda a: [(a, a)], queued=None, clock=clock)
+        ctx = ServerContext(config=self.cfg, policy=pol, intake=intake, reactor=clock)
         p = SMTPServer(ctx)
         t = StringTransport(peerAddress=IPv4Address("TCP", ip, 40000))
         p.makeConnection(t)
