@@ -13,7 +13,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from relay.config import Config, LocalConfig, POP3Config, TLSConfig
-from relay.mailbox import maildir, pop3
+from relay.mailbox import maildir, pop3, pop3message
 from relay.mailbox.users import UserDB
 from tests.support.pop3server import ALICE, PASSWORDS, FakeTransport, write_users
 
@@ -245,9 +245,9 @@ class RenderTests(unittest.TestCase):
         """Chunked conversion (large messages) == whole conversion (small ones),
         and un-stuffing the wire gives back exactly size octets."""
         stored = b"".join(parts)
-        whole = pop3._render(stored, top)
-        conv, stuffer = maildir.ToCRLF(), pop3.DotStuffer()
-        topf = pop3.TopFilter(top) if top is not None else None
+        whole = pop3message.render(stored, top)
+        conv, stuffer = maildir.ToCRLF(), pop3message.DotStuffer()
+        topf = pop3message.TopFilter(top) if top is not None else None
         out = []
         for i in range(0, len(stored), chunk):
             text = conv.feed(stored[i:i + chunk])
