@@ -185,16 +185,26 @@ def plaintext_login_warnings(
     """Start-up warnings for POP3 endpoints where passwords can cross a
     non-loopback network in plaintext: no certificate configured (or
     tls.auth_requires_tls false), and an endpoint that is neither ssl: nor
-    bound to a loopback address nor a UNIX socket.  The service logs each.
+    bound to a loopback address nor a UNIX socket.
 
     Without a certificate, a warning begins with the line the relay has
     always logged for such an endpoint ("no TLS certificate configured:
     passwords cross <endpoint> in plaintext").
     """
+    return [text for _, text in _plaintext_endpoints(listen, tls_configured, auth_requires_tls)]
+
+
+def startup_warnings(config: Config) -> list[tuple[str, str]]:
+    """(endpoint, warning) for each plaintext_login_warnings of a
+    relay.config.Config: what the service logs at start for its POP3
+    listeners (the endpoint as a field of its own in the log event)."""
+    return _plaintext_endpoints(config.pop3.listen, config.tls.enabled, config.tls.auth_requires_tls)
+
+
+def _plaintext_endpoints(listen: Iterable[str], tls_configured: bool,
+                         auth_requires_tls: bool) -> list[tuple[str, str]]:
     if tls_configured and auth_requires_tls:
         return []
-    why = ("no TLS certificate is configured (tls.certificate/tls.key)" if not tls_configured
-           else "tls.auth_requires_tls is false")
     out = []
     for desc in listen:
         try:
@@ -207,21 +217,14 @@ def plaintext_login_warnings(
             continue
         where = ("is not bound to a loopback address" if spec.kind in ("tcp", "tcp6")
                  else "may not be loopback-only")
-        text = (f"pop3.listen: {desc} {where} and {why}: POP3 passwords and mail can cross "
-                f"the network in plaintext")
         if not tls_configured:
-            text = f"no TLS certificate configured: passwords cross {desc} in plaintext ({text})"
-        out.append(text)
+            text = (f"no TLS certificate configured: passwords cross {desc} in plaintext "
+                    f"(pop3.listen: {desc} {where}; tls.certificate and tls.key are not set)")
+        else:
+            text = (f"pop3.listen: {desc} {where} and tls.auth_requires_tls is false: POP3 passwords "
+                    f"and mail can cross the network in plaintext")
+        out.append((desc, text))
     return out
-
-
-def startup_warnings(config: Config) -> list[str]:
-    """plaintext_login_warnings for a relay.config.Config: what the service
-    logs at start for its POP3 listeners."""
-    return plaintext_login_warnings(
-        config.pop3.listen, tls_configured=config.tls.enabled,
-        auth_requires_tls=config.tls.auth_requires_tls,
-    )
 
 
 __all__ = [
