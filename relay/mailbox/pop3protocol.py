@@ -182,12 +182,17 @@ class POP3Server(AuthorizationCommands, TransactionCommands, Protocol):
             self.transport.write(data)
             self._unflushed = True
 
-    def _close(self) -> None:
-        """Close after the pending output (a registered producer would stall it)."""
+    def _closing_now(self) -> None:
+        """Nothing more is read; stop being the transport's producer (a
+        registered producer would stall the close)."""
         self._closing = True
         if self._producing:
             self._producing = False
             self.transport.unregisterProducer()
+
+    def _close(self) -> None:
+        """Close after the pending output."""
+        self._closing_now()
         self.transport.loseConnection()
         if self._abort_call is None and not self._lost:
             # A client that does not read its last replies would hold the
@@ -201,10 +206,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, Protocol):
             self.transport.abortConnection()
 
     def _abort(self) -> None:
-        self._closing = True
-        if self._producing:
-            self._producing = False
-            self.transport.unregisterProducer()
+        self._closing_now()
         self.transport.abortConnection()
 
     def _touch(self) -> None:

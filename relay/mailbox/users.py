@@ -117,17 +117,18 @@ def normalize_user(address: str, local_domains: tuple[str, ...] | None = None) -
     return addr.lower()
 
 
+def unsafe_path_part(name: str, also: str = "") -> bool:
+    """True for a name that is not safe as one path component below the
+    mailbox root: empty, with "/" or "\\", a leading "." (".", ".." and
+    hidden names), a control character (NUL included) or a character of
+    `also`.  Local parts here, domains in relay.mailbox.maildir."""
+    return (not name or "/" in name or "\\" in name or name.startswith(".")
+            or any(ord(c) < 32 or c in also for c in name))
+
+
 def check_safe_local_part(local: str) -> None:
     """Refuse local parts that could name a path outside the mailbox root."""
-    if (
-        not local
-        or "/" in local
-        or "\x00" in local
-        or "\\" in local
-        or local.startswith(".")
-        or local in (".", "..")
-        or any(ord(c) < 32 for c in local)
-    ):
+    if unsafe_path_part(local):
         raise AddressError(f"local part {local!r} is not allowed for a mailbox", "5.1.3")
 
 
