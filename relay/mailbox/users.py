@@ -23,7 +23,7 @@ import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from relay.common import fileio
+from relay.common import fileio, privdrop
 from relay.common.address import Address, AddressError, parse_mailbox
 from relay.common.fileio import makedirs_durable
 
@@ -248,7 +248,6 @@ def locked(path: str):
     file is never followed with root's rights, and the new file is that
     user's.  The lock is never opened through a link, nor unless it is a
     regular file."""
-    from relay.common import privdrop
     lock_path = path + ".lock"
     d = os.path.dirname(os.path.abspath(path))
     try:
@@ -378,7 +377,6 @@ def delete_user(path: str, address: str) -> None:
 
 
 def list_users(path: str) -> list[str]:
-    from relay.common import privdrop
     try:
         with privdrop.as_controller(os.path.dirname(os.path.abspath(path))):
             text = _read_text(path)
