@@ -12,10 +12,12 @@ import socket
 import tempfile
 import threading
 
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from relay import config as configmod
 from relay.mailbox import users as usersmod
-from tests.support.relay import InProcessRelay, in_thread
+from tests.support.relay import InProcessRelay, base_config, deep_merge, in_thread, toml_dumps
 from tests.support.wait import apoll
 
 LISTEN = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1:backlog=64"]
@@ -154,3 +156,56 @@ class PerIPLimit(POP3RelayCase):
             return g
 
         self.assertTrue((await in_thread(fn)).startswith(b"+OK "))
+
+
+class ReloadAndWarnings(unittest.TestCase):
+    """The service makes its POP3 factories with relay.mailbox.pop3.factory_from_config,
+    reloads them with apply_config and logs startup_warnings (issue 13: one way)."""
+
+    async def start(self, pop3: dict, **changes):
+        self.tmp = tempfile.mkdtemp(prefix="relay-pop3reload-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        usersmod.add_user(os.path.join(self.tmp, "users"), "alice@local.test", "alice-pw")
+        self.data = deep_merge(base_config(self.tmp), {"pop3": pop3, **changes})
+        self.path = os.path.join(self.tmp, "relay.toml")
+        with open(self.path, "w") as f:
+            f.write(toml_dumps(self.data))
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.relay = InProcessRelay(self.tmp, {})
+        self.relay.config = configmod.load(self.path)
+        await self.relay.start()
+        self.addCleanup(self.relay.stop)
+        return self.relay.service
+
+    async def test_reload_reaches_every_factory_and_new_connections(self):
+        svc = await self.start({"listen": LISTEN, "max_connections_per_ip": 5})
+        self.assertEqual(len(svc.pop3_factories), 2)
+        for f in svc.pop3_factories:
+            self.assertEqual((f.hostname, f.max_connections_per_ip), ("relay.test", 5))
+            self.assertIs(f.limiter, svc.connection_counter("pop3"))
+            self.assertIs(f.auth_pool, svc.auth_pool.pool)
+            self.assertIs(f.threadpool, svc.disk.pool)
+        self.data = deep_merge(self.data, {"hostname": "new.relay.test", "pop3": {"max_connections_per_ip": 7},
+                                           "local": {"domains": ["local.test", "other.test"]}})
+        with open(self.path, "w") as f:
+            f.write(toml_dumps(self.data))
+        r = svc.reload()
+        self.assertTrue(r["ok"], r)
+        for f in svc.pop3_factories:
+            self.assertEqual((f.hostname, f.max_connections_per_ip, f.local_domains),
+                             ("new.relay.test", 7, ("local.test", "other.test")))
+            self.assertIs(f.userdb, svc.users)
+        port = self.relay.ports[f"pop3 {LISTEN[1]}"]
+        greeting = (await in_thread(pop3_exchange, port, [b"QUIT"]))[0]
+        self.assertEqual(greeting, b"+OK new.relay.test POP3 server ready\r\n")
+
+    async def test_plaintext_warning_at_start_keeps_the_line_it_always_logged(self):
+        await self.start({"listen": ["tcp:0:interface=0.0.0.0", "tcp:0:interface=127.0.0.1"]})
+        texts = [formatEvent(e) for e in self.events if e.get("log_format") == "{warning}"]
+        self.assertEqual(len(texts), 1, texts)  # the loopback listener is not named
+        self.assertIn("no TLS certificate configured: passwords cross tcp:0:interface=0.0.0.0 in plaintext",
+                      texts[0])
+        ev = next(e for e in self.events if e.get("log_format") == "{warning}")
+        self.assertEqual(ev["endpoint"], "tcp:0:interface=0.0.0.0")

@@ -4,6 +4,7 @@ input back-pressure, and the helpers the service uses."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 
@@ -13,7 +14,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from relay.config import Config, LocalConfig, POP3Config, TLSConfig
-from relay.mailbox import maildir, pop3
+from relay.mailbox import maildir, pop3, pop3message
 from relay.mailbox.users import UserDB
 from tests.support.pop3server import ALICE, PASSWORDS, FakeTransport, write_users
 
@@ -245,9 +246,9 @@ class RenderTests(unittest.TestCase):
         """Chunked conversion (large messages) == whole conversion (small ones),
         and un-stuffing the wire gives back exactly size octets."""
         stored = b"".join(parts)
-        whole = pop3._render(stored, top)
-        conv, stuffer = maildir.ToCRLF(), pop3.DotStuffer()
-        topf = pop3.TopFilter(top) if top is not None else None
+        whole = pop3message.render(stored, top)
+        conv, stuffer = maildir.ToCRLF(), pop3message.DotStuffer()
+        topf = pop3message.TopFilter(top) if top is not None else None
         out = []
         for i in range(0, len(stored), chunk):
             text = conv.feed(stored[i:i + chunk])
@@ -267,3 +268,36 @@ class RenderTests(unittest.TestCase):
             c = maildir.ToCRLF()
             size = len(c.feed(stored) + c.flush())
             self.assertIn(len(unstuffed), (size, size + 2))
+
+
+class StreamerTests(unittest.TestCase):
+    """pop3message.Streamer works through the callables it is given (no protocol)."""
+
+    def make(self, data: bytes, run_blocking=sync):
+        self.writes: list[bytes] = []
+        self.aborts: list[bool] = []
+        return pop3message.Streamer(io.BytesIO(data), None, run_blocking=run_blocking, write=self.writes.append,
+                                    touch=lambda: None, abort=lambda: self.aborts.append(True))
+
+    def test_reads_only_while_resumed_and_ends_like_render(self):
+        data = b"Subject: x\n\n" + b".dot\n" * (maildir.CHUNK // 5 + 10)
+        s = self.make(data)
+        s.pause()
+        d = s.start()
+        self.assertEqual(self.writes, [])
+        s.resume()
+        self.successResultOf(d)
+        self.assertGreater(len(self.writes), 1)
+        self.assertEqual(b"".join(self.writes), pop3message.render(data, None))
+        self.assertEqual(self.aborts, [])
+
+    def test_a_failed_read_aborts_without_the_final_dot(self):
+        def failing(f, *a, **kw):
+            if getattr(f, "__name__", "") == "read":
+                return defer.fail(OSError("EIO"))
+            return sync(f, *a, **kw)
+
+        s = self.make(b"x\n", run_blocking=failing)
+        self.successResultOf(s.start())
+        self.assertEqual((self.writes, self.aborts), ([], [True]))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)

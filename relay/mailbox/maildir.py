@@ -34,11 +34,12 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from relay.common.address import AddressError
 from relay.common.fileio import DurableFile, fsync_dir, makedirs_durable
-from relay.mailbox.users import check_safe_local_part
+from relay.mailbox.users import check_safe_local_part, unsafe_path_part
 
 CHUNK = 256 * 1024
 DIR_MODE = 0o700
@@ -78,15 +79,9 @@ def unique_name(now: float | None = None) -> str:
 
 
 def check_safe_domain(domain: str) -> None:
-    """Refuse a domain that could name a path outside the mailbox root."""
-    if (
-        not domain
-        or "/" in domain
-        or "\\" in domain
-        or "\x00" in domain
-        or domain.startswith(".")
-        or any(ord(c) < 33 or ord(c) == 127 for c in domain)
-    ):
+    """Refuse a domain that could name a path outside the mailbox root
+    (relay.mailbox.users.unsafe_path_part; nor space or DEL in a domain)."""
+    if unsafe_path_part(domain, also=" \x7f"):
         raise AddressError(f"domain {domain!r} is not allowed for a mailbox", "5.1.2")
 
 
@@ -96,8 +91,6 @@ def mailbox_path(root: str, domain: str, local: str) -> str:
     check_safe_local_part(local)
     return os.path.join(root, domain.lower(), local.lower())
 
-
-_fsync_dir = fsync_dir
 
 # Maildirs this process has made durable (created or found, parents
 # fsynced): later deliveries skip the checks and the fsyncs.
@@ -124,7 +117,7 @@ def ensure_maildir(maildir: str) -> None:
         except FileExistsError:
             if not os.path.isdir(d):
                 raise
-    _fsync_dir(maildir)
+    fsync_dir(maildir)
     _durable_maildirs.add(maildir)
 
 
@@ -132,26 +125,39 @@ def ensure_maildir(maildir: str) -> None:
 # line-ending conversion
 
 
-class _ToLF:
-    """Streaming CRLF -> LF; a CR at a chunk's end waits for the next chunk."""
+class _CarryCR:
+    """The chunking both streaming converters share: a CR at a chunk's end
+    waits for the next chunk (it may be the first half of a CRLF)."""
 
     def __init__(self) -> None:
         self._carry = b""
 
-    def feed(self, chunk: bytes) -> bytes:
+    def _join(self, chunk: bytes) -> bytes:
+        """The carried CR and chunk, less a CR at its end (carried on)."""
         data = self._carry + chunk if self._carry else chunk
         if data.endswith(b"\r"):
             self._carry, data = b"\r", data[:-1]
         else:
             self._carry = b""
-        return data.replace(b"\r\n", b"\n")
+        return data
 
-    def flush(self) -> bytes:
+    def _rest(self) -> bytes:
+        """What is still carried, at the end of the input."""
         data, self._carry = self._carry, b""
         return data
 
 
-class ToCRLF:
+class _ToLF(_CarryCR):
+    """Streaming CRLF -> LF."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._join(chunk).replace(b"\r\n", b"\n")
+
+    def flush(self) -> bytes:
+        return self._rest()
+
+
+class ToCRLF(_CarryCR):
     """Streaming stored -> wire conversion: every LF not preceded by CR
     becomes CRLF; CRLF (a foreign file stored with CRLF) and bare CR pass.
 
@@ -159,22 +165,18 @@ class ToCRLF:
     """
 
     def __init__(self) -> None:
-        self._carry = b""
+        super().__init__()
         self.size = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._carry + chunk if self._carry else chunk
-        if data.endswith(b"\r"):
-            self._carry, data = b"\r", data[:-1]
-        else:
-            self._carry = b""
+        data = self._join(chunk)
         if b"\n" in data:
             data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         self.size += len(data)
         return data
 
     def flush(self) -> bytes:
-        data, self._carry = self._carry, b""
+        data = self._rest()
         self.size += len(data)
         return data
 
@@ -338,67 +340,65 @@ class Message:
         return os.path.basename(os.path.dirname(self.path)) == "new"
 
 
-def scan(maildir: str) -> list[Message]:
-    """List the messages in new/ and cur/, oldest first (blocking)."""
-    found: dict[str, Message] = {}
+def _entries(maildir: str) -> Iterator[os.DirEntry[str]]:
+    """The entries of cur/, then of new/ (a directory that is missing has none)."""
     for sub in ("cur", "new"):
-        d = os.path.join(maildir, sub)
         try:
-            it = os.scandir(d)
+            it = os.scandir(os.path.join(maildir, sub))
         except FileNotFoundError:
             continue
         with it:
-            for entry in it:
-                name = entry.name
-                if name.startswith("."):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                base = name.split(":", 1)[0]
-                if base in found:  # the same message in new/ and cur/ (hard link): once
-                    continue
-                s = _S_FIELD.search(base)
-                w = _W_FIELD.search(base)
-                if w and (s is None or int(s.group(1)) == st.st_size):
-                    size = int(w.group(1))
-                else:
-                    try:
-                        size = _cached_crlf_size(entry.path, st)
-                    except FileNotFoundError:
-                        continue
-                m = _TIME_PREFIX.match(base)
-                if m:
-                    order = (int(m.group(1)), int(m.group(2) or 0), base)
-                else:
-                    order = (int(st.st_mtime), 0, base)
-                _, sep, info = name.partition(":")
-                seen = bool(sep) and info.startswith("2,") and "S" in info[2:]
-                found[base] = Message(base, uidl_for(base), size, entry.path, order, seen)
+            yield from it
+
+
+def scan(maildir: str) -> list[Message]:
+    """List the messages in new/ and cur/, oldest first (blocking)."""
+    found: dict[str, Message] = {}
+    for entry in _entries(maildir):
+        name = entry.name
+        if name.startswith("."):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        base = name.split(":", 1)[0]
+        if base in found:  # the same message in new/ and cur/ (hard link): once
+            continue
+        s = _S_FIELD.search(base)
+        w = _W_FIELD.search(base)
+        if w and (s is None or int(s.group(1)) == st.st_size):
+            size = int(w.group(1))
+        else:
+            try:
+                size = _cached_crlf_size(entry.path, st)
+            except FileNotFoundError:
+                continue
+        m = _TIME_PREFIX.match(base)
+        if m:
+            order = (int(m.group(1)), int(m.group(2) or 0), base)
+        else:
+            order = (int(st.st_mtime), 0, base)
+        _, sep, info = name.partition(":")
+        seen = bool(sep) and info.startswith("2,") and "S" in info[2:]
+        found[base] = Message(base, uidl_for(base), size, entry.path, order, seen)
     msgs = sorted(found.values(), key=lambda m: m.order)
-    seen: set[str] = set()
+    uids: set[str] = set()
     for msg in msgs:
-        if msg.uid in seen:
+        if msg.uid in uids:
             # Two foreign names sharing the part before ",": fall back to the whole base.
             msg.uid = hashlib.sha1(msg.base.encode("utf-8", "surrogateescape")).hexdigest()
-        seen.add(msg.uid)
+        uids.add(msg.uid)
     return msgs
 
 
 def locate(maildir: str, base: str) -> str | None:
     """Find the current file of a message that moved (another reader renamed it)."""
-    for sub in ("cur", "new"):
-        d = os.path.join(maildir, sub)
-        try:
-            names = os.listdir(d)
-        except FileNotFoundError:
-            continue
-        for name in names:
-            if name == base or name.startswith(base + ":"):
-                return os.path.join(d, name)
+    for entry in _entries(maildir):
+        if entry.name == base or entry.name.startswith(base + ":"):
+            return entry.path
     return None
 
 
@@ -492,7 +492,7 @@ def delete(maildir: str, msgs: list[Message]) -> int:
     if msgs:
         for sub in ("cur", "new"):
             try:
-                _fsync_dir(os.path.join(maildir, sub))
+                fsync_dir(os.path.join(maildir, sub))
             except OSError:
                 pass
     return failed

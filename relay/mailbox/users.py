@@ -23,7 +23,7 @@ import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from relay.common import fileio
+from relay.common import fileio, privdrop
 from relay.common.address import Address, AddressError, parse_mailbox
 from relay.common.fileio import makedirs_durable
 
@@ -117,17 +117,18 @@ def normalize_user(address: str, local_domains: tuple[str, ...] | None = None) -
     return addr.lower()
 
 
+def unsafe_path_part(name: str, also: str = "") -> bool:
+    """True for a name that is not safe as one path component below the
+    mailbox root: empty, with "/" or "\\", a leading "." (".", ".." and
+    hidden names), a control character (NUL included) or a character of
+    `also`.  Local parts here, domains in relay.mailbox.maildir."""
+    return (not name or "/" in name or "\\" in name or name.startswith(".")
+            or any(ord(c) < 32 or c in also for c in name))
+
+
 def check_safe_local_part(local: str) -> None:
     """Refuse local parts that could name a path outside the mailbox root."""
-    if (
-        not local
-        or "/" in local
-        or "\x00" in local
-        or "\\" in local
-        or local.startswith(".")
-        or local in (".", "..")
-        or any(ord(c) < 32 for c in local)
-    ):
+    if unsafe_path_part(local):
         raise AddressError(f"local part {local!r} is not allowed for a mailbox", "5.1.3")
 
 
@@ -247,7 +248,6 @@ def locked(path: str):
     file is never followed with root's rights, and the new file is that
     user's.  The lock is never opened through a link, nor unless it is a
     regular file."""
-    from relay.common import privdrop
     lock_path = path + ".lock"
     d = os.path.dirname(os.path.abspath(path))
     try:
@@ -377,7 +377,6 @@ def delete_user(path: str, address: str) -> None:
 
 
 def list_users(path: str) -> list[str]:
-    from relay.common import privdrop
     try:
         with privdrop.as_controller(os.path.dirname(os.path.abspath(path))):
             text = _read_text(path)

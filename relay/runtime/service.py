@@ -31,6 +31,7 @@ from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
 from relay.intake import policy as policymod
 from relay.intake.accept import Intake
+from relay.mailbox import pop3
 from relay.mailbox import users as usersmod
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool, DiskPool
@@ -258,24 +259,12 @@ class RelayService(service.MultiService):
         self._build_pop3(config)
 
     def _build_pop3(self, config: Config) -> None:
-        try:
-            from relay.mailbox import pop3
-        except ImportError:
-            if config.pop3.listen:
-                log.warn("POP3 is not available in this build; pop3.listen ignored")
-            return
         for desc in config.pop3.listen:
-            factory = pop3.POP3Factory(
-                hostname=config.hostname,
-                mailbox_root=config.local.mailboxes,
-                local_domains=config.local.domains,
-                userdb=self.users,
-                tls_options=self.tls.options if self.tls else None,
-                auth_requires_tls=config.tls.auth_requires_tls,
+            factory = pop3.factory_from_config(
+                config, userdb=self.users, tls_options=self.tls.options if self.tls else None,
                 reactor=self.reactor,
                 threadpool=self.disk.pool,  # the Maildirs
                 auth_pool=self.auth_pool.pool,  # password checks: never the disk pool
-                max_connections_per_ip=config.pop3.max_connections_per_ip,
                 limiter=self.connection_counter("pop3"),  # one count for all POP3 listeners
             )
             self.pop3_factories.append(factory)
@@ -460,9 +449,11 @@ class RelayService(service.MultiService):
         log.info("spool scanned: {count} messages queued", count=n)
 
     def _warn_plaintext_logins(self) -> None:
+        for endpoint, text in pop3.startup_warnings(self.config):
+            log.warn("{warning}", warning=text, endpoint=endpoint)
         if self.tls is not None:
             return
-        for desc in list(self.config.pop3.listen) + list(self.config.smtp.submission):
+        for desc in self.config.smtp.submission:
             spec = epmod.parse(desc)
             iface = spec.interface
             if spec.kind in ("tcp", "tcp6") and not (iface.startswith("127.") or iface == "::1"):
@@ -630,13 +621,7 @@ class RelayService(service.MultiService):
         if self.pickup is not None:
             self.pickup.reconfigure(new)
         for f in self.pop3_factories:
-            for attr, value in (("hostname", new.hostname), ("mailbox_root", new.local.mailboxes),
-                                ("local_domains", new.local.domains), ("userdb", users),
-                                ("tls_options", tls.options if tls else None),
-                                ("auth_requires_tls", new.tls.auth_requires_tls),
-                                ("max_connections_per_ip", new.pop3.max_connections_per_ip)):
-                if hasattr(f, attr):
-                    setattr(f, attr, value)
+            pop3.apply_config(f, new, userdb=self.users, tls_options=tls.options if tls else None)
         if self.queue is not None:
             # the deliverer first: the queue's reconfigure may start attempts at once
             self.queue.deliverer.reconfigure(new, users)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from relay.mailbox import maildir, pop3
+from relay.mailbox import maildir, pop3protocol
 from tests.support.pop3server import ALICE, PASSWORDS
 from tests.test_pop3_fuzz import MESSAGES, check_well_formed, chunked, make_protocol
 
@@ -48,10 +48,10 @@ class Base(unittest.TestCase):
 def near_limit_line(draw) -> tuple[bytes, bool]:
     """(line, too long?) around MAX_COMMAND, or a SASL response around MAX_SASL_LINE."""
     verb = draw(st.sampled_from([b"NOOP", b"STAT", b"LIST", b"XTND", b"UIDL"]))
-    total = draw(st.integers(pop3.MAX_COMMAND - 4, pop3.MAX_COMMAND + 4))
+    total = draw(st.integers(pop3protocol.MAX_COMMAND - 4, pop3protocol.MAX_COMMAND + 4))
     pad = max(0, total - len(verb) - 3)
     line = verb + b" " + b"9" * pad + b"\r\n"
-    return line, len(line) > pop3.MAX_COMMAND
+    return line, len(line) > pop3protocol.MAX_COMMAND
 
 
 class LineLimits(Base):
@@ -86,7 +86,8 @@ class LineLimits(Base):
         self.assertEqual(self.errors, [])
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(st.integers(pop3.MAX_SASL_LINE - 3, pop3.MAX_SASL_LINE + 3), st.lists(st.integers(0, 3000), max_size=6))
+    @given(st.integers(pop3protocol.MAX_SASL_LINE - 3, pop3protocol.MAX_SASL_LINE + 3),
+           st.lists(st.integers(0, 3000), max_size=6))
     def test_sasl_line_around_its_limit(self, total, cuts):
         p, t, clock, box = self.protocol()
         t.drain()
@@ -99,7 +100,7 @@ class LineLimits(Base):
         replies = check_well_formed(t.drain())
         self.assertEqual(len(replies), 3, replies)
         self.assertTrue(replies[0].startswith(b"+ "))
-        self.assertEqual(b"Line too long" in replies[1], total > pop3.MAX_SASL_LINE, replies[1])
+        self.assertEqual(b"Line too long" in replies[1], total > pop3protocol.MAX_SASL_LINE, replies[1])
         self.assertTrue(replies[2].startswith(b"+OK"))
         p.connectionLost(None)
         self.assertEqual(self.errors, [])
