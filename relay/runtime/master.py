@@ -47,6 +47,7 @@ from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
+from relay.common.fileio import fsync_dir
 from relay.config import Config
 from relay.queue import spool as spoolmod
 from relay.runtime import connlimit
@@ -129,8 +130,8 @@ def adopt_orphans(top: str, workers: int, logfn=None) -> int:
             os.rename(os.path.join(qdir, name), dst.message_path(name))
             moved += 1
         if moved:
-            spoolmod.fsync_dir(dst.queue_dir)
-            spoolmod.fsync_dir(qdir)
+            fsync_dir(dst.queue_dir)
+            fsync_dir(qdir)
     if moved and logfn:
         logfn("moved {count} queued messages into the workers' queues", count=moved)
     return moved
