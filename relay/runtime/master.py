@@ -46,12 +46,18 @@ import time
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from relay.common.errors import StartupError
 from relay.common.fileio import fsync_dir
 from relay.config import Config
 from relay.queue import spool as spoolmod
 from relay.runtime import connlimit
 from relay.runtime import endpoints as epmod
+from relay.runtime.listen import server_endpoint
+from relay.runtime.metrics import WorkersMetrics
+from relay.runtime.process import exit_on_second_signal, raise_fd_limit
+from relay.runtime.tls import load_server_tls
 from relay.runtime.workerpaths import worker_socket, worker_spool
 
 log = Logger(namespace="relay.master")
@@ -211,8 +217,6 @@ class RelayMaster(service.Service):
         self.metrics_ports: list = []
 
     def privilegedStartService(self) -> None:
-        from relay.runtime.service import StartupError, raise_fd_limit
-
         raise_fd_limit()
         for desc in listener_descriptions(self.config):
             try:
@@ -232,11 +236,6 @@ class RelayMaster(service.Service):
 
     def _listen_metrics(self) -> None:
         """[metrics] listen: the master's page, summing the workers'."""
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        from relay.runtime.metrics import WorkersMetrics
-        from relay.runtime.service import StartupError, server_endpoint
-
         if not self.config.metrics.listen:
             return
         site = WorkersMetrics(self.reactor, [worker_socket(self.config, i)
@@ -249,8 +248,6 @@ class RelayMaster(service.Service):
                     if not self.config.tls.enabled:
                         raise StartupError(f"{self.config.source}: metrics.listen: {desc!r} is an ssl: endpoint "
                                            "without privateKey=, so it needs tls.certificate and tls.key")
-                    from relay.runtime.tls import load_server_tls
-
                     tls = load_server_tls(self.config.tls.certificate, self.config.tls.key)
                     factory = TLSMemoryBIOFactory(tls.options, False, site)
                 d = ep.listen(factory)
@@ -265,8 +262,6 @@ class RelayMaster(service.Service):
             log.info("metrics on {endpoint} (the sum of the workers')", endpoint=desc)
 
     def startService(self) -> None:
-        from relay.runtime.service import StartupError
-
         if not self.sockets:
             self.privilegedStartService()
         top = spoolmod.Spool(self.config.spool)
@@ -367,8 +362,6 @@ class RelayMaster(service.Service):
     def stopService(self):
         self.stopping = True
         if self.handle_signals:
-            from relay.runtime.service import exit_on_second_signal
-
             exit_on_second_signal(before=lambda: self.forward(signal.SIGKILL))
         procs = list(self.procs.values())
         self.forward(signal.SIGTERM)
