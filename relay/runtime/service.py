@@ -10,7 +10,6 @@ ports below 1024 are bound as root before privileges are dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import signal
@@ -35,7 +34,7 @@ from relay.mailbox import users as usersmod
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool, DiskPool
 from relay.queue.manager import QueueManager
-from relay.runtime import connlimit, parts
+from relay.runtime import connlimit, parts, reconfig
 from relay.runtime import endpoints as epmod
 from relay.runtime.listen import adopted_listener, server_endpoint, with_current_tls
 from relay.runtime.metrics import RelayMetrics
@@ -462,27 +461,14 @@ class RelayService(service.MultiService):
         return defer.DeferredList(ds, consumeErrors=True).addCallback(collect)
 
     # -- reload ---------------------------------------------------------------------
-    # What cannot change live: a reload that changes one of these says it needs
-    # a restart, and the relay keeps running with the value it started with
-    # (_keep_running keeps the same ones).
-    RESTART_KEYS = (
-        ("spool", lambda c: c.spool),
-        ("smtp.listen", lambda c: c.smtp.listen),
-        ("smtp.submission", lambda c: c.smtp.submission),
-        ("pop3.listen", lambda c: c.pop3.listen),
-        ("control.socket", lambda c: c.control_socket),
-        ("metrics.listen", lambda c: c.metrics.listen),
-        ("log.format", lambda c: c.log.format),
-        ("workers", lambda c: c.workers),
-    )
-
     def reload(self) -> dict:
         """Re-read the config file (SIGHUP, relayctl reload).
 
         All or nothing: a config that does not load, a certificate, users or
         aliases file that cannot be read refuses the whole reload and keeps
         the running config.  Listeners, the spool and the number of workers
-        are not changed live: such changes are reported as needing a restart.
+        are not changed live (relay.runtime.reconfig.RESTART_KEYS): such
+        changes are reported as needing a restart.
         """
         old = self.config
         try:
@@ -492,38 +478,19 @@ class RelayService(service.MultiService):
             return {"ok": False, "messages": ["reload refused, the running config is kept:"] + e.problems,
                     "restart_needed": []}
         files, problems = parts.load_files(new)
-        problems = self._certificate_still_needed(old, new) + problems
+        problems = reconfig.certificate_still_needed(old, new, self.tls) + problems
         if files is None or problems:
             for p in problems:
                 log.error("reload refused, keeping the running config: {problem}", problem=p)
             return {"ok": False, "messages": ["reload refused, the running config is kept:"] + problems,
                     "restart_needed": []}
-        restart = [key for key, get in self.RESTART_KEYS if get(old) != get(new)]
-        new = self._keep_running(old, new)
+        restart = reconfig.restart_needed(old, new)
+        new = reconfig.keep_running(old, new)
         self._apply(new, files)
-        msgs = self._reload_messages(old, new, restart)
+        msgs = reconfig.reload_messages(old, new, self.tls, restart)
         for m in msgs:
             log.info("{message}", message=m)
         return {"ok": True, "messages": msgs, "restart_needed": restart}
-
-    def _certificate_still_needed(self, old: Config, new: Config) -> list[str]:
-        """A reload may not drop the certificate a running listener uses."""
-        if new.tls.enabled or self.tls is None:
-            return []
-        if new.smtp.submission or any(epmod.parse(d).implicit_tls and not epmod.parse(d).own_certificate
-                                      for d in old.smtp.listen + old.smtp.submission + old.pop3.listen):
-            return [f"{new.source}: tls: the certificate is still needed by implicit TLS listeners"]
-        return []
-
-    @staticmethod
-    def _keep_running(old: Config, new: Config) -> Config:
-        """The new config with what cannot change live (RESTART_KEYS) as it runs."""
-        return dataclasses.replace(
-            new, spool=old.spool, workers=old.workers,
-            smtp=dataclasses.replace(new.smtp, listen=old.smtp.listen, submission=old.smtp.submission),
-            pop3=dataclasses.replace(new.pop3, listen=old.pop3.listen),
-            control=old.control, metrics=old.metrics, log=old.log,
-        )
 
     def _apply(self, new: Config, files: parts.Files) -> None:
         """Every part that reads the config or the files takes the new ones."""
@@ -554,20 +521,6 @@ class RelayService(service.MultiService):
                                 ("max_connections_per_ip", new.pop3.max_connections_per_ip)):
                 if hasattr(f, attr):
                     setattr(f, attr, value)
-
-    def _reload_messages(self, old: Config, new: Config, restart: list[str]) -> list[str]:
-        """What a reload says (log lines and relayctl's output)."""
-        changed = [f.name for f in dataclasses.fields(new)
-                   if f.name != "path" and getattr(new, f.name) != getattr(old, f.name)]
-        msgs = [f"config reloaded from {new.source}"
-                + (f"; changed: {', '.join(changed)}" if changed else "; no changes")]
-        tls = self.tls
-        if tls is not None:
-            msgs.append(f"TLS certificate {new.tls.certificate} loaded ({tls.subject}, "
-                        f"expires {tls.not_after.date().isoformat()})")
-        for key in restart:
-            msgs.append(f"{key} changed: takes effect after a restart")
-        return msgs
 
     # -- runtime -------------------------------------------------------------------
     def _queued(self, entry: spoolmod.QueueEntry) -> None:
