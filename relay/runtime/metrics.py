@@ -61,16 +61,20 @@ class RelayCollector:
         return list(self.collect())
 
     def collect(self) -> Iterable[Metric]:
-        smtp = self.smtp.counters
-        queue = self.queue
-        qc = queue.counters if queue is not None else None
-        pickup = self.pickup
-
         yield InfoMetricFamily("relay_build", "twisted-relay version",
                                value={"version": getattr(relay, "__version__", "unknown")})
         g = GaugeMetricFamily("relay_start_time_seconds", "When the relay started (Unix time)")
         g.add_metric([], self.started_at)
         yield g
+        yield from self._messages()
+        yield from self._queue_state()
+        yield from self._sessions()
+
+    def _messages(self) -> Iterable[Metric]:
+        """Messages in, refused, and what became of each recipient."""
+        smtp = self.smtp.counters
+        qc = self.queue.counters if self.queue is not None else None
+        pickup = self.pickup
 
         c = CounterMetricFamily("relay_messages_received", "Messages accepted into the queue",
                                 labels=["source"])
@@ -109,6 +113,8 @@ class RelayCollector:
         c.add_metric([], pickup.quarantined if pickup is not None else 0)
         yield c
 
+    def _queue_state(self) -> Iterable[Metric]:
+        queue = self.queue
         counts = queue.counts() if queue is not None else {"active": 0, "deferred": 0, "hold": 0}
         g = GaugeMetricFamily("relay_queue_messages", "Messages in the queue by state", labels=["state"])
         for state in ("active", "deferred", "hold"):
@@ -119,6 +125,11 @@ class RelayCollector:
         g.add_metric([], self._oldest_age(queue))
         yield g
 
+    def _sessions(self) -> Iterable[Metric]:
+        """Sessions in (SMTP, POP3) and out (delivery attempts)."""
+        smtp = self.smtp.counters
+        queue = self.queue
+        qc = queue.counters if queue is not None else None
         g = GaugeMetricFamily("relay_sessions_open", "Client sessions open now", labels=["protocol"])
         g.add_metric(["smtp"], len(self.smtp.open_sessions))
         g.add_metric(["pop3"], sum(getattr(f, "open_sessions", 0) for f in self.pop3_factories))
