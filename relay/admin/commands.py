@@ -154,9 +154,10 @@ def cmd_route(args) -> int:
 # -- reload -------------------------------------------------------------------------------------
 
 
-def _raw_socket_path(explicit: str | None) -> str | None:
-    """The control socket named by a config file that does not load: a bad
-    config must still reach the running relay, which refuses it and logs why."""
+def _raw_socket_path(explicit: str | None) -> str | list[str] | None:
+    """The control socket named by a config file that does not load (each
+    worker's, when it names workers > 1): a bad config must still reach the
+    running relay, which refuses it and logs why."""
     path = configmod.find_config_file(explicit)
     if path is None:
         return None

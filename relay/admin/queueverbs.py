@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import sys
+from typing import Any
 
 from relay.admin import client as cc
 from relay.admin import proto
@@ -114,7 +115,7 @@ def queue_show(relay, qid: str, as_json: bool) -> int:
     relays = relay if isinstance(relay, list) else [relay]
     if not relays:  # workers > 1, none of which has run yet: no queue at all
         raise CtlError(f"{qid}: no such message in the queue")
-    d = None
+    d: Any = None  # the message's details, as JSON data
     for i, r in enumerate(relays):
         try:
             if isinstance(r, Live):

@@ -451,7 +451,7 @@ def make_is_self(
             a = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        if getattr(a, "ipv4_mapped", None):
+        if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
             a = a.ipv4_mapped
         key = a.compressed
         if (key, port) in exact:

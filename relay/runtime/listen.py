@@ -18,7 +18,7 @@ from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet import ssl as tssl
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
@@ -28,10 +28,12 @@ from relay.runtime.tls import ServerTLS
 LISTEN_BACKLOG = 1024  # for tcp/ssl listeners that do not say (Twisted's default is 50)
 
 
-def server_endpoint(reactor: Any, description: str) -> tuple[IStreamServerEndpoint, bool]:
+def server_endpoint(reactor: Any, description: str) -> tuple[Any, bool]:
     """(endpoint, wrap) for a listener description: wrap is True for an
     ssl: endpoint without its own privateKey=, which listens as plain TCP and
-    must be wrapped in TLS with the relay's certificate by the caller."""
+    must be wrapped in TLS with the relay's certificate by the caller.  (The
+    endpoint is an IStreamServerEndpoint: typed Any, as mypy reads a zope
+    interface's methods without self.)"""
     spec = epmod.parse(description)
     if spec.kind in ("tcp", "tcp6", "ssl") and "backlog" not in spec.kwargs:
         # Twisted's default listen backlog is 50: a burst of clients would

@@ -42,6 +42,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, protocol
@@ -146,12 +147,15 @@ def adopt_orphans(top: str, workers: int, logfn=None) -> int:
 class WorkerProcess(protocol.ProcessProtocol):
     """One worker: its log events come as JSON lines on its stdout."""
 
+    # an IProcessTransport once spawned: Any, as mypy reads a zope interface's methods without self
+    transport: Any
+
     def __init__(self, master: "RelayMaster", index: int):
         self.master = master
         self.index = index
         self.buf = b""
         self.ended: defer.Deferred = defer.Deferred()
-        self.pid = None
+        self.pid: int | None = None
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -201,19 +205,20 @@ class RelayMaster(service.Service):
         from twisted.internet import reactor as default_reactor
 
         self.config = config
-        self.reactor = reactor or default_reactor
+        # Any: the reactor's interfaces are zope interfaces, whose methods mypy reads without self
+        self.reactor: Any = reactor or default_reactor
         # where the workers write their log lines: "stdout" (the master's, inherited),
         # a file's path (appended to, as the master does), or "pipe": sent to the
         # master as JSON events and logged by it (syslog, --logger)
         self.log_target = log_target
         self.sockets: dict[str, socket.socket] = {}
-        self.conn_table = None  # relay.runtime.connlimit.SharedTable, made before the first worker starts
+        self.conn_table: connlimit.SharedTable | None = None  # made before the first worker starts
         self.procs: dict[int, WorkerProcess] = {}
         self.restarts: dict[int, list[float]] = {}
         self.stopping = False
         self.exit_on_error = False
         self.handle_signals = False
-        self._lock_fd = None
+        self._lock_fd: int | None = None
         self.metrics_ports: list = []
 
     def privilegedStartService(self) -> None:
@@ -241,7 +246,7 @@ class RelayMaster(service.Service):
         site = WorkersMetrics(self.reactor, [worker_socket(self.config, i)
                                              for i in range(self.config.workers)]).site()
         for desc in self.config.metrics.listen:
-            factory = site
+            factory: Any = site
             try:
                 ep, wrap = server_endpoint(self.reactor, desc)
                 if wrap:
@@ -249,7 +254,9 @@ class RelayMaster(service.Service):
                         raise StartupError(f"{self.config.source}: metrics.listen: {desc!r} is an ssl: endpoint "
                                            "without privateKey=, so it needs tls.certificate and tls.key")
                     tls = load_server_tls(self.config.tls.certificate, self.config.tls.key)
-                    factory = TLSMemoryBIOFactory(tls.options, False, site)
+                    # CertificateOptions and Site provide their interfaces through zope's
+                    # @implementer, which mypy does not read as base classes
+                    factory = TLSMemoryBIOFactory(tls.options, False, site)  # type: ignore[arg-type]
                 d = ep.listen(factory)
                 failures: list = []
                 d.addCallbacks(self.metrics_ports.append, failures.append)
@@ -310,6 +317,7 @@ class RelayMaster(service.Service):
             fds[desc] = n
             n += 1
         table_fd = n
+        assert self.conn_table is not None  # made in startService, before the first spawn
         child_fds[table_fd] = self.conn_table.fd
         if self.log_target == "stdout":
             child_fds[1] = 1  # the workers write their own lines where the master writes

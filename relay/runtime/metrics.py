@@ -203,7 +203,7 @@ class _MetricsPage(resource.Resource):
         self.registry = registry
         self.source = source  # a master: the registry is made at each scrape
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request) -> bytes | int:  # the page, or NOT_DONE_YET (a master's, later)
         if self.source is None:
             return self._page(request, self.registry)
         d = self.source.registry()
@@ -240,7 +240,8 @@ class _MetricsPage(resource.Resource):
 class _Root(resource.Resource):
     def __init__(self, registry: CollectorRegistry | None, source: "WorkersMetrics | None" = None):
         super().__init__()
-        self.putChild(b"metrics", _MetricsPage(registry, source))
+        # Resource provides IResource through zope's @implementer, which mypy does not read as a base class
+        self.putChild(b"metrics", _MetricsPage(registry, source))  # type: ignore[arg-type]
 
     def getChild(self, path, request):
         if path == b"":
@@ -276,7 +277,9 @@ class MetricsSite(server.Site):
     One request per connection (_OneRequestChannel), and a connection idle
     for a minute is closed (twisted.web's default is 12 hours)."""
 
-    protocol = _OneRequestChannel
+    # typed as a factory of _GenericHTTPChannelProtocol, the wrapper HTTPFactory makes by
+    # default; an HTTPChannel serves its connections as well (twisted.web accepts both)
+    protocol = _OneRequestChannel  # type: ignore[assignment]
 
     def __init__(self, resource, *args, timeout: float = 60.0, **kwargs):
         super().__init__(resource, *args, timeout=timeout, **kwargs)

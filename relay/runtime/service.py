@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application import internet, service
 from twisted.internet import defer, task
@@ -53,10 +53,13 @@ STOP_BOUND = 28.0  # seconds: the whole shutdown, within systemd's/our 30 s prom
 
 
 class RelayService(service.MultiService):
-    def __init__(self, config: Config, reactor=None, *, deliver: bool = True,
+    def __init__(self, config: Config, reactor: Any = None, *, deliver: bool = True,
                  adopted: dict[str, int] | None = None, worker: tuple[int, int] | None = None,
-                 conn_table=None):
+                 conn_table: connlimit.SharedTable | None = None,
+                 load_config: Callable[[str | None], Config] = configmod.load):
         super().__init__()
+        # how a reload reads the config file (a worker: as its own config, relay.runtime.worker)
+        self.load_config = load_config
         # listening sockets inherited from a master process (workers > 1):
         # endpoint description -> file descriptor
         self.adopted = dict(adopted or {})
@@ -68,7 +71,8 @@ class RelayService(service.MultiService):
         from twisted.internet import reactor as default_reactor
 
         self.config = config
-        self.reactor = reactor or default_reactor
+        # Any: the reactor's interfaces are zope interfaces, whose methods mypy reads without self
+        self.reactor: Any = reactor or default_reactor
         self.started_at = time.time()
         self.spool = spoolmod.Spool(config.spool)
         self.disk = DiskPool(self.reactor)
@@ -84,7 +88,7 @@ class RelayService(service.MultiService):
         self.aspool = AsyncSpool(self.spool, self.disk)
         self.listeners = parts.own_listeners(config)  # the addresses and ports that are ours
         self._lock_fd: int | None = None
-        self.queue = None  # relay.queue.manager.QueueManager, set up in _build_queue
+        self.queue: QueueManager | None = None  # set up in _build_queue
         self.pop3_factories: list = []
         self.listener_services: list = []
         self.scanned: defer.Deferred = defer.Deferred()  # fires when the start-up scan is done
@@ -472,7 +476,7 @@ class RelayService(service.MultiService):
         """
         old = self.config
         try:
-            new = configmod.load(old.path)
+            new = self.load_config(old.path)
         except configmod.ConfigError as e:
             log.error("reload refused, keeping the running config: {problems}", problems="; ".join(e.problems))
             return {"ok": False, "messages": ["reload refused, the running config is kept:"] + e.problems,
