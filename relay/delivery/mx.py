@@ -45,6 +45,7 @@ import dns.resolver
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
+from relay.config.values import parse_hostport
 from relay.runtime import endpoints
 
 IsSelf = Callable[[str, int], bool]
@@ -385,8 +386,6 @@ class Resolver:
 
 def _nameserver(ns) -> dns.nameserver.Nameserver:
     if isinstance(ns, str):
-        from relay.config import parse_hostport
-
         ns = parse_hostport(ns, default_port=53)
     return dns.nameserver.Do53Nameserver(ns.host, ns.port)
 

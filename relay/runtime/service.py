@@ -6,6 +6,13 @@ spool) and half-received files from a crash are removed *before* anything
 listens; the queue is then scanned in a thread while new mail is already
 accepted.  Listeners bind in privilegedStartService, so with ``twistd -u/-g``
 ports below 1024 are bound as root before privileges are dropped.
+
+What it is built from comes from relay.runtime.parts (the users, aliases and
+certificate the config names, the policy, our listeners: the same parts at
+start, at a reload and for relayctl's offline route); each running part
+(SMTP context, listeners, POP3, queue, pickup, metrics, control socket) is
+made in its own ``_build_*`` method.  A reload applies what
+relay.runtime.reconfig says may change live.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def _start_logging(target: str, fmt: str, index: int) -> None:
         # ILogObserver, a zope interface that a plain class cannot be to mypy
         globalLogBeginner.beginLoggingTo([EventPipe(sys.stdout)], redirectStandardIO=False)  # type: ignore[list-item]
         return
-    from relay.runtime import logs
+    from relay.runtime import logs  # late, once it dies with the master (see main)
     if fmt == "json":
         def formatter(event):
             event = dict(event)
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     # only now, once it dies with the master and logs where the master says: the
     # relay's modules (measured: 2.2 s, 596 modules, on a loaded 2-core machine)
     from relay import config as configmod
+    from relay.runtime import fastpoll
+    from relay.runtime.connlimit import SharedTable
     from relay.runtime.service import RelayService, StartupError
     from relay.runtime.workerpaths import worker_config
 
@@ -157,12 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     # Any: the reactor's interfaces are zope interfaces, whose methods mypy reads without self
     reactor: Any = default_reactor
 
-    from relay.runtime import fastpoll
     fastpoll.install(reactor)
     table = None
     if args.conn_table is not None:
-        from relay.runtime.connlimit import SharedTable
-
         try:
             table = SharedTable(args.conn_table)
         except (OSError, ValueError) as e:
