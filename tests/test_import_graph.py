@@ -93,6 +93,7 @@ def test_control_side_does_not_reach_into_the_service():
     parameters: none imports the service that assembles them."""
     graph = import_graph()
     for name in ("relay.admin.control", "relay.admin.proto", "relay.admin.amp", "relay.admin.client",
-                 "relay.admin.commands", "relay.runtime.metrics", "relay.admin.cli", "relay.runtime.workerpaths"):
+                 "relay.admin.commands", "relay.admin.reach", "relay.admin.queueverbs", "relay.runtime.metrics",
+                 "relay.admin.cli", "relay.runtime.workerpaths"):
         assert "relay.runtime.service" not in graph[name], name
         assert "relay.runtime.master" not in graph[name], name

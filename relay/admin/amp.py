@@ -9,7 +9,11 @@ imports this module (relay.admin.proto says why).
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.protocol import connectionDone
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from relay.admin import proto as ctlproto
 
@@ -63,7 +67,11 @@ def command(decl: ctlproto.Command) -> type[amp.Command]:
         "response": [(a.name.encode("ascii"), _argument(a)) for a in decl.response],
         "errors": {e: e.code.encode("ascii") for e in decl.errors},
     }
-    return type(amp.Command)(decl.name, (amp.Command,), attrs)
+    # made by amp.Command's metaclass, as a class statement would (Any: mypy cannot
+    # call a metaclass it knows only as type[type[Command]])
+    meta: Any = type(amp.Command)
+    made: type[amp.Command] = meta(decl.name, (amp.Command,), attrs)
+    return made
 
 
 Hello = command(ctlproto.HELLO)
@@ -86,6 +94,6 @@ class QuietAMP(amp.AMP):
     def makeConnection(self, transport) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None

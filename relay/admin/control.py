@@ -47,7 +47,9 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol, task
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 import relay
 from relay.admin import route as routecheck
@@ -151,7 +153,7 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
         super().connectionMade()
         self.factory.protocols.add(self)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.protocols.discard(self)
         self._snapshot = None
         super().connectionLost(reason)

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from relay.common import privdrop
+from relay.common.fileio import fsync_dir
 from relay.config import Config
 from relay.delivery import bounce as bouncemod
 from relay.queue import spool as spoolmod
@@ -286,7 +287,7 @@ class OfflineSpool:
                 client={"proto": "dsn"}, extra={"dsn": bouncemod.FAILED, "for": env.queue_id},
             )
             self.spool.inject(denv, data)
-            spoolmod.fsync_dir(self.spool.queue_dir)
+            fsync_dir(self.spool.queue_dir)
             dsn_id = denv.queue_id
         self.spool.remove(env.queue_id)
         return dsn_id

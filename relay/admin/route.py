@@ -41,7 +41,9 @@ def parse_recipient(config: Config, text: str) -> Address:
         return Address("postmaster", config.local.domains[0])
     if not t.startswith("<"):
         t = f"<{t}>"
-    return parse_path(t)
+    addr = parse_path(t)
+    assert addr is not None  # None is the null path, which only allow_null=True accepts
+    return addr
 
 
 def explain(ctx: RouteContext, address: str, client_ip: str | None = None) -> dict[str, Any]:
@@ -132,7 +134,7 @@ def format_text(r: dict[str, Any]) -> str:
         lines.append(f"  alias, expands to {len(deliveries)} recipient{'s' if len(deliveries) != 1 else ''}:")
         indent = "    "
     for d in deliveries:
-        lines.extend(indent + x for x in _delivery_lines(d, r.get("alias")))
+        lines.extend(indent + x for x in _delivery_lines(d, bool(r.get("alias"))))
     return "\n".join(lines) + "\n"
 
 

@@ -49,7 +49,7 @@ class UnsafePath(OSError):
         super().__init__(errno.EPERM, message)
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""
 
 
 def _prefixes(path: str) -> list[str]:

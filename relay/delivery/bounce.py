@@ -73,11 +73,35 @@ def build_report(
 ) -> bytes:
     """The complete DSN message (headers and body) as bytes, CRLF endings."""
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
+    h = _report_headers(kind, reporting_mta, sender, now, boundary)
+    human = _human_part(kind, reporting_mta, queue_id, failures)
+    status = _status_part(kind, reporting_mta, queue_id, sender, arrival, failures)
+    hdrs = _returned_headers(original_headers)
+    parts = [
+        "\r\n".join(h).encode("ascii") + b"\r\n\r\n",
+        b"This is a MIME-encapsulated message.\r\n\r\n",
+        f"--{boundary}\r\n".encode(),
+        b"Content-Description: Notification\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n",
+        human.encode("ascii", "replace"),
+        f"\r\n--{boundary}\r\n".encode(),
+        b"Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n",
+        status.encode("ascii", "replace"),
+        f"\r\n--{boundary}\r\n".encode(),
+        b"Content-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n"
+        + (b"Content-Transfer-Encoding: 8bit\r\n" if not hdrs.isascii() else b"")
+        + b"\r\n",
+        hdrs,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ]
+    return b"".join(parts)
+
+
+def _report_headers(kind: str, reporting_mta: str, sender: str, now: float, boundary: str) -> list[str]:
     subject = ("Undelivered Mail Returned to Sender" if kind == FAILED
                else "Delayed Mail (still being retried)")
     msgid = email.utils.make_msgid(domain=reporting_mta)
     from_name = Header("Mail Delivery System").encode()
-    h = [
+    return [
         f"From: {from_name} <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{_clean(sender, 300)}>",
         f"Subject: {subject}",
@@ -87,7 +111,10 @@ def build_report(
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
     ]
-    # 1. the human-readable part
+
+
+def _human_part(kind: str, reporting_mta: str, queue_id: str, failures: list[Failure]) -> str:
+    """1. the human-readable part"""
     if kind == FAILED:
         intro = [
             f"This is the mail system at host {reporting_mta}.",
@@ -116,8 +143,12 @@ def build_report(
     for f in failures:
         where = f" (from {f.remote_mta})" if f.remote_mta else ""
         intro.append(f"<{_clean(f.recipient, 300)}>: {_clean(f.diagnostic)}{where}")
-    human = "\r\n".join(intro) + "\r\n"
-    # 2. the machine-readable part
+    return "\r\n".join(intro) + "\r\n"
+
+
+def _status_part(kind: str, reporting_mta: str, queue_id: str, sender: str, arrival: float,
+                 failures: list[Failure]) -> str:
+    """2. the machine-readable part (RFC 3464)"""
     per_msg = [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Relay-Queue-ID: {queue_id}",
@@ -139,25 +170,12 @@ def build_report(
         if kind == DELAYED and f.will_retry_until:
             b.append(f"Will-Retry-Until: {_date(f.will_retry_until)}")
         blocks.append("\r\n".join(b))
-    status = "\r\n\r\n".join(blocks) + "\r\n"
-    # 3. the returned headers, byte for byte (bounded)
+    return "\r\n\r\n".join(blocks) + "\r\n"
+
+
+def _returned_headers(original_headers: bytes) -> bytes:
+    """3. the returned headers, byte for byte (bounded, cut at a line end)"""
     hdrs = original_headers[:MAX_RETURNED_HEADERS]
     if hdrs and not hdrs.endswith(b"\r\n"):
         hdrs = hdrs[: hdrs.rfind(b"\r\n") + 2] if b"\r\n" in hdrs else b""
-    parts = [
-        "\r\n".join(h).encode("ascii") + b"\r\n\r\n",
-        b"This is a MIME-encapsulated message.\r\n\r\n",
-        f"--{boundary}\r\n".encode(),
-        b"Content-Description: Notification\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n",
-        human.encode("ascii", "replace"),
-        f"\r\n--{boundary}\r\n".encode(),
-        b"Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n",
-        status.encode("ascii", "replace"),
-        f"\r\n--{boundary}\r\n".encode(),
-        b"Content-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n"
-        + (b"Content-Transfer-Encoding: 8bit\r\n" if not hdrs.isascii() else b"")
-        + b"\r\n",
-        hdrs,
-        f"\r\n--{boundary}--\r\n".encode(),
-    ]
-    return b"".join(parts)
+    return hdrs

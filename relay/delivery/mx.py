@@ -45,6 +45,7 @@ import dns.resolver
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
+from relay.config.values import parse_hostport
 from relay.runtime import endpoints
 
 IsSelf = Callable[[str, int], bool]
@@ -385,8 +386,6 @@ class Resolver:
 
 def _nameserver(ns) -> dns.nameserver.Nameserver:
     if isinstance(ns, str):
-        from relay.config import parse_hostport
-
         ns = parse_hostport(ns, default_port=53)
     return dns.nameserver.Do53Nameserver(ns.host, ns.port)
 
@@ -451,7 +450,7 @@ def make_is_self(
             a = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        if getattr(a, "ipv4_mapped", None):
+        if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
             a = a.ipv4_mapped
         key = a.compressed
         if (key, port) in exact:

@@ -35,45 +35,41 @@ from __future__ import annotations
 
 import email.utils
 import os
-import re
 import secrets
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 # at import: a submitter run as another user may not read the tree later
-from relay.common import dotstuff, fileio, privdrop
-from relay.intake.dropfile import DROP_MAGIC, DROP_MODE, MAX_HOPS, MAX_LINE, drop_line, parse_drop_line  # noqa: F401
-
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_OSERR = 71
-EX_IOERR = 74
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
+from relay import config as configmod
+from relay.common import fileio
+from relay.common.address import AddressError, parse_mailbox
+from relay.config import Config
+from relay.intake.dropfile import DROP_MAGIC, MAX_HOPS, drop_line, parse_drop_line  # noqa: F401 - tests use them here
+from relay.intake.msgread import Message, Reader, field_name, field_value, fold, read_headers
+from relay.intake.submit import DropSink, Identity, NoDrop, identity, open_drop, smtp_targets, submit_smtp
+from relay.intake.sysexits import (  # noqa: F401 - relay-sendmail's exit statuses, all of them here
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_IOERR,
+    EX_OK,
+    EX_OSERR,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    Fatal,
+)
+from relay.queue.spool import new_id
 
 PROG = "relay-sendmail"
 SYSTEM_CONFIG = "/etc/relay/relay.toml"
 
-MAX_HEADER_SECTION = 1 << 20
-SMTP_TIMEOUT = 60.0
-
 # Postfix's sendmail getopt string "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q:tvx"
 _WITH_ARG = set("ABCFLNORVXbefhopqr")
 _FLAGS = set("GIUcimntvx")
-_HEADER = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
-
-
-class Fatal(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # ---------------------------------------------------------------------------
@@ -124,7 +120,7 @@ def parse_args(argv: list[str]) -> Options:
                 _option(o, c, value)
                 break
             if c in _FLAGS:
-                _option(o, c, None)
+                _flag(o, c)
                 j += 1
                 continue
             raise Fatal(EX_USAGE, f"unknown option -{c} (usage: {PROG} [-t] [-i] [-f sender] [-F name] "
@@ -134,7 +130,7 @@ def parse_args(argv: list[str]) -> Options:
     return o
 
 
-def _option(o: Options, c: str, value: str | None) -> None:
+def _flag(o: Options, c: str) -> None:
     if c == "t":
         o.extract = True
     elif c == "i":
@@ -143,7 +139,11 @@ def _option(o: Options, c: str, value: str | None) -> None:
         o.verbose += 1
     elif c == "I":
         o.exit_now = "aliases"
-    elif c in ("f", "r"):
+    # G, U, c, m, n, x: accepted and ignored (as Postfix)
+
+
+def _option(o: Options, c: str, value: str) -> None:
+    if c in ("f", "r"):
         o.sender = value
     elif c == "F":
         o.full_name = value
@@ -178,37 +178,16 @@ def _option(o: Options, c: str, value: str | None) -> None:
             o.exit_now = "queue interval"  # -q1h: a daemon's run interval; nothing to do (as Postfix)
             return
         raise Fatal(EX_USAGE, f"-q{value} is not supported: use relayctl to act on the queue")
-    # A, G, L, N, O, R, U, V, X, c, e, h, m, n, p, x: accepted and ignored (as Postfix)
+    # A, L, N, O, R, V, X, e, h, p: accepted and ignored (as Postfix)
 
 
-# ---------------------------------------------------------------------------
-# who, where
 
 
-@dataclass
-class Identity:
-    uid: int
-    user: str
-    gecos: str
-
-
-def identity() -> Identity:
-    import pwd
-
-    uid = os.getuid()
-    try:
-        pw = pwd.getpwuid(uid)
-    except KeyError:
-        return Identity(uid, "", "")
-    return Identity(uid, pw.pw_name, (pw.pw_gecos or "").split(",")[0].strip())
-
-
-def load_config(explicit: str | None):
+def load_config(explicit: str | None) -> Config:
     """-C FILE, else $RELAY_CONFIG, else /etc/relay/relay.toml, else ./relay.toml.
 
     Unlike the relay, never the built-in defaults: a cron job's working
     directory must not decide where its mail goes."""
-    from relay import config as configmod
     path = explicit or os.environ.get("RELAY_CONFIG") or None
     if path is None:
         for candidate in (SYSTEM_CONFIG, "relay.toml"):
@@ -223,15 +202,13 @@ def load_config(explicit: str | None):
         raise Fatal(EX_CONFIG, "bad relay config:\n" + "\n".join(e.problems))
 
 
-def origin(cfg) -> str:
+def origin(cfg: Config) -> str:
     """The domain of unqualified addresses ("root" from cron): the first
     local domain, else the relay's hostname (Postfix: $myorigin)."""
     return cfg.local.domains[0] if cfg.local.domains else cfg.hostname
 
 
-def _mailbox(addr: str, cfg, what: str, status: int) -> str:
-    from relay.common.address import AddressError, parse_mailbox
-
+def _mailbox(addr: str, cfg: Config, what: str, status: int) -> str:
     a = addr.strip()
     if a.startswith("<") and a.endswith(">"):
         a = a[1:-1]
@@ -260,9 +237,9 @@ def parse_address_list(value: str) -> list[str]:
     return addrs
 
 
-def addresses(values: list[str], cfg, what: str, status: int) -> list[str]:
+def addresses(values: list[str], cfg: Config, what: str, status: int) -> list[str]:
     """Each value as an address list (Postfix parses arguments so, too)."""
-    out = []
+    out: list[str] = []
     for v in values:
         try:
             found = parse_address_list(v)
@@ -279,7 +256,7 @@ def _group_only(v: str) -> bool:
     return ":" in v and v.rstrip().endswith(";")
 
 
-def sender_address(o: Options, cfg, me: Identity) -> str:
+def sender_address(o: Options, cfg: Config, me: Identity) -> str:
     if o.sender is not None:
         s = o.sender.strip()
         if s in ("", "<>"):
@@ -297,376 +274,50 @@ def sender_address(o: Options, cfg, me: Identity) -> str:
 
 
 # ---------------------------------------------------------------------------
-# reading the message
+# the message, queued
 
 
-class Reader:
-    """Standard input as logical lines without their line ending.
-
-    Only LF or CRLF end a line; a CR anywhere else is refused (it would be a
-    line ending to some and not to others: SMTP smuggling)."""
-
-    def __init__(self, inp: BinaryIO, limit: int):
-        self.inp = inp
-        self.limit = limit
-        self.lineno = 0
-        self.total = 0
-        self.eof = False
-
-    def line(self) -> bytes | None:
-        if self.eof:
-            return None
-        try:
-            raw = self.inp.readline(self.limit + 2)
-        except OSError as e:
-            raise Fatal(EX_IOERR, f"cannot read the message from standard input: {e.strerror or e}")
-        if not raw:
-            self.eof = True
-            return None
-        self.lineno += 1
-        self.total += len(raw)
-        if raw.endswith(b"\n"):
-            raw = raw[:-1]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-        elif len(raw) >= self.limit + 2:
-            raise Fatal(EX_DATAERR, f"message too big: over smtp.max_message_size ({self.limit} octets)")
-        else:
-            self.eof = True  # a last line without a line ending
-        if b"\r" in raw:
-            raise Fatal(EX_DATAERR, f"line {self.lineno}: bare CR (a carriage return not followed by a "
-                                    "line feed): message refused; end lines with LF or CRLF")
-        return raw
-
-
-@dataclass
-class Message:
-    headers: list[list[bytes]]  # fields, each its lines (first + continuations)
-    first_body: list[bytes]  # body lines read while looking for the end of the headers
-    reader: Reader
-    blank_missing: bool  # the body started without an empty line
-    eight_bit: bool = False
-
-
-def read_headers(rd: Reader) -> Message:
-    headers: list[list[bytes]] = []
-    size = 0
-    first = True
-    while True:
-        ln = rd.line()
-        if ln is None:
-            return Message(headers, [], rd, False)
-        if first and (ln.startswith(b"From ") or ln.lstrip(b">").startswith(b"From ")):
-            first = False
-            continue  # an mbox separator, as Postfix strips it
-        first = False
-        if ln == b"":
-            return Message(headers, [], rd, False)
-        if ln[:1] in (b" ", b"\t") and headers:
-            headers[-1].append(ln)
-        elif _HEADER.match(ln):
-            headers.append([ln])
-        else:
-            # not a header: the body starts here, without its empty line
-            return Message(headers, [ln], rd, True)
-        size += len(ln) + 2
-        if size > MAX_HEADER_SECTION:
-            raise Fatal(EX_DATAERR, f"header section longer than {MAX_HEADER_SECTION} octets: message refused")
-
-
-def field_name(f: list[bytes]) -> str:
-    return f[0].split(b":", 1)[0].strip().decode("ascii", "replace").lower()
-
-
-def field_value(f: list[bytes]) -> str:
-    raw = b"".join([f[0].split(b":", 1)[1]] + f[1:])
-    return raw.decode("utf-8", "replace").strip()
-
-
-def fold(line: bytes, header: bool) -> list[bytes]:
-    """Lines of at most MAX_LINE octets: headers fold before white space
-    (lossless), else with an inserted space; body lines are broken."""
-    out = []
-    while len(line) > MAX_LINE:
-        cut = -1
-        if header:
-            cut = max(line.rfind(b" ", 1, MAX_LINE), line.rfind(b"\t", 1, MAX_LINE))
-        if cut > 0:
-            out.append(line[:cut])
-            line = line[cut:]
-        else:
-            out.append(line[:MAX_LINE])
-            line = (b" " if header else b"") + line[MAX_LINE:]
-    out.append(line)
-    return out
-
-
-# ---------------------------------------------------------------------------
-# where the message goes
-
-
-class DropSink:
-    """A file in <spool>/drop: temp name, fsync, rename, directory fsync.
-
-    Every step is relative to ``dir_fd``, an fd on the drop directory
-    reached without following a link below the spool (``drop_dir_fd``):
-    relay-sendmail run by root never creates, renames or chowns a file
-    anywhere else, whatever the spool's owner put at those names."""
-
-    def __init__(self, drop_dir: str, dir_fd: int, qid: str):
-        self.dir = drop_dir
-        self.dir_fd = dir_fd
-        self.qid = qid
-        self.tmp = fileio.temp_name(qid)
-        self.final = os.path.join(drop_dir, qid)
-        # chmod: whatever the umask, the relay must be able to read it
-        self.file = fileio.DurableFile(self.tmp, mode=DROP_MODE, chmod=True, dir_fd=dir_fd,
-                                       buffering=256 * 1024, setup=self._group)
-
-    def _group(self, fd: int) -> None:
-        dir_gid = os.fstat(self.dir_fd).st_gid
-        if os.fstat(fd).st_gid != dir_gid:
-            try:
-                os.fchown(fd, -1, dir_gid)  # root, or a member of the directory's group
-            except PermissionError:
-                pass
-
-    def write(self, data: bytes) -> None:
-        self.file.write(data)
-
-    def commit(self) -> str:
-        """fsync, rename, fsync the directory.  A submitter in a group-opened
-        drop directory (mode 3730) may write but not read it, so it cannot
-        open the directory to fsync it: syncfs() on the file's filesystem
-        does it then (the whole filesystem, but only on this path, for local
-        submissions)."""
-        try:
-            self.file.commit(self.qid, close_first=False)
-        finally:
-            self._close_dir()
-        return self.qid
-
-    def abort(self) -> None:
-        self.file.abort()
-        self._close_dir()
-
-    def _close_dir(self) -> None:
-        if self.dir_fd >= 0:
-            os.close(self.dir_fd)
-            self.dir_fd = -1
-
-
-class NoDrop(Exception):
-    """This user cannot queue through drop/; the text says why."""
-
-
-def drop_dir_fd(root: str) -> int:
-    """An O_PATH fd on ``<root>/drop``: the spool root as configured (the
-    administrator's path, maybe a link), then ``drop`` without following a
-    link.  As root, the directory must belong to root or to the user who
-    controls the spool (relay.common.privdrop.controller): nobody else's."""
-    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-    rfd = os.open(root, flags)
-    try:
-        fd = os.open("drop", flags | os.O_NOFOLLOW, dir_fd=rfd)
-    finally:
-        os.close(rfd)
-    if os.geteuid() == 0:
-        try:
-            owner = privdrop.controller(root)[0]
-            uid = os.fstat(fd).st_uid
-            if uid not in (0, owner):
-                raise NoDrop(f"{root}/drop belongs to uid {uid}, not to the spool's owner (uid {owner}): "
-                             "not writing to it as root")
-        except privdrop.UnsafePath as e:
-            os.close(fd)
-            raise NoDrop(str(e))
-        except BaseException:
-            os.close(fd)
-            raise
-    return fd
-
-
-def prepare_spool(cfg, me: Identity) -> None:
-    """Before the relay's first start there is no spool: make its layout
-    (relay.queue.spool.Spool.create: the relay's own modes, fsynced) when this is
-    root or the user the relay would make it as (the owner of the spool, or
-    of the directory it goes in).  As root, it is made as that user, so it
-    is theirs.  NoDrop: anyone else, saying so."""
-    from relay.queue.spool import Spool
-
-    sp = Spool(cfg.spool)
-    try:
-        os.stat(sp.drop_dir)
-        return
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return  # not ours to look into: the open says why
-    if os.path.lexists(sp.drop_dir):
-        return  # a dangling link: the open refuses it
-    parent = os.path.dirname(sp.root)
-    if not os.path.isdir(parent):
-        raise NoDrop(f"the spool {sp.root} does not exist, nor does {parent} (the relay makes only the spool "
-                     "itself)")
-    try:
-        uid, gid = privdrop.controller(sp.root)
-    except privdrop.UnsafePath as e:
-        raise NoDrop(str(e))
-    where = f"the spool {sp.root}" if not os.path.lexists(sp.root) else f"the spool's drop directory {sp.drop_dir}"
-    if os.geteuid() != 0 and os.geteuid() != uid:
-        raise NoDrop(f"{where} does not exist yet: start the relay once, or run relay-sendmail as root "
-                     "or as the relay's user")
-    try:
-        with privdrop.as_user(uid, gid):
-            sp.create()
-    except OSError as e:
-        raise NoDrop(f"{where} does not exist yet and cannot be made as uid {uid}: {e.strerror or e}")
-
-
-def open_drop(cfg, qid: str, me: Identity) -> DropSink:
-    """The drop sink; NoDrop when this user may not write to drop/."""
-    import errno
-
-    from relay.queue.spool import Spool
-
-    prepare_spool(cfg, me)
-    drop = Spool(cfg.spool).drop_dir
-    try:
-        fd = drop_dir_fd(Spool(cfg.spool).root)
-    except (PermissionError, FileNotFoundError):
-        raise NoDrop(f"uid {me.uid} ({me.user or '?'}) may not write to {drop}")
-    except OSError as e:
-        # O_PATH|O_NOFOLLOW opens a link itself, which O_DIRECTORY refuses: ENOTDIR
-        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(drop):
-            raise NoDrop(f"{drop} is a symbolic link: not following it")
-        if e.errno == errno.ENOTDIR:
-            raise NoDrop(f"{drop} is not a directory")
-        raise Fatal(EX_TEMPFAIL, f"cannot open {drop}: {e.strerror or e}")
-    try:
-        return DropSink(drop, fd, qid)
-    except (PermissionError, FileNotFoundError, OSError) as e:
-        os.close(fd)
-        if isinstance(e, (PermissionError, FileNotFoundError)) or e.errno in (errno.EROFS, errno.EACCES,
-                                                                               errno.EPERM):
-            raise NoDrop(f"uid {me.uid} ({me.user or '?'}) may not write to {drop}")
-        raise Fatal(EX_TEMPFAIL, f"cannot write to {drop}: {e.strerror or e}")
-
-
-def smtp_targets(cfg) -> list[tuple[str, int]]:
-    """Loopback addresses of the relay's plain SMTP listeners."""
-    from relay.runtime import endpoints
-    out = []
-    for desc in cfg.smtp.listen:
-        try:
-            spec = endpoints.parse(desc)
-        except ValueError:
-            continue
-        if spec.kind not in ("tcp", "tcp6") or spec.port is None:
-            continue
-        iface = spec.interface
-        if iface in ("", "0.0.0.0"):
-            iface = "127.0.0.1" if spec.kind == "tcp" else "::1"
-        elif iface == "::":
-            iface = "::1"
-        out.append((iface, spec.port))
-    return out
-
-
-def submit_smtp(cfg, path: str, size: int, sender: str, recipients: list[str], eight_bit: bool,
-                targets: list[tuple[str, int]]) -> str | None:
-    """Submit over SMTP; None when no listener answers (the relay is down)."""
-    import smtplib
-
-    errors = []
-    for host, port in targets:
-        try:
-            s = smtplib.SMTP(host, port, local_hostname="localhost", timeout=SMTP_TIMEOUT)
-        except (OSError, smtplib.SMTPException) as e:
-            errors.append(f"{host}:{port}: {e}")
-            continue
-        try:
-            return _smtp_transaction(s, path, size, sender, recipients, eight_bit)
-        finally:
-            try:
-                s.quit()
-            except (OSError, smtplib.SMTPException):
-                s.close()
-    return None
-
-
-def _smtp_transaction(s, path: str, size: int, sender: str, recipients: list[str], eight_bit: bool) -> str:
-    import smtplib
-
-    def fail(code: int, text: bytes | str, what: str):
-        msg = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-        raise Fatal(EX_TEMPFAIL if 400 <= code < 500 else EX_UNAVAILABLE,
-                    f"the relay refused {what}: {code} {msg}")
-
-    try:
-        code, text = s.ehlo()
-        if code != 250:
-            code, text = s.helo()
-            if code != 250:
-                fail(code, text, "HELO")
-        opts = []
-        if s.does_esmtp:
-            if s.has_extn("size"):
-                opts.append(f"SIZE={size}")
-            if eight_bit and s.has_extn("8bitmime"):
-                opts.append("BODY=8BITMIME")
-        code, text = s.mail(sender, opts)
-        if code != 250:
-            fail(code, text, f"the sender <{sender}>")
-        for r in recipients:
-            code, text = s.rcpt(r)
-            if code not in (250, 251):
-                s.rset()
-                fail(code, text, f"the recipient <{r}> (nothing was queued)")
-        s.putcmd("data")
-        code, text = s.getreply()
-        if code != 354:
-            fail(code, text, "DATA")
-        stuffer = dotstuff.Stuffer()
-        with open(path, "rb") as f:
-            while chunk := f.read(65536):
-                s.sock.sendall(stuffer.feed(chunk))
-        s.sock.sendall(stuffer.end())
-        code, text = s.getreply()
-        if code != 250:
-            fail(code, text, "the message")
-        reply = text.decode("utf-8", "replace")
-        return reply.rsplit(" ", 1)[-1] if "queued as" in reply else reply
-    except (OSError, smtplib.SMTPException) as e:
-        raise Fatal(EX_TEMPFAIL, f"SMTP submission to the relay failed: {e}; the message may not be queued")
-
-
-# ---------------------------------------------------------------------------
-
-
-def build_and_queue(o: Options, inp: BinaryIO, cfg, me: Identity) -> str:
-    from relay.queue.spool import new_id
-
+def build_and_queue(o: Options, inp: BinaryIO, cfg: Config, me: Identity) -> str:
+    """Read the message, check it as the relay would, queue it: the queue id."""
     sender = sender_address(o, cfg, me)
     recipients = addresses(o.recipients, cfg, "recipient", EX_USAGE)
-    limit = cfg.smtp.max_message_size
-    rd = Reader(inp, limit)
-    msg = read_headers(rd)
-    headers = msg.headers
+    msg = read_headers(Reader(inp, cfg.smtp.max_message_size))
     if o.extract:
-        names = {field_name(f) for f in headers}
-        resent = any(n in ("resent-to", "resent-cc", "resent-bcc") for n in names)
-        keys = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
-        values = [v for f in headers if field_name(f) in keys and (v := field_value(f))]
-        recipients += addresses(values, cfg, "recipient (header)", EX_DATAERR)
+        recipients += _header_recipients(cfg, msg.headers)
+    _check_hops(msg.headers)
+    recipients = _checked_recipients(o, cfg, recipients)
+    headers = [f for f in msg.headers if field_name(f) not in ("bcc", "resent-bcc")]
+    added = _added_headers(o, cfg, me, sender, headers)
+    out = _Outgoing(o, msg, headers, added, cfg.smtp.max_message_size)
+    try:
+        sink = open_drop(cfg, new_id(), me)
+    except NoDrop as e:
+        return _queue_by_smtp(cfg, me, out, sender, recipients, no_drop=str(e))
+    return _queue_in_drop(sink, me, out, sender, recipients)
+
+
+def _header_recipients(cfg: Config, headers: list[list[bytes]]) -> list[str]:
+    """-t: the recipients of the To, Cc and Bcc fields (the Resent- ones when
+    there are some)."""
+    names = {field_name(f) for f in headers}
+    resent = any(n in ("resent-to", "resent-cc", "resent-bcc") for n in names)
+    keys = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
+    values = [v for f in headers if field_name(f) in keys and (v := field_value(f))]
+    return addresses(values, cfg, "recipient (header)", EX_DATAERR)
+
+
+def _check_hops(headers: list[list[bytes]]) -> None:
     hops = sum(1 for f in headers if field_name(f) == "received")
     if hops > MAX_HOPS:
         # as the SMTP server refuses it (554 5.4.6): a message that went
         # round that often is in a loop, and is not sent round again
         raise Fatal(EX_DATAERR, f"too many hops: {hops} Received headers (more than {MAX_HOPS}; "
                                 "a mail loop?): message refused")
-    seen: set[str] = set()
-    recipients = [r for r in recipients if not (r in seen or seen.add(r))]
+
+
+def _checked_recipients(o: Options, cfg: Config, recipients: list[str]) -> list[str]:
+    """Each recipient once, at least one, no more than smtp.max_recipients."""
+    recipients = list(dict.fromkeys(recipients))  # in order, the first of each
     if not recipients:
         if o.extract:
             raise Fatal(EX_DATAERR, "no recipients: none in the To, Cc or Bcc headers and none as arguments")
@@ -675,7 +326,11 @@ def build_and_queue(o: Options, inp: BinaryIO, cfg, me: Identity) -> str:
     if len(recipients) > cfg.smtp.max_recipients:
         raise Fatal(EX_USAGE, f"too many recipients ({len(recipients)}; smtp.max_recipients is "
                               f"{cfg.smtp.max_recipients})")
-    headers = [f for f in headers if field_name(f) not in ("bcc", "resent-bcc")]
+    return recipients
+
+
+def _added_headers(o: Options, cfg: Config, me: Identity, sender: str, headers: list[list[bytes]]) -> list[bytes]:
+    """From, Date and Message-ID, for a message without them."""
     names = {field_name(f) for f in headers}
     added: list[bytes] = []
     if "from" not in names:
@@ -686,82 +341,93 @@ def build_and_queue(o: Options, inp: BinaryIO, cfg, me: Identity) -> str:
         added.append(b"Date: " + email.utils.formatdate(localtime=True).encode("ascii"))
     if "message-id" not in names:
         added.append(b"Message-ID: " + f"<{new_id()}.{secrets.token_hex(4)}@{cfg.hostname}>".encode("ascii"))
+    return added
 
-    qid = new_id()
-    try:
-        sink = open_drop(cfg, qid, me)
-        no_drop = ""
-    except NoDrop as e:
-        sink = None
-        no_drop = str(e)
-    via_drop = sink is not None
-    tmp = None
-    if sink is None:
-        targets = smtp_targets(cfg)
-        if not targets:
-            raise Fatal(EX_TEMPFAIL, _not_queued(no_drop, "the relay has no plain TCP SMTP listener to submit to"))
-        tmp = tempfile.NamedTemporaryFile(prefix="relay-sendmail.", delete=False)
-        sink = tmp
-    try:
-        size = 0
 
-        def put(data: bytes) -> None:
-            nonlocal size
-            size += len(data)
-            if size > limit:
-                raise Fatal(EX_DATAERR, f"message too big: over smtp.max_message_size ({limit} octets)")
-            if not msg.eight_bit and any(b > 127 for b in data):
-                msg.eight_bit = True
-            sink.write(data)
+class _Outgoing:
+    """The message as it is written out: its header fields folded, the added
+    fields, the body read on to its end; every octet counted against
+    smtp.max_message_size, and 8-bit data noted (BODY=8BITMIME)."""
 
-        if via_drop:
-            sink.write(drop_line(sender, recipients, me.uid, me.user, time.time()))
-        else:
-            date = email.utils.formatdate(localtime=True)
-            who = f"{_safe(me.user) or 'unknown'} (uid {me.uid})"
-            put(f"Received: by {cfg.hostname} (relay-sendmail, from userid {who});\r\n\t{date}\r\n"
-                .encode("ascii", "replace"))
-        for f in headers:
+    def __init__(self, o: Options, msg: Message, headers: list[list[bytes]], added: list[bytes], limit: int):
+        self.o = o
+        self.msg = msg
+        self.headers = headers
+        self.added = added
+        self.limit = limit
+        self.size = 0
+
+    def put(self, write: Callable[[bytes], object], data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise Fatal(EX_DATAERR, f"message too big: over smtp.max_message_size ({self.limit} octets)")
+        if not self.msg.eight_bit and any(b > 127 for b in data):
+            self.msg.eight_bit = True
+        write(data)
+
+    def write_to(self, write: Callable[[bytes], object]) -> None:
+        for f in self.headers:
             for ln in f:
                 for part in fold(ln, header=True):
-                    put(part + b"\r\n")
-        for ln in added:
-            put(ln + b"\r\n")
-        put(b"\r\n")
-        lines = iter(msg.first_body)
+                    self.put(write, part + b"\r\n")
+        for added in self.added:
+            self.put(write, added + b"\r\n")
+        self.put(write, b"\r\n")
+        lines = iter(self.msg.first_body)
         while True:
-            ln = next(lines, None)
-            if ln is None:
-                ln = rd.line()
-                if ln is None:
+            line = next(lines, None)
+            if line is None:
+                line = self.msg.reader.line()
+                if line is None:
                     break
-            if o.dot_ends and ln == b".":
+            if self.o.dot_ends and line == b".":
                 break
-            for part in fold(ln, header=False):
-                put(part + b"\r\n")
-        if via_drop:
-            try:
-                return sink.commit()
-            except OSError as e:
-                raise Fatal(EX_TEMPFAIL, f"cannot queue the message in {sink.dir}: {e.strerror or e}")
+            for part in fold(line, header=False):
+                self.put(write, part + b"\r\n")
+
+
+def _queue_in_drop(sink: DropSink, me: Identity, out: _Outgoing, sender: str, recipients: list[str]) -> str:
+    """Into the drop directory: the envelope line, the message, then the
+    durable rename (the queue id); nothing left behind on a failure."""
+    try:
+        sink.write(drop_line(sender, recipients, me.uid, me.user, time.time()))
+        out.write_to(sink.write)
+        try:
+            return sink.commit()
+        except OSError as e:
+            raise Fatal(EX_TEMPFAIL, f"cannot queue the message in {sink.dir}: {e.strerror or e}")
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _queue_by_smtp(cfg: Config, me: Identity, out: _Outgoing, sender: str, recipients: list[str],
+                   no_drop: str) -> str:
+    """Over SMTP to the relay (drop/ is not ours to write): the message in a
+    temporary file first, with a Received field saying who ran this."""
+    targets = smtp_targets(cfg)
+    if not targets:
+        raise Fatal(EX_TEMPFAIL, _not_queued(no_drop, "the relay has no plain TCP SMTP listener to submit to"))
+    tmp = tempfile.NamedTemporaryFile(prefix="relay-sendmail.", delete=False)
+    try:
+        date = email.utils.formatdate(localtime=True)
+        who = f"{_safe(me.user) or 'unknown'} (uid {me.uid})"
+        out.put(tmp.write, f"Received: by {cfg.hostname} (relay-sendmail, from userid {who});\r\n\t{date}\r\n"
+                .encode("ascii", "replace"))
+        out.write_to(tmp.write)
         tmp.flush()
         tmp.close()
-        queued = submit_smtp(cfg, tmp.name, size, sender, recipients, msg.eight_bit, smtp_targets(cfg))
+        queued = submit_smtp(cfg, tmp.name, out.size, sender, recipients, out.msg.eight_bit, smtp_targets(cfg))
         if queued is None:
             raise Fatal(EX_TEMPFAIL, _not_queued(no_drop, "the relay is not running (no answer on "
                                                  + ", ".join(f"{h}:{p}" for h, p in smtp_targets(cfg)) + ")"))
         return queued
-    except BaseException:
-        if via_drop:
-            sink.abort()
-        raise
     finally:
-        if tmp is not None:
-            try:
-                tmp.close()
-            except OSError:
-                pass
-            fileio.unlink_quiet(tmp.name)
+        try:
+            tmp.close()
+        except OSError:
+            pass
+        fileio.unlink_quiet(tmp.name)
 
 
 def _not_queued(no_drop: str, why: str) -> str:

@@ -294,11 +294,11 @@ class SharedTable:
                 return 0
             # rebuild: simpler than deleting while scanning, and rare (a worker died)
             mm[HEADER_SIZE:HEADER_SIZE + self.capacity * stride] = bytes(self.capacity * stride)
-            for k, counts in keep:
+            for k, kept in keep:
                 i, _ = self._find(k)
                 off = self._off(i)
                 mm[off:off + KEY_SIZE] = k
-                fmt.pack_into(mm, off + KEY_SIZE, *counts)
+                fmt.pack_into(mm, off + KEY_SIZE, *kept)
             self._set_used(len(keep))
             return freed
         finally:

@@ -55,5 +55,6 @@ def install(reactor) -> bool:
 
     if type(reactor) is not epollreactor.EPollReactor:
         return False
-    reactor.doIteration = _do_poll.__get__(reactor)
+    # the point of this module: the reactor's own method replaced on this one reactor
+    reactor.doIteration = _do_poll.__get__(reactor)  # type: ignore[method-assign]
     return True

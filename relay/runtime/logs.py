@@ -198,7 +198,8 @@ def _classic(event: dict) -> str | None:
 
 
 def _utcoffset(sec: int) -> str:
-    off = int(datetime.datetime.fromtimestamp(sec).astimezone().utcoffset().total_seconds())
+    offset = datetime.datetime.fromtimestamp(sec).astimezone().utcoffset()  # aware: never None
+    off = int(offset.total_seconds()) if offset is not None else 0
     sign = "+" if off >= 0 else "-"
     off = abs(off)
     return f"{sign}{off // 3600:02d}{off % 3600 // 60:02d}"
@@ -256,7 +257,7 @@ class TwistdLogSetup(service.MultiService):
     Application, sets the ILogObserver component that twistd's AppLogger
     will use instead of its text observer."""
 
-    def __init__(self, child: service.IService, make_observer: Callable[[], Callable | None]):
+    def __init__(self, child: service.Service, make_observer: Callable[[], Callable | None]):
         super().__init__()
         self.make_observer = make_observer
         self.child = child
@@ -271,7 +272,7 @@ class TwistdLogSetup(service.MultiService):
         super().setServiceParent(parent)
 
 
-def for_twistd(svc: service.IService, config, options: Any) -> service.IService:
+def for_twistd(svc: service.Service, config, options: Any) -> service.Service:
     """What the twistd plugin returns: ``svc`` wrapped so that its log lines
     (JSON, or text formatted fast) go where twistd would have written its
     own text."""
@@ -329,11 +330,13 @@ def neutralise_at_source() -> None:
     global _at_source
     if not _at_source:
         _at_source = True
-        globalLogPublisher.addObserver(neutralise_in_place)
+        # any callable taking the event is an observer; ILogObserver is a zope
+        # interface, which a function cannot be to mypy
+        globalLogPublisher.addObserver(neutralise_in_place)  # type: ignore[arg-type]
 
 
 def stop_neutralising_at_source() -> None:
     """Undo ``neutralise_at_source`` (tests)."""
     global _at_source
     _at_source = False
-    globalLogPublisher.removeObserver(neutralise_in_place)
+    globalLogPublisher.removeObserver(neutralise_in_place)  # type: ignore[arg-type]  # (as above)

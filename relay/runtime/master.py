@@ -42,15 +42,23 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from relay.common.errors import StartupError
+from relay.common.fileio import fsync_dir
 from relay.config import Config
 from relay.queue import spool as spoolmod
 from relay.runtime import connlimit
 from relay.runtime import endpoints as epmod
+from relay.runtime.listen import server_endpoint
+from relay.runtime.metrics import WorkersMetrics
+from relay.runtime.process import exit_on_second_signal, raise_fd_limit
+from relay.runtime.tls import load_server_tls
 from relay.runtime.workerpaths import worker_socket, worker_spool
 
 log = Logger(namespace="relay.master")
@@ -129,8 +137,8 @@ def adopt_orphans(top: str, workers: int, logfn=None) -> int:
             os.rename(os.path.join(qdir, name), dst.message_path(name))
             moved += 1
         if moved:
-            spoolmod.fsync_dir(dst.queue_dir)
-            spoolmod.fsync_dir(qdir)
+            fsync_dir(dst.queue_dir)
+            fsync_dir(qdir)
     if moved and logfn:
         logfn("moved {count} queued messages into the workers' queues", count=moved)
     return moved
@@ -139,12 +147,15 @@ def adopt_orphans(top: str, workers: int, logfn=None) -> int:
 class WorkerProcess(protocol.ProcessProtocol):
     """One worker: its log events come as JSON lines on its stdout."""
 
+    # an IProcessTransport once spawned: Any, as mypy reads a zope interface's methods without self
+    transport: Any
+
     def __init__(self, master: "RelayMaster", index: int):
         self.master = master
         self.index = index
         self.buf = b""
         self.ended: defer.Deferred = defer.Deferred()
-        self.pid = None
+        self.pid: int | None = None
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -194,24 +205,23 @@ class RelayMaster(service.Service):
         from twisted.internet import reactor as default_reactor
 
         self.config = config
-        self.reactor = reactor or default_reactor
+        # Any: the reactor's interfaces are zope interfaces, whose methods mypy reads without self
+        self.reactor: Any = reactor or default_reactor
         # where the workers write their log lines: "stdout" (the master's, inherited),
         # a file's path (appended to, as the master does), or "pipe": sent to the
         # master as JSON events and logged by it (syslog, --logger)
         self.log_target = log_target
         self.sockets: dict[str, socket.socket] = {}
-        self.conn_table = None  # relay.runtime.connlimit.SharedTable, made before the first worker starts
+        self.conn_table: connlimit.SharedTable | None = None  # made before the first worker starts
         self.procs: dict[int, WorkerProcess] = {}
         self.restarts: dict[int, list[float]] = {}
         self.stopping = False
         self.exit_on_error = False
         self.handle_signals = False
-        self._lock_fd = None
+        self._lock_fd: int | None = None
         self.metrics_ports: list = []
 
     def privilegedStartService(self) -> None:
-        from relay.runtime.service import StartupError, raise_fd_limit
-
         raise_fd_limit()
         for desc in listener_descriptions(self.config):
             try:
@@ -231,27 +241,22 @@ class RelayMaster(service.Service):
 
     def _listen_metrics(self) -> None:
         """[metrics] listen: the master's page, summing the workers'."""
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        from relay.runtime.metrics import WorkersMetrics
-        from relay.runtime.service import StartupError, server_endpoint
-
         if not self.config.metrics.listen:
             return
         site = WorkersMetrics(self.reactor, [worker_socket(self.config, i)
                                              for i in range(self.config.workers)]).site()
         for desc in self.config.metrics.listen:
-            factory = site
+            factory: Any = site
             try:
                 ep, wrap = server_endpoint(self.reactor, desc)
                 if wrap:
                     if not self.config.tls.enabled:
                         raise StartupError(f"{self.config.source}: metrics.listen: {desc!r} is an ssl: endpoint "
                                            "without privateKey=, so it needs tls.certificate and tls.key")
-                    from relay.runtime.tls import load_server_tls
-
                     tls = load_server_tls(self.config.tls.certificate, self.config.tls.key)
-                    factory = TLSMemoryBIOFactory(tls.options, False, site)
+                    # CertificateOptions and Site provide their interfaces through zope's
+                    # @implementer, which mypy does not read as base classes
+                    factory = TLSMemoryBIOFactory(tls.options, False, site)  # type: ignore[arg-type]
                 d = ep.listen(factory)
                 failures: list = []
                 d.addCallbacks(self.metrics_ports.append, failures.append)
@@ -264,8 +269,6 @@ class RelayMaster(service.Service):
             log.info("metrics on {endpoint} (the sum of the workers')", endpoint=desc)
 
     def startService(self) -> None:
-        from relay.runtime.service import StartupError
-
         if not self.sockets:
             self.privilegedStartService()
         top = spoolmod.Spool(self.config.spool)
@@ -314,6 +317,7 @@ class RelayMaster(service.Service):
             fds[desc] = n
             n += 1
         table_fd = n
+        assert self.conn_table is not None  # made in startService, before the first spawn
         child_fds[table_fd] = self.conn_table.fd
         if self.log_target == "stdout":
             child_fds[1] = 1  # the workers write their own lines where the master writes
@@ -366,8 +370,6 @@ class RelayMaster(service.Service):
     def stopService(self):
         self.stopping = True
         if self.handle_signals:
-            from relay.runtime.service import exit_on_second_signal
-
             exit_on_second_signal(before=lambda: self.forward(signal.SIGKILL))
         procs = list(self.procs.values())
         self.forward(signal.SIGTERM)

@@ -61,16 +61,20 @@ class RelayCollector:
         return list(self.collect())
 
     def collect(self) -> Iterable[Metric]:
-        smtp = self.smtp.counters
-        queue = self.queue
-        qc = queue.counters if queue is not None else None
-        pickup = self.pickup
-
         yield InfoMetricFamily("relay_build", "twisted-relay version",
                                value={"version": getattr(relay, "__version__", "unknown")})
         g = GaugeMetricFamily("relay_start_time_seconds", "When the relay started (Unix time)")
         g.add_metric([], self.started_at)
         yield g
+        yield from self._messages()
+        yield from self._queue_state()
+        yield from self._sessions()
+
+    def _messages(self) -> Iterable[Metric]:
+        """Messages in, refused, and what became of each recipient."""
+        smtp = self.smtp.counters
+        qc = self.queue.counters if self.queue is not None else None
+        pickup = self.pickup
 
         c = CounterMetricFamily("relay_messages_received", "Messages accepted into the queue",
                                 labels=["source"])
@@ -109,6 +113,8 @@ class RelayCollector:
         c.add_metric([], pickup.quarantined if pickup is not None else 0)
         yield c
 
+    def _queue_state(self) -> Iterable[Metric]:
+        queue = self.queue
         counts = queue.counts() if queue is not None else {"active": 0, "deferred": 0, "hold": 0}
         g = GaugeMetricFamily("relay_queue_messages", "Messages in the queue by state", labels=["state"])
         for state in ("active", "deferred", "hold"):
@@ -119,6 +125,11 @@ class RelayCollector:
         g.add_metric([], self._oldest_age(queue))
         yield g
 
+    def _sessions(self) -> Iterable[Metric]:
+        """Sessions in (SMTP, POP3) and out (delivery attempts)."""
+        smtp = self.smtp.counters
+        queue = self.queue
+        qc = queue.counters if queue is not None else None
         g = GaugeMetricFamily("relay_sessions_open", "Client sessions open now", labels=["protocol"])
         g.add_metric(["smtp"], len(self.smtp.open_sessions))
         g.add_metric(["pop3"], sum(getattr(f, "open_sessions", 0) for f in self.pop3_factories))
@@ -192,7 +203,7 @@ class _MetricsPage(resource.Resource):
         self.registry = registry
         self.source = source  # a master: the registry is made at each scrape
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request) -> bytes | int:  # the page, or NOT_DONE_YET (a master's, later)
         if self.source is None:
             return self._page(request, self.registry)
         d = self.source.registry()
@@ -229,7 +240,8 @@ class _MetricsPage(resource.Resource):
 class _Root(resource.Resource):
     def __init__(self, registry: CollectorRegistry | None, source: "WorkersMetrics | None" = None):
         super().__init__()
-        self.putChild(b"metrics", _MetricsPage(registry, source))
+        # Resource provides IResource through zope's @implementer, which mypy does not read as a base class
+        self.putChild(b"metrics", _MetricsPage(registry, source))  # type: ignore[arg-type]
 
     def getChild(self, path, request):
         if path == b"":
@@ -265,7 +277,9 @@ class MetricsSite(server.Site):
     One request per connection (_OneRequestChannel), and a connection idle
     for a minute is closed (twisted.web's default is 12 hours)."""
 
-    protocol = _OneRequestChannel
+    # typed as a factory of _GenericHTTPChannelProtocol, the wrapper HTTPFactory makes by
+    # default; an HTTPChannel serves its connections as well (twisted.web accepts both)
+    protocol = _OneRequestChannel  # type: ignore[assignment]
 
     def __init__(self, resource, *args, timeout: float = 60.0, **kwargs):
         super().__init__(resource, *args, timeout=timeout, **kwargs)

@@ -6,39 +6,55 @@ spool) and half-received files from a crash are removed *before* anything
 listens; the queue is then scanned in a thread while new mail is already
 accepted.  Listeners bind in privilegedStartService, so with ``twistd -u/-g``
 ports below 1024 are bound as root before privileges are dropped.
+
+What it is built from comes from relay.runtime.parts (the users, aliases and
+certificate the config names, the policy, our listeners: the same parts at
+start, at a reload and for relayctl's offline route); each running part
+(SMTP context, listeners, POP3, queue, pickup, metrics, control socket) is
+made in its own ``_build_*`` method.  A reload applies what
+relay.runtime.reconfig says may change live.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
+import threading
 import time
+from typing import Any, Callable
 
 from twisted.application import internet, service
-from twisted.internet import defer, endpoints, task
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import threadable
-from zope.interface import implementer
 
+from relay import config as configmod
 from relay.admin import route as routecheck
 from relay.admin.control import ControlContext, ControlService, ReloadUnsupported, status_of
 from relay.common.errors import StartupError
-from relay.common.netutil import Listeners
 from relay.config import Config
 from relay.delivery.attempt import Deliverer
 from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
 from relay.intake import policy as policymod
 from relay.intake.accept import Intake
+from relay.intake.pickup import Pickup
 from relay.mailbox import pop3
 from relay.mailbox import users as usersmod
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool, DiskPool
+from relay.queue.manager import QueueManager
+from relay.runtime import connlimit, parts, reconfig
 from relay.runtime import endpoints as epmod
+from relay.runtime.listen import adopted_listener, server_endpoint, with_current_tls
 from relay.runtime.metrics import RelayMetrics
+from relay.runtime.process import exit_on_second_signal, raise_fd_limit
+from relay.runtime.tls import ServerTLS
 from relay.smtp.context import ServerContext
 from relay.smtp.server import SMTPFactory
+
+__all__ = ["RelayService", "StartupError", "make_service"]
 
 log = Logger(namespace="relay.service")
 
@@ -46,49 +62,16 @@ REFRESH_INTERVAL = 2.0  # seconds between checks of the users and aliases files
 LOCK_WAIT = 10.0  # seconds to wait at start for a relayctl holding the spool lock
 SMTP_GRACE = 10.0  # seconds an SMTP transaction may take to finish at shutdown
 STOP_BOUND = 28.0  # seconds: the whole shutdown, within systemd's/our 30 s promise
-LISTEN_BACKLOG = 1024  # for tcp/ssl listeners that do not say (Twisted's default is 50)
-
-
-def exit_on_second_signal(before=None) -> None:
-    """From now on SIGTERM or SIGINT exits at once (the graceful stop is
-    under way); ``before`` runs first (the master kills its workers)."""
-    import signal
-
-    def now(signum, frame):
-        if before is not None:
-            before()
-        os.write(2, b"twisted-relay: second SIGTERM, exiting now\n")
-        os._exit(1)
-
-    try:
-        signal.signal(signal.SIGTERM, now)
-        signal.signal(signal.SIGINT, now)
-    except (ValueError, OSError):
-        pass
-
-
-def server_endpoint(reactor, description: str):
-    """(endpoint, wrap) for a listener description: wrap is True for an
-    ssl: endpoint without its own privateKey=, which listens as plain TCP and
-    must be wrapped in TLS with the relay's certificate by the caller."""
-    spec = epmod.parse(description)
-    if spec.kind in ("tcp", "tcp6", "ssl") and "backlog" not in spec.kwargs:
-        # Twisted's default listen backlog is 50: a burst of clients would
-        # overflow it and, SMTP being server-speaks-first, wait forever
-        spec = epmod.EndpointSpec("", spec.kind, spec.args, {**spec.kwargs, "backlog": str(LISTEN_BACKLOG)})
-        spec = epmod.EndpointSpec(epmod.unparse(spec), spec.kind, spec.args, spec.kwargs)
-    if spec.implicit_tls and not spec.own_certificate:
-        tcp = epmod.EndpointSpec("", "tcp", spec.args, {k: v for k, v in spec.kwargs.items()
-                                                        if k in ("interface", "backlog")})
-        return endpoints.serverFromString(reactor, epmod.unparse(tcp)), True
-    return endpoints.serverFromString(reactor, spec.description), False
 
 
 class RelayService(service.MultiService):
-    def __init__(self, config: Config, reactor=None, *, deliver: bool = True,
+    def __init__(self, config: Config, reactor: Any = None, *, deliver: bool = True,
                  adopted: dict[str, int] | None = None, worker: tuple[int, int] | None = None,
-                 conn_table=None):
+                 conn_table: connlimit.SharedTable | None = None,
+                 load_config: Callable[[str | None], Config] = configmod.load):
         super().__init__()
+        # how a reload reads the config file (a worker: as its own config, relay.runtime.worker)
+        self.load_config = load_config
         # listening sockets inherited from a master process (workers > 1):
         # endpoint description -> file descriptor
         self.adopted = dict(adopted or {})
@@ -100,7 +83,8 @@ class RelayService(service.MultiService):
         from twisted.internet import reactor as default_reactor
 
         self.config = config
-        self.reactor = reactor or default_reactor
+        # Any: the reactor's interfaces are zope interfaces, whose methods mypy reads without self
+        self.reactor: Any = reactor or default_reactor
         self.started_at = time.time()
         self.spool = spoolmod.Spool(config.spool)
         self.disk = DiskPool(self.reactor)
@@ -114,9 +98,9 @@ class RelayService(service.MultiService):
         # behind every 250 nor takes unbounded memory.
         self.auth_pool = DiskPool(self.reactor, minthreads=1, maxthreads=4, name="relay-auth")
         self.aspool = AsyncSpool(self.spool, self.disk)
-        self.listeners = Listeners()
+        self.listeners = parts.own_listeners(config)  # the addresses and ports that are ours
         self._lock_fd: int | None = None
-        self.queue = None  # relay.queue.manager.QueueManager, set up in _build_queue
+        self.queue: QueueManager | None = None  # set up in _build_queue
         self.pop3_factories: list = []
         self.listener_services: list = []
         self.scanned: defer.Deferred = defer.Deferred()  # fires when the start-up scan is done
@@ -125,28 +109,17 @@ class RelayService(service.MultiService):
         self.stopping = False
 
         try:
-            self.users = usersmod.UserDB(config.local.users)
-        except usersmod.UsersFileError as e:
+            self.users = parts.load_users(config)
+            self.aliases = parts.load_aliases(config)
+            self.tls: ServerTLS | None = parts.load_tls(config)
+        except parts.PartError as e:
             raise StartupError(str(e))
-        try:
-            self.aliases = aliasesmod.AliasFile(config.local.aliases, config.local.domains)
-        except aliasesmod.AliasesFileError as e:
-            raise StartupError(str(e))
-        self.tls = self._load_tls(config)
         self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
         self.expander = aliasesmod.Expander(local_domains=config.local.domains, aliases=self.aliases,
                                             users=self.users)
         self.intake = Intake(spool=self.aspool, expand=self.expander.expand, queued=self._queued,
                              clock=self.reactor)
-        self.smtp_ctx = ServerContext(
-            config=config,
-            policy=self._make_policy(config),
-            intake=self.intake,
-            checker=self.checker,
-            tls=self.tls,
-            reactor=self.reactor,
-            limiter=self.connection_counter("smtp"),
-        )
+        self._build_smtp(config)
         self._build_listeners(config)
         if deliver:
             self._build_queue(config)
@@ -157,16 +130,17 @@ class RelayService(service.MultiService):
         self._refresher.clock = self.reactor
 
     # -- construction ------------------------------------------------------
-    @staticmethod
-    def _load_tls(config: Config):
-        if not config.tls.enabled:
-            return None
-        from relay.runtime.tls import TLSConfigError, load_server_tls
-
-        try:
-            return load_server_tls(config.tls.certificate, config.tls.key)
-        except TLSConfigError as e:
-            raise StartupError(f"{config.source}: {e}")
+    def _build_smtp(self, config: Config) -> None:
+        """The SMTP server context every SMTP and submission listener shares."""
+        self.smtp_ctx = ServerContext(
+            config=config,
+            policy=self._make_policy(config),
+            intake=self.intake,
+            checker=self.checker,
+            tls=self.tls,
+            reactor=self.reactor,
+            limiter=self.connection_counter("smtp"),
+        )
 
     def connection_counter(self, protocol: str):
         """The per-IP connection counter of one protocol ("smtp", "pop3"):
@@ -174,7 +148,6 @@ class RelayService(service.MultiService):
         the relay when there are several (relay.runtime.connlimit)."""
         counter = self._counters.get(protocol)
         if counter is None:
-            from relay.runtime import connlimit
             if self.conn_table is not None and self.worker is not None:
                 counter = self.conn_table.counter(protocol, self.worker[0])
             else:
@@ -183,14 +156,8 @@ class RelayService(service.MultiService):
         return counter
 
     def _make_policy(self, config: Config) -> policymod.Policy:
-        return policymod.Policy(
-            local_domains=config.local.domains,
-            relay_domains=config.relay.domains,
-            networks=config.relay.networks,
-            user_exists=self._user_exists,
-            alias_exists=lambda a: self.aliases.map.has(a),
-            our_ips=self.listeners.has_ip,
-        )
+        return parts.make_policy(config, user_exists=self._user_exists,
+                                 alias_exists=lambda a: self.aliases.map.has(a), our_ips=self.listeners.has_ip)
 
     def _user_exists(self, address: str) -> bool:
         """A user known now, or after a fresh look at the users and aliases files.
@@ -208,11 +175,12 @@ class RelayService(service.MultiService):
 
     def _listen(self, description: str, factory, name: str) -> None:
         if description in self.adopted:
-            svc = self._adopted_listener(description, factory)
+            svc: Any = adopted_listener(self.reactor, self.adopted[description], description, factory,
+                                        lambda: self.tls)
         else:
             ep, wrap = server_endpoint(self.reactor, description)
             if wrap:
-                factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
+                factory = with_current_tls(factory, lambda: self.tls)
             factory.noisy = False
             svc = internet.StreamServerEndpointService(ep, factory)
             svc._raiseSynchronously = True
@@ -220,39 +188,10 @@ class RelayService(service.MultiService):
         svc.setServiceParent(self)
         self.listener_services.append(svc)
 
-    def _adopted_listener(self, description: str, factory) -> "AdoptedListener":
-        """A listening socket bound by the master process (relay.runtime.master)."""
-        import socket as socketmod
-
-        spec = epmod.parse(description)
-        if spec.implicit_tls:
-            if spec.own_certificate:
-                from twisted.internet import ssl as tssl
-
-                def read(p):
-                    with open(p, "rb") as f:
-                        return f.read()
-
-                key = spec.kwargs["privateKey"]
-                cert = spec.kwargs.get("certKey", key)
-                opts = tssl.PrivateCertificate.loadPEM(read(cert) + b"\n" + read(key)).options()
-                factory = TLSMemoryBIOFactory(opts, False, factory)
-            else:
-                factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
-        factory.noisy = False
-        fd = self.adopted[description]
-        probe = socketmod.socket(fileno=os.dup(fd))
-        family = probe.family
-        probe.setblocking(False)  # shared by several processes: accept() must never block
-        probe.close()
-        return AdoptedListener(self.reactor, fd, family, factory)
-
     def _build_listeners(self, config: Config) -> None:
         for kind, descs in (("smtp", config.smtp.listen), ("submission", config.smtp.submission)):
             for desc in descs:
                 spec = epmod.parse(desc)
-                if spec.port is not None:
-                    self.listeners.add(spec.interface, spec.port)
                 factory = SMTPFactory(self.smtp_ctx, submission=(kind == "submission"),
                                       implicit_tls=spec.implicit_tls)
                 self._listen(desc, factory, f"{kind} {desc}")
@@ -271,8 +210,6 @@ class RelayService(service.MultiService):
             self._listen(desc, factory, f"pop3 {desc}")
 
     def _build_queue(self, config: Config) -> None:
-        from relay.queue.manager import QueueManager
-
         deliverer = Deliverer(self.reactor, self._resolver(config), spool=self.spool, disk=self.disk,
                               users=self.users, listeners=self.listeners, config=config)
         self.queue = QueueManager(self.reactor, self.aspool, deliverer, config, parked=deliverer.cache,
@@ -285,8 +222,6 @@ class RelayService(service.MultiService):
 
     def _build_pickup(self, config: Config) -> None:
         """A child service: it starts before the queue is loaded (see Pickup.startService)."""
-        from relay.intake.pickup import Pickup
-
         if self.worker is not None:
             if self.worker[0] != 0:
                 self.pickup = None  # one worker takes relay-sendmail's drop directory
@@ -332,7 +267,7 @@ class RelayService(service.MultiService):
         q = self.queue
         r = getattr(getattr(q, "deliverer", None), "resolver", None)
         if r is None or not hasattr(r, "resolve_mx"):
-            r = Resolver(nameservers=self.config.delivery.nameservers, lifetime=10.0)
+            r = parts.route_resolver(self.config)
         return routecheck.RouteContext(
             config=self.config, policy=self.smtp_ctx.policy, expand=self.expander.expand,
             user_exists=self.users.exists, resolver=r, is_self=self.listeners.is_self,
@@ -358,8 +293,6 @@ class RelayService(service.MultiService):
         # Long-lived objects (config, modules, the loaded queue) need no
         # cyclic collection; new garbage is collected less often (each
         # message makes a few thousand short-lived objects).
-        import gc
-
         gc.freeze()
         gc.set_threshold(20000, 20, 20)
         try:
@@ -428,9 +361,6 @@ class RelayService(service.MultiService):
 
     def _install_signals(self) -> None:
         """SIGHUP reloads the config (twistd leaves SIGHUP alone)."""
-        import signal
-        import threading
-
         if threading.current_thread() is not threading.main_thread() or not self.handle_signals:
             return
 
@@ -523,8 +453,6 @@ class RelayService(service.MultiService):
         return d
 
     def _arm_second_sigterm(self) -> None:
-        import threading
-
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             return
         # acknowledged mail is already fsynced; state files are replaced
@@ -546,100 +474,58 @@ class RelayService(service.MultiService):
         return defer.DeferredList(ds, consumeErrors=True).addCallback(collect)
 
     # -- reload ---------------------------------------------------------------------
-    RESTART_KEYS = (
-        ("spool", lambda c: c.spool),
-        ("smtp.listen", lambda c: c.smtp.listen),
-        ("smtp.submission", lambda c: c.smtp.submission),
-        ("pop3.listen", lambda c: c.pop3.listen),
-        ("control.socket", lambda c: c.control_socket),
-        ("metrics.listen", lambda c: c.metrics.listen),
-        ("log.format", lambda c: c.log.format),
-    )
-
     def reload(self) -> dict:
         """Re-read the config file (SIGHUP, relayctl reload).
 
         All or nothing: a config that does not load, a certificate, users or
         aliases file that cannot be read refuses the whole reload and keeps
-        the running config.  Listeners and the spool are not changed live:
-        such changes are reported as needing a restart.
+        the running config.  Listeners, the spool and the number of workers
+        are not changed live (relay.runtime.reconfig.RESTART_KEYS): such
+        changes are reported as needing a restart.
         """
-        import dataclasses
-
-        from relay import config as configmod
-        from relay.runtime.tls import TLSConfigError, load_server_tls
-
         old = self.config
-        source = old.path
         try:
-            new = configmod.load(source)
+            new = self.load_config(old.path)
         except configmod.ConfigError as e:
             log.error("reload refused, keeping the running config: {problems}", problems="; ".join(e.problems))
             return {"ok": False, "messages": ["reload refused, the running config is kept:"] + e.problems,
                     "restart_needed": []}
-        problems = []
-        tls = None
-        if new.tls.enabled:
-            try:
-                tls = load_server_tls(new.tls.certificate, new.tls.key)
-            except TLSConfigError as e:
-                problems.append(f"{new.source}: {e}")
-        elif self.tls is not None and (new.smtp.submission or any(
-                epmod.parse(d).implicit_tls and not epmod.parse(d).own_certificate
-                for d in old.smtp.listen + old.smtp.submission + old.pop3.listen)):
-            problems.append(f"{new.source}: tls: the certificate is still needed by implicit TLS listeners")
-        try:
-            users = usersmod.UserDB(new.local.users)
-        except usersmod.UsersFileError as e:
-            problems.append(str(e))
-            users = None
-        try:
-            aliases = aliasesmod.AliasFile(new.local.aliases, new.local.domains)
-        except aliasesmod.AliasesFileError as e:
-            problems.append(str(e))
-            aliases = None
-        if problems:
+        files, problems = parts.load_files(new)
+        problems = reconfig.certificate_still_needed(old, new, self.tls) + problems
+        if files is None or problems:
             for p in problems:
                 log.error("reload refused, keeping the running config: {problem}", problem=p)
             return {"ok": False, "messages": ["reload refused, the running config is kept:"] + problems,
                     "restart_needed": []}
-        restart = [key for key, get in self.RESTART_KEYS if get(old) != get(new)]
-        # what cannot change live stays as it runs
-        new = dataclasses.replace(
-            new, spool=old.spool,
-            smtp=dataclasses.replace(new.smtp, listen=old.smtp.listen, submission=old.smtp.submission),
-            pop3=dataclasses.replace(new.pop3, listen=old.pop3.listen),
-            control=old.control, metrics=old.metrics, log=old.log,
-        )
-        self.config = new
-        self.users = users
-        self.aliases = aliases
-        self.tls = tls
-        self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
-        self.expander.reconfigure(local_domains=new.local.domains, aliases=self.aliases, users=self.users)
-        self.smtp_ctx.reconfigure(config=new, policy=self._make_policy(new), checker=self.checker, tls=tls)
-        if self.pickup is not None:
-            self.pickup.reconfigure(new)
-        for f in self.pop3_factories:
-            pop3.apply_config(f, new, userdb=self.users, tls_options=tls.options if tls else None)
-        if self.queue is not None:
-            # the deliverer first: the queue's reconfigure may start attempts at once
-            self.queue.deliverer.reconfigure(new, users)
-            if new.delivery.nameservers != old.delivery.nameservers:
-                self.queue.deliverer.set_resolver(self._resolver(new))
-            self.queue.reconfigure(new)
-        changed = [f.name for f in dataclasses.fields(new)
-                   if f.name != "path" and getattr(new, f.name) != getattr(old, f.name)]
-        msgs = [f"config reloaded from {new.source}"
-                + (f"; changed: {', '.join(changed)}" if changed else "; no changes")]
-        if tls is not None:
-            msgs.append(f"TLS certificate {new.tls.certificate} loaded ({tls.subject}, "
-                        f"expires {tls.not_after.date().isoformat()})")
-        for key in restart:
-            msgs.append(f"{key} changed: takes effect after a restart")
+        restart = reconfig.restart_needed(old, new)
+        new = reconfig.keep_running(old, new)
+        self._apply(new, files)
+        msgs = reconfig.reload_messages(old, new, self.tls, restart)
         for m in msgs:
             log.info("{message}", message=m)
         return {"ok": True, "messages": msgs, "restart_needed": restart}
+
+    def _apply(self, new: Config, files: parts.Files) -> None:
+        """Every part that reads the config or the files takes the new ones."""
+        old = self.config
+        self.config = new
+        self.users = files.users
+        self.aliases = files.aliases
+        self.tls = files.tls
+        self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
+        self.expander.reconfigure(local_domains=new.local.domains, aliases=self.aliases, users=self.users)
+        self.smtp_ctx.reconfigure(config=new, policy=self._make_policy(new), checker=self.checker, tls=self.tls)
+        if self.pickup is not None:
+            self.pickup.reconfigure(new)
+        tls_options = self.tls.options if self.tls else None
+        for f in self.pop3_factories:
+            pop3.apply_config(f, new, userdb=self.users, tls_options=tls_options)
+        if self.queue is not None:
+            # the deliverer first: the queue's reconfigure may start attempts at once
+            self.queue.deliverer.reconfigure(new, self.users)
+            if new.delivery.nameservers != old.delivery.nameservers:
+                self.queue.deliverer.set_resolver(self._resolver(new))
+            self.queue.reconfigure(new)
 
     # -- runtime -------------------------------------------------------------------
     def _queued(self, entry: spoolmod.QueueEntry) -> None:
@@ -665,62 +551,6 @@ class RelayService(service.MultiService):
                          count=len(self.aliases.map))
         except aliasesmod.AliasesFileError as e:
             log.error("aliases file not reloaded, keeping the previous aliases: {error}", error=str(e))
-
-
-class AdoptedListener(service.Service):
-    """Accept connections on a socket some other process bound (the master):
-    every worker waits on the same listening socket and the kernel hands
-    each new connection to one of them."""
-
-    def __init__(self, reactor, fd: int, family, factory):
-        self.reactor = reactor
-        self.fd = fd
-        self.family = family
-        self.factory = factory
-        self.port = None
-        self._waitingForPort = None
-
-    def startService(self) -> None:
-        super().startService()
-        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
-        self._waitingForPort = defer.succeed(self.port)
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
-        return None
-
-
-def raise_fd_limit(cap: int = 1 << 20) -> int:
-    """Raise the soft limit on open files to the hard one (systemd gives
-    services a soft limit of 1024): each connection costs a descriptor, and
-    past the limit new clients would be accepted and dropped at once."""
-    import resource
-
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
-        if soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ValueError, OSError):
-        return -1
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class _CurrentTLS:
-    """The service's current certificate, so that a reload (a renewed
-    certificate) reaches implicit TLS endpoints too."""
-
-    def __init__(self, svc: RelayService):
-        self.svc = svc
-
-    def serverConnectionForTLS(self, tlsProtocol):
-        from OpenSSL import SSL
-
-        return SSL.Connection(self.svc.tls.options.getContext(), None)
 
 
 def make_service(config: Config, reactor=None) -> RelayService:

@@ -147,3 +147,10 @@ class Reload(unittest.TestCase):
         self.assertTrue(r["ok"])
         self.assertEqual(r["restart_needed"], ["smtp.listen"])
         self.assertEqual(self.svc.config.smtp.listen, before.smtp.listen)
+
+    async def test_workers_change_needs_a_restart(self):
+        # the number of processes is fixed at start: reported, kept as it runs
+        r = self.reload(workers=2)
+        self.assertEqual(r["restart_needed"], ["workers"])
+        self.assertIn("workers changed: takes effect after a restart", r["messages"])
+        self.assertEqual(self.svc.config.workers, 1)

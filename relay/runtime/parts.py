@@ -1,0 +1,133 @@
+"""The relay's parts made from a config, in one place.
+
+Three callers make them: the running relay at start (relay.runtime.service),
+its reload (the same parts from the new config, all or nothing), and
+relayctl's offline ``route`` (relay.admin.commands), which answers from the
+config as the relay would.  What the config names on disk (the users file,
+the aliases file, the certificate) is read here; a file that cannot be used
+is a :class:`PartError` whose text names the file and says why, the same
+text at start, at a reload and for relayctl.
+
+The parts that run (the queue, the deliverer, the pickup, the SMTP context,
+the POP3 factories) are built by the service, each in its own ``_build_*``
+method, from these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from relay.admin.route import RouteContext
+from relay.common.netutil import Listeners
+from relay.config import Config
+from relay.delivery.mx import Resolver
+from relay.intake import aliases as aliasesmod
+from relay.intake.policy import Policy
+from relay.mailbox import users as usersmod
+from relay.runtime import endpoints as epmod
+from relay.runtime.tls import ServerTLS, TLSConfigError, load_server_tls
+
+_T = TypeVar("_T")
+
+ROUTE_DNS_LIFETIME = 10.0  # seconds per DNS query of ``relayctl route`` when no deliverer resolves
+
+
+class PartError(Exception):
+    """A file the config names cannot be used (the text names it and says why)."""
+
+
+@dataclass(frozen=True)
+class Files:
+    """What the config names on disk, loaded: users, aliases, the certificate
+    (None when TLS is not enabled)."""
+
+    users: usersmod.UserDB
+    aliases: aliasesmod.AliasFile
+    tls: ServerTLS | None
+
+
+def load_users(config: Config) -> usersmod.UserDB:
+    try:
+        return usersmod.UserDB(config.local.users)
+    except usersmod.UsersFileError as e:
+        raise PartError(str(e))
+
+
+def load_aliases(config: Config) -> aliasesmod.AliasFile:
+    try:
+        return aliasesmod.AliasFile(config.local.aliases, config.local.domains)
+    except aliasesmod.AliasesFileError as e:
+        raise PartError(str(e))
+
+
+def load_tls(config: Config) -> ServerTLS | None:
+    """The server certificate, or None when [tls] is not enabled."""
+    if not config.tls.enabled:
+        return None
+    try:
+        return load_server_tls(config.tls.certificate, config.tls.key)
+    except TLSConfigError as e:
+        raise PartError(f"{config.source}: {e}")
+
+
+def load_files(config: Config) -> tuple[Files | None, list[str]]:
+    """Every file at once, for a reload: (the files, []) or (None, every
+    problem: the certificate's, the users file's, the aliases file's)."""
+    problems: list[str] = []
+
+    def attempt(load: Callable[[Config], _T]) -> _T | None:
+        try:
+            return load(config)
+        except PartError as e:
+            problems.append(str(e))
+            return None
+
+    tls = attempt(load_tls)
+    users = attempt(load_users)
+    aliases = attempt(load_aliases)
+    if problems or users is None or aliases is None:
+        return None, problems
+    return Files(users=users, aliases=aliases, tls=tls), []
+
+
+def own_listeners(config: Config) -> Listeners:
+    """The (interface, port) pairs of the SMTP and submission listeners: which
+    addresses are ours (policy) and which next hops would loop (delivery)."""
+    listeners = Listeners()
+    for desc in list(config.smtp.listen) + list(config.smtp.submission):
+        spec = epmod.parse(desc)
+        if spec.port is not None:
+            listeners.add(spec.interface, spec.port)
+    return listeners
+
+
+def make_policy(config: Config, *, user_exists: Callable[[str], bool], alias_exists: Callable[[str], bool],
+                our_ips: Callable[[str], bool]) -> Policy:
+    return Policy(
+        local_domains=config.local.domains,
+        relay_domains=config.relay.domains,
+        networks=config.relay.networks,
+        user_exists=user_exists,
+        alias_exists=alias_exists,
+        our_ips=our_ips,
+    )
+
+
+def route_resolver(config: Config) -> Resolver:
+    """A resolver for ``relayctl route`` when no deliverer's is at hand."""
+    return Resolver(nameservers=config.delivery.nameservers, lifetime=ROUTE_DNS_LIFETIME)
+
+
+def offline_route_context(config: Config) -> RouteContext:
+    """What ``relayctl route`` decides with when the relay is stopped: the
+    parts the relay would build from this config.  PartError: a file that
+    cannot be read."""
+    users = load_users(config)
+    aliases = load_aliases(config)
+    listeners = own_listeners(config)
+    policy = make_policy(config, user_exists=users.exists, alias_exists=lambda a: aliases.map.has(a),
+                         our_ips=listeners.has_ip)
+    return RouteContext(config=config, policy=policy, expand=aliasesmod.Expander(local_domains=config.local.domains, aliases=aliases,
+                                                          users=users).expand,
+                        user_exists=users.exists, resolver=route_resolver(config), is_self=listeners.is_self)
