@@ -111,8 +111,8 @@ def test_architecture_names_only_what_exists():
 
 
 def test_the_reference_check_catches_a_wrong_name():
-    refs = architecture_references("`queue/spool.write_atomic`, `queue/manager.QueueManager.nonesuch`, `relay.toml`, `x.y`, "
-                                   "`delivery.max_concurrency`")
+    refs = architecture_references("`queue/spool.write_atomic`, `queue/manager.QueueManager.nonesuch`, "
+                                   "`relay.toml`, `x.y`, `delivery.max_concurrency`")
     assert refs == [("relay/queue/spool.py", "write_atomic"), ("relay/queue/manager.py", "QueueManager.nonesuch")]
     assert "QueueManager.nonesuch" not in _definitions("relay/queue/manager.py")
     assert "QueueManager.add" in _definitions("relay/queue/manager.py")

@@ -128,6 +128,6 @@ def offline_route_context(config: Config) -> RouteContext:
     listeners = own_listeners(config)
     policy = make_policy(config, user_exists=users.exists, alias_exists=lambda a: aliases.map.has(a),
                          our_ips=listeners.has_ip)
-    return RouteContext(config=config, policy=policy, expand=aliasesmod.Expander(local_domains=config.local.domains, aliases=aliases,
-                                                          users=users).expand,
+    expander = aliasesmod.Expander(local_domains=config.local.domains, aliases=aliases, users=users)
+    return RouteContext(config=config, policy=policy, expand=expander.expand,
                         user_exists=users.exists, resolver=route_resolver(config), is_self=listeners.is_self)

@@ -101,6 +101,7 @@ class RelayService(service.MultiService):
         self.listeners = parts.own_listeners(config)  # the addresses and ports that are ours
         self._lock_fd: int | None = None
         self.queue: QueueManager | None = None  # set up in _build_queue
+        self.deliverer: Deliverer | None = None  # the queue's, kept for the reload
         self.pop3_factories: list = []
         self.listener_services: list = []
         self.scanned: defer.Deferred = defer.Deferred()  # fires when the start-up scan is done
@@ -210,10 +211,10 @@ class RelayService(service.MultiService):
             self._listen(desc, factory, f"pop3 {desc}")
 
     def _build_queue(self, config: Config) -> None:
-        deliverer = Deliverer(self.reactor, self._resolver(config), spool=self.spool, disk=self.disk,
-                              users=self.users, listeners=self.listeners, config=config)
-        self.queue = QueueManager(self.reactor, self.aspool, deliverer, config, parked=deliverer.cache,
-                                  disk_stopped=lambda: self.disk.stopped)
+        self.deliverer = Deliverer(self.reactor, self._resolver(config), spool=self.spool, disk=self.disk,
+                                   users=self.users, listeners=self.listeners, config=config)
+        self.queue = QueueManager(self.reactor, self.aspool, self.deliverer, config,
+                                  parked=self.deliverer.cache, disk_stopped=lambda: self.disk.stopped)
 
     def _resolver(self, config: Config) -> Resolver:
         """The deliverer's resolver: the configured nameservers, in the DNS pool."""
@@ -520,11 +521,12 @@ class RelayService(service.MultiService):
         tls_options = self.tls.options if self.tls else None
         for f in self.pop3_factories:
             pop3.apply_config(f, new, userdb=self.users, tls_options=tls_options)
-        if self.queue is not None:
+        if self.deliverer is not None:
             # the deliverer first: the queue's reconfigure may start attempts at once
-            self.queue.deliverer.reconfigure(new, self.users)
+            self.deliverer.reconfigure(new, self.users)
             if new.delivery.nameservers != old.delivery.nameservers:
-                self.queue.deliverer.set_resolver(self._resolver(new))
+                self.deliverer.set_resolver(self._resolver(new))
+        if self.queue is not None:
             self.queue.reconfigure(new)
 
     # -- runtime -------------------------------------------------------------------
