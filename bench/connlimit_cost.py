@@ -2,7 +2,7 @@
 
     python bench/connlimit_cost.py [--n 200000] [--workers 2]
 
-Times acquire + release (one connection's worth) on relay.runtime.connlimit's shared
+Times acquire + release (one connection's worth) on relay.common.connlimit's shared
 table (what a worker does with workers > 1) and on the in-process dict (a
 relay of one process), with a table holding ``--busy`` other addresses, and
 the master's release_worker on that table (once per worker death).  Prints
@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from relay.runtime import connlimit  # noqa: E402
+from relay.common import connlimit  # noqa: E402
 
 
 def per_connection(counter, n: int) -> float:

@@ -1,4 +1,4 @@
-"""relay.config and relay.runtime.endpoints: the TOML schema of issue 2 is a contract.
+"""relay.config and relay.common.endpoints: the TOML schema of issue 2 is a contract.
 
 Every key is accepted with a valid value; every kind of bad value is an
 error naming the file, the key and what was expected; defaults are the
@@ -15,8 +15,8 @@ import unittest
 from unittest import mock
 
 from relay import config as configmod
+from relay.common import endpoints
 from relay.config import ConfigError, HostPort
-from relay.runtime import endpoints
 from tests.support.certs import cert_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""relay.runtime.connlimit: per-IP connection counts shared by the worker processes."""
+"""relay.common.connlimit: per-IP connection counts shared by the worker processes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from relay.runtime import connlimit
+from relay.common import connlimit
 from tests.support.relay import ROOT
 
 
@@ -102,7 +102,7 @@ def test_processes_sharing_the_table_never_admit_more_than_the_limit():
     try:
         prog = textwrap.dedent("""
             import sys, time
-            from relay.runtime.connlimit import SharedTable
+            from relay.common.connlimit import SharedTable
             t = SharedTable(int(sys.argv[1]))
             c = t.counter("smtp", int(sys.argv[2]))
             sys.stdin.readline()  # start together

@@ -29,7 +29,7 @@ from twisted.trial import unittest
 
 from relay import config as configmod
 from relay.admin.client import _BoxReader, encode_box
-from relay.admin.proto import big
+from relay.control.proto import big
 from relay.mailbox import users as usersmod
 from relay.queue import spool as spoolmod
 from tests.support.ctlprobe import probe_imports
@@ -237,7 +237,7 @@ class Listing(LiveCase):
 
 class LiveImports(LiveCase):
     """Against a running relay too, relayctl's queue and status verbs import
-    no Twisted (relay.admin.cli): the protocol comes from relay.admin.proto."""
+    no Twisted (relay.admin.cli): the protocol comes from relay.control.proto."""
 
     sink_behaviour = {"rcpt_replies": {"b@sink.test": "451 4.2.0 mailbox busy"}}
 
@@ -798,7 +798,7 @@ def test_box_codec_roundtrip():
     """The Twisted-free client codec reads what Twisted's AMP writes, BigString included."""
     from twisted.protocols import amp
 
-    from relay.admin.amp import BigString, QueueList
+    from relay.control.amp import BigString, QueueList
 
     value = bytes(range(256)) * 700  # 179,200 bytes: three AMP values
     strings = amp.AmpBox()

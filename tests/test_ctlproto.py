@@ -1,5 +1,5 @@
-"""The control protocol is declared once (relay.admin.proto): relayctl's
-Twisted-free encoding and the relay's Twisted AMP classes (relay.admin.amp,
+"""The control protocol is declared once (relay.control.proto): relayctl's
+Twisted-free encoding and the relay's Twisted AMP classes (relay.control.amp,
 built from the same declarations) read each other's boxes, for every
 command, its arguments, its answer and its error codes."""
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from twisted.protocols import amp
 
-from relay.admin import amp as ctlamp
-from relay.admin import proto as ctlproto
 from relay.admin.client import _BoxReader, encode_box
+from relay.control import amp as ctlamp
+from relay.control import proto as ctlproto
 
 BIG_VALUE = bytes(range(256)) * 600  # 153,600 bytes: three AMP values
 

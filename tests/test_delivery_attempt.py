@@ -1,5 +1,5 @@
 """relay.delivery.attempt.Deliverer with its parts given explicitly (no service
-object), and the one relay.smtp.outbound.Outbound it builds for the client.
+object), and the one relay.outbound.request.Outbound it builds for the client.
 
 Delivery itself is tested end to end in tests/integration/test_delivery.py;
 here, what reaches the client and what a reload changes.
@@ -17,7 +17,7 @@ from relay import config as configmod
 from relay.delivery import local as localmod
 from relay.delivery import routing
 from relay.delivery.attempt import Deliverer
-from relay.smtp.outbound import MessageFile, Outbound, Timeouts, TLSPolicy
+from relay.outbound.request import MessageFile, Outbound, Timeouts, TLSPolicy
 
 
 @dataclass

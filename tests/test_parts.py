@@ -9,7 +9,7 @@ import tempfile
 import unittest
 
 from relay import config as configmod
-from relay.admin import route as routecheck
+from relay.control import route as routecheck
 from relay.intake import aliases as aliasesmod
 from relay.mailbox import users as usersmod
 from relay.runtime import parts

@@ -18,11 +18,11 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from relay.delivery.mx import Hop
-from relay.smtp.client import deliver
-from relay.smtp.clientproto import ClientProtocol
-from relay.smtp.msgproducer import CHUNK
-from relay.smtp.outbound import MessageFile, Outbound, Timeouts, TLSPolicy
-from relay.smtp.replies import DeliveryReport, Reply
+from relay.outbound.client import deliver
+from relay.outbound.clientproto import ClientProtocol
+from relay.outbound.msgproducer import CHUNK
+from relay.outbound.replies import DeliveryReport, Reply
+from relay.outbound.request import MessageFile, Outbound, Timeouts, TLSPolicy
 from tests.support.sink import Sink
 
 MSG = b"From: a@origin.test\r\nTo: b@dest.test\r\nSubject: test\r\n\r\nHello.\r\n"

@@ -1,4 +1,4 @@
-"""Outbound connection reuse (relay.smtp.conncache.ConnectionCache) against a real sink."""
+"""Outbound connection reuse (relay.outbound.conncache.ConnectionCache) against a real sink."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relay.delivery.mx import Hop
-from relay.smtp.client import deliver
-from relay.smtp.conncache import ConnectionCache
-from relay.smtp.outbound import MessageFile, Outbound, Timeouts, TLSPolicy
+from relay.outbound.client import deliver
+from relay.outbound.conncache import ConnectionCache
+from relay.outbound.request import MessageFile, Outbound, Timeouts, TLSPolicy
 from tests.support.sink import Sink
 from tests.support.wait import apoll
 
@@ -80,7 +80,7 @@ class Cache(unittest.TestCase):
 
 
 def test_host_limit_hands_slots_over_in_order_and_cancels():
-    from relay.delivery.hostlimit import HostLimit
+    from relay.outbound.hostlimit import HostLimit
 
     limit = [2]
     hl = HostLimit(lambda: limit[0])

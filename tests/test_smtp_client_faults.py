@@ -10,7 +10,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relay.delivery.mx import Hop, Resolver
-from relay.smtp.outbound import Timeouts
+from relay.outbound.request import Timeouts
 from tests.support.dns import DNSServer, Zone
 from tests.test_smtp_client import MSG, ClientCase, send, write_big
 

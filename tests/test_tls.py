@@ -15,7 +15,7 @@ import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
-from relay.runtime.tls import TLSConfigError, load_server_tls
+from relay.common.tls import TLSConfigError, load_server_tls
 from tests.support.certs import ca, cert_files
 from tests.support.relay import ROOT, InProcessRelay, in_thread
 

@@ -8,10 +8,10 @@ the same spool and users file as the relay it sits next to.
 relayctl is a short-lived command: its ``queue``, ``status``, ``reload`` and
 ``user`` verbs, and ``check`` of a config without ``[tls]``, import no
 Twisted at all (importing Twisted's AMP costs about 0.4 s before any work):
-it speaks AMP to the relay itself (relay.admin.client, relay.admin.proto), and the
-workers' paths come from relay.runtime.workerpaths, not from the Twisted-based
+it speaks AMP to the relay itself (relay.admin.client, relay.control.proto), and the
+workers' paths come from relay.config.workerpaths, not from the Twisted-based
 relay.runtime.master.  Only ``route`` (its DNS look-ups, relay.delivery.mx) and ``check`` of
-a TLS certificate (relay.runtime.tls) import parts of Twisted, at the verb.
+a TLS certificate (relay.common.tls) import parts of Twisted, at the verb.
 tests/test_relayctl.py::Imports checks this.
 """
 
@@ -65,9 +65,9 @@ def cmd_check(args) -> int:
             print(p, file=sys.stderr)
         return EXIT_FAIL
     if cfg.tls.enabled:
-        # only here: relay.runtime.tls imports OpenSSL and Twisted's TLS (measured: 0.43 s, 258
+        # only here: relay.common.tls imports OpenSSL and Twisted's TLS (measured: 0.43 s, 258
         # modules), which the other verbs, and a config without [tls], do not need
-        from relay.runtime.tls import TLSConfigError, load_server_tls
+        from relay.common.tls import TLSConfigError, load_server_tls
 
         try:
             t = load_server_tls(cfg.tls.certificate, cfg.tls.key)

@@ -8,7 +8,7 @@ sequence of (2-byte length, key), (2-byte length, value) pairs ended by an
 empty key; a request carries ``_command`` and ``_ask``, the answer
 ``_answer`` or ``_error`` with ``_error_code`` and ``_error_description``.
 The commands, their arguments and the encoding of each argument type are
-declared once, in relay.admin.proto (which imports no Twisted either); this
+declared once, in relay.control.proto (which imports no Twisted either); this
 module frames boxes and carries them.  Tests drive both ends over a real
 UNIX socket.
 """
@@ -22,8 +22,8 @@ import struct
 import time
 from typing import Any
 
-from relay.admin.proto import MAX_VALUE, Command
 from relay.common import privdrop
+from relay.control.proto import MAX_VALUE, Command
 
 
 class ControlError(Exception):

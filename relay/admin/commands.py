@@ -2,7 +2,7 @@
 relayctl verb that talks to a relay (the queue verbs: relay.admin.queueverbs;
 how a verb reaches the relay: relay.admin.reach).
 
-Each verb first tries the running relay's control socket (relay.admin.control);
+Each verb first tries the running relay's control socket (relay.control.server);
 when nothing listens there and no relay holds the spool lock, the queue
 verbs work on the spool directly (relay.admin.offline) and ``status`` says the
 relay is not running.  A relay that holds the spool but does not answer
@@ -25,7 +25,6 @@ import tomllib
 
 from relay import config as configmod
 from relay.admin import client as cc
-from relay.admin import proto
 from relay.admin.queueverbs import cmd_queue
 from relay.admin.reach import (
     EXIT_FAIL,
@@ -44,8 +43,9 @@ from relay.admin.reach import (
     verb,
     worker_configs,
 )
+from relay.config.workerpaths import worker_socket_path
+from relay.control import proto
 from relay.queue import view as queueview
-from relay.runtime.workerpaths import worker_socket_path
 
 # -- status -------------------------------------------------------------------------------------
 
@@ -111,10 +111,10 @@ def _combine_status(parts: list[dict], cfg: configmod.Config) -> dict:
 def _offline_route(cfg: configmod.Config, address: str, client: str | None) -> dict:
     """The answer built from the config, with the parts the relay would build
     (relay.runtime.parts)."""
-    # only here: relay.runtime.parts imports relay.admin.route, relay.delivery.mx (dnspython,
-    # Twisted's threads) and relay.runtime.tls (OpenSSL) (measured: 0.30 s, 459 modules, against
+    # only here: relay.runtime.parts imports relay.control.route, relay.delivery.mx (dnspython,
+    # Twisted's threads) and relay.common.tls (OpenSSL) (measured: 0.30 s, 459 modules, against
     # 0.07 s for all of this module), which no other verb needs
-    from relay.admin import route as routecheck
+    from relay.control import route as routecheck
     from relay.runtime import parts
 
     try:
@@ -126,7 +126,7 @@ def _offline_route(cfg: configmod.Config, address: str, client: str | None) -> d
 
 @verb
 def cmd_route(args) -> int:
-    from relay.admin import route as routecheck  # 0.16 s of imports, for this verb only (see _offline_route)
+    from relay.control import route as routecheck  # 0.16 s of imports, for this verb only (see _offline_route)
 
     if args.client:
         try:

@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 from relay.admin import client as cc
-from relay.admin import proto
 from relay.admin.offline import NoSuchMessage, OfflineError, OfflineSpool
 from relay.admin.reach import (
     EXIT_FAIL,
@@ -29,6 +28,7 @@ from relay.admin.reach import (
     remote,
     verb,
 )
+from relay.control import proto
 from relay.queue import view as queueview
 
 PAGE = 2000  # messages per listing page asked of the relay

@@ -1,7 +1,7 @@
 """How relayctl reaches a relay: its control socket, or its stopped spool.
 
 Each verb (relay.admin.commands, relay.admin.queueverbs) first tries the
-running relay's control socket (relay.admin.control); when nothing listens
+running relay's control socket (relay.control.server); when nothing listens
 there and no relay holds the spool lock, the queue verbs work on the spool
 directly (relay.admin.offline).  A relay that holds the spool but does not
 answer on its socket is reported as such, never silently bypassed: writing
@@ -18,9 +18,9 @@ import time
 
 from relay import config as configmod
 from relay.admin import client as cc
-from relay.admin import proto
 from relay.admin.offline import NoSuchMessage, OfflineError, OfflineSpool, RelayRunning
-from relay.runtime.workerpaths import worker_config
+from relay.config.workerpaths import worker_config
+from relay.control import proto
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

@@ -1,0 +1,1 @@
+"""Small parts several packages share; none imports another package of the relay."""

@@ -1,7 +1,7 @@
 """Errors shared by the parts of the running relay.
 
 A leaf module (it imports nothing of the project), so a part that can stop
-the start (the control socket, relay.admin.control) need not import the service
+the start (the control socket, relay.control.server) need not import the service
 that assembles it (relay.runtime.service, which re-exports StartupError).
 """
 

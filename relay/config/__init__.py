@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.common import endpoints
 from relay.common.address import AddressError, normalize_domain
 from relay.config import values as v
 from relay.config.values import HostPort, IPNetwork, parse_duration, parse_hostport
-from relay.runtime import endpoints
 
 __all__ = ["Config", "ConfigError", "HostPort", "IPNetwork", "load", "load_effective", "find_config_file",
            "parse_duration", "parse_hostport", "schema", "Key", "Declared"]

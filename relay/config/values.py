@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from relay.common import endpoints
 from relay.common.address import AddressError, normalize_domain
-from relay.runtime import endpoints
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolve = Callable[[str], str]  # a relative path -> a path against the config file's directory

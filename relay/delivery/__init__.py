@@ -1,0 +1,1 @@
+"""Where a message goes (routing, MX) and one delivery attempt: local, or by the outbound client."""

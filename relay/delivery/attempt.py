@@ -4,7 +4,7 @@ The queue manager decides what to try and when; this module only carries
 out an attempt and turns whatever happens into one Outcome per recipient:
 delivered, deferred or bounced, with the status, the reply and the host
 that gave it.  Remote destinations go through relay.delivery.mx (next hops) and
-relay.smtp.client; local ones through relay.delivery.local in the disk thread pool.
+relay.outbound.client; local ones through relay.delivery.local in the disk thread pool.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from twisted.logger import Logger
 from relay.config import Config
 from relay.delivery import local as localmod
 from relay.delivery import routing
-from relay.delivery.hostlimit import HostLimit
 from relay.delivery.mx import DNSFailure, Hop, Resolver
-from relay.smtp import client
-from relay.smtp.conncache import ConnectionCache
-from relay.smtp.outbound import MessageFile, Outbound, Timeouts, TLSPolicy
-from relay.smtp.replies import DeliveryReport
+from relay.outbound import client
+from relay.outbound.conncache import ConnectionCache
+from relay.outbound.hostlimit import HostLimit
+from relay.outbound.replies import DeliveryReport
+from relay.outbound.request import MessageFile, Outbound, Timeouts, TLSPolicy
 
 log = Logger(namespace="relay.delivery")
 
@@ -100,7 +100,7 @@ class Deliverer:
     A reload calls ``reconfigure(config, users)``; a changed
     ``delivery.nameservers`` wants ``set_resolver`` with a new Resolver.
     ``trust_root`` (for smarthost "verify": tests inject their CA) and
-    ``timeouts`` (relay.smtp.outbound.Timeouts, None for the RFC values) may
+    ``timeouts`` (relay.outbound.request.Timeouts, None for the RFC values) may
     be replaced between attempts.
     """
 
@@ -199,7 +199,7 @@ class Deliverer:
 
     def _outbound(self, msg: QueuedMessage, dest: routing.Destination, recipients: list[str],
                   auth: tuple[str, str] | None) -> Outbound:
-        """What relay.smtp.client.deliver is to send, and how."""
+        """What relay.outbound.client.deliver is to send, and how."""
         cfg = self.config
         if dest.kind == routing.SMARTHOST:
             tls = TLSPolicy(cfg.relay.smarthost_tls, dest.host,

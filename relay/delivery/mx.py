@@ -35,7 +35,6 @@ import random
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import dns.exception
 import dns.name
@@ -45,25 +44,11 @@ import dns.resolver
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
+from relay.common import endpoints
 from relay.config.values import parse_hostport
-from relay.runtime import endpoints
+from relay.outbound.request import Hop  # what a look-up gives: the SMTP client's next hops
 
 IsSelf = Callable[[str, int], bool]
-
-
-@dataclass(frozen=True)
-class Hop:
-    """One address to try: ``host`` is the name (for logs, SNI and certificate
-    checks), ``address`` the IP to connect to."""
-
-    host: str
-    address: str
-    port: int
-    preference: int = 0
-
-    def __str__(self) -> str:
-        addr = f"[{self.address}]"
-        return f"{self.host}{addr}:{self.port}"
 
 
 class DNSFailure(Exception):

@@ -17,12 +17,11 @@ import pwd
 import smtplib
 from dataclasses import dataclass
 
-from relay.common import dotstuff, fileio, privdrop
+from relay.common import dotstuff, endpoints, fileio, privdrop
 from relay.config import Config
 from relay.intake.dropfile import DROP_MODE
 from relay.intake.sysexits import EX_TEMPFAIL, EX_UNAVAILABLE, Fatal
 from relay.queue.spool import Spool
-from relay.runtime import endpoints
 
 SMTP_TIMEOUT = 60.0
 

@@ -1,0 +1,1 @@
+"""Local mailboxes: Maildir, the users file, the POP3 server."""

@@ -19,12 +19,12 @@ from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from relay.common import endpoints
+from relay.common.connlimit import LocalCounter
 from relay.config import Config
 from relay.mailbox.pop3protocol import POP3Server
 from relay.mailbox.pop3session import ConnectionCounter
 from relay.mailbox.users import UserDB
-from relay.runtime import endpoints
-from relay.runtime.connlimit import LocalCounter
 
 
 class POP3Factory(ServerFactory):
@@ -40,7 +40,7 @@ class POP3Factory(ServerFactory):
     run_blocking when there is none; unit tests driving a task.Clock replace
     run_blocking with a synchronous one.
     ``open_sessions`` counts connections, ``logged_in`` the logged-in ones,
-    ``limiter`` counts the connections per client address (a relay.runtime.connlimit
+    ``limiter`` counts the connections per client address (a relay.common.connlimit
     counter the relay shares between factories and workers; ``connections``
     shows this process's counts).
     """

@@ -27,7 +27,7 @@ is in relay.mailbox.pop3session, and the factory is relay.mailbox.pop3.)
   the relay gives SMTP AUTH (``factory.run_auth``), never to the disk pool
   whose fsyncs stand behind every SMTP 250.
 * At most ``max_connections_per_ip`` connections from one address (counted
-  by ``factory.limiter``, a relay.runtime.connlimit counter that the relay shares
+  by ``factory.limiter``, a relay.common.connlimit counter that the relay shares
   between its POP3 listeners and, with workers, between its processes, as
   SMTP's); more get -ERR [SYS/TEMP]
   and are closed.  Messages up to INLINE_MAX

@@ -30,7 +30,7 @@ from relay.mailbox.users import UserDB
 
 
 class ConnectionCounter(Protocol):
-    """Connections per client address (relay.runtime.connlimit counters)."""
+    """Connections per client address (relay.common.connlimit counters)."""
 
     def acquire(self, key: str, limit: int) -> tuple[bool, int]: ...
 

@@ -23,7 +23,7 @@ tried again.  An outcome whose write fails (a full disk) stays in memory,
 flags and all, and is written again FINALIZE_RETRY later: never dropped.
 Time comes from the reactor (task.Clock in tests).
 
-Administrator's actions (relayctl, through relay.admin.control) are
+Administrator's actions (relayctl, through relay.control.server) are
 relay.queue.actions; on a busy message they are recorded at once and
 applied by after_finalize, the end of every busy step, or by _resume at the
 next start.  The spool operations of one message run one after another
@@ -57,7 +57,7 @@ from relay.queue.outcomes import Counters
 from relay.queue.ports import Clock, NextHop, ParkedSessions, Timer, cancel
 from relay.queue.slots import SlotPool
 
-__all__ = ["ActionFailed", "QueueManager", "UnknownMessage"]  # the errors relay.admin.control catches
+__all__ = ["ActionFailed", "QueueManager", "UnknownMessage"]  # the errors relay.control.server catches
 
 log = Logger(namespace="relay.queue")
 

@@ -2,7 +2,7 @@
 
 Twisted's zope interfaces (IReactorTime, IDelayedCall) do not type-check
 as such, and the runner's next hop and parked sessions are other stages'
-classes (relay.delivery.attempt.Deliverer, relay.smtp.client.ConnectionCache)
+classes (relay.delivery.attempt.Deliverer, relay.outbound.client.ConnectionCache)
 that tests replace with stand-ins: these Protocols say what the runner
 calls, no more.
 """
@@ -36,7 +36,7 @@ class NextHop(Protocol):
 
 
 class ParkedSessions(Protocol):
-    """Idle outbound sessions kept for reuse (relay.smtp.client.ConnectionCache)."""
+    """Idle outbound sessions kept for reuse (relay.outbound.client.ConnectionCache)."""
 
     def __len__(self) -> int: ...
     def evict(self, n: int | None = None) -> int: ...

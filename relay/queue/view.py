@@ -1,6 +1,6 @@
 """What relayctl shows of the queue: JSON records and their human formats.
 
-Plain Python, no Twisted and no I/O: the running relay (relay.admin.control) and
+Plain Python, no Twisted and no I/O: the running relay (relay.control.server) and
 relayctl working on a stopped relay's spool (relay.admin.offline) build the very
 same records from an envelope and a state, so the output does not depend on
 whether the relay runs.  The listing record uses the field names of

@@ -1,0 +1,1 @@
+"""The running relay: the service built from a config, workers, metrics, logs."""

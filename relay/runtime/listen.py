@@ -22,8 +22,8 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from relay.runtime import endpoints as epmod
-from relay.runtime.tls import ServerTLS
+from relay.common import endpoints as epmod
+from relay.common.tls import ServerTLS
 
 LISTEN_BACKLOG = 1024  # for tcp/ssl listeners that do not say (Twisted's default is 50)
 

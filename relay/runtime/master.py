@@ -14,7 +14,7 @@ master that:
   socket its share of new clients until the restart; and the master could
   not bind a new one after the privilege drop.)
 * counts connections per client IP for the whole relay: a table in shared
-  memory (relay.runtime.connlimit) that every worker maps, one column per worker;
+  memory (relay.common.connlimit) that every worker maps, one column per worker;
   the column of a worker that died is zeroed before it restarts;
 * gives worker i its own queue, ``<spool>/w<i>/`` (a complete spool:
   incoming, queue, lock, control socket), so no two processes ever touch the
@@ -49,17 +49,17 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from relay.common import connlimit
+from relay.common import endpoints as epmod
 from relay.common.errors import StartupError
 from relay.common.fileio import fsync_dir
+from relay.common.tls import load_server_tls
 from relay.config import Config
+from relay.config.workerpaths import worker_socket, worker_spool
 from relay.queue import spool as spoolmod
-from relay.runtime import connlimit
-from relay.runtime import endpoints as epmod
 from relay.runtime.listen import server_endpoint
 from relay.runtime.metrics import WorkersMetrics
 from relay.runtime.process import exit_on_second_signal, raise_fd_limit
-from relay.runtime.tls import load_server_tls
-from relay.runtime.workerpaths import worker_socket, worker_spool
 
 log = Logger(namespace="relay.master")
 

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.web import http, pages, resource, server
 
 import relay
-from relay.admin.amp import Metrics, QuietAMP
+from relay.control.amp import Metrics, QuietAMP
 
 log = Logger(namespace="relay.metrics")
 
@@ -350,7 +350,7 @@ class WorkersMetrics:
     """The /metrics page of a relay master (workers > 1).
 
     At each scrape the master asks every worker for its exposition over the
-    worker's control socket (the ``Metrics`` AMP command, relay.admin.proto) and
+    worker's control socket (the ``Metrics`` AMP command, relay.control.proto) and
     serves the sum, plus ``relay_workers{state="configured"|"answering"}``.
     A worker that does not answer within ``timeout`` (being restarted) is
     left out of that scrape, and the answering count says so.

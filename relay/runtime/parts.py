@@ -18,15 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from relay.admin.route import RouteContext
+from relay.common import endpoints as epmod
 from relay.common.netutil import Listeners
+from relay.common.tls import ServerTLS, TLSConfigError, load_server_tls
 from relay.config import Config
+from relay.control.route import RouteContext
 from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
 from relay.intake.policy import Policy
 from relay.mailbox import users as usersmod
-from relay.runtime import endpoints as epmod
-from relay.runtime.tls import ServerTLS, TLSConfigError, load_server_tls
 
 _T = TypeVar("_T")
 

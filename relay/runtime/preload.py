@@ -16,9 +16,9 @@ MODULES = (
     # ours
     "relay.intake.aliases", "relay.delivery.bounce", "relay.delivery.attempt", "relay.queue.diskio",
     "relay.delivery.local", "relay.mailbox.maildir", "relay.delivery.mx", "relay.intake.policy",
-    "relay.queue.manager", "relay.delivery.routing", "relay.smtp.client", "relay.smtp.dataread",
-    "relay.smtp.server", "relay.queue.spool", "relay.runtime.tls", "relay.mailbox.users",
-    "relay.mailbox.pop3", "relay.admin.control",
+    "relay.queue.manager", "relay.delivery.routing", "relay.outbound.client", "relay.smtp.dataread",
+    "relay.smtp.server", "relay.queue.spool", "relay.common.tls", "relay.mailbox.users",
+    "relay.mailbox.pop3", "relay.control.server",
     # the standard library, lazily used
     "email.message", "email.parser", "email.policy", "email.utils", "email.header", "email.headerregistry",
     "email.generator", "email._header_value_parser", "encodings.idna", "encodings.ascii",

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from relay.common import endpoints as epmod
+from relay.common.tls import ServerTLS
 from relay.config import Config
-from relay.runtime import endpoints as epmod
-from relay.runtime.tls import ServerTLS
 
 # (the key as the config file names it, how to read it): what cannot change live
 RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (

@@ -30,10 +30,13 @@ from twisted.logger import Logger
 from twisted.python import threadable
 
 from relay import config as configmod
-from relay.admin import route as routecheck
-from relay.admin.control import ControlContext, ControlService, ReloadUnsupported, status_of
+from relay.common import connlimit
+from relay.common import endpoints as epmod
 from relay.common.errors import StartupError
+from relay.common.tls import ServerTLS
 from relay.config import Config
+from relay.control import route as routecheck
+from relay.control.server import ControlContext, ControlService, ReloadUnsupported, status_of
 from relay.delivery.attempt import Deliverer
 from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
@@ -45,12 +48,10 @@ from relay.mailbox import users as usersmod
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool, DiskPool
 from relay.queue.manager import QueueManager
-from relay.runtime import connlimit, parts, reconfig
-from relay.runtime import endpoints as epmod
+from relay.runtime import parts, reconfig
 from relay.runtime.listen import adopted_listener, server_endpoint, with_current_tls
 from relay.runtime.metrics import RelayMetrics
 from relay.runtime.process import exit_on_second_signal, raise_fd_limit
-from relay.runtime.tls import ServerTLS
 from relay.smtp.context import ServerContext
 from relay.smtp.server import SMTPFactory
 
@@ -76,7 +77,7 @@ class RelayService(service.MultiService):
         # endpoint description -> file descriptor
         self.adopted = dict(adopted or {})
         self.worker = worker  # (index, count) when this is one of several workers
-        # relay.runtime.connlimit.SharedTable the master made (workers > 1): per-IP
+        # relay.common.connlimit.SharedTable the master made (workers > 1): per-IP
         # limits count the connections of every worker
         self.conn_table = conn_table
         self._counters: dict[str, object] = {}
@@ -126,7 +127,7 @@ class RelayService(service.MultiService):
             self._build_queue(config)
         self._build_pickup(config)  # relay-sendmail's drop directory (relay/intake/pickup.py)
         self._build_metrics(config)  # [metrics] (relay/runtime/metrics.py)
-        self._build_control()  # relayctl's control socket (relay/admin/control.py)
+        self._build_control()  # relayctl's control socket (relay/control/server.py)
         self._refresher = task.LoopingCall(self._refresh_files)
         self._refresher.clock = self.reactor
 
@@ -146,7 +147,7 @@ class RelayService(service.MultiService):
     def connection_counter(self, protocol: str):
         """The per-IP connection counter of one protocol ("smtp", "pop3"):
         one object for all its listeners, counting across every worker of
-        the relay when there are several (relay.runtime.connlimit)."""
+        the relay when there are several (relay.common.connlimit)."""
         counter = self._counters.get(protocol)
         if counter is None:
             if self.conn_table is not None and self.worker is not None:
@@ -249,7 +250,7 @@ class RelayService(service.MultiService):
             self._listen(desc, self.metrics.site(), f"metrics {desc}")
 
     def _build_control(self) -> None:
-        """The control socket relayctl talks to (relay.admin.control)."""
+        """The control socket relayctl talks to (relay.control.server)."""
         ctx = ControlContext(reactor=self.reactor, spool=self.aspool, queue=self.queue, status=self.status,
                              route_context=self.route_context, dns=self.dns_pool,
                              metrics=self.metrics.render, reload=self._reload_for_control)
@@ -257,7 +258,7 @@ class RelayService(service.MultiService):
         self.control.setServiceParent(self)
 
     def status(self) -> defer.Deferred:
-        """Fires with the ``relayctl status`` data (relay.admin.control.status_of)."""
+        """Fires with the ``relayctl status`` data (relay.control.server.status_of)."""
         return self.listening().addCallback(lambda ls: status_of(
             config=self.config, spool_root=self.spool.root, started_at=self.started_at, queue=self.queue,
             smtp=self.smtp_ctx, pop3_factories=self.pop3_factories, listeners=ls))

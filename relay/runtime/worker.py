@@ -3,7 +3,7 @@
 It is a complete relay (relay.runtime.service.RelayService) whose queue is
 ``<spool>/w<index>/`` and whose listeners are sockets the master bound and
 passed down (the same ones to every worker).  Connections per client IP are
-counted in the master's shared table (``--conn-table``, relay.runtime.connlimit), so
+counted in the master's shared table (``--conn-table``, relay.common.connlimit), so
 a limit holds for the whole relay.  Its log events go to the master as JSON lines on stdout, so
 the master's log (text or JSON) tells the whole story.  It dies with the
 master (PR_SET_PDEATHSIG): a worker never outlives the process that owns
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--fds", required=True, help="JSON: endpoint description -> file descriptor")
-    p.add_argument("--conn-table", type=int, help="descriptor of the per-IP connection table (relay.runtime.connlimit)")
+    p.add_argument("--conn-table", type=int, help="descriptor of the per-IP connection table (relay.common.connlimit)")
     p.add_argument("--config")
     p.add_argument("--defaults-spool")
     p.add_argument("--log-target", default="pipe", help="stdout, pipe, or a file path")
@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     # only now, once it dies with the master and logs where the master says: the
     # relay's modules (measured: 2.2 s, 596 modules, on a loaded 2-core machine)
     from relay import config as configmod
+    from relay.common.connlimit import SharedTable
+    from relay.config.workerpaths import worker_config
     from relay.runtime import fastpoll
-    from relay.runtime.connlimit import SharedTable
     from relay.runtime.service import RelayService, StartupError
-    from relay.runtime.workerpaths import worker_config
 
     def load_worker_config(path: str | None) -> configmod.Config:
         """The relay's config file as this worker runs it (at start and at each reload)."""

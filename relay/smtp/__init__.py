@@ -1,1 +1,1 @@
-"""SMTP: the inbound server (server.py, dataread.py) and the outbound client (client.py)."""
+"""The inbound ESMTP server: sessions, AUTH, DATA into the intake (relay.intake.accept)."""

@@ -32,8 +32,8 @@ from zope.interface import implementer
 
 from relay.common.fastwrite import send_now
 from relay.common.idle import IdleTimer
+from relay.common.tls import session_info
 from relay.config import Config
-from relay.runtime.tls import session_info
 from relay.smtp.context import DelayedCall, ServerContext
 
 log = Logger(namespace="relay.smtp")

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from relay.common.connlimit import LocalCounter
+from relay.common.tls import ServerTLS
 from relay.config import Config
 from relay.intake.accept import Intake
 from relay.intake.policy import Policy
-from relay.runtime.connlimit import LocalCounter
-from relay.runtime.tls import ServerTLS
 
 
 class DelayedCall(Protocol):
@@ -37,7 +37,7 @@ class Reactor(Protocol):
 
 
 class Limiter(Protocol):
-    """Connections per client IP (relay.runtime.connlimit)."""
+    """Connections per client IP (relay.common.connlimit)."""
 
     def acquire(self, key: str, limit: int) -> tuple[bool, int]: ...
 

@@ -24,7 +24,7 @@ from twisted.trial import unittest
 
 from relay.mailbox import maildir
 from relay.mailbox import users as usersmod
-from relay.smtp.outbound import Timeouts
+from relay.outbound.request import Timeouts
 from tests.support.relay import InProcessRelay, in_thread
 from tests.support.sink import Sink
 from tests.support.smtpclient import send_session

@@ -58,7 +58,7 @@ def sendmail(argv: list[str], data: bytes, *, as_uid: int | None = None, env_ext
 _AS_USER = """
 import os, sys
 sys.path.insert(0, {root!r})
-import relay.intake.sendmail, relay.config, relay.common.address, relay.queue.spool, relay.runtime.endpoints
+import relay.intake.sendmail, relay.config, relay.common.address, relay.queue.spool, relay.common.endpoints
 import smtplib, pwd, tempfile, errno, email.policy, email.headerregistry, email._header_value_parser
 import email.utils, email.charset, email.base64mime, email.quoprimime, encodings.idna, idna, ctypes, ctypes.util
 'x'.encode('idna')

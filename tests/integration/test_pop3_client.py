@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from twisted.trial import unittest
 
-from relay.runtime.tls import load_server_tls
+from relay.common.tls import load_server_tls
 from tests.support.certs import cert_files
 from tests.support.pop3server import ALICE, PASSWORDS, POP3ServerMixin
 from tests.support.wait import apoll

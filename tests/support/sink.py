@@ -69,7 +69,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHandshakeListener
 from zope.interface import implementer
 
-from relay.runtime.tls import load_server_tls, session_info
+from relay.common.tls import load_server_tls, session_info
 
 TLS_ALERT_HANDSHAKE_FAILURE = b"\x15\x03\x03\x00\x02\x02\x28"
 

@@ -1,10 +1,10 @@
 """The control protocol's commands as Twisted AMP classes.
 
-Built from the declarations in relay.admin.proto (names, arguments, answers,
+Built from the declarations in relay.control.proto (names, arguments, answers,
 error codes are written there, once), for the two Twisted sides of the
-control socket: the relay's server (relay.admin.control) and the master's metrics
+control socket: the relay's server (relay.control.server) and the master's metrics
 scrape of its workers (relay.runtime.metrics.WorkersMetrics).  relayctl never
-imports this module (relay.admin.proto says why).
+imports this module (relay.control.proto says why).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from relay.admin import proto as ctlproto
+from relay.control import proto as ctlproto
 
 
 class BigString(amp.Argument):
@@ -89,7 +89,7 @@ class QuietAMP(amp.AMP):
     every relayctl call (and every metrics scrape of a master with workers)
     would write two lines about the transport into the relay's log, where an
     operator greps for what happened.  What a command did is logged instead
-    (relay.admin.control.ControlProtocol._log_action, the reload's own lines)."""
+    (relay.control.server.ControlProtocol._log_action, the reload's own lines)."""
 
     def makeConnection(self, transport) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)

@@ -27,7 +27,7 @@ page continues it (messages gone meanwhile are skipped), so 100,000
 messages stream in a few dozen round trips without blocking the reactor
 for long.  The client (relay.admin.client) is a small blocking AMP
 implementation without Twisted, for relayctl's start-up time; the commands
-are declared once, in relay.admin.proto (their AMP classes: relay.admin.amp).
+are declared once, in relay.control.proto (their AMP classes: relay.control.amp).
 
 The control socket reaches the relay's parts only through what the service
 that assembled them hands over (ControlContext): the queue, the spool, and
@@ -52,11 +52,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import relay
-from relay.admin import route as routecheck
-from relay.admin.amp import Hello, Metrics, QueueAction, QueueList, QueueShow, QuietAMP, Reload, Route, Status
-from relay.admin.proto import ACTIONS, ACTIONS_ON_ALL, BadRequest, NoQueue, NoSuchMessage, ReloadUnsupported
 from relay.common.errors import StartupError
 from relay.common.flow import ReadOnlyWhileDrained
+from relay.control import route as routecheck
+from relay.control.amp import Hello, Metrics, QueueAction, QueueList, QueueShow, QuietAMP, Reload, Route, Status
+from relay.control.proto import ACTIONS, ACTIONS_ON_ALL, BadRequest, NoQueue, NoSuchMessage, ReloadUnsupported
 from relay.queue import manager as queuemod
 from relay.queue import spool as spoolmod
 from relay.queue import view as queueview

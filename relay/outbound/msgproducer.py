@@ -4,7 +4,7 @@ Memory stays flat however big the message: one chunk is read at a time,
 and the transport pauses the producer when its buffer is full.  The
 dot-stuffing (relay.common.dotstuff) carries across chunk boundaries.  The
 producer is given what it uses of the connection (its transport, clock,
-and how to fail it), not the protocol object: relay.smtp.clientproto
+and how to fail it), not the protocol object: relay.outbound.clientproto
 creates it, and nothing here needs to know that protocol.
 """
 
@@ -17,8 +17,8 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from relay.common import dotstuff
-from relay.smtp.outbound import MessageFile
-from relay.smtp.replies import ConversationError
+from relay.outbound.replies import ConversationError
+from relay.outbound.request import MessageFile
 
 CHUNK = 64 * 1024
 

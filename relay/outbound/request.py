@@ -1,12 +1,13 @@
 """What one outbound delivery is asked to do, as one frozen value.
 
-``Outbound`` holds everything relay.smtp.client.deliver needs to know about
+``Outbound`` holds everything relay.outbound.client.deliver needs to know about
 one message for one destination: the envelope, where the message lies in
 the spool (``MessageFile``), the TLS policy (``TLSPolicy``), the AUTH
 credentials, the timeouts and the per-transaction recipient limit.  The
 caller (relay.delivery.attempt) builds it once; every step of the
 conversation reads from it, so the list of settings is written down only
-here.  No Twisted, no I/O.
+here.  ``Hop`` is where to go: one address of a next hop (relay.delivery.mx
+finds them).  No Twisted, no I/O.
 """
 
 from __future__ import annotations
@@ -15,6 +16,21 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 TLS_MODES = ("none", "may", "encrypt", "verify")
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One address to try: ``host`` is the name (for logs, SNI and certificate
+    checks), ``address`` the IP to connect to."""
+
+    host: str
+    address: str
+    port: int
+    preference: int = 0
+
+    def __str__(self) -> str:
+        addr = f"[{self.address}]"
+        return f"{self.host}{addr}:{self.port}"
 
 
 @dataclass(frozen=True)

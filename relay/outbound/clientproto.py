@@ -5,8 +5,8 @@ matches them in order to waiters (so pipelined commands are answered in the
 order sent; a pipelined group is one Deferred, ``expect_group``), runs one
 timer per awaited reply, discards everything buffered after the reply to
 STARTTLS (response injection), starts the TLS handshake and hands the
-message to relay.smtp.msgproducer.  What to send when is the conversation's
-business (relay.smtp.client, relay.smtp.handshake, relay.smtp.transactions).
+message to relay.outbound.msgproducer.  What to send when is the conversation's
+business (relay.outbound.client, relay.outbound.handshake, relay.outbound.transactions).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from zope.interface import implementer
 from relay.common import dotstuff
 from relay.common.fastwrite import send_now
 from relay.common.idle import IdleTimer
-from relay.smtp.msgproducer import MessageProducer
-from relay.smtp.outbound import MessageFile
-from relay.smtp.replies import ConversationError, Reply
+from relay.outbound.msgproducer import MessageProducer
+from relay.outbound.replies import ConversationError, Reply
+from relay.outbound.request import MessageFile
 
 MAX_REPLY_LINE = 4096  # RFC 5321 says 512; be lenient, but bounded
 MAX_REPLY_LINES = 256
@@ -98,7 +98,7 @@ class _Slot:
 
 @implementer(IHandshakeListener)
 class ClientProtocol(Protocol):
-    """Reply parsing and waiting; the conversation lives in relay.smtp.client."""
+    """Reply parsing and waiting; the conversation lives in relay.outbound.client."""
 
     def __init__(self, clock: Any):  # IReactorTime
         self.clock = clock

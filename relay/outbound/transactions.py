@@ -6,7 +6,7 @@ recipients in transactions of at most ``max_rcpts_per_txn``, pipelined
 when the server offers PIPELINING, with SIZE, BODY=8BITMIME and SMTPUTF8
 as offered and needed, and gives each recipient its RcptResult.  The
 message is sent from memory when small and at hand, else streamed from the
-spool file (relay.smtp.msgproducer).
+spool file (relay.outbound.msgproducer).
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from typing import Any
 
 from twisted.internet import threads
 
-from relay.delivery.mx import Hop
-from relay.smtp.clientproto import ClientProtocol
-from relay.smtp.conversation import Down, command, down, quit_session, reply, where
-from relay.smtp.msgproducer import CHUNK
-from relay.smtp.outbound import Outbound
-from relay.smtp.replies import ConversationError, RcptResult, Reply, size_limit
+from relay.outbound.clientproto import ClientProtocol
+from relay.outbound.conversation import Down, command, down, quit_session, reply, where
+from relay.outbound.msgproducer import CHUNK
+from relay.outbound.replies import ConversationError, RcptResult, Reply, size_limit
+from relay.outbound.request import Hop, Outbound
 
 Results = dict[str, RcptResult]
 

@@ -3,7 +3,7 @@
 ``open_session`` takes a fresh connection to the point where transactions
 may start and returns the server's EHLO extensions, or raises HopFailed
 (this hop cannot take the mail now).  STARTTLS follows the TLS mode of the
-relay.smtp.outbound.TLSPolicy; AUTH is never sent over plaintext.  What it
+relay.outbound.request.TLSPolicy; AUTH is never sent over plaintext.  What it
 learns about TLS goes into the DeliveryReport (``tls``, and ``attempts``
 for a STARTTLS refused under "may").
 """
@@ -15,13 +15,12 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from relay.delivery.mx import Hop
-from relay.runtime.tls import session_info
-from relay.smtp.clientproto import ClientProtocol
-from relay.smtp.conversation import Down, HopFailed, command, reply, where
-from relay.smtp.outbound import Outbound
-from relay.smtp.outboundtls import OutboundTLS
-from relay.smtp.replies import ConversationError, DeliveryReport, Reply, extensions
+from relay.common.tls import session_info
+from relay.outbound.clientproto import ClientProtocol
+from relay.outbound.conversation import Down, HopFailed, command, reply, where
+from relay.outbound.replies import ConversationError, DeliveryReport, Reply, extensions
+from relay.outbound.request import Hop, Outbound
+from relay.outbound.tls import OutboundTLS
 
 # the client's log lines keep the namespace they always had
 log = Logger(namespace="relay.smtp.client")

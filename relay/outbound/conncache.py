@@ -14,9 +14,9 @@ from typing import Any
 
 from twisted.internet import defer
 
-from relay.delivery.mx import Hop
-from relay.smtp.clientproto import ClientProtocol
-from relay.smtp.replies import ConversationError
+from relay.outbound.clientproto import ClientProtocol
+from relay.outbound.replies import ConversationError
+from relay.outbound.request import Hop
 
 
 @dataclass(eq=False)

@@ -8,13 +8,13 @@ optional, never pipeline RCPTs, and believe replies buffered before the TLS
 handshake.  The client is written on ``twisted.internet.protocol.Protocol``
 instead; each of those cases has a test in tests/test_smtp_client*.py.
 
-Its modules, one job each: relay.smtp.outbound (what to deliver: the
-``Outbound`` parameter object), relay.smtp.replies (replies and results),
-relay.smtp.clientproto (reply parsing and waiting, pipelined groups),
-relay.smtp.msgproducer (the message streamed, dot-stuffed), relay.smtp.outboundtls
-(the TLS context and certificate check), relay.smtp.conversation (a command
-and its reply, the failures), relay.smtp.handshake (greeting, EHLO, STARTTLS,
-AUTH), relay.smtp.transactions (MAIL, RCPT, DATA), relay.smtp.conncache (idle
+Its modules, one job each: relay.outbound.request (what to deliver: the
+``Outbound`` parameter object), relay.outbound.replies (replies and results),
+relay.outbound.clientproto (reply parsing and waiting, pipelined groups),
+relay.outbound.msgproducer (the message streamed, dot-stuffed), relay.outbound.tls
+(the TLS context and certificate check), relay.outbound.conversation (a command
+and its reply, the failures), relay.outbound.handshake (greeting, EHLO, STARTTLS,
+AUTH), relay.outbound.transactions (MAIL, RCPT, DATA), relay.outbound.conncache (idle
 sessions kept for reuse).  This module is the entry point, ``deliver()``: the
 hops in order, and each session's life (a parked session or a connection
 within the host's limit, the session time cap, then park, QUIT or close).
@@ -42,16 +42,15 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from relay.delivery.hostlimit import HostLimit
-from relay.delivery.mx import Hop
-from relay.smtp.clientproto import ClientProtocol
-from relay.smtp.conncache import CacheKey, ConnectionCache, Parked
-from relay.smtp.conversation import Down, HopFailed, quit_session, where
-from relay.smtp.handshake import open_session
-from relay.smtp.outbound import Outbound
-from relay.smtp.outboundtls import client_context
-from relay.smtp.replies import ConversationError, DeliveryReport, RcptResult
-from relay.smtp.transactions import Results, Transactions
+from relay.outbound.clientproto import ClientProtocol
+from relay.outbound.conncache import CacheKey, ConnectionCache, Parked
+from relay.outbound.conversation import Down, HopFailed, quit_session, where
+from relay.outbound.handshake import open_session
+from relay.outbound.hostlimit import HostLimit
+from relay.outbound.replies import ConversationError, DeliveryReport, RcptResult
+from relay.outbound.request import Hop, Outbound
+from relay.outbound.tls import client_context
+from relay.outbound.transactions import Results, Transactions
 
 log = Logger(namespace="relay.smtp.client")
 
@@ -69,10 +68,10 @@ async def deliver(
     delivery problem (see the module docstring).
 
     ``hops``: from relay.delivery.mx, in order.  ``out``: the message, its
-    envelope and how to send it (relay.smtp.outbound.Outbound).
+    envelope and how to send it (relay.outbound.request.Outbound).
     ``threadpool``: where the 8-bit scan of the file runs (None: the
     reactor's).  ``cache``: a ConnectionCache for reuse; ``host_limit``: a
-    relay.delivery.hostlimit.HostLimit (connections per host).
+    relay.outbound.hostlimit.HostLimit (connections per host).
     """
     return await _Delivery(reactor, hops, out, threadpool=threadpool, cache=cache, host_limit=host_limit).run()
 

@@ -4,12 +4,12 @@ Every AMP command of the control socket is declared here with its name,
 its arguments, its answer and the error codes it may answer with.  Three
 sides use these declarations:
 
-* the relay's server side (relay.admin.control), through relay.admin.amp, which
+* the relay's server side (relay.control.server), through relay.control.amp, which
   turns each declaration into a ``twisted.protocols.amp.Command``;
 * relayctl (relay.admin.client, relay.admin.commands), which encodes requests and
   decodes answers with it, without Twisted;
 * the master of a relay with workers (relay.runtime.metrics.WorkersMetrics), which
-  asks each worker for its metrics, through relay.admin.amp.
+  asks each worker for its metrics, through relay.control.amp.
 
 This module imports no Twisted on purpose: relayctl imports it, and
 importing ``twisted.protocols.amp`` costs about 0.4 s (``python -X
@@ -17,7 +17,7 @@ importtime -c "import twisted.protocols.amp"`` on the 2-core test machine),
 more than relayctl's whole work for a short queue.  The value encodings are
 AMP's own (twisted.protocols.amp): Unicode is UTF-8, Integer decimal ASCII,
 Boolean ``True``/``False``, ListOf(Unicode) each item after its 2-byte
-length; ``BIG`` is relay.admin.amp.BigString, one value spread over the keys
+length; ``BIG`` is relay.control.amp.BigString, one value spread over the keys
 ``name``, ``name.2``, ``name.3``... because an AMP value holds 64 KiB at most.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 MAX_VALUE = 0xFFFF  # bytes in one AMP value (amp.MAX_VALUE_LENGTH)
 
 
-# -- value kinds: AMP's encodings, as relay.admin.amp maps them --------------------------
+# -- value kinds: AMP's encodings, as relay.control.amp maps them --------------------------
 
 
 def big(box: dict[bytes, bytes], name: bytes) -> bytes:
@@ -74,7 +74,7 @@ def _decode_text_list(data: bytes) -> list[str]:
 class Kind:
     """How one argument's value is written into a box and read back."""
 
-    name: str  # TEXT, INTEGER, ...: relay.admin.amp maps it to an amp.Argument
+    name: str  # TEXT, INTEGER, ...: relay.control.amp maps it to an amp.Argument
 
     def put(self, box: dict[bytes, bytes], key: bytes, value: Any) -> None:
         if self is BIG:
@@ -106,7 +106,7 @@ TEXT = Kind("TEXT")  # amp.Unicode
 INTEGER = Kind("INTEGER")  # amp.Integer
 BOOLEAN = Kind("BOOLEAN")  # amp.Boolean
 TEXT_LIST = Kind("TEXT_LIST")  # amp.ListOf(amp.Unicode())
-BIG = Kind("BIG")  # relay.admin.amp.BigString: bytes of any length
+BIG = Kind("BIG")  # relay.control.amp.BigString: bytes of any length
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ QUEUE_ACTION = Command(
     doc="delete | hold | release | retry | bounce, on ids or on every message; a JSON object.")
 ROUTE = Command(
     "Route", (Arg("address", TEXT), Arg("client", TEXT, optional=True)), (Arg("route", BIG),),
-    doc="How an address would be delivered now: a JSON object, relay.admin.route.explain().")
+    doc="How an address would be delivered now: a JSON object, relay.control.route.explain().")
 METRICS = Command(
     "Metrics", (), (Arg("text", BIG),),
     doc="This relay's Prometheus text exposition: the master of a relay with workers serves the "

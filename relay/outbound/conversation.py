@@ -1,8 +1,8 @@
 """One command and its reply, and the two ways a conversation step fails.
 
-Every step of an outbound session (relay.smtp.handshake, relay.smtp.transactions,
-relay.smtp.client) sends a command and awaits the reply through ``command``
-/ ``reply``, which turn a dead connection (relay.smtp.replies.ConversationError)
+Every step of an outbound session (relay.outbound.handshake, relay.outbound.transactions,
+relay.outbound.client) sends a command and awaits the reply through ``command``
+/ ``reply``, which turn a dead connection (relay.outbound.replies.ConversationError)
 into ``Down`` worded as Postfix words it ("lost connection with host[ip]
 while sending RCPT TO").  ``HopFailed``: this hop cannot take the mail now,
 try the next one.  ``Down``: the connection died, and the caller decides
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
-from relay.delivery.mx import Hop
-from relay.smtp.clientproto import ClientProtocol
-from relay.smtp.replies import ConversationError, Reply
+from relay.outbound.clientproto import ClientProtocol
+from relay.outbound.replies import ConversationError, Reply
+from relay.outbound.request import Hop
 
 
 class StepFailed(Exception):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.delivery.mx import Hop
+from relay.outbound.request import Hop
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The outbound ESMTP client: one message, one destination, a list of hops."""
