@@ -1,0 +1,569 @@
+"""DKIM signing (RFC 6376) with rsa-sha256 and ed25519-sha256 (RFC 8463), streaming.
+
+Why our own signer and not dkimpy's ``sign``: dkimpy takes the whole message
+as one bytes object, and the relay must sign a 100 MB message within the
+memory bound it accepts it in.  So the body hash is computed from the spool
+file in chunks (``CHUNK``, 64 KiB; the canonicalisation carries a CR split
+from its LF, a line's trailing white space and the trailing empty lines
+across chunk boundaries), the header block is read on its own (at most
+``MAX_HEADER_BYTES``: past that the message is refused with MessageError),
+and only the ``DKIM-Signature:`` header comes back, as bytes (folded lines of
+at most 78 characters, CRLF) to be prepended to the stored message.
+
+Pure code, blocking (it reads the file): the caller runs it in a thread.
+
+- ``load_key`` reads and checks a PEM private key file (each problem a
+  KeyFileError naming the file; an RSA key under 2048 bits signs but carries
+  a warning for the caller to log).
+- ``choose_keys`` decides from the From header whether and with which keys a
+  message is signed; a message that cannot be (no From, several, one that
+  does not parse, no key for its domain) gets a ``Choice`` with a reason,
+  never an exception: such mail is sent unsigned, not lost.
+- ``sign`` makes one signature; ``sign_many`` several (key rotation: two
+  selectors of one domain) with one read of the body.  No signature covers
+  another: DKIM-Signature is not in the signed set (``header_list`` refuses
+  it), so the second, prepended above the first, breaks neither; verifiers
+  check each signature on its own (RFC 6376 section 4.2).
+
+No ``l=`` (a body length limit lets anyone append text under the signature)
+and no ``x=``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import time
+from base64 import b64encode
+from dataclasses import dataclass, field
+from email.errors import InvalidHeaderDefect
+from email.headerregistry import HeaderRegistry
+from typing import BinaryIO, Iterable, Mapping, Sequence, Union
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
+RSA_SHA256 = "rsa-sha256"
+ED25519_SHA256 = "ed25519-sha256"
+ALGORITHMS = (RSA_SHA256, ED25519_SHA256)
+DEFAULT_CANONICALIZATION = "relaxed/relaxed"
+# issue 14's set; From twice: a second From added below ours breaks the signature
+DEFAULT_HEADERS = ("From", "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "MIME-Version",
+                   "Content-Type", "Content-Transfer-Encoding", "In-Reply-To", "References")
+CHUNK = 64 * 1024
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_KEY_FILE = 64 * 1024  # a PEM key is a few KiB; more is not a key (and not read into memory)
+RSA_MIN_BITS = 1024  # RFC 8301: verifiers must not accept less
+RSA_GOOD_BITS = 2048  # RFC 8301: signers should use at least this
+LINE_WIDTH = 78
+
+# the reasons a message is not signed (Choice.reason), stable words for logs and counters
+NO_FROM = "no From header"
+SEVERAL_FROM = "several From headers"
+BAD_FROM = "From header does not parse"
+NO_KEY = "no signing key for the From domain"
+
+PrivateKey = Union[rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey]
+
+
+class DKIMError(Exception):
+    """Base of this module's errors."""
+
+
+class KeyFileError(DKIMError):
+    """A key file that cannot be used; the message names the file (a config error at start and reload)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class MessageError(DKIMError):
+    """The message cannot be signed as it is (a header block past the bound,
+    a line that is no header field): the caller sends it unsigned."""
+
+
+# ---------------------------------------------------------------- keys
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One selector's key: what signs for ``domain`` as ``s=selector``."""
+
+    domain: str  # d=, lower case, A-labels
+    selector: str
+    algorithm: str  # RSA_SHA256 or ED25519_SHA256
+    private_key: PrivateKey = field(repr=False, compare=False)
+    path: str = ""
+    warnings: tuple[str, ...] = ()  # for the caller to log (a short RSA key)
+
+    def sign(self, data: bytes) -> bytes:
+        """The b= bytes for data: RSASSA-PKCS1-v1_5 over SHA-256, or, for
+        Ed25519, PureEdDSA over the SHA-256 of data (RFC 8463 section 3)."""
+        if isinstance(self.private_key, rsa.RSAPrivateKey):
+            return self.private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        return self.private_key.sign(hashlib.sha256(data).digest())
+
+
+def read_key_file(path: str) -> bytes:
+    """The bytes of a private key file, refused (KeyFileError) when it is
+    missing, unreadable, not a regular file, too large or open to the group or
+    others: a key others can read is a key others can sign with."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise KeyFileError(path, "no such file (make one with `relayctl dkim keygen`)")
+    except PermissionError:
+        raise KeyFileError(path, f"not readable by this user (uid {os.getuid()}); it must belong to the relay's user")
+    except OSError as e:
+        raise KeyFileError(path, f"cannot be opened: {e.strerror}")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(path, "not a regular file")
+        if st.st_mode & 0o077:
+            raise KeyFileError(path, f"mode {stat.S_IMODE(st.st_mode):04o} lets the group or others at the private key;"
+                                     f" chmod 600 it")
+        data = os.read(fd, MAX_KEY_FILE + 1)
+    except OSError as e:
+        raise KeyFileError(path, f"cannot be read: {e.strerror}")
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE:
+        raise KeyFileError(path, f"not a key (larger than {MAX_KEY_FILE} bytes)")
+    return data
+
+
+def parse_private_key(path: str, data: bytes, algorithm: str) -> tuple[PrivateKey, tuple[str, ...]]:
+    """The key in PEM data (PKCS#8 or traditional RSA) and its warnings,
+    checked against the algorithm it is configured for."""
+    if algorithm not in ALGORITHMS:
+        raise KeyFileError(path, f"unknown algorithm {algorithm!r} (expected one of {', '.join(ALGORITHMS)})")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise KeyFileError(path, "the key is encrypted with a passphrase; the relay needs an unencrypted PEM key")
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFileError(path, "not a PEM private key (expected PKCS#8 'BEGIN PRIVATE KEY'"
+                                 " or 'BEGIN RSA PRIVATE KEY')")
+    if isinstance(key, rsa.RSAPrivateKey):
+        kind = RSA_SHA256
+    elif isinstance(key, ed25519.Ed25519PrivateKey):
+        kind = ED25519_SHA256
+    else:
+        raise KeyFileError(path, f"a {type(key).__name__.removesuffix('PrivateKey') or 'non-RSA'} key;"
+                                 f" DKIM signs with RSA ({RSA_SHA256}) or Ed25519 ({ED25519_SHA256})")
+    if kind != algorithm:
+        raise KeyFileError(path, f"an {'RSA' if kind == RSA_SHA256 else 'Ed25519'} key, configured for {algorithm}")
+    warnings: tuple[str, ...] = ()
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < RSA_MIN_BITS:
+            raise KeyFileError(path, f"an RSA key of {key.key_size} bits: verifiers refuse keys under {RSA_MIN_BITS}"
+                                     f" bits (RFC 8301); make a {RSA_GOOD_BITS}-bit one")
+        if key.key_size < RSA_GOOD_BITS:
+            warnings = (f"{path}: an RSA key of {key.key_size} bits; some verifiers ignore keys under"
+                        f" {RSA_GOOD_BITS} bits (RFC 8301): rotate to a {RSA_GOOD_BITS}-bit key",)
+    return key, warnings
+
+
+def load_key(path: str, domain: str, selector: str, algorithm: str = RSA_SHA256) -> SigningKey:
+    """A checked SigningKey from a PEM file (KeyFileError naming the file
+    otherwise; ValueError for a domain or selector that is no DNS name)."""
+    d = normalize_domain(domain)
+    if d is None:
+        raise ValueError(f"{domain!r} is not a domain name")
+    sel = selector.strip().lower()
+    if not sel or normalize_domain(sel) != sel:
+        raise ValueError(f"{selector!r} is not a selector (DNS labels: letters, digits, hyphens)")
+    key, warnings = parse_private_key(path, read_key_file(path), algorithm)
+    return SigningKey(d, sel, algorithm, key, path, warnings)
+
+
+# ---------------------------------------------------------------- header block
+
+@dataclass(frozen=True)
+class HeaderField:
+    """One header field as it is in the message."""
+
+    name: bytes  # before the colon, as written (trailing white space removed)
+    raw: bytes  # the whole field: name, colon, value with its folding, final CRLF
+
+    @property
+    def value(self) -> bytes:
+        """The field's value, folding and all, without the final CRLF."""
+        return self.raw.split(b":", 1)[1][:-2]
+
+
+def read_header_block(f: BinaryIO, start: int, limit: int = MAX_HEADER_BYTES) -> tuple[bytes, int]:
+    """(header block up to and with its last CRLF, file offset of the body).
+
+    Read in chunks up to the empty line: at most limit bytes of headers, then
+    MessageError (a bound on memory whatever the message).  No empty line
+    before the end of the file: all of it is headers and the body is empty."""
+    f.seek(start)
+    buf = b""
+    while True:
+        if buf.startswith(b"\r\n"):
+            return b"", start + 2
+        i = buf.find(b"\r\n\r\n", max(0, len(buf) - CHUNK - 3))
+        if i >= 0:
+            return buf[:i + 2], start + i + 4
+        if len(buf) > limit:
+            raise MessageError(f"the header block is longer than {limit} bytes")
+        chunk = f.read(CHUNK)
+        if not chunk:
+            block = buf if buf.endswith(b"\r\n") or not buf else buf + b"\r\n"
+            return block, start + len(buf)
+        buf += chunk
+
+
+def parse_header_fields(block: bytes) -> list[HeaderField]:
+    """The fields of a header block, continuation lines joined to their field."""
+    fields: list[tuple[bytes, list[bytes]]] = []
+    lines = block.split(b"\r\n")
+    for n, line in enumerate(lines[:-1], 1):
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                raise MessageError("the header block starts with a continuation line")
+            fields[-1][1].append(line)
+            continue
+        name, colon, _ = line.partition(b":")
+        name = name.rstrip(b" \t")
+        if not colon or not name or not _FIELD_NAME.fullmatch(name):
+            raise MessageError(f"header line {n} is not a field (a name and a colon)")
+        fields.append((name, [line]))
+    return [HeaderField(name, b"\r\n".join(parts) + b"\r\n") for name, parts in fields]
+
+
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+_WSP = re.compile(rb"[ \t]+")
+
+
+def canonicalize_header(fld: HeaderField, how: str) -> bytes:
+    """RFC 6376 3.4.1 (simple: as is) and 3.4.2 (relaxed: name in lower case,
+    unfolded, white space runs as one space, none around the value)."""
+    if how == "simple":
+        return fld.raw
+    value = _WSP.sub(b" ", fld.raw.split(b":", 1)[1].replace(b"\r\n", b"")).strip(b" \t")
+    return fld.name.lower() + b":" + value + b"\r\n"
+
+
+def header_list(names: Iterable[str]) -> tuple[str, ...]:
+    """A configured set of headers to sign, checked (ValueError): field
+    names, From among them (RFC 6376 5.4: it must be signed), no
+    DKIM-Signature (a signature covering another breaks with it)."""
+    out = tuple(n.strip() for n in names)
+    for n in out:
+        if not n.isascii() or not _FIELD_NAME.fullmatch(n.encode("ascii")) or ";" in n:
+            raise ValueError(f"{n!r} is not a header field name")
+    lowered = [n.lower() for n in out]
+    if "from" not in lowered:
+        raise ValueError("the signed headers must include From (RFC 6376 section 5.4)")
+    if "dkim-signature" in lowered:
+        raise ValueError("DKIM-Signature is not signed: a second signature would break the first")
+    return out
+
+
+def headers_to_sign(fields: Sequence[HeaderField], names: Sequence[str]) -> list[tuple[str, HeaderField | None]]:
+    """(name for h=, the field it covers, None where it oversigns), in RFC 6376 5.4.2's order.
+
+    Each configured name that the message has is signed in every instance,
+    the last first (a verifier takes them bottom up); a name configured k
+    times is listed at least k times, the entries past its instances
+    covering nothing: a header of that name added later breaks the signature
+    (From twice).  Names the message lacks are left out."""
+    wanted: dict[bytes, tuple[str, int]] = {}
+    for n in names:
+        key = n.lower().encode("ascii")
+        spelling, times = wanted.get(key, (n, 0))
+        wanted[key] = (spelling, times + 1)
+    present: dict[bytes, list[HeaderField]] = {}
+    for fld in fields:
+        present.setdefault(fld.name.lower(), []).append(fld)
+    out: list[tuple[str, HeaderField | None]] = []
+    for key, (spelling, times) in wanted.items():
+        instances = present.get(key, [])[::-1]
+        if instances:
+            out.extend((spelling, instances[i] if i < len(instances) else None)
+                       for i in range(max(times, len(instances))))
+    return out
+
+
+# ---------------------------------------------------------------- body hash
+
+_PARTIAL = 64 * 1024  # an incomplete line is hashed (all but its last 2 bytes) past this: memory stays bounded
+_BLANKS = 32 * 1024  # empty lines hashed per update
+
+
+class BodyHasher:
+    """SHA-256 of a body canonicalised (RFC 6376 3.4.3 simple, 3.4.4 relaxed), fed in chunks of any size.
+
+    Only complete lines are canonicalised; the bytes after the last CRLF wait
+    for the next chunk (so a CR and its LF may arrive apart).  Empty lines are
+    counted, not hashed, until text follows: those at the end of the body are
+    not part of it.  An incomplete last line gets its CRLF (dkimpy and
+    OpenDKIM do so); an empty body is CRLF (simple) or nothing (relaxed)."""
+
+    def __init__(self, canonicalization: str):
+        if canonicalization not in ("simple", "relaxed"):
+            raise ValueError(f"unknown body canonicalization {canonicalization!r}")
+        self.relaxed = canonicalization == "relaxed"
+        self._hash = hashlib.sha256()
+        self._carry = b""  # after the last CRLF seen: an incomplete line
+        self._blank = 0  # empty lines counted, not hashed yet
+        self._midline = False  # the start of the current line is hashed already
+        self._any = False  # anything hashed
+
+    def update(self, data: bytes) -> None:
+        if self._carry:
+            data = self._carry + data
+        cut = data.rfind(b"\r\n") + 2
+        if cut >= 2:
+            self._lines(data[:cut])
+            data = data[cut:]
+        self._carry = data
+        if len(data) > _PARTIAL:
+            self._partial()
+
+    def digest(self) -> bytes:
+        if self._carry or self._midline:
+            self.update(b"\r\n")
+        if not self._any and not self.relaxed:
+            self._hash.update(b"\r\n")
+        return self._hash.digest()
+
+    def _lines(self, block: bytes) -> None:
+        """Complete lines (block ends with CRLF)."""
+        if self.relaxed:
+            block = _WSP.sub(b" ", block).replace(b" \r\n", b"\r\n")
+        stop = len(block.rstrip(b"\r\n"))
+        tail = len(block) - stop
+        if tail % 2 == 0 and block.endswith(b"\r\n" * (tail // 2)):
+            end = stop
+        else:  # a bare CR or LF among the line ends: pair them from the end
+            end = len(block)
+            while end - 2 >= stop and block[end - 2:end] == b"\r\n":
+                end -= 2
+        blanks = (len(block) - end) // 2  # the last text line's CRLF and the empty lines after it
+        if end > 0 or self._midline:
+            self._flush_blanks()
+            self._hash.update(block[:end])
+            self._hash.update(b"\r\n")
+            self._blank = blanks - 1
+            self._any = True
+        else:
+            self._blank += blanks
+        self._midline = False
+
+    def _partial(self) -> None:
+        """Hash most of a long incomplete line: all but a last CR (its LF may
+        follow) and, relaxed, a last space (white space before CRLF goes)."""
+        data = _WSP.sub(b" ", self._carry) if self.relaxed else self._carry
+        keep = 1 if data.endswith(b"\r") else 0
+        if self.relaxed and data[:len(data) - keep].endswith(b" "):
+            keep += 1
+        text = data[:len(data) - keep]
+        if text:
+            self._flush_blanks()
+            self._hash.update(text)
+            self._midline = self._any = True
+        self._carry = data[len(data) - keep:]
+
+    def _flush_blanks(self) -> None:
+        while self._blank:
+            n = min(self._blank, _BLANKS)
+            self._hash.update(b"\r\n" * n)
+            self._blank -= n
+
+
+def body_hash(f: BinaryIO, start: int, canonicalization: str, chunk_size: int = CHUNK) -> bytes:
+    """The body hash (raw SHA-256) of the body from file offset start to the end, read in chunks."""
+    f.seek(start)
+    h = BodyHasher(canonicalization)
+    while chunk := f.read(chunk_size):
+        h.update(chunk)
+    return h.digest()
+
+
+# ---------------------------------------------------------------- which key signs
+
+@dataclass(frozen=True)
+class Choice:
+    """What to sign a message with: keys, or a reason (NO_FROM, SEVERAL_FROM,
+    BAD_FROM, NO_KEY) and a detail for the log when it is not signed."""
+
+    keys: tuple[SigningKey, ...] = ()
+    domain: str | None = None  # the From address's domain
+    reason: str | None = None
+    detail: str = ""
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.keys)
+
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def normalize_domain(domain: str) -> str | None:
+    """A domain in lower case A-labels without a final dot, None if it is no domain name."""
+    d = domain.strip().rstrip(".").lower()
+    if not d.isascii():
+        try:
+            import idna  # noqa: PLC0415 - only for the rare internationalised domain
+
+            d = idna.encode(d, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            return None
+    labels = d.split(".")
+    if not d or len(d) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return None
+    return d
+
+
+def from_domain(value: bytes) -> str:
+    """The domain of a From header's value (ValueError saying why there is none)."""
+    text = value.replace(b"\r\n", b"").decode("utf-8", "replace")
+    try:
+        header = HeaderRegistry()("from", text)
+        addresses = header.addresses  # type: ignore[attr-defined]
+    except Exception as e:  # noqa: BLE001 - the stdlib parser fails in many ways on bad input
+        raise ValueError(f"unparsable ({type(e).__name__})")
+    if any(isinstance(d, InvalidHeaderDefect) for d in header.defects):
+        raise ValueError("not an address list")
+    if not addresses:
+        raise ValueError("no address")
+    domains = set()
+    for a in addresses:
+        d = normalize_domain(a.domain) if a.username and a.domain else None
+        if d is None:
+            raise ValueError(f"no domain name in {a.addr_spec!r}")
+        domains.add(d)
+    if len(domains) > 1:
+        raise ValueError(f"addresses in several domains ({', '.join(sorted(domains))})")
+    return domains.pop()
+
+
+def choose_keys(fields: Sequence[HeaderField], keys: Mapping[str, Sequence[SigningKey]]) -> Choice:
+    """Which keys sign a message, from its From header (never raises).
+
+    keys: the signing domains (normalize_domain's form) and their keys.  The
+    From domain's own keys, else those of the nearest parent configured
+    (mail from nas.example.org signs as example.org: aligned for DMARC's
+    relaxed mode)."""
+    froms = [f for f in fields if f.name.lower() == b"from"]
+    if not froms:
+        return Choice(reason=NO_FROM)
+    if len(froms) > 1:
+        return Choice(reason=SEVERAL_FROM, detail=f"{len(froms)} From headers")
+    try:
+        domain = from_domain(froms[0].value)
+    except ValueError as e:
+        return Choice(reason=BAD_FROM, detail=str(e))
+    labels = domain.split(".")
+    for i in range(len(labels)):
+        found = keys.get(".".join(labels[i:]))
+        if found:
+            return Choice(keys=tuple(found), domain=domain)
+    return Choice(domain=domain, reason=NO_KEY, detail=domain)
+
+
+# ---------------------------------------------------------------- the signature
+
+def parse_canonicalization(c: str) -> tuple[str, str]:
+    """(header, body) from a c= value: "relaxed/relaxed", "simple", ... (a body default of simple, RFC 6376 3.5)."""
+    head, _, body = c.strip().lower().partition("/")
+    body = body or "simple"
+    if head not in ("simple", "relaxed") or body not in ("simple", "relaxed"):
+        raise ValueError(f"{c!r} is not a canonicalization (simple or relaxed, header/body)")
+    return head, body
+
+
+class _Folder:
+    """Lines of at most LINE_WIDTH characters, folded where the tag syntax allows FWS."""
+
+    def __init__(self, first: str):
+        self.lines = [first]
+
+    def add(self, atom: str, sep: str = " ") -> None:
+        if len(self.lines[-1]) + len(sep) + len(atom) <= LINE_WIDTH:
+            self.lines[-1] += sep + atom
+        else:
+            self.lines.append("\t" + atom)
+
+    def add_base64(self, text: str) -> None:
+        """base64 folds anywhere (RFC 6376 2.4: FWS is allowed in it)."""
+        while text:
+            room = LINE_WIDTH - len(self.lines[-1])
+            if room <= 0:
+                self.lines.append("\t")
+                continue
+            self.lines[-1] += text[:room]
+            text = text[room:]
+
+
+def _header_fields(key: SigningKey, c: tuple[str, str], timestamp: int, names: Sequence[str], bh: bytes) -> _Folder:
+    """The DKIM-Signature header up to its empty b=."""
+    out = _Folder("DKIM-Signature:")
+    for atom in ("v=1;", f"a={key.algorithm};", f"c={c[0]}/{c[1]};", f"d={key.domain};", f"s={key.selector};",
+                 f"t={timestamp};"):
+        out.add(atom)
+    for i, name in enumerate(names):
+        out.add(("h=" if i == 0 else ":") + name + (";" if i == len(names) - 1 else ""), " " if i == 0 else "")
+    out.add("bh=")
+    out.add_base64(b64encode(bh).decode("ascii"))
+    out.lines[-1] += ";"
+    out.add("b=")
+    return out
+
+
+def signature_header(key: SigningKey, fields: Sequence[HeaderField], bh: bytes, *, timestamp: int,
+                     headers: Sequence[str] = DEFAULT_HEADERS,
+                     canonicalization: str = DEFAULT_CANONICALIZATION) -> bytes:
+    """The DKIM-Signature header (CRLF-ended bytes) over fields and the body hash bh (RFC 6376 3.7).
+
+    The signed data: each signed field canonicalised, in h= order, then this
+    header with b= empty and without its final CRLF; b= is then added to
+    exactly the text that was hashed."""
+    c = parse_canonicalization(canonicalization)
+    chosen = headers_to_sign(fields, header_list(headers))
+    folder = _header_fields(key, c, timestamp, [n for n, _ in chosen], bh)
+    unsigned = "\r\n".join(folder.lines).encode("ascii") + b"\r\n"
+    own = canonicalize_header(HeaderField(b"DKIM-Signature", unsigned), c[0])[:-2]
+    data = b"".join(canonicalize_header(f, c[0]) for _, f in chosen if f is not None) + own
+    folder.add_base64(b64encode(key.sign(data)).decode("ascii"))
+    return "\r\n".join(folder.lines).encode("ascii") + b"\r\n"
+
+
+def sign_many(path: str, offset: int, keys: Sequence[SigningKey], *, timestamp: int | None = None,
+              headers: Sequence[str] = DEFAULT_HEADERS, canonicalization: str = DEFAULT_CANONICALIZATION,
+              chunk_size: int = CHUNK, max_header: int = MAX_HEADER_BYTES) -> list[bytes]:
+    """One DKIM-Signature header per key for the message stored in path from
+    offset to its end (CRLF line ends, as it will be sent); the body is read
+    once.  Prepend them in any order: none covers another.  MessageError
+    when the message cannot be signed (send it unsigned); OSError as the file gives it."""
+    c = parse_canonicalization(canonicalization)
+    t = int(time.time()) if timestamp is None else timestamp
+    with open(path, "rb", buffering=0) as f:
+        block, body_start = read_header_block(f, offset, max_header)
+        fields = parse_header_fields(block)
+        bh = body_hash(f, body_start, c[1], chunk_size) if keys else b""
+    return [signature_header(k, fields, bh, timestamp=t, headers=headers, canonicalization=canonicalization)
+            for k in keys]
+
+
+def sign(path: str, offset: int, key: SigningKey, *, timestamp: int | None = None,
+         headers: Sequence[str] = DEFAULT_HEADERS, canonicalization: str = DEFAULT_CANONICALIZATION,
+         chunk_size: int = CHUNK, max_header: int = MAX_HEADER_BYTES) -> bytes:
+    """The DKIM-Signature header for the message in path at offset (see sign_many)."""
+    return sign_many(path, offset, [key], timestamp=timestamp, headers=headers,
+                     canonicalization=canonicalization, chunk_size=chunk_size, max_header=max_header)[0]
+
+
+def read_fields(path: str, offset: int, max_header: int = MAX_HEADER_BYTES) -> list[HeaderField]:
+    """The header fields of the message in path at offset (for choose_keys before signing)."""
+    with open(path, "rb", buffering=0) as f:
+        return parse_header_fields(read_header_block(f, offset, max_header)[0])
