@@ -514,3 +514,70 @@ def test_domain_and_selector_must_be_dns_names(tmp_path):
     for domain, selector in (("exa mple.org", "s"), ("example.org", "s;x"), ("example.org", ""), ("", "s")):
         with pytest.raises(ValueError):
             dkim.load_key(path, domain, selector, dkim.ED25519_SHA256)
+
+
+# ---------------------------------------------------------------- intake's one call
+
+def test_sign_message_chooses_and_signs_in_one_read(tmp_path, keys):
+    table = {"example.org": [keys["s1"], keys["s2"]]}
+    path, offset = spool_file(tmp_path, MESSAGES["8-bit"])
+    choice, sigs = dkim.sign_message(path, offset, table, timestamp=T)
+    assert choice.signed and choice.domain == "example.org" and len(sigs) == 2
+    assert sigs == dkim.sign_many(path, offset, [keys["s1"], keys["s2"]], timestamp=T)
+    signed = sigs[1] + sigs[0] + MESSAGES["8-bit"]
+    assert dkimpy_ok(signed, keys["s1"], keys["s2"], idx=0) and dkimpy_ok(signed, keys["s1"], keys["s2"], idx=1)
+
+
+@pytest.mark.parametrize("message, reason", [
+    (b"To: a@example.org\r\n\r\nbody\r\n", dkim.NO_FROM),
+    (b"From: a@example.org\r\nFrom: b@example.org\r\n\r\n", dkim.SEVERAL_FROM),
+    (b"From: a@\r\n\r\n", dkim.BAD_FROM),
+    (b"From: a@example.net\r\n\r\n", dkim.NO_KEY),
+    (b"From: a@example.org\r\nno colon\r\n\r\n", dkim.BAD_HEADER),
+    (b"From: a@example.org\r\nX: " + b"y" * 2000 + b"\r\n\r\n", dkim.BAD_HEADER),
+])
+def test_sign_message_gives_a_reason_not_an_exception(tmp_path, keys, message, reason):
+    path, offset = spool_file(tmp_path, message)
+    choice, sigs = dkim.sign_message(path, offset, {"example.org": [keys["s1"]]}, max_header=1000)
+    assert (choice.signed, choice.reason, sigs) == (False, reason, []), choice
+
+
+FROMS = ["joe@example.org", "  Joe <joe@example.org>  ", '"Joe, Jr." <joe@Example.ORG>',
+         "=?utf-8?q?J=C3=B6?= <j@x.example.org>", "Joe Q Public <john.q.public@example.org>",
+         "J. Doe <j@example.org>", "joe@example.org (Joe)", "<joe@example.org>", "joe@exa_mple.org",
+         "Joe <joe@example.org", "joe@-x.org", "a@b@example.org", "Jö <jö@bücher.example>",
+         '"unterminated <joe@example.org>', "joe@[192.0.2.1]", "x <a..b@example.org>", "joe@example.org,", ""]
+
+
+@pytest.mark.parametrize("value", FROMS)
+def test_the_fast_path_for_plain_from_headers_reads_as_the_full_parser(monkeypatch, value):
+    def outcome():
+        try:
+            return dkim.from_domain(value.encode())
+        except ValueError as e:
+            return f"ValueError: {e}"
+    fast = outcome()
+    monkeypatch.setattr(dkim, "_PLAIN_FROM", re.compile(r"(?!)"))
+    assert fast == outcome()
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=st.one_of(
+    st.text(alphabet=' \t"<>@.,;:()\\aZ9-_=?ö', max_size=30),
+    st.builds("{}<{}@{}>{}".format, st.text(alphabet=' \t"a.,=?()', max_size=8),
+              st.text(alphabet='a.-"_+', min_size=1, max_size=6), st.text(alphabet="a.-_Zö", min_size=1, max_size=8),
+              st.text(alphabet=" \t(),", max_size=3)),
+    st.builds("{}@{}".format, st.text(alphabet='a.-"_+ ', min_size=1, max_size=6),
+              st.text(alphabet="a.-_Z ", min_size=1, max_size=8))))
+def test_the_fast_path_agrees_on_random_from_values(value):
+    def outcome(fast):
+        old = dkim._PLAIN_FROM
+        if not fast:
+            dkim._PLAIN_FROM = re.compile(r"(?!)")
+        try:
+            return dkim.from_domain(value.encode())
+        except ValueError:
+            return None
+        finally:
+            dkim._PLAIN_FROM = old
+    assert outcome(True) == outcome(False)
