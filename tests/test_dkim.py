@@ -1,4 +1,4 @@
-"""relay.intake.dkim: signatures an independent verifier accepts (issue 14, DKIM signing).
+"""relay.intake.dkim and dkimcanon: signatures an independent verifier accepts (issue 14, DKIM signing).
 
 Every signature is checked by dkimpy's ``dkim.verify`` (the key record fed
 through its ``dnsfunc``) and, where Debian's opendkim-tools can run (see
@@ -29,7 +29,7 @@ from dkim.canonicalization import ALGORITHMS as DKIMPY_CANON
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.intake import dkim
+from relay.intake import dkim, dkimcanon
 from relay.intake.dkimkeys import public_record, txt_strings
 from tests.support import opendkim
 
@@ -284,7 +284,7 @@ def reference(body: bytes, canon: str) -> bytes:
 
 
 def hashed(pieces, canon: str) -> bytes:
-    h = dkim.BodyHasher(canon)
+    h = dkimcanon.BodyHasher(canon)
     for p in pieces:
         h.update(p)
     return h.digest()
@@ -296,7 +296,7 @@ def test_every_cut_into_three_chunks_hashes_alike(monkeypatch, canon, partial):
     """Each CR, LF, space and tab falls on a chunk boundary in turn (with
     partial: an incomplete line is hashed past that many bytes, too)."""
     if partial is not None:
-        monkeypatch.setattr(dkim, "_PARTIAL", partial)
+        monkeypatch.setattr(dkimcanon, "_PARTIAL", partial)
     for body in BODIES:
         want = reference(body, canon)
         for i in range(len(body) + 1):
@@ -315,12 +315,12 @@ def test_random_bodies_in_random_chunks_hash_as_dkimpy(body, cuts, canon, partia
         pieces.append(data[pos:pos + c])
         pos += c
     pieces.append(data[pos:])
-    old = dkim._PARTIAL
-    dkim._PARTIAL = partial
+    old = dkimcanon._PARTIAL
+    dkimcanon._PARTIAL = partial
     try:
         assert hashed(pieces, canon) == reference(data, canon)
     finally:
-        dkim._PARTIAL = old
+        dkimcanon._PARTIAL = old
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64 * 1024])
@@ -329,10 +329,10 @@ def test_body_hash_from_a_file_in_any_chunk_size(tmp_path, chunk):
     path, offset = spool_file(tmp_path, msg)
     body = msg.split(b"\r\n\r\n", 1)[1]
     with open(path, "rb") as f:
-        _, start = dkim.read_header_block(f, offset)
+        _, start = dkimcanon.read_header_block(f, offset)
         assert start == offset + msg.index(b"\r\n\r\n") + 4
         for canon in ("relaxed", "simple"):
-            assert dkim.body_hash(f, start, canon, chunk) == reference(body, canon)
+            assert dkimcanon.body_hash(f, start, canon, chunk) == reference(body, canon)
 
 
 def test_many_blank_lines_then_text(tmp_path):
@@ -361,11 +361,12 @@ def test_header_lines_that_are_no_field(tmp_path, keys):
 
 def test_fields_and_their_values(tmp_path):
     path, offset = spool_file(tmp_path, MESSAGES["folded headers"])
-    fields = dkim.read_fields(path, offset)
+    with open(path, "rb") as f:
+        fields = dkimcanon.parse_header_fields(dkimcanon.read_header_block(f, offset)[0])
     assert [f.name for f in fields] == [b"Date", b"From", b"To", b"Subject"]
     assert fields[1].value == b" Joe\r\n <joe@example.org>"
-    assert dkim.canonicalize_header(fields[3], "relaxed") == b"subject:a subject folded three times\r\n"
-    assert dkim.canonicalize_header(fields[3], "simple") == fields[3].raw
+    assert dkimcanon.canonicalize_header(fields[3], "relaxed") == b"subject:a subject folded three times\r\n"
+    assert dkimcanon.canonicalize_header(fields[3], "simple") == fields[3].raw
 
 
 def test_header_list_and_canonicalization_are_checked():
@@ -374,16 +375,16 @@ def test_header_list_and_canonicalization_are_checked():
                      (["From", "Sub ject"], "not a header"), (["From", "Grüße"], "not a header")):
         with pytest.raises(ValueError, match=why):
             dkim.header_list(bad)
-    assert dkim.parse_canonicalization("relaxed") == ("relaxed", "simple")
-    assert dkim.parse_canonicalization("Simple/Relaxed") == ("simple", "relaxed")
+    assert dkimcanon.parse_canonicalization("relaxed") == ("relaxed", "simple")
+    assert dkimcanon.parse_canonicalization("Simple/Relaxed") == ("simple", "relaxed")
     with pytest.raises(ValueError):
-        dkim.parse_canonicalization("loose/relaxed")
+        dkimcanon.parse_canonicalization("loose/relaxed")
 
 
 # ---------------------------------------------------------------- which keys sign
 
 def fields_of(head: bytes) -> list[dkim.HeaderField]:
-    return dkim.parse_header_fields(head)
+    return dkimcanon.parse_header_fields(head)
 
 
 def test_choose_keys_by_from_domain_or_a_configured_parent(keys):

@@ -3,12 +3,12 @@
 Why our own signer and not dkimpy's ``sign``: dkimpy takes the whole message
 as one bytes object, and the relay must sign a 100 MB message within the
 memory bound it accepts it in.  So the body hash is computed from the spool
-file in chunks (``CHUNK``, 64 KiB; the canonicalisation carries a CR split
-from its LF, a line's trailing white space and the trailing empty lines
-across chunk boundaries), the header block is read on its own (at most
-``MAX_HEADER_BYTES``: past that the message is refused with MessageError),
-and only the ``DKIM-Signature:`` header comes back, as bytes (folded lines of
-at most 78 characters, CRLF) to be prepended to the stored message.
+file in chunks (``CHUNK``, 64 KiB), the header block is read on its own (at
+most ``MAX_HEADER_BYTES``: past that the message is refused with
+MessageError), both by relay.intake.dkimcanon (the canonicalisations), and
+only the ``DKIM-Signature:`` header comes back, as bytes (folded lines of at
+most 78 characters, CRLF; only a tag value longer than a line, a very long
+d=, is not cut) to be prepended to the stored message.
 
 Pure code, blocking (it reads the file): the caller runs it in a thread.
 
@@ -19,7 +19,8 @@ Pure code, blocking (it reads the file): the caller runs it in a thread.
   message is signed; a message that cannot be (no From, several, one that
   does not parse, no key for its domain) gets a ``Choice`` with a reason,
   never an exception: such mail is sent unsigned, not lost.
-- ``sign`` makes one signature; ``sign_many`` several (key rotation: two
+- ``sign_message`` is intake's one call: keys chosen, signatures made.
+  ``sign`` makes one signature; ``sign_many`` several (key rotation: two
   selectors of one domain) with one read of the body.  No signature covers
   another: DKIM-Signature is not in the signed set (``header_list`` refuses
   it), so the second, prepended above the first, breaks neither; verifiers
@@ -41,11 +42,25 @@ from base64 import b64encode
 from dataclasses import dataclass, field
 from email.errors import InvalidHeaderDefect
 from email.headerregistry import HeaderRegistry
-from typing import BinaryIO, Iterable, Mapping, Sequence, Union
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
+from relay.intake.dkimcanon import (
+    CHUNK,
+    FIELD_NAME,
+    MAX_HEADER_BYTES,
+    DKIMError,
+    HeaderField,
+    MessageError,
+    body_hash,
+    canonicalize_header,
+    parse_canonicalization,
+    parse_header_fields,
+    read_header_block,
+)
 
 RSA_SHA256 = "rsa-sha256"
 ED25519_SHA256 = "ed25519-sha256"
@@ -54,8 +69,6 @@ DEFAULT_CANONICALIZATION = "relaxed/relaxed"
 # issue 14's set; From twice: a second From added below ours breaks the signature
 DEFAULT_HEADERS = ("From", "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "MIME-Version",
                    "Content-Type", "Content-Transfer-Encoding", "In-Reply-To", "References")
-CHUNK = 64 * 1024
-MAX_HEADER_BYTES = 1024 * 1024
 MAX_KEY_FILE = 64 * 1024  # a PEM key is a few KiB; more is not a key (and not read into memory)
 RSA_MIN_BITS = 1024  # RFC 8301: verifiers must not accept less
 RSA_GOOD_BITS = 2048  # RFC 8301: signers should use at least this
@@ -71,10 +84,6 @@ NO_KEY = "no signing key for the From domain"
 PrivateKey = Union[rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey]
 
 
-class DKIMError(Exception):
-    """Base of this module's errors."""
-
-
 class KeyFileError(DKIMError):
     """A key file that cannot be used; the message names the file (a config error at start and reload)."""
 
@@ -82,11 +91,6 @@ class KeyFileError(DKIMError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
-
-
-class MessageError(DKIMError):
-    """The message cannot be signed as it is (a header block past the bound,
-    a line that is no header field): the caller sends it unsigned."""
 
 
 # ---------------------------------------------------------------- keys
@@ -184,89 +188,6 @@ def load_key(path: str, domain: str, selector: str, algorithm: str = RSA_SHA256)
     return SigningKey(d, sel, algorithm, key, path, warnings)
 
 
-# ---------------------------------------------------------------- header block
-
-@dataclass(frozen=True)
-class HeaderField:
-    """One header field as it is in the message."""
-
-    name: bytes  # before the colon, as written (trailing white space removed)
-    raw: bytes  # the whole field: name, colon, value with its folding, final CRLF
-
-    @property
-    def value(self) -> bytes:
-        """The field's value, folding and all, without the final CRLF."""
-        return self.raw.split(b":", 1)[1][:-2]
-
-
-def read_header_block(f: BinaryIO, start: int, limit: int = MAX_HEADER_BYTES) -> tuple[bytes, int]:
-    """(header block up to and with its last CRLF, file offset of the body).
-
-    Read in chunks up to the empty line: at most limit bytes of headers, then
-    MessageError (a bound on memory whatever the message).  No empty line
-    before the end of the file: all of it is headers and the body is empty."""
-    f.seek(start)
-    buf = b""
-    while True:
-        if buf.startswith(b"\r\n"):
-            return b"", start + 2
-        i = buf.find(b"\r\n\r\n", max(0, len(buf) - CHUNK - 3))
-        if i + 2 > limit or (i < 0 and len(buf) > limit):
-            raise MessageError(f"the header block is longer than {limit} bytes")
-        if i >= 0:
-            return buf[:i + 2], start + i + 4
-        chunk = f.read(CHUNK)
-        if not chunk:
-            block = buf if buf.endswith(b"\r\n") or not buf else buf + b"\r\n"
-            return block, start + len(buf)
-        buf += chunk
-
-
-def parse_header_fields(block: bytes) -> list[HeaderField]:
-    """The fields of a header block, continuation lines joined to their field."""
-    fields: list[tuple[bytes, list[bytes]]] = []
-    lines = block.split(b"\r\n")
-    for n, line in enumerate(lines[:-1], 1):
-        if line[:1] in (b" ", b"\t"):
-            if not fields:
-                raise MessageError("the header block starts with a continuation line")
-            fields[-1][1].append(line)
-            continue
-        name, colon, _ = line.partition(b":")
-        name = name.rstrip(b" \t")
-        if not colon or not name or not _FIELD_NAME.fullmatch(name):
-            raise MessageError(f"header line {n} is not a field (a name and a colon)")
-        fields.append((name, [line]))
-    return [HeaderField(name, b"\r\n".join(parts) + b"\r\n") for name, parts in fields]
-
-
-_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
-_TAB_TO_SPACE = bytes.maketrans(b"\t", b" ")
-
-
-def compress_wsp(data: bytes) -> bytes:
-    """Every run of spaces and tabs as one space.  Not re.sub: that makes an
-    object per match (MBs for a 64 KiB chunk of short words); this makes
-    a copy per halving of the longest run (and nothing for a base64 block:
-    a search for one byte is memchr, for two bytes ten times slower)."""
-    if b"\t" in data:
-        data = data.translate(_TAB_TO_SPACE)
-    elif b" " not in data:
-        return data
-    while b"  " in data:
-        data = data.replace(b"  ", b" ")
-    return data
-
-
-def canonicalize_header(fld: HeaderField, how: str) -> bytes:
-    """RFC 6376 3.4.1 (simple: as is) and 3.4.2 (relaxed: name in lower case,
-    unfolded, white space runs as one space, none around the value)."""
-    if how == "simple":
-        return fld.raw
-    value = compress_wsp(fld.raw.split(b":", 1)[1].replace(b"\r\n", b"")).strip(b" ")
-    return fld.name.lower() + b":" + value + b"\r\n"
-
-
 @functools.lru_cache(maxsize=16)
 def _checked(names: tuple[str, ...]) -> tuple[str, ...]:
     return header_list(names)
@@ -278,7 +199,7 @@ def header_list(names: Iterable[str]) -> tuple[str, ...]:
     DKIM-Signature (a signature covering another breaks with it)."""
     out = tuple(n.strip() for n in names)
     for n in out:
-        if not n.isascii() or not _FIELD_NAME.fullmatch(n.encode("ascii")) or ";" in n:
+        if not n.isascii() or not FIELD_NAME.fullmatch(n.encode("ascii")) or ";" in n:
             raise ValueError(f"{n!r} is not a header field name")
     lowered = [n.lower() for n in out]
     if "from" not in lowered:
@@ -311,100 +232,6 @@ def headers_to_sign(fields: Sequence[HeaderField], names: Sequence[str]) -> list
             out.extend((spelling, instances[i] if i < len(instances) else None)
                        for i in range(max(times, len(instances))))
     return out
-
-
-# ---------------------------------------------------------------- body hash
-
-_PARTIAL = 64 * 1024  # an incomplete line is hashed (all but its last 2 bytes) past this: memory stays bounded
-_BLANKS = 32 * 1024  # empty lines hashed per update
-
-
-class BodyHasher:
-    """SHA-256 of a body canonicalised (RFC 6376 3.4.3 simple, 3.4.4 relaxed), fed in chunks of any size.
-
-    Only complete lines are canonicalised; the bytes after the last CRLF wait
-    for the next chunk (so a CR and its LF may arrive apart).  Empty lines are
-    counted, not hashed, until text follows: those at the end of the body are
-    not part of it.  An incomplete last line is hashed as it arrives: SMTP's
-    DATA ends it with CRLF, so it gets its CRLF first, then its trailing
-    white space goes (relaxed; verifiers that hash such a message as it is
-    in a file differ among themselves).  An empty body is CRLF (simple) or
-    nothing (relaxed)."""
-
-    def __init__(self, canonicalization: str):
-        if canonicalization not in ("simple", "relaxed"):
-            raise ValueError(f"unknown body canonicalization {canonicalization!r}")
-        self.relaxed = canonicalization == "relaxed"
-        self._hash = hashlib.sha256()
-        self._carry = b""  # after the last CRLF seen: an incomplete line
-        self._blank = 0  # empty lines counted, not hashed yet
-        self._midline = False  # the start of the current line is hashed already
-        self._any = False  # anything hashed
-
-    def update(self, data: bytes) -> None:
-        if self._carry:
-            data = self._carry + data
-        cut = data.rfind(b"\r\n") + 2
-        if cut >= 2:
-            self._lines(data[:cut])
-            data = data[cut:]
-        self._carry = data
-        if len(data) > _PARTIAL:
-            self._partial()
-
-    def digest(self) -> bytes:
-        if self._carry or self._midline:
-            self.update(b"\r\n")
-        if not self._any and not self.relaxed:
-            self._hash.update(b"\r\n")
-        return self._hash.digest()
-
-    def _lines(self, block: bytes) -> None:
-        """Complete lines (block ends with CRLF)."""
-        if self.relaxed and (b" " in block or b"\t" in block):
-            block = compress_wsp(block).replace(b" \r\n", b"\r\n")
-        end = len(block) - 2  # the last line's CRLF; then count the empty lines before it, without a copy
-        while end >= 2 and block.startswith(b"\r\n", end - 2):
-            end -= 2
-        blanks = (len(block) - end) // 2  # the last text line's CRLF and the empty lines after it
-        if end > 0 or self._midline:
-            self._flush_blanks()
-            self._hash.update(block[:end])
-            self._hash.update(b"\r\n")
-            self._blank = blanks - 1
-            self._any = True
-        else:
-            self._blank += blanks
-        self._midline = False
-
-    def _partial(self) -> None:
-        """Hash most of a long incomplete line: all but a last CR (its LF may
-        follow) and, relaxed, a last space (white space before CRLF goes)."""
-        data = compress_wsp(self._carry) if self.relaxed else self._carry
-        keep = 1 if data.endswith(b"\r") else 0
-        if self.relaxed and data[:len(data) - keep].endswith(b" "):
-            keep += 1
-        text = data[:len(data) - keep]
-        if text:
-            self._flush_blanks()
-            self._hash.update(text)
-            self._midline = self._any = True
-        self._carry = data[len(data) - keep:]
-
-    def _flush_blanks(self) -> None:
-        while self._blank:
-            n = min(self._blank, _BLANKS)
-            self._hash.update(b"\r\n" * n)
-            self._blank -= n
-
-
-def body_hash(f: BinaryIO, start: int, canonicalization: str, chunk_size: int = CHUNK) -> bytes:
-    """The body hash (raw SHA-256) of the body from file offset start to the end, read in chunks."""
-    f.seek(start)
-    h = BodyHasher(canonicalization)
-    while chunk := f.read(chunk_size):
-        h.update(chunk)
-    return h.digest()
 
 
 # ---------------------------------------------------------------- which key signs
@@ -507,15 +334,6 @@ def choose_keys(fields: Sequence[HeaderField], keys: Mapping[str, Sequence[Signi
 
 # ---------------------------------------------------------------- the signature
 
-def parse_canonicalization(c: str) -> tuple[str, str]:
-    """(header, body) from a c= value: "relaxed/relaxed", "simple", ... (a body default of simple, RFC 6376 3.5)."""
-    head, _, body = c.strip().lower().partition("/")
-    body = body or "simple"
-    if head not in ("simple", "relaxed") or body not in ("simple", "relaxed"):
-        raise ValueError(f"{c!r} is not a canonicalization (simple or relaxed, header/body)")
-    return head, body
-
-
 class _Folder:
     """Lines of at most LINE_WIDTH characters, folded where the tag syntax allows FWS."""
 
@@ -572,40 +390,16 @@ def signature_header(key: SigningKey, fields: Sequence[HeaderField], bh: bytes, 
     return "\r\n".join(folder.lines).encode("ascii") + b"\r\n"
 
 
-def sign_many(path: str, offset: int, keys: Sequence[SigningKey], *, timestamp: int | None = None,
-              headers: Sequence[str] = DEFAULT_HEADERS, canonicalization: str = DEFAULT_CANONICALIZATION,
-              chunk_size: int = CHUNK, max_header: int = MAX_HEADER_BYTES) -> list[bytes]:
-    """One DKIM-Signature header per key for the message stored in path from
-    offset to its end (CRLF line ends, as it will be sent); the body is read
-    once.  Prepend them in any order: none covers another.  MessageError
-    when the message cannot be signed (send it unsigned); OSError as the file gives it."""
+def _sign_file(path: str, offset: int, pick: Callable[[list[HeaderField]], Choice], timestamp: int | None,
+               headers: Sequence[str], canonicalization: str, chunk_size: int,
+               max_header: int) -> tuple[Choice, list[bytes]]:
+    """The header block read once, the keys pick gives, the body hashed once, a signature per key."""
     c = parse_canonicalization(canonicalization)
     t = int(time.time()) if timestamp is None else timestamp
     with open(path, "rb", buffering=0) as f:
         block, body_start = read_header_block(f, offset, max_header)
         fields = parse_header_fields(block)
-        bh = body_hash(f, body_start, c[1], chunk_size) if keys else b""
-    return [signature_header(k, fields, bh, timestamp=t, headers=headers, canonicalization=canonicalization)
-            for k in keys]
-
-
-def sign_message(path: str, offset: int, keys: Mapping[str, Sequence[SigningKey]], *, timestamp: int | None = None,
-                 headers: Sequence[str] = DEFAULT_HEADERS, canonicalization: str = DEFAULT_CANONICALIZATION,
-                 chunk_size: int = CHUNK, max_header: int = MAX_HEADER_BYTES) -> tuple[Choice, list[bytes]]:
-    """Intake's one call for a trusted message: the header block read once,
-    the keys chosen (choose_keys), a signature per key.  A message that is
-    not signed, a header block that cannot be (BAD_HEADER) included, comes
-    back as a Choice with its reason and no signatures: never an exception
-    for what the message holds (OSError as the file gives it)."""
-    c = parse_canonicalization(canonicalization)
-    t = int(time.time()) if timestamp is None else timestamp
-    with open(path, "rb", buffering=0) as f:
-        try:
-            block, body_start = read_header_block(f, offset, max_header)
-            fields = parse_header_fields(block)
-        except MessageError as e:
-            return Choice(reason=BAD_HEADER, detail=str(e)), []
-        choice = choose_keys(fields, keys)
+        choice = pick(fields)
         if not choice.signed:
             return choice, []
         bh = body_hash(f, body_start, c[1], chunk_size)
@@ -613,15 +407,35 @@ def sign_message(path: str, offset: int, keys: Mapping[str, Sequence[SigningKey]
                     for k in choice.keys]
 
 
+def sign_message(path: str, offset: int, keys: Mapping[str, Sequence[SigningKey]], *, timestamp: int | None = None,
+                 headers: Sequence[str] = DEFAULT_HEADERS, canonicalization: str = DEFAULT_CANONICALIZATION,
+                 chunk_size: int = CHUNK, max_header: int = MAX_HEADER_BYTES) -> tuple[Choice, list[bytes]]:
+    """Intake's one call for a trusted message in path from offset to its end
+    (CRLF line ends, as it will be sent): the keys chosen (choose_keys), a
+    signature per key.  A message that is not signed, a header block that
+    cannot be (BAD_HEADER) included, is a Choice with its reason and no
+    signatures: never an exception for what the message holds (OSError as
+    the file gives it)."""
+    try:
+        return _sign_file(path, offset, lambda fields: choose_keys(fields, keys), timestamp, headers,
+                          canonicalization, chunk_size, max_header)
+    except MessageError as e:
+        return Choice(reason=BAD_HEADER, detail=str(e)), []
+
+
+def sign_many(path: str, offset: int, keys: Sequence[SigningKey], *, timestamp: int | None = None,
+              headers: Sequence[str] = DEFAULT_HEADERS, canonicalization: str = DEFAULT_CANONICALIZATION,
+              chunk_size: int = CHUNK, max_header: int = MAX_HEADER_BYTES) -> list[bytes]:
+    """One DKIM-Signature header per key (the body read once), whatever the
+    From header says.  Prepend them in any order: none covers another.
+    MessageError when the header block cannot be signed."""
+    return _sign_file(path, offset, lambda fields: Choice(keys=tuple(keys)), timestamp, headers,
+                      canonicalization, chunk_size, max_header)[1]
+
+
 def sign(path: str, offset: int, key: SigningKey, *, timestamp: int | None = None,
          headers: Sequence[str] = DEFAULT_HEADERS, canonicalization: str = DEFAULT_CANONICALIZATION,
          chunk_size: int = CHUNK, max_header: int = MAX_HEADER_BYTES) -> bytes:
-    """The DKIM-Signature header for the message in path at offset (see sign_many)."""
+    """The DKIM-Signature header for one key (see sign_many)."""
     return sign_many(path, offset, [key], timestamp=timestamp, headers=headers,
                      canonicalization=canonicalization, chunk_size=chunk_size, max_header=max_header)[0]
-
-
-def read_fields(path: str, offset: int, max_header: int = MAX_HEADER_BYTES) -> list[HeaderField]:
-    """The header fields of the message in path at offset (for choose_keys before signing)."""
-    with open(path, "rb", buffering=0) as f:
-        return parse_header_fields(read_header_block(f, offset, max_header)[0])
