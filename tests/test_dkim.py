@@ -582,3 +582,16 @@ def test_the_fast_path_agrees_on_random_from_values(value):
         finally:
             dkim._PLAIN_FROM = old
     assert outcome(True) == outcome(False)
+
+
+def test_a_huge_from_header_is_not_parsed(keys):
+    c = dkim.choose_keys(fields_of(b"From: " + b"a" * 20000 + b" <joe@example.org>\r\n"), {"example.org": [keys["s1"]]})
+    assert (c.signed, c.reason, c.detail) == (False, dkim.BAD_FROM, "longer than 16384 bytes")
+
+
+def test_a_message_without_from_signed_anyway_names_from_in_h(tmp_path, keys):
+    msg = b"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\nSubject: no from\r\n\r\nbody\r\n"
+    path, offset = spool_file(tmp_path, msg)
+    sig = dkim.sign(path, offset, keys["s2"], timestamp=T)
+    assert b"h=From:From:Subject:Date;" in sig
+    assert dkimpy_ok(sig + msg, keys["s2"]) and not dkimpy_ok(sig + b"From: x@example.org\r\n" + msg, keys["s2"])

@@ -44,6 +44,7 @@ from email.errors import InvalidHeaderDefect
 from email.headerregistry import HeaderRegistry
 from typing import Callable, Iterable, Mapping, Sequence, Union
 
+import idna
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
@@ -73,6 +74,7 @@ MAX_KEY_FILE = 64 * 1024  # a PEM key is a few KiB; more is not a key (and not r
 RSA_MIN_BITS = 1024  # RFC 8301: verifiers must not accept less
 RSA_GOOD_BITS = 2048  # RFC 8301: signers should use at least this
 LINE_WIDTH = 78
+MAX_FROM = 16 * 1024  # a From header past this is not parsed (the stdlib's parser is slow on huge input)
 
 # the reasons a message is not signed (Choice.reason), stable words for logs and counters
 BAD_HEADER = "header block cannot be signed"
@@ -117,7 +119,9 @@ class SigningKey:
 def read_key_file(path: str) -> bytes:
     """The bytes of a private key file, refused (KeyFileError) when it is
     missing, unreadable, not a regular file, too large or open to the group or
-    others: a key others can read is a key others can sign with."""
+    others: a key others can read is a key others can sign with.  A symbolic
+    link is followed (keys are often linked into place); the mode checked is
+    that of the file opened."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -216,7 +220,8 @@ def headers_to_sign(fields: Sequence[HeaderField], names: Sequence[str]) -> list
     the last first (a verifier takes them bottom up); a name configured k
     times is listed at least k times, the entries past its instances
     covering nothing: a header of that name added later breaks the signature
-    (From twice).  Names the message lacks are left out."""
+    (From twice).  Names the message lacks are left out, but From, which h=
+    must name (RFC 6376 3.5): a message without one is still signed right."""
     wanted: dict[bytes, tuple[str, int]] = {}
     for n in names:
         key = n.lower().encode("ascii")
@@ -228,7 +233,7 @@ def headers_to_sign(fields: Sequence[HeaderField], names: Sequence[str]) -> list
     out: list[tuple[str, HeaderField | None]] = []
     for key, (spelling, times) in wanted.items():
         instances = present.get(key, [])[::-1]
-        if instances:
+        if instances or key == b"from":
             out.extend((spelling, instances[i] if i < len(instances) else None)
                        for i in range(max(times, len(instances))))
     return out
@@ -259,10 +264,8 @@ def normalize_domain(domain: str) -> str | None:
     d = domain.strip().rstrip(".").lower()
     if not d.isascii():
         try:
-            import idna  # noqa: PLC0415 - only for the rare internationalised domain
-
             d = idna.encode(d, uts46=True).decode("ascii")
-        except (idna.IDNAError, UnicodeError):
+        except (idna.IDNAError, ValueError):
             return None
     labels = d.split(".")
     if not d or len(d) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
@@ -282,6 +285,8 @@ _FROM_HEADER = HeaderRegistry()["from"]  # the class, made once (the registry ma
 
 def from_domain(value: bytes) -> str:
     """The domain of a From header's value (ValueError saying why there is none)."""
+    if len(value) > MAX_FROM:
+        raise ValueError(f"longer than {MAX_FROM} bytes")
     text = value.replace(b"\r\n", b"").decode("utf-8", "replace")
     m = _PLAIN_FROM.fullmatch(text)
     if m:
