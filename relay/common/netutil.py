@@ -42,40 +42,33 @@ class Listeners:
 
     def is_self(self, ip: str, port: int) -> bool:
         """Would a connection to ip:port reach one of our listeners?"""
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        for iface, p in self.pairs:
-            if p != port:
-                continue
-            if iface in WILDCARDS:
-                if iface == "0.0.0.0" and addr.version != 4:
-                    continue
-                if is_local_address(str(addr)):
-                    return True
-            else:
-                try:
-                    if ipaddress.ip_address(iface) == addr:
-                        return True
-                except ValueError:
-                    continue
-        return False
+        addr = _ip(ip)
+        return addr is not None and any(
+            p == port and _listens_on(iface, addr, v4_wildcard_is_v4_only=True) for iface, p in self.pairs)
 
     def has_ip(self, ip: str) -> bool:
         """Is ip one of the addresses we accept mail on (any port)?"""
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
+        addr = _ip(ip)
+        return addr is not None and any(
+            _listens_on(iface, addr, v4_wildcard_is_v4_only=False) for iface, _ in self.pairs)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _listens_on(iface: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, *,
+                v4_wildcard_is_v4_only: bool) -> bool:
+    """Does a listener on ``iface`` take connections to ``addr``?  A wildcard
+    takes every local address (0.0.0.0 only IPv4 ones when asked so)."""
+    if iface in WILDCARDS:
+        if v4_wildcard_is_v4_only and iface == "0.0.0.0" and addr.version != 4:
             return False
-        for iface, _ in self.pairs:
-            if iface in WILDCARDS:
-                if is_local_address(str(addr)):
-                    return True
-            else:
-                try:
-                    if ipaddress.ip_address(iface) == addr:
-                        return True
-                except ValueError:
-                    pass
+        return is_local_address(str(addr))
+    try:
+        return ipaddress.ip_address(iface) == addr
+    except ValueError:
         return False
