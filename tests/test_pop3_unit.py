@@ -301,3 +301,26 @@ class StreamerTests(unittest.TestCase):
         self.successResultOf(s.start())
         self.assertEqual((self.writes, self.aborts), ([], [True]))
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_a_failed_read_is_logged_with_the_file_it_read(self):
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def failing(f, *a, **kw):
+            if getattr(f, "__name__", "") == "read":
+                return defer.fail(OSError("EIO"))
+            return sync(f, *a, **kw)
+
+        with tempfile.NamedTemporaryFile() as tmp:
+            tmp.write(b"x\n")
+            tmp.flush()
+            f = open(tmp.name, "rb")
+            s = pop3message.Streamer(f, None, run_blocking=failing, write=lambda b: None,
+                                     touch=lambda: None, abort=lambda: None)
+            self.successResultOf(s.start())
+        self.flushLoggedErrors(OSError)
+        paths = [e.get("path") for e in events if "reading {path} failed" in e.get("log_format", "")]
+        self.assertEqual(paths, [tmp.name])

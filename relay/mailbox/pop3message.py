@@ -157,8 +157,9 @@ class Streamer:
 
     def _failed(self, f: Failure) -> None:
         self.reading = False
+        path = getattr(self.file, "name", "?")  # before _close() drops the file
         self._close()
-        log.failure("pop3: reading {path} failed", f, path=getattr(self.file, "name", "?"))
+        log.failure("pop3: reading {path} failed", f, path=path)
         # Part of the message is already out: never send the final "." (the
         # client would take a truncated message for a whole one); drop the line.
         self.abort()
