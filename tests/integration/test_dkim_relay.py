@@ -18,6 +18,7 @@ import smtplib
 import tempfile
 
 import dkim as dkimpy
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from relay.common.errors import StartupError
@@ -25,6 +26,7 @@ from relay.intake import dkim, sendmail
 from relay.intake.dkimkeys import generate_key, public_record, txt_strings, write_key
 from relay.mailbox import users as usersmod
 from tests.support import opendkim
+from tests.support.dns import DNSServer, Zone
 from tests.support.relay import InProcessRelay, free_port, in_thread, toml_dumps
 from tests.support.sink import Sink
 from tests.support.wait import apoll
@@ -71,7 +73,15 @@ class SigningCase(unittest.TestCase):
     async def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="relay-dkim-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
         self.keys = make_keys(self.tmp)
+        self.zone = Zone()
+        self.dns = DNSServer(self.zone).start()
+        self.addCleanup(self.dns.stop)
+        r1 = "r1._domainkey.example.org"
+        self.zone.txt(r1, *records(self.keys)[r1])  # e1's record is not published
         self.port = free_port((SINK_IP,))
         self.sink = Sink(SINK_IP, port=self.port).start()
         self.addCleanup(self.sink.stop)
@@ -81,7 +91,7 @@ class SigningCase(unittest.TestCase):
             "relay": {"networks": self.networks, "domains": ["backup.example"],
                       "routes": {"dest.example": route, "backup.example": route}},
             "delivery": {"retry_min": 1, "retry_max": 1, "connect_timeout": 5, "tls": "none",
-                         "nameservers": ["127.0.0.1:9"]},
+                         "nameservers": [self.dns.address]},
             "dkim": {"keys": key_config(self.keys)},
         }
         self.relay = InProcessRelay(self.tmp, self.data)
@@ -96,6 +106,9 @@ class SigningCase(unittest.TestCase):
                     s.login(*login)
                 return s.sendmail(sender, list(rcpts), body)
         return in_thread(run)
+
+    def lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
 
     async def delivered(self, n: int = 1) -> bytes:
         await apoll(lambda: len(self.sink.transactions) >= n, timeout=20, what=f"{n} deliveries")
@@ -180,6 +193,19 @@ class Trusted(SigningCase):
         await apoll(lambda: len(self.sink.transactions) >= 4, timeout=20, what="4 deliveries")
         for t in self.sink.transactions:
             self.assertNotIn(b"DKIM-Signature:", t.data)
+        text = "\n".join(self.lines())
+        for reason in ("no From header", "several From headers", "From header does not parse",
+                       "no signing key for the From domain (other.example)"):
+            self.assertIn(f": dkim: not signed: {reason}", text)
+
+    async def test_signed_is_logged_and_the_missing_record_warned_at_start(self):
+        await self.send(BASE + b"\r\nhello\r\n")
+        await self.delivered()
+        text = "\n".join(self.lines())
+        self.assertIn(": dkim: signed d=example.org s=r1 a=rsa-sha256, d=example.org s=e1 a=ed25519-sha256", text)
+        await apoll(lambda: "dkim: selector e1 of example.org: no DKIM record" in "\n".join(self.lines()),
+                    what="the warning of the missing record")
+        self.assertNotIn("selector r1 of example.org", "\n".join(self.lines()))
 
 
 class Internet(SigningCase):
@@ -227,12 +253,17 @@ class Reload(unittest.TestCase):
     async def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="relay-dkim-reload-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.dns = DNSServer(Zone()).start()
+        self.addCleanup(self.dns.stop)
         self.key = os.path.join(self.tmp, "k.pem")
         write_key(self.key, generate_key(dkim.ED25519_SHA256))
         self.cfg = os.path.join(self.tmp, "relay.toml")
         self.data = {"dkim": {"keys": [{"domain": "example.org", "selector": "s", "key": self.key,
-                                        "algorithm": "ed25519-sha256"}]}}
-        self.relay = InProcessRelay(self.tmp, self.data, deliver=False)
+                                        "algorithm": "ed25519-sha256"}]},
+                     # nothing listens there: a message stays in the queue, deferred
+                     "relay": {"routes": {"dest.example": f"127.0.0.1:{free_port()}"}},
+                     "delivery": {"nameservers": [self.dns.address]}}
+        self.relay = InProcessRelay(self.tmp, self.data)
         with open(self.cfg, "w") as f:
             f.write(toml_dumps(self.relay.data))
         self.relay.config = self.relay.config.__class__(**{**self.relay.config.__dict__, "path": self.cfg})
@@ -251,3 +282,18 @@ class Reload(unittest.TestCase):
         r = svc.reload()
         self.assertTrue(r["ok"], r)
         self.assertEqual([k.selector for k in svc.signer.keys], ["s"])
+
+    async def test_queue_show_has_the_signature_then_our_received(self):
+        from tests.test_relayctl import relayctl
+
+        def run():
+            with smtplib.SMTP(*self.relay.smtp) as s:
+                s.ehlo("client.example")
+                s.sendmail("alerts@example.org", ["a@dest.example"], BASE + b"\r\nheld\r\n")
+        await in_thread(run)
+        qid = self.relay.service.spool.queue_ids()[0]
+        r = await in_thread(relayctl, "-c", self.cfg, "queue", "show", qid, cwd=self.tmp)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        text = r.stdout
+        self.assertIn("DKIM-Signature: v=1; a=ed25519-sha256;", text)
+        self.assertLess(text.index("DKIM-Signature:"), text.index("Received: from client.example"))
