@@ -514,6 +514,8 @@ class RelayService(service.MultiService):
         restart = reconfig.restart_needed(old, new)
         new = reconfig.keep_running(old, new)
         self._apply(new, files)
+        if new.dkim != old.dkim:
+            self._check_dkim()  # the new keys' records, as at start
         msgs = reconfig.reload_messages(old, new, self.tls, restart)
         for m in msgs:
             log.info("{message}", message=m)
