@@ -22,9 +22,12 @@ import sys
 
 from relay import config as configmod
 from relay.admin.reach import EXIT_FAIL, EXIT_OK, CtlError, load_config, verb
-from relay.common import fileio, privdrop
-from relay.intake import dkim, dkimkeys, signing
-from relay.runtime import parts
+from relay.config.values import DKIM_ALGORITHMS
+
+# The DKIM modules (cryptography, dnspython) and relay.runtime.parts (Twisted) are imported in
+# the verbs only: the parser is built for every relayctl command, and the queue verbs must stay
+# free of Twisted (tests/test_relayctl.py Imports, tests/test_control.py LiveImports).
+RSA_BITS = 2048
 
 
 def add_commands(sub) -> None:
@@ -35,8 +38,8 @@ def add_commands(sub) -> None:
     k = ds.add_parser("keygen", help="write a new signing key; print the DNS record and the config lines")
     k.add_argument("domain", metavar="DOMAIN")
     k.add_argument("selector", metavar="SELECTOR")
-    k.add_argument("--algorithm", choices=dkim.ALGORITHMS, default=dkim.RSA_SHA256)
-    k.add_argument("--bits", type=int, default=dkim.RSA_GOOD_BITS, help="RSA key size (2048 to 4096)")
+    k.add_argument("--algorithm", choices=DKIM_ALGORITHMS, default=DKIM_ALGORITHMS[0])
+    k.add_argument("--bits", type=int, default=RSA_BITS, help="RSA key size (2048 to 4096)")
     k.add_argument("--key", metavar="FILE", help="where to write it (default: dkim/DOMAIN.SELECTOR.pem beside "
                                                  "the config file)")
     k.set_defaults(func=cmd_keygen)
@@ -46,6 +49,8 @@ def add_commands(sub) -> None:
 
 
 def _names(args) -> tuple[str, str]:
+    from relay.intake import dkim
+
     domain = dkim.normalize_domain(args.domain)
     if domain is None:
         raise CtlError(f"{args.domain!r} is not a domain name", 2)
@@ -75,6 +80,9 @@ def _relay_user(cfg: configmod.Config) -> tuple[int, int] | None:
 
 @verb
 def cmd_keygen(args) -> int:
+    from relay.common import fileio, privdrop
+    from relay.intake import dkimkeys
+
     cfg = load_config(args)
     domain, selector = _names(args)
     path = _key_path(args, cfg, domain, selector)
@@ -118,6 +126,9 @@ def cmd_keygen(args) -> int:
 
 @verb
 def cmd_check(args) -> int:
+    from relay.intake import dkim, signing
+    from relay.runtime import parts
+
     cfg = load_config(args)
     try:
         keys = parts.load_dkim_keys(cfg)
