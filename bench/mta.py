@@ -143,9 +143,10 @@ class OurRelay:
     def __init__(self, reg: Registry, env: Env, workdir: str, addr: str, *, next_hop: tuple[str, int],
                  retry_min: str | None = None, max_message_size: int | None = None,
                  max_connections_per_ip: int = 100, spool: str | None = None, routes: dict | None = None,
-                 workers: int = 1):
+                 workers: int = 1, dkim: str = ""):
         self.reg, self.env, self.dir, self.addr = reg, env, workdir, addr
         self.workers = workers
+        self.dkim = dkim  # an algorithm: sign the sender's domain with a new key of it (bench/dkim_accept.py)
         self.next_hop = next_hop
         self.retry_min = retry_min
         self.max_message_size = max_message_size
@@ -189,6 +190,22 @@ users = "{self.dir}/users"
 [pop3]
 listen = []
 """)
+        if self.dkim:
+            self._add_dkim_key()
+
+    def _add_dkim_key(self) -> None:
+        """relayctl dkim keygen for SENDER's domain; its [[dkim.keys]] lines appended to the config."""
+        key = os.path.join(self.dir, "dkim.pem")
+        if os.path.exists(key):
+            os.unlink(key)
+        r = subprocess.run([self.env.relayctl, "-c", self.config, "dkim", "keygen", SENDER.split("@")[1], "bench",
+                            "--algorithm", self.dkim, "--key", key], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise BenchError(f"relayctl dkim keygen failed: {r.stderr.strip()}")
+        lines = r.stdout.splitlines()
+        start = lines.index("[[dkim.keys]]")
+        with open(self.config, "a") as f:
+            f.write("\n".join(lines[start:start + 5]) + "\n")
 
     def start(self, *, wait_loaded: bool = True) -> "OurRelay":
         self.write_config()

@@ -64,6 +64,7 @@ class Params:
     pop3_messages: int = 1000
     pop3_size: int = 2048
     workers: int = 2  # our relay's processes for the relay and accept rates (benchmarks 1 and 2)
+    dkim: str = ""  # our relay signs the messages with a key of this algorithm (bench/dkim_accept.py)
 
     @classmethod
     def quick(cls) -> "Params":
@@ -102,7 +103,8 @@ def _snapshot(relay, sink: Sink | None) -> dict:
 def make_relay(ctx: Ctx, kind: str, d: str, next_hop: tuple[str, int], *, accept: bool):
     if kind == "ours":
         return OurRelay(ctx.reg, ctx.env, d, OURS, next_hop=next_hop, retry_min="1h" if accept else None,
-                        max_connections_per_ip=max(100, 2 * ctx.p.sessions), workers=ctx.p.workers)
+                        max_connections_per_ip=max(100, 2 * ctx.p.sessions), workers=ctx.p.workers,
+                        dkim=ctx.p.dkim)
     return Postfix(ctx.reg, ctx.env, d, POSTFIX, next_hop=next_hop)
 
 

@@ -61,6 +61,7 @@ NOT_SHELL = [
     (re.compile(r"^[0-9A-Z]{16}: "), "log lines"),
     (re.compile(r"^(\.\.\. |\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} )\[(w\d+ )?relay\.[\w.]+#\w+\] "), "log lines"),
     (re.compile(r'^\{"'), "a JSON log line"),
+    (re.compile(r"^# 1\. publish this TXT record"), "relayctl dkim keygen's output"),
 ]
 NOT_SHELL_LANGS = {"toml", "yaml", "yml", "json", "python", "ini"}
 

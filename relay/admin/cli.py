@@ -93,6 +93,13 @@ def cmd_check(args) -> int:
                 AliasFile(cfg.local.aliases, cfg.local.domains)
             except AliasesFileError as e:
                 problems.append(str(e))
+    if cfg.dkim.keys:
+        from relay.runtime.parts import PartError, load_dkim_keys  # only with keys: cryptography's import
+
+        try:
+            warnings += [w for k in load_dkim_keys(cfg) for w in k.warnings]
+        except PartError as e:
+            problems.append(str(e))
     if cfg.relay.smarthost_ca_file:
         try:
             with open(cfg.relay.smarthost_ca_file, "rb") as f:

@@ -25,6 +25,7 @@ import tomllib
 
 from relay import config as configmod
 from relay.admin import client as cc
+from relay.admin import dkimverbs
 from relay.admin.queueverbs import cmd_queue
 from relay.admin.reach import (
     EXIT_FAIL,
@@ -274,3 +275,5 @@ def add_commands(sub) -> None:
 
     rl = sub.add_parser("reload", help="make the running relay re-read its config")
     rl.set_defaults(func=cmd_reload)
+
+    dkimverbs.add_commands(sub)  # dkim keygen, dkim check

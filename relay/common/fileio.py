@@ -143,6 +143,11 @@ class DurableFile:
         else:
             write_all(self.fd, data)
 
+    def flush(self) -> None:
+        """What is buffered written to the file (for a reader of its name)."""
+        if self._file is not None:
+            self._file.flush()
+
     def commit(self, final: str, *, datasync: bool = False, sync_dir: bool = True,
                dir_path: str | None = None, close_first: bool = True) -> str:
         """flush, fsync (fdatasync: datasync=True), rename to final, fsync its directory.

@@ -215,6 +215,26 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class DKIMConfig:
+    """DKIM signing of mail from trusted sources (docs/dkim.md)."""
+
+    keys: tuple[v.DKIMKey, ...] = declare(
+        [], v.DKIM_KEYS,
+        "The signing keys, one [[dkim.keys]] table each: mail from an authenticated client, relay.networks or "
+        "relay-sendmail whose From domain (or a parent of it) is a domain here is signed at intake with each of "
+        "its keys (two selectors while a key is rotated).  Make one with `relayctl dkim keygen`.  Empty: no "
+        "signing.", example=[{"domain": "example.org", "selector": "s2026", "key": "dkim/example.org.s2026.pem",
+                              "algorithm": "rsa-sha256"}])
+    headers: tuple[str, ...] = declare(
+        ["From", "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "MIME-Version", "Content-Type",
+         "Content-Transfer-Encoding", "In-Reply-To", "References"], v.DKIM_HEADERS,
+        "The header fields signed (h=); a name listed twice also covers a second instance added later (From "
+        "twice: no From can be added under the signature).")
+    canonicalization: str = declare(
+        "relaxed/relaxed", v.DKIM_CANONICALIZATION, "Header/body canonicalization (c=, RFC 6376 3.4).")
+
+
+@dataclass(frozen=True)
 class LocalConfig:
     """Local delivery: the domains that end here, their Maildirs, users and aliases."""
 
@@ -287,6 +307,7 @@ class Config:
     tls: TLSConfig = section(TLSConfig)
     relay: RelayConfig = section(RelayConfig)
     delivery: DeliveryConfig = section(DeliveryConfig)
+    dkim: DKIMConfig = section(DKIMConfig)
     local: LocalConfig = section(LocalConfig)
     pop3: POP3Config = section(POP3Config)
     control: ControlConfig = section(ControlConfig)

@@ -258,6 +258,66 @@ def _routes(value: Any, resolve: Resolve) -> tuple[tuple[str, HostPort], ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class DKIMKey:
+    """One [[dkim.keys]] table: a selector's key file for a signing domain."""
+
+    domain: str
+    selector: str
+    key: str  # the PEM file, resolved against the config file's directory
+    algorithm: str = "rsa-sha256"
+
+
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+_DKIM_KEYS_DOC = 'a list of tables { domain, selector, key (a file), algorithm ("rsa-sha256" or "ed25519-sha256") }'
+_SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def _dkim_key(t: Any, resolve: Resolve) -> DKIMKey:
+    if not isinstance(t, dict):
+        raise Bad(_DKIM_KEYS_DOC)
+    extra = sorted(set(t) - {"domain", "selector", "key", "algorithm"})
+    missing = [k for k in ("domain", "selector", "key") if not isinstance(t.get(k), str) or not t[k].strip()]
+    if extra or missing:
+        raise Bad(f"{_DKIM_KEYS_DOC}; " + ("unknown " + ", ".join(extra) if extra else "missing " + ", ".join(missing)))
+    try:
+        domain = _domain(t["domain"])
+    except Bad as e:
+        raise Bad(f"{_DKIM_KEYS_DOC}; domain: {e}")
+    selector = t["selector"].strip().lower()
+    if not _SELECTOR.fullmatch(selector):
+        raise Bad(f"{_DKIM_KEYS_DOC}; selector {t['selector']!r}: DNS labels (letters, digits, hyphens)")
+    algorithm = t.get("algorithm", "rsa-sha256")
+    if algorithm not in DKIM_ALGORITHMS:
+        raise Bad(f"{_DKIM_KEYS_DOC}; algorithm {algorithm!r}")
+    return DKIMKey(domain, selector, _path(t["key"], resolve), algorithm)
+
+
+def _dkim_keys(value: Any, resolve: Resolve) -> tuple[DKIMKey, ...]:
+    if not isinstance(value, list):
+        raise Bad(_DKIM_KEYS_DOC)
+    out = tuple(_dkim_key(t, resolve) for t in value)
+    seen: set[tuple[str, str]] = set()
+    for k in out:
+        if (k.domain, k.selector) in seen:
+            raise Bad(f"{_DKIM_KEYS_DOC}; selector {k.selector!r} of {k.domain} twice")
+        seen.add((k.domain, k.selector))
+    return out
+
+
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+
+
+def _dkim_headers(value: Any, resolve: Resolve) -> tuple[str, ...]:
+    doc = "a list of header field names with From, without DKIM-Signature"
+    if not isinstance(value, list) or not all(isinstance(n, str) and _FIELD_NAME.fullmatch(n) for n in value):
+        raise Bad(doc)
+    lowered = [n.lower() for n in value]
+    if "from" not in lowered or "dkim-signature" in lowered:
+        raise Bad(doc)
+    return tuple(value)
+
+
 def _smarthost(value: str) -> HostPort | None:
     """"" (none: deliver by MX) or a host:port; the check before made sure of a string."""
     if not value.strip():
@@ -288,6 +348,9 @@ NETWORKS = list_of(Check("a network", _network), 'a list of networks ("192.168.1
 NAMESERVERS = list_of(Check("an IP address", _nameserver), 'a list of "ip" or "ip:port"')
 ENDPOINTS = list_of(Check("an endpoint description", _endpoint), "a list of Twisted endpoint descriptions")
 ROUTES = Check('a table of "domain" = "host:port"', _routes)
+DKIM_KEYS = Check(_DKIM_KEYS_DOC, _dkim_keys)
+DKIM_HEADERS = Check("a list of header field names (From among them, DKIM-Signature not)", _dkim_headers)
+DKIM_CANONICALIZATION = choice("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple")
 
 SMARTHOST = Refine('"host:port", "[host]:port" or "host" (port 25), or "" for none', _smarthost, whole_kind=True)
 ABOVE_ZERO = Refine("above 0", _above_zero)

@@ -11,7 +11,10 @@ signing, has one place to hook in):
    queue id (a new one, or the drop file's), the arrival time;
 2. the message written into an ``IncomingMessage`` (streamed from the
    reactor with ``receive``, or written in the disk pool by the pickup);
-3. ``accept``: made durable (``AsyncSpool.commit``: fdatasync, rename into
+3. ``accept``: signed with DKIM when the source is trusted and a key fits
+   (relay.intake.signing, in the commit's disk-pool job: the signature goes
+   first in the stored message, so every attempt sends the same bytes),
+   made durable (``AsyncSpool.commit``: fdatasync, rename into
    queue/, grouped fsync of queue/), then what the source must do once it is
    (``settle``: the pickup removes its drop file), then the source says so
    (``announce``: its log line, the 250 reply), and only then the entry is
@@ -28,6 +31,7 @@ from typing import Any, Callable, Iterable, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from relay.intake.signing import Signer, SignJob
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool
 
@@ -53,11 +57,13 @@ class Intake:
     """Accepts new messages into the queue (see the module docstring)."""
 
     def __init__(self, *, spool: AsyncSpool, expand: Expand,
-                 queued: Callable[[spoolmod.QueueEntry], object] | None, clock: Clock):
+                 queued: Callable[[spoolmod.QueueEntry], object] | None, clock: Clock,
+                 signer: Signer | None = None):
         self.spool = spool
         self.expand = expand
         self.queued = queued
         self.clock = clock
+        self.signer = signer  # DKIM (relay.intake.signing): trusted mail only
 
     def envelope(self, sender: str, recipients: Iterable[str], client: dict[str, Any], *,
                  queue_id: str | None = None, arrival: float | None = None) -> spoolmod.Envelope:
@@ -88,20 +94,26 @@ class Intake:
                announce: Callable[[spoolmod.QueueEntry], None],
                failed: Callable[[Any], None] | None = None,
                eight_bit: bool | None = None,
-               settle: Callable[[], object] | None = None) -> defer.Deferred[spoolmod.QueueEntry | None]:
+               settle: Callable[[], object] | None = None,
+               trusted: bool = False) -> defer.Deferred[spoolmod.QueueEntry | None]:
         """Make a written message durable and queue it; fires with its entry.
 
         ``settle`` (blocking, run in the disk pool once the message is
         durable, before the queue has it); ``announce`` (on the reactor, then);
         ``failed`` gets the failure of the durable part (without it the
-        Deferred fails), never one of ``announce``.
+        Deferred fails), never one of ``announce``.  ``trusted``: from an
+        authenticated client, relay.networks or the pickup: signed with DKIM
+        (in the commit's disk-pool job) when a key fits its From domain.
         """
-        d: defer.Deferred[Any] = self.spool.commit(incoming)
+        job = self.signer.job() if trusted and self.signer is not None and self.signer.enabled else None
+        d: defer.Deferred[Any] = self.spool.commit(incoming, job)
         if settle is not None:
             d.addCallback(lambda _: self.spool.run(settle))
 
         def durable(_: object) -> spoolmod.QueueEntry:
             env = incoming.envelope
+            if job is not None:
+                _log_signing(source, env.queue_id, job)
             entry = spoolmod.QueueEntry(env, spoolmod.State.fresh(env), incoming.size, len(incoming.header),
                                         eight_bit=eight_bit, data=incoming.data, state_file=source.state_file)
             announce(entry)
@@ -119,3 +131,11 @@ class Intake:
             self.queued(entry)
         except Exception:  # noqa: BLE001 - it is durable: never lose the acceptance over the queue
             source.log.failure(source.handoff_failed, queue_id=entry.envelope.queue_id)
+
+
+def _log_signing(source: Source, queue_id: str, job: SignJob) -> None:
+    signed, what = job.outcome()
+    if signed:
+        source.log.info("{queue_id}: dkim: signed {signature}", queue_id=queue_id, signature=what)
+    else:
+        source.log.info("{queue_id}: dkim: not signed: {reason}", queue_id=queue_id, reason=what)

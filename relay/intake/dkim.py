@@ -42,7 +42,7 @@ from base64 import b64encode
 from dataclasses import dataclass, field
 from email.errors import InvalidHeaderDefect
 from email.headerregistry import HeaderRegistry
-from typing import Callable, Iterable, Mapping, Sequence, Union
+from typing import BinaryIO, Callable, Iterable, Mapping, Sequence, Union
 
 import idna
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -399,15 +399,21 @@ def _sign_file(path: str, offset: int, pick: Callable[[list[HeaderField]], Choic
                headers: Sequence[str], canonicalization: str, chunk_size: int,
                max_header: int) -> tuple[Choice, list[bytes]]:
     """The header block read once, the keys pick gives, the body hashed once, a signature per key."""
+    with open(path, "rb", buffering=0) as f:
+        return _sign_open(f, offset, pick, timestamp, headers, canonicalization, chunk_size, max_header)
+
+
+def _sign_open(f: BinaryIO, offset: int, pick: Callable[[list[HeaderField]], Choice], timestamp: int | None,
+               headers: Sequence[str], canonicalization: str, chunk_size: int,
+               max_header: int) -> tuple[Choice, list[bytes]]:
     c = parse_canonicalization(canonicalization)
     t = int(time.time()) if timestamp is None else timestamp
-    with open(path, "rb", buffering=0) as f:
-        block, body_start = read_header_block(f, offset, max_header)
-        fields = parse_header_fields(block)
-        choice = pick(fields)
-        if not choice.signed:
-            return choice, []
-        bh = body_hash(f, body_start, c[1], chunk_size)
+    block, body_start = read_header_block(f, offset, max_header)
+    fields = parse_header_fields(block)
+    choice = pick(fields)
+    if not choice.signed:
+        return choice, []
+    bh = body_hash(f, body_start, c[1], chunk_size)
     return choice, [signature_header(k, fields, bh, timestamp=t, headers=headers, canonicalization=canonicalization)
                     for k in choice.keys]
 
@@ -423,6 +429,18 @@ def sign_message(path: str, offset: int, keys: Mapping[str, Sequence[SigningKey]
     the file gives it)."""
     try:
         return _sign_file(path, offset, lambda fields: choose_keys(fields, keys), timestamp, headers,
+                          canonicalization, chunk_size, max_header)
+    except MessageError as e:
+        return Choice(reason=BAD_HEADER, detail=str(e)), []
+
+
+def sign_open(f: BinaryIO, offset: int, keys: Mapping[str, Sequence[SigningKey]], *, timestamp: int | None = None,
+              headers: Sequence[str] = DEFAULT_HEADERS, canonicalization: str = DEFAULT_CANONICALIZATION,
+              chunk_size: int = CHUNK, max_header: int = MAX_HEADER_BYTES) -> tuple[Choice, list[bytes]]:
+    """sign_message for a file already open (seekable, binary; an io.BytesIO
+    for a message held in memory)."""
+    try:
+        return _sign_open(f, offset, lambda fields: choose_keys(fields, keys), timestamp, headers,
                           canonicalization, chunk_size, max_header)
     except MessageError as e:
         return Choice(reason=BAD_HEADER, detail=str(e)), []

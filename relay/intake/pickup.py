@@ -517,7 +517,7 @@ class Pickup(service.Service):
         try:
             inc = await self.disk.run(copy_drop, self.spool, drop, env, cfg.hostname)
             await self.intake.accept(inc, SOURCE, announce=partial(self._queued, drop),
-                                     settle=partial(remove_drop, self.spool, name))
+                                     settle=partial(remove_drop, self.spool, name), trusted=True)
         except FileExistsError:
             log.info("{queue_id}: drop file removed: it was already queued", queue_id=name)
         except Quarantined as e:

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from relay.common import fileio
 from relay.queue import spool as spoolmod
+from relay.queue.incoming import Sign
 
 log = Logger(namespace="relay.diskio")
 
@@ -292,13 +293,14 @@ class AsyncSpool:
         d = self.disk.run(fn, *args)
         d.addErrback(lambda f: log.failure("removing an aborted incoming file failed", f))
 
-    def commit(self, incoming: spoolmod.IncomingMessage) -> defer.Deferred:
+    def commit(self, incoming: spoolmod.IncomingMessage, sign: Sign | None = None) -> defer.Deferred:
         """Write, fsync and rename into queue/, then a grouped fsync of
-        queue/, all in one job of the disk pool; fires with the queue id."""
-        return self.disk.run(self._commit, incoming)
+        queue/, all in one job of the disk pool; fires with the queue id.
+        sign: see IncomingMessage.finish (DKIM, in the same job)."""
+        return self.disk.run(self._commit, incoming, sign)
 
-    def _commit(self, incoming: spoolmod.IncomingMessage) -> str:
-        qid = incoming.finish()
+    def _commit(self, incoming: spoolmod.IncomingMessage, sign: Sign | None = None) -> str:
+        qid = incoming.finish(sign)
         self.queue_sync.sync_after()
         return qid
 

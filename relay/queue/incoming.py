@@ -9,14 +9,40 @@ file in incoming/, then written, fdatasynced and renamed into queue/ by
 from __future__ import annotations
 
 import errno
+import io
 import os
-from typing import Callable
+from typing import BinaryIO, Callable
 
-from relay.common.fileio import DurableFile
+from relay.common.fileio import DurableFile, write_all
 from relay.queue.envelope import Envelope
 from relay.queue.layout import TMP_SUFFIX
 
 MEMORY_LIMIT = 64 * 1024  # a message up to this size is held in memory until finish()
+COPY_CHUNK = 1 << 20  # bytes per copy_file_range / sendfile call
+
+Sign = Callable[[BinaryIO, int], bytes]  # (the message file, its offset) -> header lines to prepend
+
+
+def copy_range(src: int, dst: int, start: int, end: int) -> None:
+    """src's bytes [start, end) appended to dst at its position, in the
+    kernel (copy_file_range, else sendfile, else reads of COPY_CHUNK)."""
+    pos = start
+    while pos < end:
+        n = min(COPY_CHUNK, end - pos)
+        try:
+            done = os.copy_file_range(src, dst, n, pos)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            try:
+                done = os.sendfile(dst, src, pos, n)
+            except OSError:
+                chunk = os.pread(src, n, pos)
+                write_all(dst, chunk)
+                done = len(chunk)
+        if done <= 0:
+            raise OSError(errno.EIO, "the message file ended early", pos)
+        pos += done
 
 
 class IncomingMessage:
@@ -105,25 +131,59 @@ class IncomingMessage:
             self.abort()
             raise
 
-    def finish(self) -> str:
+    def finish(self, sign: Sign | None = None) -> str:
         """Blocking: write, fdatasync, rename into queue/ (no dir fsync: the
-        caller's, grouped)."""
+        caller's, grouped).
+
+        sign(file, offset): header lines to put first in the message (after
+        the envelope line), made from the message as written from offset
+        (b"": none).  A spilled message is then written again as envelope,
+        those lines and a kernel-side copy of the rest (bounded memory)."""
         if self.closed:
             raise OSError(errno.EBADF, "message was aborted", self.queue_id)
         if self._chunks is not None:
-            return self._finish_memory(self._chunks)
+            return self._finish_memory(self._chunks, sign)
         f = self._opened()
         self.closed = True
         try:
+            if sign is not None:
+                f.flush()
+                assert self.tmp_path is not None
+                with open(self.tmp_path, "rb", buffering=0) as r:
+                    added = sign(r, len(self.header))
+                    if added:
+                        f = self._rewrite(f, r.fileno(), added)
             f.commit(self.final_path, datasync=True, sync_dir=False)
+        except BaseException:
+            f.abort()
+            raise
         finally:
             self.tmp_path = None  # renamed, or removed by the failed commit
         return self.queue_id
 
-    def _finish_memory(self, chunks: list[bytes]) -> str:
+    def _rewrite(self, old: DurableFile, src: int, added: bytes) -> DurableFile:
+        """A new file: envelope, added, then old's message (read from src,
+        old's file opened for reading) copied by the kernel; old removed."""
+        new = DurableFile(os.path.join(self.incoming_dir, self.queue_id + ".s" + TMP_SUFFIX))
+        try:
+            new.write(self.header + added)
+            copy_range(src, new.fd, len(self.header), len(self.header) + self.size)
+        except BaseException:
+            new.abort()
+            raise
+        old.abort()
+        self.size += len(added)
+        return new
+
+    def _finish_memory(self, chunks: list[bytes], sign: Sign | None = None) -> str:
         blob = b"".join(chunks)
         self._chunks = None
         self.closed = True
+        if sign is not None:
+            added = sign(io.BytesIO(blob), len(self.header))
+            if added:
+                blob = self.header + added + blob[len(self.header):]
+                self.size += len(added)
         f = DurableFile(os.path.join(self.incoming_dir, self.queue_id + TMP_SUFFIX))
         try:
             f.write(blob)

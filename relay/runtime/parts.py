@@ -4,7 +4,7 @@ Three callers make them: the running relay at start (relay.runtime.service),
 its reload (the same parts from the new config, all or nothing), and
 relayctl's offline ``route`` (relay.admin.commands), which answers from the
 config as the relay would.  What the config names on disk (the users file,
-the aliases file, the certificate) is read here; a file that cannot be used
+the aliases file, the certificate, the DKIM keys) is read here; a file that cannot be used
 is a :class:`PartError` whose text names the file and says why, the same
 text at start, at a reload and for relayctl.
 
@@ -25,7 +25,9 @@ from relay.config import Config
 from relay.control.route import RouteContext
 from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
+from relay.intake.dkim import KeyFileError, SigningKey, load_key
 from relay.intake.policy import Policy
+from relay.intake.signing import Signer
 from relay.mailbox import users as usersmod
 
 _T = TypeVar("_T")
@@ -45,6 +47,7 @@ class Files:
     users: usersmod.UserDB
     aliases: aliasesmod.AliasFile
     tls: ServerTLS | None
+    dkim: tuple[SigningKey, ...] = ()  # [[dkim.keys]], loaded
 
 
 def load_users(config: Config) -> usersmod.UserDB:
@@ -71,6 +74,23 @@ def load_tls(config: Config) -> ServerTLS | None:
         raise PartError(f"{config.source}: {e}")
 
 
+def load_dkim_keys(config: Config) -> tuple[SigningKey, ...]:
+    """The [[dkim.keys]] key files, loaded and checked (PartError naming the
+    file and the key: missing, unreadable, open to group or others, not a key
+    of its algorithm).  A key's warnings (a short RSA key) are in SigningKey.warnings."""
+    keys = []
+    for spec in config.dkim.keys:
+        try:
+            keys.append(load_key(spec.key, spec.domain, spec.selector, spec.algorithm))
+        except (KeyFileError, ValueError) as e:
+            raise PartError(f"{config.source}: dkim.keys ({spec.domain}, selector {spec.selector}): {e}")
+    return tuple(keys)
+
+
+def make_signer(config: Config, keys: tuple[SigningKey, ...]) -> Signer:
+    return Signer(keys, headers=config.dkim.headers, canonicalization=config.dkim.canonicalization)
+
+
 def load_files(config: Config) -> tuple[Files | None, list[str]]:
     """Every file at once, for a reload: (the files, []) or (None, every
     problem: the certificate's, the users file's, the aliases file's)."""
@@ -86,9 +106,10 @@ def load_files(config: Config) -> tuple[Files | None, list[str]]:
     tls = attempt(load_tls)
     users = attempt(load_users)
     aliases = attempt(load_aliases)
-    if problems or users is None or aliases is None:
+    dkim = attempt(load_dkim_keys)
+    if problems or users is None or aliases is None or dkim is None:
         return None, problems
-    return Files(users=users, aliases=aliases, tls=tls), []
+    return Files(users=users, aliases=aliases, tls=tls, dkim=dkim), []
 
 
 def own_listeners(config: Config) -> Listeners:

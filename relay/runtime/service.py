@@ -41,6 +41,7 @@ from relay.delivery.attempt import Deliverer
 from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
 from relay.intake import policy as policymod
+from relay.intake import signing
 from relay.intake.accept import Intake
 from relay.intake.pickup import Pickup
 from relay.mailbox import pop3
@@ -114,13 +115,14 @@ class RelayService(service.MultiService):
             self.users = parts.load_users(config)
             self.aliases = parts.load_aliases(config)
             self.tls: ServerTLS | None = parts.load_tls(config)
+            self.signer = parts.make_signer(config, parts.load_dkim_keys(config))
         except parts.PartError as e:
             raise StartupError(str(e))
         self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
         self.expander = aliasesmod.Expander(local_domains=config.local.domains, aliases=self.aliases,
                                             users=self.users)
         self.intake = Intake(spool=self.aspool, expand=self.expander.expand, queued=self._queued,
-                             clock=self.reactor)
+                             clock=self.reactor, signer=self.signer)
         self._build_smtp(config)
         self._build_listeners(config)
         if deliver:
@@ -325,6 +327,7 @@ class RelayService(service.MultiService):
                  domains=", ".join(cfg.local.domains) or "none",
                  networks=", ".join(str(n) for n in cfg.relay.networks) or "none")
         self._warn_plaintext_logins()
+        self._check_dkim()
         self._install_signals()
         self._refresher.start(REFRESH_INTERVAL, now=False)
         if self.queue is not None:
@@ -391,6 +394,15 @@ class RelayService(service.MultiService):
             if spec.kind in ("tcp", "tcp6") and not (iface.startswith("127.") or iface == "::1"):
                 log.warn("no TLS certificate configured: passwords cross {endpoint} in plaintext",
                          endpoint=desc)
+
+    def _check_dkim(self) -> None:
+        """Short keys now; each selector's DNS record in the DNS pool (start goes on meanwhile)."""
+        for k in self.signer.keys:
+            for w in k.warnings:
+                log.warn("dkim: {warning}", warning=w)
+        d = self.dns_pool.run(signing.record_warnings, self.signer.keys, self.config.delivery.nameservers)
+        d.addCallback(_warn_each)
+        d.addErrback(lambda f: log.failure("dkim: checking the DNS records failed", f))
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -502,6 +514,8 @@ class RelayService(service.MultiService):
         restart = reconfig.restart_needed(old, new)
         new = reconfig.keep_running(old, new)
         self._apply(new, files)
+        if new.dkim != old.dkim:
+            self._check_dkim()  # the new keys' records, as at start
         msgs = reconfig.reload_messages(old, new, self.tls, restart)
         for m in msgs:
             log.info("{message}", message=m)
@@ -514,6 +528,7 @@ class RelayService(service.MultiService):
         self.users = files.users
         self.aliases = files.aliases
         self.tls = files.tls
+        self.signer.reconfigure(files.dkim, headers=new.dkim.headers, canonicalization=new.dkim.canonicalization)
         self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
         self.expander.reconfigure(local_domains=new.local.domains, aliases=self.aliases, users=self.users)
         self.smtp_ctx.reconfigure(config=new, policy=self._make_policy(new), checker=self.checker, tls=self.tls)
@@ -554,6 +569,11 @@ class RelayService(service.MultiService):
                          count=len(self.aliases.map))
         except aliasesmod.AliasesFileError as e:
             log.error("aliases file not reloaded, keeping the previous aliases: {error}", error=str(e))
+
+
+def _warn_each(lines: list[str]) -> None:
+    for w in lines:
+        log.warn("{warning}", warning=w)
 
 
 def make_service(config: Config, reactor=None) -> RelayService:

@@ -361,7 +361,7 @@ class SMTPServer(SMTPConnection):
         assert t.incoming is not None  # not refused: still there
         d = self.ctx.intake.accept(t.incoming, SOURCE, announce=self._queued,
                                    failed=partial(self._not_queued, t.queue_id),
-                                   eight_bit=t.reader.eight_bit)
+                                   eight_bit=t.reader.eight_bit, trusted=self.ctx.policy.trusted(self._client()))
         self._reset_transaction()
         self._wait(d)
 

@@ -100,9 +100,11 @@ class Zone:
     def cname(self, name: str, target: str) -> Zone:
         return self._add(name, ("CNAME", _n(target)))
 
-    def txt(self, name: str, text: str) -> Zone:
-        """Makes a name exist without addresses (NODATA for A/AAAA/MX)."""
-        return self._add(name, ("TXT", text))
+    def txt(self, name: str, text: str, *more: str) -> Zone:
+        """A TXT record (of one string, or of several: text and more, as a
+        DKIM key record past 255 bytes); makes a name exist without addresses
+        (NODATA for A/AAAA/MX)."""
+        return self._add(name, ("TXT", text) if not more else ("TXT", [text, *more]))
 
     def remove(self, name: str) -> Zone:
         self.records.pop(_n(name), None)
@@ -171,7 +173,7 @@ class Zone:
             elif rtype == "CNAME":
                 self.cname(name, rec[2])
             elif rtype == "TXT":
-                self.txt(name, rec[2])
+                self.txt(*([name, *rec[2]] if isinstance(rec[2], list) else [name, rec[2]]))
             else:
                 raise ValueError(f"unsupported record type {rtype}")
         for key, mode in data.get("behaviour", {}).items():
@@ -218,7 +220,8 @@ class Zone:
         elif kind == "CNAME":
             payload, t = dns.Record_CNAME(r[1].encode(), ttl=self.ttl), dns.CNAME
         else:
-            payload, t = dns.Record_TXT(r[1].encode(), ttl=self.ttl), dns.TXT
+            strings = r[1] if isinstance(r[1], list) else [r[1]]
+            payload, t = dns.Record_TXT(*[x.encode() for x in strings], ttl=self.ttl), dns.TXT
         return dns.RRHeader(name.encode(), t, dns.IN, self.ttl, payload, auth=True)
 
 
