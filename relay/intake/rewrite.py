@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 from relay.common.address import AddressError, normalize_domain, parse_mailbox, quote_local
 from relay.config.values import sender_key
@@ -375,3 +376,12 @@ class HeaderStage:
         self.changes.extend(changes)
         self.problems.extend(problems)
         return new
+
+
+def log_rewrites(log: Any, queue_id: str, stage: HeaderStage) -> None:
+    """The log lines of what a HeaderStage did (a twisted.logger.Logger)."""
+    for c in stage.changes:
+        log.info("{queue_id}: {header} header <{orig_address}> rewritten to <{address}>", queue_id=queue_id,
+                 header=c.header, orig_address=c.old, address=c.new)
+    for p in stage.problems:
+        log.warn("{queue_id}: {problem}", queue_id=queue_id, problem=p)
