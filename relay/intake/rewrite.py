@@ -48,8 +48,20 @@ class SenderMap:
     domains: tuple[tuple[str, str], ...] = ()  # (exact domain or "*.suffix", new domain)
     _exact: dict[str, str] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
+    _needles: list[str] = field(default_factory=list, compare=False, hash=False, repr=False)
+
     def __post_init__(self) -> None:
         self._exact.update(self.addresses)
+        self._needles.extend({"@" + k.rpartition("@")[2] for k, _ in self.addresses}
+                             | {p[1:] if p.startswith("*.") else p for p, _ in self.domains})
+
+    def may_match(self, text: str) -> bool:
+        """False when no address of this (ASCII) text can match: a quick
+        test before an address list is parsed (8-bit text may hold U-labels)."""
+        if not text.isascii():
+            return True
+        low = text.lower()
+        return any(n in low for n in self._needles)
 
     @property
     def empty(self) -> bool:
@@ -271,6 +283,8 @@ class Change:
 def rewrite_value(value: str, smap: SenderMap) -> tuple[str, list[tuple[str, str]]]:
     """An address-list value (bytes read as latin-1) with matching addr-specs replaced."""
     changes: list[tuple[str, str]] = []
+    if not smap.may_match(value):
+        return value, changes
     out, pos = [], 0
     for spec in address_specs(value):
         if spec.domain.startswith("["):
@@ -295,20 +309,28 @@ def rewrite_value(value: str, smap: SenderMap) -> tuple[str, list[tuple[str, str
 
 def _fields(block: bytes) -> list[bytes]:
     """The header block cut into fields (each with its folded lines and CRLF)."""
-    fields: list[bytes] = []
-    for line in block.split(b"\r\n")[:-1] if block.endswith(b"\r\n") else block.split(b"\r\n"):
+    lines = block.split(b"\r\n")
+    last = lines.pop()  # b"" when the block ends with CRLF
+    fields: list[list[bytes]] = []
+    for line in lines:
         if fields and line[:1] in (b" ", b"\t"):
-            fields[-1] += line + b"\r\n"
+            fields[-1].append(line)
         else:
-            fields.append(line + b"\r\n")
-    if not block.endswith(b"\r\n") and fields:
-        fields[-1] = fields[-1][:-2]
-    return fields
+            fields.append([line])
+    out = [b"\r\n".join(f) + b"\r\n" for f in fields]
+    if last:
+        if last[:1] in (b" ", b"\t") and out:
+            out[-1] += last
+        else:
+            out.append(last)
+    return out
 
 
 def rewrite_header_block(block: bytes, smap: SenderMap) -> tuple[bytes, list[Change], list[str]]:
     """The header block with From/Sender/Reply-To addresses rewritten; the
-    changes, and the problems (headers left as they are)."""
+    changes, and the problems (headers left as they are).  A header whose
+    text cannot hold an address of the map (``SenderMap.may_match``) is not
+    parsed: it is left as it is, and not reported even if malformed."""
     changes: list[Change] = []
     problems: list[str] = []
     out: list[bytes] = []
@@ -339,7 +361,7 @@ class HeaderStage:
     def __init__(self, smap: SenderMap, limit: int = MAX_HEADER_BLOCK):
         self.smap = smap
         self.limit = limit
-        self.buf = b""
+        self.buf = bytearray()
         self.done = False
         self.changes: list[Change] = []
         self.problems: list[str] = []
@@ -348,28 +370,31 @@ class HeaderStage:
         """What may be written now."""
         if self.done:
             return data
-        buf = self.buf + data
+        buf = self.buf
+        seen = len(buf)
+        buf += data
         if buf.startswith(b"\r\n"):
             end = 0
         else:
-            i = buf.find(b"\r\n\r\n")
+            # searched from where the last chunk ended (less a separator's length):
+            # a header block fed a line at a time costs linear time
+            i = buf.find(b"\r\n\r\n", max(0, seen - 3))
             end = i + 2 if i >= 0 else -1
         if end < 0:
             if len(buf) > self.limit:
-                self.done, self.buf = True, b""
+                self.done, self.buf = True, bytearray()
                 self.problems.append(f"headers not rewritten: the header block is larger than {self.limit} octets")
-                return buf
-            self.buf = buf
+                return bytes(buf)
             return b""
-        self.done, self.buf = True, b""
-        return self._rewrite(buf[:end]) + buf[end:]
+        self.done, self.buf = True, bytearray()
+        return self._rewrite(bytes(buf[:end])) + bytes(buf[end:])
 
     def finish(self) -> bytes:
         """At the end of the message: what is still held (a message without a body)."""
         if self.done:
             return b""
-        self.done, buf, self.buf = True, self.buf, b""
-        return self._rewrite(buf)
+        self.done, buf, self.buf = True, self.buf, bytearray()
+        return self._rewrite(bytes(buf))
 
     def _rewrite(self, block: bytes) -> bytes:
         new, changes, problems = rewrite_header_block(block, self.smap)
