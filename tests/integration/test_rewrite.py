@@ -24,6 +24,7 @@ import tempfile
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from relay import config as configmod
 from relay.intake import sendmail as sm
 from relay.mailbox import users as usersmod
 from tests.support.relay import ROOT, InProcessRelay, in_thread, toml_dumps
@@ -66,13 +67,17 @@ class RewriteCase(unittest.TestCase):
         }
         self.relay = InProcessRelay(self.tmp, over)
         self.cfg = os.path.join(self.tmp, "relay.toml")
-        with open(self.cfg, "w") as f:
-            f.write(toml_dumps(self.relay.data))
+        self.write()
+        self.relay.config = configmod.load(self.cfg)  # a reload re-reads this file
         self.events: list[dict] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
         await self.relay.start()
         self.addCleanup(self.relay.stop)
+
+    def write(self) -> None:
+        with open(self.cfg, "w") as f:
+            f.write(toml_dumps(self.relay.data))
 
     def log_text(self) -> str:
         return "\n".join(formatEvent(e) for e in self.events)
@@ -189,6 +194,26 @@ class SenderRewriting(RewriteCase):
         self.assertIn("rewritten to <alerts@example.org> for trusted clients (rewrite.senders)", r.stdout)
         r = await in_thread(ctl, self.cfg, "queue", "show", qid)
         self.assertIn("(sender rewritten from <root@nas.lan>)", r.stdout)
+
+
+class Reload(RewriteCase):
+    async def test_a_reload_applies_a_new_map_and_refuses_a_bad_one(self):
+        self.relay.data["rewrite"] = {"senders": {}, "masquerade": {"nas.lan": "lan.example.org"}}
+        self.write()
+        self.assertTrue(self.relay.service.reload()["ok"])
+        await self.send("smtp", "a@dest.example", body=b"From: root@nas.lan\r\n\r\nx\r\n")
+        t = await self.delivered()
+        self.assertEqual(t.mail_from, "root@lan.example.org")
+        self.assertIn(b"From: root@lan.example.org\r\n", t.data)
+        self.relay.data["rewrite"] = {"masquerade": {"*.lan": "not a domain"}}
+        self.write()
+        r = self.relay.service.reload()
+        self.assertFalse(r["ok"])
+        self.assertIn("rewrite.masquerade: expected", "\n".join(r["messages"]))
+        self.assertIn("entry '*.lan': 'not a domain' is not a domain", "\n".join(r["messages"]))
+        await self.send("smtp", "b@dest.example", body=b"From: root@nas.lan\r\n\r\nx\r\n")
+        t = await self.delivered(2)
+        self.assertEqual(t.mail_from, "root@lan.example.org")  # the running map is kept
 
 
 class PrivateSubmission(RewriteCase):
