@@ -176,6 +176,26 @@ class SubmissionAuth(TLSRelayCase):
         self.assertEqual(code, 235)
         self.assertEqual(res, {})
 
+    async def test_implicit_tls_submission_is_private(self):
+        # smtp.submission_hide_client_session (on by default): no HELO, no IP in the Received header
+        def run():
+            with smtplib.SMTP_SSL(*self.smtps, context=self.ctx()) as s:
+                s.ehlo("secret-laptop.home")
+                s.login("bob@local.test", "bob-pw")
+                return s.sendmail("bob@local.test", ["x@far.example"], b"Subject: y\r\n\r\nhi\r\n")
+
+        self.assertEqual(await in_thread(run), {})
+        qid = self.relay.service.spool.queue_ids()[0]
+        env, _, _ = self.relay.service.spool.read_envelope(qid)
+        self.assertEqual((env.client["ip"], env.client["helo"]), ("127.0.0.1", "secret-laptop.home"))
+        with open(self.relay.service.spool.message_path(qid), "rb") as f:
+            f.readline()
+            hdr = f.read().split(b"\r\n\r\n")[0]
+        self.assertTrue(hdr.startswith(b"Received: by relay.test (twisted-relay) with ESMTPSA id " + qid.encode()))
+        self.assertRegex(hdr, rb"\(using TLSv1\.[23] with cipher")
+        self.assertNotIn(b"secret-laptop", hdr)
+        self.assertNotIn(b"127.0.0.1", hdr)
+
     async def test_wrong_password_535_then_closed(self):
         def run():
             c = RawSMTP(*self.sub)

@@ -109,7 +109,7 @@ def _combine_status(parts: list[dict], cfg: configmod.Config) -> dict:
 # -- route --------------------------------------------------------------------------------------
 
 
-def _offline_route(cfg: configmod.Config, address: str, client: str | None) -> dict:
+def _offline_route(cfg: configmod.Config, address: str, client: str | None, sender: str | None = None) -> dict:
     """The answer built from the config, with the parts the relay would build
     (relay.runtime.parts)."""
     # only here: relay.runtime.parts imports relay.control.route, relay.delivery.mx (dnspython,
@@ -122,7 +122,7 @@ def _offline_route(cfg: configmod.Config, address: str, client: str | None) -> d
         ctx = parts.offline_route_context(cfg)
     except parts.PartError as e:
         raise CtlError(str(e))
-    return routecheck.explain(ctx, address, client)
+    return routecheck.explain(ctx, address, client, sender)
 
 
 @verb
@@ -134,15 +134,19 @@ def cmd_route(args) -> int:
             ipaddress.ip_address(args.client)
         except ValueError:
             raise CtlError(f"--client: not an IP address: {args.client!r}", EXIT_USAGE)
+    if args.address is None and args.sender is None:
+        raise CtlError("route: give an ADDRESS, --sender ADDRESS, or both", EXIT_USAGE)
+    address = args.address or ""
     cfg = load_config(args)
     relay = open_relay(worker_configs(cfg)[0])
     try:
         if isinstance(relay, Live):
-            box = remote(relay.client.call, proto.ROUTE, address=args.address, client=args.client or None,
-                          timeout=max(answer_timeout(), 60.0))
+            extra = {"sender": args.sender} if args.sender is not None else {}
+            box = remote(relay.client.call, proto.ROUTE, address=address, client=args.client or None,
+                         timeout=max(answer_timeout(), 60.0), **extra)
             r = json.loads(box["route"])
         else:
-            r = _offline_route(cfg, args.address, args.client)
+            r = _offline_route(cfg, address, args.client, args.sender)
     finally:
         relay.close()
     if args.json:
@@ -263,7 +267,9 @@ def add_commands(sub) -> None:
     q.set_defaults(func=cmd_queue, queue_cmd=None, all=False, ids=[])
 
     r = sub.add_parser("route", help="how an address would be delivered now (does the DNS look-up)")
-    r.add_argument("address", metavar="ADDRESS")
+    r.add_argument("address", metavar="ADDRESS", nargs="?")
+    r.add_argument("--sender", metavar="ADDRESS",
+                   help="also show what this sender would be rewritten to (rewrite.senders, rewrite.masquerade)")
     r.add_argument("--client", metavar="IP",
                    help="decide as for a client at this IP (default: a trusted client)")
     r.add_argument("--json", action="store_true", help="as one JSON object")

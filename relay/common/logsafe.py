@@ -128,12 +128,13 @@ def address(value: str) -> str:
 FIELD_KINDS: dict[str, Callable[[str], str]] = {
     # addresses, always shown as <...>
     "sender": address, "rcpt": address, "to": address, "orig_to": address, "recipient": address,
+    "orig_sender": address, "address": address, "orig_address": address, "header": token,
     # names shown bare
     "helo": helo, "user": token, "sasl_username": token, "name": token, "queue_id": token,
     "dsn_id": token, "client": token, "dest": token,
     # free text
     "reply": text, "reason": text, "why": text, "error": text, "err": text, "line": text,
-    "diagnostic": text,
+    "diagnostic": text, "problem": text,
     # failures written by workers (relay.runtime.worker.EventPipe)
     "traceback": multiline,
 }

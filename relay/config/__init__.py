@@ -121,6 +121,12 @@ class SMTPConfig:
         "Commands that move no mail forward (NOOP, RSET, HELP, VRFY, HELO, EHLO) a session may send before each "
         "further one also counts as an error (as Postfix's smtpd_junk_command_limit); 20 errors end the session "
         "with 421 4.7.0.  A message received starts the count afresh.  0: no limit.")
+    hide_client_session: bool = declare(
+        False, v.BOOL, "Mail from authenticated clients on `listen`: the Received header leaves out the "
+        "client's IP address and HELO name (the log keeps them).  See docs/rewriting.md.")
+    submission_hide_client_session: bool = declare(
+        True, v.BOOL, "The same for `submission` listeners (implicit-TLS ones too), on by default as in "
+        "chasquid and maddy.")
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,18 @@ class RelayConfig:
             if d == domain:
                 return hp
         return None
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """Sender rewriting of mail from trusted sources (docs/rewriting.md)."""
+
+    senders: tuple[tuple[str, str], ...] = declare(
+        {}, v.SENDERS, "Exact envelope and From/Sender/Reply-To addresses to replace; wins over masquerade.",
+        example={"root@nas.lan": "alerts@example.org"})
+    masquerade: tuple[tuple[str, str], ...] = declare(
+        {}, v.MASQUERADE, 'Domains to replace, the local part kept: "*.lan" is every subdomain of lan '
+        '(not lan itself: list "lan" too), "nas.local" that domain only.', example={"*.lan": "example.org"})
 
 
 @dataclass(frozen=True)
@@ -306,6 +324,7 @@ class Config:
     smtp: SMTPConfig = section(SMTPConfig)
     tls: TLSConfig = section(TLSConfig)
     relay: RelayConfig = section(RelayConfig)
+    rewrite: RewriteConfig = section(RewriteConfig)
     delivery: DeliveryConfig = section(DeliveryConfig)
     dkim: DKIMConfig = section(DKIMConfig)
     local: LocalConfig = section(LocalConfig)

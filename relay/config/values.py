@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.common import endpoints
-from relay.common.address import AddressError, normalize_domain
+from relay.common.address import AddressError, normalize_domain, parse_mailbox
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolve = Callable[[str], str]  # a relative path -> a path against the config file's directory
@@ -318,6 +318,53 @@ def _dkim_headers(value: Any, resolve: Resolve) -> tuple[str, ...]:
     return tuple(value)
 
 
+def sender_key(local: str, domain: str) -> str:
+    """How rewrite.senders matches an address: the local part's case ignored."""
+    return f"{local.lower()}@{domain}"
+
+
+def parse_senders(table: object) -> tuple[tuple[str, str], ...]:
+    """rewrite.senders: {"old@domain": "new@domain"}; Bad names the entry."""
+    if not isinstance(table, dict):
+        raise Bad('a table of "address" = "address"')
+    out = []
+    for old, new in table.items():
+        try:
+            a = parse_mailbox(str(old))
+        except AddressError as e:
+            raise Bad(f'a table of "address" = "address" (entry {old!r}: not an address: {e})')
+        if not isinstance(new, str):
+            raise Bad(f'a table of "address" = "address" (entry {old!r}: the new address must be a string)')
+        try:
+            b = parse_mailbox(new)
+        except AddressError as e:
+            raise Bad(f'a table of "address" = "address" (entry {old!r}: {new!r} is not an address: {e})')
+        out.append((sender_key(a.local, a.domain), str(b)))
+    return tuple(out)
+
+
+def parse_masquerade(table: object) -> tuple[tuple[str, str], ...]:
+    """rewrite.masquerade: {"*.lan": "example.org", "nas.local": "example.org"}."""
+    if not isinstance(table, dict):
+        raise Bad('a table of "domain" or "*.domain" = "domain"')
+    out = []
+    for pattern, target in table.items():
+        p = str(pattern)
+        wild = p.startswith("*.")
+        try:
+            dom = normalize_domain(p[2:] if wild else p)
+        except AddressError as e:
+            raise Bad(f'a table of "domain" or "*.domain" = "domain" (entry {p!r}: not a domain or *.domain: {e})')
+        if not isinstance(target, str):
+            raise Bad(f'a table of "domain" or "*.domain" = "domain" (entry {p!r}: the new domain must be a string)')
+        try:
+            new = normalize_domain(target)
+        except AddressError as e:
+            raise Bad(f'a table of "domain" or "*.domain" = "domain" (entry {p!r}: {target!r} is not a domain: {e})')
+        out.append(("*." + dom if wild else dom, new))
+    return tuple(out)
+
+
 def _smarthost(value: str) -> HostPort | None:
     """"" (none: deliver by MX) or a host:port; the check before made sure of a string."""
     if not value.strip():
@@ -351,6 +398,8 @@ ROUTES = Check('a table of "domain" = "host:port"', _routes)
 DKIM_KEYS = Check(_DKIM_KEYS_DOC, _dkim_keys)
 DKIM_HEADERS = Check("a list of header field names (From among them, DKIM-Signature not)", _dkim_headers)
 DKIM_CANONICALIZATION = choice("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple")
+SENDERS = Check('a table of "address" = "address"', lambda v, r: parse_senders(v))
+MASQUERADE = Check('a table of "domain" or "*.domain" = "domain"', lambda v, r: parse_masquerade(v))
 
 SMARTHOST = Refine('"host:port", "[host]:port" or "host" (port 25), or "" for none', _smarthost, whole_kind=True)
 ABOVE_ZERO = Refine("above 0", _above_zero)

@@ -195,8 +195,10 @@ QUEUE_ACTION = Command(
     (Arg("result", BIG),), _QUEUE_ERRORS,
     doc="delete | hold | release | retry | bounce, on ids or on every message; a JSON object.")
 ROUTE = Command(
-    "Route", (Arg("address", TEXT), Arg("client", TEXT, optional=True)), (Arg("route", BIG),),
-    doc="How an address would be delivered now: a JSON object, relay.control.route.explain().")
+    "Route", (Arg("address", TEXT), Arg("client", TEXT, optional=True), Arg("sender", TEXT, optional=True)),
+    (Arg("route", BIG),),
+    doc="How an address would be delivered now (and a sender rewritten): a JSON object, "
+        "relay.control.route.explain().")
 METRICS = Command(
     "Metrics", (), (Arg("text", BIG),),
     doc="This relay's Prometheus text exposition: the master of a relay with workers serves the "

@@ -1,4 +1,5 @@
-"""``relayctl route ADDRESS``: how the relay would treat a recipient right now.
+"""``relayctl route ADDRESS``: how the relay would treat a recipient right now
+(and, with ``--sender``, what a sender would be rewritten to).
 
 The answer is computed with the relay's own parts, in the order the relay
 applies them: the RCPT syntax check and the policy decision (the reply a
@@ -20,6 +21,7 @@ from relay.delivery import routing
 from relay.delivery.local import mailbox_path
 from relay.delivery.mx import DNSFailure
 from relay.intake.policy import Client, Policy
+from relay.intake.rewrite import sender_map
 
 MAX_DESTINATIONS = 50  # an alias with more targets: the first ones are resolved
 
@@ -46,8 +48,35 @@ def parse_recipient(config: Config, text: str) -> Address:
     return addr
 
 
-def explain(ctx: RouteContext, address: str, client_ip: str | None = None) -> dict[str, Any]:
-    """A JSON-able answer; ``ok`` is True when the mail would be delivered."""
+def explain_sender(ctx: RouteContext, sender: str, client: Client) -> dict[str, Any]:
+    """What the relay would make of this envelope sender (and of it in the
+    From/Sender/Reply-To headers): rewrite.senders and rewrite.masquerade,
+    for a trusted client only."""
+    out: dict[str, Any] = {"address": sender, "trusted": ctx.policy.trusted(client), "rewritten_to": None}
+    text = sender.strip()
+    text = text[1:-1] if text.startswith("<") and text.endswith(">") else text
+    try:
+        addr = parse_path(f"<{text}>", allow_null=True)
+    except AddressError as e:
+        out["error"] = f"not an address: {e}"
+        return out
+    if addr is None:
+        out["null"] = True  # the null sender is never rewritten
+        return out
+    out["address"] = str(addr)
+    rw = ctx.config.rewrite
+    r = sender_map(rw.senders, rw.masquerade).lookup(addr.local, addr.domain)
+    if r is not None:
+        out["rule"] = r.rule
+        if out["trusted"]:
+            out["rewritten_to"] = r.address
+    return out
+
+
+def explain(ctx: RouteContext, address: str, client_ip: str | None = None,
+            sender: str | None = None) -> dict[str, Any]:
+    """A JSON-able answer; ``ok`` is True when the mail would be delivered
+    (an empty address with a sender: only the sender's rewriting)."""
     out: dict[str, Any] = {"address": address, "ok": False}
     if client_ip:
         client = Client(client_ip)
@@ -56,6 +85,11 @@ def explain(ctx: RouteContext, address: str, client_ip: str | None = None) -> di
         # a trusted client (relay.networks or authenticated): the LAN's view
         client = Client("", authenticated="relayctl")
         out["client"] = "trusted"
+    if sender is not None:
+        out["sender"] = explain_sender(ctx, sender, client)
+        if not address:
+            out["ok"] = "error" not in out["sender"]
+            return out
     try:
         addr = parse_recipient(ctx.config, address)
     except AddressError as e:
@@ -119,12 +153,29 @@ def _remote(ctx: RouteContext, dest: routing.Destination) -> dict[str, Any]:
     return info
 
 
+def _sender_line(s: dict[str, Any], who: str) -> str:
+    head = f"sender <{s['address']}>"
+    if s.get("error"):
+        return f"{head}: {s['error']}"
+    if s.get("null"):
+        return "sender <>: the null sender is never rewritten"
+    if s.get("rewritten_to"):
+        return f"{head}: rewritten to <{s['rewritten_to']}> for {who} ({s['rule']}), in the From, Sender and " \
+               "Reply-To headers too"
+    if s.get("rule"):
+        return f"{head}: not rewritten for {who} (only mail from trusted sources is; {s['rule']} would apply)"
+    return f"{head}: not rewritten (no rewrite.senders or rewrite.masquerade entry matches)"
+
+
 def format_text(r: dict[str, Any]) -> str:
     """The answer for a person."""
     addr = r.get("recipient") or r["address"]
     who = "trusted clients" if r.get("client") == "trusted" else f"client {r.get('client')}"
+    sender = _sender_line(r["sender"], who) + "\n" if r.get("sender") else ""
+    if not r["address"] and sender:
+        return sender
     if not r.get("accepted"):
-        return f"<{r['address']}>: refused for {who}: {r['reply']}\n"
+        return f"{sender}<{r['address']}>: refused for {who}: {r['reply']}\n"
     lines = [f"<{addr}>: accepted from {who} ({r['reply']})"]
     if r.get("untrusted_reply"):
         lines.append(f"  from other clients: {r['untrusted_reply']}")
@@ -135,7 +186,7 @@ def format_text(r: dict[str, Any]) -> str:
         indent = "    "
     for d in deliveries:
         lines.extend(indent + x for x in _delivery_lines(d, bool(r.get("alias"))))
-    return "\n".join(lines) + "\n"
+    return sender + "\n".join(lines) + "\n"
 
 
 def _delivery_lines(d: dict[str, Any], show_rcpt: bool) -> list[str]:

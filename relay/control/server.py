@@ -334,9 +334,9 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
                  queue_ids=None if every else targets[:100])
 
     @Route.responder
-    def route(self, address: str, client: str | None = None):
+    def route(self, address: str, client: str | None = None, sender: str | None = None):
         ctx = self.ctx.route_context()
-        d = self.ctx.dns.run(routecheck.explain, ctx, address, client or None)
+        d = self.ctx.dns.run(routecheck.explain, ctx, address, client or None, sender)
         d.addCallback(lambda r: {"route": json.dumps(r).encode("utf-8")})
         return d
 

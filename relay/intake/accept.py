@@ -32,6 +32,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from relay.intake.signing import Signer, SignJob
+from relay.intake.rewrite import SenderMap
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool
 
@@ -66,10 +67,17 @@ class Intake:
         self.signer = signer  # DKIM (relay.intake.signing): trusted mail only
 
     def envelope(self, sender: str, recipients: Iterable[str], client: dict[str, Any], *,
-                 queue_id: str | None = None, arrival: float | None = None) -> spoolmod.Envelope:
+                 queue_id: str | None = None, arrival: float | None = None,
+                 rewrite: SenderMap | None = None) -> spoolmod.Envelope:
         """The envelope of a new message: every recipient expanded, each final
-        recipient once (the first recipient it came from is its ORCPT)."""
+        recipient once (the first recipient it came from is its ORCPT); with
+        ``rewrite`` (a trusted source), the sender rewritten, the original
+        kept in the envelope's extra field ``orig_from``."""
         qid = queue_id if queue_id is not None else spoolmod.new_id()
+        extra: dict[str, Any] = {}
+        rewritten = rewrite.address(sender) if rewrite is not None else None
+        if rewritten is not None:
+            extra["orig_from"], sender = sender, rewritten.address
         rcpts: list[str] = []
         orcpts: list[str | None] = []
         seen: set[str] = set()
@@ -82,7 +90,7 @@ class Intake:
                 orcpts.append(orig if orig != addr else None)
         return spoolmod.Envelope(
             queue_id=qid, sender=sender, recipients=rcpts, orcpts=orcpts,
-            arrival=self.clock.seconds() if arrival is None else arrival, client=client,
+            arrival=self.clock.seconds() if arrival is None else arrival, client=client, extra=extra,
         )
 
     def receive(self, envelope: spoolmod.Envelope) -> spoolmod.IncomingMessage:
@@ -114,6 +122,9 @@ class Intake:
             env = incoming.envelope
             if job is not None:
                 _log_signing(source, env.queue_id, job)
+            if "orig_from" in env.extra:
+                source.log.info("{queue_id}: sender <{orig_sender}> rewritten to <{sender}>",
+                                queue_id=env.queue_id, orig_sender=env.extra["orig_from"], sender=env.sender)
             entry = spoolmod.QueueEntry(env, spoolmod.State.fresh(env), incoming.size, len(incoming.header),
                                         eight_bit=eight_bit, data=incoming.data, state_file=source.state_file)
             announce(entry)

@@ -48,6 +48,7 @@ from relay.common.address import AddressError, parse_mailbox
 from relay.config import Config
 from relay.intake.accept import Intake, Source
 from relay.intake.dropfile import MAX_HOPS, MAX_LINE, parse_drop_line
+from relay.intake.rewrite import HeaderStage, log_rewrites, sender_map
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import DiskPool
 
@@ -306,15 +307,20 @@ class _LineCheck:
 
 
 def copy_drop(spool: spoolmod.Spool, drop: DropFile, envelope: spoolmod.Envelope,
-              hostname: str) -> spoolmod.IncomingMessage:
+              hostname: str, stage: HeaderStage | None = None) -> spoolmod.IncomingMessage:
     """Copy the drop file into a new message in incoming/ (checked on the
-    way), not yet committed: relay.intake.accept makes it durable."""
+    way; its header block through ``stage``, the sender rewriting, if any),
+    not yet committed: relay.intake.accept makes it durable."""
     try:
         if os.path.exists(spool.message_path(drop.name)):
             # queued by an earlier pass that could not remove the drop file
             remove_drop(spool, drop.name)
             raise FileExistsError(drop.name)
         inc = spool.incoming(envelope)
+
+        def put(data: bytes) -> None:
+            inc.write(stage.feed(data) if stage is not None else data)
+
         try:
             date = email.utils.format_datetime(email.utils.localtime())
             who = f"{_safe(drop.user) or 'unknown'} (uid {drop.uid})"
@@ -328,10 +334,10 @@ def copy_drop(spool: spoolmod.Spool, drop: DropFile, envelope: spoolmod.Envelope
                     break
                 pos += len(chunk)
                 check.feed(chunk)
-                inc.write(chunk)
-            tail = check.finish()
-            if tail:
-                inc.write(tail)
+                put(chunk)
+            put(check.finish())
+            if stage is not None:
+                inc.write(stage.finish())
         except BaseException:
             inc.abort()
             raise
@@ -507,15 +513,21 @@ class Pickup(service.Service):
             return
         if drop is None:
             return
+        rw = cfg.rewrite  # relay-sendmail is a trusted source: its senders are rewritten
+        full = sender_map(rw.senders, rw.masquerade)
+        smap = None if full.empty else full
         try:
             env = self.intake.envelope(drop.sender, drop.recipients, drop_client(drop), queue_id=drop.name,
-                                       arrival=drop.arrival)
+                                       arrival=drop.arrival, rewrite=smap)
         except Exception as e:  # noqa: BLE001 - close the file; try again later
             os.close(drop.fd)
             self._later(name, f"alias expansion failed: {e}")
             return
         try:
-            inc = await self.disk.run(copy_drop, self.spool, drop, env, cfg.hostname)
+            stage = HeaderStage(smap) if smap is not None else None
+            inc = await self.disk.run(copy_drop, self.spool, drop, env, cfg.hostname, stage)
+            if stage is not None:
+                log_rewrites(log, name, stage)
             await self.intake.accept(inc, SOURCE, announce=partial(self._queued, drop),
                                      settle=partial(remove_drop, self.spool, name), trusted=True)
         except FileExistsError:

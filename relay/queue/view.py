@@ -84,6 +84,8 @@ def details(env: Envelope, state: State, size: int, name: str, headers: bytes, *
     d["client"] = env.client
     if env.extra:
         d["extra"] = env.extra
+    if isinstance(env.extra.get("orig_from"), str):  # rewritten at intake (rewrite.senders, rewrite.masquerade)
+        d["sender_rewritten_from"] = env.extra["orig_from"]
     for out, r in zip(d["recipients"], state.recipients):
         out["orig_address"] = r.orcpt or r.address
         out["last_reply"] = r.reply
@@ -247,6 +249,8 @@ def format_details(d: dict[str, Any], now: float | None = None) -> str:
         f"Sender:    <{d['sender']}>" + ("  (null sender: a delivery status notification)"
                                           if not d["sender"] else ""),
     ]
+    if d.get("sender_rewritten_from"):
+        out[-1] += f"  (sender rewritten from <{d['sender_rewritten_from']}>)"
     c = d.get("client") or {}
     if c:
         parts = []

@@ -50,9 +50,11 @@ def date_header(ts: float) -> str:
 
 def received_header(*, helo: str | None, client_ip: str, hostname: str, proto: str, queue_id: str,
                     tls_active: bool, tls_info: dict[str, Any] | None, recipient: str | None,
-                    now: float) -> bytes:
+                    now: float, hide_client: bool = False) -> bytes:
     """The Received header of a message received over SMTP; ``recipient``:
-    the one accepted recipient, if there is only one."""
+    the one accepted recipient, if there is only one; ``hide_client``
+    (private submission): no "from" clause, so neither the client's HELO
+    name nor its IP address (as Postfix's smtpd_hide_client_session)."""
     tls = ""
     if tls_active and tls_info:
         ti = tls_info
@@ -63,9 +65,9 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, proto: s
     rc = ""
     if recipient is not None:
         rc = f"\r\n\tfor <{sanitize(recipient, 300)}>"
+    origin = "" if hide_client else f"from {helo} ([{client_ip}])\r\n\t"
     hdr = (
-        f"Received: from {helo} ([{client_ip}])\r\n"
-        f"\tby {hostname} (twisted-relay) with {proto} id {queue_id}"
+        f"Received: {origin}by {hostname} (twisted-relay) with {proto} id {queue_id}"
         f"{tls}{rc};\r\n\t{date_header(now)}\r\n"
     )
     return hdr.encode("ascii", "replace")

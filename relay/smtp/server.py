@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 
 from relay.common.address import Address, AddressError, parse_path, split_command_argument
 from relay.intake.policy import Client, Decision
+from relay.intake.rewrite import HeaderStage, SenderMap, sender_map
 from relay.queue.spool import QueueEntry
 from relay.smtp import auth
 from relay.smtp.connection import SMTPConnection
@@ -302,13 +303,14 @@ class SMTPServer(SMTPConnection):
             self.error(554, "5.5.1 Error: no valid recipients")
             return
         intake = self.ctx.intake
+        smap = self._sender_map()
         env = intake.envelope(str(self.sender) if self.sender else "", [d.address for d in self.recipients], {
             "ip": self.peer_ip,
             "helo": self.helo,
             "proto": self._protocol_name(),
             **({"auth": self.auth_user} if self.auth_user else {}),
             **({"tls": self.tls_info} if self.tls_info else {}),
-        })
+        }, rewrite=smap)
         inc = None
         try:
             inc = intake.receive(env)
@@ -316,18 +318,33 @@ class SMTPServer(SMTPConnection):
                 helo=self.helo, client_ip=self.peer_ip, hostname=self.cfg.hostname,
                 proto=self._protocol_name(), queue_id=env.queue_id, tls_active=self.tls_active,
                 tls_info=self.tls_info, now=self.ctx.reactor.seconds(),
-                recipient=self.recipients[0].address if len(self.recipients) == 1 else None))
+                recipient=self.recipients[0].address if len(self.recipients) == 1 else None,
+                hide_client=self._hide_client()))
         except OSError as e:
             log.error("{queue_id}: cannot create spool file: {error}", queue_id=env.queue_id, error=str(e))
             if inc is not None:
                 inc.abort()
             self.reply(452, "4.3.1 Insufficient system storage")
             return
-        self.transfer = Transfer(inc, self.cfg.smtp.max_message_size)
+        self.transfer = Transfer(inc, self.cfg.smtp.max_message_size,
+                                 HeaderStage(smap) if smap is not None else None)
         self.mode = "data"
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
         self._flush()
         self._arm()
+
+    def _sender_map(self) -> SenderMap | None:
+        """The sender rewriting of this message: only for a trusted client
+        (authenticated, or in relay.networks), and only when there is a map."""
+        rw = self.cfg.rewrite
+        smap = sender_map(rw.senders, rw.masquerade)
+        return None if smap.empty or not self.ctx.policy.trusted(self._client()) else smap
+
+    def _hide_client(self) -> bool:
+        """Private submission: the Received header without the client, for authenticated clients."""
+        smtp = self.cfg.smtp
+        return bool(self.auth_user) and (smtp.submission_hide_client_session if self.submission
+                                         else smtp.hide_client_session)
 
     def _protocol_name(self) -> str:
         return protocol_name(self.esmtp, self.tls_active, bool(self.auth_user))

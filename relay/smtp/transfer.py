@@ -14,6 +14,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from relay.intake.accept import Source
+from relay.intake.rewrite import HeaderStage, log_rewrites
 from relay.queue.spool import IncomingMessage
 from relay.smtp.dataread import DataReader
 
@@ -40,27 +41,33 @@ REJECTIONS: dict[str, tuple[int, str, str]] = {
 class Transfer:
     """The DATA of one message, from the 354 to the end of the data."""
 
-    __slots__ = ("incoming", "queue_id", "reader", "_start")
+    __slots__ = ("incoming", "queue_id", "reader", "_start", "stage")
 
-    def __init__(self, incoming: IncomingMessage, max_size: int):
+    def __init__(self, incoming: IncomingMessage, max_size: int, stage: HeaderStage | None = None):
         self.incoming: IncomingMessage | None = incoming  # None once aborted
         self.queue_id = incoming.queue_id
         self.reader = DataReader(max_size)
         self._start = True  # the first text of the message is still to come
+        self.stage = stage  # sender rewriting of the header block (a trusted client), or None
 
     def feed(self, chunk: bytes) -> bytes | None:
         """Read a chunk of the data; the bytes after its end, or None while
         the data goes on."""
         reader = self.reader
         text, rest = reader.feed(chunk)
-        if text and self.incoming is not None and reader.error is None:
-            if self._start:
-                self._start = False
-                if text[:1] in (b" ", b"\t"):
-                    # a first line starting with blanks would fold into our
-                    # Received header: end the header section there, as
-                    # Postfix's smtpd does
-                    text = b"\r\n" + text
+        if self.incoming is None or reader.error is not None:
+            return rest
+        if text and self._start:
+            self._start = False
+            if text[:1] in (b" ", b"\t"):
+                # a first line starting with blanks would fold into our
+                # Received header: end the header section there, as
+                # Postfix's smtpd does
+                text = b"\r\n" + text
+        if self.stage is not None:
+            # the rewriting holds the header block until its end (or the data's)
+            text = self.stage.feed(text) + (self.stage.finish() if rest is not None else b"")
+        if text:
             try:
                 self.incoming.write(text)
             except OSError as e:
@@ -83,6 +90,8 @@ class Transfer:
         if reader.error is None and reader.received > MAX_HOPS:
             reader.error = "hops"
         if reader.error is None:
+            if self.stage is not None:
+                log_rewrites(log, self.queue_id, self.stage)
             return None
         self.abort()
         return REJECTIONS[reader.error]
