@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from relay.intake.signing import Signer, SignJob
 from relay.intake.rewrite import SenderMap
+from relay.intake.signing import Signer, SignJob
 from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool
 
