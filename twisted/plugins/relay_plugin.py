@@ -28,8 +28,12 @@ class RelayServiceMaker:
 
     def makeService(self, options):
         from relay.config import ConfigError, load_effective
+        from relay.runtime.rootpaths import unsafe_twistd_files
         from relay.runtime.service import StartupError, make_service
 
+        unsafe = unsafe_twistd_files(options)
+        if unsafe:
+            raise SystemExit("twisted-relay: not starting:\n" + "\n".join(unsafe))
         try:
             config = load_effective(options["config"])
             if config.workers > 1:
