@@ -48,8 +48,8 @@ def sts_lookup(reactor: Any, source: StsSource) -> Callable[[str], StsPolicy | N
         def ask() -> defer.Deferred[Any]:
             return defer.ensureDeferred(source.policy(domain))
 
-        result: StsPolicy | None = threads.blockingCallFromThread(reactor, ask)
-        return result
+        result: Any = threads.blockingCallFromThread(reactor, ask)
+        return result if isinstance(result, StsPolicy) else None
 
     return lookup
 
