@@ -22,6 +22,7 @@ import smtplib
 import tempfile
 
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
 from relay.delivery.stspolicy import StsPolicy
@@ -169,14 +170,40 @@ class Levels(TLSPolicyCase):
         self.assertIn("the certificate of mx.other.test is not valid for that name (it names: other.example)",
                       reply[("verify", "other")])
         self.assertIn("the certificate of mx.untrusted.test is not trusted (", reply[("verify", "untrusted")])
-        failures = self.relay.service.deliverer.tls_policy_failures
-        self.assertEqual(failures["starttls_not_offered"], 2)
-        self.assertEqual(failures["certificate_name"], 1)
-        self.assertEqual(failures["certificate_untrusted"], 1)
+        # the metric, as a scrape shows it
+        m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for fam in text_string_to_metric_families(self.relay.service.metrics.render().decode())
+             for s in fam.samples if s.name == "relay_tls_policy_failures_total"}
+        count = {dict(k[1])["reason"]: v for k, v in m.items()}
+        self.assertEqual(count, {"starttls_not_offered": 2, "certificate_name": 1, "certificate_untrusted": 1,
+                                 "starttls_refused": 0, "handshake": 0, "mx_not_allowed": 0})
         # what `relayctl queue show` prints: the deferral's reason
         m = next(iter(self.relay.service.queue.messages.values()))
         shown = view.format_details(view.details(m.env, m.state, m.size, "deferred", b""))
         self.assertIn("the certificate of mx.other.test is not valid for that name (it names: other.example)", shown)
+
+
+class Refused(TLSPolicyCase):
+    async def test_starttls_refused_or_failing_under_a_required_policy(self):
+        """No plaintext retry under a required policy ("may" still retries)."""
+        self.zone.mx("plain.encrypt.test", 10, "mx.plain.test").mx("plain.may.test", 10, "mx.plain.test")
+        self.sinks["plain"].b.starttls = "454"
+        await self.send(["a@plain.encrypt.test"])
+        await apoll(lambda: self.outcome("a@plain.encrypt.test"), timeout=30, what="a deferral")
+        self.assertIn("(table entry \".encrypt.test\": encrypt): host mx.plain.test[127.0.0.2] refused to start "
+                      "TLS: 454", self.outcome("a@plain.encrypt.test").reply)
+        self.sinks["plain"].b.starttls = "fail"
+        self.zone.mx("plain.verify.test", 10, "mx.plain.test")
+        await self.send(["b@plain.verify.test", "c@plain.may.test"])
+        await apoll(lambda: self.outcome("b@plain.verify.test") and self.delivered("c@plain.may.test"),
+                    timeout=30, what="a deferral and a delivery in plaintext after the handshake failed")
+        self.assertIn("(table entry \".verify.test\": verify): the TLS handshake with mx.plain.test[127.0.0.2] "
+                      "failed", self.outcome("b@plain.verify.test").reply)
+        self.assertIsNone(self.delivered("c@plain.may.test")[1].session.tls)
+        for r in ("a@plain.encrypt.test", "b@plain.verify.test"):
+            self.assertEqual(self.received(r), [], r)
+        failures = self.relay.service.deliverer.tls_policy_failures
+        self.assertEqual((failures["starttls_refused"], failures["handshake"]), (1, 1))
 
 
 class Match(TLSPolicyCase):
