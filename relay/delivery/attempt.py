@@ -232,16 +232,16 @@ class Deliverer:
                 allowed.append(h)
                 continue
             failure = f"MX host {h.host} does not match the policy's mx patterns ({', '.join(req.sts.mx)})"
-            self._observer(req)(h.host, "mx_not_allowed", failure)
+            self._observer(req)(h.host, "mx_not_allowed", failure, req.sts_enforce)
         return allowed if req.sts_enforce else hops
 
     def _observer(self, req: tlspolicy.TLSRequirement) -> Observer:
         """What hears of a hop failing the policy: the metric (a required
         policy) and the MTA-STS report (a policy in force or in test)."""
-        sts, policy, required = self.sts, req.sts, req.required
+        sts, policy = self.sts, req.sts
 
-        def observe(host: str, reason: str, failure: str) -> None:
-            if required:
+        def observe(host: str, reason: str, failure: str, enforced: bool) -> None:
+            if enforced:  # the hop was refused for it (not a "testing" report)
                 self.tls_policy_failures[reason] += 1
             if sts is not None and policy is not None:
                 sts.report(policy, host, failure)

@@ -83,17 +83,17 @@ def hop_mode(tls: TLSPolicy, hop: Hop) -> str:
     return {"dane": "may", "dane-only": "encrypt"}.get(tls.mode, tls.mode)
 
 
-def _observe(out: Outbound, hop: Hop, reason: str, failure: str) -> None:
+def _observe(out: Outbound, hop: Hop, reason: str, failure: str, enforced: bool = False) -> None:
     """Tell the policy's observer (the metric, an MTA-STS report)."""
     if out.tls.observe is not None:
-        out.tls.observe(hop.host, reason, failure)
+        out.tls.observe(hop.host, reason, failure, enforced)
 
 
 def _policy_failed(out: Outbound, hop: Hop, status: str, reason: str, failure: str, old: str,
                    stage: str, reply: Reply | None = None) -> HopFailed:
     """A required policy not met on this hop: observed, and worded with the
     policy when an explicit one required it (``old`` otherwise)."""
-    _observe(out, hop, reason, failure)
+    _observe(out, hop, reason, failure, True)
     text = f"{out.tls.required_by}: {failure}" if out.tls.required_by else old
     return HopFailed(status, text, reply=reply, stage=stage)
 
@@ -245,7 +245,8 @@ async def _tls_handshake(proto: ClientProtocol, hop: Hop, out: Outbound, mode: s
 def _handshake_failed(hop: Hop, out: Outbound, mode: str, creator: OutboundTLS, e: ConversationError) -> HopFailed:
     """The HopFailed for a handshake that did not complete."""
     w = where(hop)
-    problem = creator.problem() if mode == "verify" else None
+    # with match names the chain and names are checked after the handshake, not in it
+    problem = creator.problem() if mode == "verify" and not out.tls.match else None
     detail = problem or e.detail or e.kind
     if e.kind == "timeout":
         detail = "timed out"

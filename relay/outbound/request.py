@@ -16,8 +16,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 TLS_MODES = ("none", "may", "encrypt", "verify", "dane", "dane-only")
-# what TLSPolicy.observe is told: (MX or next-hop host name, reason, what failed)
-Observer = Callable[[str, str, str], None]
+# what TLSPolicy.observe is told: (MX or next-hop host name, reason, what failed,
+# enforced: the hop was refused for it; False: only reported, MTA-STS "testing")
+Observer = Callable[[str, str, str, bool], None]
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,8 @@ class TLSPolicy:
     explicit policy set ("TLS is required by the policy for example.com
     (mta-sts enforce)"; None: the old messages); ``would_verify``: MTA-STS
     "testing", check as "verify" would and only tell ``observe``;
-    ``observe(host, reason, failure)`` hears of every failure the policy
-    cares about (the metric, the MTA-STS report)."""
+    ``observe(host, reason, failure, enforced)`` hears of every failure the
+    policy cares about (the metric, the MTA-STS report)."""
 
     mode: str = "may"
     hostname: str | None = None

@@ -239,6 +239,7 @@ class MtaSts(TLSPolicyCase):
             "sts-name.test": sts("sts-name.test", "enforce", "mx.other.test"),
             "sts-plain.test": sts("sts-plain.test", "enforce", "mx.plain.test"),
             "sts-testing.test": sts("sts-testing.test", "testing", "mx.elsewhere.test"),
+            "sts-testcert.test": sts("sts-testcert.test", "testing", "mx.other.test"),
             "sts-table.test": sts("sts-table.test", "enforce", "mx.elsewhere.test"),
             "sts-none.test": sts("sts-none.test", "none", "mx.elsewhere.test"),
         })
@@ -246,12 +247,13 @@ class MtaSts(TLSPolicyCase):
         d.sts = self.sts
         d.trust_root = self.ca  # "verify" against the system CAs, here the test CA
         for domain, kind in (("sts-ok.test", "valid"), ("sts-bad.test", "valid"), ("sts-name.test", "other"),
-                             ("sts-plain.test", "plain"), ("sts-testing.test", "plain"),
+                             ("sts-plain.test", "plain"), ("sts-testing.test", "plain"), ("sts-testcert.test", "other"),
                              ("sts-table.test", "plain"), ("sts-none.test", "plain")):
             self.zone.mx(domain, 10, f"mx.{kind}.test")
 
     async def test_enforce_testing_and_precedence(self):
-        deliver = ["a@sts-ok.test", "t@sts-testing.test", "x@sts-table.test", "n@sts-none.test"]
+        deliver = ["a@sts-ok.test", "t@sts-testing.test", "x@sts-table.test", "n@sts-none.test",
+                   "v@sts-testcert.test"]
         defer = ["b@sts-bad.test", "c@sts-name.test", "p@sts-plain.test"]
         await self.send(deliver + defer)
         await apoll(lambda: all(self.delivered(r) for r in deliver) and all(self.outcome(r) for r in defer),
@@ -274,6 +276,9 @@ class MtaSts(TLSPolicyCase):
         self.assertIn(("mx.plain.test", "MX host mx.plain.test does not match the policy's mx patterns "
                        "(mx.elsewhere.test)"), testing)
         self.assertIn(("mx.plain.test", "host mx.plain.test[127.0.0.2] did not offer STARTTLS"), testing)
+        self.assertIsNotNone(self.delivered("v@sts-testcert.test")[1].session.tls)
+        self.assertIn(("sts-testcert.test", "mx.other.test", "the certificate of mx.other.test is not valid for that "
+                       "name (it names: other.example)"), self.sts.reports)
         # enforce failures are reported too; a table entry and mode "none": no report
         reported = {d for d, _h, _f in self.sts.reports}
         self.assertTrue({"sts-bad.test", "sts-name.test", "sts-plain.test"} <= reported)
