@@ -3,7 +3,10 @@
 ``open_session`` takes a fresh connection to the point where transactions
 may start and returns the server's EHLO extensions, or raises HopFailed
 (this hop cannot take the mail now).  STARTTLS follows the TLS mode of the
-relay.outbound.request.TLSPolicy; AUTH is never sent over plaintext.  What it
+relay.outbound.request.TLSPolicy (``hop_mode``: the level this hop gets); a
+required policy that the hop does not meet fails the hop (4.7.x, never a
+plaintext retry), worded with the policy that required it (relay.delivery.tlspolicy),
+and ``TLSPolicy.observe`` is told; AUTH is never sent over plaintext.  What it
 learns about TLS goes into the DeliveryReport (``tls``, and ``attempts``
 for a STARTTLS refused under "may").
 """
