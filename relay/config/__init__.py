@@ -211,9 +211,17 @@ class DeliveryConfig:
         [], v.NAMESERVERS, 'DNS servers for MX lookups, "ip" or "ip:port".  Empty: the system resolver.')
     port: int = declare(25, v.integer(1, 65535), "TCP port of MX hosts (25; another port only for tests and labs).")
     tls: str = declare(
-        "may", v.choice("none", "may", "encrypt"),
+        "may", v.choice("none", "may", "encrypt", "dane", "dane-only"),
         "STARTTLS to MX hosts: none | may (try; fall back to plaintext on a new connection if the handshake "
-        "fails) | encrypt (no TLS: defer).  MX certificates are not verified (as Postfix), the outcome is logged.")
+        "fails) | encrypt (no TLS: defer) | dane | dane-only (docs/tls-policy.md).  MX certificates are not "
+        "verified (as Postfix), the outcome is logged.  The default for domains without a tls_policy entry.")
+    tls_policy: tuple[tuple[str, v.TLSPolicyEntry], ...] = declare(
+        {}, v.TLS_POLICY,
+        'TLS per destination (docs/tls-policy.md): "example.com" that domain, ".example.com" its subdomains, '
+        '"[host]" a relay.routes host or the smarthost; a level, or { level = "verify", match = [names], '
+        "ca_file = PEM file }.  An entry wins over MTA-STS; domains without one get delivery.tls.",
+        example={"example.com": "encrypt", ".bank.example": {"level": "verify", "match": ["*.bank.example"]},
+                 "[smtp.example.net]": "verify"})
     retry_min: float = declare(
         "5m", v.DURATION,
         "The first retry comes after retry_min, then the wait doubles up to retry_max (with a little random "
@@ -437,6 +445,8 @@ class _Loader:
                 continue
             try:
                 out[dotted] = known[key].spec.check(value, self.resolve)
+            except v.BadAt as e:  # a part of the value: named after the key
+                self.problem(dotted + e.at, f"expected {e}, got {e.got!r}")
             except v.Bad as e:
                 self.problem(dotted, f"expected {e}, got {value!r}")
 

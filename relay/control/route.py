@@ -17,9 +17,10 @@ from typing import Any, Callable
 
 from relay.common.address import Address, AddressError, parse_path
 from relay.config import Config
-from relay.delivery import routing
+from relay.delivery import routing, tlspolicy
 from relay.delivery.local import mailbox_path
 from relay.delivery.mx import DNSFailure
+from relay.delivery.stspolicy import StsPolicy, StsSource
 from relay.intake.policy import Client, Policy
 from relay.intake.rewrite import sender_map
 
@@ -34,6 +35,23 @@ class RouteContext:
     user_exists: Callable[[str], bool]
     resolver: Any  # relay.delivery.mx.Resolver (its blocking resolve_mx / resolve_host)
     is_self: Callable[[str, int], bool]
+    # a domain's MTA-STS policy, blocking (from the relay's StsSource); None: no MTA-STS
+    sts: Callable[[str], StsPolicy | None] | None = None
+
+
+def sts_lookup(reactor: Any, source: StsSource) -> Callable[[str], StsPolicy | None]:
+    """RouteContext.sts for a live relay: the explanation runs in a thread,
+    the StsSource (asynchronous) on the reactor."""
+    from twisted.internet import defer, threads
+
+    def lookup(domain: str) -> StsPolicy | None:
+        def ask() -> defer.Deferred[Any]:
+            return defer.ensureDeferred(source.policy(domain))
+
+        result: Any = threads.blockingCallFromThread(reactor, ask)
+        return result if isinstance(result, StsPolicy) else None
+
+    return lookup
 
 
 def parse_recipient(config: Config, text: str) -> Address:
@@ -146,11 +164,37 @@ def _remote(ctx: RouteContext, dest: routing.Destination) -> dict[str, Any]:
             hops = ctx.resolver.resolve_host(dest.host, dest.port)
     except DNSFailure as e:
         info.update(outcome="defer" if e.temporary else "bounce", status=e.status, reason=e.reason)
+        _tls(ctx, dest, info)
         return info
     info["outcome"] = "deliver"
     info["hops"] = [{"host": h.host, "address": h.address, "port": h.port, "preference": h.preference}
                     for h in hops]
+    req = _tls(ctx, dest, info)
+    if req.sts is not None:
+        for h in info["hops"]:
+            h["mta_sts_allowed"] = req.sts.matches(h["host"])
+        if req.sts_enforce and not any(h["mta_sts_allowed"] for h in info["hops"]):
+            info.update(outcome="defer", status="4.7.0", tls_defer=True,
+                        reason=tlspolicy.no_allowed_mx(req, [h["host"] for h in info["hops"]]))
     return info
+
+
+def _tls(ctx: RouteContext, dest: routing.Destination, info: dict[str, Any]) -> tlspolicy.TLSRequirement:
+    """The TLS policy that applies (info["tls"]), as relay.delivery.attempt decides it."""
+    policy = None
+    if ctx.sts is not None and tlspolicy.wants_sts(ctx.config, dest):
+        try:
+            policy = ctx.sts(dest.domain)
+        except Exception as e:  # noqa: BLE001 - shown, never fatal to the explanation
+            info["mta_sts_error"] = f"MTA-STS look-up failed: {e}"
+    req = tlspolicy.decide(ctx.config, dest, sts=policy)
+    info["tls"] = {
+        "level": req.level, "source": req.source, "required": req.required, "match": list(req.match),
+        "mta_sts": None if policy is None else {"mode": policy.mode, "id": policy.id, "mx": list(policy.mx),
+                                                "max_age": policy.max_age},
+        "describe": req.describe(),
+    }
+    return req
 
 
 def _sender_line(s: dict[str, Any], who: str) -> str:
@@ -202,13 +246,17 @@ def _delivery_lines(d: dict[str, Any], show_rcpt: bool) -> list[str]:
         what = f"route for {d['domain']} to {d['host']}:{d['port']} (relay.routes)"
     else:
         what = f"smarthost {d['host']}:{d['port']} (relay.smarthost)"
+    tls = [f"  TLS: {d['tls']['describe']}"] if d.get("tls") else []
     if d["outcome"] == "deliver":
         out = [f"{who}{what}, hosts in the order they would be tried:"]
         for i, h in enumerate(d["hops"], 1):
             pref = f" (preference {h['preference']})" if kind == routing.MX else ""
             addr = f"[{h['address']}]" if h["address"] != h["host"] else ""
-            out.append(f"  {i}. {h['host']}{addr}:{h['port']}{pref}")
-        return out
+            sts = " (not allowed by the MTA-STS policy)" if h.get("mta_sts_allowed") is False else ""
+            out.append(f"  {i}. {h['host']}{addr}:{h['port']}{pref}{sts}")
+        return out + tls
+    if d.get("tls_defer"):
+        return [f"{who}{what}: mail would be deferred ({d['status']}):", f"  {d['reason']}", *tls]
     if d["outcome"] == "defer":
         return [f"{who}{what}: DNS look-up failed temporarily ({d['status']}), mail would be deferred:",
                 f"  {d['reason']}"]

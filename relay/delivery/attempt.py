@@ -9,6 +9,7 @@ relay.outbound.client; local ones through relay.delivery.local in the disk threa
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -17,13 +18,14 @@ from twisted.logger import Logger
 
 from relay.config import Config
 from relay.delivery import local as localmod
-from relay.delivery import routing
+from relay.delivery import routing, tlspolicy
 from relay.delivery.mx import DNSFailure, Hop, Resolver
+from relay.delivery.stspolicy import StsPolicy, StsSource
 from relay.outbound import client
 from relay.outbound.conncache import ConnectionCache
 from relay.outbound.hostlimit import HostLimit
 from relay.outbound.replies import DeliveryReport
-from relay.outbound.request import MessageFile, Outbound, Timeouts, TLSPolicy
+from relay.outbound.request import MessageFile, Observer, Outbound, Timeouts
 
 log = Logger(namespace="relay.delivery")
 
@@ -101,7 +103,9 @@ class Deliverer:
     ``delivery.nameservers`` wants ``set_resolver`` with a new Resolver.
     ``trust_root`` (for smarthost "verify": tests inject their CA) and
     ``timeouts`` (relay.outbound.request.Timeouts, None for the RFC values) may
-    be replaced between attempts.
+    be replaced between attempts.  ``sts``: where MTA-STS policies come from
+    (relay.delivery.stspolicy.StsSource; None: no MTA-STS); the TLS each
+    destination requires is relay.delivery.tlspolicy.decide's.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class Deliverer:
         config: Config,
         trust_root: Any = None,
         timeouts: Timeouts | None = None,
+        sts: StsSource | None = None,
     ):
         self.reactor = reactor
         self.resolver = resolver
@@ -126,12 +131,15 @@ class Deliverer:
         self.config = config
         self.trust_root = trust_root
         self.timeouts = timeouts
+        self.sts = sts
         # sessions kept open for a moment for the next message to the same host
         self.cache = ConnectionCache(reactor)
         # at most max_per_destination connections to one host, whatever the domains
         self.host_limit = HostLimit(lambda: self.config.delivery.max_per_destination)
         self.sessions = 0  # remote attempts that reached a server (metrics)
         self.tls_sessions = 0  # ... of which over TLS (metrics)
+        # hops that failed a required TLS policy, by reason (tlspolicy.REASONS; metrics)
+        self.tls_policy_failures: Counter[str] = Counter()
 
     def reconfigure(self, config: Config, users: UserLookup) -> None:
         """A reload: the new config and users file for the next attempts."""
@@ -181,8 +189,14 @@ class Deliverer:
         except DNSFailure as e:
             kind = "deferred" if e.temporary else "bounced"
             return _all(recipients, kind, e.status, e.reason)
+        req = await self.tls_requirement(dest)
+        if req.sts is not None:
+            mx_hosts = list(dict.fromkeys(h.host for h in hops))
+            hops = self._sts_hops(req, hops)
+            if not hops:
+                return _all(recipients, "deferred", "4.7.0", tlspolicy.no_allowed_mx(req, mx_hosts))
         report = await client.deliver(
-            self.reactor, hops, self._outbound(msg, dest, recipients, auth),
+            self.reactor, hops, self._outbound(msg, dest, recipients, auth, req),
             threadpool=self.disk.pool, cache=self.cache, host_limit=self.host_limit,
         )
         self.sessions += report.hop is not None
@@ -197,15 +211,51 @@ class Deliverer:
             return hops
         return await self.resolver.host_hops(dest.host, dest.port)
 
+    async def tls_requirement(self, dest: routing.Destination) -> tlspolicy.TLSRequirement:
+        """The TLS this destination requires now (MTA-STS asked only for MX
+        delivery without a delivery.tls_policy entry)."""
+        policy: StsPolicy | None = None
+        if self.sts is not None and tlspolicy.wants_sts(self.config, dest):
+            try:
+                policy = await self.sts.policy(dest.domain)
+            except Exception:  # noqa: BLE001 - the source must not raise; if it does, no policy
+                log.failure("MTA-STS policy look-up for {domain} failed", domain=dest.domain)
+        return tlspolicy.decide(self.config, dest, sts=policy, trust_root=self.trust_root)
+
+    def _sts_hops(self, req: tlspolicy.TLSRequirement, hops: list[Hop]) -> list[Hop]:
+        """The MX hops the MTA-STS policy allows ("enforce"; "testing"
+        keeps them all); each one it does not allow is reported."""
+        assert req.sts is not None
+        allowed = []
+        for h in hops:
+            if req.sts.matches(h.host):
+                allowed.append(h)
+                continue
+            failure = f"MX host {h.host} does not match the policy's mx patterns ({', '.join(req.sts.mx)})"
+            self._observer(req)(h.host, "mx_not_allowed", failure, req.sts_enforce)
+        return allowed if req.sts_enforce else hops
+
+    def _observer(self, req: tlspolicy.TLSRequirement) -> Observer:
+        """What hears of a hop failing the policy: the metric (a required
+        policy) and the MTA-STS report (a policy in force or in test)."""
+        sts, policy = self.sts, req.sts
+
+        def observe(host: str, reason: str, failure: str, enforced: bool) -> None:
+            if enforced:  # the hop was refused for it (not a "testing" report)
+                self.tls_policy_failures[reason] += 1
+            if sts is not None and policy is not None:
+                sts.report(policy, host, failure)
+
+        return observe
+
     def _outbound(self, msg: QueuedMessage, dest: routing.Destination, recipients: list[str],
-                  auth: tuple[str, str] | None) -> Outbound:
-        """What relay.outbound.client.deliver is to send, and how."""
+                  auth: tuple[str, str] | None, req: tlspolicy.TLSRequirement | None = None) -> Outbound:
+        """What relay.outbound.client.deliver is to send, and how (``req``:
+        the TLS requirement; None: decided without MTA-STS)."""
         cfg = self.config
-        if dest.kind == routing.SMARTHOST:
-            tls = TLSPolicy(cfg.relay.smarthost_tls, dest.host,
-                            self.trust_root or (cfg.relay.smarthost_ca_file or None))
-        else:
-            tls = TLSPolicy(cfg.delivery.tls, None, self.trust_root or None)
+        if req is None:
+            req = tlspolicy.decide(cfg, dest, trust_root=self.trust_root)
+        tls = req.policy(self._observer(req) if req.required or req.sts is not None else None)
         return Outbound(
             sender=msg.env.sender,
             recipients=tuple(recipients),

@@ -198,7 +198,10 @@ class _Delivery:
 
     def _cache_key(self, hop: Hop, plaintext_only: bool) -> CacheKey:
         out = self.out
-        return (hop.address, hop.port, hop.host, out.tls.mode, plaintext_only, out.tls.hostname,
+        # a session verified for some names or CAs is reused only under the same ones
+        mode = out.tls.mode if not out.tls.match and out.tls.mode != "verify" else \
+            f"{out.tls.mode}|{','.join(out.tls.match)}|{out.tls.trust_root!r}"
+        return (hop.address, hop.port, hop.host, mode, plaintext_only, out.tls.hostname,
                 out.auth[0] if out.auth else None, out.helo)
 
     async def _session(self, hop: Hop, rcpts: list[str], plaintext_only: bool) -> Results:

@@ -3,7 +3,10 @@
 ``open_session`` takes a fresh connection to the point where transactions
 may start and returns the server's EHLO extensions, or raises HopFailed
 (this hop cannot take the mail now).  STARTTLS follows the TLS mode of the
-relay.outbound.request.TLSPolicy; AUTH is never sent over plaintext.  What it
+relay.outbound.request.TLSPolicy (``hop_mode``: the level this hop gets); a
+required policy that the hop does not meet fails the hop (4.7.x, never a
+plaintext retry), worded with the policy that required it (relay.delivery.tlspolicy),
+and ``TLSPolicy.observe`` is told; AUTH is never sent over plaintext.  What it
 learns about TLS goes into the DeliveryReport (``tls``, and ``attempts``
 for a STARTTLS refused under "may").
 """
@@ -13,13 +16,14 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from cryptography import x509
 from twisted.logger import Logger
 
 from relay.common.tls import session_info
 from relay.outbound.clientproto import ClientProtocol
 from relay.outbound.conversation import Down, HopFailed, command, reply, where
 from relay.outbound.replies import ConversationError, DeliveryReport, Reply, extensions
-from relay.outbound.request import Hop, Outbound
+from relay.outbound.request import Hop, Outbound, TLSPolicy
 from relay.outbound.tls import OutboundTLS
 
 # the client's log lines keep the namespace they always had
@@ -72,26 +76,55 @@ async def hello(proto: ClientProtocol, hop: Hop, out: Outbound) -> dict[str, str
     )
 
 
+def hop_mode(tls: TLSPolicy, hop: Hop) -> str:
+    """The TLS mode this hop gets under the policy's level.
+
+    DANE hook: until the DANE verification (TLSA records of the hop, in
+    relay.outbound.tls) is in, "dane" is handled as "may" and "dane-only"
+    as "encrypt"; DANE replaces this function (and, for a host with usable
+    TLSA records, takes precedence over MTA-STS: RFC 8461 section 2)."""
+    return {"dane": "may", "dane-only": "encrypt"}.get(tls.mode, tls.mode)
+
+
+def _observe(out: Outbound, hop: Hop, reason: str, failure: str, enforced: bool = False) -> None:
+    """Tell the policy's observer (the metric, an MTA-STS report)."""
+    if out.tls.observe is not None:
+        out.tls.observe(hop.host, reason, failure, enforced)
+
+
+def _policy_failed(out: Outbound, hop: Hop, status: str, reason: str, failure: str, old: str,
+                   stage: str, reply: Reply | None = None) -> HopFailed:
+    """A required policy not met on this hop: observed, and worded with the
+    policy when an explicit one required it (``old`` otherwise)."""
+    _observe(out, hop, reason, failure, True)
+    text = f"{out.tls.required_by}: {failure}" if out.tls.required_by else old
+    return HopFailed(status, text, reply=reply, stage=stage)
+
+
 async def starttls(
     proto: ClientProtocol, hop: Hop, out: Outbound, report: DeliveryReport, ext: dict[str, str], plaintext_only: bool
 ) -> dict[str, Any] | None:
     """STARTTLS as the TLS mode wants it: the session's TLS facts, or None
     (no TLS, and the mode allows that)."""
-    mode = out.tls.mode
+    mode = hop_mode(out.tls, hop)
     if plaintext_only or mode == "none":
         return None
     w = where(hop)
     if "STARTTLS" not in ext:
+        failure = f"host {w} did not offer STARTTLS"
         if mode == "may":
+            if out.tls.would_verify:
+                _observe(out, hop, "starttls_not_offered", failure)
             return None
-        raise HopFailed("4.7.4", f"TLS is required, but was not offered by host {w}", stage="STARTTLS")
+        raise _policy_failed(out, hop, "4.7.4", "starttls_not_offered", failure,
+                             f"TLS is required, but was not offered by host {w}", "STARTTLS")
     proto.stage = "STARTTLS"
     d = proto.expect("STARTTLS", out.timeouts.starttls, tls_boundary=True)
     proto.send(b"STARTTLS")
     r = await reply(d, hop)
     if r.code != 220:
         proto.resume_plaintext()
-        _refused(hop, out, report, r)  # raises unless the mode is "may"
+        _refused(hop, out, report, r, mode)  # raises unless the mode is "may"
         return None
     if proto.discarded:
         log.warn(
@@ -101,16 +134,19 @@ async def starttls(
             hop=str(hop),
             n=proto.discarded,
         )
-    info = await _tls_handshake(proto, hop, out)
+    info = await _tls_handshake(proto, hop, out, mode)
     report.tls = info
     return info
 
 
-def _refused(hop: Hop, out: Outbound, report: DeliveryReport, r: Reply) -> None:
+def _refused(hop: Hop, out: Outbound, report: DeliveryReport, r: Reply, mode: str) -> None:
     """A reply other than 220 to STARTTLS: on in plaintext ("may"), or this
     hop failed."""
     w = where(hop)
-    if out.tls.mode == "may":
+    failure = f"host {w} refused to start TLS: {r.one_line}"
+    if mode == "may":
+        if out.tls.would_verify:
+            _observe(out, hop, "starttls_refused", failure)
         log.info(
             "{queue_id}: {hop}: STARTTLS refused ({reply}); continuing in plaintext",
             queue_id=out.log_id,
@@ -119,45 +155,84 @@ def _refused(hop: Hop, out: Outbound, report: DeliveryReport, r: Reply) -> None:
         )
         report.attempts.append((hop, f"host {w} refused STARTTLS: {r.one_line}; continued in plaintext"))
         return
-    raise HopFailed(
-        "4.7.4", f"TLS is required, but host {w} refused to start TLS: {r.one_line}", reply=r, stage="STARTTLS"
-    )
+    raise _policy_failed(out, hop, "4.7.4", "starttls_refused", failure,
+                         f"TLS is required, but host {w} refused to start TLS: {r.one_line}", "STARTTLS", r)
 
 
-async def _tls_handshake(proto: ClientProtocol, hop: Hop, out: Outbound) -> dict[str, Any]:
+def name_matches(pattern: str, name: str) -> bool:
+    """Whether a certificate DNS name (maybe "*.domain") is valid for a
+    policy's match name ("host" or "*.domain": one leftmost label)."""
+    p, n = pattern.rstrip(".").lower(), name.rstrip(".").lower()
+    if p == n:
+        return True
+    if n.startswith("*."):  # a wildcard certificate: a name one label below
+        head, _, rest = p.partition(".")
+        return bool(head) and head != "*" and rest == n[2:]
+    if p.startswith("*."):
+        head, _, rest = n.partition(".")
+        return bool(head) and rest == p[2:]
+    return False
+
+
+def peer_names(proto: ClientProtocol) -> list[str]:
+    """The DNS names in the server certificate's subjectAltName."""
+    try:
+        transport: Any = proto.transport
+        cert = transport.getPeerCertificate()
+        san = cert.to_cryptography().extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return list(san.get_values_for_type(x509.DNSName))[:20]
+    except Exception:  # noqa: BLE001 - no certificate or SAN: no names
+        return []
+
+
+def _certificate_failure(hop: Hop, creator: OutboundTLS, match: tuple[str, ...],
+                         names: list[str]) -> tuple[str, str] | None:
+    """(reason, what failed) when the certificate is not what "verify"
+    wants (a trusted chain, valid for the host name or one of ``match``)."""
+    if creator.chain_error:
+        return "certificate_untrusted", f"the certificate of {hop.host} is not trusted ({creator.chain_error})"
+    if match:
+        if not any(name_matches(pattern, n) for pattern in match for n in names):
+            return ("certificate_name", f"the certificate of {hop.host} is not valid for the names the policy "
+                    f"allows ({', '.join(match)}; it names: {', '.join(names) or 'none'})")
+        return None
+    if creator.name_error:
+        named = creator.name_error.partition(" (it names: ")[2].rstrip(")") or "none"
+        return "certificate_name", f"the certificate of {hop.host} is not valid for that name (it names: {named})"
+    return None
+
+
+async def _tls_handshake(proto: ClientProtocol, hop: Hop, out: Outbound, mode: str) -> dict[str, Any]:
     """The handshake after a 220 to STARTTLS: the session's TLS facts."""
-    mode = out.tls.mode
     w = where(hop)
     name = out.tls.hostname or hop.host
-    creator = OutboundTLS(name, enforce=(mode == "verify"), trust_root=out.tls.trust_root)
+    # with match names, the name check is ours, after the handshake
+    enforce = mode == "verify" and not out.tls.match
+    creator = OutboundTLS(name, enforce=enforce, trust_root=out.tls.trust_root)
     proto.stage = "TLS handshake"
     try:
         await proto.start_tls(creator, out.timeouts.starttls)
     except ConversationError as e:
-        problem = creator.problem() if mode == "verify" else None
-        detail = problem or e.detail or e.kind
-        if e.kind == "timeout":
-            detail = "timed out"
-        if mode == "may":
-            raise HopFailed(
-                "4.7.5",
-                f"Cannot start TLS with {w}: handshake failed ({detail}); trying plaintext",
-                stage="TLS handshake",
-                plaintext_retry=True,
-            )
-        if problem:
-            raise HopFailed("4.7.5", f"Server certificate not verified: {w}: {problem}", stage="TLS handshake")
-        raise HopFailed("4.7.5", f"Cannot start TLS with {w}: handshake failed ({detail})", stage="TLS handshake")
+        raise _handshake_failed(hop, out, mode, creator, e)
+    checked = mode == "verify" or out.tls.would_verify
+    match = out.tls.match if checked else ()
+    bad = _certificate_failure(hop, creator, match, peer_names(proto) if match else []) if checked else None
+    if bad is not None and mode == "verify":
+        raise _policy_failed(out, hop, "4.7.5", bad[0], bad[1],
+                             f"Server certificate not verified: {w}: {bad[1]}", "TLS handshake")
+    if bad is not None:
+        _observe(out, hop, *bad)
     info = dict(session_info(proto.transport) or {})
+    verified = creator.verified if not match else bad is None
     info.update(
         hostname=name,
         trusted=creator.trusted,
-        verified=creator.verified,
-        problem=creator.problem(),
+        verified=verified,
+        problem=creator.problem() if bad is None else bad[1],
         mode=mode,
         discarded=proto.discarded,
     )
-    kind = "Verified" if creator.verified else "Trusted" if creator.trusted else "Untrusted"
+    kind = "Verified" if verified else "Trusted" if creator.trusted else "Untrusted"
     log.info(
         "{queue_id}: {kind} TLS connection established to {hop}: {version} with cipher {cipher} ({bits} bits)",
         queue_id=out.log_id,
@@ -168,6 +243,31 @@ async def _tls_handshake(proto: ClientProtocol, hop: Hop, out: Outbound) -> dict
         bits=info.get("bits"),
     )
     return info
+
+
+def _handshake_failed(hop: Hop, out: Outbound, mode: str, creator: OutboundTLS, e: ConversationError) -> HopFailed:
+    """The HopFailed for a handshake that did not complete."""
+    w = where(hop)
+    # with match names the chain and names are checked after the handshake, not in it
+    problem = creator.problem() if mode == "verify" and not out.tls.match else None
+    detail = problem or e.detail or e.kind
+    if e.kind == "timeout":
+        detail = "timed out"
+    if mode == "may":
+        if out.tls.would_verify:
+            _observe(out, hop, "handshake", f"the TLS handshake with {w} failed ({detail})")
+        return HopFailed(
+            "4.7.5",
+            f"Cannot start TLS with {w}: handshake failed ({detail}); trying plaintext",
+            stage="TLS handshake",
+            plaintext_retry=True,
+        )
+    bad = _certificate_failure(hop, creator, (), []) if problem else None
+    if bad is not None:
+        return _policy_failed(out, hop, "4.7.5", bad[0], bad[1],
+                              f"Server certificate not verified: {w}: {problem}", "TLS handshake")
+    return _policy_failed(out, hop, "4.7.5", "handshake", f"the TLS handshake with {w} failed ({detail})",
+                          f"Cannot start TLS with {w}: handshake failed ({detail})", "TLS handshake")
 
 
 async def authenticate(

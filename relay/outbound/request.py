@@ -13,9 +13,12 @@ finds them).  No Twisted, no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
-TLS_MODES = ("none", "may", "encrypt", "verify")
+TLS_MODES = ("none", "may", "encrypt", "verify", "dane", "dane-only")
+# what TLSPolicy.observe is told: (MX or next-hop host name, reason, what failed,
+# enforced: the hop was refused for it; False: only reported, MTA-STS "testing")
+Observer = Callable[[str, str, str, bool], None]
 
 
 @dataclass(frozen=True)
@@ -82,14 +85,28 @@ class MessageFile:
 
 @dataclass(frozen=True)
 class TLSPolicy:
-    """``mode``: none | may | encrypt | verify.  "verify" checks the chain
-    against ``trust_root`` (None for the system CAs, a PEM file path, or an
-    IOpenSSLTrustRoot such as ``ssl.Certificate``) and the name ``hostname``,
-    or the hop's host name, with service-identity."""
+    """``mode``: none | may | encrypt | verify | dane | dane-only.  "verify"
+    checks the chain against ``trust_root`` (None for the system CAs, a PEM
+    file path, or an IOpenSSLTrustRoot such as ``ssl.Certificate``) and the
+    name ``hostname``, or the hop's host name, with service-identity; with
+    ``match`` (names or "*.domain" patterns), the certificate must be valid
+    for one of those instead.
+
+    The rest comes from relay.delivery.tlspolicy (the defaults are the old
+    behaviour): ``required_by`` words a failure of a required policy that an
+    explicit policy set ("TLS is required by the policy for example.com
+    (mta-sts enforce)"; None: the old messages); ``would_verify``: MTA-STS
+    "testing", check as "verify" would and only tell ``observe``;
+    ``observe(host, reason, failure, enforced)`` hears of every failure the
+    policy cares about (the metric, the MTA-STS report)."""
 
     mode: str = "may"
     hostname: str | None = None
     trust_root: Any = None  # None | str | IOpenSSLTrustRoot
+    match: tuple[str, ...] = ()
+    required_by: str | None = None
+    would_verify: bool = False
+    observe: Observer | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in TLS_MODES:

@@ -31,6 +31,7 @@ from twisted.web import http, pages, resource, server
 
 import relay
 from relay.control.amp import Metrics, QuietAMP
+from relay.delivery.tlspolicy import REASONS as TLS_POLICY_REASONS
 
 log = Logger(namespace="relay.metrics")
 
@@ -146,6 +147,14 @@ class RelayCollector:
                                 labels=["direction"])
         c.add_metric(["in"], smtp.tls)
         c.add_metric(["out"], getattr(deliverer, "tls_sessions", 0))
+        yield c
+        c = CounterMetricFamily("relay_tls_policy_failures",
+                                "Next hops that failed a required TLS policy (delivery.tls_policy, MTA-STS enforce, "
+                                "delivery.tls or relay.smarthost_tls encrypt/verify), by reason",
+                                labels=["reason"])
+        failures = getattr(deliverer, "tls_policy_failures", {})
+        for reason in sorted(set(TLS_POLICY_REASONS) | set(failures)):
+            c.add_metric([reason], failures.get(reason, 0))
         yield c
         c = CounterMetricFamily("relay_smtp_client_sessions",
                                 "Remote delivery attempts that reached an SMTP server (TLS or not)")
