@@ -258,12 +258,12 @@ def _delivery_lines(d: dict[str, Any], show_rcpt: bool) -> list[str]:
         what = f"smarthost {d['host']}:{d['port']} (relay.smarthost)"
     if d["outcome"] == "deliver":
         out = [f"{who}{what}, hosts in the order they would be tried:"]
-        if "hosts" in d:
-            out[0] = f"{who}{what}: {_relay_text(d)}, hosts in the order they would be tried:"
         for i, h in enumerate(d["hops"], 1):
             pref = f" (preference {h['preference']})" if kind == routing.MX else ""
             addr = f"[{h['address']}]" if h["address"] != h["host"] else ""
             out.append(f"  {i}. {h['host']}{addr}:{h['port']}{pref}")
+        if "hosts" in d:
+            out.append(f"  {_relay_text(d)}")
         return out
     if d["outcome"] == "defer":
         return [f"{who}{what}: DNS look-up failed temporarily ({d['status']}), mail would be deferred:",
@@ -285,4 +285,4 @@ def _via_text(d: dict[str, Any]) -> str:
 def _relay_text(d: dict[str, Any]) -> str:
     """The configured hosts, TLS and AUTH of an upstream or the smarthost."""
     auth = f"AUTH as {d['username']}" if d.get("auth") else "no AUTH"
-    return f"configured hosts {', '.join(d['hosts'])}; TLS {d.get('tls')}; {auth}"
+    return f"configured hosts {', '.join(d['hosts'])} (fail-over in this order); TLS {d.get('tls')}; {auth}"
