@@ -216,3 +216,28 @@ class SmarthostList(UpstreamCase):
         await self.send(["a@far.example"])
         await apoll(lambda: self.sinks["127.0.0.3"].transactions, what="delivery to the second smarthost")
         await apoll(self.queue_empty, what="empty queue")
+
+
+class RefusedByTheFirstHost(UpstreamCase):
+    """A 5xx to MAIL or RCPT from an upstream's first host is its answer: the
+    second host is not tried; a 4xx defers."""
+
+    def behaviour(self):
+        return {"127.0.0.2": {"rcpt_replies": {"gone@far.example": "550 5.1.1 no such user"},
+                              "replies": {"MAIL": ["553 5.7.1 sender not allowed", "250 2.1.0 Ok"]}}}
+
+    def relay_config(self):
+        return {"upstreams": {"u": {"hosts": [self.hp("127.0.0.2"), self.hp("127.0.0.3")], "tls": "none"}},
+                "sender_routes": {"client.example": "u"}}
+
+    async def test_5xx_to_mail_and_rcpt_bounce_without_the_second_host(self):
+        await self.send(["a@far.example"])  # MAIL refused (the first time)
+        await apoll(lambda: self.sinks["127.0.0.6"].transactions, what="the first DSN")
+        await self.send(["gone@far.example", "ok@far.example"])  # one RCPT refused
+        await apoll(lambda: len(self.sinks["127.0.0.6"].transactions) >= 2, what="the second DSN")
+        await apoll(self.queue_empty, what="empty queue")
+        dsns = self.dsns()
+        self.assertIn("5.7.1", dsns[0].as_string())
+        self.assertIn("5.1.1", dsns[1].as_string())
+        self.assertEqual(self.sinks["127.0.0.2"].delivered_to(), ["ok@far.example"])
+        self.assertEqual(self.sinks["127.0.0.3"].sessions, [], "the second host was never tried")
