@@ -18,6 +18,7 @@ import tempfile
 
 from twisted.trial import unittest
 
+from relay.control import route as routecheck
 from relay.outbound.request import Timeouts
 from tests.support.certs import cert_files
 from tests.support.dns import DNSServer, Zone
@@ -166,6 +167,24 @@ class SenderRoutes(UpstreamCase):
         self.assertEqual(self.sinks["127.0.0.3"].transactions[0].rcpts, ["q2@viagamma.example"])
         self.assertEqual(self.sinks["127.0.0.3"].transactions[0].session.auth_user, "gamma")
         await apoll(self.queue_empty, what="empty queue")
+
+
+    async def test_route_explains_the_live_choice(self):
+        """What ``relayctl route ADDRESS --sender S`` gets from the running
+        relay (the control socket's responder: its parts, the real DNS)."""
+        svc = self.relay.service
+        r = await svc.dns_pool.run(routecheck.explain, svc.route_context(), "x@dest.example", None,
+                                   "alice@client.example")
+        d = r["deliveries"][0]
+        self.assertEqual((d["via"], d["upstream"], d["username"], d["tls"]),
+                         ("sender route", "alpha", "alpha", "verify"))
+        self.assertEqual([(h["host"], h["address"]) for h in d["hops"]], [("mail.up.test", "127.0.0.2")])
+        text = routecheck.format_text(r)
+        self.assertIn("upstream alpha (sender route: relay.sender_routes 'alice@client.example')", text)
+        self.assertNotIn("alpha-pw", text)
+        r = await svc.dns_pool.run(routecheck.explain, svc.route_context(), "x@dest.example", None,
+                                   "erin@client.example")
+        self.assertEqual((r["deliveries"][0]["kind"], r["deliveries"][0]["via"]), ("mx", "MX"))
 
 
 class FailOver(UpstreamCase):
