@@ -9,13 +9,17 @@ import shutil
 import tempfile
 import unittest
 
+from twisted.internet import task
+
 from relay import config as configmod
 from relay.config import ConfigError, HostPort
 from relay.control import route as routecheck
 from relay.delivery import routing
+from relay.delivery.attempt import Deliverer
 from relay.outbound import client
-from relay.outbound.request import MessageFile, Outbound
+from relay.outbound.request import MessageFile, Outbound, TLSPolicy
 from relay.runtime import parts
+from tests.test_delivery_attempt import Disk, Env, Listeners, Msg, Spool, Users
 
 UPSTREAMS = {
     "office": {"hosts": ["smtp1.example.net:587", "[192.0.2.9]:2525"], "username": "office@example.org",
@@ -240,3 +244,59 @@ class Explain(unittest.TestCase):
         self.assertEqual(r["deliveries"][0]["kind"], "smarthost")  # no --sender: no sender route
         r, _ = self.explain("x@far.example", "<>")
         self.assertEqual(r["deliveries"][0]["kind"], "smarthost")
+
+
+class Attempt(unittest.TestCase):
+    """What relay.delivery.attempt.Deliverer gives the client for each kind
+    of destination: whose credentials, which TLS, whether a 5xx stops."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="relay-att-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.cfg = configmod.load(data={
+            "hostname": "relay.test", "spool": os.path.join(self.tmp, "spool"),
+            "local": {"domains": ["local.test"], "users": os.path.join(self.tmp, "users")},
+            "relay": {"upstreams": {**UPSTREAMS, "one": {"hosts": "one.example:587", "ca_file": "/ca.pem"}},
+                      "sender_routes": {"example.org": "office", "one.example": "one"},
+                      "routes": {"routed.example": "10.0.0.5:25", "viabulk.example": "bulk"},
+                      "smarthost": "smart.example:25", "smarthost_username": "smartuser",
+                      "smarthost_password_file": "/smart.pw", "smarthost_tls": "encrypt"}})
+        self.d = Deliverer(task.Clock(), resolver=None, spool=Spool(), disk=Disk(), users=Users([]),
+                           listeners=Listeners(), config=self.cfg)
+
+    def dest(self, rcpt: str, sender: str) -> routing.Destination:
+        return routing.route(self.cfg, rcpt, sender)
+
+    def test_each_destination_logs_in_only_with_its_own_credentials(self):
+        login = self.d._login
+        office = login(self.dest("x@far.example", "a@example.org"))
+        self.assertEqual(office[1:], ("office@example.org", "/etc/relay/office.pw"))
+        self.assertEqual(login(self.dest("x@viabulk.example", "a@other.example"))[1], "bulk")
+        self.assertEqual(login(self.dest("x@far.example", "a@other.example"))[1], "smartuser")
+        self.assertIsNone(login(self.dest("x@far.example", "a@one.example")))  # an upstream without a username
+        self.assertIsNone(login(self.dest("x@routed.example", "a@other.example")))  # a host:port route
+
+    def test_outbound_of_an_upstream(self):
+        msg = Msg("Q1", Env("a@example.org"), 10, 0)
+        dest = self.dest("x@far.example", "a@example.org")
+        out = self.d._outbound(msg, dest, ["x@far.example"], ("office@example.org", "pw"))
+        # two hosts: each checked against its own name
+        self.assertEqual((out.tls.mode, out.tls.hostname), ("verify", None))
+        self.assertEqual((out.auth_scope, out.stop_on_5xx), ("upstream:office", True))
+        self.assertEqual(self.d._hosts(dest), [("smtp1.example.net", 587), ("192.0.2.9", 2525)])
+        dest = self.dest("x@far.example", "b@one.example")
+        out = self.d._outbound(msg, dest, ["x@far.example"], None)
+        self.assertEqual(out.tls, TLSPolicy("verify", "one.example", "/ca.pem"))
+        self.assertEqual((out.auth_scope, out.stop_on_5xx), ("", True))
+        # the single smarthost and MX keep their old behaviour
+        dest = self.dest("x@far.example", "b@other.example")
+        out = self.d._outbound(msg, dest, ["x@far.example"], ("smartuser", "pw"))
+        self.assertEqual((out.tls.mode, out.tls.hostname, out.stop_on_5xx), ("encrypt", "smart.example", False))
+        self.assertEqual(out.auth_scope, "smarthost:smart.example:25")
+
+    def test_an_upstream_removed_by_a_reload_defers(self):
+        dest = self.dest("x@far.example", "a@example.org")
+        self.d.reconfigure(configmod.load(data={"spool": os.path.join(self.tmp, "spool")}), self.d.users)
+        outcomes = self.d.attempt(Msg("Q1", Env("a@example.org"), 10, 0), dest, ["x@far.example"]).result
+        self.assertEqual([(o.kind, o.status) for o in outcomes], [("deferred", "4.3.5")])
+        self.assertIn("upstream office is no longer configured", outcomes[0].reply)

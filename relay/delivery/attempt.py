@@ -168,6 +168,9 @@ class Deliverer:
     async def _remote(self, msg: QueuedMessage, dest: routing.Destination, recipients: list[str]) -> list[Outcome]:
         """A remote attempt: credentials (the password read in the disk pool at
         each attempt), the hops, the client."""
+        if dest.kind == routing.UPSTREAM and self.config.relay.upstream(dest.upstream) is None:
+            # routed before a reload removed it: the next activation routes afresh
+            return _all(recipients, "deferred", "4.3.5", f"upstream {dest.upstream} is no longer configured")
         login = self._login(dest)
         auth = None
         if login is not None:
