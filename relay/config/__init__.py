@@ -186,8 +186,9 @@ class RelayConfig:
         example={"example.com": "10.0.0.5:25", "lab.example": "[192.0.2.7]:2525"})
     upstreams: tuple[v.Upstream, ...] = declare(
         {}, v.UPSTREAMS,
-        "Named upstream relays, one [relay.upstreams.NAME] table each: hosts (\"host:port\" or a list, tried in "
-        'order on connection failure, 421 or timeout), tls (none | may | encrypt | verify, default "verify": '
+        "Named upstream relays, one [relay.upstreams.NAME] table each (the tables replace an `upstreams = {}` "
+        'line): hosts ("host:port" or a list, tried in order on connection failure, 421 or timeout), tls '
+        '(none | may | encrypt | verify, default "verify": '
         "the password goes there), ca_file, username and password_file (a username needs a password file and "
         "TLS).  Used only where relay.sender_routes, relay.routes or relay.smarthost name them; each uses only "
         "its own credentials.  See docs/routing.md.",
