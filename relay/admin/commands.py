@@ -269,7 +269,8 @@ def add_commands(sub) -> None:
     r = sub.add_parser("route", help="how an address would be delivered now (does the DNS look-up)")
     r.add_argument("address", metavar="ADDRESS", nargs="?")
     r.add_argument("--sender", metavar="ADDRESS",
-                   help="also show what this sender would be rewritten to (rewrite.senders, rewrite.masquerade)")
+                   help="also show what this sender would be rewritten to (rewrite.senders, rewrite.masquerade), "
+                        "and route its mail by relay.sender_routes")
     r.add_argument("--client", metavar="IP",
                    help="decide as for a client at this IP (default: a trusted client)")
     r.add_argument("--json", action="store_true", help="as one JSON object")

@@ -162,9 +162,10 @@ class RelayConfig:
     domains: tuple[str, ...] = declare(
         [], v.DOMAINS, "Domains accepted from anyone and relayed onward: we are their backup MX.")
     smarthost: HostPort | None = declare(
-        "", v.STRING,
-        '"host:port" (or "[host]:port"): all non-local mail goes there instead of to the MX hosts.  Empty: '
-        "deliver by MX lookup.", refine=v.SMARTHOST)
+        "", v.SMARTHOST_VALUE,
+        '"host:port" (or "[host]:port"): all non-local mail goes there instead of to the MX hosts.  A list of '
+        "them: tried in order (fail-over, docs/routing.md); the name of a relay.upstreams entry: that upstream.  "
+        "Empty: deliver by MX lookup.", refine=v.SMARTHOST)
     smarthost_username: str = declare(
         "", v.STRING,
         'AUTH PLAIN/LOGIN to the smarthost with this name, never over plaintext (so a username with '
@@ -183,11 +184,59 @@ class RelayConfig:
     routes: tuple[tuple[str, HostPort], ...] = declare(
         {}, v.ROUTES, "Per-domain next hops, overriding MX and smarthost.",
         example={"example.com": "10.0.0.5:25", "lab.example": "[192.0.2.7]:2525"})
+    upstreams: tuple[v.Upstream, ...] = declare(
+        {}, v.UPSTREAMS,
+        "Named upstream relays, one [relay.upstreams.NAME] table each (the tables replace an `upstreams = {}` "
+        'line): hosts ("host:port" or a list, tried in order on connection failure, 421 or timeout), tls '
+        '(none | may | encrypt | verify, default "verify": '
+        "the password goes there), ca_file, username and password_file (a username needs a password file and "
+        "TLS).  Used only where relay.sender_routes, relay.routes or relay.smarthost name them; each uses only "
+        "its own credentials.  See docs/routing.md.",
+        example={"office": {"hosts": ["smtp1.example.net:587", "smtp2.example.net:587"], "tls": "verify",
+                            "username": "office@example.org", "password_file": "office.pw"}})
+    sender_routes: tuple[tuple[str, str], ...] = declare(
+        {}, v.SENDER_ROUTES,
+        'Envelope sender -> upstream name: an "address" (case ignored), a "domain", or ".domain" for its '
+        "subdomains; the most specific entry wins.  Wins over relay.routes and relay.smarthost, never over "
+        "local.domains.", example={"alice@example.org": "office", "shop.example": "shop"})
+    # made by the rules from relay.smarthost and relay.routes (not keys of the file)
+    smarthost_hosts: tuple[HostPort, ...] = ()
+    smarthost_upstream: str = ""
+    route_upstreams: tuple[tuple[str, str], ...] = ()
 
     def route_for(self, domain: str) -> HostPort | None:
         for d, hp in self.routes:
             if d == domain:
                 return hp
+        return None
+
+    def upstream(self, name: str) -> v.Upstream | None:
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        return None
+
+    def upstream_route_for(self, domain: str) -> str | None:
+        """The upstream a relay.routes entry names for this domain."""
+        for d, name in self.route_upstreams:
+            if d == domain:
+                return name
+        return None
+
+    def sender_route_for(self, sender: str) -> tuple[str, str] | None:
+        """(upstream name, the relay.sender_routes entry) for an envelope
+        sender: the address, then its domain, then ".parent" entries from
+        the nearest; None for the null sender or no match."""
+        local, at, domain = sender.rpartition("@")
+        if not at or not domain:
+            return None
+        domain = domain.lower()
+        table = dict(self.sender_routes)
+        labels = domain.split(".")
+        keys = [v.sender_key(local, domain), domain] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
+        for k in keys:
+            if k in table:
+                return table[k], k
         return None
 
 
@@ -503,6 +552,9 @@ def _build(values: dict[str, Any], path: str | None) -> Config:
                 assert k.spec.computed is not None, k.dotted
                 kw[k.name] = k.spec.computed()
         if sec.name:
+            for f in dataclasses.fields(sec.cls):  # the values the rules made (not keys of the file)
+                if _KEY not in f.metadata and f"{sec.name}.{f.name}" in values:
+                    kw[f.name] = values[f"{sec.name}.{f.name}"]
             parts[sec.name] = sec.cls(**kw)
         else:
             parts.update(kw)
@@ -545,6 +597,78 @@ def _smarthost_login(ld: _Loader, values: dict[str, Any]) -> None:
                    'over TLS; use "may", "encrypt" or "verify"')
 
 
+def _smarthost(ld: _Loader, values: dict[str, Any]) -> None:
+    """relay.smarthost as written (a tuple of strings) -> the first host,
+    every host in order, or the upstream it names."""
+    raw: tuple[str, ...] = values["relay.smarthost"]
+    names = [u.name for u in values["relay.upstreams"]]
+    values["relay.smarthost"] = None
+    if len(raw) == 1 and raw[0] in names:
+        up = next(u for u in values["relay.upstreams"] if u.name == raw[0])
+        values["relay.smarthost_upstream"] = up.name
+        values["relay.smarthost_hosts"] = up.hosts
+        values["relay.smarthost"] = up.hosts[0]
+        for k in ("relay.smarthost_username", "relay.smarthost_password_file", "relay.smarthost_ca_file"):
+            if values[k]:
+                ld.problem(k, f"not used when relay.smarthost names the upstream {up.name!r}: set it in "
+                           f"[relay.upstreams.{up.name}]")
+        return
+    hosts = []
+    for h in raw:
+        if _unknown_upstream(h, names):
+            ld.problem("relay.smarthost", f"{h!r} is not a defined upstream (relay.upstreams: {', '.join(names)}); "
+                       f'for a host on port 25 write "{h}:25"')
+            return
+        try:
+            hosts.append(v.parse_hostport(h))
+        except v.Bad as e:
+            ld.problem("relay.smarthost", f"expected {e}, got {h!r}")
+            return
+    if len(set(hosts)) != len(hosts):
+        ld.problem("relay.smarthost", "a host is listed twice")
+        return
+    values["relay.smarthost_hosts"] = tuple(hosts)
+    values["relay.smarthost"] = hosts[0] if hosts else None
+
+
+_smarthost.refines = "relay.smarthost"  # type: ignore[attr-defined]  # it does the key's refinement too
+
+
+def _unknown_upstream(value: str, names: list[str]) -> bool:
+    """A bare name (no "." or ":") when upstreams are defined: a typo of an
+    upstream's name, not a host on port 25."""
+    return bool(names) and value not in names and v.UPSTREAM_NAME.fullmatch(value) is not None
+
+
+def _routes_upstreams(ld: _Loader, values: dict[str, Any]) -> None:
+    """relay.routes values that name an upstream move to route_upstreams."""
+    raw = ld.data.get("relay", {}).get("routes", {}) if isinstance(ld.data.get("relay"), dict) else {}
+    routes = values["relay.routes"]
+    if not isinstance(raw, dict) or len(raw) != len(routes):
+        return  # the check refused it (reported) or it is the default
+    names = [u.name for u in values["relay.upstreams"]]
+    hosts, ups = [], []
+    for (dom, hp), text in zip(routes, raw.values()):
+        t = text.strip()
+        if t in names:
+            ups.append((dom, t))
+        elif _unknown_upstream(t, names):
+            ld.problem("relay.routes", f"{dom}: {t!r} is not a defined upstream (relay.upstreams: "
+                       f'{", ".join(names)}); for a host on port 25 write "{t}:25"')
+        else:
+            hosts.append((dom, hp))
+    values["relay.routes"] = tuple(hosts)
+    values["relay.route_upstreams"] = tuple(ups)
+
+
+def _sender_routes_known(ld: _Loader, values: dict[str, Any]) -> None:
+    names = [u.name for u in values["relay.upstreams"]]
+    for key, name in values["relay.sender_routes"]:
+        if name not in names:
+            ld.problem("relay.sender_routes", f"{key}: {name!r} is not a defined upstream (relay.upstreams: "
+                       f"{', '.join(names) or 'none'})")
+
+
 def _tls_pair(ld: _Loader, values: dict[str, Any]) -> None:
     cert, key_ = values["tls.certificate"], values["tls.key"]
     if bool(cert) != bool(key_):
@@ -582,7 +706,9 @@ def _workers_share_listeners(ld: _Loader, values: dict[str, Any]) -> None:
 
 
 _RULES: tuple[Rule, ...] = (
-    _refine("relay.smarthost"),
+    _smarthost,
+    _routes_upstreams,
+    _sender_routes_known,
     _smarthost_login,
     _tls_pair,
     _refine("delivery.retry_min"),

@@ -258,6 +258,112 @@ def _routes(value: Any, resolve: Resolve) -> tuple[tuple[str, HostPort], ...]:
     return tuple(out)
 
 
+
+# --------------------------------------------------------------------------- upstreams and sender routes
+
+UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # no "." and no ":": never a host or host:port
+UPSTREAM_TLS = ("none", "may", "encrypt", "verify")
+_UPSTREAMS_DOC = ('a table of upstream tables { hosts ("host:port" or a list, tried in order), tls '
+                  '(none | may | encrypt | verify), ca_file, username, password_file }')
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One [relay.upstreams.NAME] table: a named relay with its own hosts,
+    TLS and credentials (only ever used for mail routed to it by name)."""
+
+    name: str
+    hosts: tuple[HostPort, ...]
+    tls: str = "verify"
+    ca_file: str = ""
+    username: str = ""
+    password_file: str = ""
+
+
+def host_list(value: Any) -> tuple[HostPort, ...]:
+    """ "host:port" or a non-empty list of them (fail-over order)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise Bad(f"{_HOSTPORT_FORM} or a non-empty list of them")
+    out = tuple(parse_hostport(h) for h in items)
+    if len(set(out)) != len(out):
+        raise Bad(f"{_HOSTPORT_FORM} or a list of them, each once")
+    return out
+
+
+def _upstream(name: Any, t: Any, resolve: Resolve) -> Upstream:
+    if not isinstance(name, str) or not UPSTREAM_NAME.fullmatch(name):
+        raise Bad(f"{_UPSTREAMS_DOC}; name {name!r}: lower-case letters, digits, '-' and '_' (no '.' or ':')")
+    if not isinstance(t, dict):
+        raise Bad(f"{_UPSTREAMS_DOC}; {name}: not a table")
+    extra = sorted(set(t) - {"hosts", "tls", "ca_file", "username", "password_file"})
+    if extra:
+        raise Bad(f"{_UPSTREAMS_DOC}; {name}: unknown " + ", ".join(extra))
+    if "hosts" not in t:
+        raise Bad(f"{_UPSTREAMS_DOC}; {name}: missing hosts")
+    try:
+        hosts = host_list(t["hosts"])
+    except Bad as e:
+        raise Bad(f"{_UPSTREAMS_DOC}; {name}.hosts: {e}")
+    tls = t.get("tls", "verify")
+    if tls not in UPSTREAM_TLS:
+        raise Bad(f"{_UPSTREAMS_DOC}; {name}.tls: one of " + " | ".join(UPSTREAM_TLS))
+    fields = {}
+    for k in ("ca_file", "username", "password_file"):
+        val = t.get(k, "")
+        if not isinstance(val, str):
+            raise Bad(f"{_UPSTREAMS_DOC}; {name}.{k}: a string")
+        fields[k] = resolve(val) if val and k != "username" else val
+    if fields["username"] and not fields["password_file"]:
+        raise Bad(f"{_UPSTREAMS_DOC}; {name}.password_file: required with {name}.username")
+    if fields["username"] and tls == "none":
+        raise Bad(f'{_UPSTREAMS_DOC}; {name}.tls: "none" with {name}.username (the login is only ever sent over TLS)')
+    return Upstream(name, hosts, tls, **fields)
+
+
+def _upstreams(value: Any, resolve: Resolve) -> tuple[Upstream, ...]:
+    if not isinstance(value, dict):
+        raise Bad(_UPSTREAMS_DOC)
+    return tuple(_upstream(n, t, resolve) for n, t in value.items())
+
+
+_SENDER_ROUTES_DOC = ('a table of "address", "domain" or ".domain" (its subdomains) = "upstream name"')
+
+
+def _sender_routes(value: Any, resolve: Resolve) -> tuple[tuple[str, str], ...]:
+    """relay.sender_routes: keys normalised to "local@domain" (local part
+    lower-cased, as rewrite.senders), "domain" or ".domain"."""
+    if not isinstance(value, dict):
+        raise Bad(_SENDER_ROUTES_DOC)
+    out = []
+    for k, name in value.items():
+        if not isinstance(name, str) or not UPSTREAM_NAME.fullmatch(name):
+            raise Bad(f"{_SENDER_ROUTES_DOC} (entry {k!r}: {name!r} is not an upstream name)")
+        key = str(k).strip()
+        try:
+            if "@" in key:
+                a = parse_mailbox(key)
+                key = sender_key(a.local, a.domain)
+            elif key.startswith("."):
+                key = "." + normalize_domain(key[1:])
+            else:
+                key = normalize_domain(key)
+        except AddressError as e:
+            raise Bad(f"{_SENDER_ROUTES_DOC} (entry {k!r}: {e})")
+        out.append((key, name))
+    return tuple(out)
+
+
+def _smarthost_value(value: Any, resolve: Resolve) -> tuple[str, ...]:
+    """relay.smarthost as written: "" (none), one string, or a list of
+    "host:port" strings; made into hosts or an upstream name by a rule."""
+    if isinstance(value, str):
+        return (value.strip(),) if value.strip() else ()
+    if isinstance(value, list) and value and all(isinstance(x, str) and x.strip() for x in value):
+        return tuple(x.strip() for x in value)
+    raise Bad('a string (or a list of strings: "host:port" hosts tried in order)')
+
+
 @dataclass(frozen=True)
 class DKIMKey:
     """One [[dkim.keys]] table: a selector's key file for a signing domain."""
@@ -365,14 +471,15 @@ def parse_masquerade(table: object) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _smarthost(value: str) -> HostPort | None:
-    """"" (none: deliver by MX) or a host:port; the check before made sure of a string."""
-    if not value.strip():
+def _smarthost(value: tuple[str, ...]) -> HostPort | None:
+    """The first host of relay.smarthost as the check gave it (the rule
+    relay.config._smarthost does the whole job once the upstreams are known)."""
+    if not value:
         return None
     try:
-        return parse_hostport(value)
+        return parse_hostport(value[0])
     except Bad as e:
-        raise Invalid(f"expected {e}, got {value!r}")
+        raise Invalid(f"expected {e}, got {value[0]!r}")
 
 
 def _above_zero(value: float) -> float:
@@ -487,5 +594,11 @@ SENDERS = Check('a table of "address" = "address"', lambda v, r: parse_senders(v
 TLS_POLICY = Check(_TLS_POLICY_DOC, _tls_policy)
 MASQUERADE = Check('a table of "domain" or "*.domain" = "domain"', lambda v, r: parse_masquerade(v))
 
-SMARTHOST = Refine('"host:port", "[host]:port" or "host" (port 25), or "" for none', _smarthost, whole_kind=True)
+UPSTREAMS = Check(_UPSTREAMS_DOC, _upstreams)
+SENDER_ROUTES = Check(_SENDER_ROUTES_DOC, _sender_routes)
+SMARTHOST_VALUE = Check('"host:port", "[host]:port" or "host" (port 25), a list of them (tried in order), the name '
+                        'of an upstream, or "" for none', _smarthost_value)
+
+SMARTHOST = Refine('"host:port", "[host]:port" or "host" (port 25), a list of them (tried in order), an upstream\'s '
+                   'name, or "" for none', _smarthost, whole_kind=True)
 ABOVE_ZERO = Refine("above 0", _above_zero)

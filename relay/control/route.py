@@ -3,7 +3,7 @@
 
 The answer is computed with the relay's own parts, in the order the relay
 applies them: the RCPT syntax check and the policy decision (the reply a
-client would get), alias expansion, routing (local, route, smarthost, MX),
+client would get), alias expansion, routing (local, sender route, route, upstream, smarthost, MX: and why),
 and for remote destinations the real DNS look-up with the relay's resolver
 (its name servers, its loop detection).  The running relay answers over the
 control socket with its live state; with the relay stopped, relayctl builds
@@ -128,9 +128,10 @@ def explain(ctx: RouteContext, address: str, client_ip: str | None = None,
     out["alias"] = not (len(finals) == 1 and finals[0][0] == canonical)
     resolved: dict[str, dict[str, Any]] = {}
     deliveries = []
+    env_sender = _envelope_sender(out.get("sender"))
     for final, _orig in finals:
-        dest = routing.route(ctx.config, final)
-        entry: dict[str, Any] = {"recipient": final, "kind": dest.kind}
+        dest = routing.route(ctx.config, final, env_sender)
+        entry: dict[str, Any] = {"recipient": final, "kind": dest.kind, **_why(ctx.config, dest)}
         if dest.kind == routing.LOCAL:
             local = final.rpartition("@")[0].lower()
             if local == "postmaster" or ctx.user_exists(final):
@@ -152,6 +153,57 @@ def explain(ctx: RouteContext, address: str, client_ip: str | None = None,
     return out
 
 
+def _envelope_sender(s: dict[str, Any] | None) -> str | None:
+    """The sender the queue would route by: after rewriting (None: none given
+    or the null sender, which has no sender route)."""
+    if not s or s.get("error") or s.get("null"):
+        return None
+    return s.get("rewritten_to") or s.get("address")
+
+
+def _why(config: Config, dest: routing.Destination) -> dict[str, Any]:
+    """Which rule chose the destination (issue 16), the upstream and its
+    hosts, and whether AUTH is used (the user name, never the password)."""
+    info: dict[str, Any] = {"via": dest.via}
+    if dest.rule:
+        info["rule"] = dest.rule
+    rc = config.relay
+    if dest.kind == routing.UPSTREAM:
+        up = rc.upstream(dest.upstream)
+        assert up is not None, dest.upstream
+        info.update(upstream=up.name, hosts=[str(h) for h in up.hosts],
+                    auth=bool(up.username), username=up.username or None)
+    elif dest.kind == routing.SMARTHOST:
+        info.update(hosts=[str(h) for h in rc.smarthost_hosts] or [f"{dest.host}:{dest.port}"],
+                    auth=bool(rc.smarthost_username), username=rc.smarthost_username or None)
+    elif dest.kind != routing.LOCAL:
+        info["auth"] = False
+    return info
+
+
+def _resolve_hosts(ctx: RouteContext, dest: routing.Destination) -> list[Any]:
+    """Every configured host's addresses, in the fail-over order; a host
+    that does not resolve is left out while another one does."""
+    rc = ctx.config.relay
+    if dest.kind == routing.UPSTREAM:
+        up = rc.upstream(dest.upstream)
+        hosts = [(h.host, h.port) for h in up.hosts] if up else [(dest.host, dest.port)]
+    elif dest.kind == routing.SMARTHOST and rc.smarthost_hosts:
+        hosts = [(h.host, h.port) for h in rc.smarthost_hosts]
+    else:
+        hosts = [(dest.host, dest.port)]
+    hops: list[Any] = []
+    failure: DNSFailure | None = None
+    for host, port in hosts:
+        try:
+            hops.extend(ctx.resolver.resolve_host(host, port))
+        except DNSFailure as e:
+            failure = failure if failure is not None and failure.temporary else e
+    if not hops and failure is not None:
+        raise failure
+    return hops
+
+
 def _remote(ctx: RouteContext, dest: routing.Destination) -> dict[str, Any]:
     info: dict[str, Any] = {"domain": dest.domain, "port": dest.port}
     if dest.kind != routing.MX:
@@ -161,7 +213,7 @@ def _remote(ctx: RouteContext, dest: routing.Destination) -> dict[str, Any]:
             hops = ctx.resolver.resolve_mx(dest.domain, dest.port, hostname=ctx.config.hostname,
                                            is_self=ctx.is_self)
         else:
-            hops = ctx.resolver.resolve_host(dest.host, dest.port)
+            hops = _resolve_hosts(ctx, dest)
     except DNSFailure as e:
         info.update(outcome="defer" if e.temporary else "bounce", status=e.status, reason=e.reason)
         _tls(ctx, dest, info)
@@ -244,6 +296,8 @@ def _delivery_lines(d: dict[str, Any], show_rcpt: bool) -> list[str]:
         what = f"MX delivery for {d['domain']} on port {d['port']}"
     elif kind == routing.ROUTE:
         what = f"route for {d['domain']} to {d['host']}:{d['port']} (relay.routes)"
+    elif kind == routing.UPSTREAM:
+        what = f"upstream {d['upstream']} ({_via_text(d)})"
     else:
         what = f"smarthost {d['host']}:{d['port']} (relay.smarthost)"
     tls = [f"  TLS: {d['tls']['describe']}"] if d.get("tls") else []
@@ -254,6 +308,8 @@ def _delivery_lines(d: dict[str, Any], show_rcpt: bool) -> list[str]:
             addr = f"[{h['address']}]" if h["address"] != h["host"] else ""
             sts = " (not allowed by the MTA-STS policy)" if h.get("mta_sts_allowed") is False else ""
             out.append(f"  {i}. {h['host']}{addr}:{h['port']}{pref}{sts}")
+        if "hosts" in d:
+            out.append(f"  {_relay_text(d)}")
         return out + tls
     if d.get("tls_defer"):
         return [f"{who}{what}: mail would be deferred ({d['status']}):", f"  {d['reason']}", *tls]
@@ -263,3 +319,19 @@ def _delivery_lines(d: dict[str, Any], show_rcpt: bool) -> list[str]:
     if d["outcome"] == "bounce":
         return [f"{who}{what}: undeliverable ({d['status']}), mail would bounce:", f"  {d['reason']}"]
     return [f"{who}{what}: {d.get('reason', '')}"]
+
+
+def _via_text(d: dict[str, Any]) -> str:
+    via = d.get("via", "")
+    if via == routing.VIA_SENDER:
+        return f"sender route: relay.sender_routes {d.get('rule')!r}"
+    if via == routing.VIA_RECIPIENT:
+        return f"recipient route: relay.routes {d.get('rule')!r}"
+    return "relay.smarthost" if via == routing.VIA_SMARTHOST else via
+
+
+def _relay_text(d: dict[str, Any]) -> str:
+    """The configured hosts, TLS and AUTH of an upstream or the smarthost."""
+    auth = f"AUTH as {d['username']}" if d.get("auth") else "no AUTH"
+    level = (d.get("tls") or {}).get("level", "?")
+    return f"configured hosts {', '.join(d['hosts'])} (fail-over in this order); TLS {level}; {auth}"

@@ -174,16 +174,20 @@ class Deliverer:
         return out
 
     async def _remote(self, msg: QueuedMessage, dest: routing.Destination, recipients: list[str]) -> list[Outcome]:
-        cfg = self.config
+        """A remote attempt: credentials (the password read in the disk pool at
+        each attempt), the hops, the client."""
+        if dest.kind == routing.UPSTREAM and self.config.relay.upstream(dest.upstream) is None:
+            # routed before a reload removed it: the next activation routes afresh
+            return _all(recipients, "deferred", "4.3.5", f"upstream {dest.upstream} is no longer configured")
+        login = self._login(dest)
         auth = None
-        if dest.kind == routing.SMARTHOST and cfg.relay.smarthost_username:
+        if login is not None:
+            key, username, path = login
             try:
-                pw = await self.disk.run(read_password, cfg.relay.smarthost_password_file)
+                pw = await self.disk.run(read_password, path)
             except OSError as e:
-                return _all(recipients, "deferred", "4.3.5",
-                            f"cannot read relay.smarthost_password_file "
-                            f"{cfg.relay.smarthost_password_file}: {e.strerror or e}")
-            auth = (cfg.relay.smarthost_username, pw)
+                return _all(recipients, "deferred", "4.3.5", f"cannot read {key} {path}: {e.strerror or e}")
+            auth = (username, pw)
         try:
             hops = await self._hops(dest)
         except DNSFailure as e:
@@ -203,13 +207,40 @@ class Deliverer:
         self.tls_sessions += bool(report.tls)
         return _outcomes(msg.qid, recipients, report)
 
+    def _login(self, dest: routing.Destination) -> tuple[str, str, str] | None:
+        """(the password file's key, username, password file) of the one
+        route that may log in: the smarthost's, or the destination's own
+        upstream's.  Credentials never cross routes: nothing else logs in."""
+        rc = self.config.relay
+        if dest.kind == routing.SMARTHOST and rc.smarthost_username:
+            return "relay.smarthost_password_file", rc.smarthost_username, rc.smarthost_password_file
+        if dest.kind == routing.UPSTREAM:
+            up = rc.upstream(dest.upstream)
+            if up is not None and up.username:
+                return f"relay.upstreams.{up.name}.password_file", up.username, up.password_file
+        return None
+
+    def _hosts(self, dest: routing.Destination) -> list[tuple[str, int]]:
+        """The fail-over list of a smarthost or upstream, else the one host."""
+        return tlspolicy.hosts_of(self.config, dest)
+
     async def _hops(self, dest: routing.Destination) -> list[Hop]:
-        """The next hops: by MX for a domain, else the host's addresses."""
+        """The next hops: by MX for a domain, else the hosts' addresses in
+        order (a host that does not resolve is skipped while another does)."""
         if dest.kind == routing.MX:
             hops: list[Hop] = await self.resolver.mx_hops(dest.domain, dest.port, hostname=self.config.hostname,
                                                           is_self=self.listeners.is_self)
             return hops
-        return await self.resolver.host_hops(dest.host, dest.port)
+        out: list[Hop] = []
+        failure: DNSFailure | None = None
+        for host, port in self._hosts(dest):
+            try:
+                out.extend(await self.resolver.host_hops(host, port))
+            except DNSFailure as e:
+                failure = failure if failure is not None and failure.temporary else e
+        if not out and failure is not None:
+            raise failure
+        return out
 
     async def tls_requirement(self, dest: routing.Destination) -> tlspolicy.TLSRequirement:
         """The TLS this destination requires now (MTA-STS asked only for MX
@@ -256,6 +287,7 @@ class Deliverer:
         if req is None:
             req = tlspolicy.decide(cfg, dest, trust_root=self.trust_root)
         tls = req.policy(self._observer(req) if req.required or req.sts is not None else None)
+        stop_on_5xx = dest.kind == routing.UPSTREAM or len(self._hosts(dest)) > 1
         return Outbound(
             sender=msg.env.sender,
             recipients=tuple(recipients),
@@ -266,6 +298,8 @@ class Deliverer:
             connect_timeout=cfg.delivery.connect_timeout,
             timeouts=self.timeouts or Timeouts(),
             queue_id=msg.qid,
+            auth_scope=dest.key if auth else "",
+            stop_on_5xx=stop_on_5xx,
         )
 
 

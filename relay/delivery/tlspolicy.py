@@ -5,13 +5,14 @@ shown by ``relayctl route`` (relay.control.route), so that both say the
 same.  Precedence, most explicit first (as Postfix's smtp_tls_policy_maps,
 and RFC 8461 for MTA-STS):
 
-1. a ``delivery.tls_policy`` entry: "[host]" for a route's or the
-   smarthost's host; for a recipient domain (MX delivery and routes) the
+1. a ``delivery.tls_policy`` entry: "[host]" for a route's, an upstream's
+   (its first host) or the smarthost's host; for a recipient domain (MX delivery and routes) the
    domain itself, then ".parent" entries, the nearest first;
 2. for MX delivery, an MTA-STS policy in mode "enforce" (verify, each MX
    host for its own name, only MX hosts its patterns allow); "testing"
    keeps the default and reports what enforce would have refused;
-3. ``relay.smarthost_tls`` for the smarthost, ``delivery.tls`` otherwise.
+3. ``relay.upstreams.NAME.tls`` for an upstream, ``relay.smarthost_tls`` for
+   the smarthost, ``delivery.tls`` otherwise.
 
 DANE (RFC 7672) takes precedence over MTA-STS for an MX host with usable
 TLSA records: that is decided per host during the handshake
@@ -122,6 +123,18 @@ def host_entry(config: Config, host: str) -> tuple[str, TLSPolicyEntry] | None:
     return (key, entry) if entry is not None else None
 
 
+def hosts_of(config: Config, dest: routing.Destination) -> list[tuple[str, int]]:
+    """The fail-over list of a smarthost or upstream, else the one host."""
+    rc = config.relay
+    if dest.kind == routing.UPSTREAM:
+        up = rc.upstream(dest.upstream)
+        if up is not None:
+            return [(h.host, h.port) for h in up.hosts]
+    if dest.kind == routing.SMARTHOST and rc.smarthost_hosts:
+        return [(h.host, h.port) for h in rc.smarthost_hosts]
+    return [(dest.host, dest.port)]
+
+
 def wants_sts(config: Config, dest: routing.Destination) -> bool:
     """Whether MTA-STS is asked at all: MX delivery without a table entry."""
     return dest.kind == routing.MX and domain_entry(config, dest.domain) is None
@@ -139,13 +152,20 @@ def decide(config: Config, dest: routing.Destination, *, sts: StsPolicy | None =
     docstring for the order).  ``sts``: the domain's MTA-STS policy (MX
     delivery only), ``trust_root``: one that wins over every CA setting
     (the Deliverer's, which tests inject)."""
-    if dest.kind in (routing.ROUTE, routing.SMARTHOST):
+    if dest.kind in (routing.ROUTE, routing.SMARTHOST, routing.UPSTREAM):
         hit = host_entry(config, dest.host)
+        # with several hosts (fail-over) each is checked against its own name
+        own = dest.host if len(hosts_of(config, dest)) == 1 else None
         if hit is not None:
-            return _from_entry(hit[0], hit[1], hit[0], dest.host, trust_root)
+            return _from_entry(hit[0], hit[1], hit[0], own, trust_root)
+        if dest.kind == routing.UPSTREAM:
+            up = config.relay.upstream(dest.upstream)
+            assert up is not None, dest.upstream
+            return TLSRequirement(up.tls, f"relay.upstreams.{dest.upstream}.tls", f"[{dest.host}]", hostname=own,
+                                  trust_root=trust_root or (up.ca_file or None))
         if dest.kind == routing.SMARTHOST:
             r = config.relay
-            return TLSRequirement(r.smarthost_tls, SMARTHOST_SOURCE, f"[{dest.host}]", hostname=dest.host,
+            return TLSRequirement(r.smarthost_tls, SMARTHOST_SOURCE, f"[{dest.host}]", hostname=own,
                                   trust_root=trust_root or (r.smarthost_ca_file or None))
         hit = domain_entry(config, dest.domain)
         if hit is not None:

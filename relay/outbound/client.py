@@ -25,7 +25,10 @@ bounced) in the returned ``DeliveryReport``.
 Failure classification (Postfix is the reference): connection refused or
 timed out, a 4xx/5xx greeting, a failed EHLO and HELO, a 421 or a lost
 connection before any recipient was accepted, missing or failed TLS when TLS
-is required, failed AUTH: this hop failed, try the next one.  If every hop
+is required, failed AUTH: this hop failed, try the next one.  For the hosts of
+an upstream or a smarthost list (``Outbound.stop_on_5xx``, issue 16) a 5xx
+greeting, EHLO or HELO is the answer for this message: it bounces without
+the next host being tried.  If every hop
 fails, all recipients are deferred with the last reason.  Once a hop has
 accepted a recipient, its answers are final for this attempt: 2xx delivered,
 4xx deferred, 5xx bounced; a lost connection or timeout before the reply to
@@ -34,6 +37,7 @@ the final "." defers the recipients of that transaction.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -80,6 +84,17 @@ def _bad_path(addr: str) -> bool:
     return any(c in addr for c in "\r\n\0<>") or any(ord(c) < 32 for c in addr)
 
 
+def _auth_identity(out: Outbound) -> str | None:
+    """Who a session is logged in as, for the connection cache: the route
+    the credentials belong to, the user name and a digest of the password
+    (a session logged in for upstream X never serves upstream Y, nor a
+    route without AUTH, nor the same user after a password change)."""
+    if out.auth is None:
+        return None
+    digest = hashlib.sha256(out.auth[1].encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{out.auth_scope}\0{out.auth[0]}\0{digest}"
+
+
 def _temporary(status: str) -> str:
     return status if status.startswith("4") else "4" + status[1:] if status[:1] in "25" else "4.0.0"
 
@@ -124,6 +139,9 @@ class _Delivery:
             if failed is None:
                 return self.report
             last = failed
+            if self._final(failed):
+                self._bounce_all(pending, failed)
+                return self.report
         assert last is not None
         failed_hop = self.report.attempts[-1][0] if self.report.attempts else None
         for r in pending:
@@ -136,6 +154,21 @@ class _Delivery:
                 stage=last.stage,
             )
         return self.report
+
+    def _final(self, failed: HopFailed) -> bool:
+        """A relay host's 5xx greeting, EHLO or HELO ends the attempt when
+        the caller says so (an upstream: its next host is a fail-over for
+        the same service, not another chance for a refused message); MX
+        hosts and a single smarthost go on as before."""
+        return (self.out.stop_on_5xx and failed.reply is not None and failed.reply.code // 100 == 5
+                and failed.stage in ("greeting", "EHLO", "HELO"))
+
+    def _bounce_all(self, pending: list[str], failed: HopFailed) -> None:
+        hop = self.report.attempts[-1][0] if self.report.attempts else None
+        for r in pending:
+            self.report.results[r] = RcptResult(
+                "bounced", failed.status if failed.status.startswith("5") else "5.0.0", failed.reason,
+                code=failed.reply.code if failed.reply else None, hop=hop, stage=failed.stage)
 
     def _valid_recipients(self) -> list[str]:
         """The recipients to send to; bad addresses bounce at once."""
@@ -201,8 +234,9 @@ class _Delivery:
         # a session verified for some names or CAs is reused only under the same ones
         mode = out.tls.mode if not out.tls.match and out.tls.mode != "verify" else \
             f"{out.tls.mode}|{','.join(out.tls.match)}|{out.tls.trust_root!r}"
+        trust = out.tls.trust_root if isinstance(out.tls.trust_root, str) else None
         return (hop.address, hop.port, hop.host, mode, plaintext_only, out.tls.hostname,
-                out.auth[0] if out.auth else None, out.helo)
+                _auth_identity(out), out.helo, trust)
 
     async def _session(self, hop: Hop, rcpts: list[str], plaintext_only: bool) -> Results:
         self.report.tls = None

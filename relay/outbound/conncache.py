@@ -2,8 +2,9 @@
 
 After a clean delivery the session may be parked here for a moment
 (Postfix's connection cache); the next delivery with the same key (host,
-port, TLS mode and name, AUTH user, HELO name) takes it instead of
-connecting, greeting, EHLO, STARTTLS and AUTH again.  One sweeper timer
+port, TLS mode and name, AUTH identity: route, user and password, HELO
+name, CA file) takes it instead of connecting, greeting, EHLO, STARTTLS and
+AUTH again.  One sweeper timer
 closes the sessions idle too long.
 """
 
@@ -32,8 +33,10 @@ class Parked:
     timer: float = 0.0  # (reactor time) when it has idled long enough to be closed
 
 
-# (address, port, host, TLS mode, plaintext only, TLS name, AUTH user, HELO name)
-CacheKey = tuple[str, int, str, str, bool, str | None, str | None, str]
+# (address, port, host, TLS mode, plaintext only, TLS name, AUTH identity (route, user,
+# password digest), HELO name, CA file): a session is only ever reused with the
+# same credentials of the same route
+CacheKey = tuple[str, int, str, str, bool, str | None, str | None, str, str | None]
 
 
 class ConnectionCache:

@@ -118,7 +118,8 @@ class Outbound:
     """One message for one destination.  ``sender``: "" for the null
     sender; ``recipients`` in order, duplicates sent once.  ``auth``:
     (username, password) for AUTH PLAIN/LOGIN, only ever sent over TLS.
-    ``queue_id`` goes in the log lines."""
+    ``queue_id`` goes in the log lines.  ``auth_scope`` and ``stop_on_5xx``:
+    see below (issue 16: upstreams)."""
 
     sender: str
     recipients: tuple[str, ...]
@@ -130,6 +131,13 @@ class Outbound:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_rcpts_per_txn: int = 50
     queue_id: str | None = None
+    # issue 16: the route the credentials belong to (the destination key),
+    # part of the connection cache's key so that a session logged in for one
+    # route never serves another; "" without AUTH
+    auth_scope: str = ""
+    # a list of relay hosts (an upstream, a smarthost list): a 5xx greeting or
+    # EHLO/HELO from one ends the attempt (bounced) instead of trying the next
+    stop_on_5xx: bool = False
 
     @property
     def log_id(self) -> str:

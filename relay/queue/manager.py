@@ -281,7 +281,7 @@ class QueueManager:
             return
         groups: dict[str, tuple[routing.Destination, list]] = {}
         for r in due:
-            dest = routing.route(self.config, r.address)
+            dest = routing.route(self.config, r.address, msg.env.sender)
             groups.setdefault(dest.key, (dest, []))[1].append(r)
         msg.failures = []
         msg.started = now
@@ -394,7 +394,7 @@ class QueueManager:
         if not self.dead:
             return
         for r in msg.open_recipients():
-            key = routing.route(self.config, r.address).key
+            key = routing.route(self.config, r.address, msg.env.sender).key
             if self.dead.pop(key, None) is not None:
                 log.info("{queue_id}: retry: {dest} is tried again at once (no longer suspended)",
                          queue_id=msg.qid, dest=key)
