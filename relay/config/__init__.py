@@ -211,9 +211,12 @@ class DeliveryConfig:
         [], v.NAMESERVERS, 'DNS servers for MX lookups, "ip" or "ip:port".  Empty: the system resolver.')
     port: int = declare(25, v.integer(1, 65535), "TCP port of MX hosts (25; another port only for tests and labs).")
     tls: str = declare(
-        "may", v.choice("none", "may", "encrypt"),
+        "may", v.choice("none", "may", "encrypt", "dane", "dane-only"),
         "STARTTLS to MX hosts: none | may (try; fall back to plaintext on a new connection if the handshake "
-        "fails) | encrypt (no TLS: defer).  MX certificates are not verified (as Postfix), the outcome is logged.")
+        "fails) | encrypt (no TLS: defer).  MX certificates are not verified (as Postfix), the outcome is logged.  "
+        "dane | dane-only (RFC 7672, docs/dane.md; needs delivery.nameservers = a local validating resolver): "
+        "an MX host with DNSSEC-validated TLSA records must pass DANE authentication, else defer; without "
+        "usable records dane acts as may, dane-only defers.")
     retry_min: float = declare(
         "5m", v.DURATION,
         "The first retry comes after retry_min, then the wait doubles up to retry_max (with a little random "

@@ -9,7 +9,7 @@ relay.outbound.client; local ones through relay.delivery.local in the disk threa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
 from twisted.internet import defer
@@ -18,12 +18,12 @@ from twisted.logger import Logger
 from relay.config import Config
 from relay.delivery import local as localmod
 from relay.delivery import routing
-from relay.delivery.mx import DNSFailure, Hop, Resolver
+from relay.delivery.mx import DNSFailure, Hop, Resolver, TlsaAnswer
 from relay.outbound import client
 from relay.outbound.conncache import ConnectionCache
 from relay.outbound.hostlimit import HostLimit
 from relay.outbound.replies import DeliveryReport
-from relay.outbound.request import MessageFile, Outbound, Timeouts, TLSPolicy
+from relay.outbound.request import DANE_MODES, MessageFile, Outbound, Timeouts, TLSPolicy
 
 log = Logger(namespace="relay.delivery")
 
@@ -181,8 +181,14 @@ class Deliverer:
         except DNSFailure as e:
             kind = "deferred" if e.temporary else "bounced"
             return _all(recipients, kind, e.status, e.reason)
+        out = self._outbound(msg, dest, recipients, auth)
+        if dest.kind == routing.MX and out.tls.mode in DANE_MODES:
+            out = replace(out, tls=await self._with_tlsa(out.tls, hops, dest))
+            blocked = _dane_blocked(out.tls, hops)
+            if blocked:
+                return _all(recipients, "deferred", "4.7.5", blocked)
         report = await client.deliver(
-            self.reactor, hops, self._outbound(msg, dest, recipients, auth),
+            self.reactor, hops, out,
             threadpool=self.disk.pool, cache=self.cache, host_limit=self.host_limit,
         )
         self.sessions += report.hop is not None
@@ -196,6 +202,23 @@ class Deliverer:
                                                           is_self=self.listeners.is_self)
             return hops
         return await self.resolver.host_hops(dest.host, dest.port)
+
+    async def _with_tlsa(self, tls: TLSPolicy, hops: list[Hop], dest: routing.Destination) -> TLSPolicy:
+        """DANE: the TLSA records of each MX host (in the DNS pool, all at
+        once) put in the policy; insecure answers leave a host without
+        records, failed look-ups are kept as that host's error."""
+        hosts = list(dict.fromkeys(h.host for h in hops))
+        found = await defer.DeferredList(
+            [defer.maybeDeferred(self.resolver.tlsa, h, dest.port) for h in hosts], consumeErrors=True)
+        tlsa: dict[str, tuple] = {}
+        errors: dict[str, str] = {}
+        for host, (ok, result) in zip(hosts, found):
+            if not ok:
+                e = result.value
+                errors[host] = e.reason if isinstance(e, DNSFailure) else f"DANE: TLSA lookup for {host} failed: {e}"
+            elif isinstance(result, TlsaAnswer) and result.usable:
+                tlsa[host] = result.usable
+        return replace(tls, tlsa=tlsa, tlsa_errors=errors, dane_names=(dest.domain.rstrip(".").lower(),))
 
     def _outbound(self, msg: QueuedMessage, dest: routing.Destination, recipients: list[str],
                   auth: tuple[str, str] | None) -> Outbound:
@@ -217,6 +240,20 @@ class Deliverer:
             timeouts=self.timeouts or Timeouts(),
             queue_id=msg.qid,
         )
+
+
+def _dane_blocked(tls: TLSPolicy, hops: list[Hop]) -> str | None:
+    """The reason to defer without connecting, when DANE forbids every hop
+    (each TLSA look-up failed, or "dane-only" and no host has records)."""
+    reasons = []
+    for host in dict.fromkeys(h.host for h in hops):
+        if host in tls.tlsa_errors:
+            reasons.append(tls.tlsa_errors[host])
+        elif not tls.tlsa.get(host) and tls.mode == "dane-only":
+            reasons.append(f"DANE is required (dane-only), but {host} has no usable DNSSEC-validated TLSA records")
+        else:
+            return None
+    return "; ".join(reasons) or None
 
 
 def _outcomes(qid: str, recipients: list[str], report: DeliveryReport) -> list[Outcome]:

@@ -6,6 +6,12 @@ may start and returns the server's EHLO extensions, or raises HopFailed
 relay.outbound.request.TLSPolicy; AUTH is never sent over plaintext.  What it
 learns about TLS goes into the DeliveryReport (``tls``, and ``attempts``
 for a STARTTLS refused under "may").
+
+DANE ("dane", "dane-only"; RFC 7672): ``hop_tls`` turns the policy into the
+mode of one hop: "dane" with the hop's usable TLSA records (TLS required,
+the certificate authenticated by DANE alone, never a plaintext retry),
+"may" for a hop without records under "dane", or a deferral of the hop
+(4.7.5) under "dane-only" or when the hop's TLSA look-up failed.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from twisted.logger import Logger
 from relay.common.tls import session_info
 from relay.outbound.clientproto import ClientProtocol
 from relay.outbound.conversation import Down, HopFailed, command, reply, where
+from relay.outbound.dane import Tlsa
 from relay.outbound.replies import ConversationError, DeliveryReport, Reply, extensions
-from relay.outbound.request import Hop, Outbound
+from relay.outbound.request import DANE_MODES, Hop, Outbound
 from relay.outbound.tls import OutboundTLS
 
 # the client's log lines keep the namespace they always had
@@ -77,21 +84,22 @@ async def starttls(
 ) -> dict[str, Any] | None:
     """STARTTLS as the TLS mode wants it: the session's TLS facts, or None
     (no TLS, and the mode allows that)."""
-    mode = out.tls.mode
-    if plaintext_only or mode == "none":
+    mode, tlsa = hop_tls(out, hop)
+    if mode == "none" or (plaintext_only and mode != "dane"):
         return None
     w = where(hop)
     if "STARTTLS" not in ext:
         if mode == "may":
             return None
-        raise HopFailed("4.7.4", f"TLS is required, but was not offered by host {w}", stage="STARTTLS")
+        raise HopFailed("4.7.4", f"{_dane_prefix(mode, hop)}TLS is required, but was not offered by host {w}",
+                        stage="STARTTLS")
     proto.stage = "STARTTLS"
     d = proto.expect("STARTTLS", out.timeouts.starttls, tls_boundary=True)
     proto.send(b"STARTTLS")
     r = await reply(d, hop)
     if r.code != 220:
         proto.resume_plaintext()
-        _refused(hop, out, report, r)  # raises unless the mode is "may"
+        _refused(hop, out, report, r, mode)  # raises unless the mode is "may"
         return None
     if proto.discarded:
         log.warn(
@@ -101,16 +109,43 @@ async def starttls(
             hop=str(hop),
             n=proto.discarded,
         )
-    info = await _tls_handshake(proto, hop, out)
+    info = await _tls_handshake(proto, hop, out, mode, tlsa)
     report.tls = info
     return info
 
 
-def _refused(hop: Hop, out: Outbound, report: DeliveryReport, r: Reply) -> None:
+def hop_tls(out: Outbound, hop: Hop) -> tuple[str, tuple[Tlsa, ...]]:
+    """The TLS mode of this hop and its TLSA records (see the module doc);
+    raises HopFailed when DANE forbids trying the hop."""
+    tls = out.tls
+    if tls.mode not in DANE_MODES:
+        return tls.mode, ()
+    host = hop.host.rstrip(".").lower()
+    error = tls.tlsa_errors.get(host)
+    if error:
+        raise HopFailed("4.7.5", f"{error}; not delivering to {host} without DANE", stage="TLSA")
+    records = tuple(tls.tlsa.get(host, ()))
+    if records:
+        return "dane", records
+    if tls.mode == "dane-only":
+        raise HopFailed(
+            "4.7.5",
+            f"DANE is required (dane-only), but {host} has no usable DNSSEC-validated TLSA records "
+            f"(_{hop.port}._tcp.{host})",
+            stage="TLSA",
+        )
+    return "may", ()
+
+
+def _dane_prefix(mode: str, hop: Hop) -> str:
+    return f"DANE (TLSA records of _{hop.port}._tcp.{hop.host}): " if mode == "dane" else ""
+
+
+def _refused(hop: Hop, out: Outbound, report: DeliveryReport, r: Reply, mode: str) -> None:
     """A reply other than 220 to STARTTLS: on in plaintext ("may"), or this
     hop failed."""
     w = where(hop)
-    if out.tls.mode == "may":
+    if mode == "may":
         log.info(
             "{queue_id}: {hop}: STARTTLS refused ({reply}); continuing in plaintext",
             queue_id=out.log_id,
@@ -120,21 +155,33 @@ def _refused(hop: Hop, out: Outbound, report: DeliveryReport, r: Reply) -> None:
         report.attempts.append((hop, f"host {w} refused STARTTLS: {r.one_line}; continued in plaintext"))
         return
     raise HopFailed(
-        "4.7.4", f"TLS is required, but host {w} refused to start TLS: {r.one_line}", reply=r, stage="STARTTLS"
+        "4.7.4", f"{_dane_prefix(mode, hop)}TLS is required, but host {w} refused to start TLS: {r.one_line}",
+        reply=r, stage="STARTTLS",
     )
 
 
-async def _tls_handshake(proto: ClientProtocol, hop: Hop, out: Outbound) -> dict[str, Any]:
-    """The handshake after a 220 to STARTTLS: the session's TLS facts."""
-    mode = out.tls.mode
-    w = where(hop)
+def _creator(hop: Hop, out: Outbound, mode: str, tlsa: tuple[Tlsa, ...]) -> OutboundTLS:
+    """The TLS connection creator for this hop; with DANE records, the DANE
+    reference identifiers are the hop's name then the policy's names."""
     name = out.tls.hostname or hop.host
-    creator = OutboundTLS(name, enforce=(mode == "verify"), trust_root=out.tls.trust_root)
+    if mode != "dane":
+        return OutboundTLS(name, enforce=(mode == "verify"), trust_root=out.tls.trust_root)
+    return OutboundTLS(name, enforce=False, trust_root=out.tls.trust_root, tlsa=tlsa,
+                       dane_names=(name, *out.tls.dane_names), tlsa_owner=f"_{hop.port}._tcp.{hop.host}")
+
+
+async def _tls_handshake(
+    proto: ClientProtocol, hop: Hop, out: Outbound, mode: str, tlsa: tuple[Tlsa, ...]
+) -> dict[str, Any]:
+    """The handshake after a 220 to STARTTLS: the session's TLS facts."""
+    w = where(hop)
+    creator = _creator(hop, out, mode, tlsa)
+    name = creator.hostname
     proto.stage = "TLS handshake"
     try:
         await proto.start_tls(creator, out.timeouts.starttls)
     except ConversationError as e:
-        problem = creator.problem() if mode == "verify" else None
+        problem = creator.problem() if mode in ("verify", "dane") else None
         detail = problem or e.detail or e.kind
         if e.kind == "timeout":
             detail = "timed out"
@@ -147,17 +194,22 @@ async def _tls_handshake(proto: ClientProtocol, hop: Hop, out: Outbound) -> dict
             )
         if problem:
             raise HopFailed("4.7.5", f"Server certificate not verified: {w}: {problem}", stage="TLS handshake")
-        raise HopFailed("4.7.5", f"Cannot start TLS with {w}: handshake failed ({detail})", stage="TLS handshake")
+        raise HopFailed("4.7.5", f"{_dane_prefix(mode, hop)}Cannot start TLS with {w}: handshake failed ({detail})",
+                        stage="TLS handshake")
+    if mode == "dane" and not creator.dane_ok:  # the callback never saw the leaf: never go on
+        raise HopFailed("4.7.5", f"Server certificate not verified: {w}: {creator.problem()}", stage="TLS handshake")
     info = dict(session_info(proto.transport) or {})
     info.update(
         hostname=name,
-        trusted=creator.trusted,
-        verified=creator.verified,
+        trusted=creator.trusted or creator.dane_ok,
+        verified=creator.verified or creator.dane_ok,
         problem=creator.problem(),
         mode=mode,
         discarded=proto.discarded,
     )
-    kind = "Verified" if creator.verified else "Trusted" if creator.trusted else "Untrusted"
+    if creator.dane_ok and creator.dane_result is not None and creator.dane_result.record is not None:
+        info.update(dane=True, tlsa=creator.dane_result.record.short())
+    kind = "Verified" if info["verified"] else "Trusted" if info["trusted"] else "Untrusted"
     log.info(
         "{queue_id}: {kind} TLS connection established to {hop}: {version} with cipher {cipher} ({bits} bits)",
         queue_id=out.log_id,

@@ -12,10 +12,14 @@ finds them).  No Twisted, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-TLS_MODES = ("none", "may", "encrypt", "verify")
+from relay.outbound.dane import Tlsa
+
+TLS_MODES = ("none", "may", "encrypt", "verify", "dane", "dane-only")
+DANE_MODES = ("dane", "dane-only")
 
 
 @dataclass(frozen=True)
@@ -85,11 +89,23 @@ class TLSPolicy:
     """``mode``: none | may | encrypt | verify.  "verify" checks the chain
     against ``trust_root`` (None for the system CAs, a PEM file path, or an
     IOpenSSLTrustRoot such as ``ssl.Certificate``) and the name ``hostname``,
-    or the hop's host name, with service-identity."""
+    or the hop's host name, with service-identity.
+
+    "dane" / "dane-only" (RFC 7672, as Postfix): ``tlsa`` holds, by MX host
+    name, the usable records of a DNSSEC-validated TLSA RRset (the caller
+    leaves out insecure answers); a host with records must pass DANE
+    authentication, one without is "may" ("dane") or deferred
+    ("dane-only").  ``tlsa_errors``: hosts whose TLSA look-up failed, with
+    the reason (that hop is deferred, never tried without DANE).
+    ``dane_names``: further DANE-TA reference identifiers (the next-hop
+    domain)."""
 
     mode: str = "may"
     hostname: str | None = None
     trust_root: Any = None  # None | str | IOpenSSLTrustRoot
+    tlsa: Mapping[str, tuple[Tlsa, ...]] = field(default_factory=dict, hash=False)
+    tlsa_errors: Mapping[str, str] = field(default_factory=dict, hash=False)
+    dane_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in TLS_MODES:
