@@ -197,7 +197,8 @@ async def _tls_handshake(
         raise HopFailed("4.7.5", f"{_dane_prefix(mode, hop)}Cannot start TLS with {w}: handshake failed ({detail})",
                         stage="TLS handshake")
     if mode == "dane" and not creator.dane_ok:  # the callback never saw the leaf: never go on
-        raise HopFailed("4.7.5", f"Server certificate not verified: {w}: {creator.problem()}", stage="TLS handshake")
+        raise HopFailed("4.7.5", f"Server certificate not verified: {w}: DANE: no certificate was checked against "
+                        f"the TLSA records of {creator.tlsa_owner}", stage="TLS handshake")
     info = dict(session_info(proto.transport) or {})
     info.update(
         hostname=name,

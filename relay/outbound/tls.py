@@ -180,12 +180,12 @@ class OutboundTLS:
 
     def dane_problem(self) -> str | None:
         """Why DANE authentication failed, naming the TLSA owner name; None
-        when DANE was not asked for or succeeded."""
+        when DANE was not asked for, succeeded or was never reached."""
         if not self.tlsa or self.dane_ok:
             return None
         owner = self.tlsa_owner
-        if self.dane_result is None:
-            return f"DANE: no certificate was checked against the TLSA records of {owner}"
+        if self.dane_result is None:  # the handshake failed before the certificate
+            return None
         problem = self.dane_result.problem or "not authenticated"
         return f"DANE: {problem.replace('no TLSA record', f'no TLSA record of {owner}', 1)}"
 
