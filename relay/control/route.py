@@ -150,7 +150,20 @@ def _remote(ctx: RouteContext, dest: routing.Destination) -> dict[str, Any]:
     info["outcome"] = "deliver"
     info["hops"] = [{"host": h.host, "address": h.address, "port": h.port, "preference": h.preference}
                     for h in hops]
+    if dest.kind == routing.MX and ctx.config.delivery.tls in ("dane", "dane-only"):
+        info["tlsa"] = _tlsa(ctx, hops, dest.port)
     return info
+
+
+def _tlsa(ctx: RouteContext, hops: list, port: int) -> dict[str, str]:
+    """DANE: each MX host's TLSA RRset and whether it was DNSSEC-validated."""
+    out: dict[str, str] = {}
+    for host in dict.fromkeys(h.host for h in hops):
+        try:
+            out[host] = ctx.resolver.resolve_tlsa(host, port).describe()
+        except DNSFailure as e:
+            out[host] = e.reason
+    return out
 
 
 def _sender_line(s: dict[str, Any], who: str) -> str:
@@ -208,6 +221,7 @@ def _delivery_lines(d: dict[str, Any], show_rcpt: bool) -> list[str]:
             pref = f" (preference {h['preference']})" if kind == routing.MX else ""
             addr = f"[{h['address']}]" if h["address"] != h["host"] else ""
             out.append(f"  {i}. {h['host']}{addr}:{h['port']}{pref}")
+        out += [f"  TLSA {t}" for t in d.get("tlsa", {}).values()]
         return out
     if d["outcome"] == "defer":
         return [f"{who}{what}: DNS look-up failed temporarily ({d['status']}), mail would be deferred:",

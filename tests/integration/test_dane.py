@@ -187,3 +187,23 @@ class DaneOnly(DaneCase):
         self.tlsa(dane.record_for(_leaf(files), 3, 1, 1))
         await self.delivered()
         self.assertIsNotNone(self.sinks[IP].transactions[0].session.tls)
+
+
+class Route(DaneCase):
+    async def test_route_shows_tlsa_and_security(self):
+        from relay.control import route
+        from tests.support.relay import in_thread
+
+        files = self.mx()
+        self.tlsa(dane.record_for(_leaf(files), 3, 1, 1))
+        self.zone.mx("plain.example", 10, "mx.plain.example").a("mx.plain.example", "127.0.0.3")
+        self.zone.tlsa(f"_{self.port}._tcp.mx.plain.example", str(dane.record_for(_leaf(files), 3, 1, 1)))
+        self.zone.behave(f"_{self.port}._tcp.mx.fail.example", "servfail")
+        self.zone.mx("fail.example", 10, "mx.fail.example").a("mx.fail.example", "127.0.0.4")
+        ctx = self.relay.service.route_context()
+        for addr, want in ((f"a@{DOMAIN}", f"TLSA {self.owner()}: secure: 3 1 1 "),
+                           ("a@plain.example", "insecure (not DNSSEC-validated: ignored): 3 1 1 "),
+                           ("a@fail.example", "DANE: TLSA lookup for")):
+            r = await in_thread(route.explain, ctx, addr)
+            text = route.format_text(r)
+            self.assertIn(want, text)
