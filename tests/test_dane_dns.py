@@ -97,3 +97,39 @@ class TlsaLookup(unittest.TestCase):
         z = Zone().load_json(self.zone.to_json())
         self.assertEqual(z.records, self.zone.records)
         self.assertEqual(z.signed, {OWNER})
+
+
+class MxSecurity(unittest.TestCase):
+    """Hop.secure: the MX RRset and the host's address records had the AD bit."""
+
+    def setUp(self):
+        self.zone = Zone()
+        self.server = DNSServer(self.zone).start()
+        self.addCleanup(self.server.stop)
+        self.resolver = Resolver(self.server.nameservers, lifetime=1.0)
+        self.zone.mx("s.test", 10, "mx1.s.test").mx("s.test", 20, "mx2.s.test")
+        self.zone.a("mx1.s.test", "127.0.0.2").a("mx2.s.test", "127.0.0.3")
+
+    async def secure(self, domain="s.test"):
+        return {h.host: h.secure for h in await self.resolver.mx_hops(domain, 25)}
+
+    async def test_all_signed(self):
+        self.zone.sign("s.test", "mx1.s.test", "mx2.s.test")
+        self.assertEqual(await self.secure(), {"mx1.s.test": True, "mx2.s.test": True})
+
+    async def test_unsigned_mx_makes_every_host_insecure(self):
+        self.zone.sign("mx1.s.test", "mx2.s.test")
+        self.assertEqual(await self.secure(), {"mx1.s.test": False, "mx2.s.test": False})
+
+    async def test_unsigned_host(self):
+        self.zone.sign("s.test", "mx1.s.test")
+        self.assertEqual(await self.secure(), {"mx1.s.test": True, "mx2.s.test": False})
+
+    async def test_implicit_mx(self):
+        self.zone.a("implicit.test", "127.0.0.4").sign("implicit.test")
+        self.assertEqual(await self.secure("implicit.test"), {"implicit.test": True})
+
+    async def test_secure_is_not_part_of_equality(self):
+        from relay.outbound.request import Hop
+
+        self.assertEqual(Hop("a", "127.0.0.1", 25, 0, secure=True), Hop("a", "127.0.0.1", 25, 0))

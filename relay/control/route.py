@@ -159,6 +159,9 @@ def _tlsa(ctx: RouteContext, hops: list, port: int) -> dict[str, str]:
     """DANE: each MX host's TLSA RRset and whether it was DNSSEC-validated."""
     out: dict[str, str] = {}
     for host in dict.fromkeys(h.host for h in hops):
+        if not any(h.secure for h in hops if h.host == host):
+            out[host] = f"_{port}._tcp.{host}: not looked up (the MX or address records are not DNSSEC-validated)"
+            continue
         try:
             out[host] = ctx.resolver.resolve_tlsa(host, port).describe()
         except DNSFailure as e:

@@ -206,8 +206,10 @@ class Deliverer:
     async def _with_tlsa(self, tls: TLSPolicy, hops: list[Hop], dest: routing.Destination) -> TLSPolicy:
         """DANE: the TLSA records of each MX host (in the DNS pool, all at
         once) put in the policy; insecure answers leave a host without
-        records, failed look-ups are kept as that host's error."""
-        hosts = list(dict.fromkeys(h.host for h in hops))
+        records, failed look-ups are kept as that host's error.  Only hosts
+        reached by DNSSEC-validated MX and address records are looked up
+        (RFC 7672 section 2.2: otherwise DANE does not apply to them)."""
+        hosts = list(dict.fromkeys(h.host for h in hops if h.secure))
         found = await defer.DeferredList(
             [defer.maybeDeferred(self.resolver.tlsa, h, dest.port) for h in hosts], consumeErrors=True)
         tlsa: dict[str, tuple] = {}
@@ -250,7 +252,9 @@ def _dane_blocked(tls: TLSPolicy, hops: list[Hop]) -> str | None:
         if host in tls.tlsa_errors:
             reasons.append(tls.tlsa_errors[host])
         elif not tls.tlsa.get(host) and tls.mode == "dane-only":
-            reasons.append(f"DANE is required (dane-only), but {host} has no usable DNSSEC-validated TLSA records")
+            why = "" if any(h.secure for h in hops if h.host == host) else \
+                " (its MX or address records are not DNSSEC-validated)"
+            reasons.append(f"DANE is required (dane-only), but {host} has no usable DNSSEC-validated TLSA records{why}")
         else:
             return None
     return "; ".join(reasons) or None

@@ -103,6 +103,7 @@ class _HostLookup:
         self.temporary: str | None = None  # reason of a temporary failure
         self.nxdomain: str | None = None
         self.nodata: str | None = None
+        self.secure = True  # every answer with addresses had the AD bit
 
 
 class _NoResolver(dns.exception.DNSException):
@@ -172,6 +173,9 @@ class Resolver:
         r.timeout = timeout if timeout is not None else min(2.0, lifetime)
         r.lifetime = lifetime
         r.cache = None
+        # the AD bit asked for (RFC 6840 section 5.7): DANE needs to know
+        # whether the MX and address answers were DNSSEC-validated
+        r.flags = dns.flags.RD | dns.flags.AD
         self._resolver = r
         # TLSA queries ask for the AD bit (RFC 6840 section 5.7) with EDNS0
         # (DNSSEC answers are big): the validating resolver the admin
@@ -307,6 +311,7 @@ class Resolver:
             except dns.exception.DNSException as e:
                 out.temporary = out.temporary or self._temp_reason(e, name, rdtype)
             else:
+                out.secure = out.secure and _ad(ans.response)
                 for rr in ans:
                     a = ipaddress.ip_address(rr.address).compressed
                     if a not in out.addresses:
@@ -347,11 +352,13 @@ class Resolver:
                 "5.1.2",
                 f"Host or domain name not found. Name service error for name={name} type=MX: Host not found",
             )
-        except dns.resolver.NoAnswer:
+        except dns.resolver.NoAnswer as e:
             mx: list[tuple[int, str]] | None = None
+            mx_secure = _ad(e.kwargs.get("response"))
         except dns.exception.DNSException as e:
             raise DNSFailure(True, "4.4.3", self._temp_reason(e, name, "MX"))
         else:
+            mx_secure = _ad(ans.response)
             records = [(rr.preference, rr.exchange) for rr in ans]
             if len(records) == 1 and records[0][1] == dns.name.root:
                 raise DNSFailure(False, "5.1.10", f"Domain {name} does not accept mail (nullMX)")
@@ -364,6 +371,7 @@ class Resolver:
             res = self._lookup_addresses(name, until)
             if res.addresses:
                 hosts = [(0, name, res.addresses)]
+                secure = {name} if mx_secure and res.secure else set()
             elif res.temporary:
                 raise DNSFailure(True, "4.4.3", res.temporary)
             elif res.nxdomain:
@@ -371,11 +379,15 @@ class Resolver:
             else:
                 raise DNSFailure(False, "5.4.4", res.nodata or f"no address for {name}")
         else:
-            hosts = self._resolve_exchanges(name, mx, until)
+            secure = set()
+            hosts = self._resolve_exchanges(name, mx, until, secure if mx_secure else None)
 
-        return self._order_and_check_loops(name, hosts, port, hostname, is_self)
+        return self._order_and_check_loops(name, hosts, port, hostname, is_self, secure)
 
-    def _resolve_exchanges(self, domain: str, mx: list[tuple[int, str]], until: float):
+    def _resolve_exchanges(self, domain: str, mx: list[tuple[int, str]], until: float, secure: set[str] | None):
+        """(preference, host, addresses) per MX host; the hosts whose address
+        records were DNSSEC-validated are added to ``secure`` (None: the MX
+        RRset was not, so no host is)."""
         # One entry per host, at its best preference.
         best: dict[str, int] = {}
         for pref, host in mx:
@@ -394,6 +406,8 @@ class Resolver:
             res = self._lookup_addresses(host, until)
             if res.addresses:
                 hosts.append((pref, host, res.addresses))
+                if secure is not None and res.secure:
+                    secure.add(host)
             elif res.temporary:
                 temp = temp or res.temporary
                 hosts.append((pref, host, []))
@@ -416,7 +430,7 @@ class Resolver:
         items.sort(key=lambda x: x[0])  # stable: random among equals
         return items
 
-    def _order_and_check_loops(self, domain, hosts, port, hostname, is_self) -> list[Hop]:
+    def _order_and_check_loops(self, domain, hosts, port, hostname, is_self, secure=frozenset()) -> list[Hop]:
         me = _norm(hostname) if hostname else ""
         self_pref: int | None = None
         for pref, host, addrs in hosts:
@@ -434,7 +448,7 @@ class Resolver:
             v4 = [a for a in addrs if ":" not in a]
             v6 = [a for a in addrs if ":" in a]
             for a in v4 + v6:
-                hops.append(Hop(host, a, port, pref))
+                hops.append(Hop(host, a, port, pref, secure=host in secure))
         return hops
 
 

@@ -25,12 +25,16 @@ DANE_MODES = ("dane", "dane-only")
 @dataclass(frozen=True)
 class Hop:
     """One address to try: ``host`` is the name (for logs, SNI and certificate
-    checks), ``address`` the IP to connect to."""
+    checks), ``address`` the IP to connect to; ``secure`` see below."""
 
     host: str
     address: str
     port: int
     preference: int = 0
+    # DANE (RFC 7672 section 2.2): the MX RRset and this host's address
+    # records were DNSSEC-validated (AD bit), so the host name may be the
+    # TLSA base domain and reference identifier.  Not part of equality.
+    secure: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         addr = f"[{self.address}]"

@@ -35,12 +35,15 @@ class DaneCase(DeliveryCase):
     def owner(self, host: str = MX) -> str:
         return f"_{self.port}._tcp.{host}"
 
-    def mx(self, *, files: CertFiles | None = None, starttls: str | None = "ok") -> CertFiles:
+    def mx(self, *, files: CertFiles | None = None, starttls: str | None = "ok", signed: bool = True) -> CertFiles:
+        """The MX host on IP; its MX and A records signed unless told not."""
         files = files or cert_files(MX)
         sink = self.sinks[IP]
         sink.b.starttls = starttls
         sink.b.cert = files
         self.zone.mx(DOMAIN, 10, MX).a(MX, IP)
+        if signed:
+            self.zone.sign(DOMAIN, MX)
         return files
 
     def tlsa(self, *records: dane.Tlsa, signed: bool = True) -> None:
@@ -159,6 +162,20 @@ class Dane(DaneCase):
         self.assertIn("DANE", reason)
         self.assertIn("Cannot start TLS", reason)
 
+    async def test_unsigned_mx_no_tlsa_lookup(self):
+        # RFC 7672 2.2: an insecure MX RRset: DANE does not apply, "may"
+        files = self.mx(starttls=None, signed=False)
+        self.tlsa(dane.record_for(_leaf(files), 3, 1, 1))
+        await self.delivered()
+        self.assertEqual(self.zone.count(self.owner(), "TLSA"), 0)
+
+    async def test_unsigned_address_records_no_tlsa_lookup(self):
+        files = self.mx(starttls=None)
+        self.zone.unsign(MX)
+        self.tlsa(dane.record_for(_leaf(files), 3, 1, 1))
+        await self.delivered()
+        self.assertEqual(self.zone.count(self.owner(), "TLSA"), 0)
+
     async def test_secure_denial_is_may(self):
         self.mx(starttls=None)
         self.zone.sign(self.owner())  # NXDOMAIN, signed
@@ -175,6 +192,12 @@ class DaneOnly(DaneCase):
         self.assertIn("dane-only", reason)
         self.assertIn(f"{MX} has no usable DNSSEC-validated TLSA records", reason)
         self.assertEqual(self.sinks[IP].sessions, [])
+
+    async def test_unsigned_mx_defers(self):
+        files = self.mx(signed=False)
+        self.tlsa(dane.record_for(_leaf(files), 3, 1, 1))
+        reason = await self.deferred()
+        self.assertIn("its MX or address records are not DNSSEC-validated", reason)
 
     async def test_unsigned_records_defer(self):
         files = self.mx()
@@ -197,13 +220,16 @@ class Route(DaneCase):
         files = self.mx()
         self.tlsa(dane.record_for(_leaf(files), 3, 1, 1))
         self.zone.mx("plain.example", 10, "mx.plain.example").a("mx.plain.example", "127.0.0.3")
+        self.zone.sign("plain.example", "mx.plain.example", "fail.example", "mx.fail.example")
+        self.zone.mx("unsigned.example", 10, "mx.unsigned.example").a("mx.unsigned.example", "127.0.0.5")
         self.zone.tlsa(f"_{self.port}._tcp.mx.plain.example", str(dane.record_for(_leaf(files), 3, 1, 1)))
         self.zone.behave(f"_{self.port}._tcp.mx.fail.example", "servfail")
         self.zone.mx("fail.example", 10, "mx.fail.example").a("mx.fail.example", "127.0.0.4")
         ctx = self.relay.service.route_context()
         for addr, want in ((f"a@{DOMAIN}", f"TLSA {self.owner()}: secure: 3 1 1 "),
                            ("a@plain.example", "insecure (not DNSSEC-validated: ignored): 3 1 1 "),
-                           ("a@fail.example", "DANE: TLSA lookup for")):
+                           ("a@fail.example", "DANE: TLSA lookup for"),
+                           ("a@unsigned.example", "not looked up (the MX or address records are not DNSSEC")):
             r = await in_thread(route.explain, ctx, addr)
             text = route.format_text(r)
             self.assertIn(want, text)
