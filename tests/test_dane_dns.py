@@ -133,3 +133,13 @@ class MxSecurity(unittest.TestCase):
         from relay.outbound.request import Hop
 
         self.assertEqual(Hop("a", "127.0.0.1", 25, 0, secure=True), Hop("a", "127.0.0.1", 25, 0))
+
+    async def test_route_host(self):
+        self.zone.a("route.s.test", "127.0.0.6").sign("route.s.test")
+        hops = await self.resolver.host_hops("route.s.test", 25)
+        self.assertEqual([h.secure for h in hops], [True])
+        self.zone.unsign("route.s.test")
+        hops = await self.resolver.host_hops("route.s.test", 25)
+        self.assertEqual([h.secure for h in hops], [False])
+        hops = await self.resolver.host_hops("127.0.0.6", 25)
+        self.assertEqual([h.secure for h in hops], [False])

@@ -150,7 +150,7 @@ def _remote(ctx: RouteContext, dest: routing.Destination) -> dict[str, Any]:
     info["outcome"] = "deliver"
     info["hops"] = [{"host": h.host, "address": h.address, "port": h.port, "preference": h.preference}
                     for h in hops]
-    if dest.kind == routing.MX and ctx.config.delivery.tls in ("dane", "dane-only"):
+    if dest.kind in (routing.MX, routing.ROUTE) and ctx.config.delivery.tls in ("dane", "dane-only"):
         info["tlsa"] = _tlsa(ctx, hops, dest.port)
     return info
 

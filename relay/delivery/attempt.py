@@ -182,7 +182,7 @@ class Deliverer:
             kind = "deferred" if e.temporary else "bounced"
             return _all(recipients, kind, e.status, e.reason)
         out = self._outbound(msg, dest, recipients, auth)
-        if dest.kind == routing.MX and out.tls.mode in DANE_MODES:
+        if dest.kind in (routing.MX, routing.ROUTE) and out.tls.mode in DANE_MODES:
             out = replace(out, tls=await self._with_tlsa(out.tls, hops, dest))
             blocked = _dane_blocked(out.tls, hops)
             if blocked:

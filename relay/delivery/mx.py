@@ -326,7 +326,7 @@ class Resolver:
         name = _norm(host)
         res = self._lookup_addresses(name, time.monotonic() + self.deadline)
         if res.addresses:
-            return [Hop(name, a, port, 0) for a in res.addresses]
+            return [Hop(name, a, port, 0, secure=res.secure) for a in res.addresses]
         if res.temporary:
             raise DNSFailure(True, "4.4.3", res.temporary)
         reason = res.nxdomain or res.nodata or f"Host or domain name not found: {name}"

@@ -233,3 +233,28 @@ class Route(DaneCase):
             r = await in_thread(route.explain, ctx, addr)
             text = route.format_text(r)
             self.assertIn(want, text)
+
+
+class DaneRoute(DaneCase):
+    """relay.routes follow delivery.tls too: the route host's TLSA records
+    apply when its address records are DNSSEC-validated."""
+
+    def more_config(self) -> dict:
+        return {"delivery": {"tls": "dane-only"},
+                "relay": {"routes": {"routed.example": f"{MX}:{self.port}",
+                                     "literal.example": f"{IP}:{self.port}"}}}
+
+    async def test_route_host_with_tlsa(self):
+        files = self.mx()
+        self.tlsa(dane.record_for(_leaf(files), 3, 1, 1))
+        await self.send(["a@routed.example"])
+        await apoll(lambda: self.sinks[IP].transactions, what="delivery")
+        self.assertIsNotNone(self.sinks[IP].transactions[0].session.tls)
+
+    async def test_route_to_an_address_has_no_dane(self):
+        self.mx()
+        await self.send(["a@literal.example"])
+        q = self.relay.service.queue
+        await apoll(lambda: any(r.status == "deferred" for m in q.messages.values() for r in m.state.recipients),
+                    what="a deferral")
+        self.assertEqual(self.sinks[IP].transactions, [])
