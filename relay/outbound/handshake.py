@@ -220,6 +220,9 @@ async def _tls_handshake(
         cipher=info.get("cipher"),
         bits=info.get("bits"),
     )
+    if info.get("dane"):
+        log.info("{queue_id}: {hop}: DANE authenticated by the TLSA record {tlsa} of {owner}", queue_id=out.log_id,
+                 hop=str(hop), tlsa=info["tlsa"], owner=creator.tlsa_owner)
     return info
 
 

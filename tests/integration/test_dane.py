@@ -89,10 +89,23 @@ class DaneCase(DeliveryCase):
 
 class Dane(DaneCase):
     async def test_311_matching_delivers_over_tls(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        lines: list[str] = []
+
+        def observer(event):
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         files = self.mx()
-        self.tlsa(dane.record_for(_leaf(files), 3, 1, 1))
+        rec = dane.record_for(_leaf(files), 3, 1, 1)
+        self.tlsa(rec)
         await self.delivered()
         self.assertIsNotNone(self.sinks[IP].transactions[0].session.tls)
+        self.assertTrue(any("Verified TLS connection established to mx.dane.example" in x for x in lines), lines)
+        want = f"DANE authenticated by the TLSA record {rec.short()} of {self.owner()}"
+        self.assertTrue(any(want in x for x in lines), lines)
 
     async def test_311_not_matching_defers(self):
         self.mx()
