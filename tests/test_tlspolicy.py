@@ -17,12 +17,12 @@ import pytest
 from twisted.trial import unittest
 
 from relay import config as configmod
-from relay.config.values import TLSPolicyEntry
+from relay.config.tlsvalues import TLSPolicyEntry
 from relay.control import route as routecheck
 from relay.delivery import routing, tlspolicy
 from relay.delivery.stspolicy import StsPolicy
 from relay.mailbox import users as usersmod
-from relay.outbound.handshake import hop_mode, name_matches
+from relay.outbound.handshake import hop_tls, name_matches
 from relay.outbound.request import TLSPolicy
 from relay.runtime import parts
 from tests.support.dns import DNSServer, Zone
@@ -185,11 +185,25 @@ def test_name_matches(pattern, name, ok):
     assert name_matches(pattern, name) is ok
 
 
-def test_dane_levels_until_dane_is_in():
-    hop = None
-    assert hop_mode(TLSPolicy("dane"), hop) == "may"  # type: ignore[arg-type]
-    assert hop_mode(TLSPolicy("dane-only"), hop) == "encrypt"  # type: ignore[arg-type]
-    assert hop_mode(TLSPolicy("verify"), hop) == "verify"  # type: ignore[arg-type]
+def test_dane_levels_of_a_hop_without_tlsa_records():
+    """Without usable TLSA records "dane" is "may" and "dane-only" defers the
+    hop; a hop with records gets "dane", also under an MTA-STS "verify"."""
+    from relay.outbound.conversation import HopFailed
+    from relay.outbound.dane import Tlsa
+    from relay.outbound.request import Hop, MessageFile, Outbound
+
+    hop = Hop("mx.example.com", "127.0.0.2", 25)
+
+    def out(tls):
+        return Outbound("a@b.example", ("c@example.com",), MessageFile("/nonexistent", 0), "me.example", tls=tls)
+
+    assert hop_tls(out(TLSPolicy("dane")), hop) == ("may", ())
+    with pytest.raises(HopFailed) as e:
+        hop_tls(out(TLSPolicy("dane-only")), hop)
+    assert "dane-only" in str(e.value.reason if hasattr(e.value, "reason") else e.value)
+    assert hop_tls(out(TLSPolicy("verify")), hop) == ("verify", ())
+    rec = Tlsa(3, 1, 1, bytes(32))
+    assert hop_tls(out(TLSPolicy("verify", tlsa={"mx.example.com": (rec,)})), hop) == ("dane", (rec,))
     assert tlspolicy.REQUIRED == {"encrypt", "verify", "dane-only"}
 
 

@@ -35,6 +35,7 @@ from typing import Any
 from relay.common import endpoints
 from relay.common.address import AddressError, normalize_domain
 from relay.config import values as v
+from relay.config.tlsvalues import TLS_POLICY, TLSPolicyEntry
 from relay.config.values import HostPort, IPNetwork, parse_duration, parse_hostport
 
 __all__ = ["Config", "ConfigError", "HostPort", "IPNetwork", "load", "load_effective", "find_config_file",
@@ -262,10 +263,12 @@ class DeliveryConfig:
     tls: str = declare(
         "may", v.choice("none", "may", "encrypt", "dane", "dane-only"),
         "STARTTLS to MX hosts: none | may (try; fall back to plaintext on a new connection if the handshake "
-        "fails) | encrypt (no TLS: defer) | dane | dane-only (docs/tls-policy.md).  MX certificates are not "
-        "verified (as Postfix), the outcome is logged.  The default for domains without a tls_policy entry.")
-    tls_policy: tuple[tuple[str, v.TLSPolicyEntry], ...] = declare(
-        {}, v.TLS_POLICY,
+        "fails) | encrypt (no TLS: defer).  MX certificates are not verified (as Postfix), the outcome is logged.  "
+        "dane | dane-only (RFC 7672, docs/dane.md; needs delivery.nameservers = a local validating resolver): "
+        "an MX host with DNSSEC-validated TLSA records must pass DANE authentication, else defer; without "
+        "usable records dane acts as may, dane-only defers.  The default for domains without a tls_policy entry.")
+    tls_policy: tuple[tuple[str, TLSPolicyEntry], ...] = declare(
+        {}, TLS_POLICY,
         'TLS per destination (docs/tls-policy.md): "example.com" that domain, ".example.com" its subdomains, '
         '"[host]" a relay.routes host or the smarthost; a level, or { level = "verify", match = [names], '
         "ca_file = PEM file }.  An entry wins over MTA-STS; domains without one get delivery.tls.",

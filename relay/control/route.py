@@ -228,6 +228,8 @@ def _remote(ctx: RouteContext, dest: routing.Destination) -> dict[str, Any]:
         if req.sts_enforce and not any(h["mta_sts_allowed"] for h in info["hops"]):
             info.update(outcome="defer", status="4.7.0", tls_defer=True,
                         reason=tlspolicy.no_allowed_mx(req, [h["host"] for h in info["hops"]]))
+    if dest.kind in (routing.MX, routing.ROUTE) and ctx.config.delivery.tls in ("dane", "dane-only"):
+        info["tlsa"] = _tlsa(ctx, hops, dest.port)
     return info
 
 
@@ -247,6 +249,20 @@ def _tls(ctx: RouteContext, dest: routing.Destination, info: dict[str, Any]) -> 
         "describe": req.describe(),
     }
     return req
+
+
+def _tlsa(ctx: RouteContext, hops: list, port: int) -> dict[str, str]:
+    """DANE: each MX host's TLSA RRset and whether it was DNSSEC-validated."""
+    out: dict[str, str] = {}
+    for host in dict.fromkeys(h.host for h in hops):
+        if not any(h.secure for h in hops if h.host == host):
+            out[host] = f"_{port}._tcp.{host}: not looked up (the MX or address records are not DNSSEC-validated)"
+            continue
+        try:
+            out[host] = ctx.resolver.resolve_tlsa(host, port).describe()
+        except DNSFailure as e:
+            out[host] = e.reason
+    return out
 
 
 def _sender_line(s: dict[str, Any], who: str) -> str:
@@ -308,6 +324,7 @@ def _delivery_lines(d: dict[str, Any], show_rcpt: bool) -> list[str]:
             addr = f"[{h['address']}]" if h["address"] != h["host"] else ""
             sts = " (not allowed by the MTA-STS policy)" if h.get("mta_sts_allowed") is False else ""
             out.append(f"  {i}. {h['host']}{addr}:{h['port']}{pref}{sts}")
+        out += [f"  TLSA {t}" for t in d.get("tlsa", {}).values()]
         if "hosts" in d:
             out.append(f"  {_relay_text(d)}")
         return out + tls

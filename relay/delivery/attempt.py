@@ -10,7 +10,7 @@ relay.outbound.client; local ones through relay.delivery.local in the disk threa
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
 from twisted.internet import defer
@@ -19,13 +19,13 @@ from twisted.logger import Logger
 from relay.config import Config
 from relay.delivery import local as localmod
 from relay.delivery import routing, tlspolicy
-from relay.delivery.mx import DNSFailure, Hop, Resolver
+from relay.delivery.mx import DNSFailure, Hop, Resolver, TlsaAnswer
 from relay.delivery.stspolicy import StsPolicy, StsSource
 from relay.outbound import client
 from relay.outbound.conncache import ConnectionCache
 from relay.outbound.hostlimit import HostLimit
 from relay.outbound.replies import DeliveryReport
-from relay.outbound.request import MessageFile, Observer, Outbound, Timeouts
+from relay.outbound.request import DANE_MODES, MessageFile, Observer, Outbound, Timeouts, TLSPolicy
 
 log = Logger(namespace="relay.delivery")
 
@@ -199,8 +199,16 @@ class Deliverer:
             hops = self._sts_hops(req, hops)
             if not hops:
                 return _all(recipients, "deferred", "4.7.0", tlspolicy.no_allowed_mx(req, mx_hosts))
+        out = self._outbound(msg, dest, recipients, auth, req)
+        if dest.kind in (routing.MX, routing.ROUTE) and (
+                out.tls.mode in DANE_MODES or (req.sts_enforce and self.config.delivery.tls in DANE_MODES)):
+            # DANE, and over an MTA-STS policy for hosts with TLSA records (RFC 8461 section 2)
+            out = replace(out, tls=await self._with_tlsa(out.tls, hops, dest))
+            blocked = _dane_blocked(out.tls, hops)
+            if blocked:
+                return _all(recipients, "deferred", "4.7.5", blocked)
         report = await client.deliver(
-            self.reactor, hops, self._outbound(msg, dest, recipients, auth, req),
+            self.reactor, hops, out,
             threadpool=self.disk.pool, cache=self.cache, host_limit=self.host_limit,
         )
         self.sessions += report.hop is not None
@@ -279,6 +287,25 @@ class Deliverer:
 
         return observe
 
+    async def _with_tlsa(self, tls: TLSPolicy, hops: list[Hop], dest: routing.Destination) -> TLSPolicy:
+        """DANE: the TLSA records of each MX host (in the DNS pool, all at
+        once) put in the policy; insecure answers leave a host without
+        records, failed look-ups are kept as that host's error.  Only hosts
+        reached by DNSSEC-validated MX and address records are looked up
+        (RFC 7672 section 2.2: otherwise DANE does not apply to them)."""
+        hosts = list(dict.fromkeys(h.host for h in hops if h.secure))
+        found = await defer.DeferredList(
+            [defer.maybeDeferred(self.resolver.tlsa, h, dest.port) for h in hosts], consumeErrors=True)
+        tlsa: dict[str, tuple] = {}
+        errors: dict[str, str] = {}
+        for host, (ok, result) in zip(hosts, found):
+            if not ok:
+                e = result.value
+                errors[host] = e.reason if isinstance(e, DNSFailure) else f"DANE: TLSA lookup for {host} failed: {e}"
+            elif isinstance(result, TlsaAnswer) and result.usable:
+                tlsa[host] = result.usable
+        return replace(tls, tlsa=tlsa, tlsa_errors=errors, dane_names=(dest.domain.rstrip(".").lower(),))
+
     def _outbound(self, msg: QueuedMessage, dest: routing.Destination, recipients: list[str],
                   auth: tuple[str, str] | None, req: tlspolicy.TLSRequirement | None = None) -> Outbound:
         """What relay.outbound.client.deliver is to send, and how (``req``:
@@ -301,6 +328,22 @@ class Deliverer:
             auth_scope=dest.key if auth else "",
             stop_on_5xx=stop_on_5xx,
         )
+
+
+def _dane_blocked(tls: TLSPolicy, hops: list[Hop]) -> str | None:
+    """The reason to defer without connecting, when DANE forbids every hop
+    (each TLSA look-up failed, or "dane-only" and no host has records)."""
+    reasons = []
+    for host in dict.fromkeys(h.host for h in hops):
+        if host in tls.tlsa_errors:
+            reasons.append(tls.tlsa_errors[host])
+        elif not tls.tlsa.get(host) and tls.mode == "dane-only":
+            why = "" if any(h.secure for h in hops if h.host == host) else \
+                " (its MX or address records are not DNSSEC-validated)"
+            reasons.append(f"DANE is required (dane-only), but {host} has no usable DNSSEC-validated TLSA records{why}")
+        else:
+            return None
+    return "; ".join(reasons) or None
 
 
 def _outcomes(qid: str, recipients: list[str], report: DeliveryReport) -> list[Outcome]:

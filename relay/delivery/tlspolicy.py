@@ -16,7 +16,7 @@ and RFC 8461 for MTA-STS):
 
 DANE (RFC 7672) takes precedence over MTA-STS for an MX host with usable
 TLSA records: that is decided per host during the handshake
-(relay.outbound.handshake.hop_mode, where the DANE verification plugs
+(relay.outbound.handshake.hop_tls, where the DANE verification plugs
 in), so the value here carries the MTA-STS policy and the level on.
 No Twisted, no I/O.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.config import Config
-from relay.config.values import TLSPolicyEntry
+from relay.config.tlsvalues import TLSPolicyEntry
 from relay.delivery import routing
 from relay.delivery.stspolicy import StsPolicy
 from relay.outbound.request import Observer, TLSPolicy

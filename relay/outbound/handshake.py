@@ -3,12 +3,20 @@
 ``open_session`` takes a fresh connection to the point where transactions
 may start and returns the server's EHLO extensions, or raises HopFailed
 (this hop cannot take the mail now).  STARTTLS follows the TLS mode of the
-relay.outbound.request.TLSPolicy (``hop_mode``: the level this hop gets); a
+relay.outbound.request.TLSPolicy (``hop_tls``: the level this hop gets); a
 required policy that the hop does not meet fails the hop (4.7.x, never a
 plaintext retry), worded with the policy that required it (relay.delivery.tlspolicy),
 and ``TLSPolicy.observe`` is told; AUTH is never sent over plaintext.  What it
 learns about TLS goes into the DeliveryReport (``tls``, and ``attempts``
 for a STARTTLS refused under "may").
+
+DANE ("dane", "dane-only"; RFC 7672): ``hop_tls`` turns the policy into the
+mode of one hop: "dane" with the hop's usable TLSA records (TLS required,
+the certificate authenticated by DANE alone, never a plaintext retry),
+"may" for a hop without records under "dane", or a deferral of the hop
+(4.7.5) under "dane-only" or when the hop's TLSA look-up failed.  Under
+"verify" set by an MTA-STS policy, a hop with usable TLSA records gets
+"dane" too: DANE takes precedence over MTA-STS (RFC 8461 section 2).
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from twisted.logger import Logger
 from relay.common.tls import session_info
 from relay.outbound.clientproto import ClientProtocol
 from relay.outbound.conversation import Down, HopFailed, command, reply, where
+from relay.outbound.dane import Tlsa
 from relay.outbound.replies import ConversationError, DeliveryReport, Reply, extensions
-from relay.outbound.request import Hop, Outbound, TLSPolicy
+from relay.outbound.request import DANE_MODES, Hop, Outbound
 from relay.outbound.tls import OutboundTLS
 
 # the client's log lines keep the namespace they always had
@@ -76,14 +85,33 @@ async def hello(proto: ClientProtocol, hop: Hop, out: Outbound) -> dict[str, str
     )
 
 
-def hop_mode(tls: TLSPolicy, hop: Hop) -> str:
-    """The TLS mode this hop gets under the policy's level.
+def hop_tls(out: Outbound, hop: Hop) -> tuple[str, tuple[Tlsa, ...]]:
+    """The TLS mode of this hop and its TLSA records (see the module doc);
+    raises HopFailed when DANE forbids trying the hop."""
+    tls = out.tls
+    host = hop.host.rstrip(".").lower()
+    if tls.mode == "verify" and tls.tlsa.get(host):
+        return "dane", tuple(tls.tlsa[host])  # DANE over MTA-STS
+    if tls.mode not in DANE_MODES:
+        return tls.mode, ()
+    error = tls.tlsa_errors.get(host)
+    if error:
+        raise HopFailed("4.7.5", f"{error}; not delivering to {host} without DANE", stage="TLSA")
+    records = tuple(tls.tlsa.get(host, ()))
+    if records:
+        return "dane", records
+    if tls.mode == "dane-only":
+        raise HopFailed(
+            "4.7.5",
+            f"DANE is required (dane-only), but {host} has no usable DNSSEC-validated TLSA records "
+            f"(_{hop.port}._tcp.{host})",
+            stage="TLSA",
+        )
+    return "may", ()
 
-    DANE hook: until the DANE verification (TLSA records of the hop, in
-    relay.outbound.tls) is in, "dane" is handled as "may" and "dane-only"
-    as "encrypt"; DANE replaces this function (and, for a host with usable
-    TLSA records, takes precedence over MTA-STS: RFC 8461 section 2)."""
-    return {"dane": "may", "dane-only": "encrypt"}.get(tls.mode, tls.mode)
+
+def _dane_prefix(mode: str, hop: Hop) -> str:
+    return f"DANE (TLSA records of _{hop.port}._tcp.{hop.host}): " if mode == "dane" else ""
 
 
 def _observe(out: Outbound, hop: Hop, reason: str, failure: str, enforced: bool = False) -> None:
@@ -106,8 +134,8 @@ async def starttls(
 ) -> dict[str, Any] | None:
     """STARTTLS as the TLS mode wants it: the session's TLS facts, or None
     (no TLS, and the mode allows that)."""
-    mode = hop_mode(out.tls, hop)
-    if plaintext_only or mode == "none":
+    mode, tlsa = hop_tls(out, hop)
+    if mode == "none" or (plaintext_only and mode != "dane"):
         return None
     w = where(hop)
     if "STARTTLS" not in ext:
@@ -117,7 +145,8 @@ async def starttls(
                 _observe(out, hop, "starttls_not_offered", failure)
             return None
         raise _policy_failed(out, hop, "4.7.4", "starttls_not_offered", failure,
-                             f"TLS is required, but was not offered by host {w}", "STARTTLS")
+                             f"{_dane_prefix(mode, hop)}TLS is required, but was not offered by host {w}",
+                             "STARTTLS")
     proto.stage = "STARTTLS"
     d = proto.expect("STARTTLS", out.timeouts.starttls, tls_boundary=True)
     proto.send(b"STARTTLS")
@@ -134,7 +163,7 @@ async def starttls(
             hop=str(hop),
             n=proto.discarded,
         )
-    info = await _tls_handshake(proto, hop, out, mode)
+    info = await _tls_handshake(proto, hop, out, mode, tlsa)
     report.tls = info
     return info
 
@@ -156,7 +185,8 @@ def _refused(hop: Hop, out: Outbound, report: DeliveryReport, r: Reply, mode: st
         report.attempts.append((hop, f"host {w} refused STARTTLS: {r.one_line}; continued in plaintext"))
         return
     raise _policy_failed(out, hop, "4.7.4", "starttls_refused", failure,
-                         f"TLS is required, but host {w} refused to start TLS: {r.one_line}", "STARTTLS", r)
+                         f"{_dane_prefix(mode, hop)}TLS is required, but host {w} refused to start TLS: "
+                         f"{r.one_line}", "STARTTLS", r)
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -202,19 +232,36 @@ def _certificate_failure(hop: Hop, creator: OutboundTLS, match: tuple[str, ...],
     return None
 
 
-async def _tls_handshake(proto: ClientProtocol, hop: Hop, out: Outbound, mode: str) -> dict[str, Any]:
+def _creator(hop: Hop, out: Outbound, mode: str, tlsa: tuple[Tlsa, ...]) -> OutboundTLS:
+    """The TLS connection creator for this hop; with DANE records, the DANE
+    reference identifiers are the hop's name then the policy's names.  With
+    match names the name check is ours, after the handshake."""
+    name = out.tls.hostname or hop.host
+    if mode != "dane":
+        return OutboundTLS(name, enforce=(mode == "verify" and not out.tls.match), trust_root=out.tls.trust_root)
+    return OutboundTLS(name, enforce=False, trust_root=out.tls.trust_root, tlsa=tlsa,
+                       dane_names=(name, *out.tls.dane_names), tlsa_owner=f"_{hop.port}._tcp.{hop.host}")
+
+
+async def _tls_handshake(
+    proto: ClientProtocol, hop: Hop, out: Outbound, mode: str, tlsa: tuple[Tlsa, ...]
+) -> dict[str, Any]:
     """The handshake after a 220 to STARTTLS: the session's TLS facts."""
     w = where(hop)
-    name = out.tls.hostname or hop.host
-    # with match names, the name check is ours, after the handshake
-    enforce = mode == "verify" and not out.tls.match
-    creator = OutboundTLS(name, enforce=enforce, trust_root=out.tls.trust_root)
+    creator = _creator(hop, out, mode, tlsa)
+    name = creator.hostname
     proto.stage = "TLS handshake"
     try:
         await proto.start_tls(creator, out.timeouts.starttls)
     except ConversationError as e:
         raise _handshake_failed(hop, out, mode, creator, e)
-    checked = mode == "verify" or out.tls.would_verify
+    if mode == "dane" and not creator.dane_ok:  # the callback never saw the leaf: never go on
+        raise _policy_failed(out, hop, "4.7.5", "certificate_untrusted",
+                             f"DANE: no certificate of {hop.host} was checked against the TLSA records of "
+                             f"{creator.tlsa_owner}",
+                             f"Server certificate not verified: {w}: DANE: no certificate was checked against "
+                             f"the TLSA records of {creator.tlsa_owner}", "TLS handshake")
+    checked = mode == "verify" or (out.tls.would_verify and mode != "dane")
     match = out.tls.match if checked else ()
     bad = _certificate_failure(hop, creator, match, peer_names(proto) if match else []) if checked else None
     if bad is not None and mode == "verify":
@@ -223,16 +270,19 @@ async def _tls_handshake(proto: ClientProtocol, hop: Hop, out: Outbound, mode: s
     if bad is not None:
         _observe(out, hop, *bad)
     info = dict(session_info(proto.transport) or {})
-    verified = creator.verified if not match else bad is None
+    verified = (creator.verified if not match else bad is None) or creator.dane_ok
+    trusted = creator.trusted or creator.dane_ok
     info.update(
         hostname=name,
-        trusted=creator.trusted,
+        trusted=trusted,
         verified=verified,
         problem=creator.problem() if bad is None else bad[1],
         mode=mode,
         discarded=proto.discarded,
     )
-    kind = "Verified" if verified else "Trusted" if creator.trusted else "Untrusted"
+    if creator.dane_ok and creator.dane_result is not None and creator.dane_result.record is not None:
+        info.update(dane=True, tlsa=creator.dane_result.record.short())
+    kind = "Verified" if verified else "Trusted" if trusted else "Untrusted"
     log.info(
         "{queue_id}: {kind} TLS connection established to {hop}: {version} with cipher {cipher} ({bits} bits)",
         queue_id=out.log_id,
@@ -242,6 +292,9 @@ async def _tls_handshake(proto: ClientProtocol, hop: Hop, out: Outbound, mode: s
         cipher=info.get("cipher"),
         bits=info.get("bits"),
     )
+    if info.get("dane"):
+        log.info("{queue_id}: {hop}: DANE authenticated by the TLSA record {tlsa} of {owner}", queue_id=out.log_id,
+                 hop=str(hop), tlsa=info["tlsa"], owner=creator.tlsa_owner)
     return info
 
 
@@ -249,7 +302,7 @@ def _handshake_failed(hop: Hop, out: Outbound, mode: str, creator: OutboundTLS, 
     """The HopFailed for a handshake that did not complete."""
     w = where(hop)
     # with match names the chain and names are checked after the handshake, not in it
-    problem = creator.problem() if mode == "verify" and not out.tls.match else None
+    problem = creator.problem() if (mode == "verify" and not out.tls.match) or mode == "dane" else None
     detail = problem or e.detail or e.kind
     if e.kind == "timeout":
         detail = "timed out"
@@ -262,12 +315,16 @@ def _handshake_failed(hop: Hop, out: Outbound, mode: str, creator: OutboundTLS, 
             stage="TLS handshake",
             plaintext_retry=True,
         )
+    if problem and mode == "dane":
+        return _policy_failed(out, hop, "4.7.5", "certificate_untrusted", problem,
+                              f"Server certificate not verified: {w}: {problem}", "TLS handshake")
     bad = _certificate_failure(hop, creator, (), []) if problem else None
     if bad is not None:
         return _policy_failed(out, hop, "4.7.5", bad[0], bad[1],
                               f"Server certificate not verified: {w}: {problem}", "TLS handshake")
     return _policy_failed(out, hop, "4.7.5", "handshake", f"the TLS handshake with {w} failed ({detail})",
-                          f"Cannot start TLS with {w}: handshake failed ({detail})", "TLS handshake")
+                          f"{_dane_prefix(mode, hop)}Cannot start TLS with {w}: handshake failed ({detail})",
+                          "TLS handshake")
 
 
 async def authenticate(

@@ -12,10 +12,14 @@ finds them).  No Twisted, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from relay.outbound.dane import Tlsa
+
 TLS_MODES = ("none", "may", "encrypt", "verify", "dane", "dane-only")
+DANE_MODES = ("dane", "dane-only")
 # what TLSPolicy.observe is told: (MX or next-hop host name, reason, what failed,
 # enforced: the hop was refused for it; False: only reported, MTA-STS "testing")
 Observer = Callable[[str, str, str, bool], None]
@@ -24,12 +28,16 @@ Observer = Callable[[str, str, str, bool], None]
 @dataclass(frozen=True)
 class Hop:
     """One address to try: ``host`` is the name (for logs, SNI and certificate
-    checks), ``address`` the IP to connect to."""
+    checks), ``address`` the IP to connect to; ``secure`` see below."""
 
     host: str
     address: str
     port: int
     preference: int = 0
+    # DANE (RFC 7672 section 2.2): the MX RRset and this host's address
+    # records were DNSSEC-validated (AD bit), so the host name may be the
+    # TLSA base domain and reference identifier.  Not part of equality.
+    secure: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         addr = f"[{self.address}]"
@@ -98,7 +106,16 @@ class TLSPolicy:
     (mta-sts enforce)"; None: the old messages); ``would_verify``: MTA-STS
     "testing", check as "verify" would and only tell ``observe``;
     ``observe(host, reason, failure, enforced)`` hears of every failure the
-    policy cares about (the metric, the MTA-STS report)."""
+    policy cares about (the metric, the MTA-STS report).
+
+    "dane" / "dane-only" (RFC 7672, as Postfix): ``tlsa`` holds, by MX host
+    name, the usable records of a DNSSEC-validated TLSA RRset (the caller
+    leaves out insecure answers); a host with records must pass DANE
+    authentication, one without is "may" ("dane") or deferred
+    ("dane-only").  ``tlsa_errors``: hosts whose TLSA look-up failed, with
+    the reason (that hop is deferred, never tried without DANE).
+    ``dane_names``: further DANE-TA reference identifiers (the next-hop
+    domain)."""
 
     mode: str = "may"
     hostname: str | None = None
@@ -107,6 +124,9 @@ class TLSPolicy:
     required_by: str | None = None
     would_verify: bool = False
     observe: Observer | None = field(default=None, compare=False, repr=False)
+    tlsa: Mapping[str, tuple[Tlsa, ...]] = field(default_factory=dict, hash=False)
+    tlsa_errors: Mapping[str, str] = field(default_factory=dict, hash=False)
+    dane_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in TLS_MODES:

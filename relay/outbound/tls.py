@@ -6,11 +6,20 @@ checks the server's certificate (chain, and name with service-identity)
 and records the outcome; with ``enforce`` ("verify") a failure fails the
 handshake, without it ("may", "encrypt") the connection goes on and the
 log says whether the certificate would have been verified, as in Postfix.
+
+With ``tlsa`` (the usable, DNSSEC-validated TLSA records of the hop, RFC
+7672) the PKIX result is ignored: the handshake is accepted only when DANE
+authentication (relay.outbound.dane.authenticate) succeeds, checked in the
+verify callback at the leaf with the chain the server presented, so a
+failure fails the handshake before anything is sent over it.
 """
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -21,6 +30,8 @@ from service_identity.pyopenssl import extract_patterns
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
+
+from relay.outbound import dane
 
 _X509_ERRORS = {
     2: "unable to get issuer certificate",
@@ -87,13 +98,30 @@ class OutboundTLS:
     "encrypt": MX certificates are not verified, as in Postfix, but the
     log says whether they would have been)."""
 
-    def __init__(self, hostname: str, *, enforce: bool, trust_root: Any = None):
+    def __init__(
+        self,
+        hostname: str,
+        *,
+        enforce: bool,
+        trust_root: Any = None,
+        tlsa: Sequence[dane.Tlsa] = (),
+        dane_names: Sequence[str] = (),
+        tlsa_owner: str = "",
+        clock: Callable[[], float] = time.time,
+    ):
         self.hostname = hostname.rstrip(".")
         self.enforce = enforce
         self.trust_root = trust_root
         self.chain_error: str | None = None
         self.name_error: str | None = None
         self.saw_leaf = False
+        # DANE (RFC 7672): the usable records, the reference identifiers for
+        # DANE-TA (the host name, then e.g. the next-hop domain), the outcome
+        self.tlsa = dane.usable(tlsa)
+        self.dane_names = tuple(n.rstrip(".").lower() for n in (dane_names or (self.hostname,)))
+        self.tlsa_owner = tlsa_owner or f"_25._tcp.{self.hostname}"
+        self._clock = clock
+        self.dane_result: dane.DaneResult | None = None
         try:
             ipaddress.ip_address(self.hostname)
             self._is_ip = True
@@ -127,9 +155,39 @@ class OutboundTLS:
                         self.name_error = f"certificate does not match host name {self.hostname} (it names: {names})"
         except Exception as e:  # noqa: BLE001 - never raise inside an OpenSSL callback
             self.name_error = self.name_error or f"certificate check failed: {e}"
+        if self.tlsa:
+            return self._dane(conn) if depth == 0 else True
         if not self.enforce:
             return True
         return bool(ok) and not (depth == 0 and self.name_error)
+
+    def _dane(self, conn: SSL.Connection) -> bool:
+        """DANE authentication of the presented chain, once (the verify
+        callback may see the leaf more than once)."""
+        if self.dane_result is None:
+            try:
+                chain = [c.to_cryptography() for c in (conn.get_peer_cert_chain() or [])]
+                now = datetime.datetime.fromtimestamp(self._clock(), datetime.timezone.utc)
+                self.dane_result = dane.authenticate(chain, self.tlsa, self.dane_names, now)
+            except Exception as e:  # noqa: BLE001 - never raise inside an OpenSSL callback
+                self.dane_result = dane.DaneResult(False, problem=f"DANE check failed: {e}")
+        return self.dane_result.ok
+
+    @property
+    def dane_ok(self) -> bool:
+        """DANE was asked for and the certificate is authenticated by it."""
+        return bool(self.tlsa) and self.dane_result is not None and self.dane_result.ok
+
+    def dane_problem(self) -> str | None:
+        """Why DANE authentication failed, naming the TLSA owner name; None
+        when DANE was not asked for, succeeded or was never reached."""
+        if not self.tlsa or self.dane_ok:
+            return None
+        owner = self.tlsa_owner
+        if self.dane_result is None:  # the handshake failed before the certificate
+            return None
+        problem = self.dane_result.problem or "not authenticated"
+        return f"DANE: {problem.replace('no TLSA record', f'no TLSA record of {owner}', 1)}"
 
     @property
     def trusted(self) -> bool:
@@ -140,4 +198,6 @@ class OutboundTLS:
         return self.trusted and self.name_error is None
 
     def problem(self) -> str | None:
+        if self.tlsa:
+            return self.dane_problem()
         return self.chain_error or self.name_error

@@ -34,6 +34,14 @@ the old one to change the zone atomically).  The JSON form is
 ["mx1.example.test", "A", "127.0.0.2"], ["null.test", "MX", 0, "."]],
 "behaviour": {"name": "servfail", "name/AAAA": "drop"},
 "delay": {"name": 0.5}}`` (see ``Zone.to_json``).
+
+DANE: ``zone.tlsa("_25._tcp.mx1.example.test", "3 1 1 <hex>")`` adds a TLSA
+record (type 52, sent as raw RDATA: twisted.names has no TLSA class), and
+``zone.sign(name, ...)`` marks names as DNSSEC-signed: the server then plays
+a validating resolver and sets the AD bit on answers (records, NXDOMAIN or
+NODATA) about signed names only, and only when every name in a CNAME chain
+is signed.  JSON: ``["_25._tcp.mx", "TLSA", "3 1 1 <hex>"]`` and
+``"signed": ["name", ...]``.
 """
 
 from __future__ import annotations
@@ -47,6 +55,11 @@ from twisted.internet import defer
 from twisted.names import dns, server
 
 MODES = ("servfail", "nxdomain", "refused", "drop")
+TLSA = 52  # RFC 6698; unknown to twisted.names
+
+
+def _type_name(qtype: int) -> str:
+    return "TLSA" if qtype == TLSA else dns.QUERY_TYPES.get(qtype, str(qtype))
 
 
 def _n(name: str) -> str:
@@ -74,6 +87,7 @@ class Zone:
         self.behaviour: dict[tuple[str, str | None], str] = {}
         self.delays: dict[str, float] = {}
         self.queries: list[tuple[str, str]] = []
+        self.signed: set[str] = set()
 
     # records
     def _add(self, name: str, rec: tuple) -> Zone:
@@ -106,6 +120,21 @@ class Zone:
         (NODATA for A/AAAA/MX)."""
         return self._add(name, ("TXT", text) if not more else ("TXT", [text, *more]))
 
+    def tlsa(self, name: str, text: str) -> Zone:
+        """A TLSA record in presentation form "usage selector mtype hex"."""
+        parts = text.split()
+        int(parts[0]), int(parts[1]), int(parts[2]), bytes.fromhex("".join(parts[3:]))  # check it
+        return self._add(name, ("TLSA", " ".join([*parts[:3], "".join(parts[3:])])))
+
+    def sign(self, *names: str) -> Zone:
+        """Mark names DNSSEC-signed: answers about them carry the AD bit."""
+        self.signed.update(_n(n) for n in names)
+        return self
+
+    def unsign(self, *names: str) -> Zone:
+        self.signed.difference_update(_n(n) for n in names)
+        return self
+
     def remove(self, name: str) -> Zone:
         self.records.pop(_n(name), None)
         return self
@@ -114,6 +143,7 @@ class Zone:
         self.records.clear()
         self.behaviour.clear()
         self.delays.clear()
+        self.signed.clear()
         return self
 
     # behaviour
@@ -152,13 +182,16 @@ class Zone:
                 else:
                     recs.append([name, r[0], r[1]])
         beh = {(f"{n}/{t}" if t else n): m for (n, t), m in self.behaviour.items()}
-        return json.dumps({"records": recs, "behaviour": beh, "delay": self.delays}, indent=1)
+        data = {"records": recs, "behaviour": beh, "delay": self.delays, "signed": sorted(self.signed)}
+        return json.dumps(data, indent=1)
 
     def load_json(self, text: str) -> Zone:
         data = json.loads(text)
         self.records.clear()
         self.behaviour.clear()
         self.delays.clear()
+        self.signed.clear()
+        self.sign(*data.get("signed", []))
         for rec in data.get("records", []):
             name, rtype = rec[0], rec[1].upper()
             if rtype == "MX":
@@ -172,6 +205,8 @@ class Zone:
                 self.aaaa(name, rec[2])
             elif rtype == "CNAME":
                 self.cname(name, rec[2])
+            elif rtype == "TLSA":
+                self.tlsa(name, rec[2])
             elif rtype == "TXT":
                 self.txt(*([name, *rec[2]] if isinstance(rec[2], list) else [name, rec[2]]))
             else:
@@ -184,9 +219,15 @@ class Zone:
         return self
 
     # answering
+    def authentic(self, name: str, answers: list[dns.RRHeader]) -> bool:
+        """The AD bit for an answer: the name asked and every name answered
+        are signed."""
+        names = {name} | {_n(rr.name.name.decode("ascii", "replace")) for rr in answers}
+        return all(n in self.signed for n in names)
+
     def answer(self, name: str, qtype: int) -> tuple[int, list[dns.RRHeader]]:
         """(rcode, answers) for a query, following CNAMEs inside the zone."""
-        tname = dns.QUERY_TYPES.get(qtype, str(qtype))
+        tname = _type_name(qtype)
         answers: list[dns.RRHeader] = []
         seen = set()
         current = name
@@ -219,6 +260,10 @@ class Zone:
             payload, t = dns.Record_AAAA(r[1], ttl=self.ttl), dns.AAAA
         elif kind == "CNAME":
             payload, t = dns.Record_CNAME(r[1].encode(), ttl=self.ttl), dns.CNAME
+        elif kind == "TLSA":
+            u, sel, mt, data = r[1].split()
+            rdata = bytes([int(u), int(sel), int(mt)]) + bytes.fromhex(data)
+            payload, t = dns.UnknownRecord(rdata, ttl=self.ttl), TLSA
         else:
             strings = r[1] if isinstance(r[1], list) else [r[1]]
             payload, t = dns.Record_TXT(*[x.encode() for x in strings], ttl=self.ttl), dns.TXT
@@ -239,7 +284,7 @@ class _Factory(server.DNSServerFactory):
         zone = self.zone
         q = message.queries[0]
         name = _n(q.name.name.decode("ascii", "replace"))
-        tname = dns.QUERY_TYPES.get(q.type, str(q.type))
+        tname = _type_name(q.type)
         zone.queries.append((name, tname))
         mode = zone.mode_for(name, tname)
         if mode == "drop":
@@ -254,6 +299,8 @@ class _Factory(server.DNSServerFactory):
             rcode, answers = zone.answer(name, q.type)
         response = self._responseFromMessage(message=message, rCode=rcode, answers=answers)
         response.auth = True
+        if rcode in (dns.OK, dns.ENAME) and zone.authentic(name, answers):
+            response.authenticData = True
         delay = zone.delays.get(name)
         if delay:
             call = None
