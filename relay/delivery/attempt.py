@@ -116,8 +116,10 @@ class Deliverer:
         config: Config,
         trust_root: Any = None,
         timeouts: Timeouts | None = None,
+        sts: Any = None,
     ):
         self.reactor = reactor
+        self.sts = sts  # the MTA-STS source (relay.delivery.stspolicy.StsSource), or None
         self.resolver = resolver
         self.spool = spool
         self.disk = disk

@@ -328,6 +328,14 @@ class MtaSts:
 
     # ------------------------------------------------------------- refreshing
 
+    def begin(self) -> defer.Deferred:
+        """At start: the cache loaded from the spool, then the refresh started."""
+        d = self.load()
+        d.addCallback(lambda n: log.info("mta-sts: {count} cached policies loaded", count=n) if n else None)
+        d.addErrback(lambda f: log.warn("mta-sts: cache not loaded: {error}", error=f.getErrorMessage()))
+        d.addBoth(lambda _: self.start())
+        return d
+
     def start(self) -> None:
         """Refresh recently used policies in the background (every refresh_every)."""
         from twisted.internet import task
