@@ -222,3 +222,40 @@ class CacheTests(FetchTestCase):
 
 
 del FetchTestCase
+
+
+class ExportTests(unittest.TestCase):
+    def test_metrics_and_bad_ca_file(self):
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from relay.config import load
+        from relay.delivery.stspolicy import StsPolicy
+        from relay.runtime import parts
+        from relay.runtime.metrics import RelayCollector
+
+        sts = MtaSts(reactor, None, None, None)
+        sts.fetches["tls_error"] += 2
+        sts.report(StsPolicy("a.test", "testing", ("mx.a.test",), 60, "1", 0.0), "mx.b.test", "MX not in the policy")
+        c = RelayCollector(reactor, smtp=None, queue=None, pickup=None, pop3_factories=[], started_at=0.0, sts=sts)
+
+        class One:
+            def collect(self):
+                return c._mta_sts()
+
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(One())
+        text = generate_latest(reg).decode()
+        self.assertIn('relay_mta_sts_fetches_total{result="tls_error"} 2.0', text)
+        self.assertIn('relay_mta_sts_fetches_total{result="ok"} 0.0', text)
+        self.assertIn('relay_mta_sts_failures_total{mode="testing"} 1.0', text)
+
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        bad = os.path.join(d, "ca.pem")
+        with open(bad, "w") as f:
+            f.write("not a certificate\n")
+        for path in (bad, os.path.join(d, "missing.pem")):
+            cfg = load(data={"delivery": {"mta_sts_ca_file": path}})
+            with self.assertRaises(parts.PartError) as e:
+                parts.load_sts_trust(cfg)
+            self.assertIn("delivery.mta_sts_ca_file", str(e.exception))

@@ -248,7 +248,7 @@ class RelayService(service.MultiService):
         """This relay's metrics registry, fed by the queue's attempt hook, and
         served over HTTP on each metrics.listen endpoint."""
         self.metrics = RelayMetrics(self.reactor, smtp=self.smtp_ctx, queue=self.queue, pickup=self.pickup,
-                                    pop3_factories=self.pop3_factories, started_at=self.started_at)
+                                    pop3_factories=self.pop3_factories, started_at=self.started_at, sts=self.sts)
         if self.queue is not None:
             self.queue.on_attempt = self.metrics.observe_attempt
         for desc in config.metrics.listen:
