@@ -1,4 +1,4 @@
-"""relay.delivery.mtasts and stsparse: real HTTPS on 127.0.15.x:443, the test DNS server."""
+"""relay.delivery.mtasts and stsparse: real HTTPS on 127.15.x.1:443, the test DNS server."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from relay.delivery.mtasts import MtaSts, load_trust
 from relay.delivery.mx import Resolver
 from relay.queue.diskio import DiskPool
 from tests.support.dns import DNSServer, Zone
-from tests.support.stsserver import PolicyServer, policy_text
+from tests.support.stsserver import PolicyServer, policy_ip, policy_text
 from tests.support.wait import apoll
 
-IP = "127.0.15.1"
+IP = policy_ip(15)
 DOMAIN = "a.test"
 HOST = "mta-sts." + DOMAIN
 

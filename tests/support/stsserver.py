@@ -11,6 +11,8 @@ status, the media type, extra headers (a Location for a redirect), or
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet import defer, ssl
 from twisted.internet import reactor as default_reactor
 from twisted.web import resource, server
@@ -18,6 +20,15 @@ from twisted.web import resource, server
 from tests.support import certs
 
 POLICY_PATH = b"/.well-known/mta-sts.txt"
+
+
+def policy_ip(net: int, slot: int = 1) -> str:
+    """A loopback address for a policy server: port 443 is fixed, so tests
+    that run at once (pytest-xdist workers) each take their own address,
+    127.<net>.<worker>.<slot>."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    n = int(worker[2:]) if worker[2:].isdigit() else 0
+    return f"127.{net}.{n % 250}.{slot}"
 
 
 def policy_text(mode: str = "enforce", mx: tuple[str, ...] = ("mx.example.test",), max_age: int = 86400,
