@@ -216,9 +216,22 @@ class CacheTests(FetchTestCase):
         self.assertEqual((p.mx, p.expires), (("mx2.a.test",), first.expires + 3600))
 
     async def test_report_counts_and_logs_safely(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from relay.common import logsafe
+
         p = await self.sts.policy(DOMAIN)
-        self.sts.report(p, "evil\r\nhost", "certificate not valid\x1b[2J")
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            self.sts.report(p, "evil\r\nhost", "certificate not valid\x1b[2J\nfake line")
+        finally:
+            globalLogPublisher.removeObserver(events.append)
         self.assertEqual(self.sts.failures_by_mode(), {"enforce": 1})
+        (event,) = [e for e in events if e.get("log_namespace") == "relay.delivery.mtasts"]
+        line = formatEvent(logsafe.neutralise(event, event["log_format"]))
+        self.assertTrue(line.startswith("mta-sts enforce policy of a.test (id 1): MX evil"), line)
+        self.assertFalse(any(c in line for c in "\r\n\x1b"), line)
 
 
 del FetchTestCase

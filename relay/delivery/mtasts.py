@@ -17,7 +17,9 @@ twisted.web.client.Agent with an endpoint factory of our own: the address
 comes from our resolver (never the system's), and TLS is verified for the
 policy host whatever the address.  Concurrent requests for one domain share
 one fetch.  Nothing here blocks the reactor: DNS runs in the DNS pool, files
-in the disk pool.
+in the disk pool.  Untrusted text (what a server or DNS answered) goes to
+the log only in the fields relay.common.logsafe neutralises (``reason``,
+``error``, ``name``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from twisted.web import client, http_headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from relay.common import fileio, logsafe
+from relay.common import fileio
 from relay.delivery import stsparse
 from relay.delivery.mx import DNSFailure
 from relay.delivery.stspolicy import StsPolicy
@@ -57,6 +59,13 @@ class FetchError(Exception):
         super().__init__(reason)
         self.result = result
         self.reason = reason
+
+
+class _Discard(protocol.Protocol):
+    """The body of an answer that is refused: not read, the connection closed."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
 
 
 class _Body(protocol.Protocol):
@@ -202,7 +211,7 @@ class MtaSts:
         try:
             return await self._policy(name)
         except Exception as e:  # never raise into delivery
-            log.error("mta-sts: policy of {domain} failed: {error}", domain=name, error=logsafe.text(str(e)))
+            log.error("mta-sts: policy of {domain} failed: {error}", domain=name, error=str(e))
             return self._cached(name)
 
     async def _policy(self, domain: str, *, refresh: bool = False) -> StsPolicy | None:
@@ -212,7 +221,7 @@ class MtaSts:
         except DNSFailure as e:
             self.fetches["dns_error"] += 1
             log.info("mta-sts: TXT look-up for {domain} failed ({reason}): {using}", domain=domain,
-                     reason=logsafe.text(e.reason), using=_using(cached))
+                     reason=e.reason, using=_using(cached))
             return cached
         record = stsparse.parse_record(texts)
         if isinstance(record, str):
@@ -242,7 +251,7 @@ class MtaSts:
         except FetchError as e:
             self.fetches[e.result] += 1
             log.warn("mta-sts: policy fetch for {domain} failed: {reason}: {using}", domain=domain,
-                     reason=logsafe.text(e.reason), using=_using(cached))
+                     reason=e.reason, using=_using(cached))
             return cached
         self.fetches["ok"] += 1
         p = StsPolicy(domain, parsed.mode, parsed.mx, parsed.max_age, ident,
@@ -255,8 +264,8 @@ class MtaSts:
     def report(self, policy: StsPolicy, host: str, failure: str) -> None:
         """See StsSource.report: a log line and a counter."""
         self.failures[(policy.domain, policy.mode)] += 1
-        log.warn("mta-sts {mode} policy of {domain} (id {id}): {host}: {failure}", mode=policy.mode,
-                 domain=policy.domain, id=policy.id, host=logsafe.token(host), failure=logsafe.text(failure))
+        log.warn("mta-sts {mode} policy of {domain} (id {id}): MX {name}: {reason}", mode=policy.mode,
+                 domain=policy.domain, id=policy.id, name=host, reason=failure)
 
     def failures_by_mode(self) -> dict[str, int]:
         out: Counter[str] = Counter()
@@ -307,16 +316,16 @@ class MtaSts:
                 raise defer.CancelledError() from None  # the time limit: fetch() says so
             raise _classify(e, host, address) from None
         if response.code != 200:
-            response.deliverBody(protocol.Protocol())  # discard; closes the connection
+            response.deliverBody(_Discard())  # discard; closes the connection
             kind = "redirect" if 300 <= response.code < 400 else "http_error"
             raise FetchError(kind, f"https://{host}{PATH} answered HTTP {response.code} (only 200 is accepted)")
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if ctype.split(b";")[0].strip().lower() != b"text/plain":
-            response.deliverBody(protocol.Protocol())
-            raise FetchError("bad_media_type", f"the policy's media type is {logsafe.text(ctype.decode('latin-1'))!r}, "
+            response.deliverBody(_Discard())
+            raise FetchError("bad_media_type", f"the policy's media type is {ctype.decode('latin-1')!r}, "
                              "not text/plain")
         if response.length is not client.UNKNOWN_LENGTH and response.length > self.max_body:
-            response.deliverBody(protocol.Protocol())
+            response.deliverBody(_Discard())
             raise FetchError("too_large", f"the policy is larger than {self.max_body} bytes")
         body = _Body(self.max_body)
         response.deliverBody(body)
@@ -369,7 +378,7 @@ class MtaSts:
         try:
             await self._policy(domain, refresh=True)
         except Exception as e:
-            log.error("mta-sts: refresh of {domain} failed: {error}", domain=domain, error=logsafe.text(str(e)))
+            log.error("mta-sts: refresh of {domain} failed: {error}", domain=domain, error=str(e))
 
 
 def _follow(source: defer.Deferred, target: defer.Deferred) -> None:
@@ -399,11 +408,11 @@ def _classify(e: Exception, host: str, address: str) -> FetchError:
         inner = reasons[0].value
         if isinstance(inner, (SSL.Error, VerificationError)):
             return FetchError("tls_error", f"the certificate of {host} ({address}) did not verify: "
-                              f"{logsafe.text(str(inner))}")
+                              f"{inner}")
         text = f"{type(inner).__name__}: {inner}"
     if isinstance(e, (error.ConnectError, error.TimeoutError)):
-        return FetchError("connect_error", f"cannot connect to {host} ({address}): {logsafe.text(str(e))}")
-    return FetchError("connect_error", f"fetch from {host} ({address}) failed: {logsafe.text(text)}")
+        return FetchError("connect_error", f"cannot connect to {host} ({address}): {e}")
+    return FetchError("connect_error", f"fetch from {host} ({address}) failed: {text}")
 
 
 def _write(path: str, data: bytes) -> None:
