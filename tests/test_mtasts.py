@@ -152,6 +152,18 @@ class FetchTests(FetchTestCase):
         self.assertIsNone(await self.sts.policy(DOMAIN))
         self.assertEqual(self.server.requests, [])
 
+    async def test_policy_host_without_address(self):
+        self.zone.remove(HOST)
+        await self.failed("dns_error")
+
+    async def test_reload_reconfigures(self):
+        from relay.config import load
+        from relay.runtime import parts
+
+        parts.reconfigure_mta_sts(self.sts, load(data={"delivery": {"mta_sts": False}}), None)
+        self.assertIsNone(await self.sts.policy(DOMAIN))
+        self.assertEqual(self.server.requests, [])
+
     async def test_disabled(self):
         self.sts.enabled = False
         self.assertIsNone(await self.sts.policy(DOMAIN))
@@ -204,6 +216,13 @@ class CacheTests(FetchTestCase):
         await self.sts.policy(DOMAIN)  # replaces the bad file
         self.assertEqual(await self.make().load(), 1)
         self.assertTrue(os.path.islink(os.path.join(d, "b.test.json")))
+
+    async def test_cache_directory_linked_elsewhere_is_not_written(self):
+        other = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, other, True)
+        os.symlink(other, os.path.join(self.dir, "mta-sts"))
+        self.assertIsNotNone(await self.sts.policy(DOMAIN))  # used, but not stored through the link
+        self.assertEqual(os.listdir(other), [])
 
     async def test_background_refresh_before_expiry(self):
         self.server.body = policy_text("enforce", ("mx1.a.test",), 7200)

@@ -417,7 +417,10 @@ def _classify(e: Exception, host: str, address: str) -> FetchError:
 
 def _write(path: str, data: bytes) -> None:
     """Blocking: the cache file, durably (fileio.write_atomic: nothing followed)."""
-    fileio.makedirs_durable(os.path.dirname(path))
+    d = os.path.dirname(path)
+    fileio.makedirs_durable(d)
+    if os.path.islink(d):  # the spool's own directory, never somewhere a link points
+        raise OSError(f"{d} is a symbolic link")
     fileio.write_atomic(path, data, mode=0o600)
 
 
