@@ -29,7 +29,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer, endpoints, error, protocol, ssl
 from twisted.logger import Logger
@@ -424,7 +424,7 @@ def _write(path: str, data: bytes) -> None:
     fileio.write_atomic(path, data, mode=0o600)
 
 
-def _read_all(cache_dir: str, parse: Callable[[bytes], StsPolicy | None] | None = None) -> list[StsPolicy]:
+def _read_all(cache_dir: str) -> list[StsPolicy]:
     """Blocking: every valid cache file in cache_dir (others skipped)."""
     out: list[StsPolicy] = []
     try:
