@@ -294,6 +294,20 @@ class DeliveryConfig:
         10, v.integer(1),
         "At most this many outbound connections to one destination (a domain, smarthost or route), and to one "
         "host (address and port), whatever the domains it serves.")
+    mta_sts: bool = declare(
+        True, v.BOOL,
+        "MTA-STS (RFC 8461) for MX delivery: a recipient domain's published policy (enforce: only its MX hosts, "
+        "with verified TLS) is fetched over HTTPS, cached in the spool and refreshed (docs/mta-sts.md).")
+    mta_sts_ca_file: str = declare(
+        "", v.OPTIONAL_PATH,
+        "A PEM file of the CAs trusted under MTA-STS: for policy fetches, and for the MX certificates an "
+        "enforce policy requires to be verified (a private CA, or the test CA).  Empty: the system's trusted CAs.")
+    mta_sts_connect_timeout: float = declare(
+        "30s", v.DURATION, "How long to wait for the TCP and TLS connection to an MTA-STS policy server.",
+        refine=v.ABOVE_ZERO)
+    mta_sts_fetch_timeout: float = declare(
+        "60s", v.DURATION, "The longest an MTA-STS policy fetch may take in all (RFC 8461 suggests 60 s or more).",
+        refine=v.ABOVE_ZERO)
 
 
 @dataclass(frozen=True)
@@ -719,6 +733,8 @@ _RULES: tuple[Rule, ...] = (
     _refine("smtp.timeout"),
     _refine("delivery.connect_timeout"),
     _refine("delivery.max_lifetime"),
+    _refine("delivery.mta_sts_connect_timeout"),
+    _refine("delivery.mta_sts_fetch_timeout"),
     _ssl_needs_certificate,
     _domains_disjoint,
 )

@@ -123,6 +123,7 @@ class Deliverer:
         sts: StsSource | None = None,
     ):
         self.reactor = reactor
+        self.sts = sts  # the MTA-STS source (relay.delivery.stspolicy.StsSource), or None
         self.resolver = resolver
         self.spool = spool
         self.disk = disk
@@ -131,7 +132,6 @@ class Deliverer:
         self.config = config
         self.trust_root = trust_root
         self.timeouts = timeouts
-        self.sts = sts
         # sessions kept open for a moment for the next message to the same host
         self.cache = ConnectionCache(reactor)
         # at most max_per_destination connections to one host, whatever the domains

@@ -265,7 +265,25 @@ class Resolver:
         records = tuple(Tlsa(rr.usage, rr.selector, rr.mtype, bytes(rr.cert)) for rr in (ans.rrset or ()))
         return TlsaAnswer(owner, secure, records)
 
+    def txt(self, name: str) -> defer.Deferred:
+        """Deferred[list[str]]: the TXT records of ``name`` (each record's
+        strings joined, RFC 7208 / 8461 style; undecodable bytes replaced);
+        [] for NXDOMAIN or no TXT; a temporary failure is a DNSFailure."""
+        return self._shared(("txt", _norm(name)), self.resolve_txt, name)
+
     # ------------------------------------------------------------ blocking core
+
+    def resolve_txt(self, name: str) -> list[str]:
+        """Blocking: see ``txt``."""
+        n = _norm(name)
+        try:
+            ans = self._query(n, "TXT", self.lifetime)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException as e:
+            raise DNSFailure(True, "4.4.3", self._temp_reason(e, n, "TXT"))
+        return [b"".join(rr.strings).decode("utf-8", "replace") for rr in ans]
+
 
     def _query(self, name: str, rdtype: str, lifetime: float):
         """dnspython answer, or raise the dnspython exception."""

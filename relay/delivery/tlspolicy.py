@@ -175,7 +175,9 @@ def decide(config: Config, dest: routing.Destination, *, sts: StsPolicy | None =
     if hit is not None:
         return _from_entry(hit[0], hit[1], dest.domain, None, trust_root)
     if sts is not None and sts.mode == "enforce":
-        return TLSRequirement("verify", sts.describe(), dest.domain, trust_root=trust_root or None, sts=sts,
+        # the CAs trusted under MTA-STS (delivery.mta_sts_ca_file; default the system's)
+        return TLSRequirement("verify", sts.describe(), dest.domain,
+                              trust_root=trust_root or (config.delivery.mta_sts_ca_file or None), sts=sts,
                               explicit=True)
     return TLSRequirement(config.delivery.tls, GLOBAL_SOURCE, dest.domain, trust_root=trust_root or None,
                           sts=sts if sts is not None and sts.mode == "testing" else None)

@@ -40,6 +40,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    300.0, 600.0)
 
 
+FETCH_RESULTS = ("ok", "dns_error", "connect_error", "tls_error", "timeout", "redirect", "http_error",
+                 "bad_media_type", "too_large", "malformed")  # relay.delivery.mtasts.FetchError.result
+
+
 class RelayCollector:
     """Reads the running relay's counters at scrape time.
 
@@ -49,8 +53,9 @@ class RelayCollector:
     the time.
     """
 
-    def __init__(self, reactor, *, smtp, queue, pickup, pop3_factories: list, started_at: float):
+    def __init__(self, reactor, *, smtp, queue, pickup, pop3_factories: list, started_at: float, sts=None):
         self.reactor = reactor
+        self.sts = sts  # relay.delivery.mtasts.MtaSts (None: no delivery here)
         self.smtp = smtp
         self.queue = queue
         self.pickup = pickup
@@ -70,6 +75,23 @@ class RelayCollector:
         yield from self._messages()
         yield from self._queue_state()
         yield from self._sessions()
+        yield from self._mta_sts()
+
+    def _mta_sts(self) -> Iterable[Metric]:
+        """MTA-STS: policy fetches by outcome, and the failures a policy reported, by mode."""
+        sts = self.sts
+        c = CounterMetricFamily("relay_mta_sts_fetches", "MTA-STS policy look-ups that fetched (ok) or "
+                                "failed, by result", labels=["result"])
+        fetches = dict(sts.fetches) if sts is not None else {}
+        for result in sorted(set(FETCH_RESULTS) | set(fetches)):
+            c.add_metric([result], fetches.get(result, 0))
+        yield c
+        c = CounterMetricFamily("relay_mta_sts_failures", "MX hosts or TLS sessions an MTA-STS policy "
+                                "rejected (testing: only reported), by mode", labels=["mode"])
+        modes = sts.failures_by_mode() if sts is not None else {}
+        for mode in ("enforce", "testing", "none"):
+            c.add_metric([mode], modes.get(mode, 0))
+        yield c
 
     def _messages(self) -> Iterable[Metric]:
         """Messages in, refused, and what became of each recipient."""
@@ -176,10 +198,10 @@ class RelayMetrics:
     """The registry of one relay: its collector and the latency histogram
     (the arguments are RelayCollector's)."""
 
-    def __init__(self, reactor, *, smtp, queue, pickup, pop3_factories: list, started_at: float):
+    def __init__(self, reactor, *, smtp, queue, pickup, pop3_factories: list, started_at: float, sts=None):
         self.registry = CollectorRegistry()
         self.collector = RelayCollector(reactor, smtp=smtp, queue=queue, pickup=pickup,
-                                        pop3_factories=pop3_factories, started_at=started_at)
+                                        pop3_factories=pop3_factories, started_at=started_at, sts=sts)
         self.registry.register(self.collector)
         self.latency = Histogram(
             "relay_delivery_attempt_duration_seconds",

@@ -16,13 +16,14 @@ method, from these.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from relay.common import endpoints as epmod
 from relay.common.netutil import Listeners
 from relay.common.tls import ServerTLS, TLSConfigError, load_server_tls
 from relay.config import Config
 from relay.control.route import RouteContext
+from relay.delivery import mtasts
 from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
 from relay.intake.dkim import KeyFileError, SigningKey, load_key
@@ -48,6 +49,7 @@ class Files:
     aliases: aliasesmod.AliasFile
     tls: ServerTLS | None
     dkim: tuple[SigningKey, ...] = ()  # [[dkim.keys]], loaded
+    sts_trust: Any = None  # the trust root of MTA-STS policy fetches (load_sts_trust)
 
 
 def load_users(config: Config) -> usersmod.UserDB:
@@ -107,9 +109,35 @@ def load_files(config: Config) -> tuple[Files | None, list[str]]:
     users = attempt(load_users)
     aliases = attempt(load_aliases)
     dkim = attempt(load_dkim_keys)
+    sts_trust = attempt(load_sts_trust)
     if problems or users is None or aliases is None or dkim is None:
         return None, problems
-    return Files(users=users, aliases=aliases, tls=tls, dkim=dkim), []
+    return Files(users=users, aliases=aliases, tls=tls, dkim=dkim, sts_trust=sts_trust), []
+
+
+def load_sts_trust(config: Config) -> Any:
+    """The CAs trusted for MTA-STS policy fetches: delivery.mta_sts_ca_file,
+    or the system's (PartError naming the key and the file)."""
+    try:
+        return mtasts.load_trust(config.delivery.mta_sts_ca_file)
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise PartError(f"{config.source}: delivery.mta_sts_ca_file: {config.delivery.mta_sts_ca_file}: {why}")
+
+
+def make_mta_sts(config: Config, reactor: Any, resolver: Resolver, disk: Any, cache_dir: str | None,
+                 trust: Any) -> mtasts.MtaSts:
+    """The MTA-STS source of MX delivery (relay.delivery.mtasts), its cache in cache_dir."""
+    d = config.delivery
+    return mtasts.MtaSts(reactor, resolver, disk, cache_dir, enabled=d.mta_sts, trust=trust,
+                         connect_timeout=d.mta_sts_connect_timeout, fetch_timeout=d.mta_sts_fetch_timeout)
+
+
+def reconfigure_mta_sts(sts: mtasts.MtaSts, config: Config, trust: Any) -> None:
+    """A reload: the new settings (the cache is kept)."""
+    d = config.delivery
+    sts.configure(enabled=d.mta_sts, trust=trust, connect_timeout=d.mta_sts_connect_timeout,
+                  fetch_timeout=d.mta_sts_fetch_timeout)
 
 
 def own_listeners(config: Config) -> Listeners:

@@ -37,6 +37,7 @@ from relay.common.tls import ServerTLS
 from relay.config import Config
 from relay.control import route as routecheck
 from relay.control.server import ControlContext, ControlService, ReloadUnsupported, status_of
+from relay.delivery import mtasts
 from relay.delivery.attempt import Deliverer
 from relay.delivery.mx import Resolver
 from relay.intake import aliases as aliasesmod
@@ -104,6 +105,7 @@ class RelayService(service.MultiService):
         self._lock_fd: int | None = None
         self.queue: QueueManager | None = None  # set up in _build_queue
         self.deliverer: Deliverer | None = None  # the queue's, kept for the reload
+        self.sts: mtasts.MtaSts | None = None  # MTA-STS policies (the deliverer's), in <spool>/mta-sts
         self.pop3_factories: list = []
         self.listener_services: list = []
         self.scanned: defer.Deferred = defer.Deferred()  # fires when the start-up scan is done
@@ -116,6 +118,7 @@ class RelayService(service.MultiService):
             self.aliases = parts.load_aliases(config)
             self.tls: ServerTLS | None = parts.load_tls(config)
             self.signer = parts.make_signer(config, parts.load_dkim_keys(config))
+            self.sts_trust = parts.load_sts_trust(config)
         except parts.PartError as e:
             raise StartupError(str(e))
         self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
@@ -214,8 +217,11 @@ class RelayService(service.MultiService):
             self._listen(desc, factory, f"pop3 {desc}")
 
     def _build_queue(self, config: Config) -> None:
-        self.deliverer = Deliverer(self.reactor, self._resolver(config), spool=self.spool, disk=self.disk,
-                                   users=self.users, listeners=self.listeners, config=config)
+        resolver = self._resolver(config)
+        self.sts = parts.make_mta_sts(config, self.reactor, resolver, self.disk,
+                                      os.path.join(self.spool.root, "mta-sts"), self.sts_trust)
+        self.deliverer = Deliverer(self.reactor, resolver, spool=self.spool, disk=self.disk,
+                                   users=self.users, listeners=self.listeners, config=config, sts=self.sts)
         self.queue = QueueManager(self.reactor, self.aspool, self.deliverer, config,
                                   parked=self.deliverer.cache, disk_stopped=lambda: self.disk.stopped)
 
@@ -241,7 +247,7 @@ class RelayService(service.MultiService):
         """This relay's metrics registry, fed by the queue's attempt hook, and
         served over HTTP on each metrics.listen endpoint."""
         self.metrics = RelayMetrics(self.reactor, smtp=self.smtp_ctx, queue=self.queue, pickup=self.pickup,
-                                    pop3_factories=self.pop3_factories, started_at=self.started_at)
+                                    pop3_factories=self.pop3_factories, started_at=self.started_at, sts=self.sts)
         if self.queue is not None:
             self.queue.on_attempt = self.metrics.observe_attempt
         for desc in config.metrics.listen:
@@ -272,9 +278,11 @@ class RelayService(service.MultiService):
         r = getattr(getattr(q, "deliverer", None), "resolver", None)
         if r is None or not hasattr(r, "resolve_mx"):
             r = parts.route_resolver(self.config)
+        # the explanation runs in a thread: the MTA-STS source asked through the reactor
+        sts = routecheck.sts_lookup(self.reactor, self.sts) if self.sts is not None else None
         return routecheck.RouteContext(
             config=self.config, policy=self.smtp_ctx.policy, expand=self.expander.expand,
-            user_exists=self.users.exists, resolver=r, is_self=self.listeners.is_self,
+            user_exists=self.users.exists, resolver=r, is_self=self.listeners.is_self, sts=sts,
         )
 
     def _reload_for_control(self) -> dict:
@@ -330,6 +338,8 @@ class RelayService(service.MultiService):
         self._check_dkim()
         self._install_signals()
         self._refresher.start(REFRESH_INTERVAL, now=False)
+        if self.sts is not None:
+            self.sts.begin()  # the cache loaded from the spool, then the background refresh
         if self.queue is not None:
             d = self.queue.start()
         else:
@@ -417,6 +427,8 @@ class RelayService(service.MultiService):
         self._arm_second_sigterm()
         if self._refresher.running:
             self._refresher.stop()
+        if self.sts is not None:
+            self.sts.stop()
         # 1. stop listening (existing connections stay)
         yield defer.DeferredList([defer.maybeDeferred(svc.stopService) for svc in self.listener_services
                                   if svc.running], consumeErrors=True)
@@ -542,6 +554,11 @@ class RelayService(service.MultiService):
             self.deliverer.reconfigure(new, self.users)
             if new.delivery.nameservers != old.delivery.nameservers:
                 self.deliverer.set_resolver(self._resolver(new))
+                if self.sts is not None:
+                    self.sts.set_resolver(self.deliverer.resolver)
+        self.sts_trust = files.sts_trust
+        if self.sts is not None:
+            parts.reconfigure_mta_sts(self.sts, new, files.sts_trust)
         if self.queue is not None:
             self.queue.reconfigure(new)
 
