@@ -97,6 +97,17 @@ class TLSPolicy:
 
 
 @dataclass(frozen=True)
+class DsnParams:
+    """The DSN request carried to a next hop that offers DSN (RFC 3461):
+    ``ret`` and ``envid`` (decoded) for MAIL; per recipient address its
+    NOTIFY (None: not given) and ORCPT ("addr-type;xtext")."""
+
+    ret: str = ""
+    envid: str = ""
+    rcpts: dict[str, tuple[str | None, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Outbound:
     """One message for one destination.  ``sender``: "" for the null
     sender; ``recipients`` in order, duplicates sent once.  ``auth``:
@@ -113,6 +124,7 @@ class Outbound:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_rcpts_per_txn: int = 50
     queue_id: str | None = None
+    dsn: DsnParams | None = None  # sent only to a hop that offers DSN
 
     @property
     def log_id(self) -> str:
