@@ -72,6 +72,8 @@ class Notices:
 
     async def send(self, msg: Message, kind: str, failures: Sequence[bouncemod.Failure]) -> None:
         if not msg.env.sender:
+            if kind == bouncemod.SUCCESS:
+                return  # nobody to tell (RFC 3461 6.2: never a notice to <>)
             for f in failures:
                 log.warn("{queue_id}: undeliverable message from <> (a bounce) to <{to}> discarded: "
                          "{reason}", queue_id=msg.qid, to=f.recipient, reason=f.diagnostic)
