@@ -10,8 +10,10 @@ would silently pick one of two contradicting requests.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 from relay.common import dsn
-from relay.common.dsn import DsnSyntax
+from relay.common.dsn import DsnRequest, DsnSyntax
 
 MAIL_KEYS = frozenset(("RET", "ENVID"))
 RCPT_KEYS = frozenset(("NOTIFY", "ORCPT"))
@@ -43,4 +45,46 @@ def rcpt(params: dict[str, str | None]) -> tuple[str | None, str | None]:
     return notify, orcpt
 
 
-__all__ = ["MAIL_KEYS", "RCPT_KEYS", "DsnSyntax", "duplicate", "mail", "rcpt"]
+class Refusal(NamedTuple):
+    """The error reply to a MAIL or RCPT whose parameters are refused."""
+
+    code: int
+    text: str
+
+
+def check_mail(text: str, path: str, params: dict[str, str | None]) -> tuple[str, str] | Refusal:
+    """(RET, ENVID) of MAIL, or the 501 that names the bad or repeated parameter."""
+    dup = duplicate(text, path)
+    if dup is not None:
+        return Refusal(501, f"5.5.4 Duplicate parameter {dup}")
+    try:
+        return mail(params)
+    except DsnSyntax as e:
+        return Refusal(501, f"5.5.4 {e}")
+
+
+def check_rcpt(text: str, path: str, params: dict[str, str | None],
+               esmtp: bool) -> tuple[str | None, str | None] | Refusal:
+    """(NOTIFY, ORCPT) of RCPT, or the refusal: 555 for a parameter we do not
+    know (or any after HELO: RFC 1869), 501 for bad syntax or a repeat."""
+    if not params:
+        return None, None
+    unknown = [k for k in params if k not in RCPT_KEYS]
+    if unknown or not esmtp:
+        return Refusal(555, f"5.5.4 Unsupported parameter {(unknown or list(params))[0]}")
+    dup = duplicate(text, path)
+    if dup is not None:
+        return Refusal(501, f"5.5.4 Duplicate parameter {dup}")
+    try:
+        return rcpt(params)
+    except DsnSyntax as e:
+        return Refusal(501, f"5.5.4 {e}")
+
+
+def request(mail_dsn: tuple[str, str], per_rcpt: Sequence[tuple[str | None, str | None]], *,
+            limited: bool) -> DsnRequest | None:
+    """The envelope's DsnRequest of a transaction (None when nothing was asked)."""
+    ret, envid = mail_dsn
+    if not (ret or envid or any(n or o for n, o in per_rcpt)):
+        return None
+    return DsnRequest(ret, envid, [n for n, _ in per_rcpt], [o for _, o in per_rcpt], limited=limited)

@@ -290,45 +290,25 @@ class SMTPServer(SMTPConnection):
         self.reply(250, "2.1.5 Ok")
 
     def _mail_dsn(self, rest: str, path: str, params: dict[str, str | None]) -> tuple[str, str] | None:
-        """RET and ENVID of MAIL (RFC 3461), or None after a 501 naming the parameter."""
-        dup = dsnparams.duplicate(rest, path)
-        if dup is not None:
-            self.error(501, f"5.5.4 Duplicate parameter {dup}")
+        """RET and ENVID of MAIL (RFC 3461), or None after the error reply."""
+        got = dsnparams.check_mail(rest, path, params)
+        if isinstance(got, dsnparams.Refusal):
+            self.error(got.code, got.text)
             return None
-        try:
-            return dsnparams.mail(params)
-        except dsnparams.DsnSyntax as e:
-            self.error(501, f"5.5.4 {e}")
-            return None
+        return got
 
     def _rcpt_dsn(self, rest: str, path: str, params: dict[str, str | None]) -> tuple[str | None, str | None] | None:
-        """NOTIFY and ORCPT of RCPT, or None after the error reply: 555 for a
-        parameter we do not know (or any after HELO), 501 for bad syntax."""
-        if not params:
-            return None, None
-        unknown = [k for k in params if k not in dsnparams.RCPT_KEYS]
-        if unknown or not self.esmtp:
-            self.error(555, f"5.5.4 Unsupported parameter {(unknown or list(params))[0]}")
+        """NOTIFY and ORCPT of RCPT, or None after the error reply."""
+        got = dsnparams.check_rcpt(rest, path, params, self.esmtp)
+        if isinstance(got, dsnparams.Refusal):
+            self.error(got.code, got.text)
             return None
-        dup = dsnparams.duplicate(rest, path)
-        if dup is not None:
-            self.error(501, f"5.5.4 Duplicate parameter {dup}")
-            return None
-        try:
-            return dsnparams.rcpt(params)
-        except dsnparams.DsnSyntax as e:
-            self.error(501, f"5.5.4 {e}")
-            return None
+        return got
 
     def _dsn_request(self) -> DsnRequest | None:
-        """The transaction's DSN request for the envelope (relay.common.dsn),
-        ``limited`` for an untrusted client (the backscatter rule)."""
-        ret, envid = self.dsn_mail
-        if not (ret or envid or self.rcpt_dsn):
-            return None
-        per = [self.rcpt_dsn.get(d.address, (None, None)) for d in self.recipients]
-        return DsnRequest(ret, envid, [n for n, _ in per], [o for _, o in per],
-                          limited=not self.ctx.policy.trusted(self._client()))
+        """The transaction's DSN request, ``limited`` for an untrusted client (docs/dsn.md)."""
+        return dsnparams.request(self.dsn_mail, [self.rcpt_dsn.get(d.address, (None, None)) for d in self.recipients],
+                                 limited=not self.ctx.policy.trusted(self._client()))
 
     def _client(self) -> Client:
         return Client(self.peer_ip, self.auth_user)
