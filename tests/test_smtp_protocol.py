@@ -247,7 +247,9 @@ class JunkCommands(Harness):
         p, t = self.connect()
         self.take(t)
         p.dataReceived(b"NOOP\r\nRSET\r\nHELP\r\nVRFY x\r\nEHLO a\r\n")  # 5: the limit
-        self.assertEqual(self.codes(t), [b"250 ", b"250 ", b"214 ", b"252 ", b"250-"] + [b"250-"] * 4 + [b"250 "])
+        codes = self.codes(t)  # the EHLO reply: one line per extension (their number grows)
+        self.assertEqual(codes[:5], [b"250 ", b"250 ", b"214 ", b"252 ", b"250-"])
+        self.assertEqual(codes[5:], [b"250-"] * (len(codes) - 6) + [b"250 "])
         p.dataReceived(b"NOOP\r\n" * (MAX_ERRORS - 1))
         self.assertEqual(self.codes(t), [b"250 "] * (MAX_ERRORS - 1))
         self.assertFalse(t.disconnecting)

@@ -547,7 +547,7 @@ class BadInput(RelayTestCase):
         def fn(c):
             c.cmd("EHLO x")
             c.cmd("MAIL FROM:<a@b.example>")
-            return c.cmd("RCPT TO:<alice@local.test> NOTIFY=NEVER")
+            return c.cmd("RCPT TO:<alice@local.test> FOO=BAR")
 
         r = await self.session(fn)
         self.assertEqual(r.code, 555)

@@ -284,6 +284,10 @@ class DeliveryConfig:
         refine=v.ABOVE_ZERO)
     delay_warning: float = declare(
         "4h", v.DURATION, 'After this long, the sender gets one delay notice.  "0" disables it.')
+    dsn_full_limit: int = declare(
+        50000, v.integer(0),
+        "Bytes of the message a non-delivery notice returns whole when the sender asked RET=FULL (Postfix's "
+        "bounce_size_limit); a bigger message is returned as its headers only, and the notice says so.")
     connect_timeout: float = declare(
         "30s", v.DURATION, "How long to wait for a TCP connection to a next hop.", refine=v.ABOVE_ZERO)
     max_concurrency: int = declare(

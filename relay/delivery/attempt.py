@@ -17,8 +17,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from relay.config import Config
+from relay.delivery import dsnout, routing, tlspolicy
 from relay.delivery import local as localmod
-from relay.delivery import routing, tlspolicy
 from relay.delivery.mx import DNSFailure, Hop, Resolver, TlsaAnswer
 from relay.delivery.stspolicy import StsPolicy, StsSource
 from relay.outbound import client
@@ -40,6 +40,7 @@ class Outcome:
     remote_mta: str | None = None  # for DSNs: the host that answered
     remote: bool = False  # the reply came from a remote server
     suspended: bool = False  # not tried: the destination is marked dead for a moment
+    dsn_carried: bool = False  # accepted by a next hop that offers DSN (relay.delivery.dsnout)
 
 
 # What an attempt uses of the parts it is given (the spool, the disk pool,
@@ -327,6 +328,7 @@ class Deliverer:
             queue_id=msg.qid,
             auth_scope=dest.key if auth else "",
             stop_on_5xx=stop_on_5xx,
+            dsn=dsnout.carried(msg.env, recipients),
         )
 
 
@@ -357,7 +359,8 @@ def _outcomes(qid: str, recipients: list[str], report: DeliveryReport) -> list[O
         hop = res.hop or report.hop
         relay = f"{hop.host}[{hop.address}]:{hop.port}" if hop else "none"
         out.append(Outcome(r, res.kind, res.status, res.describe() if res.remote else res.text, relay,
-                           hop.host if (hop and res.remote) else None, res.remote))
+                           hop.host if (hop and res.remote) else None, res.remote,
+                           dsn_carried=res.dsn_carried))
     if report.tls:
         log.info("{queue_id}: TLS to {relay}: {version} {cipher} {verified}", queue_id=qid,
                  relay=str(report.hop) if report.hop else "?", version=report.tls.get("version"),

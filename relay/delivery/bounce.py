@@ -16,8 +16,13 @@ import secrets
 from dataclasses import dataclass
 from email.header import Header
 
+from relay.common.dsn import orcpt_field
+
 FAILED = "failed"
 DELAYED = "delayed"
+SUCCESS = "success"  # a report of delivered / relayed recipients (NOTIFY=SUCCESS, RFC 3461)
+DELIVERED = "delivered"
+RELAYED = "relayed"
 MAX_RETURNED_HEADERS = 64 * 1024
 
 
@@ -33,6 +38,8 @@ class Failure:
     diagnostic_type: str = "smtp"
     last_attempt: float | None = None
     will_retry_until: float | None = None
+    action: str | None = None  # the Action field; None: the report's kind (failed, delayed)
+    orcpt: str | None = None  # the client's ORCPT ("addr-type;xtext"): the Original-Recipient field
 
 
 def _date(ts: float) -> str:
@@ -70,14 +77,30 @@ def build_report(
     original_headers: bytes,
     now: float,
     postmaster: str | None = None,
+    envid: str = "",
+    full_message: bytes | None = None,
+    too_big: int | None = None,
 ) -> bytes:
-    """The complete DSN message (headers and body) as bytes, CRLF endings."""
+    """The complete DSN message (headers and body) as bytes, CRLF endings.
+
+    ``envid``: the client's ENVID (Original-Envelope-Id); ``full_message``:
+    the whole message to return (RET=FULL within delivery.dsn_full_limit)
+    instead of ``original_headers``; ``too_big``: RET=FULL was asked but the
+    message is over that limit (the headers are returned, the text says so)."""
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
     h = _report_headers(kind, reporting_mta, sender, now, boundary)
     human = _human_part(kind, reporting_mta, queue_id, failures)
-    status = _status_part(kind, reporting_mta, queue_id, sender, arrival, failures)
-    hdrs = _returned_headers(original_headers)
-    parts = [
+    if too_big is not None:
+        human += (f"\r\nThe message is larger than {too_big} bytes: only its headers are returned.\r\n")
+    status = _status_part(kind, reporting_mta, queue_id, sender, arrival, failures, envid)
+    if full_message is not None:
+        return b"".join(_parts(h, boundary, human, status)) + _returned_message(boundary, full_message)
+    return b"".join(_parts(h, boundary, human, status)) + _returned_headers_part(
+        boundary, kind, _returned_headers(original_headers))
+
+
+def _parts(h: list[str], boundary: str, human: str, status: str) -> list[bytes]:
+    return [
         "\r\n".join(h).encode("ascii") + b"\r\n\r\n",
         b"This is a MIME-encapsulated message.\r\n\r\n",
         f"--{boundary}\r\n".encode(),
@@ -86,18 +109,36 @@ def build_report(
         f"\r\n--{boundary}\r\n".encode(),
         b"Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n",
         status.encode("ascii", "replace"),
+    ]
+
+
+def _returned_message(boundary: str, message: bytes) -> bytes:
+    """3. the whole message (RET=FULL), as message/rfc822."""
+    body = message if message.endswith(b"\r\n") else message + b"\r\n"
+    return b"".join([
         f"\r\n--{boundary}\r\n".encode(),
-        b"Content-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n"
+        b"Content-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n"
+        + (b"Content-Transfer-Encoding: 8bit\r\n" if not body.isascii() else b"") + b"\r\n",
+        body,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ])
+
+
+def _returned_headers_part(boundary: str, kind: str, hdrs: bytes) -> bytes:
+    what = "Delivered" if kind == SUCCESS else "Undelivered"
+    return b"".join([
+        f"\r\n--{boundary}\r\n".encode(),
+        f"Content-Description: {what} Message Headers\r\nContent-Type: text/rfc822-headers\r\n".encode()
         + (b"Content-Transfer-Encoding: 8bit\r\n" if not hdrs.isascii() else b"")
         + b"\r\n",
         hdrs,
         f"\r\n--{boundary}--\r\n".encode(),
-    ]
-    return b"".join(parts)
+    ])
 
 
 def _report_headers(kind: str, reporting_mta: str, sender: str, now: float, boundary: str) -> list[str]:
     subject = ("Undelivered Mail Returned to Sender" if kind == FAILED
+               else "Successful Mail Delivery Report" if kind == SUCCESS
                else "Delayed Mail (still being retried)")
     msgid = email.utils.make_msgid(domain=reporting_mta)
     from_name = Header("Mail Delivery System").encode()
@@ -127,6 +168,15 @@ def _human_part(kind: str, reporting_mta: str, queue_id: str, failures: list[Fai
             "If you do so, please include this problem report. You can",
             "delete your own text from the attached returned message.",
         ]
+    elif kind == SUCCESS:
+        intro = [
+            f"This is the mail system at host {reporting_mta}.",
+            "",
+            "Your message was successfully delivered to the destination(s)",
+            "listed below. If the message was delivered to mailbox you will",
+            "receive no further notifications. Otherwise you may still receive",
+            "notifications of mail delivery errors from other systems.",
+        ]
     else:
         until = max((f.will_retry_until or 0) for f in failures) if failures else 0
         intro = [
@@ -147,9 +197,10 @@ def _human_part(kind: str, reporting_mta: str, queue_id: str, failures: list[Fai
 
 
 def _status_part(kind: str, reporting_mta: str, queue_id: str, sender: str, arrival: float,
-                 failures: list[Failure]) -> str:
+                 failures: list[Failure], envid: str = "") -> str:
     """2. the machine-readable part (RFC 3464)"""
-    per_msg = [
+    per_msg = [f"Original-Envelope-Id: {_clean(envid, 100)}"] if envid else []
+    per_msg += [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Relay-Queue-ID: {queue_id}",
         f"X-Relay-Sender: rfc822; {_clean(sender, 300)}",
@@ -158,9 +209,11 @@ def _status_part(kind: str, reporting_mta: str, queue_id: str, sender: str, arri
     blocks = ["\r\n".join(per_msg)]
     for f in failures:
         b = [f"Final-Recipient: rfc822; {_clean(f.recipient, 300)}"]
-        if f.original and f.original != f.recipient:
+        if f.orcpt:
+            b.append(f"Original-Recipient: {_clean(orcpt_field(f.orcpt), 600)}")
+        elif f.original and f.original != f.recipient:
             b.append(f"Original-Recipient: rfc822; {_clean(f.original, 300)}")
-        b.append(f"Action: {kind}")
+        b.append(f"Action: {f.action or kind}")
         b.append(f"Status: {f.status}")
         if f.remote_mta:
             b.append(f"Remote-MTA: dns; {_clean(f.remote_mta, 255)}")

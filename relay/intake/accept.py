@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from relay.common.dsn import DsnRequest
 from relay.intake.rewrite import SenderMap
 from relay.intake.signing import Signer, SignJob
 from relay.queue import spool as spoolmod
@@ -68,11 +69,13 @@ class Intake:
 
     def envelope(self, sender: str, recipients: Iterable[str], client: dict[str, Any], *,
                  queue_id: str | None = None, arrival: float | None = None,
-                 rewrite: SenderMap | None = None) -> spoolmod.Envelope:
+                 rewrite: SenderMap | None = None, dsn: DsnRequest | None = None) -> spoolmod.Envelope:
         """The envelope of a new message: every recipient expanded, each final
         recipient once (the first recipient it came from is its ORCPT); with
         ``rewrite`` (a trusted source), the sender rewritten, the original
-        kept in the envelope's extra field ``orig_from``."""
+        kept in the envelope's extra field ``orig_from``.  ``dsn``: the DSN
+        request, its NOTIFY and ORCPT parallel to ``recipients``; each
+        recipient an alias expands to inherits them."""
         qid = queue_id if queue_id is not None else spoolmod.new_id()
         extra: dict[str, Any] = {}
         rewritten = rewrite.address(sender) if rewrite is not None else None
@@ -80,17 +83,25 @@ class Intake:
             extra["orig_from"], sender = sender, rewritten.address
         rcpts: list[str] = []
         orcpts: list[str | None] = []
+        notify: list[str | None] = []
+        dorcpt: list[str | None] = []
         seen: set[str] = set()
-        for rcpt in recipients:
+        for i, rcpt in enumerate(recipients):
             for addr, orig in self.expand(rcpt):
                 if addr in seen:
                     continue
                 seen.add(addr)
                 rcpts.append(addr)
                 orcpts.append(orig if orig != addr else None)
+                if dsn is not None:
+                    notify.append(dsn.notify[i] if i < len(dsn.notify) else None)
+                    dorcpt.append(dsn.orcpt[i] if i < len(dsn.orcpt) else None)
+        stored = (DsnRequest(dsn.ret, dsn.envid, notify, dorcpt, dsn.limited)
+                  if dsn is not None and not dsn.empty() else None)
         return spoolmod.Envelope(
             queue_id=qid, sender=sender, recipients=rcpts, orcpts=orcpts,
             arrival=self.clock.seconds() if arrival is None else arrival, client=client, extra=extra,
+            dsn=stored,
         )
 
     def receive(self, envelope: spoolmod.Envelope) -> spoolmod.IncomingMessage:

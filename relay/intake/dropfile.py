@@ -3,7 +3,9 @@ by the pickup (relay/intake/pickup.py).  Its own module so that the daemon does 
 import the submission command, nor the command the daemon.
 
 A drop file is one envelope line (``RELAYDROP1 `` and a JSON object: from,
-rcpt, t, uid, user), then the message: CRLF line endings, headers complete
+rcpt, t, uid, user, and only when relay-sendmail got -N, -R or -V "dsn":
+{"notify", "ret", "envid"}: older drop files, without it, read as before),
+then the message: CRLF line endings, headers complete
 except the relay's Received header, which the pickup adds.  No Twisted, no
 other project module: relay-sendmail imports it at start-up.
 """
@@ -18,8 +20,14 @@ MAX_LINE = 998  # octets without CRLF (RFC 5322 2.1.1)
 MAX_HOPS = 100  # Received headers: a mail loop (the SMTP server's limit, relay.smtp.transfer.MAX_HOPS)
 
 
-def drop_line(sender: str, recipients: list[str], uid: int, user: str, arrival: float) -> bytes:
-    d = {"from": sender, "rcpt": recipients, "t": arrival, "uid": uid, "user": user}
+DSN_KEYS = ("notify", "ret", "envid")
+
+
+def drop_line(sender: str, recipients: list[str], uid: int, user: str, arrival: float,
+              dsn: dict[str, str] | None = None) -> bytes:
+    d: dict[str, object] = {"from": sender, "rcpt": recipients, "t": arrival, "uid": uid, "user": user}
+    if dsn:
+        d["dsn"] = dsn
     return DROP_MAGIC + json.dumps(d, separators=(",", ":")).encode("ascii") + b"\n"
 
 
@@ -46,4 +54,7 @@ def parse_drop_line(line: bytes) -> dict:
         raise ValueError("bad envelope line: no uid")
     if not isinstance(d.get("user"), str):
         raise ValueError("bad envelope line: no user name")
+    dsn = d.get("dsn", {})
+    if not isinstance(dsn, dict) or not all(k in DSN_KEYS and isinstance(v, str) for k, v in dsn.items()):
+        raise ValueError("bad envelope line: bad dsn")
     return d

@@ -45,6 +45,7 @@ from twisted.python.filepath import FilePath
 
 from relay.common import fileio
 from relay.common.address import AddressError, parse_mailbox
+from relay.common.dsn import DsnRequest
 from relay.config import Config
 from relay.intake.accept import Intake, Source
 from relay.intake.dropfile import MAX_HOPS, MAX_LINE, parse_drop_line
@@ -74,6 +75,16 @@ class Quarantined(Exception):
     """The file is not a well-formed drop file; the reason says why."""
 
 
+def drop_dsn(drop: "DropFile") -> DsnRequest | None:
+    """The DSN request of a drop file (-N applies to every recipient); the
+    pickup is a trusted source: not limited."""
+    d = drop.dsn
+    if not d:
+        return None
+    n = len(drop.recipients)
+    return DsnRequest(d.get("ret", ""), d.get("envid", ""), [d.get("notify")] * n, [None] * n)
+
+
 @dataclass
 class DropFile:
     """A drop file opened and its envelope read (the fd stays open)."""
@@ -87,6 +98,7 @@ class DropFile:
     arrival: float
     uid: int
     user: str
+    dsn: dict[str, str] | None = None  # relay-sendmail's -N, -R, -V (relay.intake.dropfile)
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +251,7 @@ def open_drop_file(spool: spoolmod.Spool, name: str, max_size: int) -> DropFile 
         rcpts = [_address(r, "recipient") for r in env["rcpt"]]
         uid, user = _owner(st.st_uid)
         arrival = _arrival(st, time.time())
-        return DropFile(name, fd, offset, size, sender, rcpts, arrival, uid, user)
+        return DropFile(name, fd, offset, size, sender, rcpts, arrival, uid, user, env.get("dsn") or None)
     except BaseException:
         os.close(fd)
         raise
@@ -518,7 +530,7 @@ class Pickup(service.Service):
         smap = None if full.empty else full
         try:
             env = self.intake.envelope(drop.sender, drop.recipients, drop_client(drop), queue_id=drop.name,
-                                       arrival=drop.arrival, rewrite=smap)
+                                       arrival=drop.arrival, rewrite=smap, dsn=drop_dsn(drop))
         except Exception as e:  # noqa: BLE001 - close the file; try again later
             os.close(drop.fd)
             self._later(name, f"alias expansion failed: {e}")

@@ -44,7 +44,8 @@ from typing import BinaryIO, Callable
 
 # at import: a submitter run as another user may not read the tree later
 from relay import config as configmod
-from relay.common import fileio
+from relay.common import dsn as dsnmod
+from relay.common import fileio, xtext
 from relay.common.address import AddressError, parse_mailbox
 from relay.config import Config
 from relay.intake.dropfile import DROP_MAGIC, MAX_HOPS, drop_line, parse_drop_line  # noqa: F401 - tests use them here
@@ -86,6 +87,7 @@ class Options:
     config: str | None = None  # -C
     body: str | None = None  # -B 7BIT | 8BITMIME
     verbose: int = 0
+    dsn: dict[str, str] = field(default_factory=dict)  # -N notify, -R ret, -V envid (relay.common.dsn)
     exit_now: str | None = None  # -bi / -I / -q<interval>: nothing to do
 
 
@@ -104,8 +106,8 @@ def parse_args(argv: list[str]) -> Options:
         if a == "-q":
             raise Fatal(EX_USAGE, "-q (run the queue) is not supported: the relay retries on its own "
                                   "schedule; use relayctl to act on the queue")
-        if a == "-V":  # VERP (Postfix): not supported, harmless to ignore
-            i += 1
+        if a == "-V" and (i + 1 >= len(argv) or argv[i + 1].startswith("-") or "@" in argv[i + 1]):
+            i += 1  # the old VERP flag (no envid follows): not supported, harmless to ignore
             continue
         j = 1
         while j < len(a):
@@ -178,7 +180,24 @@ def _option(o: Options, c: str, value: str) -> None:
             o.exit_now = "queue interval"  # -q1h: a daemon's run interval; nothing to do (as Postfix)
             return
         raise Fatal(EX_USAGE, f"-q{value} is not supported: use relayctl to act on the queue")
-    # A, L, N, O, R, V, X, e, h, p: accepted and ignored (as Postfix)
+    elif c in "NRV":
+        _dsn_option(o, c, value)
+    # A, L, O, X, e, h, p: accepted and ignored (as Postfix)
+
+
+def _dsn_option(o: Options, c: str, value: str) -> None:
+    """-N never|success,failure,delay, -R full|hdrs, -V envid: the DSN
+    request of RCPT NOTIFY, MAIL RET and ENVID (relay.common.dsn checks them)."""
+    try:
+        if c == "N":
+            o.dsn["notify"] = dsnmod.notify_option(value)
+        elif c == "R":
+            o.dsn["ret"] = dsnmod.parse_ret(value)
+        else:
+            dsnmod.parse_envid(xtext.encode(value))
+            o.dsn["envid"] = value
+    except dsnmod.DsnSyntax as e:
+        raise Fatal(EX_USAGE, f"-{c} {value[:40]!r}: {e}")
 
 
 
@@ -390,7 +409,7 @@ def _queue_in_drop(sink: DropSink, me: Identity, out: _Outgoing, sender: str, re
     """Into the drop directory: the envelope line, the message, then the
     durable rename (the queue id); nothing left behind on a failure."""
     try:
-        sink.write(drop_line(sender, recipients, me.uid, me.user, time.time()))
+        sink.write(drop_line(sender, recipients, me.uid, me.user, time.time(), out.o.dsn or None))
         out.write_to(sink.write)
         try:
             return sink.commit()
@@ -417,7 +436,8 @@ def _queue_by_smtp(cfg: Config, me: Identity, out: _Outgoing, sender: str, recip
         out.write_to(tmp.write)
         tmp.flush()
         tmp.close()
-        queued = submit_smtp(cfg, tmp.name, out.size, sender, recipients, out.msg.eight_bit, smtp_targets(cfg))
+        queued = submit_smtp(cfg, tmp.name, out.size, sender, recipients, out.msg.eight_bit, smtp_targets(cfg),
+                             dsn=out.o.dsn)
         if queued is None:
             raise Fatal(EX_TEMPFAIL, _not_queued(no_drop, "the relay is not running (no answer on "
                                                  + ", ".join(f"{h}:{p}" for h, p in smtp_targets(cfg)) + ")"))

@@ -17,7 +17,7 @@ import pwd
 import smtplib
 from dataclasses import dataclass
 
-from relay.common import dotstuff, endpoints, fileio, privdrop
+from relay.common import dotstuff, endpoints, fileio, privdrop, xtext
 from relay.config import Config
 from relay.intake.dropfile import DROP_MODE
 from relay.intake.sysexits import EX_TEMPFAIL, EX_UNAVAILABLE, Fatal
@@ -204,8 +204,9 @@ def smtp_targets(cfg: Config) -> list[tuple[str, int]]:
 
 
 def submit_smtp(cfg: Config, path: str, size: int, sender: str, recipients: list[str], eight_bit: bool,
-                targets: list[tuple[str, int]]) -> str | None:
-    """Submit over SMTP; None when no listener answers (the relay is down)."""
+                targets: list[tuple[str, int]], dsn: dict[str, str] | None = None) -> str | None:
+    """Submit over SMTP; None when no listener answers (the relay is down).
+    ``dsn``: relay-sendmail's -N, -R, -V (notify, ret, envid) as DSN parameters."""
     errors = []
     for host, port in targets:
         try:
@@ -214,7 +215,7 @@ def submit_smtp(cfg: Config, path: str, size: int, sender: str, recipients: list
             errors.append(f"{host}:{port}: {e}")
             continue
         try:
-            return _smtp_transaction(s, path, size, sender, recipients, eight_bit)
+            return _smtp_transaction(s, path, size, sender, recipients, eight_bit, dsn or {})
         finally:
             try:
                 s.quit()
@@ -223,7 +224,8 @@ def submit_smtp(cfg: Config, path: str, size: int, sender: str, recipients: list
     return None
 
 
-def _smtp_transaction(s, path: str, size: int, sender: str, recipients: list[str], eight_bit: bool) -> str:
+def _smtp_transaction(s, path: str, size: int, sender: str, recipients: list[str], eight_bit: bool,
+                      dsn: dict[str, str]) -> str:
     def fail(code: int, text: bytes | str, what: str):
         msg = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
         raise Fatal(EX_TEMPFAIL if 400 <= code < 500 else EX_UNAVAILABLE,
@@ -241,11 +243,15 @@ def _smtp_transaction(s, path: str, size: int, sender: str, recipients: list[str
                 opts.append(f"SIZE={size}")
             if eight_bit and s.has_extn("8bitmime"):
                 opts.append("BODY=8BITMIME")
+        dsn_ok = s.does_esmtp and s.has_extn("dsn")
+        if dsn_ok:
+            opts += [f"RET={dsn['ret']}"] if "ret" in dsn else []
+            opts += [f"ENVID={xtext.encode(dsn['envid'])}"] if "envid" in dsn else []
         code, text = s.mail(sender, opts)
         if code != 250:
             fail(code, text, f"the sender <{sender}>")
         for r in recipients:
-            code, text = s.rcpt(r)
+            code, text = s.rcpt(r, [f"NOTIFY={dsn['notify']}"] if dsn_ok and "notify" in dsn else [])
             if code not in (250, 251):
                 s.rset()
                 fail(code, text, f"the recipient <{r}> (nothing was queued)")

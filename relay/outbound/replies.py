@@ -83,6 +83,7 @@ class RcptResult:
     code: int | None = None
     hop: Hop | None = None
     stage: str = ""
+    dsn_carried: bool = False  # accepted by a hop that offers DSN: it sends any notice from now on
 
     @property
     def remote(self) -> bool:

@@ -134,6 +134,17 @@ class TLSPolicy:
 
 
 @dataclass(frozen=True)
+class DsnParams:
+    """The DSN request carried to a next hop that offers DSN (RFC 3461):
+    ``ret`` and ``envid`` (decoded) for MAIL; per recipient address its
+    NOTIFY (None: not given) and ORCPT ("addr-type;xtext")."""
+
+    ret: str = ""
+    envid: str = ""
+    rcpts: dict[str, tuple[str | None, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Outbound:
     """One message for one destination.  ``sender``: "" for the null
     sender; ``recipients`` in order, duplicates sent once.  ``auth``:
@@ -158,6 +169,7 @@ class Outbound:
     # a list of relay hosts (an upstream, a smarthost list): a 5xx greeting or
     # EHLO/HELO from one ends the attempt (bounced) instead of trying the next
     stop_on_5xx: bool = False
+    dsn: DsnParams | None = None  # sent only to a hop that offers DSN
 
     @property
     def log_id(self) -> str:

@@ -4,7 +4,10 @@ On a session that is greeted, EHLO'd, and (as the policy wants) under TLS
 and authenticated, ``Transactions.deliver_on`` sends the message to the
 recipients in transactions of at most ``max_rcpts_per_txn``, pipelined
 when the server offers PIPELINING, with SIZE, BODY=8BITMIME and SMTPUTF8
-as offered and needed, and gives each recipient its RcptResult.  The
+as offered and needed, and gives each recipient its RcptResult.  To a
+server that offers DSN the request goes along (RET, ENVID on MAIL; NOTIFY,
+ORCPT on RCPT, ORCPT=rfc822;<address> added where the client gave none, as
+Postfix does) and the accepted recipients are marked ``dsn_carried``.  The
 message is sent from memory when small and at hand, else streamed from the
 spool file (relay.outbound.msgproducer).
 """
@@ -12,10 +15,12 @@ spool file (relay.outbound.msgproducer).
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import threads
 
+from relay.common import xtext
 from relay.outbound.clientproto import ClientProtocol
 from relay.outbound.conversation import Down, command, down, quit_session, reply, where
 from relay.outbound.msgproducer import CHUNK
@@ -141,7 +146,24 @@ class Transactions:
                 params += b" BODY=8BITMIME"
         if utf8:
             params += b" SMTPUTF8"
-        return params
+        return params + self._mail_dsn(ext)
+
+    def _mail_dsn(self, ext: dict[str, str]) -> bytes:
+        d = self.out.dsn
+        if "DSN" not in ext or d is None:
+            return b""
+        return ((b" RET=" + d.ret.encode() if d.ret else b"")
+                + (b" ENVID=" + xtext.encode(d.envid).encode() if d.envid else b""))
+
+    def _rcpt_line(self, rcpt: str, ext: dict[str, str]) -> bytes:
+        line = b"RCPT TO:<" + rcpt.encode() + b">"
+        if "DSN" not in ext:
+            return line
+        notify, orcpt = (self.out.dsn.rcpts.get(rcpt, (None, None)) if self.out.dsn is not None
+                         else (None, None))
+        if notify:
+            line += b" NOTIFY=" + notify.encode()
+        return line + b" ORCPT=" + (orcpt or "rfc822;" + xtext.encode(rcpt)).encode()
 
     async def _scan_8bit(self) -> bool:
         m = self.out.message
@@ -198,7 +220,7 @@ class Transactions:
         the recipients to try again in the next transaction (452 after some
         were accepted) and whether the message data went through."""
         mail = b"MAIL FROM:<" + self.out.sender.encode() + b">" + params
-        rcpt_lines = [b"RCPT TO:<" + r.encode() + b">" for r in batch]
+        rcpt_lines = [self._rcpt_line(r, ext) for r in batch]
         pipelining = "PIPELINING" in ext
         data_reply: Reply | None = None
         if pipelining:
@@ -227,6 +249,10 @@ class Transactions:
                 results[r] = reply_result(data_reply, hop, "DATA")
             return retry, False
         await self._send_data(proto, hop, accepted, results)
+        if "DSN" in ext:
+            for r in accepted:
+                if results[r].kind == "delivered":
+                    results[r] = replace(results[r], dsn_carried=True)
         return retry, True
 
     async def _pipelined(

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.common.dsn import DsnRequest
+
 MAGIC = b"RELAYQ1 "
 
 PENDING = "pending"
@@ -64,10 +66,26 @@ class Envelope:
     orcpts: list[str | None] = field(default_factory=list)
     client: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # kind (bounce...), etc.
+    # the DSN request (RET, ENVID, NOTIFY, ORCPT: relay.common.dsn); None
+    # when the client asked nothing, and in spool files older than DSN
+    dsn: DsnRequest | None = None
 
     def __post_init__(self) -> None:
         if len(self.orcpts) != len(self.recipients):
             self.orcpts = (list(self.orcpts) + [None] * len(self.recipients))[: len(self.recipients)]
+        if self.dsn is not None:
+            self.dsn.fit(len(self.recipients))
+
+    def dsn_of(self, address: str) -> tuple[str | None, str | None]:
+        """(NOTIFY, ORCPT) of one recipient, None for what it did not give."""
+        d = self.dsn
+        if d is None or not (any(d.notify) or any(d.orcpt)):
+            return None, None
+        try:
+            i = self.recipients.index(address)
+        except ValueError:
+            return None, None
+        return d.notify[i], d.orcpt[i]
 
     def to_line(self) -> bytes:
         d = {
@@ -81,6 +99,8 @@ class Envelope:
             d["orcpt"] = self.orcpts
         if self.extra:
             d["x"] = self.extra
+        if self.dsn is not None and (self.dsn.to_json()):
+            d["dsn"] = self.dsn.to_json()
         line = MAGIC + _encode(d).encode("utf-8") + b"\n"
         return line
 
@@ -103,6 +123,7 @@ class Envelope:
                 raise CorruptEntry("bad envelope: bad recipient list")
             if not isinstance(d["id"], str) or not isinstance(d["from"], str):
                 raise CorruptEntry("bad envelope: bad id or sender")
+            dsn = DsnRequest.from_json(d["dsn"], len(rcpts)) if "dsn" in d else None
             arrival = float(d["t"])
             if not math.isfinite(arrival):
                 raise CorruptEntry("bad envelope: bad arrival time")
@@ -114,6 +135,7 @@ class Envelope:
                 orcpts=orcpts,
                 client=dict(d.get("client") or {}),
                 extra=dict(d.get("x") or {}),
+                dsn=dsn,
             )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CorruptEntry(f"bad envelope: {e.__class__.__name__}: {e}")

@@ -284,6 +284,7 @@ class QueueManager:
             dest = routing.route(self.config, r.address, msg.env.sender)
             groups.setdefault(dest.key, (dest, []))[1].append(r)
         msg.failures = []
+        msg.successes = []
         msg.started = now
         forced, msg.forced = msg.forced, None
         for dest, rcpts in groups.values():
@@ -440,7 +441,7 @@ class QueueManager:
     def _simple_outcome(self, msg: Message) -> bool:
         """Nothing to record but the attempt itself: no DSN, no notice, no
         administrator's request (the common cases get a short path)."""
-        if msg.deleted or msg.bounce_now or msg.failures or self.disk_stopped():
+        if msg.deleted or msg.bounce_now or msg.failures or msg.successes or self.disk_stopped():
             return False
         return not self.notices.delay_due(msg, self.now())
 
@@ -501,6 +502,9 @@ class QueueManager:
         if msg.failures:
             await self.notices.send(msg, bouncemod.FAILED, msg.failures)
             msg.failures = []
+        if msg.successes:  # NOTIFY=SUCCESS (relay.queue.notices)
+            await self.notices.send(msg, bouncemod.SUCCESS, msg.successes)
+            msg.successes = []
         if self.notices.delay_due(msg, now):
             await self.notices.send(msg, bouncemod.DELAYED, self.notices.delayed(msg, now))
             msg.state.warned = True

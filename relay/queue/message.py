@@ -47,6 +47,7 @@ class Message:
     forced: float | None = None  # when a retry asked for the next activation (see Job.forced)
     token: int = 0  # heap entries with another token are stale
     failures: list[bouncemod.Failure] = field(default_factory=list)  # bounce.Failure of this activation
+    successes: list[bouncemod.Failure] = field(default_factory=list)  # NOTIFY=SUCCESS: delivered, relayed
     settled: bool = False  # a recipient became final in this activation: fsync the state
     tried: bool = False  # an attempt was really made in this activation (not only suspended)
     eight_bit: bool | None = None  # the body has 8-bit bytes (None: not known, the client scans)

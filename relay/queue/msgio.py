@@ -56,7 +56,8 @@ class MessageIO:
 
         def go() -> defer.Deferred[Any]:
             msg.state_file = True
-            unfinal = {f.recipient for f in msg.failures}  # their DSN is not queued yet
+            # their DSN is not queued yet
+            unfinal = {f.recipient for f in msg.failures} | {f.recipient for f in msg.successes}
             return self.aspool.write_state(msg.qid, msg.state, durable=durable, unfinal=unfinal)
 
         return self.run(msg, go)

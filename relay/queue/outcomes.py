@@ -6,6 +6,11 @@ next attempt after a jittered exponential backoff; past
 delivery.max_lifetime a deferral is a bounce, 5.4.7).  Each is logged as
 ``ID: to=<...>, relay=..., delay=..., status=...``.  Only memory changes
 here: the runner makes it durable when the activation ends.
+
+The client's NOTIFY (relay.common.dsn.wants) decides which outcomes become
+a notice: a bounce only with FAILURE (or no NOTIFY), a delivery only with
+SUCCESS: "delivered" for local delivery, "relayed" when the next hop does
+not offer DSN (one that does got the request and reports itself).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Callable, Sequence
 
 from twisted.logger import Logger
 
+from relay.common import dsn as dsnmod
 from relay.common import logsafe
 from relay.config import DeliveryConfig
 from relay.delivery import bounce as bouncemod
@@ -93,6 +99,7 @@ def _record_one(msg: Message, r: Recipient, o: Outcome, *, now: float, expires: 
     if kind == "delivered":
         r.status = DELIVERED
         counters.delivered += 1
+        _success(msg, r, o, now)
     elif kind == "bounced":
         r.status = BOUNCED
         counters.bounced += 1
@@ -100,11 +107,16 @@ def _record_one(msg: Message, r: Recipient, o: Outcome, *, now: float, expires: 
             diag = f"message expired after {delivery.max_lifetime / 86400:g} days in the queue; last error: {o.reply}"
         else:
             diag = o.reply
-        msg.failures.append(bouncemod.Failure(
-            recipient=r.address, status=status, diagnostic=diag, original=r.orcpt,
-            remote_mta=o.remote_mta, diagnostic_type="smtp" if o.remote else "x-unix",
-            last_attempt=now,
-        ))
+        notify, orcpt = msg.env.dsn_of(r.address)
+        if _wants(msg, notify, dsnmod.FAILURE):
+            msg.failures.append(bouncemod.Failure(
+                recipient=r.address, status=status, diagnostic=diag, original=r.orcpt,
+                remote_mta=o.remote_mta, diagnostic_type="smtp" if o.remote else "x-unix",
+                last_attempt=now, orcpt=orcpt,
+            ))
+        else:
+            log.info("{queue_id}: <{to}>: no non-delivery notification (NOTIFY={notify})",
+                     queue_id=msg.qid, to=r.address, notify=notify)
     else:
         r.status = DEFERRED
         counters.deferred += 1
@@ -118,6 +130,26 @@ def _record_one(msg: Message, r: Recipient, o: Outcome, *, now: float, expires: 
         relay=o.relay, delay=delay, status="sent" if kind == "delivered" else kind,
         reply=o.reply, recipient=r.address, kind=kind, attempts=r.attempts,
     )
+
+
+def _wants(msg: Message, notify: str | None, what: str) -> bool:
+    d = msg.env.dsn
+    return dsnmod.wants(notify, what, d.limited if d is not None else False)
+
+
+def _success(msg: Message, r: Recipient, o: Outcome, now: float) -> None:
+    """A success notice for a delivered recipient that asked NOTIFY=SUCCESS
+    (none when the next hop took the request over: o.dsn_carried)."""
+    notify, orcpt = msg.env.dsn_of(r.address)
+    if notify is None or not _wants(msg, notify, dsnmod.SUCCESS) or o.dsn_carried:
+        return
+    local = o.relay == "local"
+    msg.successes.append(bouncemod.Failure(
+        recipient=r.address, status=status_of(o.reply, "2.0.0"),
+        diagnostic=o.reply or ("delivered to mailbox" if local else "relayed"), original=r.orcpt,
+        remote_mta=o.remote_mta, diagnostic_type="smtp" if o.remote else "x-unix", last_attempt=now,
+        action=bouncemod.DELIVERED if local else bouncemod.RELAYED, orcpt=orcpt,
+    ))
 
 
 _STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")

@@ -86,8 +86,14 @@ def details(env: Envelope, state: State, size: int, name: str, headers: bytes, *
         d["extra"] = env.extra
     if isinstance(env.extra.get("orig_from"), str):  # rewritten at intake (rewrite.senders, rewrite.masquerade)
         d["sender_rewritten_from"] = env.extra["orig_from"]
-    for out, r in zip(d["recipients"], state.recipients):
+    req = env.dsn
+    # the DSN request (relay.common.dsn): null where the client asked nothing
+    d["dsn"] = {"ret": (req.ret or None) if req else None, "envid": (req.envid or None) if req else None,
+                "limited": req.limited if req else False}
+    for i, (out, r) in enumerate(zip(d["recipients"], state.recipients)):
         out["orig_address"] = r.orcpt or r.address
+        out["notify"] = req.notify[i] if req else None
+        out["orcpt"] = req.orcpt[i] if req else None
         out["last_reply"] = r.reply
         out["history"] = [
             {"time": h.get("t"), "relay": h.get("relay", ""), "status": h.get("status", ""),
@@ -223,6 +229,15 @@ class Table:
                        f" ({parts}).\n")
 
 
+def _dsn_lines(dsn: dict[str, Any]) -> list[str]:
+    """The message's DSN request (RET, ENVID) in queue show."""
+    if not (dsn.get("ret") or dsn.get("envid")):
+        return []
+    return ["DSN:       " + " ".join(f"{k.upper()}={_one_line(str(dsn[k]), 200)}" for k in ("ret", "envid")
+                                     if dsn.get(k))
+            + (" (from outside: only NEVER and FAILURE honoured)" if dsn.get("limited") else "")]
+
+
 def format_details(d: dict[str, Any], now: float | None = None) -> str:
     """``relayctl queue show ID``: envelope, each recipient's whole history, headers.
 
@@ -269,6 +284,7 @@ def format_details(d: dict[str, Any], now: float | None = None) -> str:
     extra = d.get("extra") or {}
     if extra.get("dsn"):
         out.append(f"Kind:      {extra['dsn']} delivery status notification for {extra.get('for', '?')}")
+    out += _dsn_lines(d.get("dsn") or {})
     if d.get("delay_notice_sent"):
         out.append("Notice:    a delay notice was sent to the sender")
     out.append("Recipients:")
@@ -277,6 +293,7 @@ def format_details(d: dict[str, Any], now: float | None = None) -> str:
         if r.get("orig_address") and r["orig_address"] != r["address"]:
             head += f" (from <{r['orig_address']}>)"
         n = r["attempts"]
+        head += "".join(f" {k.upper()}={_one_line(str(r[k]), 200)}" for k in ("notify", "orcpt") if r.get(k))
         head += f": {r['status']}, {n} attempt{'s' if n != 1 else ''}"
         if r["next_attempt"] is not None and r["status"] not in FINAL:
             if d["queue_name"] == HOLD:

@@ -46,10 +46,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.common.address import Address, AddressError, parse_path, split_command_argument
+from relay.common.dsn import DsnRequest
 from relay.intake.policy import Client, Decision
 from relay.intake.rewrite import HeaderStage, SenderMap, sender_map
 from relay.queue.spool import QueueEntry
-from relay.smtp import auth
+from relay.smtp import auth, dsnparams
 from relay.smtp.connection import SMTPConnection
 from relay.smtp.context import ServerContext
 from relay.smtp.received import protocol_name, received_header, sanitize
@@ -89,6 +90,8 @@ class SMTPServer(SMTPConnection):
         self.recipients: list[Decision] = []
         self.rcpt_keys: set[str] = set()
         self.body_8bit = False
+        self.dsn_mail = ("", "")  # RET, ENVID (relay.smtp.dsnparams)
+        self.rcpt_dsn: dict[str, tuple[str | None, str | None]] = {}  # address: NOTIFY, ORCPT
         self._abort_incoming()
 
     def _abort_incoming(self) -> None:
@@ -135,6 +138,7 @@ class SMTPServer(SMTPConnection):
             f"SIZE {self.cfg.smtp.max_message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
+            "DSN",
         ]
         if self.ctx.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
@@ -231,13 +235,19 @@ class SMTPServer(SMTPConnection):
                 self.body_8bit = (value or "").upper() == "8BITMIME"
             elif key == "AUTH":
                 pass  # RFC 4954 5: accepted and not propagated
+            elif key in dsnparams.MAIL_KEYS:
+                pass  # read by _mail_dsn
             else:
                 self.error(555, f"5.5.4 Unsupported parameter {key}")
                 return
+        dsn_mail = self._mail_dsn(arg[5:], path, params)
+        if dsn_mail is None:
+            return
         decision = self.ctx.policy.sender(self._client(), sender)
         if not decision.ok:
             self._reject("MAIL", decision, sender)
             return
+        self.dsn_mail = dsn_mail
         self.sender = sender
         self.has_sender = True
         self.reply(250, "2.1.0 Ok")
@@ -262,8 +272,8 @@ class SMTPServer(SMTPConnection):
             code = 553 if e.status == "5.6.7" else 501
             self.error(code, f"{e.status} Bad recipient address syntax: {e}")
             return
-        if params:
-            self.error(555, f"5.5.4 Unsupported parameter {next(iter(params))}")
+        rcpt_dsn = self._rcpt_dsn(arg[3:], path, params)
+        if rcpt_dsn is None:
             return
         if len(self.recipients) >= self.cfg.smtp.max_recipients:
             self.reply(452, "4.5.3 Error: too many recipients")
@@ -275,7 +285,30 @@ class SMTPServer(SMTPConnection):
         if decision.address not in self.rcpt_keys:
             self.rcpt_keys.add(decision.address)
             self.recipients.append(decision)
+            if rcpt_dsn != (None, None):
+                self.rcpt_dsn[decision.address] = rcpt_dsn
         self.reply(250, "2.1.5 Ok")
+
+    def _mail_dsn(self, rest: str, path: str, params: dict[str, str | None]) -> tuple[str, str] | None:
+        """RET and ENVID of MAIL (RFC 3461), or None after the error reply."""
+        got = dsnparams.check_mail(rest, path, params)
+        if isinstance(got, dsnparams.Refusal):
+            self.error(got.code, got.text)
+            return None
+        return got
+
+    def _rcpt_dsn(self, rest: str, path: str, params: dict[str, str | None]) -> tuple[str | None, str | None] | None:
+        """NOTIFY and ORCPT of RCPT, or None after the error reply."""
+        got = dsnparams.check_rcpt(rest, path, params, self.esmtp)
+        if isinstance(got, dsnparams.Refusal):
+            self.error(got.code, got.text)
+            return None
+        return got
+
+    def _dsn_request(self) -> DsnRequest | None:
+        """The transaction's DSN request, ``limited`` for an untrusted client (docs/dsn.md)."""
+        return dsnparams.request(self.dsn_mail, [self.rcpt_dsn.get(d.address, (None, None)) for d in self.recipients],
+                                 limited=not self.ctx.policy.trusted(self._client()))
 
     def _client(self) -> Client:
         return Client(self.peer_ip, self.auth_user)
@@ -310,7 +343,7 @@ class SMTPServer(SMTPConnection):
             "proto": self._protocol_name(),
             **({"auth": self.auth_user} if self.auth_user else {}),
             **({"tls": self.tls_info} if self.tls_info else {}),
-        }, rewrite=smap)
+        }, rewrite=smap, dsn=self._dsn_request())
         inc = None
         try:
             inc = intake.receive(env)

@@ -39,7 +39,8 @@ The scriptable parts:
   accepts DATA and then never drains it).
 * ``ehlo=False``: EHLO gets "502 5.5.2", HELO works (HELO fallback).
 * ``pipelining``, ``size`` (None: not advertised; 0: "SIZE" without limit),
-  ``eightbitmime``, ``smtputf8``, ``enhancedstatuscodes``: EHLO keywords.
+  ``eightbitmime``, ``smtputf8``, ``dsn``, ``enhancedstatuscodes``: EHLO keywords
+  (the DSN parameters are recorded as sent: ``mail_params``, ``session.commands``).
 * ``starttls``: None (not offered), "ok" (needs ``cert``, a
   tests.support.certs.CertFiles), "fail" (answers 220 then fails the
   handshake with a TLS alert), "454" (answers 454).
@@ -83,6 +84,7 @@ class Behaviour:
     size: int | None = None
     eightbitmime: bool = True
     smtputf8: bool = False
+    dsn: bool = False
     enhancedstatuscodes: bool = True
     starttls: str | None = None
     cert: object | None = None
@@ -361,6 +363,8 @@ class SinkProtocol(protocol.Protocol):
             kws.append("ENHANCEDSTATUSCODES")
         if b.smtputf8:
             kws.append("SMTPUTF8")
+        if b.dsn:
+            kws.append("DSN")
         if b.starttls and self.session.tls is None:
             kws.append("STARTTLS")
         if b.auth and (self.session.tls is not None or not b.auth_requires_tls):
