@@ -140,6 +140,25 @@ class SenderRewriting(RewriteCase):
         t = await self.delivered(2)
         self.assertIn(b"\r\n" + body, t.data)
 
+    async def test_header_block_over_1_mib_passes_unchanged_and_is_logged(self):
+        # past the stage's bound (1 MiB) the headers are not rewritten: accepted, logged, nothing lost
+        filler = b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"f" * 100) for i in range(10_000))
+        body = b"From: root@nas.lan\r\n" + filler + b"Subject: big\r\n\r\nbody: root@nas.lan\r\n"
+        self.assertGreater(len(body), 1 << 20)
+        qid = await self.send("smtp", "someone@dest.example", body=body)
+        t = await self.delivered()
+        self.assertEqual(t.mail_from, "alerts@example.org")  # the envelope is rewritten as always
+        self.assertTrue(t.data.endswith(b"\r\n" + body), "the message changed")
+        self.assertIn(f"{qid}: headers not rewritten: the header block is larger than 1048576 octets",
+                      self.log_text())
+
+        # just under the bound: rewritten
+        small = b"From: root@nas.lan\r\n" + filler[:8_000 * 118] + b"Subject: s\r\n\r\nbody\r\n"
+        self.assertLess(small.index(b"\r\n\r\n"), 1 << 20)
+        qid = await self.send("smtp", "someone@dest.example", body=small)
+        t = await self.delivered(2)
+        self.assertTrue(t.data.endswith(b"\r\n" + small.replace(b"From: root@nas.lan", b"From: alerts@example.org", 1)))
+
     async def test_internet_client_is_never_rewritten(self):
         await self.send("smtp", "x@backup.example", source="127.0.0.9")
         t = await self.delivered()
