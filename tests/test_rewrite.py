@@ -125,6 +125,22 @@ def test_header_rewriting(before, after):
     assert bool(changes) == (before != after)
 
 
+def test_stage_rewrites_resent_from_and_resent_sender():
+    block = (b"Resent-From: R <root@nas.lan>\r\nRESENT-SENDER:\r\n cron@x.lan\r\nResent-To: root@nas.lan\r\n"
+             b"Resent-Reply-To: root@nas.lan\r\nResent-Cc: a@b.lan\r\n\r\nResent-From: root@nas.lan\r\n")
+    s = HeaderStage(MAP)
+    out = s.feed(block) + s.finish()
+    assert out == (b"Resent-From: R <alerts@example.org>\r\nRESENT-SENDER:\r\n cron@example.org\r\n"
+                   b"Resent-To: root@nas.lan\r\nResent-Reply-To: root@nas.lan\r\nResent-Cc: a@b.lan\r\n"
+                   b"\r\nResent-From: root@nas.lan\r\n")  # the body: never
+    assert [(c.header, c.old, c.new) for c in s.changes] == [
+        ("Resent-From", "root@nas.lan", "alerts@example.org"), ("RESENT-SENDER", "cron@x.lan", "cron@example.org")]
+    s = HeaderStage(MAP)
+    s.feed(b"Resent-From: broken <root@nas.lan\r\n\r\n")
+    assert len(s.problems) == 1
+    assert s.problems[0].startswith("Resent-From header not rewritten: it does not parse as an address list")
+
+
 @pytest.mark.parametrize("value", [
     b"From: broken <root@nas.lan\r\n",
     b"From: root@nas.lan (unterminated\r\n",

@@ -429,46 +429,52 @@ def sender_key(local: str, domain: str) -> str:
     return f"{local.lower()}@{domain}"
 
 
-def parse_senders(table: object) -> tuple[tuple[str, str], ...]:
-    """rewrite.senders: {"old@domain": "new@domain"}; Bad names the entry."""
+def _rewrite_table(table: object, shape: str, old_is: str, new_name: str, new_is: str,
+                   parse_old: Callable[[str], str], parse_new: Callable[[str], str], *,
+                   show_str: bool) -> tuple[tuple[str, str], ...]:
+    """The [rewrite] tables' one reader: {old: new} checked entry by entry,
+    (parse_old(old), parse_new(new)) pairs; Bad names the entry (its key as
+    written, or as a string with show_str) and says what it should be."""
     if not isinstance(table, dict):
-        raise Bad('a table of "address" = "address"')
+        raise Bad(shape)
     out = []
     for old, new in table.items():
+        entry = repr(str(old)) if show_str else repr(old)
         try:
-            a = parse_mailbox(str(old))
+            key = parse_old(str(old))
         except AddressError as e:
-            raise Bad(f'a table of "address" = "address" (entry {old!r}: not an address: {e})')
+            raise Bad(f"{shape} (entry {entry}: {old_is}: {e})")
         if not isinstance(new, str):
-            raise Bad(f'a table of "address" = "address" (entry {old!r}: the new address must be a string)')
+            raise Bad(f"{shape} (entry {entry}: the new {new_name} must be a string)")
         try:
-            b = parse_mailbox(new)
+            value = parse_new(new)
         except AddressError as e:
-            raise Bad(f'a table of "address" = "address" (entry {old!r}: {new!r} is not an address: {e})')
-        out.append((sender_key(a.local, a.domain), str(b)))
+            raise Bad(f"{shape} (entry {entry}: {new!r} is not {new_is}: {e})")
+        out.append((key, value))
     return tuple(out)
+
+
+def _sender_old(text: str) -> str:
+    a = parse_mailbox(text)
+    return sender_key(a.local, a.domain)
+
+
+def _masquerade_old(text: str) -> str:
+    if text.startswith("*."):
+        return "*." + normalize_domain(text[2:])
+    return normalize_domain(text)
+
+
+def parse_senders(table: object) -> tuple[tuple[str, str], ...]:
+    """rewrite.senders: {"old@domain": "new@domain"}; Bad names the entry."""
+    return _rewrite_table(table, 'a table of "address" = "address"', "not an address", "address", "an address",
+                          _sender_old, lambda new: str(parse_mailbox(new)), show_str=False)
 
 
 def parse_masquerade(table: object) -> tuple[tuple[str, str], ...]:
     """rewrite.masquerade: {"*.lan": "example.org", "nas.local": "example.org"}."""
-    if not isinstance(table, dict):
-        raise Bad('a table of "domain" or "*.domain" = "domain"')
-    out = []
-    for pattern, target in table.items():
-        p = str(pattern)
-        wild = p.startswith("*.")
-        try:
-            dom = normalize_domain(p[2:] if wild else p)
-        except AddressError as e:
-            raise Bad(f'a table of "domain" or "*.domain" = "domain" (entry {p!r}: not a domain or *.domain: {e})')
-        if not isinstance(target, str):
-            raise Bad(f'a table of "domain" or "*.domain" = "domain" (entry {p!r}: the new domain must be a string)')
-        try:
-            new = normalize_domain(target)
-        except AddressError as e:
-            raise Bad(f'a table of "domain" or "*.domain" = "domain" (entry {p!r}: {target!r} is not a domain: {e})')
-        out.append(("*." + dom if wild else dom, new))
-    return tuple(out)
+    return _rewrite_table(table, 'a table of "domain" or "*.domain" = "domain"', "not a domain or *.domain",
+                          "domain", "a domain", _masquerade_old, normalize_domain, show_str=True)
 
 
 def _smarthost(value: tuple[str, ...]) -> HostPort | None:

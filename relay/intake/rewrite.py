@@ -12,7 +12,10 @@ Like Postfix's ``sender_canonical_maps`` and ``masquerade_domains``:
 
 What is rewritten (the callers decide that the source is trusted): the
 envelope sender (never the null sender) and, in the header block, the
-addr-specs of From, Sender and Reply-To.  Only the addr-spec that matches is
+addr-specs of From, Sender and Reply-To, and of Resent-From and Resent-Sender
+(as Postfix's canonical maps do: a device that forwards mail on names
+itself there; ``HeaderStage``'s set, ``REWRITTEN_HEADERS`` for
+``rewrite_header_block`` alone).  Only the addr-spec that matches is
 replaced: display names, comments, groups and encoded words stay byte for
 byte, and every other header is never touched.  A header that does not
 parse as an address list is left as it is and reported (``HeaderStage.problems``).
@@ -28,6 +31,9 @@ from relay.common.address import AddressError, normalize_domain, parse_mailbox, 
 from relay.config.values import sender_key
 
 REWRITTEN_HEADERS = (b"from", b"sender", b"reply-to")
+# what the relay rewrites in mail from trusted sources: the originator fields and their Resent- twins
+# (RFC 5322 3.6.6; Resent-Reply-To is obsolete syntax and not rewritten)
+STAGE_HEADERS = REWRITTEN_HEADERS + (b"resent-from", b"resent-sender")
 MAX_HEADER_BLOCK = 1 << 20  # a header block larger than this passes unchanged (and is reported)
 
 
@@ -326,8 +332,10 @@ def _fields(block: bytes) -> list[bytes]:
     return out
 
 
-def rewrite_header_block(block: bytes, smap: SenderMap) -> tuple[bytes, list[Change], list[str]]:
-    """The header block with From/Sender/Reply-To addresses rewritten; the
+def rewrite_header_block(block: bytes, smap: SenderMap,
+                         names: tuple[bytes, ...] = REWRITTEN_HEADERS) -> tuple[bytes, list[Change], list[str]]:
+    """The header block with the addresses of the headers names (lower case;
+    From/Sender/Reply-To unless told) rewritten; the
     changes, and the problems (headers left as they are).  A header whose
     text cannot hold an address of the map (``SenderMap.may_match``) is not
     parsed: it is left as it is, and not reported even if malformed."""
@@ -336,7 +344,7 @@ def rewrite_header_block(block: bytes, smap: SenderMap) -> tuple[bytes, list[Cha
     out: list[bytes] = []
     for f in _fields(block):
         name, colon, value = f.partition(b":")
-        if not colon or name.strip().lower() not in REWRITTEN_HEADERS:
+        if not colon or name.strip().lower() not in names:
             out.append(f)
             continue
         shown = name.decode("latin-1").strip()
@@ -354,12 +362,15 @@ def rewrite_header_block(block: bytes, smap: SenderMap) -> tuple[bytes, list[Cha
 class HeaderStage:
     """The streaming stage both writers put the message through (the SMTP
     DATA in relay.smtp.transfer, the pickup's copy): the header block is held
-    (up to MAX_HEADER_BLOCK) and rewritten, the body passes untouched."""
+    (up to MAX_HEADER_BLOCK) and rewritten, the body passes untouched.
+    names: the headers rewritten (STAGE_HEADERS: Resent-From and
+    Resent-Sender too)."""
 
-    __slots__ = ("smap", "limit", "buf", "done", "changes", "problems")
+    __slots__ = ("smap", "limit", "buf", "done", "changes", "problems", "names")
 
-    def __init__(self, smap: SenderMap, limit: int = MAX_HEADER_BLOCK):
+    def __init__(self, smap: SenderMap, limit: int = MAX_HEADER_BLOCK, names: tuple[bytes, ...] = STAGE_HEADERS):
         self.smap = smap
+        self.names = names
         self.limit = limit
         self.buf = bytearray()
         self.done = False
@@ -397,7 +408,7 @@ class HeaderStage:
         return self._rewrite(bytes(buf))
 
     def _rewrite(self, block: bytes) -> bytes:
-        new, changes, problems = rewrite_header_block(block, self.smap)
+        new, changes, problems = rewrite_header_block(block, self.smap, self.names)
         self.changes.extend(changes)
         self.problems.extend(problems)
         return new

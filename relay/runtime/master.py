@@ -57,6 +57,7 @@ from relay.common.tls import load_server_tls
 from relay.config import Config
 from relay.config.workerpaths import worker_socket, worker_spool
 from relay.queue import spool as spoolmod
+from relay.runtime import parts
 from relay.runtime.listen import server_endpoint
 from relay.runtime.metrics import WorkersMetrics
 from relay.runtime.process import exit_on_second_signal, raise_fd_limit
@@ -271,6 +272,7 @@ class RelayMaster(service.Service):
     def startService(self) -> None:
         if not self.sockets:
             self.privilegedStartService()
+        self._check_keys()
         top = spoolmod.Spool(self.config.spool)
         try:
             top.create()
@@ -307,6 +309,17 @@ class RelayMaster(service.Service):
                 signal.signal(signal.SIGUSR1, usr1)
         for i in range(self.config.workers):
             self.spawn(i)
+
+    def _check_keys(self) -> None:
+        """The DKIM key files, checked once here (as the user the workers run
+        as) before any worker starts: a bad one is one line naming the file
+        and a non-zero exit, not an error per worker and a restart loop."""
+        try:
+            parts.load_dkim_keys(self.config)
+        except parts.PartError as e:
+            if self.exit_on_error:
+                raise SystemExit(f"twisted-relay: not starting: {e}")
+            raise StartupError(str(e))
 
     def spawn(self, i: int) -> None:
         fds = {}

@@ -27,9 +27,9 @@ from relay.intake.dkimkeys import generate_key, public_record, txt_strings, writ
 from relay.mailbox import users as usersmod
 from tests.support import opendkim
 from tests.support.dns import DNSServer, Zone
-from tests.support.relay import InProcessRelay, free_port, in_thread, toml_dumps
+from tests.support.relay import InProcessRelay, RelayProcess, base_config, deep_merge, free_port, in_thread, toml_dumps
 from tests.support.sink import Sink
-from tests.support.wait import apoll
+from tests.support.wait import apoll, poll
 
 SINK_IP = "127.0.0.2"
 BASE = (b"From: Alerts <alerts@example.org>\r\nTo: a@dest.example\r\nSubject: test\r\n"
@@ -247,6 +247,33 @@ class BadKeys(unittest.TestCase):
             self.assertIn(path, str(cm.exception))
             self.assertIn(words, str(cm.exception))
             self.assertIn("dkim.keys", str(cm.exception))
+
+
+    def test_workers_a_bad_key_is_said_once_by_the_master(self):
+        """workers = 2: the master checks the key files before it starts a
+        worker: one clear line naming the file, a non-zero exit, no worker
+        started (not one error per worker, nor a restart loop)."""
+        junk = os.path.join(self.tmp, "junk.pem")
+        with open(junk, "w") as f:
+            f.write("not a key\n")
+        os.chmod(junk, 0o600)
+        port = free_port()
+        data = deep_merge(base_config(self.tmp), {
+            "workers": 2, "smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"]},
+            "dkim": {"keys": [{"domain": "example.org", "selector": "s", "key": junk}]}})
+        relay = RelayProcess(self.tmp, data, "workers")
+        relay.start()
+        try:
+            poll(relay._died, 30, what="the relay to refuse to start")
+            self.assertNotEqual(relay.proc.returncode, 0)
+            log = relay.log()
+            self.assertIn("not starting", log)
+            self.assertEqual(log.count(f"{junk}: not a PEM private key"), 1, log[-3000:])
+            self.assertIn("dkim.keys", log)
+            self.assertNotIn("worker 0 started", log)
+            self.assertFalse(os.path.exists(os.path.join(data["spool"], "w0")), "a worker started anyway")
+        finally:
+            relay.stop()
 
 
 class Reload(unittest.TestCase):

@@ -124,6 +124,41 @@ class SenderRewriting(RewriteCase):
         # the queued line is as it always was, with the new sender
         self.assertIn(f"{qid}: client=nas.lan[127.0.0.1], from=<alerts@example.org>, size=", log)
 
+    async def test_resent_from_and_resent_sender_of_a_trusted_client(self):
+        # a device forwarding mail on names itself in Resent-*: rewritten as Postfix's canonical maps do
+        body = (b"Resent-From: Forwarder <root@nas.lan>\r\nResent-Sender: cron@printer.lan\r\n"
+                b"Resent-To: someone@dest.example\r\nFrom: outside@other.example\r\nSubject: fwd\r\n\r\nbody\r\n")
+        qid = await self.send("smtp", "someone@dest.example", body=body)
+        t = await self.delivered()
+        self.assertIn(b"Resent-From: Forwarder <alerts@example.org>\r\nResent-Sender: cron@example.org\r\n"
+                      b"Resent-To: someone@dest.example\r\nFrom: outside@other.example\r\n", t.data)
+        log = self.log_text()
+        self.assertIn(f"{qid}: Resent-From header <root@nas.lan> rewritten to <alerts@example.org>", log)
+        self.assertIn(f"{qid}: Resent-Sender header <cron@printer.lan> rewritten to <cron@example.org>", log)
+        # from the internet: left alone
+        await self.send("smtp", "x@backup.example", source="127.0.0.9", body=body)
+        t = await self.delivered(2)
+        self.assertIn(b"\r\n" + body, t.data)
+
+    async def test_header_block_over_1_mib_passes_unchanged_and_is_logged(self):
+        # past the stage's bound (1 MiB) the headers are not rewritten: accepted, logged, nothing lost
+        filler = b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"f" * 100) for i in range(10_000))
+        body = b"From: root@nas.lan\r\n" + filler + b"Subject: big\r\n\r\nbody: root@nas.lan\r\n"
+        self.assertGreater(len(body), 1 << 20)
+        qid = await self.send("smtp", "someone@dest.example", body=body)
+        t = await self.delivered()
+        self.assertEqual(t.mail_from, "alerts@example.org")  # the envelope is rewritten as always
+        self.assertTrue(t.data.endswith(b"\r\n" + body), "the message changed")
+        self.assertIn(f"{qid}: headers not rewritten: the header block is larger than 1048576 octets",
+                      self.log_text())
+
+        # just under the bound: rewritten
+        small = b"From: root@nas.lan\r\n" + filler[:8_000 * 118] + b"Subject: s\r\n\r\nbody\r\n"
+        self.assertLess(small.index(b"\r\n\r\n"), 1 << 20)
+        qid = await self.send("smtp", "someone@dest.example", body=small)
+        t = await self.delivered(2)
+        self.assertTrue(t.data.endswith(b"\r\n" + small.replace(b"From: root@nas.lan", b"From: alerts@example.org", 1)))
+
     async def test_internet_client_is_never_rewritten(self):
         await self.send("smtp", "x@backup.example", source="127.0.0.9")
         t = await self.delivered()
