@@ -33,6 +33,7 @@ from relay import config as configmod
 from relay.common import connlimit
 from relay.common import endpoints as epmod
 from relay.common.errors import StartupError
+from relay.common.ratelimit import RateTable
 from relay.common.tls import ServerTLS
 from relay.config import Config
 from relay.control import route as routecheck
@@ -70,6 +71,7 @@ class RelayService(service.MultiService):
     def __init__(self, config: Config, reactor: Any = None, *, deliver: bool = True,
                  adopted: dict[str, int] | None = None, worker: tuple[int, int] | None = None,
                  conn_table: connlimit.SharedTable | None = None,
+                 rate_table: RateTable | None = None,
                  load_config: Callable[[str | None], Config] = configmod.load):
         super().__init__()
         # how a reload reads the config file (a worker: as its own config, relay.runtime.worker)
@@ -81,6 +83,9 @@ class RelayService(service.MultiService):
         # relay.common.connlimit.SharedTable the master made (workers > 1): per-IP
         # limits count the connections of every worker
         self.conn_table = conn_table
+        # the [limits] counts (relay.common.ratelimit): the master's shared table
+        # with workers > 1, else one of this process
+        self.rate_table = rate_table if rate_table is not None else RateTable.local()
         self._counters: dict[str, object] = {}
         from twisted.internet import reactor as default_reactor
 
@@ -144,6 +149,7 @@ class RelayService(service.MultiService):
             tls=self.tls,
             reactor=self.reactor,
             limiter=self.connection_counter("smtp"),
+            rates=self.rate_table,
         )
 
     def connection_counter(self, protocol: str):
