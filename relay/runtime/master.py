@@ -50,10 +50,10 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relay.common import connlimit
-from relay.common.ratelimit import RateTable
 from relay.common import endpoints as epmod
 from relay.common.errors import StartupError
 from relay.common.fileio import fsync_dir
+from relay.common.ratelimit import RateTable
 from relay.common.tls import load_server_tls
 from relay.config import Config
 from relay.config.workerpaths import worker_socket, worker_spool
