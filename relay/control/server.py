@@ -78,6 +78,9 @@ def normalize_id(text: str) -> str:
     return text.strip().upper()
 
 
+LIMITS_LISTED = 100  # keys near a limit listed in a status, the fullest first
+
+
 def status_of(*, config, spool_root: str, started_at: float, queue, smtp, pop3_factories,
               listeners: list[tuple[str, str, int]]) -> dict:
     """The ``relayctl status`` data of a running relay: its config, its
@@ -113,6 +116,9 @@ def status_of(*, config, spool_root: str, started_at: float, queue, smtp, pop3_f
                      "pop3": sum(getattr(f, "open_sessions", 0) for f in pop3_factories)},
         "listeners": [{"name": n, "host": h, "port": p} for n, h, p in listeners],
         "delivering": q is not None,
+        # who is at or near (>= 80 %) a [limits] limit: the relay-wide table, the same from every worker
+        "limits": [{"limit": u.limit, "key": u.key, "count": u.count, "max": u.max, "window": u.window}
+                   for u in smtp.rates.usage(smtp.reactor.seconds())[:LIMITS_LISTED]],
     }
 
 

@@ -343,6 +343,12 @@ def format_status(s: dict[str, Any]) -> str:
         out.append(f"  {li['name']}  ({where})" if where else f"  {li['name']}")
     if s.get("control_socket"):
         out.append(f"  control {s['control_socket']}")
+    near = s.get("limits") or []
+    if near:
+        out.append("Rate limits (at or near):")
+        for u in near:
+            out.append(f"  {u['limit']}  {u['key']}  {u['count']}/{u['max']} per {duration(u['window'])}"
+                       + ("  (at the limit)" if u["count"] >= u["max"] else ""))
     return "\n".join(out) + "\n"
 
 

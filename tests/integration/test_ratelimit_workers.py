@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import smtplib
 
-from tests.integration.test_workers import make, only_worker
+from tests.integration.test_workers import make, only_worker, relayctl
 
 
 def mails(port: int, n: int) -> list[tuple[int, str]]:
@@ -35,5 +36,11 @@ def test_two_workers_count_one_limit(tmp_path):
         # both workers at the limit now, whichever takes the connection
         assert all(c == 450 for c, _ in mails(port, 10))
         assert relay.log().count("limits.messages_per_ip") == 1  # logged once per window, by one worker
+        # relayctl status lists who is at (or near) a limit, once for the relay
+        st = json.loads(relayctl(relay.config_path, "status", "--json").stdout)
+        assert st["limits"] == [{"limit": "limits.messages_per_ip", "key": "127.0.0.1", "count": 60, "max": 60,
+                                 "window": 3600.0}]
+        text = relayctl(relay.config_path, "status").stdout
+        assert "Rate limits (at or near):\n  limits.messages_per_ip  127.0.0.1  60/60 per 1h  (at the limit)" in text
     finally:
         relay.stop()
