@@ -235,6 +235,24 @@ class RateTable:
         finally:
             self._unlock()
 
+    def free_at(self, want: Want, now: float) -> float:
+        """When one more fits under want (now if it does already)."""
+        key = self._key(want)
+        self._lock()
+        try:
+            off, found = self._slot(key, now)
+            if not found:
+                return now
+            start, _logged, cur, prev = self._read(off, now, want)
+        finally:
+            self._unlock()
+        if cur + 1 > want.max:
+            return start + want.window  # the next window (then the previous one weighs, checked again)
+        if prev and _estimate(start, want.window, cur, prev, now) + 1 > want.max:
+            # prev * (1 - e / window) + cur + 1 <= max
+            return start + want.window * (1.0 - (want.max - cur - 1) / prev)
+        return now
+
     def usage(self, now: float, at_least: float = 0.8) -> list[Usage]:
         """Every key at or above ``at_least`` of its maximum, fullest first."""
         self._lock()

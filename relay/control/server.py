@@ -204,7 +204,7 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
             pos += 1
             if m is None or m.deleted:
                 continue
-            b = line(m.env, m.state, m.size, m.queue_name, bool(m.active))
+            b = line(m.env, m.state, m.size, m.queue_name, bool(m.active), q.pacer.waiting_for(m.jobs))
             parts.append(b)
             size += len(b)
         self._pos = pos
@@ -241,7 +241,8 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
                  for r, d in zip(m.state.recipients, disk.recipients)],
                 m.state.hold, m.state.warned)
         d = queueview.details(env, state, m.size, m.queue_name, headers,
-                              delivering=bool(m.active or m.busy), deleting=m.deleted)
+                              delivering=bool(m.active or m.busy), deleting=m.deleted,
+                              waiting=q.pacer.waiting_for(m.jobs))
         return {"message": json.dumps(d).encode("utf-8")}
 
     @QueueAction.responder

@@ -223,7 +223,8 @@ class RelayService(service.MultiService):
         self.deliverer = Deliverer(self.reactor, self._resolver(config), spool=self.spool, disk=self.disk,
                                    users=self.users, listeners=self.listeners, config=config)
         self.queue = QueueManager(self.reactor, self.aspool, self.deliverer, config,
-                                  parked=self.deliverer.cache, disk_stopped=lambda: self.disk.stopped)
+                                  parked=self.deliverer.cache, disk_stopped=lambda: self.disk.stopped,
+                                  rates=self.rate_table)
 
     def _resolver(self, config: Config) -> Resolver:
         """The deliverer's resolver: the configured nameservers, in the DNS pool."""
