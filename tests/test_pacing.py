@@ -50,3 +50,16 @@ class Pacing(QueueCase):
             self.queue([f"x{i}@one.example"])
         self.clock.advance(0)
         self.assertEqual(len(self.hop.calls), 3)
+
+
+def test_queue_list_text_says_why_a_message_waits():
+    import io
+
+    from relay.queue import spool as spoolmod
+    env = spoolmod.Envelope("A" * 16, "a@client.test", ["x@one.example"], 1_800_000_000.0)
+    state = spoolmod.State.fresh(env)
+    rec = queueview.record(env, state, 100, "active", True, "pacing limit 3/1m for mx:one.example")
+    out = io.StringIO()
+    queueview.Table(out, now=1_800_000_000.0).add(rec)
+    assert "(waiting: pacing limit 3/1m for mx:one.example)\n" in out.getvalue()
+    assert "x@one.example  (pending)" in out.getvalue()

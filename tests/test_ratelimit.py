@@ -257,3 +257,22 @@ class PerUserOnSubmission(Limits):
         self.assertEqual(self.say(p2, t2, "MAIL FROM:<bob@local.test>"), "250 2.1.0 Ok\r\n")
         self.clock.advance(1200)
         self.assertEqual(self.say(p, t, "MAIL FROM:<bob@local.test>"), "250 2.1.0 Ok\r\n")
+
+
+def test_refusals_in_the_metrics(tmp_path):
+    from relay.runtime.service import RelayService
+
+    cfg = configmod.load(None, data={"spool": str(tmp_path / "spool"), "pop3": {"listen": []},
+                                     "local": {"users": str(tmp_path / "users")},
+                                     "smtp": {"listen": []}})
+    svc = RelayService(cfg, deliver=False)
+    svc.smtp_ctx.counters.rate_limit("limits.messages_per_ip")
+    svc.smtp_ctx.counters.rate_limit("limits.messages_per_ip")
+    page = svc.metrics.render().decode()
+    assert 'relay_rate_limited_total{limit="limits.messages_per_ip"} 2.0' in page
+    assert 'relay_messages_rejected_total{reason="rate_limit"} 2.0' in page
+    # status: who is near a limit, from the service's table
+    for _ in range(9):
+        svc.rate_table.take([Want("limits.messages_per_user", "bob", 10, 3600.0)], svc.reactor.seconds())
+    u = svc.rate_table.usage(svc.reactor.seconds())
+    assert [(x.key, x.count) for x in u] == [("bob", 9)]
