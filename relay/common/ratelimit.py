@@ -210,8 +210,13 @@ class RateTable:
                     first = logged != start
                     self._write(off, key, want, start, start, cur, prev)
                     return Refusal(want, math.ceil(est), first)
-                rows.append((off, key, want, start, logged, cur, prev))
-            for off, key, want, start, logged, cur, prev in rows:
+                rows.append((want, key))
+            # every want fits: count them, each slot found again (two new keys may have
+            # been given the same free slot above)
+            for want, key in rows:
+                off, found = self._slot(key, now)
+                start, logged, cur, prev = self._read(off, now, want) if found else (
+                    math.floor(now / want.window) * want.window, NEVER, 0, 0)
                 self._write(off, key, want, start, logged, cur + n, prev)
             return None
         finally:
