@@ -295,8 +295,8 @@ class SMTPServer(SMTPConnection):
         text = ratelimits.reply_text(refusal, cfg)
         self.ctx.counters.rate_limit(refusal.want.limit)
         if refusal.first:  # once per key and window
-            log.info("reject: {stage} from {helo}[{client_ip}]: 450 4.7.1 {text}; from=<{sender}> to=<{rcpt}>",
-                     stage=stage, helo=self.helo, client_ip=self.peer_ip, text=sanitize(text, 300),
+            log.info("reject: {stage} from {helo}[{client_ip}]: {reply}; from=<{sender}> to=<{rcpt}>",
+                     stage=stage, helo=self.helo, client_ip=self.peer_ip, reply=f"450 4.7.1 {text}",
                      sender=str(sender or ""), rcpt=str(rcpt or ""), reason="rate_limit")
         self.reply(450, f"4.7.1 {text}")  # not an error: 20 of them must not end a transaction begun
         return False
