@@ -35,6 +35,7 @@ from typing import Any
 from relay.common import endpoints
 from relay.common.address import AddressError, normalize_domain
 from relay.config import values as v
+from relay.config.ratevalues import LIMIT_OVERRIDES, PACING, RATE, Rate
 from relay.config.tlsvalues import TLS_POLICY, TLSPolicyEntry
 from relay.config.values import HostPort, IPNetwork, parse_duration, parse_hostport
 
@@ -312,6 +313,54 @@ class DeliveryConfig:
     mta_sts_fetch_timeout: float = declare(
         "60s", v.DURATION, "The longest an MTA-STS policy fetch may take in all (RFC 8461 suggests 60 s or more).",
         refine=v.ABOVE_ZERO)
+    pacing: tuple[tuple[str, Rate], ...] = declare(
+        {}, PACING,
+        'At most N deliveries (messages) per window to a destination: a key is a destination ("mx:DOMAIN", '
+        '"smarthost:HOST:PORT", "upstream:NAME", as `relayctl route` shows it), a bare domain (its MX), or "*" '
+        "(every MX domain without its own entry).  The others wait in the queue, without an attempt or a "
+        "retry counted (`relayctl queue show` says why).  Empty: no pacing.",
+        example={"gmail.com": "20/1m", "*": "60/1m"})
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Inbound rate limits: messages and recipients per window (docs/limits.md)."""
+
+    messages_per_ip: Rate | None = declare(
+        "1000/1h", RATE,
+        'Messages (MAIL commands accepted) from one client network (see ipv4_prefix, ipv6_prefix) per window; '
+        'more get 450 4.7.1 at MAIL.  "off": no limit.  One limit for the whole relay, with workers too.')
+    recipients_per_ip: Rate | None = declare(
+        "10000/1h", RATE, "Recipients (RCPT commands accepted) from one client network per window; more get "
+        "450 4.7.1 at RCPT.")
+    messages_per_user: Rate | None = declare(
+        "300/1h", RATE, "Messages from one authenticated user per window (a stolen password is the threat).")
+    recipients_per_user: Rate | None = declare(
+        "3000/1h", RATE, "Recipients from one authenticated user per window.")
+    messages_per_sender: Rate | None = declare(
+        "500/1h", RATE, "Messages with one envelope sender per window (the null sender <> is not counted).")
+    recipients_per_sender: Rate | None = declare(
+        "5000/1h", RATE, "Recipients of messages with one envelope sender per window.")
+    ipv4_prefix: int = declare(32, v.integer(8, 32), "IPv4 clients are counted per network of this prefix length.")
+    ipv6_prefix: int = declare(
+        64, v.integer(16, 128), "IPv6 clients are counted per network of this prefix length (a /64 is one site).")
+    networks: bool = declare(
+        True, v.BOOL, "Whether clients in relay.networks are limited too (a compromised LAN host is the threat); "
+        "false: they are exempt (authenticated users still count per user).")
+    mx: tuple[tuple[str, Rate | None], ...] = declare(
+        {}, LIMIT_OVERRIDES, "Overrides of the limits above for sessions on smtp.listen (the MX port).",
+        example={"messages_per_sender": "off"})
+    submission: tuple[tuple[str, Rate | None], ...] = declare(
+        {}, LIMIT_OVERRIDES, "Overrides of the limits above for sessions on smtp.submission.",
+        example={"messages_per_user": "100/1h", "recipients_per_user": "1000/1h"})
+
+    def rate(self, name: str, submission: bool) -> tuple[str, Rate | None]:
+        """(the key that sets it, the rate) of one limit for one kind of endpoint."""
+        sub = "submission" if submission else "mx"
+        for k, r in getattr(self, sub):
+            if k == name:
+                return f"limits.{sub}.{name}", r
+        return f"limits.{name}", getattr(self, name)
 
 
 @dataclass(frozen=True)
@@ -408,6 +457,7 @@ class Config:
     relay: RelayConfig = section(RelayConfig)
     rewrite: RewriteConfig = section(RewriteConfig)
     delivery: DeliveryConfig = section(DeliveryConfig)
+    limits: LimitsConfig = section(LimitsConfig)
     dkim: DKIMConfig = section(DKIMConfig)
     local: LocalConfig = section(LocalConfig)
     pop3: POP3Config = section(POP3Config)

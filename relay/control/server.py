@@ -78,6 +78,9 @@ def normalize_id(text: str) -> str:
     return text.strip().upper()
 
 
+LIMITS_LISTED = 100  # keys near a limit listed in a status, the fullest first
+
+
 def status_of(*, config, spool_root: str, started_at: float, queue, smtp, pop3_factories,
               listeners: list[tuple[str, str, int]]) -> dict:
     """The ``relayctl status`` data of a running relay: its config, its
@@ -113,6 +116,9 @@ def status_of(*, config, spool_root: str, started_at: float, queue, smtp, pop3_f
                      "pop3": sum(getattr(f, "open_sessions", 0) for f in pop3_factories)},
         "listeners": [{"name": n, "host": h, "port": p} for n, h, p in listeners],
         "delivering": q is not None,
+        # who is at or near (>= 80 %) a [limits] limit: the relay-wide table, the same from every worker
+        "limits": [{"limit": u.limit, "key": u.key, "count": u.count, "max": u.max, "window": u.window}
+                   for u in smtp.rates.usage(smtp.reactor.seconds())[:LIMITS_LISTED]],
     }
 
 
@@ -198,7 +204,7 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
             pos += 1
             if m is None or m.deleted:
                 continue
-            b = line(m.env, m.state, m.size, m.queue_name, bool(m.active))
+            b = line(m.env, m.state, m.size, m.queue_name, bool(m.active), q.pacer.waiting_for(m.jobs))
             parts.append(b)
             size += len(b)
         self._pos = pos
@@ -235,7 +241,8 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
                  for r, d in zip(m.state.recipients, disk.recipients)],
                 m.state.hold, m.state.warned)
         d = queueview.details(env, state, m.size, m.queue_name, headers,
-                              delivering=bool(m.active or m.busy), deleting=m.deleted)
+                              delivering=bool(m.active or m.busy), deleting=m.deleted,
+                              waiting=q.pacer.waiting_for(m.jobs))
         return {"message": json.dumps(d).encode("utf-8")}
 
     @QueueAction.responder

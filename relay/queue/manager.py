@@ -42,6 +42,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay.common.ratelimit import RateTable
 from relay.config import Config
 from relay.delivery import bounce as bouncemod
 from relay.delivery import routing
@@ -54,6 +55,7 @@ from relay.queue.message import LEAVING, ActionFailed, Job, Message, UnknownMess
 from relay.queue.msgio import MessageIO
 from relay.queue.notices import Notices
 from relay.queue.outcomes import Counters
+from relay.queue.pacing import Pacer
 from relay.queue.ports import Clock, NextHop, ParkedSessions, Timer, cancel
 from relay.queue.slots import SlotPool
 
@@ -82,7 +84,8 @@ class QueueManager:
     """
 
     def __init__(self, reactor: Clock, aspool: AsyncSpool, deliverer: NextHop, config: Config, *,
-                 parked: ParkedSessions | None = None, disk_stopped: Callable[[], bool] | None = None):
+                 parked: ParkedSessions | None = None, disk_stopped: Callable[[], bool] | None = None,
+                 rates: RateTable | None = None):
         self.reactor = reactor
         self.aspool = aspool
         self.deliverer = deliverer
@@ -111,6 +114,9 @@ class QueueManager:
         d = config.delivery
         self.remote = SlotPool(d.max_concurrency, d.max_per_destination)
         self.local = SlotPool(LOCAL_CONCURRENCY, LOCAL_CONCURRENCY)
+        # delivery.pacing, counted in the relay's rate table (shared by the workers)
+        self.pacer = Pacer(rates if rates is not None else RateTable.local(), self.now, config)
+        self.remote.pacer = self.pacer
         self.io = MessageIO(aspool, self._check_idle)
         self.notices = Notices(aspool, lambda: self.config, self.now, self.counters, self.add)
         self.actions = AdminActions(self)
@@ -120,6 +126,7 @@ class QueueManager:
         self.config = config
         self.remote.limit = config.delivery.max_concurrency
         self.remote.per_dest = config.delivery.max_per_destination
+        self.pacer.config = config
 
     def reconfigure(self, config: Config) -> None:
         """A reload: new limits and delivery settings for new attempts (a new
@@ -162,6 +169,7 @@ class QueueManager:
         self._timer = None
         cancel(self._dispatch_call)
         self._dispatch_call = None
+        self.pacer.stop()
         for call in self._refinalize_calls.values():
             cancel(call)
         self._refinalize_calls.clear()
@@ -310,6 +318,8 @@ class QueueManager:
                     return
                 job = pool.next_job()
                 if job is None:
+                    if pool.pacer is not None:  # dispatch again when a paced destination gets room
+                        pool.pacer.arm(set(pool.waiting), self.reactor, self._dispatch)
                     break
                 budget -= 1
                 if pool is self.remote:

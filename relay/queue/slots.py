@@ -3,7 +3,8 @@
 The runner keeps two pools: the remote one (delivery.max_concurrency
 connections, delivery.max_per_destination per destination) and a small
 local one.  Jobs wait per destination and are started round-robin, so one
-destination's backlog never starves the others.
+destination's backlog never starves the others; a destination under
+delivery.pacing (relay.queue.pacing) waits until its window moves.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 
 from relay.queue.message import Job
+from relay.queue.pacing import Pacer
 
 
 class SlotPool:
@@ -23,6 +25,7 @@ class SlotPool:
         self.by_dest: dict[str, int] = {}
         self.waiting: dict[str, deque[Job]] = {}
         self.ready: deque[str] = deque()
+        self.pacer: Pacer | None = None  # delivery.pacing (relay.queue.pacing): the remote pool's
 
     def add(self, job: Job) -> None:
         q = self.waiting.get(job.dest.key)
@@ -41,6 +44,9 @@ class SlotPool:
                 self.waiting.pop(key, None)
                 continue
             if self.by_dest.get(key, 0) >= self.per_dest:
+                self.ready.append(key)
+                continue
+            if self.pacer is not None and not self.pacer.take(key):  # its jobs wait for the window to move
                 self.ready.append(key)
                 continue
             job = q.popleft()

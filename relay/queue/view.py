@@ -38,8 +38,10 @@ def queue_name(state: State, delivering: bool = False) -> str:
     return DEFERRED
 
 
-def record(env: Envelope, state: State, size: int, name: str, delivering: bool = False) -> dict[str, Any]:
-    """One message as in ``relayctl queue --json``."""
+def record(env: Envelope, state: State, size: int, name: str, delivering: bool = False,
+           waiting: str = "") -> dict[str, Any]:
+    """One message as in ``relayctl queue --json`` (waiting: why its deliveries wait, e.g. for
+    delivery.pacing; the field is there only then)."""
     arrival = int(env.arrival)
     rcpts = []
     for r in state.recipients:
@@ -61,6 +63,8 @@ def record(env: Envelope, state: State, size: int, name: str, delivering: bool =
         "recipients": rcpts,
         "delivering": delivering,
     }
+    if waiting:
+        d["waiting"] = waiting
     if state.pending:
         # an administrator's action accepted while the message was busy,
         # applied when that step ends: "retry", "bounce" (or "delete")
@@ -68,15 +72,16 @@ def record(env: Envelope, state: State, size: int, name: str, delivering: bool =
     return d
 
 
-def record_line(env: Envelope, state: State, size: int, name: str, delivering: bool = False) -> bytes:
-    return _dumps(record(env, state, size, name, delivering)).encode("utf-8") + b"\n"
+def record_line(env: Envelope, state: State, size: int, name: str, delivering: bool = False,
+                waiting: str = "") -> bytes:
+    return _dumps(record(env, state, size, name, delivering, waiting)).encode("utf-8") + b"\n"
 
 
 def details(env: Envelope, state: State, size: int, name: str, headers: bytes, *,
-            delivering: bool = False, deleting: bool = False) -> dict[str, Any]:
+            delivering: bool = False, deleting: bool = False, waiting: str = "") -> dict[str, Any]:
     """One message as in ``relayctl queue show ID --json``: the listing
     record, the whole envelope, every attempt of every recipient, the headers."""
-    d = record(env, state, size, name, delivering)
+    d = record(env, state, size, name, delivering, waiting)
     d["arrival_time_exact"] = env.arrival
     d["hold"] = state.hold
     d["deleting"] = deleting
@@ -213,6 +218,8 @@ class Table:
                 groups.setdefault(r["delay_reason"], []).append(text)
             else:
                 groups.setdefault("", []).append(f"{_INDENT}{r['address']}  ({status})")
+        if rec.get("waiting"):
+            lines.append(f"(waiting: {_one_line(rec['waiting'])})")
         for reason, rcpt_lines in groups.items():
             if reason:
                 lines.append(f"({_one_line(reason)})")
@@ -249,7 +256,9 @@ def format_details(d: dict[str, Any], now: float | None = None) -> str:
     arrival = d.get("arrival_time_exact", d["arrival_time"])
     state = d["queue_name"]
     notes = []
-    if d.get("delivering"):
+    if d.get("waiting"):
+        notes.append(f"waiting: {d['waiting']}")
+    elif d.get("delivering"):
         notes.append("delivery in progress")
     if d.get("deleting"):
         notes.append("will be deleted when the delivery in progress ends")
@@ -360,6 +369,12 @@ def format_status(s: dict[str, Any]) -> str:
         out.append(f"  {li['name']}  ({where})" if where else f"  {li['name']}")
     if s.get("control_socket"):
         out.append(f"  control {s['control_socket']}")
+    near = s.get("limits") or []
+    if near:
+        out.append("Rate limits (at or near):")
+        for u in near:
+            out.append(f"  {u['limit']}  {u['key']}  {u['count']}/{u['max']} per {duration(u['window'])}"
+                       + ("  (at the limit)" if u["count"] >= u["max"] else ""))
     return "\n".join(out) + "\n"
 
 

@@ -53,6 +53,7 @@ from relay.common import connlimit
 from relay.common import endpoints as epmod
 from relay.common.errors import StartupError
 from relay.common.fileio import fsync_dir
+from relay.common.ratelimit import RateTable
 from relay.common.tls import load_server_tls
 from relay.config import Config
 from relay.config.workerpaths import worker_socket, worker_spool
@@ -214,6 +215,9 @@ class RelayMaster(service.Service):
         self.log_target = log_target
         self.sockets: dict[str, socket.socket] = {}
         self.conn_table: connlimit.SharedTable | None = None  # made before the first worker starts
+        # the [limits] counts of every worker (relay.common.ratelimit); kept across a worker's
+        # restart: what it counted was accepted, and still counts
+        self.rate_table: RateTable | None = None
         self.procs: dict[int, WorkerProcess] = {}
         self.restarts: dict[int, list[float]] = {}
         self.stopping = False
@@ -285,6 +289,7 @@ class RelayMaster(service.Service):
             raise StartupError(msg)
         try:
             self.conn_table = connlimit.SharedTable.create(self.config.workers)
+            self.rate_table = RateTable.create_shared()
         except OSError as e:
             msg = f"cannot make the workers' connection table (memfd): {e.strerror or e}"
             if self.exit_on_error:
@@ -332,12 +337,16 @@ class RelayMaster(service.Service):
         table_fd = n
         assert self.conn_table is not None  # made in startService, before the first spawn
         child_fds[table_fd] = self.conn_table.fd
+        assert self.rate_table is not None and self.rate_table.fd is not None
+        rate_fd = table_fd + 1
+        child_fds[rate_fd] = self.rate_table.fd
         if self.log_target == "stdout":
             child_fds[1] = 1  # the workers write their own lines where the master writes
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         args = [sys.executable, "-m", "relay.runtime.worker", "--index", str(i), "--count", str(self.config.workers),
                 "--fds", json.dumps(fds), "--conn-table", str(table_fd),
+                "--rate-table", str(rate_fd),
                 "--log-target", self.log_target, "--log-format", self.config.log.format]
         if self.config.path:
             args += ["--config", self.config.path]
@@ -396,6 +405,9 @@ class RelayMaster(service.Service):
         if self.conn_table is not None:
             self.conn_table.close()
             self.conn_table = None
+        if self.rate_table is not None:
+            self.rate_table.close()
+            self.rate_table = None
         for port in self.metrics_ports:
             yield port.stopListening()
         self.metrics_ports = []

@@ -113,6 +113,12 @@ class RelayCollector:
             c.add_metric([reason], n)
         yield c
 
+        c = CounterMetricFamily("relay_rate_limited", "MAIL and RCPT commands refused by a [limits] rate limit",
+                                labels=["limit"])
+        for limit, n in sorted(smtp.rate_limited.items()):
+            c.add_metric([limit], n)
+        yield c
+
         for name, attr, text in (
             ("relay_messages_delivered", "delivered", "Recipients delivered (one per recipient, "
                                                        "as Postfix's status=sent lines)"),

@@ -180,3 +180,14 @@ def offline_route_context(config: Config) -> RouteContext:
     expander = aliasesmod.Expander(local_domains=config.local.domains, aliases=aliases, users=users)
     return RouteContext(config=config, policy=policy, expand=expander.expand,
                         user_exists=users.exists, resolver=route_resolver(config), is_self=listeners.is_self)
+
+
+def public_submissions(config: Config) -> list[str]:
+    """The submission endpoints on a TCP address other than loopback (where,
+    without a certificate, passwords would cross the network in plaintext)."""
+    out = []
+    for desc in config.smtp.submission:
+        spec = epmod.parse(desc)
+        if spec.kind in ("tcp", "tcp6") and not (spec.interface.startswith("127.") or spec.interface == "::1"):
+            out.append(desc)
+    return out

@@ -33,6 +33,7 @@ from relay import config as configmod
 from relay.common import connlimit
 from relay.common import endpoints as epmod
 from relay.common.errors import StartupError
+from relay.common.ratelimit import RateTable
 from relay.common.tls import ServerTLS
 from relay.config import Config
 from relay.control import route as routecheck
@@ -71,6 +72,7 @@ class RelayService(service.MultiService):
     def __init__(self, config: Config, reactor: Any = None, *, deliver: bool = True,
                  adopted: dict[str, int] | None = None, worker: tuple[int, int] | None = None,
                  conn_table: connlimit.SharedTable | None = None,
+                 rate_table: RateTable | None = None,
                  load_config: Callable[[str | None], Config] = configmod.load):
         super().__init__()
         # how a reload reads the config file (a worker: as its own config, relay.runtime.worker)
@@ -82,6 +84,9 @@ class RelayService(service.MultiService):
         # relay.common.connlimit.SharedTable the master made (workers > 1): per-IP
         # limits count the connections of every worker
         self.conn_table = conn_table
+        # the [limits] counts (relay.common.ratelimit): the master's shared table
+        # with workers > 1, else one of this process
+        self.rate_table = rate_table if rate_table is not None else RateTable.local()
         self._counters: dict[str, object] = {}
         from twisted.internet import reactor as default_reactor
 
@@ -147,6 +152,7 @@ class RelayService(service.MultiService):
             tls=self.tls,
             reactor=self.reactor,
             limiter=self.connection_counter("smtp"),
+            rates=self.rate_table,
         )
 
     def connection_counter(self, protocol: str):
@@ -223,7 +229,8 @@ class RelayService(service.MultiService):
         self.deliverer = Deliverer(self.reactor, resolver, spool=self.spool, disk=self.disk,
                                    users=self.users, listeners=self.listeners, config=config, sts=self.sts)
         self.queue = QueueManager(self.reactor, self.aspool, self.deliverer, config,
-                                  parked=self.deliverer.cache, disk_stopped=lambda: self.disk.stopped)
+                                  parked=self.deliverer.cache, disk_stopped=lambda: self.disk.stopped,
+                                  rates=self.rate_table)
 
     def _resolver(self, config: Config) -> Resolver:
         """The deliverer's resolver: the configured nameservers, in the DNS pool."""
@@ -396,14 +403,8 @@ class RelayService(service.MultiService):
     def _warn_plaintext_logins(self) -> None:
         for endpoint, text in pop3.startup_warnings(self.config):
             log.warn("{warning}", warning=text, endpoint=endpoint)
-        if self.tls is not None:
-            return
-        for desc in self.config.smtp.submission:
-            spec = epmod.parse(desc)
-            iface = spec.interface
-            if spec.kind in ("tcp", "tcp6") and not (iface.startswith("127.") or iface == "::1"):
-                log.warn("no TLS certificate configured: passwords cross {endpoint} in plaintext",
-                         endpoint=desc)
+        for desc in [] if self.tls is not None else parts.public_submissions(self.config):
+            log.warn("no TLS certificate configured: passwords cross {endpoint} in plaintext", endpoint=desc)
 
     def _check_dkim(self) -> None:
         """Short keys now; each selector's DNS record in the DNS pool (start goes on meanwhile)."""

@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--fds", required=True, help="JSON: endpoint description -> file descriptor")
     p.add_argument("--conn-table", type=int, help="descriptor of the per-IP connection table (relay.common.connlimit)")
+    p.add_argument("--rate-table", type=int, help="descriptor of the [limits] table (relay.common.ratelimit)")
     p.add_argument("--config")
     p.add_argument("--defaults-spool")
     p.add_argument("--log-target", default="pipe", help="stdout, pipe, or a file path")
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     # relay's modules (measured: 2.2 s, 596 modules, on a loaded 2-core machine)
     from relay import config as configmod
     from relay.common.connlimit import SharedTable
+    from relay.common.ratelimit import RateTable
     from relay.config.workerpaths import worker_config
     from relay.runtime import fastpoll
     from relay.runtime.service import RelayService, StartupError
@@ -167,8 +169,16 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             print(f"worker {args.index}: not starting: connection table: {e}", file=sys.stderr)
             return 1
+    rates = None
+    if args.rate_table is not None:
+        try:
+            rates = RateTable.attach(args.rate_table)
+        except (OSError, ValueError) as e:
+            print(f"worker {args.index}: not starting: rate-limit table: {e}", file=sys.stderr)
+            return 1
     try:
         svc = RelayService(wcfg, reactor, adopted=fds, worker=(args.index, args.count), conn_table=table,
+                           rate_table=rates,
                            load_config=load_worker_config)
         svc.handle_signals = True
         svc.privilegedStartService()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from relay.common.connlimit import LocalCounter
+from relay.common.ratelimit import RateTable
 from relay.common.tls import ServerTLS
 from relay.config import Config
 from relay.intake.accept import Intake
@@ -66,9 +67,15 @@ class Counters:
     rejected: dict[str, int] = field(default_factory=dict)
     sessions: int = 0
     tls: int = 0  # sessions that completed a TLS handshake (STARTTLS or implicit)
+    rate_limited: dict[str, int] = field(default_factory=dict)  # refusals per limit ("limits.messages_per_ip")
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def rate_limit(self, limit: str) -> None:
+        """A MAIL or RCPT refused by a [limits] limit (counted in rejected too)."""
+        self.rate_limited[limit] = self.rate_limited.get(limit, 0) + 1
+        self.reject("rate_limit")
 
 
 class ServerContext:
@@ -89,6 +96,7 @@ class ServerContext:
         checker: Checker | None = None,  # for AUTH
         tls: ServerTLS | None = None,
         limiter: Limiter | None = None,  # connections per IP for the whole relay
+        rates: RateTable | None = None,  # [limits] counts, for the whole relay
     ):
         self.config = config
         self.policy = policy
@@ -98,6 +106,7 @@ class ServerContext:
         self.reactor = reactor
         self.auth_failure_delay = 2.0
         self.limiter: Limiter = limiter if limiter is not None else LocalCounter()
+        self.rates = rates if rates is not None else RateTable.local()
         self.counters = Counters()
         self.accepting = True  # False while shutting down
         self.open_sessions: set[Session] = set()

@@ -47,10 +47,11 @@ from twisted.python.failure import Failure
 
 from relay.common.address import Address, AddressError, parse_path, split_command_argument
 from relay.common.dsn import DsnRequest
-from relay.intake.policy import Client, Decision
+from relay.intake.policy import Client, Decision, in_networks
 from relay.intake.rewrite import HeaderStage, SenderMap, sender_map
 from relay.queue.spool import QueueEntry
 from relay.smtp import auth, dsnparams
+from relay.smtp import limits as ratelimits
 from relay.smtp.connection import SMTPConnection
 from relay.smtp.context import ServerContext
 from relay.smtp.received import protocol_name, received_header, sanitize
@@ -247,6 +248,8 @@ class SMTPServer(SMTPConnection):
         if not decision.ok:
             self._reject("MAIL", decision, sender)
             return
+        if not self._within_limits("MAIL", "messages", sender):
+            return
         self.dsn_mail = dsn_mail
         self.sender = sender
         self.has_sender = True
@@ -282,6 +285,9 @@ class SMTPServer(SMTPConnection):
         if not decision.ok:
             self._reject("RCPT", decision, rcpt)
             return
+        if decision.address not in self.rcpt_keys and not self._within_limits("RCPT", "recipients", self.sender,
+                                                                              rcpt):
+            return
         if decision.address not in self.rcpt_keys:
             self.rcpt_keys.add(decision.address)
             self.recipients.append(decision)
@@ -309,6 +315,24 @@ class SMTPServer(SMTPConnection):
         """The transaction's DSN request, ``limited`` for an untrusted client (docs/dsn.md)."""
         return dsnparams.request(self.dsn_mail, [self.rcpt_dsn.get(d.address, (None, None)) for d in self.recipients],
                                  limited=not self.ctx.policy.trusted(self._client()))
+
+    def _within_limits(self, stage: str, kind: str, sender: Address | None, rcpt: Address | None = None) -> bool:
+        """[limits] (relay.smtp.limits): counts this MAIL or RCPT, or refuses it with 450 4.7.1."""
+        cfg = self.cfg
+        wants = ratelimits.wants(cfg, kind, submission=self.submission, ip=self.peer_ip, user=self.auth_user,
+                                 sender=str(sender) if sender else None,
+                                 trusted_network=in_networks(self.peer_ip, cfg.relay.networks))
+        refusal = self.ctx.rates.take(wants, self.ctx.reactor.seconds())
+        if refusal is None:
+            return True
+        text = ratelimits.reply_text(refusal, cfg)
+        self.ctx.counters.rate_limit(refusal.want.limit)
+        if refusal.first:  # once per key and window
+            log.info("reject: {stage} from {helo}[{client_ip}]: {reply}; from=<{sender}> to=<{rcpt}>",
+                     stage=stage, helo=self.helo, client_ip=self.peer_ip, reply=f"450 4.7.1 {text}",
+                     sender=str(sender or ""), rcpt=str(rcpt or ""), reason="rate_limit")
+        self.reply(450, f"4.7.1 {text}")  # not an error: 20 of them must not end a transaction begun
+        return False
 
     def _client(self) -> Client:
         return Client(self.peer_ip, self.auth_user)
