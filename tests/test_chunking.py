@@ -4,6 +4,8 @@ inside chunks (relay.smtp.chunking)."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 from twisted.internet import defer
 
 from relay.smtp.chunking import ChunkReader
@@ -108,6 +110,40 @@ class Chunks(Base):
         self.assertTrue(r[0].startswith(b"250 2.0.0 Ok: queued as"))
         self.assertEqual(r[1], b"250 2.0.0 Ok")
         self.assertEqual(len(self.spool().queue_ids()), 1)
+
+
+class Streaming(Base):
+    def test_a_big_chunk_is_never_held_in_memory(self):
+        p, t = self.connect()
+        self.take(t)
+        line = b"z" * 998 + b"\r\n"
+        piece = line * 64  # 64 KB, as a socket read gives them
+        size = len(piece) * 128  # 8 MB in one chunk
+        p.dataReceived(TXN + b"BDAT %d LAST\r\n" % size)
+        tracemalloc.start()
+        try:
+            for _ in range(128):
+                p.dataReceived(piece)
+            _cur, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 3 << 20)  # the spool holds it, not the session
+        self.assertIn(b"250 2.0.0 Ok: queued as", self.take(t))
+        [msg] = self.queued()
+        self.assertGreater(len(msg), size)
+
+    def test_idle_timeout_in_a_chunk(self):
+        p, t = self.session(TXN + b"BDAT 1000 LAST\r\n" + b"x" * 10)
+        self.take(t)
+        self.clock.advance(self.timeout_s - 1)
+        p.dataReceived(b"y" * 10)  # data keeps it alive
+        self.clock.advance(self.timeout_s - 1)
+        self.assertEqual(self.take(t), b"")
+        self.clock.advance(2)
+        self.assertEqual(self.take(t), b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+        p.connectionLost(None)
+        self.assertEqual(self.spool().incoming_leftovers(), [])
+        self.assertEqual(self.spool().queue_ids(), [])
 
 
 class Errors(Base):

@@ -93,6 +93,23 @@ class Chunking(DeliveryCase):
         self.assertEqual(spy.seen, [("b.test", f"{len(self.queued_size_hint(b))} LAST")])
         self.assertTrue(self.queued_size_hint(b).endswith(BODY))
 
+    async def test_relay_to_relay_big_message_streamed(self):
+        """Over 64 KB: streamed from the spool file by the producer, not stuffed."""
+        spy = Spy(self)
+        b = InProcessRelay(os.path.join(self.tmp, "b"), {
+            "hostname": "b.test", "smtp": {"listen": [f"tcp:{self.port}:interface={B_IP}"]},
+            "relay": {"domains": ["b.example"]}}, ip=B_IP, deliver=False)
+        os.makedirs(os.path.join(self.tmp, "b"), exist_ok=True)
+        await b.start()
+        self.addCleanup(b.stop)
+        big = BODY + (b".dot line\r\n" + b"y" * 500 + b"\r\n") * 600  # ~300 KB
+        await self.send(["x@b.example"], body=big)
+        await apoll(lambda: b.service.spool.queue_ids(), what="the message on relay b")
+        await apoll(self.queue_empty, what="our queue empty")
+        got = self.queued_size_hint(b)
+        self.assertTrue(got.endswith(big))
+        self.assertEqual(spy.seen, [("b.test", f"{len(got)} LAST")])
+
     def queued_size_hint(self, relay) -> bytes:
         """What relay b stored after its own Received header: the message
         our relay sent (its size is the BDAT count)."""
