@@ -330,13 +330,14 @@ class ClientProtocol(Protocol):
             raise self.lost
         send_now(self.transport, dotstuff.stuff_message(data))
 
-    def send_message(self, message: MessageFile, block_timeout: float) -> defer.Deferred[None]:
-        """Stream the message, dot-stuffed, then ".": fires when all is written."""
+    def send_message(self, message: MessageFile, block_timeout: float, stuff: bool = True) -> defer.Deferred[None]:
+        """Stream the message, dot-stuffed, then "." (not stuff: as it is,
+        a BDAT chunk): fires when all is written."""
         if self.lost is not None:
             return defer.fail(self.lost)
         self.producer = MessageProducer(
             self.tcp, self.clock, message, block_timeout,
-            fail=self.fail, lost=lambda: self.lost, finished=self._producer_finished,
+            fail=self.fail, lost=lambda: self.lost, finished=self._producer_finished, stuff=stuff,
         )
         return self.producer.start()
 

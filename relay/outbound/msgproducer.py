@@ -1,4 +1,5 @@
-"""The message body sent from the spool file: a push producer, dot-stuffed.
+"""The message body sent from the spool file: a push producer, dot-stuffed
+(or, for a BDAT chunk, ``stuff=False``: the octets as they are, no ".").
 
 Memory stays flat however big the message: one chunk is read at a time,
 and the transport pauses the producer when its buffer is full.  The
@@ -57,6 +58,7 @@ class MessageProducer:
         fail: Callable[[ConversationError], None],
         lost: Callable[[], ConversationError | None],
         finished: Callable[[], None],
+        stuff: bool = True,
     ):
         self.transport = transport
         self.clock = clock
@@ -68,7 +70,7 @@ class MessageProducer:
         self._fail = fail
         self._lost = lost
         self._finished = finished
-        self.stuffer = dotstuff.Stuffer()
+        self.stuffer: dotstuff.Stuffer | None = dotstuff.Stuffer() if stuff else None
         self.paused = False
         self.finished = False
         self.sent = 0  # message bytes read and written so far (for tests/logs)
@@ -115,7 +117,8 @@ class MessageProducer:
         while not self.paused and not self.finished and self._lost() is None:
             if self.remaining == 0:
                 self._finish()
-                t.write(self.stuffer.end())
+                if self.stuffer is not None:
+                    t.write(self.stuffer.end())
                 self.d.callback(None)
                 return
             assert self.file is not None  # open from start() until finished
@@ -131,7 +134,7 @@ class MessageProducer:
                 return
             self.remaining -= len(chunk)
             self.sent += len(chunk)
-            t.write(self.stuffer.feed(chunk))
+            t.write(self.stuffer.feed(chunk) if self.stuffer is not None else chunk)
 
     def stopProducing(self) -> None:
         self._close()

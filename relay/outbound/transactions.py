@@ -10,6 +10,12 @@ ORCPT on RCPT, ORCPT=rfc822;<address> added where the client gave none, as
 Postfix does) and the accepted recipients are marked ``dsn_carried``.  The
 message is sent from memory when small and at hand, else streamed from the
 spool file (relay.outbound.msgproducer).
+
+To a server that offers CHUNKING (RFC 3030) the message goes as one
+``BDAT <size> LAST`` chunk, the spool file's octets as they are (no
+dot-stuffing, no "."), after the replies to MAIL and RCPT (pipelined as
+they would be with DATA: the same round trips, docs/chunking.md).  The
+reply to it is recorded as the "end of DATA" stage, as DATA's is.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 from twisted.internet import threads
 
 from relay.common import xtext
+from relay.common.fastwrite import send_now
 from relay.outbound.clientproto import ClientProtocol
 from relay.outbound.conversation import Down, command, down, quit_session, reply, where
 from relay.outbound.msgproducer import CHUNK
@@ -222,9 +229,11 @@ class Transactions:
         mail = b"MAIL FROM:<" + self.out.sender.encode() + b">" + params
         rcpt_lines = [self._rcpt_line(r, ext) for r in batch]
         pipelining = "PIPELINING" in ext
+        chunking = "CHUNKING" in ext
         data_reply: Reply | None = None
         if pipelining:
-            mail_reply, rcpt_replies, data_reply = await self._pipelined(proto, hop, mail, rcpt_lines)
+            mail_reply, rcpt_replies, data_reply = await self._pipelined(proto, hop, mail, rcpt_lines,
+                                                                         with_data=not chunking)
         else:
             mail_reply, rcpt_replies = await self._lockstep(proto, hop, mail, rcpt_lines)
 
@@ -241,14 +250,15 @@ class Transactions:
                 await self._abandon_data(proto, hop)
             return retry, False
 
-        if data_reply is None:
-            data_reply = await command(proto, hop, b"DATA", "DATA", self.t.data_init)
-        _check421(data_reply, hop, "DATA")
-        if data_reply.code != 354:
-            for r in accepted:
-                results[r] = reply_result(data_reply, hop, "DATA")
-            return retry, False
-        await self._send_data(proto, hop, accepted, results)
+        if not chunking:
+            if data_reply is None:
+                data_reply = await command(proto, hop, b"DATA", "DATA", self.t.data_init)
+            _check421(data_reply, hop, "DATA")
+            if data_reply.code != 354:
+                for r in accepted:
+                    results[r] = reply_result(data_reply, hop, "DATA")
+                return retry, False
+        await self._send_data(proto, hop, accepted, results, chunked=chunking)
         if "DSN" in ext:
             for r in accepted:
                 if results[r].kind == "delivered":
@@ -256,15 +266,16 @@ class Transactions:
         return retry, True
 
     async def _pipelined(
-        self, proto: ClientProtocol, hop: Hop, mail: bytes, rcpt_lines: list[bytes]
-    ) -> tuple[Reply, list[Reply], Reply]:
-        """MAIL, the RCPTs and DATA in one write (RFC 2920): their replies."""
+        self, proto: ClientProtocol, hop: Hop, mail: bytes, rcpt_lines: list[bytes], with_data: bool = True
+    ) -> tuple[Reply, list[Reply], Reply | None]:
+        """MAIL, the RCPTs and DATA (unless not with_data: BDAT follows
+        later) in one write (RFC 2920): their replies."""
         n = len(rcpt_lines)
         proto.stage = "MAIL FROM"
-        stages = ["MAIL FROM"] + ["RCPT TO"] * n + ["DATA"]
-        timeouts = [self.t.mail] + [self.t.rcpt] * n + [self.t.data_init]
+        stages = ["MAIL FROM"] + ["RCPT TO"] * n + ["DATA"] * with_data
+        timeouts = [self.t.mail] + [self.t.rcpt] * n + [self.t.data_init] * with_data
         group = proto.expect_group(list(zip(stages, timeouts)))
-        proto.send(mail, *rcpt_lines, b"DATA")
+        proto.send(mail, *rcpt_lines, *[b"DATA"] * with_data)
         # Wait for the whole group: every waiter ends (reply, timeout or
         # lost connection), so no failure is left unhandled.
         outcome = await group
@@ -277,6 +288,8 @@ class Transactions:
                 raise down(hop, e)
             _check421(value, hop, st)
             replies.append(value)
+        if not with_data:
+            return replies[0], replies[1:], None
         return replies[0], replies[1:-1], replies[-1]
 
     async def _lockstep(
@@ -293,11 +306,15 @@ class Transactions:
                 rcpt_replies.append(rep)
         return mail_reply, rcpt_replies
 
-    async def _send_data(self, proto: ClientProtocol, hop: Hop, accepted: list[str], results: Results) -> None:
-        """The message after a 354, then the reply to its final "."."""
+    async def _send_data(self, proto: ClientProtocol, hop: Hop, accepted: list[str], results: Results,
+                         chunked: bool = False) -> None:
+        """The message after a 354, then the reply to its final "."; or
+        (chunked) BDAT <size> LAST and the message as it is, then its reply."""
         proto.stage = "message body"
         try:
-            if self.data is not None and self.size <= CHUNK:
+            if chunked:
+                await self._send_chunk(proto)
+            elif self.data is not None and self.size <= CHUNK:
                 proto.send_small_message(self.data)
             else:
                 await proto.send_message(self.out.message, self.t.data_block)
@@ -319,6 +336,18 @@ class Transactions:
                 stage="end of DATA",
                 data_started=True,
             )
+
+    async def _send_chunk(self, proto: ClientProtocol) -> None:
+        """The whole message as one BDAT LAST chunk (RFC 3030): the command
+        and a small message in one write, a big one streamed after it."""
+        if proto.lost is not None:
+            raise proto.lost
+        line = b"BDAT %d LAST\r\n" % self.size
+        if self.data is not None and self.size <= CHUNK:
+            send_now(proto.transport, line + self.data)
+            return
+        send_now(proto.transport, line)
+        await proto.send_message(self.out.message, self.t.data_block, stuff=False)
 
     async def _abandon_data(self, proto: ClientProtocol, hop: Hop) -> None:
         """A pipelined DATA got 354 with no recipient accepted: send an empty

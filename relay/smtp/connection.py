@@ -9,7 +9,9 @@ subclasses ``SMTPConnection``; this module knows lines, bytes and time:
   AUTH, the final DATA commit) no later command is even parsed.
 * Only CRLF ends a line; a bare CR or LF is an error, never a guess.
   Command lines over 512 octets (AUTH: 12288) are refused and skipped to
-  their end; DATA bytes go to the session's ``_data_input`` as they come.
+  their end; DATA bytes, and BDAT chunks (mode "bdat", raw: exactly the
+  announced octets, relay.smtp.chunking), go to the session's
+  ``_data_input`` as they come.
 * Flow control on the output side: the session is its transport's push
   producer, so while the replies are not drained no further command is
   read or handled (``_sync_reading``); a long pipelined burst is handled
@@ -47,6 +49,7 @@ CLOSE_GRACE = 30.0  # seconds a closing session waits for its last reply to drai
 # socket is not read either.  Not 0: a TLS layer pauses us while its
 # handshake is in progress, and the handshake needs the socket read.
 PAUSED_INPUT_LIMIT = 64 * 1024
+RAW_MODES = ("data", "bdat")  # modes in which input is message data, not lines
 LINES_PER_TURN = 256  # pipelined commands handled in one reactor turn before others get theirs
 
 
@@ -98,7 +101,7 @@ class SMTPConnection(TwistedProtocol):
         self.closing = False
         self.discard_line = False  # skipping the rest of an over-long line
         self._more: DelayedCall | None = None  # the call that goes on with a long pipelined burst
-        self.mode = "command"  # command | data | auth
+        self.mode = "command"  # command | data | bdat | auth
         self.idle = IdleTimer(ctx.reactor, self._idle_expired)
         self.errors = 0
         self.peer_ip = "?"
@@ -119,7 +122,7 @@ class SMTPConnection(TwistedProtocol):
         raise NotImplementedError
 
     def _data_input(self, chunk: bytes | None = None) -> None:
-        """DATA bytes (None: what is in buf)."""
+        """DATA bytes or a BDAT chunk's octets (None: what is in buf)."""
         raise NotImplementedError
 
     def _abort_incoming(self) -> None:
@@ -329,7 +332,7 @@ class SMTPConnection(TwistedProtocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.mode == "data" and not self.busy:
+        if self.mode in RAW_MODES and not self.busy:
             self._arm()  # in DATA: no more than timeout without data
             if not self.buf:
                 self._data_input(data)  # the common case: straight to the reader, no copy
@@ -341,7 +344,7 @@ class SMTPConnection(TwistedProtocol):
     def _process(self) -> None:
         budget = LINES_PER_TURN
         while not self.busy and not self.closing and self.buf and not self._out_paused:
-            if self.mode == "data":
+            if self.mode in RAW_MODES:
                 self._data_input()
                 continue
             budget -= 1
@@ -386,7 +389,7 @@ class SMTPConnection(TwistedProtocol):
                 continue
             self._arm()
             self._line(line[:-2])
-        if not self.busy and not self.closing and self.mode != "data":
+        if not self.busy and not self.closing and self.mode not in RAW_MODES:
             if self.shutting_down and not self.has_sender and self.mode == "command":
                 self.reply(421, "4.3.2 Service shutting down, closing connection")
                 self._close()
@@ -417,7 +420,7 @@ class SMTPConnection(TwistedProtocol):
             self.busy = False
             if self.closing:
                 return
-            if self.mode != "data":
+            if self.mode not in RAW_MODES:
                 self._arm()
             self._process()
             self._flush()

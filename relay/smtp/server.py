@@ -12,6 +12,7 @@ replace anyway.  The server is in parts:
   error and junk limits;
 * this module: what each command does, the session's state (HELO, AUTH,
   the MAIL transaction), STARTTLS;
+* relay.smtp.chunking: BDAT (CHUNKING, RFC 3030), a class between the two;
 * relay.smtp.transfer: the DATA of one message into the intake;
   relay.smtp.received: the Received header; relay.smtp.auth: the SASL
   exchange; relay.smtp.context: what the server gets from the relay.
@@ -52,7 +53,7 @@ from relay.intake.rewrite import HeaderStage, SenderMap, sender_map
 from relay.queue.spool import QueueEntry
 from relay.smtp import auth, dsnparams
 from relay.smtp import limits as ratelimits
-from relay.smtp.connection import SMTPConnection
+from relay.smtp.chunking import ChunkingSession, ChunkReader
 from relay.smtp.context import ServerContext
 from relay.smtp.received import protocol_name, received_header, sanitize
 from relay.smtp.transfer import SOURCE, Transfer
@@ -63,11 +64,11 @@ MAX_AUTH_FAILURES = 3
 
 _VERB_OK = {
     "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY",
-    "EXPN", "STARTTLS", "AUTH",
+    "EXPN", "STARTTLS", "AUTH", "BDAT",
 }
 
 
-class SMTPServer(SMTPConnection):
+class SMTPServer(ChunkingSession):
     """One SMTP session."""
 
     def __init__(self, ctx: ServerContext, submission: bool = False, implicit_tls: bool = False):
@@ -140,6 +141,7 @@ class SMTPServer(SMTPConnection):
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "DSN",
+            "CHUNKING",
         ]
         if self.ctx.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
@@ -353,12 +355,25 @@ class SMTPServer(SMTPConnection):
         if arg.strip():
             self.error(501, "5.5.4 Syntax: DATA")
             return
+        if self._bdat_open():
+            self.error(503, "5.5.1 Error: DATA after BDAT in one transaction")
+            return
         if not self.has_sender:
             self.error(503, "5.5.1 Error: need MAIL command")
             return
         if not self.recipients:
             self.error(554, "5.5.1 Error: no valid recipients")
             return
+        if (refusal := self._begin_message(None)) is not None:
+            return self.reply(*refusal)
+        self.mode = "data"
+        self.reply(354, "End data with <CR><LF>.<CR><LF>")
+        self._flush()
+        self._arm()
+
+    def _begin_message(self, reader: ChunkReader | None) -> tuple[int, str] | None:
+        """The spool file of the transaction's message, its Received header
+        written (self.transfer); or the reply that refuses it."""
         intake = self.ctx.intake
         smap = self._sender_map()
         env = intake.envelope(str(self.sender) if self.sender else "", [d.address for d in self.recipients], {
@@ -381,14 +396,10 @@ class SMTPServer(SMTPConnection):
             log.error("{queue_id}: cannot create spool file: {error}", queue_id=env.queue_id, error=str(e))
             if inc is not None:
                 inc.abort()
-            self.reply(452, "4.3.1 Insufficient system storage")
-            return
+            return (452, "4.3.1 Insufficient system storage")
         self.transfer = Transfer(inc, self.cfg.smtp.max_message_size,
-                                 HeaderStage(smap) if smap is not None else None)
-        self.mode = "data"
-        self.reply(354, "End data with <CR><LF>.<CR><LF>")
-        self._flush()
-        self._arm()
+                                 HeaderStage(smap) if smap is not None else None, reader)
+        return None
 
     def _sender_map(self) -> SenderMap | None:
         """The sender rewriting of this message: only for a trusted client
@@ -407,6 +418,9 @@ class SMTPServer(SMTPConnection):
         return protocol_name(self.esmtp, self.tls_active, bool(self.auth_user))
 
     def _data_input(self, chunk: bytes | None = None) -> None:
+        if self.mode == "bdat":
+            self._bdat_input(chunk)
+            return
         t = self.transfer
         assert t is not None, "DATA input without a message"
         if chunk is None:
@@ -419,15 +433,15 @@ class SMTPServer(SMTPConnection):
         self.mode = "command"
         self._end_of_data(t)
 
-    def _end_of_data(self, t: Transfer) -> None:
+    def _end_of_data(self, t: Transfer, stage: str = "DATA") -> None:
         self.transfer = None
         qid = t.queue_id if t.incoming is not None else "NOQUEUE"
         rejected = t.rejection()
         if rejected is not None:
             code, text, reason = rejected
-            log.info("{queue_id}: reject: DATA from {helo}[{client_ip}]: {reply}; from=<{sender}>",
-                     queue_id=qid, helo=self.helo, client_ip=self.peer_ip, code=code, reply=f"{code} {text}",
-                     sender=str(self.sender or ""), reason=reason)
+            log.info("{queue_id}: reject: {stage} from {helo}[{client_ip}]: {reply}; from=<{sender}>",
+                     queue_id=qid, stage=stage, helo=self.helo, client_ip=self.peer_ip, code=code,
+                     reply=f"{code} {text}", sender=str(self.sender or ""), reason=reason)
             self.ctx.counters.reject(reason)
             self._reset_transaction()
             self.error(code, text)

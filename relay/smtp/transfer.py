@@ -11,6 +11,8 @@ before the session's 250.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from twisted.logger import Logger
 
 from relay.intake.accept import Source
@@ -38,25 +40,49 @@ REJECTIONS: dict[str, tuple[int, str, str]] = {
 }
 
 
+class Reader(Protocol):
+    """What a Transfer reads with: DataReader (DATA) or
+    relay.smtp.chunking.ChunkReader (BDAT)."""
+
+    error: str | None
+    received: int
+    eight_bit: bool
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bytes | None]: ...
+
+    def fail(self, reason: str) -> None: ...
+
+
 class Transfer:
-    """The DATA of one message, from the 354 to the end of the data."""
+    """The DATA (or the BDAT chunks) of one message, up to the end of the data."""
 
     __slots__ = ("incoming", "queue_id", "reader", "_start", "stage")
 
-    def __init__(self, incoming: IncomingMessage, max_size: int, stage: HeaderStage | None = None):
+    def __init__(self, incoming: IncomingMessage, max_size: int, stage: HeaderStage | None = None,
+                 reader: Reader | None = None):
         self.incoming: IncomingMessage | None = incoming  # None once aborted
         self.queue_id = incoming.queue_id
-        self.reader = DataReader(max_size)
+        self.reader: Reader = reader if reader is not None else DataReader(max_size)
         self._start = True  # the first text of the message is still to come
         self.stage = stage  # sender rewriting of the header block (a trusted client), or None
 
     def feed(self, chunk: bytes) -> bytes | None:
         """Read a chunk of the data; the bytes after its end, or None while
         the data goes on."""
+        text, rest = self.reader.feed(chunk)
+        self._store(text, rest)
+        return rest
+
+    def end(self) -> None:
+        """BDAT LAST: the data ends here (what the reader still holds is stored)."""
+        text, rest = self.reader.end()  # type: ignore[attr-defined]  # a ChunkReader
+        self._store(text, rest)
+
+    def _store(self, text: bytes, rest: bytes | None) -> None:
+        """Write text (rest not None: the data ended) to the spool file."""
         reader = self.reader
-        text, rest = reader.feed(chunk)
         if self.incoming is None or reader.error is not None:
-            return rest
+            return
         if text and self._start:
             self._start = False
             if text[:1] in (b" ", b"\t"):
@@ -75,7 +101,6 @@ class Transfer:
                           queue_id=self.incoming.queue_id, error=str(e))
                 reader.fail("io")
                 self.abort()
-        return rest
 
     def abort(self) -> None:
         """Nothing of this message is kept."""
