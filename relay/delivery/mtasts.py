@@ -116,14 +116,14 @@ class _Endpoints:
 
 def load_trust(ca_file: str) -> Any:
     """The trust root for policy fetches: the CAs in ``ca_file`` (PEM), or the system's.
-    Raises OSError or ValueError (the caller names the key)."""
+    Raises OSError or ValueError (the caller names the key and the file)."""
     if not ca_file:
         return ssl.platformTrust()
     with open(ca_file, "rb") as f:
         data = f.read()
     pems = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.S)
     if not pems:
-        raise ValueError(f"{ca_file}: no PEM certificate in it")
+        raise ValueError("no PEM certificate in it")
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
 
 

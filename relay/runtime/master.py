@@ -316,11 +316,14 @@ class RelayMaster(service.Service):
             self.spawn(i)
 
     def _check_keys(self) -> None:
-        """The DKIM key files, checked once here (as the user the workers run
-        as) before any worker starts: a bad one is one line naming the file
-        and a non-zero exit, not an error per worker and a restart loop."""
+        """The DKIM key files and the outbound CA files, checked once here (as
+        the user the workers run as) before any worker starts: a bad one is one
+        line naming the file and a non-zero exit, not an error per worker and a
+        restart loop."""
         try:
             parts.load_dkim_keys(self.config)
+            parts.load_sts_trust(self.config)
+            parts.check_delivery_ca_files(self.config)
         except parts.PartError as e:
             if self.exit_on_error:
                 raise SystemExit(f"twisted-relay: not starting: {e}")

@@ -110,6 +110,7 @@ def load_files(config: Config) -> tuple[Files | None, list[str]]:
     aliases = attempt(load_aliases)
     dkim = attempt(load_dkim_keys)
     sts_trust = attempt(load_sts_trust)
+    problems.extend(delivery_ca_problems(config))
     if problems or users is None or aliases is None or dkim is None:
         return None, problems
     return Files(users=users, aliases=aliases, tls=tls, dkim=dkim, sts_trust=sts_trust), []
@@ -123,6 +124,40 @@ def load_sts_trust(config: Config) -> Any:
     except (OSError, ValueError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise PartError(f"{config.source}: delivery.mta_sts_ca_file: {config.delivery.mta_sts_ca_file}: {why}")
+
+
+def delivery_ca_files(config: Config) -> list[tuple[str, str]]:
+    """(key, file) for every CA file outbound TLS trusts: each
+    delivery.tls_policy entry's ca_file, each relay.upstreams.NAME.ca_file
+    and relay.smarthost_ca_file (those set)."""
+    out = [(f'delivery.tls_policy."{dest}".ca_file', entry.ca_file)
+           for dest, entry in config.delivery.tls_policy if entry.ca_file]
+    out += [(f"relay.upstreams.{up.name}.ca_file", up.ca_file) for up in config.relay.upstreams if up.ca_file]
+    if config.relay.smarthost_ca_file:
+        out.append(("relay.smarthost_ca_file", config.relay.smarthost_ca_file))
+    return out
+
+
+def delivery_ca_problems(config: Config) -> list[str]:
+    """Every outbound CA file that cannot be used (missing, unreadable, no
+    certificate in it), checked as delivery.mta_sts_ca_file is: found at start
+    and at a reload, naming the key and the file, rather than as a traceback
+    and a deferred recipient at the delivery attempt."""
+    problems = []
+    for key, path in delivery_ca_files(config):
+        try:
+            mtasts.load_trust(path)
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            problems.append(f"{config.source}: {key}: {path}: {why}")
+    return problems
+
+
+def check_delivery_ca_files(config: Config) -> None:
+    """At start: PartError naming every outbound CA file that cannot be used."""
+    problems = delivery_ca_problems(config)
+    if problems:
+        raise PartError("; ".join(problems))
 
 
 def make_mta_sts(config: Config, reactor: Any, resolver: Resolver, disk: Any, cache_dir: str | None,

@@ -124,6 +124,7 @@ class RelayService(service.MultiService):
             self.tls: ServerTLS | None = parts.load_tls(config)
             self.signer = parts.make_signer(config, parts.load_dkim_keys(config))
             self.sts_trust = parts.load_sts_trust(config)
+            parts.check_delivery_ca_files(config)
         except parts.PartError as e:
             raise StartupError(str(e))
         self.checker = usersmod.make_checker(self.users, self.auth_pool.pool, self.reactor)
