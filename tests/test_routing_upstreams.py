@@ -17,7 +17,8 @@ from relay.control import route as routecheck
 from relay.delivery import routing
 from relay.delivery.attempt import Deliverer
 from relay.outbound import client
-from relay.outbound.request import MessageFile, Outbound, TLSPolicy
+from relay.outbound.dane import Tlsa
+from relay.outbound.request import Hop, MessageFile, Outbound, TLSPolicy
 from relay.runtime import parts
 from tests.test_delivery_attempt import Disk, Env, Listeners, Msg, Spool, Users
 
@@ -188,6 +189,37 @@ class CacheIdentity(unittest.TestCase):
         self.assertNotEqual(a, ident(self.out(("u", "pw2"), "upstream:a")))  # a changed password
         self.assertNotIn("pw", a.split("\0")[2])  # a digest, not the password
         self.assertEqual(a, ident(self.out(("u", "pw"), "upstream:a")))
+
+
+class CacheTlsa(unittest.TestCase):
+    """The connection cache's key holds the hop's TLSA records: a session
+    parked before the host had DANE records is not reused once it has them
+    (that delivery must authenticate by DANE on a fresh connection)."""
+
+    HOP = Hop("MX.Far.Example.", "127.0.0.21", 25)
+    RECORD = Tlsa(3, 1, 1, bytes(32))
+
+    def key(self, mode: str, tlsa: dict) -> tuple:
+        out = Outbound("s@example.org", ("r@far.example",), MessageFile("/dev/null", 0), "relay.test",
+                       tls=TLSPolicy(mode=mode, tlsa=tlsa))
+        d = client._Delivery(task.Clock(), [self.HOP], out, threadpool=None, cache=None, host_limit=None)
+        return d._cache_key(self.HOP, False)
+
+    def test_records_change_the_key(self):
+        without = self.key("dane", {})
+        with_records = self.key("dane", {"mx.far.example": (self.RECORD,)})
+        self.assertNotEqual(without, with_records)
+        self.assertEqual(with_records[-1], (self.RECORD,))  # found under the normalised host name
+        self.assertEqual(without[-1], ())
+        self.assertEqual(with_records, self.key("dane", {"mx.far.example": (self.RECORD,)}))  # stable
+        other = Tlsa(3, 1, 1, b"\1" * 32)
+        self.assertNotEqual(with_records, self.key("dane", {"mx.far.example": (other,)}))  # a rollover
+        # another host's records say nothing about this hop's session
+        self.assertEqual(without, self.key("dane", {"mx2.far.example": (self.RECORD,)}))
+        hash(with_records)  # a dict key of the cache
+
+    def test_verify_with_records_is_not_the_verify_session(self):
+        self.assertNotEqual(self.key("verify", {}), self.key("verify", {"mx.far.example": (self.RECORD,)}))
 
 
 class Explain(unittest.TestCase):

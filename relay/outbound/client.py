@@ -235,8 +235,11 @@ class _Delivery:
         mode = out.tls.mode if not out.tls.match and out.tls.mode != "verify" else \
             f"{out.tls.mode}|{','.join(out.tls.match)}|{out.tls.trust_root!r}"
         trust = out.tls.trust_root if isinstance(out.tls.trust_root, str) else None
+        # the hop's TLSA records (as hop_tls finds them): a session parked
+        # without DANE is not reused once the host has records (nor the reverse)
+        tlsa = tuple(out.tls.tlsa.get(hop.host.rstrip(".").lower(), ()))
         return (hop.address, hop.port, hop.host, mode, plaintext_only, out.tls.hostname,
-                _auth_identity(out), out.helo, trust)
+                _auth_identity(out), out.helo, trust, tlsa)
 
     async def _session(self, hop: Hop, rcpts: list[str], plaintext_only: bool) -> Results:
         self.report.tls = None

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer
 
 from relay.outbound.clientproto import ClientProtocol
+from relay.outbound.dane import Tlsa
 from relay.outbound.replies import ConversationError
 from relay.outbound.request import Hop
 
@@ -34,9 +35,9 @@ class Parked:
 
 
 # (address, port, host, TLS mode, plaintext only, TLS name, AUTH identity (route, user,
-# password digest), HELO name, CA file): a session is only ever reused with the
-# same credentials of the same route
-CacheKey = tuple[str, int, str, str, bool, str | None, str | None, str, str | None]
+# password digest), HELO name, CA file, the host's TLSA records): a session is only
+# ever reused with the same credentials of the same route, and under the same DANE records
+CacheKey = tuple[str, int, str, str, bool, str | None, str | None, str, str | None, tuple[Tlsa, ...]]
 
 
 class ConnectionCache:
