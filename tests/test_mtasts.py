@@ -9,10 +9,12 @@ import tempfile
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from relay.config import load
 from relay.delivery import stsparse
-from relay.delivery.mtasts import MtaSts, load_trust
+from relay.delivery.mtasts import FAILED_FOR, MtaSts, load_trust
 from relay.delivery.mx import Resolver
 from relay.queue.diskio import DiskPool
+from relay.runtime import parts
 from tests.support.dns import DNSServer, Zone
 from tests.support.stsserver import PolicyServer, policy_ip, policy_text
 from tests.support.wait import apoll
@@ -197,6 +199,59 @@ class CacheTests(FetchTestCase):
         self.assertEqual(await self.sts.policy(DOMAIN), first)
         self.clock.advance(86401)
         self.assertIsNone(await self.sts.policy(DOMAIN))
+
+    async def test_failed_fetch_without_a_cached_policy_is_remembered(self):
+        """The negative cache: a failed fetch with nothing cached means no
+        policy (RFC 8461 section 3.3) for FAILED_FOR, without a new fetch (a
+        delivery does not wait up to the fetch timeout each time)."""
+        self.server.code = 500
+        self.assertIsNone(await self.sts.policy(DOMAIN))
+        self.assertEqual((len(self.server.requests), dict(self.sts.fetches)), (1, {"http_error": 1}))
+        self.server.code = 200  # repaired, but within FAILED_FOR it is not asked again
+        for _ in range(3):
+            self.assertIsNone(await self.sts.policy(DOMAIN))
+        self.clock.advance(FAILED_FOR - 1)
+        self.assertIsNone(await self.sts.policy(DOMAIN))
+        self.assertEqual(len(self.server.requests), 1)
+        self.clock.advance(1)  # FAILED_FOR is over: fetched again
+        p = await self.sts.policy(DOMAIN)
+        self.assertEqual((p.mode, p.id, len(self.server.requests)), ("enforce", "1", 2))
+        self.assertEqual(self.sts.failed, {})
+
+    async def test_a_new_txt_id_fetches_again(self):
+        self.server.code = 500
+        self.assertIsNone(await self.sts.policy(DOMAIN))
+        self.zone.remove("_mta-sts." + DOMAIN).txt("_mta-sts." + DOMAIN, "v=STSv1; id=2;")
+        self.assertIsNone(await self.sts.policy(DOMAIN))  # fetched (and failed) again
+        self.assertEqual(len(self.server.requests), 2)
+        self.server.code = 200
+        self.assertIsNone(await self.sts.policy(DOMAIN))  # id 2 failed just now
+        self.assertEqual(len(self.server.requests), 2)
+        self.zone.remove("_mta-sts." + DOMAIN).txt("_mta-sts." + DOMAIN, "v=STSv1; id=3;")
+        p = await self.sts.policy(DOMAIN)
+        self.assertEqual((p.id, len(self.server.requests)), ("3", 3))
+
+    async def test_no_txt_record_is_not_remembered_and_a_reload_forgets(self):
+        self.zone.remove("_mta-sts." + DOMAIN)
+        self.assertIsNone(await self.sts.policy(DOMAIN))
+        self.assertEqual(self.sts.failed, {})  # no TXT record: not a failed fetch
+        self.zone.txt("_mta-sts." + DOMAIN, "v=STSv1; id=1;")
+        self.server.code = 500
+        self.assertIsNone(await self.sts.policy(DOMAIN))
+        self.assertIn(DOMAIN, self.sts.failed)
+        self.server.code = 200
+        parts.reconfigure_mta_sts(self.sts, load(data={}), load_trust(self.server.files.ca_pem))  # a new CA file
+        self.assertIsNotNone(await self.sts.policy(DOMAIN))
+        self.assertEqual(len(self.server.requests), 2)
+
+    async def test_failure_with_a_cached_policy_uses_the_cache_not_the_negative_one(self):
+        first = await self.sts.policy(DOMAIN)
+        self.zone.remove("_mta-sts." + DOMAIN).txt("_mta-sts." + DOMAIN, "v=STSv1; id=2;")
+        self.server.code = 500
+        self.assertEqual(await self.sts.policy(DOMAIN), first)
+        self.assertEqual(self.sts.failed, {})
+        self.server.code = 200
+        self.assertEqual((await self.sts.policy(DOMAIN)).id, "2")  # the next delivery tries again
 
     async def test_cache_survives_a_restart(self):
         first = await self.sts.policy(DOMAIN)

@@ -50,6 +50,7 @@ PATH = "/.well-known/mta-sts.txt"
 _DOMAIN = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))+")
 REFRESH_EVERY = 3600.0  # seconds between background refresh rounds
 RECENT = 7 * 86400.0  # a policy used within this long is refreshed before it expires
+FAILED_FOR = 300.0  # seconds a failed fetch without a cached policy is remembered (the negative cache)
 
 
 class FetchError(Exception):
@@ -162,6 +163,9 @@ class MtaSts:
         self.trust = trust if trust is not None else ssl.platformTrust()
         self.connect_timeout = connect_timeout
         self.fetch_timeout = fetch_timeout
+        # domain -> (TXT id, reactor time until when): a fetch that failed with
+        # no cached policy; forgotten at a reload (the new trust may fix it)
+        self.failed: dict[str, tuple[str, float]] = {}
 
     def set_resolver(self, resolver: Any) -> None:
         self.resolver = resolver
@@ -230,7 +234,31 @@ class MtaSts:
             return cached
         if cached is not None and cached.id == record.id and not refresh:
             return cached
+        if cached is None and self._failed_recently(domain, record.id):
+            return None
         return await self._shared_fetch(domain, record.id, cached)
+
+    def _failed_recently(self, domain: str, ident: str) -> bool:
+        """The negative cache: the fetch of this TXT id failed less than
+        FAILED_FOR ago with no cached policy, so no policy applies (RFC 8461
+        section 3.3) and this delivery does not wait up to the fetch timeout
+        again.  A new TXT id, or the end of FAILED_FOR, fetches again."""
+        failed = self.failed.get(domain)
+        if failed is None:
+            return False
+        if failed[0] == ident and self.clock.seconds() < failed[1]:
+            log.debug("mta-sts: {domain}: the policy fetch failed recently: no cached policy, none applies",
+                      domain=domain)
+            return True
+        del self.failed[domain]
+        return False
+
+    def _remember_failure(self, domain: str, ident: str) -> None:
+        now = self.clock.seconds()
+        for d, (_, until) in list(self.failed.items()):  # expired ones go: the dict stays small
+            if until <= now:
+                del self.failed[d]
+        self.failed[domain] = (ident, now + FAILED_FOR)
 
     async def _shared_fetch(self, domain: str, ident: str, cached: StsPolicy | None) -> StsPolicy | None:
         d = self._inflight.get(domain)
@@ -252,8 +280,11 @@ class MtaSts:
             self.fetches[e.result] += 1
             log.warn("mta-sts: policy fetch for {domain} failed: {reason}: {using}", domain=domain,
                      reason=e.reason, using=_using(cached))
+            if cached is None:
+                self._remember_failure(domain, ident)
             return cached
         self.fetches["ok"] += 1
+        self.failed.pop(domain, None)
         p = StsPolicy(domain, parsed.mode, parsed.mx, parsed.max_age, ident,
                       self.clock.seconds() + parsed.max_age)
         log.info("mta-sts: policy of {domain} fetched: {mode}, id {id}, max_age {max_age}", domain=domain,
