@@ -27,7 +27,7 @@ BUSY = "451 4.2.0 busy"
 
 
 class LiveBounce(LiveCase):
-    sink_behaviour = {"rcpt_replies": {f"{n}@sink.test": BUSY for n in ("never", "fail", "plain", "late")}}
+    sink_behaviour = {"rcpt_replies": {f"{n}@sink.test": BUSY for n in ("never", "fail", "plain", "late", "bob")}}
 
     def send_dsn(self, rcpts: list[tuple[str, list[str]]], mail_opts: list[str]):
         def run() -> str:
@@ -81,6 +81,24 @@ class LiveBounce(LiveCase):
         # the notice would be queued before the removal: none is queued, none was sent
         self.assertEqual(list(self.queue.messages), [])
         self.assertEqual((self.notices(), self.queue.counters.dsn_sent, self.queue.counters.bounced), ([], 0, 1))
+
+    async def test_bounce_of_an_alias_expansion_reports_the_alias(self):
+        """team@local.test expands to alice (local: delivered) and bob@sink.test
+        (deferred); bob carries team's NOTIFY, and the notice names team as
+        the Original-Recipient; with NOTIFY=NEVER on team, no notice."""
+        q1 = await self.send_dsn([("team@local.test", ["NOTIFY=FAILURE"])], [])
+        q2 = await self.send_dsn([("team@local.test", ["NOTIFY=NEVER"])], [])
+        await apoll(lambda: self.deferred(q1) and self.deferred(q2), what="bob's deferrals")
+        for qid in (q1, q2):
+            r = await self.ctl("queue", "bounce", qid)
+            self.assertEqual((r.returncode, r.stderr), (0, f"{qid}: returned to the sender\n"))
+        await apoll(lambda: self.notices(), what="the DSN")
+        self.assertEqual(list(self.queue.messages), [])
+        (t,) = self.notices()
+        self.assertIn(f"X-Relay-Queue-ID: {q1}".encode(), t.data)
+        self.assertIn(b"Final-Recipient: rfc822; bob@sink.test\r\nOriginal-Recipient: rfc822; team@local.test",
+                      t.data)
+        self.assertNotIn(b"alice@local.test", t.data)  # delivered: not part of the bounce
 
 
 def _dsn_spool(tmp_dir: str, dsn: DsnRequest, rcpts: list[str]) -> tuple[str, str, spoolmod.Spool]:
