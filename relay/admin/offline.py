@@ -257,30 +257,32 @@ class OfflineSpool:
             dsn = self._bounce(entry)
             if dsn is None:
                 return True, "removed (a null-sender message cannot be returned)"
+            if not dsn:
+                return True, "returned to the sender (no notification: no recipient's NOTIFY asked for one)"
             return True, f"returned to the sender (notification {dsn} queued; sent when the relay starts)"
         raise ValueError(action)
 
     def _bounce(self, entry: QueueEntry) -> str | None:
-        """What AdminActions.return_to_sender (relay.queue.actions) does: a DSN for open recipients, then removal."""
+        """What AdminActions.return_to_sender (relay.queue.actions) does: a DSN
+        for the open recipients whose NOTIFY wants one (the same
+        relay.delivery.bounce.admin_returns), then removal.  "" when the sender
+        is not <> but no recipient wants a notice; None for <>."""
         env = entry.envelope
         now = time.time()
-        failures = []
-        for r in entry.state.recipients:
-            if r.status in FINAL:
-                continue
-            failures.append(bouncemod.Failure(
-                r.address, "5.0.0", "message returned to sender by the mail administrator"
-                + (f"; last error: {r.reply}" if r.reply else ""), original=r.orcpt, last_attempt=now,
-                diagnostic_type="x-relay"))
-        dsn_id = None
+        failures, _silent = bouncemod.admin_returns(
+            [r for r in entry.state.recipients if r.status not in FINAL], env.dsn_of,
+            env.dsn.limited if env.dsn is not None else False, now)
+        dsn_id = None if not env.sender else ""
         if failures and env.sender:
             try:
                 headers = self.spool.read_headers(env.queue_id)
             except OSError:
                 headers = b""
+            full, too_big = self._full_message(entry)
             data = bouncemod.build_report(
                 kind=bouncemod.FAILED, reporting_mta=self.config.hostname, queue_id=env.queue_id,
                 sender=env.sender, arrival=env.arrival, failures=failures, original_headers=headers, now=now,
+                envid=env.dsn.envid if env.dsn is not None else "", full_message=full, too_big=too_big,
             )
             denv = spoolmod.Envelope(
                 queue_id=spoolmod.new_id(), sender="", recipients=[env.sender], arrival=now, orcpts=[None],
@@ -292,3 +294,18 @@ class OfflineSpool:
         self.spool.remove(env.queue_id)
         return dsn_id
 
+    def _full_message(self, entry: QueueEntry) -> tuple[bytes | None, int | None]:
+        """RET=FULL, as relay.queue.notices.Notices._full_message: (the
+        message, None) within delivery.dsn_full_limit, (None, the limit) over it."""
+        d = entry.envelope.dsn
+        if d is None or d.ret != "FULL":
+            return None, None
+        limit = self.config.delivery.dsn_full_limit
+        if entry.size > limit:
+            return None, limit
+        try:
+            with open(self.spool.message_path(entry.envelope.queue_id), "rb") as f:
+                f.seek(entry.offset)
+                return f.read(entry.size), None
+        except OSError:
+            return None, None

@@ -15,8 +15,9 @@ import email.utils
 import secrets
 from dataclasses import dataclass
 from email.header import Header
+from typing import Callable, Iterable, Protocol
 
-from relay.common.dsn import orcpt_field
+from relay.common.dsn import FAILURE, orcpt_field, wants
 
 FAILED = "failed"
 DELAYED = "delayed"
@@ -40,6 +41,43 @@ class Failure:
     will_retry_until: float | None = None
     action: str | None = None  # the Action field; None: the report's kind (failed, delayed)
     orcpt: str | None = None  # the client's ORCPT ("addr-type;xtext"): the Original-Recipient field
+
+
+ADMIN_RETURN = "message returned to sender by the mail administrator"
+
+
+class OpenRecipient(Protocol):
+    """What admin_returns reads of a queued recipient (relay.queue.envelope.Recipient)."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def orcpt(self) -> str | None: ...
+    @property
+    def reply(self) -> str: ...
+
+
+def admin_returns(recipients: Iterable[OpenRecipient], dsn_of: Callable[[str], tuple[str | None, str | None]],
+                  limited: bool, now: float) -> tuple[list[Failure], list[tuple[str, str | None]]]:
+    """``relayctl queue bounce`` of the open ``recipients``, live
+    (relay.queue.actions) and offline (relay.admin.offline) alike, under the
+    rules of an ordinary bounce (relay.queue.outcomes): a recipient whose
+    NOTIFY has no FAILURE is bounced without a notice.  ``dsn_of`` is the
+    envelope's (NOTIFY, ORCPT) of an address, ``limited`` its backscatter
+    mark.  Returns (the failures to report, with their ORCPT; (address,
+    NOTIFY) of those not reported).  Here, not in relay.queue, because
+    relayctl's offline verbs must not import Twisted."""
+    failures: list[Failure] = []
+    silent: list[tuple[str, str | None]] = []
+    for r in recipients:
+        notify, orcpt = dsn_of(r.address)
+        if not wants(notify, FAILURE, limited):
+            silent.append((r.address, notify))
+            continue
+        failures.append(Failure(
+            r.address, "5.0.0", ADMIN_RETURN + (f"; last error: {r.reply}" if r.reply else ""),
+            original=r.orcpt, last_attempt=now, diagnostic_type="x-relay", orcpt=orcpt))
+    return failures, silent
 
 
 def _date(ts: float) -> str:

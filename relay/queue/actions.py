@@ -194,17 +194,19 @@ class AdminActions:
             self.runner.after_finalize(msg, retry)
 
     async def return_to_sender(self, msg: Message) -> None:
-        """A bounce: a DSN for every open recipient (and the attempt's own
-        failures), then removal.  A failure before the DSN is queued changes
-        nothing."""
+        """A bounce: a DSN for every open recipient that wants one (its
+        NOTIFY, as an ordinary bounce: relay.delivery.bounce.admin_returns) and
+        the attempt's own failures, then removal.  A failure before the DSN
+        is queued changes nothing."""
         now = self.runner.now()
         open_rcpts = [r for r in msg.state.recipients if not r.final]
-        failures = list(msg.failures) + [
-            bouncemod.Failure(
-                r.address, "5.0.0", "message returned to sender by the mail administrator"
-                + (f"; last error: {r.reply}" if r.reply else ""), original=r.orcpt, last_attempt=now,
-                diagnostic_type="x-relay")
-            for r in open_rcpts]
+        d = msg.env.dsn
+        returned, silent = bouncemod.admin_returns(open_rcpts, msg.env.dsn_of, d.limited if d is not None else False,
+                                                   now)
+        failures = list(msg.failures) + returned
+        for address, notify in silent:
+            log.info("{queue_id}: <{to}>: no non-delivery notification (NOTIFY={notify})",
+                     queue_id=msg.qid, to=address, notify=notify)
         if failures:
             await self.runner.notices.send(msg, bouncemod.FAILED, failures)
         msg.failures = []
