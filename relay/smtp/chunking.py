@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from relay.smtp.connection import SMTPConnection
-from relay.smtp.dataread import MAX_LINE
+from relay.smtp.dataread import MAX_LINE, bare_cr_or_lf, long_line, note_lines
 from relay.smtp.transfer import Transfer
 
 BDAT_SYNTAX = "5.5.4 Syntax: BDAT chunk-size [LAST]"
@@ -96,22 +96,13 @@ class ChunkReader:
     def _check(self, text: bytes) -> bytes:
         if not text:
             return b""
-        crlf = text.count(b"\r\n")
-        if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
+        if bare_cr_or_lf(text):
             self.fail("bare")
             return b""
-        if len(text) > MAX_LINE and max(map(len, text.split(b"\r\n"))) > MAX_LINE:
+        if long_line(text):
             self.fail("long")
             return b""
-        if self.in_headers:
-            hp = b"\r\n" + text
-            end = hp.find(b"\r\n\r\n")
-            if end >= 0:
-                self.in_headers = False
-                hp = hp[: end + 2]
-            self.received += hp.lower().count(b"\r\nreceived:")
-        if not self.eight_bit and not text.isascii():
-            self.eight_bit = True
+        note_lines(self, text)
         return text
 
 

@@ -19,9 +19,40 @@ the client sends.
 
 from __future__ import annotations
 
+from typing import Any
+
 from relay.common.dotstuff import unstuff_lines
 
 MAX_LINE = 998  # octets of text per line, without CRLF
+
+
+# The rules of message text, one copy for DATA (DataReader) and BDAT
+# (relay.smtp.chunking.ChunkReader), so that the two can never disagree on
+# what smuggling looks like.
+
+def bare_cr_or_lf(text: bytes) -> bool:
+    """Whether complete lines ``text`` hold a CR or LF that is not part of CRLF."""
+    crlf = text.count(b"\r\n")
+    return text.count(b"\r") != crlf or text.count(b"\n") != crlf
+
+
+def long_line(text: bytes) -> bool:
+    """Whether a line of ``text`` is longer than MAX_LINE (RFC 5321 4.5.3.1.6)."""
+    return len(text) > MAX_LINE and max(map(len, text.split(b"\r\n"))) > MAX_LINE
+
+
+def note_lines(reader: Any, text: bytes) -> None:
+    """What a reader learns from accepted lines: the Received headers counted
+    (hop count) while in the header block, whether the text is 8-bit."""
+    if reader.in_headers:
+        hp = b"\r\n" + text
+        end = hp.find(b"\r\n\r\n")
+        if end >= 0:
+            reader.in_headers = False
+            hp = hp[: end + 2]
+        reader.received += hp.lower().count(b"\r\nreceived:")
+    if not reader.eight_bit and not text.isascii():
+        reader.eight_bit = True
 TERM = b"\r\n.\r\n"
 
 
@@ -78,25 +109,15 @@ class DataReader:
                 return b"", None
         if not text:
             return b"", rest
-        # bare CR / bare LF
-        crlf = text.count(b"\r\n")
-        if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
+        if bare_cr_or_lf(text):
             return self._bad("bare", pre, rest)
         text = unstuff_lines(text)
-        if len(text) > MAX_LINE and max(map(len, text.split(b"\r\n"))) > MAX_LINE:
+        if long_line(text):
             return self._bad("long", pre, rest)
         self.size += len(text)
         if self.size > self.max_size:
             return self._bad("size", pre, rest)
-        if self.in_headers:
-            hp = b"\r\n" + text
-            end = hp.find(b"\r\n\r\n")
-            if end >= 0:
-                self.in_headers = False
-                hp = hp[: end + 2]
-            self.received += hp.lower().count(b"\r\nreceived:")
-        if not self.eight_bit and not text.isascii():
-            self.eight_bit = True
+        note_lines(self, text)
         return text, rest
 
     def _bad(self, reason: str, pre: bytes, rest: bytes | None) -> tuple[bytes, bytes | None]:
