@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+from twisted.logger import Logger
+
 from relay.common import endpoints as epmod
 from relay.common.netutil import Listeners
 from relay.common.tls import ServerTLS, TLSConfigError, load_server_tls
@@ -30,6 +32,8 @@ from relay.intake.dkim import KeyFileError, SigningKey, load_key
 from relay.intake.policy import Policy
 from relay.intake.signing import Signer
 from relay.mailbox import users as usersmod
+
+log = Logger(namespace="relay.service")  # the service's namespace: its log lines are the service's
 
 _T = TypeVar("_T")
 
@@ -226,3 +230,31 @@ def public_submissions(config: Config) -> list[str]:
         if spec.kind in ("tcp", "tcp6") and not (spec.interface.startswith("127.") or spec.interface == "::1"):
             out.append(desc)
     return out
+
+
+def refresh_files(users: usersmod.UserDB, aliases: aliasesmod.AliasFile) -> None:
+    """Re-read the users and aliases files when they changed (every few
+    seconds): a file that no longer loads keeps the previous contents, and
+    nothing stops the watcher."""
+    try:
+        _refresh_files_once(users, aliases)
+    except Exception:  # noqa: BLE001 - the watcher must survive anything
+        log.failure("checking the users and aliases files failed")
+
+
+def _refresh_files_once(users: usersmod.UserDB, aliases: aliasesmod.AliasFile) -> None:
+    try:
+        if users.refresh():
+            log.info("users file {path} reloaded: {count} users", path=users.path, count=len(users))
+    except usersmod.UsersFileError as e:
+        log.error("users file not reloaded, keeping the previous users: {error}", error=str(e))
+    try:
+        if aliases.refresh():
+            log.info("aliases file {path} reloaded: {count} aliases", path=aliases.path, count=len(aliases.map))
+    except aliasesmod.AliasesFileError as e:
+        log.error("aliases file not reloaded, keeping the previous aliases: {error}", error=str(e))
+
+
+def warn_each(lines: list[str]) -> None:
+    for w in lines:
+        log.warn("{warning}", warning=w)

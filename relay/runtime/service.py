@@ -413,7 +413,7 @@ class RelayService(service.MultiService):
             for w in k.warnings:
                 log.warn("dkim: {warning}", warning=w)
         d = self.dns_pool.run(signing.record_warnings, self.signer.keys, self.config.delivery.nameservers)
-        d.addCallback(_warn_each)
+        d.addCallback(parts.warn_each)
         d.addErrback(lambda f: log.failure("dkim: checking the DNS records failed", f))
 
     @defer.inlineCallbacks
@@ -570,29 +570,7 @@ class RelayService(service.MultiService):
             self.queue.add(entry)
 
     def _refresh_files(self) -> None:
-        try:
-            self._refresh_files_once()
-        except Exception:  # noqa: BLE001 - the watcher must survive anything
-            log.failure("checking the users and aliases files failed")
-
-    def _refresh_files_once(self) -> None:
-        try:
-            if self.users.refresh():
-                log.info("users file {path} reloaded: {count} users", path=self.users.path,
-                         count=len(self.users))
-        except usersmod.UsersFileError as e:
-            log.error("users file not reloaded, keeping the previous users: {error}", error=str(e))
-        try:
-            if self.aliases.refresh():
-                log.info("aliases file {path} reloaded: {count} aliases", path=self.aliases.path,
-                         count=len(self.aliases.map))
-        except aliasesmod.AliasesFileError as e:
-            log.error("aliases file not reloaded, keeping the previous aliases: {error}", error=str(e))
-
-
-def _warn_each(lines: list[str]) -> None:
-    for w in lines:
-        log.warn("{warning}", warning=w)
+        parts.refresh_files(self.users, self.aliases)
 
 
 def make_service(config: Config, reactor=None) -> RelayService:

@@ -13,6 +13,8 @@ replace anyway.  The server is in parts:
 * this module: what each command does, the session's state (HELO, AUTH,
   the MAIL transaction), STARTTLS;
 * relay.smtp.chunking: BDAT (CHUNKING, RFC 3030), a class between the two;
+* relay.smtp.authsession: AUTH (the SASL dialogue and its failures), the
+  class between chunking and this one;
 * relay.smtp.transfer: the DATA of one message into the intake;
   relay.smtp.received: the Received header; relay.smtp.auth: the SASL
   exchange; relay.smtp.context: what the server gets from the relay.
@@ -40,8 +42,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,14 +53,13 @@ from relay.intake.rewrite import HeaderStage, SenderMap, sender_map
 from relay.queue.spool import QueueEntry
 from relay.smtp import auth, dsnparams
 from relay.smtp import limits as ratelimits
-from relay.smtp.chunking import ChunkingSession, ChunkReader
+from relay.smtp.authsession import AuthSession
+from relay.smtp.chunking import ChunkReader
 from relay.smtp.context import ServerContext
 from relay.smtp.received import protocol_name, received_header, sanitize
 from relay.smtp.transfer import SOURCE, Transfer
 
 log = Logger(namespace="relay.smtp")
-
-MAX_AUTH_FAILURES = 3
 
 _VERB_OK = {
     "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY",
@@ -68,7 +67,7 @@ _VERB_OK = {
 }
 
 
-class SMTPServer(ChunkingSession):
+class SMTPServer(AuthSession):
     """One SMTP session."""
 
     def __init__(self, ctx: ServerContext, submission: bool = False, implicit_tls: bool = False):
@@ -502,87 +501,6 @@ class SMTPServer(ChunkingSession):
         # startTLS moved this producer onto the TLS layer, which starts unpaused
         self._out_paused = False
         self._sync_reading()
-
-    # -- AUTH ----------------------------------------------------------------------
-    def do_AUTH(self, arg: str) -> None:
-        if self.ctx.checker is None:
-            self.error(502, "5.5.1 Error: authentication not enabled")
-            return
-        if not self.esmtp:
-            self.error(503, "5.5.1 Error: send EHLO first")
-            return
-        if self.auth_user is not None:
-            self.error(503, "5.5.1 Error: already authenticated")
-            return
-        if self.has_sender:
-            self.error(503, "5.5.1 Error: MAIL transaction in progress")
-            return
-        if not self._auth_allowed():
-            self.error(538, "5.7.11 Encryption required for requested authentication mechanism")
-            return
-        mech, _, initial = arg.strip().partition(" ")
-        mech = mech.upper()
-        if mech not in auth.MECHANISMS:
-            self.error(504, "5.5.4 Unrecognized authentication type")
-            return
-        self.sasl = auth.SaslExchange(mech)
-        self._auth_next(self.sasl.start(initial.strip()))
-
-    def _auth_step(self, b64: str) -> None:
-        assert self.sasl is not None  # mode "auth" only while an exchange is in progress
-        self._auth_next(self.sasl.step(b64))
-
-    def _auth_next(self, step: auth.Step) -> None:
-        if isinstance(step, auth.Challenge):
-            self.mode = "auth"
-            self.reply(334, step.text)
-            return
-        self.mode = "command"
-        self.sasl = None
-        if isinstance(step, auth.Refused):
-            self.error(step.code, step.text)
-        elif isinstance(step, auth.Denied):
-            self._wait(self._auth_fail_later())
-        else:
-            self._auth_check(step.user, step.password)
-
-    def _auth_check(self, user: bytes, pw: bytes) -> None:
-        checker = self.ctx.checker
-        assert checker is not None  # AUTH is refused without one
-        name = user.decode("utf-8", "replace").strip()
-        # UsernamePassword is annotated with bytes; the relay's checker takes the name as str
-        creds = UsernamePassword(name, pw)  # type: ignore[arg-type]
-        d: defer.Deferred[Any] = defer.maybeDeferred(checker.requestAvatarId, creds)
-
-        def ok(avatar: str | bytes) -> None:
-            self.auth_user = avatar if isinstance(avatar, str) else avatar.decode()
-            self.auth_failures = 0
-            log.info("[{client_ip}]: authenticated as {user}", client_ip=self.peer_ip, user=self.auth_user)
-            self.reply(235, "2.7.0 Authentication successful")
-
-        def bad(f: Failure) -> defer.Deferred[None]:
-            log.info("reject: AUTH from {helo}[{client_ip}]: authentication failed for {user}",
-                     helo=self.helo, client_ip=self.peer_ip, user=sanitize(name, 100), reason="auth_failed")
-            self.ctx.counters.reject("auth_failed")
-            return self._auth_fail_later()
-
-        d.addCallbacks(ok, bad)
-        self._wait(d)
-
-    def _auth_fail_later(self) -> defer.Deferred[None]:
-        """535 after the failure delay; the third failure in a row ends the session."""
-        d: defer.Deferred[None] = defer.Deferred()
-
-        def after(_: object) -> None:
-            self.auth_failures += 1
-            self.error(535, "5.7.8 Error: authentication failed")
-            if self.auth_failures >= MAX_AUTH_FAILURES and not self.closing:
-                self.reply(421, "4.7.0 Too many authentication failures, closing connection")
-                self._close()
-
-        self.ctx.reactor.callLater(self.ctx.auth_failure_delay, d.callback, None)
-        return d.addCallback(after)
-
 
 class SMTPFactory(ServerFactory):
     """Builds SMTP sessions for one listener (MX or submission)."""
