@@ -76,6 +76,14 @@ class Envelope:
         if self.dsn is not None:
             self.dsn.fit(len(self.recipients))
 
+    @property
+    def smtputf8(self) -> bool:
+        """The client's MAIL said SMTPUTF8 (RFC 6531): the addresses (local
+        parts in UTF-8, NFC; domains always stored as A-labels) or the header
+        fields may be UTF-8.  Kept in ``extra`` ("smtputf8": true), so older
+        spool files read as False."""
+        return bool(self.extra.get("smtputf8"))
+
     def dsn_of(self, address: str) -> tuple[str | None, str | None]:
         """(NOTIFY, ORCPT) of one recipient, None for what it did not give."""
         d = self.dsn
