@@ -11,28 +11,19 @@ their own address, as MX hosts do on port 25.
 
 from __future__ import annotations
 
-import json
 import os
 import smtplib
-import subprocess
-import sys
 
 from relay.mailbox import users as usersmod
-from tests.support.relay import ROOT, RelayProcess, free_port
+from tests.support import dns as dnsmod
+from tests.support.relay import RelayProcess, free_port
 from tests.support.wait import poll
 
 IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
 
 def start_dns(tmp_path, records):
-    zone = tmp_path / "zone.json"
-    zone.write_text(json.dumps({"records": records}))
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, "-m", "tests.support.dns", "--zone", str(zone)],
-                         stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    line = p.stdout.readline()
-    assert line.startswith("READY "), line
-    return p, int(line.split()[1])
+    return dnsmod.start_process(str(tmp_path), records)
 
 
 def relay_config(tmp_path, name, ip, port, dns_port, **sections):

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -378,6 +379,27 @@ class DNSServer:
                 proto.transport.abortConnection()
         self._udp = self._tcp = None
         return defer.gatherResults(ds)
+
+
+def start_process(directory: str, records: list) -> tuple[subprocess.Popen[str], int]:
+    """This server as a child process serving records (written to
+    <directory>/zone.json, which the caller may rewrite: it is re-read):
+    the process and its port."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    zone = os.path.join(directory, "zone.json")
+    with open(zone, "w") as f:
+        json.dump({"records": records}, f)
+    env = dict(os.environ, PYTHONPATH=root)
+    p = subprocess.Popen([sys.executable, "-m", "tests.support.dns", "--zone", zone],
+                         stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    assert line.startswith("READY "), line
+    return p, int(line.split()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
