@@ -385,10 +385,6 @@ def start_process(directory: str, records: list) -> tuple[subprocess.Popen[str],
     """This server as a child process serving records (written to
     <directory>/zone.json, which the caller may rewrite: it is re-read):
     the process and its port."""
-    import json
-    import subprocess
-    import sys
-
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     zone = os.path.join(directory, "zone.json")
     with open(zone, "w") as f:
