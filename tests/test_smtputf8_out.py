@@ -89,7 +89,26 @@ class OfferedTests(Utf8Case):
         self.assertEqual(rcpt, "RCPT TO:<j\u00f6rg@dest.test> NOTIFY=FAILURE ORCPT=utf-8;j\u00f6rg@dest.test")
 
 
+    async def test_utf8_recipient_without_orcpt_gets_the_utf8_type(self):
+        s = self.sink(smtputf8=True, dsn=True)
+        rep = await self.send([self.hop(s)], ASCII_MSG, [JOERG, "a@dest.test"])
+        self.assertDelivered(rep, JOERG, "a@dest.test")
+        rcpts = [c for c in s.sessions[0].commands if c.startswith("RCPT")]
+        self.assertEqual(rcpts, ["RCPT TO:<j\u00f6rg@dest.test> ORCPT=utf-8;j\u00f6rg@dest.test",
+                                 "RCPT TO:<a@dest.test> ORCPT=rfc822;a@dest.test"])
+
+
 class NotOfferedTests(Utf8Case):
+    async def test_utf8_orcpt_goes_in_its_7bit_form(self):
+        s = self.sink(smtputf8=False, dsn=True)
+        dsn = DsnParams("", "", {"a@dest.test": (None, "utf-8;j\u00f6rg@dest.test")})
+        rep = await self.send([self.hop(s)], ASCII_MSG, ["a@dest.test"], dsn=dsn)
+        self.assertDelivered(rep, "a@dest.test")
+        rcpt = [c for c in s.sessions[0].commands if c.startswith("RCPT")][0]
+        self.assertEqual(rcpt, "RCPT TO:<a@dest.test> ORCPT=utf-8;j\\x{F6}rg@dest.test")
+        self.assertTrue(bytes(s.sessions[0].wire).isascii())
+
+
     async def test_not_needed_goes_without_the_parameter(self):
         s = self.sink(smtputf8=False)
         rep = await self.send([self.hop(s)], ASCII_MSG)

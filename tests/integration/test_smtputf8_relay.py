@@ -81,3 +81,13 @@ class Utf8Relay(DsnCase):
         self.assertNotIn(b"global", data)
         self.assertIn(b"Content-Type: message/delivery-status\r\n", data)
         self.assertNotIn("SMTPUTF8", self.sinks[SENDER_MX].transactions[0].mail_params)
+
+    async def test_a_notice_that_cannot_reach_a_utf8_sender_is_dropped(self):
+        # the sender's MX has no SMTPUTF8 either: the notice (from <>) bounces in
+        # turn, and a bounce of a bounce is logged and dropped, never looped
+        self.sinks[SENDER_MX].b.smtputf8 = False
+        self.queue(SENDER, ["j\u00f6rg@dest.example"], UTF8_MSG)
+        await apoll(lambda: len(self.sinks[SENDER_MX].sessions) >= 1, timeout=20, what="the notice tried")
+        await apoll(self.queue_empty, timeout=20, what="empty queue")
+        self.assertEqual(self.sinks[SENDER_MX].transactions, [])
+        self.assertEqual(self.sinks["127.0.0.2"].transactions, [])
