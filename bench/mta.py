@@ -369,10 +369,11 @@ class Postfix:
     name = "postfix"
 
     def __init__(self, reg: Registry, env: Env, workdir: str, addr: str, *, next_hop: tuple[str, int],
-                 message_size_limit: int | None = None):
+                 message_size_limit: int | None = None, main_cf: str = ""):
         self.reg, self.env, self.dir, self.addr = reg, env, workdir, addr
         self.next_hop = next_hop
         self.message_size_limit = message_size_limit
+        self.main_cf = main_cf  # more main.cf lines (tests: smtputf8_enable)
         self.conf = os.path.join(workdir, "conf")
         self.queue_dir = os.path.join(workdir, "queue")
         self.port = 0
@@ -388,6 +389,7 @@ class Postfix:
         os.chmod(self.dir, 0o755)
         self.port = free_port(self.addr)
         extra = f"message_size_limit = {self.message_size_limit}" if self.message_size_limit else ""
+        extra += "\n" + self.main_cf if self.main_cf else ""
         with open(os.path.join(self.conf, "main.cf"), "w") as f:
             f.write(MAIN_CF.format(dir=self.dir, next_host=self.next_hop[0], next_port=self.next_hop[1],
                                    extra=extra))

@@ -283,10 +283,14 @@ class OfflineSpool:
                 kind=bouncemod.FAILED, reporting_mta=self.config.hostname, queue_id=env.queue_id,
                 sender=env.sender, arrival=env.arrival, failures=failures, original_headers=headers, now=now,
                 envid=env.dsn.envid if env.dsn is not None else "", full_message=full, too_big=too_big,
+                smtputf8=env.smtputf8,
             )
+            extra: dict[str, object] = {"dsn": bouncemod.FAILED, "for": env.queue_id}
+            if env.smtputf8:
+                extra["smtputf8"] = True  # as relay.queue.notices.notice_extra
             denv = spoolmod.Envelope(
                 queue_id=spoolmod.new_id(), sender="", recipients=[env.sender], arrival=now, orcpts=[None],
-                client={"proto": "dsn"}, extra={"dsn": bouncemod.FAILED, "for": env.queue_id},
+                client={"proto": "dsn"}, extra=extra,
             )
             self.spool.inject(denv, data)
             fsync_dir(self.spool.queue_dir)

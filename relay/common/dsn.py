@@ -19,6 +19,7 @@ Pure: no I/O; only relay.common.xtext.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,25 +104,43 @@ def parse_orcpt(value: str | None) -> str:
         if not _printable(text) or "@" not in text:
             raise DsnSyntax("ORCPT", "not an rfc822 address")
         return f"rfc822;{addr}"
-    if low == "utf-8":  # RFC 6533: utf-8-addr-xtext; kept and carried as given
+    if low == "utf-8":  # RFC 6533: utf-8-addr-xtext or (with SMTPUTF8) -unitext; kept and carried as given
         try:
-            xtext.decode(addr)
+            xtext.decode("".join(c if c.isascii() else "x" for c in addr))
         except xtext.XtextError as e:
             raise DsnSyntax("ORCPT", str(e))
+        if any(not c.isascii() and not c.isprintable() for c in addr):
+            raise DsnSyntax("ORCPT", "not a utf-8 address")
         return f"utf-8;{addr}"
     return f"{kind};{addr}"
 
 
-def orcpt_field(orcpt: str) -> str:
+def orcpt_field(orcpt: str, utf8: bool = False) -> str:
     """The Original-Recipient field's value (RFC 3464 2.3.1): "type; address",
-    rfc822 addresses decoded from xtext (Postfix does the same), others as given."""
+    rfc822 addresses decoded from xtext (Postfix does the same), others as
+    given; a utf-8 one (RFC 6533 section 3) in the utf-8-address form (its
+    \\x{HEX} decoded) in a global report (``utf8``), else in the 7-bit form."""
     kind, _, addr = orcpt.partition(";")
     if kind == "rfc822":
         try:
             addr = xtext.decode(addr)
         except xtext.XtextError:
             pass
+    elif kind == "utf-8":
+        addr = _EMBEDDED.sub(_unembed, addr) if utf8 else \
+            "".join(c if c.isascii() else "\\x{%X}" % ord(c) for c in addr)
     return f"{kind}; {addr}"
+
+
+_EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def _unembed(m: re.Match[str]) -> str:
+    """One EmbeddedUnicodeChar, decoded (a control or an invalid code point stays encoded)."""
+    code = int(m.group(1), 16)
+    if code < 0x20 or code == 0x7F or 0xD800 <= code <= 0xDFFF or code > 0x10FFFF or 0x80 <= code < 0xA0:
+        return m.group(0)
+    return chr(code)
 
 
 def rfc822_orcpt(address: str) -> str:

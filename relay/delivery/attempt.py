@@ -329,6 +329,7 @@ class Deliverer:
             auth_scope=dest.key if auth else "",
             stop_on_5xx=stop_on_5xx,
             dsn=dsnout.carried(msg.env, recipients),
+            smtputf8=bool(getattr(msg.env, "smtputf8", False)),
         )
 
 

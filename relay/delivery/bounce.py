@@ -7,6 +7,14 @@ is good at (dates, message ids, header encoding): the returned headers of
 the original message are copied byte for byte into text/rfc822-headers,
 which the email package's generator would re-encode.  Tests parse the
 result back with the email package.
+
+A message that came with SMTPUTF8 (``smtputf8=True``) gets RFC 6533's
+internationalized report: report-type global-delivery-status, the status
+part as message/global-delivery-status with ``utf-8;`` address types for
+UTF-8 addresses (utf-8-address form, raw UTF-8), the returned content as
+message/global-headers or message/global, the texts in UTF-8 where an
+address is; the queue sends such a notice with SMTPUTF8 (relay.queue.notices).
+A message without it gets the report it always got, byte for byte.
 """
 
 from __future__ import annotations
@@ -84,10 +92,29 @@ def _date(ts: float) -> str:
     return email.utils.formatdate(ts, localtime=False, usegmt=True)
 
 
-def _clean(text: str, limit: int = 900) -> str:
-    """One header-safe line: no CR/LF/control characters, bounded length."""
-    t = "".join(c if 32 <= ord(c) < 127 else " " for c in text)
+def _clean(text: str, limit: int = 900, utf8: bool = False) -> str:
+    """One header-safe line: no CR/LF/control characters, bounded length;
+    with ``utf8`` (a global report) printable non-ASCII characters stay
+    (never C1 controls, line or paragraph separators, surrogates)."""
+    t = "".join(c if 32 <= ord(c) < 127 or (utf8 and _printable_utf8(c)) else " " for c in text)
     return " ".join(t.split())[:limit]
+
+
+def _printable_utf8(c: str) -> bool:
+    o = ord(c)
+    return o >= 0xA0 and not (0xD800 <= o <= 0xDFFF) and c not in "\u2028\u2029\ufeff"
+
+
+def _addr(address: str, utf8: bool) -> str:
+    """An address field's value: rfc822 for an ASCII address, RFC 6533's
+    utf-8 type (utf-8-address) for a UTF-8 one in a global report."""
+    if utf8 and not address.isascii():
+        return f"utf-8; {_clean(address, 300, True)}"
+    return f"rfc822; {_clean(address, 300)}"
+
+
+def _text(text: str) -> bytes:
+    return text.encode("utf-8", "replace")
 
 
 def _fold(name: str, value: str) -> str:
@@ -118,23 +145,45 @@ def build_report(
     envid: str = "",
     full_message: bytes | None = None,
     too_big: int | None = None,
+    smtputf8: bool = False,
 ) -> bytes:
     """The complete DSN message (headers and body) as bytes, CRLF endings.
 
     ``envid``: the client's ENVID (Original-Envelope-Id); ``full_message``:
     the whole message to return (RET=FULL within delivery.dsn_full_limit)
     instead of ``original_headers``; ``too_big``: RET=FULL was asked but the
-    message is over that limit (the headers are returned, the text says so)."""
+    message is over that limit (the headers are returned, the text says so);
+    ``smtputf8``: the original came with SMTPUTF8 (the RFC 6533 report, see
+    the module docstring)."""
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
-    h = _report_headers(kind, reporting_mta, sender, now, boundary)
-    human = _human_part(kind, reporting_mta, queue_id, failures)
+    u = smtputf8
+    h = _report_headers(kind, reporting_mta, sender, now, boundary, u)
+    human = _human_part(kind, reporting_mta, queue_id, failures, u)
     if too_big is not None:
         human += (f"\r\nThe message is larger than {too_big} bytes: only its headers are returned.\r\n")
-    status = _status_part(kind, reporting_mta, queue_id, sender, arrival, failures, envid)
+    status = _status_part(kind, reporting_mta, queue_id, sender, arrival, failures, envid, u)
+    parts = _global_parts(h, boundary, human, status) if u else _parts(h, boundary, human, status)
     if full_message is not None:
-        return b"".join(_parts(h, boundary, human, status)) + _returned_message(boundary, full_message)
-    return b"".join(_parts(h, boundary, human, status)) + _returned_headers_part(
-        boundary, kind, _returned_headers(original_headers))
+        return b"".join(parts) + _returned_message(boundary, full_message, u)
+    return b"".join(parts) + _returned_headers_part(boundary, kind, _returned_headers(original_headers), u)
+
+
+def _global_parts(h: list[str], boundary: str, human: str, status: str) -> list[bytes]:
+    """_parts of a global report (RFC 6533): UTF-8 where an address is."""
+    human_b, status_b = _text(human), _text(status)
+    eight = b"Content-Transfer-Encoding: 8bit\r\n"
+    return [
+        _text("\r\n".join(h)) + b"\r\n\r\n",
+        b"This is a MIME-encapsulated message.\r\n\r\n",
+        f"--{boundary}\r\n".encode(),
+        b"Content-Description: Notification\r\nContent-Type: text/plain; charset="
+        + (b"utf-8\r\n" + eight if not human_b.isascii() else b"us-ascii\r\n") + b"\r\n",
+        human_b,
+        f"\r\n--{boundary}\r\n".encode(),
+        b"Content-Description: Delivery report\r\nContent-Type: message/global-delivery-status\r\n"
+        + (eight if not status_b.isascii() else b"") + b"\r\n",
+        status_b,
+    ]
 
 
 def _parts(h: list[str], boundary: str, human: str, status: str) -> list[bytes]:
@@ -150,23 +199,25 @@ def _parts(h: list[str], boundary: str, human: str, status: str) -> list[bytes]:
     ]
 
 
-def _returned_message(boundary: str, message: bytes) -> bytes:
-    """3. the whole message (RET=FULL), as message/rfc822."""
+def _returned_message(boundary: str, message: bytes, utf8: bool = False) -> bytes:
+    """3. the whole message (RET=FULL), as message/rfc822 (message/global)."""
     body = message if message.endswith(b"\r\n") else message + b"\r\n"
+    ctype = b"message/global" if utf8 else b"message/rfc822"
     return b"".join([
         f"\r\n--{boundary}\r\n".encode(),
-        b"Content-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n"
+        b"Content-Description: Undelivered Message\r\nContent-Type: " + ctype + b"\r\n"
         + (b"Content-Transfer-Encoding: 8bit\r\n" if not body.isascii() else b"") + b"\r\n",
         body,
         f"\r\n--{boundary}--\r\n".encode(),
     ])
 
 
-def _returned_headers_part(boundary: str, kind: str, hdrs: bytes) -> bytes:
+def _returned_headers_part(boundary: str, kind: str, hdrs: bytes, utf8: bool = False) -> bytes:
     what = "Delivered" if kind == SUCCESS else "Undelivered"
+    ctype = "message/global-headers" if utf8 else "text/rfc822-headers"
     return b"".join([
         f"\r\n--{boundary}\r\n".encode(),
-        f"Content-Description: {what} Message Headers\r\nContent-Type: text/rfc822-headers\r\n".encode()
+        f"Content-Description: {what} Message Headers\r\nContent-Type: {ctype}\r\n".encode()
         + (b"Content-Transfer-Encoding: 8bit\r\n" if not hdrs.isascii() else b"")
         + b"\r\n",
         hdrs,
@@ -174,7 +225,8 @@ def _returned_headers_part(boundary: str, kind: str, hdrs: bytes) -> bytes:
     ])
 
 
-def _report_headers(kind: str, reporting_mta: str, sender: str, now: float, boundary: str) -> list[str]:
+def _report_headers(kind: str, reporting_mta: str, sender: str, now: float, boundary: str,
+                    utf8: bool = False) -> list[str]:
     subject = ("Undelivered Mail Returned to Sender" if kind == FAILED
                else "Successful Mail Delivery Report" if kind == SUCCESS
                else "Delayed Mail (still being retried)")
@@ -182,17 +234,18 @@ def _report_headers(kind: str, reporting_mta: str, sender: str, now: float, boun
     from_name = Header("Mail Delivery System").encode()
     return [
         f"From: {from_name} <MAILER-DAEMON@{reporting_mta}>",
-        f"To: <{_clean(sender, 300)}>",
+        f"To: <{_clean(sender, 300, utf8)}>",
         f"Subject: {subject}",
         f"Date: {_date(now)}",
         f"Message-ID: {msgid}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        f"Content-Type: multipart/report; report-type={'global-' if utf8 else ''}delivery-status;"
+        f'\r\n\tboundary="{boundary}"',
     ]
 
 
-def _human_part(kind: str, reporting_mta: str, queue_id: str, failures: list[Failure]) -> str:
+def _human_part(kind: str, reporting_mta: str, queue_id: str, failures: list[Failure], utf8: bool = False) -> str:
     """1. the human-readable part"""
     if kind == FAILED:
         intro = [
@@ -230,27 +283,27 @@ def _human_part(kind: str, reporting_mta: str, queue_id: str, failures: list[Fai
     intro += ["", f"Queue ID: {queue_id}", ""]
     for f in failures:
         where = f" (from {f.remote_mta})" if f.remote_mta else ""
-        intro.append(f"<{_clean(f.recipient, 300)}>: {_clean(f.diagnostic)}{where}")
+        intro.append(f"<{_clean(f.recipient, 300, utf8)}>: {_clean(f.diagnostic)}{where}")
     return "\r\n".join(intro) + "\r\n"
 
 
 def _status_part(kind: str, reporting_mta: str, queue_id: str, sender: str, arrival: float,
-                 failures: list[Failure], envid: str = "") -> str:
+                 failures: list[Failure], envid: str = "", utf8: bool = False) -> str:
     """2. the machine-readable part (RFC 3464)"""
     per_msg = [f"Original-Envelope-Id: {_clean(envid, 100)}"] if envid else []
     per_msg += [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Relay-Queue-ID: {queue_id}",
-        f"X-Relay-Sender: rfc822; {_clean(sender, 300)}",
+        f"X-Relay-Sender: {_addr(sender, utf8)}",
         f"Arrival-Date: {_date(arrival)}",
     ]
     blocks = ["\r\n".join(per_msg)]
     for f in failures:
-        b = [f"Final-Recipient: rfc822; {_clean(f.recipient, 300)}"]
+        b = [f"Final-Recipient: {_addr(f.recipient, utf8)}"]
         if f.orcpt:
-            b.append(f"Original-Recipient: {_clean(orcpt_field(f.orcpt), 600)}")
+            b.append(f"Original-Recipient: {_clean(orcpt_field(f.orcpt, utf8), 600, utf8)}")
         elif f.original and f.original != f.recipient:
-            b.append(f"Original-Recipient: rfc822; {_clean(f.original, 300)}")
+            b.append(f"Original-Recipient: {_addr(f.original, utf8)}")
         b.append(f"Action: {f.action or kind}")
         b.append(f"Status: {f.status}")
         if f.remote_mta:

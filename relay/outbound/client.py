@@ -33,6 +33,13 @@ fails, all recipients are deferred with the last reason.  Once a hop has
 accepted a recipient, its answers are final for this attempt: 2xx delivered,
 4xx deferred, 5xx bounced; a lost connection or timeout before the reply to
 the final "." defers the recipients of that transaction.
+
+SMTPUTF8 (relay.outbound.smtputf8): recipients of a message that needs it
+are not sent to a hop that does not offer it; the next hops are tried for
+them (Postfix does the same).  They bounce with 5.6.7 when every hop that
+was tried either said no SMTPUTF8 or took the other recipients; when a
+hop failed for another reason (unreachable, 4xx), they are deferred: the
+next attempt may reach one that offers it.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from twisted.logger import Logger
 
 from relay.outbound.clientproto import ClientProtocol
 from relay.outbound.conncache import CacheKey, ConnectionCache, Parked
-from relay.outbound.conversation import Down, HopFailed, quit_session, where
+from relay.outbound.conversation import Down, HopFailed, NeedsUtf8, quit_session, where
 from relay.outbound.handshake import open_session
 from relay.outbound.hostlimit import HostLimit
 from relay.outbound.replies import ConversationError, DeliveryReport, RcptResult
@@ -132,17 +139,33 @@ class _Delivery:
             return self.report
         self._pending_rcpts = pending
         last: HopFailed | None = None
+        other_failure = False  # a hop failed for a reason other than SMTPUTF8 (5.6.7)
         if not self.hops:
             last = HopFailed("4.4.4", "no next hop to deliver to", stage="connect")
         for hop in self.hops:
             failed = await self._try_hop(hop, pending)
             if failed is None:
-                return self.report
+                # recipients refused here for want of SMTPUTF8: the next hops may offer it
+                pending = [r for r in pending if r not in self.report.results]
+                if not pending:
+                    return self.report
+                self._pending_rcpts = pending
+                continue
             last = failed
+            other_failure = other_failure or not isinstance(failed, NeedsUtf8)
             if self._final(failed):
                 self._bounce_all(pending, failed)
                 return self.report
-        assert last is not None
+        refused = self.txns.utf8_refused
+        if not other_failure:
+            # every hop reached said no SMTPUTF8 (RFC 6531 3.2: 5.6.7 bounce)
+            for r in [r for r in pending if r in refused]:
+                self.report.results[r] = refused[r]
+            pending = [r for r in pending if r not in refused]
+        if not pending:
+            return self.report
+        if last is None:
+            last = HopFailed("4.4.4", "no next hop to deliver to", stage="connect")
         failed_hop = self.report.attempts[-1][0] if self.report.attempts else None
         for r in pending:
             self.report.results[r] = RcptResult(
@@ -249,6 +272,8 @@ class _Delivery:
             if parked is not None:
                 try:
                     return await self._run_session(parked.proto, hop, key, parked=parked)
+                except NeedsUtf8:
+                    raise  # the host's EHLO said it: a new connection would say the same
                 except HopFailed as f:
                     # the cached session went away before anything was decided:
                     # that says nothing about the host, try a fresh connection

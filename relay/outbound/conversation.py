@@ -42,6 +42,11 @@ class HopFailed(StepFailed):
         self.plaintext_retry = plaintext_retry
 
 
+class NeedsUtf8(HopFailed):
+    """This hop does not offer SMTPUTF8 and every recipient left needs it
+    (5.6.7): the next hop may; a reconnection to this one would not help."""
+
+
 class Down(StepFailed):
     """The connection died (or said 421); ``data_started``: message data had
     been sent in this transaction."""

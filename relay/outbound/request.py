@@ -170,6 +170,10 @@ class Outbound:
     # EHLO/HELO from one ends the attempt (bounced) instead of trying the next
     stop_on_5xx: bool = False
     dsn: DsnParams | None = None  # sent only to a hop that offers DSN
+    # the message came with SMTPUTF8 (Envelope.smtputf8): MAIL says SMTPUTF8
+    # to a hop that offers it; to one that does not only when it need not
+    # (relay.outbound.smtputf8)
+    smtputf8: bool = False
 
     @property
     def log_id(self) -> str:

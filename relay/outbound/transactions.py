@@ -4,7 +4,9 @@ On a session that is greeted, EHLO'd, and (as the policy wants) under TLS
 and authenticated, ``Transactions.deliver_on`` sends the message to the
 recipients in transactions of at most ``max_rcpts_per_txn``, pipelined
 when the server offers PIPELINING, with SIZE, BODY=8BITMIME and SMTPUTF8
-as offered and needed, and gives each recipient its RcptResult.  To a
+as offered and needed (relay.outbound.smtputf8: a message that needs
+SMTPUTF8 is not sent to a hop without it; its recipients get 5.6.7 in
+``utf8_refused``), and gives each recipient its RcptResult.  To a
 server that offers DSN the request goes along (RET, ENVID on MAIL; NOTIFY,
 ORCPT on RCPT, ORCPT=rfc822;<address> added where the client gave none, as
 Postfix does) and the accepted recipients are marked ``dsn_carried``.  The
@@ -28,8 +30,9 @@ from twisted.internet import threads
 
 from relay.common import xtext
 from relay.common.fastwrite import send_now
+from relay.outbound import smtputf8 as utf8mod
 from relay.outbound.clientproto import ClientProtocol
-from relay.outbound.conversation import Down, command, down, quit_session, reply, where
+from relay.outbound.conversation import Down, NeedsUtf8, command, down, quit_session, reply, where
 from relay.outbound.msgproducer import CHUNK
 from relay.outbound.replies import ConversationError, RcptResult, Reply, size_limit
 from relay.outbound.request import Hop, Outbound
@@ -100,6 +103,9 @@ class Transactions:
         self.body_8bit = out.message.eight_bit
         self.threadpool = threadpool
         self.max_rcpts = max(1, out.max_rcpts_per_txn)
+        self.headers_utf8: bool | None = None  # the header block holds UTF-8 (read when it matters)
+        self.utf8_refused: Results = {}  # recipients a hop refused for want of SMTPUTF8 (5.6.7)
+        self.utf8_session = False  # the current transaction says SMTPUTF8
 
     async def deliver_on(
         self, proto: ClientProtocol, hop: Hop, rcpts: list[str], ext: dict[str, str], *, may_park: bool
@@ -116,7 +122,8 @@ class Transactions:
                 results[r] = RcptResult("bounced", "5.3.4", reply_text, hop=hop, stage="MAIL FROM")
             await quit_session(proto, hop, self.t.quit)
             return results, False
-        rcpts, utf8 = self._smtputf8(hop, rcpts, ext, results)
+        rcpts, utf8 = await self._smtputf8(proto, hop, rcpts, ext)
+        self.utf8_session = utf8
         params = await self._mail_params(ext, utf8)
         clean = await self._transactions(proto, hop, rcpts, ext, params, results)
         if proto.lost is None:
@@ -125,22 +132,45 @@ class Transactions:
             await quit_session(proto, hop, self.t.quit)
         return results, False
 
-    def _smtputf8(self, hop: Hop, rcpts: list[str], ext: dict[str, str], results: Results) -> tuple[list[str], bool]:
-        """The recipients that can be sent, and whether SMTPUTF8 is needed:
-        non-ASCII addresses bounce when the server does not offer it."""
-        utf8 = not (self.out.sender.isascii() and all(r.isascii() for r in rcpts))
-        if not utf8 or "SMTPUTF8" in ext:
-            return rcpts, utf8
-        bad = list(rcpts) if not self.out.sender.isascii() else [r for r in rcpts if not r.isascii()]
+    async def _smtputf8(self, proto: ClientProtocol, hop: Hop, rcpts: list[str],
+                        ext: dict[str, str]) -> tuple[list[str], bool]:
+        """The recipients to send on this hop, and whether MAIL says SMTPUTF8
+        (relay.outbound.smtputf8).  Recipients that need SMTPUTF8 on a hop
+        that does not offer it get a 5.6.7 result in ``utf8_refused`` (the
+        caller tries them on the next hop); when none is left, the session
+        is QUIT and NeedsUtf8 raised (a failure of this hop)."""
+        sender = utf8mod.wire_address(self.out.sender)
+        wires = {r: utf8mod.wire_address(r) for r in rcpts}
+        wanted = self.out.smtputf8 or not (sender.isascii() and all(w.isascii() for w in wires.values()))
+        if not wanted or "SMTPUTF8" in ext:
+            return rcpts, wanted
+        need_all = not sender.isascii() or await self._headers_utf8()
+        bad = list(rcpts) if need_all else [r for r in rcpts if not wires[r].isascii()]
+        if not bad:
+            return rcpts, False
+        reason = f"SMTPUTF8 is required, but was not offered by host {where(hop)}"
         for r in bad:
-            results[r] = RcptResult(
-                "bounced",
-                "5.6.7",
-                f"SMTPUTF8 is required, but was not offered by host {where(hop)}",
-                hop=hop,
-                stage="MAIL FROM",
-            )
-        return [r for r in rcpts if r not in results], False
+            self.utf8_refused[r] = RcptResult("bounced", "5.6.7", reason, hop=hop, stage="MAIL FROM")
+        left = [r for r in rcpts if r not in bad]
+        if not left:
+            await quit_session(proto, hop, self.t.quit)
+            raise NeedsUtf8("5.6.7", reason, stage="MAIL FROM")
+        return left, False
+
+    async def _headers_utf8(self) -> bool:
+        """Whether the header block is UTF-8 (read once, in the thread pool)."""
+        if self.headers_utf8 is None:
+            if self.data is not None:
+                self.headers_utf8 = utf8mod.header_utf8_in_memory(self.data)
+            else:
+                m = self.out.message
+                pool = self.threadpool if self.threadpool is not None else self.reactor.getThreadPool()
+                try:
+                    self.headers_utf8 = bool(await threads.deferToThreadPool(
+                        self.reactor, pool, utf8mod.header_block_utf8, m.path, m.offset, m.size))
+                except OSError:
+                    return True  # unreadable: the transfer would fail anyway; send nothing unsure
+        return self.headers_utf8
 
     async def _mail_params(self, ext: dict[str, str], utf8: bool) -> bytes:
         params = b""
@@ -163,14 +193,16 @@ class Transactions:
                 + (b" ENVID=" + xtext.encode(d.envid).encode() if d.envid else b""))
 
     def _rcpt_line(self, rcpt: str, ext: dict[str, str]) -> bytes:
-        line = b"RCPT TO:<" + rcpt.encode() + b">"
+        line = b"RCPT TO:<" + utf8mod.wire_address(rcpt).encode() + b">"
         if "DSN" not in ext:
             return line
         notify, orcpt = (self.out.dsn.rcpts.get(rcpt, (None, None)) if self.out.dsn is not None
                          else (None, None))
         if notify:
             line += b" NOTIFY=" + notify.encode()
-        return line + b" ORCPT=" + (orcpt or "rfc822;" + xtext.encode(rcpt)).encode()
+        if not orcpt:
+            orcpt = "rfc822;" + xtext.encode(rcpt) if rcpt.isascii() else "utf-8;" + utf8mod.unitext(rcpt)
+        return line + b" ORCPT=" + utf8mod.wire_orcpt(orcpt, self.utf8_session).encode()
 
     async def _scan_8bit(self) -> bool:
         m = self.out.message
@@ -226,7 +258,7 @@ class Transactions:
         """One MAIL/RCPT.../DATA; fills results; returns (retry, completed):
         the recipients to try again in the next transaction (452 after some
         were accepted) and whether the message data went through."""
-        mail = b"MAIL FROM:<" + self.out.sender.encode() + b">" + params
+        mail = b"MAIL FROM:<" + utf8mod.wire_address(self.out.sender).encode() + b">" + params
         rcpt_lines = [self._rcpt_line(r, ext) for r in batch]
         pipelining = "PIPELINING" in ext
         chunking = "CHUNKING" in ext

@@ -11,6 +11,8 @@ recipients (relay.queue.outcomes for failures and successes, ``delayed``
 here), ENVID and ORCPT go into the report, and RET=FULL returns the whole
 message in a non-delivery notice while it is within
 delivery.dsn_full_limit (else, as RET=HDRS and without RET, the headers).
+A message that came with SMTPUTF8 gets RFC 6533's global report
+(relay.delivery.bounce), and the notice is queued with SMTPUTF8 itself.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ from relay.queue.outcomes import Counters, status_of
 
 log = Logger(namespace="relay.queue")
 _KIND_WORDS = {bouncemod.FAILED: "non-delivery", bouncemod.DELAYED: "delay", bouncemod.SUCCESS: "success"}
+
+
+def notice_extra(kind: str, original: Envelope) -> dict[str, object]:
+    """The ``extra`` of a notice's envelope: its kind, the message it is for,
+    and SMTPUTF8 when the original came with it (RFC 6533: the notice may
+    hold UTF-8 addresses and goes to a sender that may have one)."""
+    extra: dict[str, object] = {"dsn": kind, "for": original.queue_id}
+    if original.smtputf8:
+        extra["smtputf8"] = True
+    return extra
 
 
 def _wants_delay(msg: Message, address: str) -> bool:
@@ -88,10 +100,11 @@ class Notices:
             kind=kind, reporting_mta=self.config().hostname, queue_id=msg.qid, sender=msg.env.sender,
             arrival=msg.env.arrival, failures=list(failures), original_headers=headers, now=now,
             envid=msg.env.dsn.envid if msg.env.dsn is not None else "", full_message=full, too_big=too_big,
+            smtputf8=msg.env.smtputf8,
         )
         env = Envelope(
             queue_id=new_id(), sender="", recipients=[msg.env.sender], arrival=now,
-            orcpts=[None], client={"proto": "dsn"}, extra={"dsn": kind, "for": msg.qid},
+            orcpts=[None], client={"proto": "dsn"}, extra=notice_extra(kind, msg.env),
         )
         entry = await self.aspool.inject(env, data)
         self.counters.dsn_sent += 1

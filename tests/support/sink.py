@@ -41,6 +41,9 @@ The scriptable parts:
 * ``pipelining``, ``size`` (None: not advertised; 0: "SIZE" without limit),
   ``eightbitmime``, ``smtputf8``, ``dsn``, ``enhancedstatuscodes``: EHLO keywords
   (the DSN parameters are recorded as sent: ``mail_params``, ``session.commands``).
+  As a real server does, a sink that does not offer SMTPUTF8 refuses the
+  MAIL parameter (555) and a non-ASCII address (553 5.6.7); one that does
+  refuses a non-ASCII address in a transaction without the parameter.
 * ``starttls``: None (not offered), "ok" (needs ``cert``, a
   tests.support.certs.CertFiles), "fail" (answers 220 then fails the
   handshake with a TLS alert), "454" (answers 454).
@@ -460,6 +463,10 @@ class SinkProtocol(protocol.Protocol):
             k, _, v = p.partition("=")
             if k.upper() == "SIZE" and b.size and v.isdigit() and int(v) > b.size:
                 return self._respond("MAIL", _reply_text(552, "5.3.4", "Message size exceeds fixed limit", b))
+            if k.upper() == "SMTPUTF8" and not b.smtputf8:
+                return self._respond("MAIL", _reply_text(555, "5.5.4", "Unsupported option: SMTPUTF8", b))
+        if not b.smtputf8 and not path.isascii():
+            return self._respond("MAIL", _reply_text(553, "5.6.7", "non-ASCII address without SMTPUTF8", b))
         reply = self._script("MAIL", _reply_text(250, "2.1.0", "Ok", b))
         if reply.startswith("2"):
             self.txn = Transaction(self.session, path, params)
@@ -474,6 +481,8 @@ class SinkProtocol(protocol.Protocol):
         path, _params = _path(arg[3:])
         if not path:
             return self._respond("RCPT", _reply_text(501, "5.1.3", "Bad recipient address syntax", b))
+        if not path.isascii() and "SMTPUTF8" not in self.txn.mail_params.upper().split():
+            return self._respond("RCPT", _reply_text(553, "5.6.7", "non-ASCII address without SMTPUTF8", b))
         if b.max_rcpts is not None and len(self.txn.rcpts) >= b.max_rcpts:
             reply = _reply_text(452, "4.5.3", "Error: too many recipients", b)
         else:
