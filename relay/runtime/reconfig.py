@@ -23,6 +23,7 @@ RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("smtp.listen", lambda c: c.smtp.listen),
     ("smtp.submission", lambda c: c.smtp.submission),
     ("pop3.listen", lambda c: c.pop3.listen),
+    ("proxy.listeners", lambda c: c.proxy.listeners),
     ("control.socket", lambda c: c.control_socket),
     ("metrics.listen", lambda c: c.metrics.listen),
     ("log.format", lambda c: c.log.format),
@@ -41,6 +42,7 @@ def keep_running(old: Config, new: Config) -> Config:
         new, spool=old.spool, workers=old.workers,
         smtp=dataclasses.replace(new.smtp, listen=old.smtp.listen, submission=old.smtp.submission),
         pop3=dataclasses.replace(new.pop3, listen=old.pop3.listen),
+        proxy=dataclasses.replace(new.proxy, listeners=old.proxy.listeners),
         control=old.control, metrics=old.metrics, log=old.log,
     )
 
