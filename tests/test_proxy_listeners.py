@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from relay import config as configmod
 from relay.mailbox import users as usersmod
 from tests.support.certs import cert_files
-from tests.support.relay import InProcessRelay, in_thread
+from tests.support.relay import InProcessRelay, deep_merge, in_thread
 from tests.support.smtpclient import RawSMTP
 from tests.support.wait import apoll
 
@@ -63,6 +63,7 @@ def closed_without_a_word(sock: socket.socket, timeout: float = 10.0) -> bool:
 
 class ProxyCase(unittest.TestCase):
     proxy: dict = {}
+    extra: dict = {}
 
     async def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="relay-proxy-")
@@ -80,7 +81,7 @@ class ProxyCase(unittest.TestCase):
             "proxy": {"listeners": [MX, SUBMISSION_TLS, POP3, POP3S], "trusted": [f"{BALANCER}/32", "::1"],
                       "header_timeout": "1s", **self.proxy},
         }
-        self.relay = InProcessRelay(self.tmp, over, deliver=False)
+        self.relay = InProcessRelay(self.tmp, deep_merge(over, self.extra), deliver=False)
         await self.relay.start()
         self.addCleanup(self.relay.stop)
         p = self.relay.ports
@@ -193,6 +194,53 @@ class TheClientAddressDecides(ProxyCase):
 
         self.assertTrue((await in_thread(run)).startswith(b"220 "))
         await apoll(lambda: "connect from [10.1.2.3]" in self.log(), what="the proxied TLS client logged")
+
+
+class RateLimitsByTheClient(ProxyCase):
+    extra = {"limits": {"messages_per_ip": "1/1h", "messages_per_sender": "off"}}
+
+    async def test_messages_per_ip_counts_each_client_behind_one_balancer(self):
+        def run():
+            a = via_balancer(self.mx, v1("192.0.2.9"))
+            a.reply()
+            a.cmd("EHLO client.example")
+            first = a.cmd("MAIL FROM:<a@b.example>")
+            a.cmd("RSET")
+            second = a.cmd("MAIL FROM:<a@b.example>")
+            b = via_balancer(self.mx, v2("192.0.2.10"))
+            b.reply()
+            b.cmd("EHLO other.example")
+            other = b.cmd("MAIL FROM:<a@b.example>")
+            return first, second, other
+
+        first, second, other = await in_thread(run)
+        self.assertEqual((first.code, second.code, other.code), (250, 450, 250))
+        self.assertIn("too many messages from 192.0.2.9", " ".join(second.lines))
+
+
+class OwnCertificate(ProxyCase):
+    """An ssl: PROXY listener with its own privateKey= listens as plain TCP
+    too: the header first, then its own TLS."""
+
+    async def test_ssl_with_its_own_key_after_the_header(self):
+        own = f"ssl:0:interface=127.0.0.1:privateKey={self.certs.key_pem}:certKey={self.certs.cert_pem}"
+        await self.relay.stop()
+        data = deep_merge(self.relay.data, {"smtp": {"submission": [own]},
+                                            "proxy": {"listeners": [own]}})
+        self.relay = InProcessRelay(self.tmp, data, deliver=False)
+        await self.relay.start()
+        self.addCleanup(self.relay.stop)
+        addr = self.relay.ports[f"submission {self.relay.config.smtp.submission[0]}"]
+
+        def run():
+            s = socket.create_connection(addr, source_address=(BALANCER, 0), timeout=10)
+            s.sendall(v1("10.1.2.3"))
+            tls = ssl.create_default_context(cafile=self.certs.ca_pem).wrap_socket(s, server_hostname="localhost")
+            banner = tls.recv(200)
+            tls.close()
+            return banner
+
+        self.assertTrue((await in_thread(run)).startswith(b"220 "))
 
 
 class AnyoneElseIsRefused(ProxyCase):
