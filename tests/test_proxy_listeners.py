@@ -16,6 +16,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from relay import config as configmod
+from relay.common import logsafe
 from relay.mailbox import users as usersmod
 from tests.support.certs import cert_files
 from tests.support.relay import InProcessRelay, deep_merge, in_thread
@@ -163,6 +164,21 @@ class TheClientAddressDecides(ProxyCase):
 
         self.assertEqual(await in_thread(run), (220, 554))
         self.assertIn(f"proxy: connect from [{BALANCER}] (PROXY v2 LOCAL UNSPEC -: the balancer's own", self.log())
+
+    async def test_af_unix_uses_the_balancer_address_and_its_path_is_escaped_in_the_log(self):
+        block = b"/run/x\n2026 forged line".ljust(108, b"\0") + b"/run/relay".ljust(108, b"\0")
+        header = V2_SIG + b"\x21\x31" + struct.pack("!H", len(block)) + block
+
+        def run():
+            c = via_balancer(self.mx, header)
+            return c.reply().code
+
+        self.assertEqual(await in_thread(run), 220)
+        (event,) = [e for e in self.events if e.get("log_namespace") == "relay.proxy"]
+        self.assertEqual(event["client"], "/run/x\n2026 forged line")  # a field logsafe neutralises
+        shown = formatEvent(logsafe.neutralise(event))
+        self.assertIn(f"proxy: connect from [{BALANCER}] (PROXY v2 PROXY UNIX /run/x\\x0a2026\\x20forged\\x20line:",
+                      shown)
 
     async def test_starttls_through_the_wrapper(self):
         def run():

@@ -84,6 +84,11 @@ class ProxyFactory(ServerFactory):
     def __init__(self, gate: ProxyGate, wrapped: Any):
         self.gate = gate
         self.wrapped = wrapped
+        wrapped.noisy = False  # as the relay's other listeners' factories
+
+    def logPrefix(self) -> str:
+        inner = getattr(self.wrapped, "logPrefix", None)
+        return f"{inner() if inner else type(self.wrapped).__name__} (PROXY)"
 
     def doStart(self) -> None:
         self.wrapped.doStart()
