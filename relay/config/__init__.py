@@ -433,6 +433,24 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ProxyConfig:
+    """Listeners behind a load balancer that speaks the PROXY protocol (docs/proxy.md)."""
+
+    listeners: tuple[str, ...] = declare(
+        [], v.ENDPOINTS,
+        "Endpoints of smtp.listen, smtp.submission and pop3.listen, written as there, that a load balancer "
+        "connects to with a PROXY protocol header (v1 or v2, haproxy's send-proxy / send-proxy-v2): the client "
+        "address it carries is the one relay.networks, the limits, the logs and Received headers use.  Such a "
+        "listener refuses a connection without a valid header and any connection not from proxy.trusted.")
+    trusted: tuple[IPNetwork, ...] = declare(
+        [], v.NETWORKS, "The load balancers' addresses or networks: the only peers whose PROXY header is "
+        "believed (required with proxy.listeners).")
+    header_timeout: float = declare(
+        "10s", v.DURATION, "How long a balancer's connection may take to send its complete header; then it is "
+        "closed (a peer that sends nothing holds no slot).", refine=v.ABOVE_ZERO)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """The log format."""
 
@@ -463,6 +481,7 @@ class Config:
     pop3: POP3Config = section(POP3Config)
     control: ControlConfig = section(ControlConfig)
     metrics: MetricsConfig = section(MetricsConfig)
+    proxy: ProxyConfig = section(ProxyConfig)
     log: LogConfig = section(LogConfig)
     path: str | None = None  # the file this came from, None for built-in defaults
     workers: int = declare(
@@ -766,6 +785,17 @@ def _domains_disjoint(ld: _Loader, values: dict[str, Any]) -> None:
         ld.problem("relay.domains", f"{', '.join(sorted(overlap))} also in local.domains")
 
 
+def _proxy_listeners(ld: _Loader, values: dict[str, Any]) -> None:
+    ours = {d for k in _MAIL_LISTENERS for d in values[k]}
+    for d in values["proxy.listeners"]:
+        if d not in ours:
+            ld.problem("proxy.listeners", f"{d!r} is not an endpoint of smtp.listen, smtp.submission or "
+                       "pop3.listen (name it exactly as written there)")
+    if values["proxy.listeners"] and not values["proxy.trusted"]:
+        ld.problem("proxy.trusted", "empty, but proxy.listeners expect a PROXY header: name the load "
+                   "balancers' addresses")
+
+
 def _workers_share_listeners(ld: _Loader, values: dict[str, Any]) -> None:
     if values["workers"] <= 1:
         return
@@ -791,6 +821,8 @@ _RULES: tuple[Rule, ...] = (
     _refine("delivery.mta_sts_fetch_timeout"),
     _ssl_needs_certificate,
     _domains_disjoint,
+    _refine("proxy.header_timeout"),
+    _proxy_listeners,
 )
 _RULES_OF_A_VALID_FILE: tuple[Rule, ...] = (_workers_share_listeners,)
 

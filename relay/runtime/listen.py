@@ -28,19 +28,21 @@ from relay.common.tls import ServerTLS
 LISTEN_BACKLOG = 1024  # for tcp/ssl listeners that do not say (Twisted's default is 50)
 
 
-def server_endpoint(reactor: Any, description: str) -> tuple[Any, bool]:
+def server_endpoint(reactor: Any, description: str, *, plain: bool = False) -> tuple[Any, bool]:
     """(endpoint, wrap) for a listener description: wrap is True for an
     ssl: endpoint without its own privateKey=, which listens as plain TCP and
-    must be wrapped in TLS with the relay's certificate by the caller.  (The
-    endpoint is an IStreamServerEndpoint: typed Any, as mypy reads a zope
-    interface's methods without self.)"""
+    must be wrapped in TLS with the relay's certificate by the caller
+    (``tls_factory``).  ``plain``: every ssl: endpoint listens as plain TCP
+    (wrap True), its own key too: a PROXY header comes before TLS
+    (relay.runtime.proxied).  (The endpoint is an IStreamServerEndpoint:
+    typed Any, as mypy reads a zope interface's methods without self.)"""
     spec = epmod.parse(description)
     if spec.kind in ("tcp", "tcp6", "ssl") and "backlog" not in spec.kwargs:
         # Twisted's default listen backlog is 50: a burst of clients would
         # overflow it and, SMTP being server-speaks-first, wait forever
         spec = epmod.EndpointSpec("", spec.kind, spec.args, {**spec.kwargs, "backlog": str(LISTEN_BACKLOG)})
         spec = epmod.EndpointSpec(epmod.unparse(spec), spec.kind, spec.args, spec.kwargs)
-    if spec.implicit_tls and not spec.own_certificate:
+    if spec.implicit_tls and (plain or not spec.own_certificate):
         tcp = epmod.EndpointSpec("", "tcp", spec.args, {k: v for k, v in spec.kwargs.items()
                                                         if k in ("interface", "backlog")})
         return endpoints.serverFromString(reactor, epmod.unparse(tcp)), True
@@ -73,18 +75,28 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def tls_factory(factory: Any, description: str, tls: Callable[[], ServerTLS | None]) -> Any:
+    """``factory`` behind the TLS an ssl: endpoint listening as plain TCP
+    needs: its own privateKey=/certKey=, else the relay's current certificate."""
+    spec = epmod.parse(description)
+    if spec.own_certificate:
+        key = spec.kwargs["privateKey"]
+        cert = spec.kwargs.get("certKey", key)
+        opts = tssl.PrivateCertificate.loadPEM(_read(cert) + b"\n" + _read(key)).options()
+        return TLSMemoryBIOFactory(opts, False, factory)
+    return with_current_tls(factory, tls)
+
+
 def adopted_listener(reactor: Any, fd: int, description: str, factory: Any,
-                     tls: Callable[[], ServerTLS | None]) -> AdoptedListener:
-    """A listening socket bound by the master process (relay.runtime.master)."""
+                     tls: Callable[[], ServerTLS | None],
+                     outer: Callable[[Any], Any] | None = None) -> AdoptedListener:
+    """A listening socket bound by the master process (relay.runtime.master);
+    ``outer`` wraps the factory around its TLS (the PROXY header reader)."""
     spec = epmod.parse(description)
     if spec.implicit_tls:
-        if spec.own_certificate:
-            key = spec.kwargs["privateKey"]
-            cert = spec.kwargs.get("certKey", key)
-            opts = tssl.PrivateCertificate.loadPEM(_read(cert) + b"\n" + _read(key)).options()
-            factory = TLSMemoryBIOFactory(opts, False, factory)
-        else:
-            factory = with_current_tls(factory, tls)
+        factory = tls_factory(factory, description, tls)
+    if outer is not None:
+        factory = outer(factory)
     factory.noisy = False
     probe = socketmod.socket(fileno=os.dup(fd))
     family = probe.family

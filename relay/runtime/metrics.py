@@ -53,8 +53,10 @@ class RelayCollector:
     the time.
     """
 
-    def __init__(self, reactor, *, smtp, queue, pickup, pop3_factories: list, started_at: float, sts=None):
+    def __init__(self, reactor, *, smtp, queue, pickup, pop3_factories: list, started_at: float, sts=None,
+                 proxy=None):
         self.reactor = reactor
+        self.proxy = proxy  # relay.runtime.proxied.ProxyGate (None: no PROXY listeners)
         self.sts = sts  # relay.delivery.mtasts.MtaSts (None: no delivery here)
         self.smtp = smtp
         self.queue = queue
@@ -76,6 +78,22 @@ class RelayCollector:
         yield from self._queue_state()
         yield from self._sessions()
         yield from self._mta_sts()
+        yield from self._proxy()
+
+    def _proxy(self) -> Iterable[Metric]:
+        """PROXY protocol listeners: headers accepted by version, connections refused by reason."""
+        gate = self.proxy
+        c = CounterMetricFamily("relay_proxy_headers", "PROXY protocol headers accepted on [proxy] listeners, "
+                                "by version", labels=["version"])
+        for version, n in sorted((gate.accepted if gate is not None else {"v1": 0, "v2": 0}).items()):
+            c.add_metric([version], n)
+        yield c
+        c = CounterMetricFamily("relay_proxy_refused", "Connections refused by a [proxy] listener, by reason "
+                                "(untrusted: not from proxy.trusted; timeout, garbage, oversize, bad_v1, bad_v2, "
+                                "closed: no valid header)", labels=["reason"])
+        for reason, n in sorted((gate.refused if gate is not None else {}).items()):
+            c.add_metric([reason], n)
+        yield c
 
     def _mta_sts(self) -> Iterable[Metric]:
         """MTA-STS: policy fetches by outcome, and the failures a policy reported, by mode."""
@@ -204,10 +222,12 @@ class RelayMetrics:
     """The registry of one relay: its collector and the latency histogram
     (the arguments are RelayCollector's)."""
 
-    def __init__(self, reactor, *, smtp, queue, pickup, pop3_factories: list, started_at: float, sts=None):
+    def __init__(self, reactor, *, smtp, queue, pickup, pop3_factories: list, started_at: float, sts=None,
+                 proxy=None):
         self.registry = CollectorRegistry()
         self.collector = RelayCollector(reactor, smtp=smtp, queue=queue, pickup=pickup,
-                                        pop3_factories=pop3_factories, started_at=started_at, sts=sts)
+                                        pop3_factories=pop3_factories, started_at=started_at, sts=sts,
+                                        proxy=proxy)
         self.registry.register(self.collector)
         self.latency = Histogram(
             "relay_delivery_attempt_duration_seconds",

@@ -29,10 +29,16 @@ RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("workers", lambda c: c.workers),
 )
 
+# keys of sections added since (kept apart: RESTART_KEYS is the list its
+# tests and callers know); they need a restart in the same way
+LATER_RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
+    ("proxy.listeners", lambda c: c.proxy.listeners),
+)
+
 
 def restart_needed(old: Config, new: Config) -> list[str]:
-    """The RESTART_KEYS the new config changes."""
-    return [key for key, get in RESTART_KEYS if get(old) != get(new)]
+    """The RESTART_KEYS (and LATER_RESTART_KEYS) the new config changes."""
+    return [key for key, get in RESTART_KEYS + LATER_RESTART_KEYS if get(old) != get(new)]
 
 
 def keep_running(old: Config, new: Config) -> Config:
@@ -41,6 +47,7 @@ def keep_running(old: Config, new: Config) -> Config:
         new, spool=old.spool, workers=old.workers,
         smtp=dataclasses.replace(new.smtp, listen=old.smtp.listen, submission=old.smtp.submission),
         pop3=dataclasses.replace(new.pop3, listen=old.pop3.listen),
+        proxy=dataclasses.replace(new.proxy, listeners=old.proxy.listeners),
         control=old.control, metrics=old.metrics, log=old.log,
     )
 

@@ -52,9 +52,10 @@ from relay.queue import spool as spoolmod
 from relay.queue.diskio import AsyncSpool, DiskPool
 from relay.queue.manager import QueueManager
 from relay.runtime import parts, reconfig
-from relay.runtime.listen import adopted_listener, server_endpoint, with_current_tls
+from relay.runtime.listen import adopted_listener, server_endpoint, tls_factory
 from relay.runtime.metrics import RelayMetrics
 from relay.runtime.process import exit_on_second_signal, raise_fd_limit
+from relay.runtime.proxied import ProxyGate
 from relay.smtp.context import ServerContext
 from relay.smtp.server import SMTPFactory
 
@@ -113,6 +114,7 @@ class RelayService(service.MultiService):
         self.sts: mtasts.MtaSts | None = None  # MTA-STS policies (the deliverer's), in <spool>/mta-sts
         self.pop3_factories: list = []
         self.listener_services: list = []
+        self.proxy = ProxyGate(self.reactor, config.proxy)  # listeners behind a load balancer
         self.scanned: defer.Deferred = defer.Deferred()  # fires when the start-up scan is done
         self.exit_on_error = False  # set by the twistd plugin: a start-up error exits the process
         self.handle_signals = False  # set by the twistd plugin: SIGHUP reloads, 2nd SIGTERM exits
@@ -190,11 +192,12 @@ class RelayService(service.MultiService):
     def _listen(self, description: str, factory, name: str) -> None:
         if description in self.adopted:
             svc: Any = adopted_listener(self.reactor, self.adopted[description], description, factory,
-                                        lambda: self.tls)
+                                        lambda: self.tls, outer=lambda f: self.proxy.wrap(description, f))
         else:
-            ep, wrap = server_endpoint(self.reactor, description)
+            ep, wrap = server_endpoint(self.reactor, description, plain=self.proxy.expects(description))
             if wrap:
-                factory = with_current_tls(factory, lambda: self.tls)
+                factory = tls_factory(factory, description, lambda: self.tls)
+            factory = self.proxy.wrap(description, factory)  # the PROXY header comes before TLS
             factory.noisy = False
             svc = internet.StreamServerEndpointService(ep, factory)
             svc._raiseSynchronously = True
@@ -255,7 +258,8 @@ class RelayService(service.MultiService):
         """This relay's metrics registry, fed by the queue's attempt hook, and
         served over HTTP on each metrics.listen endpoint."""
         self.metrics = RelayMetrics(self.reactor, smtp=self.smtp_ctx, queue=self.queue, pickup=self.pickup,
-                                    pop3_factories=self.pop3_factories, started_at=self.started_at, sts=self.sts)
+                                    pop3_factories=self.pop3_factories, started_at=self.started_at, sts=self.sts,
+                                    proxy=self.proxy)
         if self.queue is not None:
             self.queue.on_attempt = self.metrics.observe_attempt
         for desc in config.metrics.listen:
@@ -559,6 +563,7 @@ class RelayService(service.MultiService):
                 if self.sts is not None:
                     self.sts.set_resolver(self.deliverer.resolver)
         self.sts_trust = files.sts_trust
+        self.proxy.reconfigure(new.proxy)
         if self.sts is not None:
             parts.reconfigure_mta_sts(self.sts, new, files.sts_trust)
         if self.queue is not None:
