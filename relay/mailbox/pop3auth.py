@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from relay.common import sasl
 from relay.common.address import AddressError, parse_mailbox
 from relay.mailbox import maildir
+from relay.mailbox.pop3lock import keep_fresh
 from relay.mailbox.pop3session import CommandError, Connection, Session, cmd_error
 from relay.mailbox.users import UsersFileError, normalize_user
 
@@ -153,6 +154,7 @@ class AuthorizationCommands(Connection):
                 lock.release()
                 return None
             self.session = Session(user, path, lock, msgs)
+            keep_fresh(lock, f.reactor, f.run_blocking, user)  # the cross-host lock stays fresh
             n, size = self.session.stat()
             f.logged_in += 1
             log.info("pop3: login client={client} user={user} method={method} tls={tls} "
