@@ -236,15 +236,8 @@ def deliver(root: str, domain: str, local: str, src_path: str, src_offset: int, 
     """
     maildir = mailbox_path(root, domain, local)
     ensure_maildir(maildir)
-    base = unique_name()
+    base, fd = _create_tmp(maildir)
     tmp_path = os.path.join(maildir, "tmp", base)
-    try:
-        fd = create_exclusive(tmp_path, FILE_MODE)
-    except FileNotFoundError:
-        # removed since this process made it durable: make it again
-        _durable_maildirs.discard(os.path.abspath(maildir))
-        ensure_maildir(maildir)
-        fd = create_exclusive(tmp_path, FILE_MODE)
     try:
         try:
             size, vsize = _copy_lf(fd, src_path, src_offset, prefix)
@@ -257,6 +250,26 @@ def deliver(root: str, domain: str, local: str, src_path: str, src_offset: int, 
         unlink_quiet(tmp_path, missing_only=False)
     fsync_dir(os.path.join(maildir, "new"))
     return final
+
+
+def _create_tmp(maildir: str) -> tuple[str, int]:
+    """A new file tmp/<unique name>: (name, fd).  A name another host made
+    at the same moment gets a fresh one (O_EXCL never decides alone)."""
+    for attempt in range(5):
+        base = unique_name()
+        path = os.path.join(maildir, "tmp", base)
+        try:
+            return base, create_exclusive(path, FILE_MODE)
+        except FileExistsError:
+            if attempt == 4:
+                raise
+        except FileNotFoundError:
+            if attempt:
+                raise
+            # removed since this process made it durable: make it again
+            _durable_maildirs.discard(os.path.abspath(maildir))
+            ensure_maildir(maildir)
+    raise FileExistsError(errno.EEXIST, "no unique name in tmp/", maildir)
 
 
 def _copy_lf(fd: int, src_path: str, src_offset: int, prefix: bytes) -> tuple[int, int]:

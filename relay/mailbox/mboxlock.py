@@ -69,7 +69,8 @@ def escape_host(h: str) -> str:
     would break the name, "," would be taken for a Dovecot field, and
     whitespace or "=" would break the lock file's fields."""
     out = h.replace("\\", r"\134").replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
-    return "".join(c if 0x21 <= ord(c) <= 0x7E and c != "=" else f"\\{ord(c) & 0x1ff:03o}" for c in out)
+    return "".join(chr(b) if 0x21 <= b <= 0x7E and b != 0x3D else f"\\{b:03o}"
+                   for b in out.encode("utf-8", "surrogateescape"))
 
 
 def _read_small(path: str) -> str:
