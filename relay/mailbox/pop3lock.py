@@ -63,5 +63,9 @@ def keep_fresh(lock: mboxlock.MailboxLock, reactor: Any,
         if call is not None and call.active():
             call.cancel()
 
+    broke = lock.dotlock.broke
+    if broke is not None:
+        log.info("pop3: broke a stale mailbox lock of {user}: host={host} pid={pid} time={time}",
+                 user=user, host=broke.host, pid=broke.pid, time=broke.time)
     lock.on_release = stop
     schedule()
