@@ -197,7 +197,7 @@ def test_symlink_at_the_flock_name_is_refused(tmp_path):
     assert not os.path.exists(os.path.join(d, mboxlock.DOTLOCK_NAME))
 
 
-@pytest.mark.parametrize("sub", ["", "new", "cur", "tmp"])
+@pytest.mark.parametrize("sub", ["", "new", "cur", "tmp", "domain", "empty"])
 def test_planted_symlink_maildir_refused(tmp_path, sub):
     root = str(tmp_path / "mail")
     d = os.path.join(root, "example.org", "mallory")
@@ -205,7 +205,21 @@ def test_planted_symlink_maildir_refused(tmp_path, sub):
     os.makedirs(os.path.join(elsewhere, "new"))
     os.makedirs(os.path.join(elsewhere, "cur"))
     os.makedirs(os.path.join(elsewhere, "tmp"))
-    if sub:
+    if sub == "domain":  # <root>/example.org -> a tree whose mallory/ has new, cur, tmp
+        os.makedirs(root)
+        os.makedirs(str(tmp_path / "dom"))
+        os.symlink(elsewhere, str(tmp_path / "dom" / "mallory"))
+        os.symlink(str(tmp_path / "dom"), os.path.join(root, "example.org"))
+    elif sub == "empty":  # a link to an empty directory: nothing may be made in it
+        empty = str(tmp_path / "empty")
+        os.makedirs(empty)
+        os.makedirs(os.path.dirname(d))
+        os.symlink(empty, d)
+        with pytest.raises(OSError):
+            maildir.open_mailbox(root, "example.org", "mallory")
+        assert os.listdir(empty) == []
+        return
+    elif sub:
         os.makedirs(d)
         for s in ("new", "cur", "tmp"):
             if s != sub:

@@ -115,6 +115,7 @@ def ensure_maildir(maildir: str) -> None:
     if maildir in _durable_maildirs:
         return
     makedirs_durable(maildir, DIR_MODE)
+    check_real_dirs(maildir)  # a planted symlink takes no delivery elsewhere
     for sub in ("tmp", "new", "cur"):
         d = os.path.join(maildir, sub)
         try:
@@ -122,7 +123,6 @@ def ensure_maildir(maildir: str) -> None:
         except FileExistsError:
             if not os.path.isdir(d):
                 raise
-    check_real_dirs(maildir)  # a planted symlink takes no delivery elsewhere
     fsync_dir(maildir)
     _durable_maildirs.add(maildir)
 

@@ -305,7 +305,8 @@ def check_real_dirs(maildir: str) -> None:
     """Refuse a Maildir, or a tmp/new/cur in it, that is a symbolic link (or
     not a directory): one planted there would take the relay's files (and
     it may run as root at start) somewhere else.  LockRefused (an OSError)."""
-    for d in (maildir, *(os.path.join(maildir, sub) for sub in ("tmp", "new", "cur"))):
+    # the domain's directory too (made by the relay); the root may be a link the operator made
+    for d in (os.path.dirname(maildir), maildir, *(os.path.join(maildir, sub) for sub in ("tmp", "new", "cur"))):
         try:
             st = os.lstat(d)
         except FileNotFoundError:
