@@ -17,6 +17,8 @@ request can report failure for a link that was made:
 A lock that is not ours is stale, and is broken, when
 * it was made on this host (same host name and same node: boot and pid
   namespace) by a process that no longer exists: at once (a crash, a SIGKILL);
+  also at once when the caller holds this host's flock (MailboxLock), which
+  every session of this host holds while it holds the dot-lock;
 * otherwise when it has not been refreshed for ``stale_after`` seconds
   (default STALE_AFTER), the age measured against the mtime of our own
   temporary file, so both times come from the file server's clock (no clock
@@ -185,26 +187,36 @@ class DotLock:
     def _owner(self) -> Owner:
         return Owner(self.host, self.node, os.getpid(), int(self._now()), self._token)
 
-    def acquire(self, tries: int = 3) -> None:
-        """Take the lock, breaking a stale one; LockHeld if a live session has it."""
+    def acquire(self, tries: int = 3, *, host_excluded: bool = False) -> None:
+        """Take the lock, breaking a stale one; LockHeld if a live session has it.
+
+        host_excluded: the caller holds a lock that excludes every other
+        session of this host (MailboxLock's flock, taken first and released
+        last by every session): a lock of this host is then stale whatever
+        its pid says (a pid reused, a session of this very process that
+        ended without its release).
+        """
         if self.held:
             raise LockHeld(self.path)
         for _ in range(tries):
-            server_now = self._try_link()
+            server_now, link_error = self._try_link()
             if self.held:
                 return
             found = _read_lock(self.path)
             if found is None:
+                if link_error is not None and link_error.errno != errno.EEXIST:
+                    raise link_error  # no lock there and link() cannot make one: the storage fails
                 continue  # released meanwhile: try again
             st, owner = found
-            if not self._is_stale(st, owner, server_now):
+            if not self._is_stale(st, owner, server_now, host_excluded):
                 raise LockHeld(self.path)
             self._break(st, owner)
         raise LockHeld(self.path)
 
-    def _try_link(self) -> float:
+    def _try_link(self) -> tuple[float, OSError | None]:
         """Steps 1-3 above.  Returns the temporary file's mtime (the file
-        server's "now"); sets _ino when the lock is ours."""
+        server's "now") and what link() raised; sets _ino when the lock is ours."""
+        link_error: OSError | None = None
         self._token = secrets.token_hex(8)
         tmp = os.path.join(self.directory, f"{os.path.basename(self.path)}.{self.host}.{os.getpid()}.{self._token}")
         fd = os.open(tmp, _TMP_FLAGS, 0o600)
@@ -215,8 +227,8 @@ class DotLock:
                 os.close(fd)
             try:
                 os.link(tmp, self.path, follow_symlinks=False)
-            except OSError:
-                pass  # judged below: on NFS a link may succeed and still report an error
+            except OSError as e:
+                link_error = e  # judged below: on NFS a link may succeed and still report an error
             st = os.lstat(tmp)
             if st.st_nlink == 2:
                 try:
@@ -225,16 +237,16 @@ class DotLock:
                     lst = None
                 if lst is not None and (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino):
                     self._ino = (st.st_dev, st.st_ino)
-            return st.st_mtime
+            return st.st_mtime, link_error
         finally:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
 
-    def _is_stale(self, st: os.stat_result, owner: Owner, server_now: float) -> bool:
-        if owner.host == self.host and owner.node == self.node and owner.pid > 0:
-            if not self._alive(owner.pid):
+    def _is_stale(self, st: os.stat_result, owner: Owner, server_now: float, host_excluded: bool) -> bool:
+        if owner.host == self.host and owner.node == self.node:
+            if host_excluded or (owner.pid > 0 and not self._alive(owner.pid)):
                 return True
         return server_now - st.st_mtime > self.stale_after
 
@@ -353,7 +365,7 @@ class MailboxLock:
                 raise
             fd = -1
         try:
-            self.dotlock.acquire()
+            self.dotlock.acquire(host_excluded=fd >= 0)
         except LockHeld:
             if fd >= 0:
                 os.close(fd)
