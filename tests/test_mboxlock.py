@@ -340,3 +340,67 @@ def test_a_lock_of_this_host_is_stale_once_the_flock_is_ours(tmp_path):
     with pytest.raises(maildir.MailboxLocked):
         maildir.MailboxLock(d, dotlock=lock(d, "node-a", node="n1")).acquire()
     far.release()
+
+
+class TestPOP3Session:
+    """The lock as a POP3 session holds it (task.Clock, a StringTransport)."""
+
+    def setup(self, tmp_path):
+        from relay.mailbox import pop3
+        from relay.mailbox.users import UserDB
+        from tests.support.pop3server import ALICE, PASSWORDS, FakeTransport, write_users
+
+        users = str(tmp_path / "users")
+        write_users(users, PASSWORDS)
+        self.clock = task.Clock()
+        self.root = str(tmp_path / "mail")
+        f = pop3.POP3Factory(hostname="pop.example.org", mailbox_root=self.root, local_domains=["example.org"],
+                             userdb=UserDB(users), reactor=self.clock)
+        f.run_blocking = lambda fn, *a, **kw: defer.maybeDeferred(fn, *a, **kw)
+        self.box = maildir.mailbox_path(self.root, ALICE.split("@")[1], ALICE.split("@")[0])
+        self.dotlock = os.path.join(self.box, mboxlock.DOTLOCK_NAME)
+
+        def connect():
+            p = f.buildProtocol(None)
+            t = FakeTransport()
+            p.makeConnection(t)
+            p.dataReceived(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
+            return p, t
+
+        return connect
+
+    def ticks(self) -> list:
+        return [c for c in self.clock.getDelayedCalls() if c.active() and c.func.__name__ == "tick"]
+
+    @pytest.mark.parametrize("end", ["QUIT", "disconnect"])
+    def test_held_refreshed_and_released(self, tmp_path, end):
+        connect = self.setup(tmp_path)
+        p, t = connect()
+        assert b"+OK Logged in" in t.value()
+        assert os.path.exists(self.dotlock)
+        age(self.dotlock, 200)
+        self.clock.advance(mboxlock.REFRESH_EVERY)
+        assert time.time() - os.stat(self.dotlock).st_mtime < 60  # touched while the session lives
+        p2, t2 = connect()
+        assert t2.value().endswith(b"-ERR [IN-USE] Mailbox is locked by another POP3 session\r\n")
+        p2.connectionLost(None)
+        assert len(self.ticks()) == 1
+        if end == "QUIT":
+            p.dataReceived(b"QUIT\r\n")
+        p.connectionLost(None)
+        assert not os.path.exists(self.dotlock)
+        assert self.ticks() == []  # no refresh timer outlives the session
+
+    def test_planted_symlink_at_the_lock_refused_with_sys_temp(self, tmp_path):
+        connect = self.setup(tmp_path)
+        maildir.ensure_maildir(self.box)
+        victim = str(tmp_path / "victim")
+        with open(victim, "wb") as f:
+            f.write(b"root's file")
+        os.symlink(victim, self.dotlock)
+        p, t = connect()
+        assert t.value().endswith(b"-ERR [SYS/TEMP] Cannot open the mailbox, try again later\r\n")
+        p.connectionLost(None)
+        assert os.path.islink(self.dotlock)
+        with open(victim, "rb") as f:
+            assert f.read() == b"root's file"
