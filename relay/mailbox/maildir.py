@@ -12,8 +12,12 @@ what we write and so that POP3 never has to scan a file to know its size:
 * Messages are stored with LF line endings (the Maildir convention).  POP3
   sends them with CRLF; the CRLF ("virtual") size and the stored size are in
   the file name, Dovecot-style: ``<time>.M<usec>P<pid>Q<n>R<rand>.<host>,S=<size>,W=<crlf size>``.
-* Delivery writes ``tmp/<name>``, fsyncs it, renames it into ``new/`` and
-  fsyncs ``new/``: a crash leaves either no message in new/ or a whole one.
+* Delivery writes ``tmp/<name>``, fsyncs it, links it into ``new/`` (link,
+  not rename: it never replaces a name, and is judged NFS-safe by the link
+  count), removes the tmp/ name and fsyncs ``new/``: a crash leaves either
+  no message in new/ or a whole one.
+* Several hosts may share the tree (docs/shared-storage.md): names carry the
+  host name; the POP3 lock (relay.mailbox.mboxlock) holds across hosts.
 
 UIDL values are derived from the part of the name before the first "," (or
 ":"), which never changes when a message moves from new/ to cur/ or gains
