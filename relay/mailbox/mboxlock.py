@@ -32,8 +32,13 @@ overwrites); only then is it removed.  Release removes the lock only while
 it is still ours (same inode and token).
 
 Nothing here follows a symbolic link: the lock name, a planted symlink or a
-non-regular file there is refused (LockRefused), never followed or removed.
-Blocking (stats, links, maybe over NFS): callers run it in a thread.
+non-regular file there is refused (LockRefused), never followed or removed;
+check_real_dirs refuses a Maildir (or its tmp/new/cur) that is a symlink.
+
+MailboxLock is what a POP3 session takes: this host's flock first (cheap),
+then the DotLock; relay.mailbox.pop3lock keeps it fresh.  Blocking (stats,
+links, maybe over NFS): callers run it in a thread, except
+MailboxLock.release (see there).
 """
 
 from __future__ import annotations
