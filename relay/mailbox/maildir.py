@@ -12,8 +12,12 @@ what we write and so that POP3 never has to scan a file to know its size:
 * Messages are stored with LF line endings (the Maildir convention).  POP3
   sends them with CRLF; the CRLF ("virtual") size and the stored size are in
   the file name, Dovecot-style: ``<time>.M<usec>P<pid>Q<n>R<rand>.<host>,S=<size>,W=<crlf size>``.
-* Delivery writes ``tmp/<name>``, fsyncs it, renames it into ``new/`` and
-  fsyncs ``new/``: a crash leaves either no message in new/ or a whole one.
+* Delivery writes ``tmp/<name>``, fsyncs it, links it into ``new/`` (link,
+  not rename: it never replaces a name, and is judged NFS-safe by the link
+  count), removes the tmp/ name and fsyncs ``new/``: a crash leaves either
+  no message in new/ or a whole one.
+* Several hosts may share the tree (docs/shared-storage.md): names carry the
+  host name; the POP3 lock (relay.mailbox.mboxlock) holds across hosts.
 
 UIDL values are derived from the part of the name before the first "," (or
 ":"), which never changes when a message moves from new/ to cur/ or gains
@@ -24,7 +28,6 @@ hash of that part instead.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import itertools
 import os
@@ -38,13 +41,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from relay.common.address import AddressError
-from relay.common.fileio import DurableFile, fsync_dir, makedirs_durable
+from relay.common.fileio import create_exclusive, fsync_dir, makedirs_durable, unlink_quiet, write_all
+from relay.mailbox.mboxlock import LOCK_NAME, MailboxLock, MailboxLocked, check_real_dirs, escape_host
 from relay.mailbox.users import check_safe_local_part, unsafe_path_part
 
 CHUNK = 256 * 1024
 DIR_MODE = 0o700
 FILE_MODE = 0o600
-LOCK_NAME = "relay-pop3.lock"  # no leading dot: Maildir++ readers take ".x" for folders
 MAX_UIDL = 70
 
 _counter = itertools.count(1)
@@ -57,19 +60,25 @@ _hostname: str | None = None
 
 
 def _escaped_hostname() -> str:
-    """The host name as the Maildir spec wants it in file names.
+    """The system's host name as the Maildir spec wants it in file names
+    (relay.mailbox.mboxlock.escape_host: "/", ":" and "," encoded).
 
-    "/" and ":" would break the name; "," would be taken for a Dovecot field.
+    The system's, not the config's ``hostname``: relays of one fleet may
+    all announce one name, but their machines differ (docs/shared-storage.md).
     """
     global _hostname
     if _hostname is None:
-        h = socket.gethostname() or "localhost"
-        _hostname = h.replace("\\", r"\134").replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
+        _hostname = escape_host(socket.gethostname() or "localhost")
     return _hostname
 
 
 def unique_name(now: float | None = None) -> str:
-    """A new Maildir base name: time, M<usec>P<pid>Q<counter>R<random>, host."""
+    """A new Maildir base name: time, M<usec>P<pid>Q<counter>R<random>, host.
+
+    Unique across the hosts sharing a mailbox tree by the host name (the
+    Maildir spec's rule), within a host by pid and counter, and by 32 random
+    bits even if two hosts share a name.
+    """
     t = time.time() if now is None else now
     sec = int(t)
     usec = int((t - sec) * 1_000_000)
@@ -110,6 +119,7 @@ def ensure_maildir(maildir: str) -> None:
     if maildir in _durable_maildirs:
         return
     makedirs_durable(maildir, DIR_MODE)
+    check_real_dirs(maildir)  # a planted symlink takes no delivery elsewhere
     for sub in ("tmp", "new", "cur"):
         d = os.path.join(maildir, sub)
         try:
@@ -220,7 +230,7 @@ def deliver(root: str, domain: str, local: str, src_path: str, src_offset: int, 
     src_path holds the message with CRLF line endings from byte src_offset
     on; prefix holds header lines (Return-Path:, Delivered-To:) to put in
     front, CRLF-terminated.  The copy is streamed in CHUNK pieces and stored
-    with LF endings.  Only after tmp/ file fsync, rename into new/ and fsync
+    with LF endings.  Only after tmp/ file fsync, link into new/ and fsync
     of new/ does this return: the caller may then record the recipient as
     delivered.
 
@@ -230,56 +240,108 @@ def deliver(root: str, domain: str, local: str, src_path: str, src_offset: int, 
     """
     maildir = mailbox_path(root, domain, local)
     ensure_maildir(maildir)
-    base = unique_name()
+    base, fd = _create_tmp(maildir)
     tmp_path = os.path.join(maildir, "tmp", base)
+    try:
+        try:
+            size, vsize = _copy_lf(fd, src_path, src_offset, prefix)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # the name carries the sizes, known only now
+        final = _link_new(maildir, tmp_path, base, f",S={size},W={vsize}")
+    finally:
+        unlink_quiet(tmp_path, missing_only=False)
+    fsync_dir(os.path.join(maildir, "new"))
+    return final
+
+
+def _create_tmp(maildir: str) -> tuple[str, int]:
+    """A new file tmp/<unique name>: (name, fd).  A name another host made
+    at the same moment gets a fresh one (O_EXCL never decides alone)."""
+    for attempt in range(5):
+        base = unique_name()
+        path = os.path.join(maildir, "tmp", base)
+        try:
+            return base, create_exclusive(path, FILE_MODE)
+        except FileExistsError:
+            if attempt == 4:
+                raise
+        except FileNotFoundError:
+            if attempt:
+                raise
+            # removed since this process made it durable: make it again
+            _durable_maildirs.discard(os.path.abspath(maildir))
+            ensure_maildir(maildir)
+    raise FileExistsError(errno.EEXIST, "no unique name in tmp/", maildir)
+
+
+def _copy_lf(fd: int, src_path: str, src_offset: int, prefix: bytes) -> tuple[int, int]:
+    """Write prefix and src_path from src_offset to fd with LF endings, in
+    CHUNK pieces; return (stored size, CRLF size)."""
     conv = _ToLF()
     vsize = _VirtualSize()
     size = 0
-    try:
-        out = DurableFile(tmp_path, mode=FILE_MODE)
-    except FileNotFoundError:
-        # removed since this process made it durable: make it again
-        _durable_maildirs.discard(os.path.abspath(maildir))
-        ensure_maildir(maildir)
-        out = DurableFile(tmp_path, mode=FILE_MODE)
-    try:
-        pending: list[bytes] = []
-        pending_len = 0
+    pending: list[bytes] = []
+    pending_len = 0
 
-        def put(data: bytes) -> None:
-            nonlocal size, pending_len
-            if not data:
-                return
-            size += len(data)
-            vsize.feed(data)
-            pending.append(data)
-            pending_len += len(data)
-            if pending_len >= CHUNK:
-                flush()
+    def put(data: bytes) -> None:
+        nonlocal size, pending_len
+        if not data:
+            return
+        size += len(data)
+        vsize.feed(data)
+        pending.append(data)
+        pending_len += len(data)
+        if pending_len >= CHUNK:
+            flush()
 
-        def flush() -> None:
-            nonlocal pending_len
-            if pending:
-                out.write(b"".join(pending))
-                pending.clear()
-                pending_len = 0
+    def flush() -> None:
+        nonlocal pending_len
+        if pending:
+            write_all(fd, b"".join(pending))
+            pending.clear()
+            pending_len = 0
 
-        put(conv.feed(prefix))
-        with open(src_path, "rb") as src:
-            src.seek(src_offset)
-            while True:
-                chunk = src.read(CHUNK)
-                if not chunk:
-                    break
-                put(conv.feed(chunk))
-        put(conv.flush())
-        flush()
-    except BaseException:
-        out.abort()
-        raise
-    # the name carries the sizes, known only now; the new/ directory is fsynced
-    final = os.path.join(maildir, "new", f"{base},S={size},W={vsize.size}")
-    return out.commit(final)
+    put(conv.feed(prefix))
+    with open(src_path, "rb") as src:
+        src.seek(src_offset)
+        while True:
+            chunk = src.read(CHUNK)
+            if not chunk:
+                break
+            put(conv.feed(chunk))
+    put(conv.flush())
+    flush()
+    return size, vsize.size
+
+
+def _link_new(maildir: str, tmp_path: str, base: str, fields: str) -> str:
+    """link() tmp_path to new/<base><fields> and return that path.
+
+    link, not rename: link never replaces an existing name, so a name
+    clash (however unlikely) can never overwrite a message another host
+    delivered; it gets a fresh name instead.  On NFS a retransmitted link
+    may report EEXIST (or another error) for a link that was made: the
+    link count of the tmp/ file and the inode of the new name decide.
+    """
+    for _ in range(5):
+        final = os.path.join(maildir, "new", base + fields)
+        try:
+            os.link(tmp_path, final, follow_symlinks=False)
+            return final
+        except OSError as e:
+            st = os.lstat(tmp_path)
+            try:
+                lst = os.lstat(final)
+            except FileNotFoundError:
+                lst = None
+            if st.st_nlink == 2 and lst is not None and (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino):
+                return final
+            if e.errno != errno.EEXIST:
+                raise
+        base = unique_name()
+    raise FileExistsError(errno.EEXIST, "no unique name in new/", final)
 
 
 # ---------------------------------------------------------------------------
@@ -498,50 +560,15 @@ def delete(maildir: str, msgs: list[Message]) -> int:
     return failed
 
 
-class MailboxLocked(Exception):
-    """Another session (of this or another process) holds the mailbox."""
-
-
-class MailboxLock:
-    """An exclusive flock on <maildir>/relay-pop3.lock.
-
-    flock locks belong to an open file description, so two sessions of one
-    process exclude each other as two processes do, and the kernel drops
-    the lock if the process dies.
-    """
-
-    def __init__(self, maildir: str):
-        self.path = os.path.join(maildir, LOCK_NAME)
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise MailboxLocked(self.path)
-            raise
-        self._fd = fd
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # closing the only descriptor drops the flock
-
-
 def open_mailbox(root: str, domain: str, local: str) -> tuple[str, MailboxLock, list[Message]]:
     """Create the Maildir if needed, lock it and list it (blocking).
 
-    Raises MailboxLocked, AddressError for unsafe names, OSError.
+    Raises MailboxLocked, AddressError for unsafe names, OSError (LockRefused
+    for a planted symbolic link).
     """
     maildir = mailbox_path(root, domain, local)
     ensure_maildir(maildir)
+    check_real_dirs(maildir)
     lock = MailboxLock(maildir)
     lock.acquire()
     try:
@@ -550,3 +577,6 @@ def open_mailbox(root: str, domain: str, local: str) -> tuple[str, MailboxLock, 
         lock.release()
         raise
     return maildir, lock, msgs
+
+
+__all__ = ["LOCK_NAME", "MailboxLock", "MailboxLocked", "check_real_dirs"]  # (their home: relay.mailbox.mboxlock)

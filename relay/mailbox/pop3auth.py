@@ -25,6 +25,8 @@ from twisted.python.failure import Failure
 from relay.common import sasl
 from relay.common.address import AddressError, parse_mailbox
 from relay.mailbox import maildir
+from relay.mailbox.mboxlock import LockRefused
+from relay.mailbox.pop3lock import keep_fresh
 from relay.mailbox.pop3session import CommandError, Connection, Session, cmd_error
 from relay.mailbox.users import UsersFileError, normalize_user
 
@@ -153,6 +155,7 @@ class AuthorizationCommands(Connection):
                 lock.release()
                 return None
             self.session = Session(user, path, lock, msgs)
+            keep_fresh(lock, f.reactor, f.run_blocking, user)  # the cross-host lock stays fresh
             n, size = self.session.stat()
             f.logged_in += 1
             log.info("pop3: login client={client} user={user} method={method} tls={tls} "
@@ -168,6 +171,10 @@ class AuthorizationCommands(Connection):
                 return None
             if fail.check(AddressError):
                 return self._failed_login(started)
+            if fail.check(LockRefused):  # a planted symlink or the like: the operator's to look at
+                log.error("pop3: mailbox of {user} refused: {err}", user=user, err=str(fail.value))
+                self._write(b"-ERR [SYS/TEMP] Cannot open the mailbox, try again later\r\n")
+                return None
             log.failure("pop3: cannot open the mailbox of {user}", fail, user=user)
             self._write(b"-ERR [SYS/TEMP] Cannot open the mailbox, try again later\r\n")
             return None

@@ -35,7 +35,8 @@ is in relay.mailbox.pop3session, and the factory is relay.mailbox.pop3.)
   thread hop), as are the renames above (metadata only, no fsync).
 * Large messages are streamed: the protocol is the transport's push
   producer, and reads the next chunk only when the transport has drained.
-* The mailbox is locked (flock, see relay.mailbox.maildir.MailboxLock) from login
+* The mailbox is locked (flock + a dot-lock that holds across hosts, see
+  relay.mailbox.mboxlock.MailboxLock, kept fresh by relay.mailbox.pop3lock) from login
   until the session ends however it ends; DELE only marks, and files are
   removed only when QUIT arrives in the TRANSACTION state.
 * STLS discards anything the client sent after the STLS line (command
