@@ -12,6 +12,7 @@ Both canonicalisations: simple and relaxed.  Pure code, blocking.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ def canonicalize_header(fld: HeaderField, how: str) -> bytes:
     return fld.name.lower() + b":" + value + b"\r\n"
 
 
+@functools.lru_cache(maxsize=32)
 def parse_canonicalization(c: str) -> tuple[str, str]:
     """(header, body) from a c= value: "relaxed/relaxed", "simple", ... (a body default of simple, RFC 6376 3.5)."""
     head, _, body = c.strip().lower().partition("/")
