@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import re
 import stat
@@ -57,7 +58,9 @@ from relay.intake.dkimcanon import (
     HeaderField,
     MessageError,
     body_hash,
+    body_hash_of,
     canonicalize_header,
+    header_block_of,
     parse_canonicalization,
     parse_header_fields,
     read_header_block,
@@ -499,12 +502,16 @@ def _sign_open(f: BinaryIO, offset: int, pick: Callable[[list[HeaderField]], Cho
                max_header: int) -> tuple[Choice, list[bytes]]:
     c = parse_canonicalization(canonicalization)
     t = int(time.time()) if timestamp is None else timestamp
-    block, body_start = read_header_block(f, offset, max_header)
+    data = f.getvalue() if isinstance(f, io.BytesIO) else None  # held in memory: no reads, no copies
+    if data is not None:
+        block, body_start = header_block_of(data, offset, max_header)
+    else:
+        block, body_start = read_header_block(f, offset, max_header)
     fields = parse_header_fields(block)
     choice = pick(fields)
     if not choice.signed:
         return choice, []
-    bh = body_hash(f, body_start, c[1], chunk_size)
+    bh = body_hash_of(data, body_start, c[1]) if data is not None else body_hash(f, body_start, c[1], chunk_size)
     return choice, [signature_header(k, fields, bh, timestamp=t, headers=headers, canonicalization=canonicalization)
                     for k in choice.keys]
 
