@@ -2,13 +2,17 @@
 signing costs less than 15% of the accept rate).
 
     sudo python3 bench/dkim_accept.py [--runs 3] [--messages 5000] [--workers 2] [--quick]
+                                      [--modes off,rsa-sha256,ed25519-sha256]
 
 bench/run.py's accept scenario (benchmark 2: smtp-source -> our relay, the next hop down, so
 every message is only queued), our relay only, once per round in each of the three modes, in
 turn (off, rsa-sha256, ed25519-sha256; the order rotated each round so a drift of the machine
 falls on each alike).  With signing on, the relay has a key (made by `relayctl dkim keygen`)
 for the domain of smtp-source's From header, and every message is signed at intake before its
-250.  Prints, per mode, the median rate and CPU per message, and the cost against "off".
+250.  Prints, per mode, the median rate, the relay's CPU per message, the whole machine's busy
+CPU per message (2 / rate on 2 cores when both were busy all the run: the rate is then bound
+by CPU, the relay's and any other load's) and the cost against "off": the rate lost, as -x% (a rate above
+off's, from noise, shows as +x%), then each run's rate.
 Root, like bench/run.py (it uses the same bench venv and work directory).
 """
 
