@@ -12,6 +12,7 @@ Both canonicalisations: simple and relaxed.  Pure code, blocking.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -69,6 +70,21 @@ def read_header_block(f: BinaryIO, start: int, limit: int = MAX_HEADER_BYTES) ->
         buf += chunk
 
 
+def header_block_of(data: bytes, start: int, limit: int = MAX_HEADER_BYTES) -> tuple[bytes, int]:
+    """read_header_block for a message held in memory (data from start): the same answer, no copy of the body."""
+    if data.startswith(b"\r\n", start):
+        return b"", start + 2
+    i = data.find(b"\r\n\r\n", start)
+    if i < 0:
+        if len(data) - start > limit:
+            raise MessageError(f"the header block is longer than {limit} bytes")
+        rest = data[start:]
+        return (rest if rest.endswith(b"\r\n") or not rest else rest + b"\r\n"), len(data)
+    if i - start + 2 > limit:
+        raise MessageError(f"the header block is longer than {limit} bytes")
+    return data[start:i + 2], i + 4
+
+
 def parse_header_fields(block: bytes) -> list[HeaderField]:
     """The fields of a header block, continuation lines joined to their field."""
     fields: list[tuple[bytes, list[bytes]]] = []
@@ -113,6 +129,7 @@ def canonicalize_header(fld: HeaderField, how: str) -> bytes:
     return fld.name.lower() + b":" + value + b"\r\n"
 
 
+@functools.lru_cache(maxsize=32)
 def parse_canonicalization(c: str) -> tuple[str, str]:
     """(header, body) from a c= value: "relaxed/relaxed", "simple", ... (a body default of simple, RFC 6376 3.5)."""
     head, _, body = c.strip().lower().partition("/")
@@ -205,6 +222,29 @@ class BodyHasher:
             n = min(self._blank, _BLANKS)
             self._hash.update(b"\r\n" * n)
             self._blank -= n
+
+
+def body_hash_of(data: bytes, start: int, canonicalization: str) -> bytes:
+    """The body hash of data[start:], a body held in memory: BodyHasher's answer
+    in a few calls on the whole body (no line of it can be past _PARTIAL, so
+    nothing is hashed in parts); a longer body goes through BodyHasher."""
+    if len(data) - start > _PARTIAL:
+        h = BodyHasher(canonicalization)
+        h.update(memoryview(data)[start:].tobytes())
+        return h.digest()
+    if canonicalization not in ("simple", "relaxed"):
+        raise ValueError(f"unknown body canonicalization {canonicalization!r}")
+    body = data[start:] if start else data
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"  # SMTP ends the last line (see BodyHasher)
+    if canonicalization == "relaxed" and (b" " in body or b"\t" in body):
+        body = compress_wsp(body).replace(b" \r\n", b"\r\n")
+    end = len(body) - 2  # the last line's CRLF; the empty lines before it are not part of the body
+    while end >= 2 and body.startswith(b"\r\n", end - 2):
+        end -= 2
+    if end > 0:
+        return hashlib.sha256(memoryview(body)[:end + 2]).digest()
+    return hashlib.sha256(b"" if canonicalization == "relaxed" else b"\r\n").digest()
 
 
 def body_hash(f: BinaryIO, start: int, canonicalization: str, chunk_size: int = CHUNK) -> bytes:
