@@ -26,6 +26,7 @@ import tomllib
 from relay import config as configmod
 from relay.admin import client as cc
 from relay.admin import dkimverbs
+from relay.admin import drain as drainverb
 from relay.admin.queueverbs import cmd_queue
 from relay.admin.reach import (
     EXIT_FAIL,
@@ -264,6 +265,7 @@ def add_commands(sub) -> None:
                            ("bounce", "return to the sender now, with a delivery status notification")):
         x = qs.add_parser(name, help=helptext)
         x.add_argument("ids", metavar="ID", nargs="+")
+    drainverb.add_parser(qs)
     q.set_defaults(func=cmd_queue, queue_cmd=None, all=False, ids=[])
 
     r = sub.add_parser("route", help="how an address would be delivered now (does the DNS look-up)")

@@ -82,6 +82,7 @@ QueueAction = command(ctlproto.QUEUE_ACTION)
 Route = command(ctlproto.ROUTE)
 Metrics = command(ctlproto.METRICS)
 Reload = command(ctlproto.RELOAD)
+QueueDrain = command(ctlproto.QUEUE_DRAIN)
 
 
 class QuietAMP(amp.AMP):

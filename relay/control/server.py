@@ -55,8 +55,21 @@ import relay
 from relay.common.errors import StartupError
 from relay.common.flow import ReadOnlyWhileDrained
 from relay.control import route as routecheck
-from relay.control.amp import Hello, Metrics, QueueAction, QueueList, QueueShow, QuietAMP, Reload, Route, Status
+from relay.control.amp import (
+    Hello,
+    Metrics,
+    QueueAction,
+    QueueDrain,
+    QueueList,
+    QueueShow,
+    QuietAMP,
+    Reload,
+    Route,
+    Status,
+)
 from relay.control.proto import ACTIONS, ACTIONS_ON_ALL, BadRequest, NoQueue, NoSuchMessage, ReloadUnsupported
+from relay.outbound.request import Timeouts
+from relay.queue import drain as drainmod
 from relay.queue import manager as queuemod
 from relay.queue import spool as spoolmod
 from relay.queue import view as queueview
@@ -339,6 +352,32 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
         log.info("relayctl queue {action} {targets}: {result}", action=action, targets=what, result=result,
                  done=totals["done"], skipped=totals["skipped"], failed=totals["failed"],
                  queue_ids=None if every else targets[:100])
+
+    @QueueDrain.responder
+    def queue_drain(self, id: str, host: str, address: str, port: int, ehlo: str, tls: str,  # noqa: A002
+                    ca_file: str | None = None, auth_user: str | None = None, auth_password: str | None = None,
+                    held: bool = False, wait: int | None = None, reply_timeout: int | None = None):
+        if tls not in drainmod.TLS_CHOICES:
+            raise BadRequest(f"--tls: one of {', '.join(drainmod.TLS_CHOICES)}, not {tls!r}")
+        if not 0 < port < 65536:
+            raise BadRequest(f"bad port {port}")
+        auth = (auth_user, auth_password or "") if auth_user else None
+        kw: dict[str, Any] = {}
+        if reply_timeout:
+            kw = {"connect_timeout": float(reply_timeout), "timeouts": Timeouts.uniform(float(reply_timeout))}
+        peer = drainmod.Peer(host, address, port, ehlo, tls, ca_file or None, auth, **kw)
+        return defer.ensureDeferred(self._drain(normalize_id(id), peer, held, wait))
+
+    async def _drain(self, qid: str, peer: drainmod.Peer, held: bool, wait: int | None) -> dict:
+        q = self._queue()
+        if not is_queue_id(qid):
+            raise NoSuchMessage(f"{qid}: no such message in the queue (not a queue id)")
+        drainer = drainmod.LiveDrain(q, self.ctx.spool, self.ctx.reactor, q.config.hostname)
+        try:
+            r = await drainer.drain(qid, peer, wait=float(wait if wait is not None else 60), held=held)
+        except KeyError:
+            raise NoSuchMessage(f"{qid}: no such message in the queue{_loading(q)}")
+        return {"result": json.dumps(r.as_json()).encode("utf-8")}
 
     @Route.responder
     def route(self, address: str, client: str | None = None, sender: str | None = None):
