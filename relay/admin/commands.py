@@ -25,7 +25,7 @@ import tomllib
 
 from relay import config as configmod
 from relay.admin import client as cc
-from relay.admin import dkimverbs
+from relay.admin import dkimverbs, fleet
 from relay.admin import drain as drainverb
 from relay.admin.queueverbs import cmd_queue
 from relay.admin.reach import (
@@ -54,6 +54,8 @@ from relay.queue import view as queueview
 
 @verb
 def cmd_status(args) -> int:
+    if getattr(args, "fleet", False):
+        return fleet.cmd_status(args)
     cfg = load_config(args)
     relays = open_relays(cfg)
     parts = []

@@ -421,6 +421,10 @@ class ControlConfig:
 
     socket: str = declare(
         "", v.OPTIONAL_PATH, "The UNIX socket relayctl talks to (mode 0600).  Empty: `<spool>/control.sock`.")
+    fleet: tuple[tuple[str, str], ...] = declare(
+        {}, v.FLEET, "The relays of a fleet that `relayctl --fleet queue` and `relayctl --fleet status` ask, "
+        "each by its control socket (a node with workers > 1: one entry per worker's socket); the relay itself "
+        "does not use it.", example={"mx1": "/var/spool/relay/control.sock", "mx2": "/mnt/mx2/control.sock"})
 
 
 @dataclass(frozen=True)
