@@ -258,6 +258,38 @@ class PeerRefuses(DrainCase):
         self.assertEqual(self.queue.messages, {})
 
 
+    async def test_peer_goes_down_mid_drain(self):
+        """The peer stops listening right after its first 250: the next
+        message meets a refused connection; the rest is kept, nothing lost."""
+        peer = Sink("127.0.0.3").start()
+        self.addCleanup(lambda: peer.stop())
+
+        class StopAfterFirst(list):
+            def append(self, t):
+                super().append(t)
+                if len(self) == 1:
+                    peer._listening.stopListening()
+
+        peer.transactions = StopAfterFirst()
+        qids = [await self.send([f"{c}@dead.test"]) for c in "bcd"]
+        for q in qids:
+            await self.deferred(q, 1)
+        r = await self.ctl("queue", "drain", "--to", f"127.0.0.3:{peer.port}", "--json")
+        self.assertEqual(r.returncode, 1, r.stderr)
+        lines = json_lines(r.stdout)
+        self.assertEqual(len(lines), 3, r.stdout)
+        self.assertTrue(lines[0]["complete"])
+        self.assertTrue(lines[1]["peer_down"])
+        self.assertIn("refused", lines[1]["kept"][0]["reply"].lower())
+        self.assertEqual(lines[2]["error"], "not tried: the peer did not answer")
+        kept = {lines[1]["queue_id"], lines[2]["queue_id"]}
+        self.assertEqual(set(self.queue.messages), kept)
+        self.assertEqual(set(spool_messages(self.a.config.spool)), kept)
+        self.assertEqual(len(peer.delivered_to()), 1)
+        for qid in kept:
+            self.assertEqual([x.status for x in self.queue.messages[qid].state.recipients], ["deferred"])
+
+
 class DrainDuringAttempt(DrainCase):
     """An attempt is under way (the next hop is slow to answer the data): the
     drain waits for its outcome, then hands over what is still open; the
