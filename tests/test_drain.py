@@ -327,9 +327,9 @@ class Offline(unittest.TestCase):
             f.write(toml_dumps({"hostname": "dead-node.test", "spool": self.spool, "workers": 2,
                                 "smtp": {"listen": ["tcp:0:interface=127.0.0.1"]}, "pop3": {"listen": []}}))
 
-    def make(self, worker: int, rcpts: list[str], delivered: tuple[str, ...] = ()) -> str:
+    def make(self, worker: int | None, rcpts: list[str], delivered: tuple[str, ...] = ()) -> str:
         os.makedirs(self.spool, mode=0o700, exist_ok=True)
-        sp = spoolmod.Spool(os.path.join(self.spool, f"w{worker}"))
+        sp = spoolmod.Spool(os.path.join(self.spool, f"w{worker}") if worker is not None else self.spool)
         sp.create()
         env = spoolmod.Envelope(spoolmod.new_id(), "old@client.test", rcpts, time.time() - 3600,
                                 client={"ip": "127.0.0.1", "helo": "client.test", "proto": "ESMTP"})
@@ -345,16 +345,21 @@ class Offline(unittest.TestCase):
     async def test_offline_drain_of_every_worker_queue(self):
         q0 = self.make(0, ["a@far.test", "b@far.test"], delivered=("a@far.test",))
         q1 = self.make(1, ["c@far.test"])
+        q2 = self.make(None, ["d@far.test"])  # an orphan: the top spool's own queue (workers was 1 before)
+        q5 = self.make(5, ["e@far.test"])  # an orphan: a worker that no longer exists (workers was 6)
         r = await self.ctl("queue", "drain", "--to", "%s:%d" % self.b.smtp, "--json")
         self.assertEqual(r.returncode, 0, r.stderr)
         lines = {d["queue_id"]: d for d in json_lines(r.stdout)}
         self.assertEqual(lines[q0]["handed_over"], ["b@far.test"])
         self.assertEqual(lines[q1]["handed_over"], ["c@far.test"])
-        for w in (0, 1):
+        self.assertEqual(lines[q2]["handed_over"], ["d@far.test"])
+        self.assertEqual(lines[q5]["handed_over"], ["e@far.test"])
+        self.assertEqual(spool_messages(self.spool), {})
+        for w in (0, 1, 5):
             self.assertEqual(spool_messages(os.path.join(self.spool, f"w{w}")), {})
             self.assertEqual(os.listdir(os.path.join(self.spool, f"w{w}", "incoming")), [])
         got = {tuple(e.envelope.recipients): e for e in spool_messages(self.b.config.spool).values()}
-        self.assertEqual(set(got), {("b@far.test",), ("c@far.test",)})
+        self.assertEqual(set(got), {("b@far.test",), ("c@far.test",), ("d@far.test",), ("e@far.test",)})
         e = got[("b@far.test",)]
         self.assertEqual(e.envelope.sender, "old@client.test")
         self.assertIn(b"\r\nX-Relay-Drained: node=dead-node.test; queue-id=" + q0.encode(),

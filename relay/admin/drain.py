@@ -22,7 +22,8 @@ writes (blocking, as every offline verb's) are made between two SMTP
 sessions, when the reactor has nothing else to serve.
 
 With workers > 1 every worker's queue (``<spool>/w<i>``) is drained, each
-live or offline as its worker runs or not.  Once the peer did not answer
+live or offline as its worker runs or not, and, with no master running, the
+queues no worker owns (``_orphans``).  Once the peer did not answer
 at all (connection refused, timeout) the drain stops: the rest is kept and
 listed.  Exit status 0 when every message was handed over, 1 otherwise.
 """
@@ -37,7 +38,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from relay.admin import client as cc
-from relay.admin.offline import NoSuchMessage, OfflineSpool
+from relay.admin.offline import NoSuchMessage, OfflineSpool, RelayRunning
 from relay.admin.reach import (
     EXIT_FAIL,
     EXIT_OK,
@@ -52,6 +53,7 @@ from relay.admin.reach import (
     open_relays,
 )
 from relay.config import values as cfgvalues
+from relay.config.workerpaths import worker_config
 from relay.control import proto
 
 DEFAULT_WAIT = 60  # seconds the relay waits for a delivery attempt under way before it drains
@@ -298,6 +300,27 @@ def _drain_offline(spools: list[OfflineSpool], opts: Options, ids: list[str] | N
     run_on_reactor(work)
 
 
+def _orphans(cfg) -> list[OfflineSpool]:
+    """With workers > 1, the queues no worker owns (the top spool's own
+    ``queue/``, and ``w<k>`` for k >= workers, which the master moves into
+    the workers' queues at its next start, relay.runtime.master.adopt_orphans):
+    drained offline too, but only while no master holds the top spool."""
+    if cfg.workers <= 1:
+        return []
+    top = OfflineSpool(cfg)
+    try:
+        top.check_not_running()
+    except RelayRunning:
+        return []
+    extra = sorted(int(n[1:]) for n in (os.listdir(cfg.spool) if os.path.isdir(cfg.spool) else ())
+                   if n.startswith("w") and n[1:].isdigit() and int(n[1:]) >= cfg.workers)
+    out = []
+    for off in [top] + [OfflineSpool(worker_config(cfg, k)) for k in extra]:
+        if off.exists() and off.ids():
+            out.append(off)
+    return out
+
+
 def cmd_drain(args) -> int:
     if not args.to:
         raise CtlError("queue drain: --to HOST:PORT is required", EXIT_USAGE)
@@ -315,6 +338,7 @@ def cmd_drain(args) -> int:
                 _drain_live(relay, opts, ids, report)
             else:
                 stopped.append(relay.spool)
+        stopped += offline(_orphans, cfg)
         if stopped and not report.peer_down:
             offline(_drain_offline, stopped, opts, ids, report)
     except NoSuchMessage as e:
