@@ -3,7 +3,9 @@
 A fleet is relays that each own a spool (shared-nothing, issue 18); the
 operator still wants one view.  ``control.fleet`` names each node's control
 socket (a local path: the node's own, or a socket reached on a mounted or
-forwarded path), and relayctl asks every node the same question it asks one
+forwarded path) or its authenticated TCP endpoint (``tls:host:port``, a
+node's control.tcp_listen: TLS verified against control.fleet_ca_file, then
+the shared secret of control.secret_file), and relayctl asks every node the same question it asks one
 relay: the listing (QueueList) merged into one queue, each message with its
 node (a ``node`` column, a ``node`` JSON field), or each node's status.
 
@@ -30,22 +32,44 @@ from relay.queue import view as queueview
 PAGE = 2000
 
 
-def nodes(args) -> tuple[tuple[str, str], ...]:
-    cfg = load_config(args)
-    if not cfg.control.fleet:
-        raise CtlError(f"--fleet: no nodes: set control.fleet in {cfg.source} "
-                       '(a table of "node name" = "control socket path")', EXIT_USAGE)
-    return cfg.control.fleet
+class Fleet:
+    """The nodes of control.fleet and how to reach each."""
 
+    def __init__(self, args):
+        cfg = load_config(args)
+        if not cfg.control.fleet:
+            raise CtlError(f"--fleet: no nodes: set control.fleet in {cfg.source} "
+                           '(a table of "node name" = "control socket path")', EXIT_USAGE)
+        self.nodes = cfg.control.fleet
+        self.config = cfg
+        self._secret: str | None = None
 
-def _connect(path: str) -> cc.Client:
-    client = cc.Client.connect(path, answer_timeout())
-    try:
-        client.call(proto.HELLO)
-    except BaseException:
-        client.close()
-        raise
-    return client
+    def secret(self) -> str:
+        """control.secret_file's first line, read once (for the "tls:" nodes)."""
+        if self._secret is None:
+            path = self.config.control.secret_file
+            if not path:
+                raise CtlError(f'--fleet: a "tls:" node needs control.secret_file in {self.config.source}')
+            try:
+                with open(path, encoding="utf-8") as f:
+                    self._secret = f.readline().rstrip("\r\n")
+            except OSError as e:
+                raise CtlError(f"control.secret_file: {path}: {e.strerror}")
+        return self._secret
+
+    def connect(self, where: str) -> cc.Client:
+        if where.startswith("tls:"):
+            host, _, port = where[4:].rpartition(":")
+            client = cc.Client.connect_tls(host.strip("[]"), int(port), answer_timeout(), secret=self.secret(),
+                                           ca_file=self.config.control.fleet_ca_file or None)
+        else:
+            client = cc.Client.connect(where, answer_timeout())
+        try:
+            client.call(proto.HELLO)
+        except BaseException:
+            client.close()
+            raise
+        return client
 
 
 def _why(e: Exception) -> str:
@@ -71,11 +95,12 @@ def cmd_queue(args) -> int:
     if (args.queue_cmd or "list") != "list":
         raise CtlError("--fleet: only the listing (relayctl --fleet queue) and status; act on one node "
                        "with its own config", EXIT_USAGE)
+    fleet = Fleet(args)
     merged: list[dict[str, Any]] = []
     down = []
-    for name, path in nodes(args):
+    for name, path in fleet.nodes:
         try:
-            client = _connect(path)
+            client = fleet.connect(path)
         except cc.ControlError as e:
             down.append(name)
             err(f"node {name}: down ({_why(e)})")
@@ -94,7 +119,7 @@ def cmd_queue(args) -> int:
         for rec in merged:
             sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
     else:
-        width = max([len("Node")] + [len(n) for n, _ in nodes(args)])
+        width = max([len("Node")] + [len(n) for n, _ in fleet.nodes])
         out = _NodeColumn(sys.stdout, width)
         table = queueview.Table(out)
         for rec in merged:
@@ -128,10 +153,11 @@ class _NodeColumn(io.TextIOBase):
 
 
 def cmd_status(args) -> int:
+    fleet = Fleet(args)
     parts: list[dict[str, Any]] = []
-    for name, path in nodes(args):
+    for name, path in fleet.nodes:
         try:
-            client = _connect(path)
+            client = fleet.connect(path)
             try:
                 status = json.loads(client.call(proto.STATUS)["status"])
             finally:

@@ -83,6 +83,7 @@ Route = command(ctlproto.ROUTE)
 Metrics = command(ctlproto.METRICS)
 Reload = command(ctlproto.RELOAD)
 QueueDrain = command(ctlproto.QUEUE_DRAIN)
+Login = command(ctlproto.LOGIN)
 
 
 class QuietAMP(amp.AMP):
