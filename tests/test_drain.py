@@ -382,6 +382,11 @@ class Pure(unittest.TestCase):
         self.assertEqual(peer_queue_id("250 2.0.0 Ok: queued as 4F3A9C21B0D1"), "4F3A9C21B0D1")
         self.assertEqual(peer_queue_id("250 2.0.0 OK id=1kXyZ-0001aB-Cd"), "1kXyZ-0001aB-Cd")
         self.assertEqual(peer_queue_id("250 ok"), "")
+        self.assertEqual(peer_queue_id("250 2.0.0 Message accepted for delivery"), "")
+        self.assertEqual(peer_queue_id("250 2.0.0"), "")
+        self.assertEqual(peer_queue_id("250 2.6.0 <abc@example.org> [InternalId=123456789] Queued mail for delivery"),
+                         "")
+        self.assertEqual(peer_queue_id("250 Ok 1732112233-01234"), "1732112233-01234")
 
     def test_trace_header(self):
         h = trace_header("node.test", "ABCDEF0123456789", 0.0)

@@ -65,7 +65,9 @@ log = Logger(namespace="relay.queue")
 TLS_CHOICES = ("none", "may", "require")
 CLAIM_POLL = 0.05  # seconds between looks at a message whose attempt is under way
 _QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9][A-Za-z0-9._@-]{0,80})", re.IGNORECASE)
-_ID_AT_END = re.compile(r"\b(?:id=|ID )?([A-Za-z0-9][A-Za-z0-9._-]{3,80})\s*$")
+_REPLY_CODES = re.compile(r"^\d{3}[ -](?:[245]\.\d{1,3}\.\d{1,3}\s+)?")
+_ID_EQUALS = re.compile(r"\bid=([A-Za-z0-9][A-Za-z0-9._@-]{0,80})", re.IGNORECASE)
+_ID_AT_END = re.compile(r"([A-Za-z0-9._-]*\d[A-Za-z0-9._-]*)\s*$")  # a last word with a digit in it
 
 
 @dataclass(frozen=True)
@@ -172,10 +174,12 @@ async def hand_over(reactor: Any, peer: Peer, env: Envelope, recipients: list[st
 
 def peer_queue_id(reply: str) -> str:
     """The peer's id from its 250 ("... queued as ID", else a last id-like word)."""
-    text = " ".join(ln.strip() for ln in reply.splitlines())
-    m = _QUEUED_AS.search(text)
+    text = _REPLY_CODES.sub("", " ".join(ln.strip() for ln in reply.splitlines()))
+    m = _QUEUED_AS.search(text) or _ID_EQUALS.search(text)
     if m is None:
         m = _ID_AT_END.search(text)
+        if m is not None and len(m.group(1)) < 6:
+            m = None
     return logsafe.token(m.group(1)) if m else ""
 
 
