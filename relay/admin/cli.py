@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="relayctl", description="Administer a twisted-relay mail relay.")
     p.add_argument("--config", "-c", metavar="FILE",
                    help="config file (default: $RELAY_CONFIG, else ./relay.toml, else built-in defaults)")
+    p.add_argument("--fleet", action="store_true",
+                   help="queue (the listing) and status of every node in control.fleet, one merged view")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

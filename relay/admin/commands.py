@@ -25,7 +25,8 @@ import tomllib
 
 from relay import config as configmod
 from relay.admin import client as cc
-from relay.admin import dkimverbs
+from relay.admin import dkimverbs, fleet
+from relay.admin import drain as drainverb
 from relay.admin.queueverbs import cmd_queue
 from relay.admin.reach import (
     EXIT_FAIL,
@@ -53,6 +54,8 @@ from relay.queue import view as queueview
 
 @verb
 def cmd_status(args) -> int:
+    if getattr(args, "fleet", False):
+        return fleet.cmd_status(args)
     cfg = load_config(args)
     relays = open_relays(cfg)
     parts = []
@@ -264,6 +267,7 @@ def add_commands(sub) -> None:
                            ("bounce", "return to the sender now, with a delivery status notification")):
         x = qs.add_parser(name, help=helptext)
         x.add_argument("ids", metavar="ID", nargs="+")
+    drainverb.add_parser(qs)
     q.set_defaults(func=cmd_queue, queue_cmd=None, all=False, ids=[])
 
     r = sub.add_parser("route", help="how an address would be delivered now (does the DNS look-up)")

@@ -12,6 +12,8 @@ import sys
 from typing import Any
 
 from relay.admin import client as cc
+from relay.admin import drain as drainverb
+from relay.admin import fleet
 from relay.admin.offline import NoSuchMessage, OfflineError, OfflineSpool
 from relay.admin.reach import (
     EXIT_FAIL,
@@ -232,6 +234,10 @@ def _offline_action(off: OfflineSpool, action: str, ids: list[str], every: bool,
 @verb
 def cmd_queue(args) -> int:
     action = args.queue_cmd or "list"
+    if getattr(args, "fleet", False):
+        return fleet.cmd_queue(args)
+    if action == "drain":
+        return drainverb.cmd_drain(args)
     if action in proto.ACTIONS_ON_ALL:
         if args.all and args.ids:
             raise CtlError(f"queue {action}: give queue ids or --all, not both", EXIT_USAGE)

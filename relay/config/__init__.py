@@ -421,6 +421,22 @@ class ControlConfig:
 
     socket: str = declare(
         "", v.OPTIONAL_PATH, "The UNIX socket relayctl talks to (mode 0600).  Empty: `<spool>/control.sock`.")
+    fleet: tuple[tuple[str, str], ...] = declare(
+        {}, v.FLEET, "The relays of a fleet that `relayctl --fleet queue` and `relayctl --fleet status` ask, "
+        'each by its control socket (a node with workers > 1: one entry per worker\'s socket) or by "tls:host:port", '
+        "a node's `tcp_listen` (with `secret_file` and `fleet_ca_file`); the relay itself does not use it.",
+        example={"mx1": "/var/spool/relay/control.sock", "mx2": "tls:mx2.example.org:9026"})
+    tcp_listen: v.HostPort | None = declare(
+        "", v.OPTIONAL_HOSTPORT,
+        'An authenticated control endpoint over TCP for `relayctl --fleet` from another host: "host:port", '
+        "always TLS with the [tls] certificate (required), and the shared secret of `secret_file` before any "
+        "command.  Empty: none (only the UNIX socket).")
+    secret_file: str = declare(
+        "", v.OPTIONAL_PATH,
+        "The shared secret of the fleet's control endpoints (its first line, at least 16 characters; mode 0600): "
+        "the relay asks it on `tcp_listen`, relayctl sends it to a \"tls:\" node of `fleet`.")
+    fleet_ca_file: str = declare(
+        "", v.OPTIONAL_PATH, 'The CAs relayctl verifies a "tls:" node\'s certificate with.  Empty: the system\'s.')
 
 
 @dataclass(frozen=True)
@@ -779,6 +795,18 @@ def _ssl_needs_certificate(ld: _Loader, values: dict[str, Any]) -> None:
             ld.problem(k, f"{d!r} is an ssl: endpoint without privateKey=, so it needs tls.certificate and tls.key")
 
 
+def _control_tcp(ld: _Loader, values: dict[str, Any]) -> None:
+    """The TCP control endpoint is TLS with a shared secret, never plaintext."""
+    if values["control.tcp_listen"] is None:
+        return
+    if not (values["tls.certificate"] and values["tls.key"]):
+        ld.problem("control.tcp_listen", "needs tls.certificate and tls.key (the endpoint is always TLS)")
+    if not values["control.secret_file"]:
+        ld.problem("control.tcp_listen", "needs control.secret_file (the shared secret asked before any command)")
+    if values["workers"] > 1:
+        ld.problem("control.tcp_listen", "not with workers > 1 (each worker has its own queue and UNIX socket)")
+
+
 def _domains_disjoint(ld: _Loader, values: dict[str, Any]) -> None:
     overlap = set(values["local.domains"]) & set(values["relay.domains"])
     if overlap:
@@ -820,6 +848,7 @@ _RULES: tuple[Rule, ...] = (
     _refine("delivery.mta_sts_connect_timeout"),
     _refine("delivery.mta_sts_fetch_timeout"),
     _ssl_needs_certificate,
+    _control_tcp,
     _domains_disjoint,
     _refine("proxy.header_timeout"),
     _proxy_listeners,

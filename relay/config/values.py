@@ -259,6 +259,36 @@ def _routes(value: Any, resolve: Resolve) -> tuple[tuple[str, HostPort], ...]:
 
 
 
+FLEET_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_FLEET_DOC = 'a table of "node name" = "control socket path"'
+
+
+def _fleet(value: Any, resolve: Resolve) -> tuple[tuple[str, str], ...]:
+    """control.fleet: the nodes relayctl --fleet asks, each by its control
+    socket or by "tls:host:port" (a node's control.tcp_listen; never plaintext)."""
+    if not isinstance(value, dict):
+        raise Bad(_FLEET_DOC)
+    out = []
+    for name, path in value.items():
+        if not isinstance(name, str) or not FLEET_NODE.fullmatch(name):
+            raise Bad(f"{_FLEET_DOC} (node name {name!r}: letters, digits, '.', '_', '-')")
+        if not isinstance(path, str) or not path.strip():
+            raise Bad(f"{_FLEET_DOC} (node {name}: not a path)")
+        if path.startswith("tls:"):
+            hp = parse_hostport(path[4:], default_port=None)
+            out.append((name, f"tls:{hp}"))
+        elif path.startswith(("tcp:", "ssl:")):
+            raise Bad(f'{_FLEET_DOC} or "tls:host:port" (node {name}: {path.split(":")[0]}: is not one)')
+        else:
+            out.append((name, resolve(path)))
+    return tuple(out)
+
+
+def _optional_hostport(value: Any, resolve: Resolve) -> HostPort | None:
+    if value == "":
+        return None
+    return parse_hostport(value, default_port=None)
+
 # --------------------------------------------------------------------------- upstreams and sender routes
 
 UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # no "." and no ":": never a host or host:port
@@ -520,6 +550,8 @@ NETWORKS = list_of(Check("a network", _network), 'a list of networks ("192.168.1
 NAMESERVERS = list_of(Check("an IP address", _nameserver), 'a list of "ip" or "ip:port"')
 ENDPOINTS = list_of(Check("an endpoint description", _endpoint), "a list of Twisted endpoint descriptions")
 ROUTES = Check('a table of "domain" = "host:port"', _routes)
+FLEET = Check(_FLEET_DOC + ' or "tls:host:port"', _fleet)
+OPTIONAL_HOSTPORT = Check('"" or ' + _HOSTPORT_FORM, _optional_hostport)
 DKIM_KEYS = Check(_DKIM_KEYS_DOC, _dkim_keys)
 DKIM_HEADERS = Check("a list of header field names (From among them, DKIM-Signature not)", _dkim_headers)
 DKIM_CANONICALIZATION = choice("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple")

@@ -82,6 +82,8 @@ QueueAction = command(ctlproto.QUEUE_ACTION)
 Route = command(ctlproto.ROUTE)
 Metrics = command(ctlproto.METRICS)
 Reload = command(ctlproto.RELOAD)
+QueueDrain = command(ctlproto.QUEUE_DRAIN)
+Login = command(ctlproto.LOGIN)
 
 
 class QuietAMP(amp.AMP):

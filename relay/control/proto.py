@@ -137,6 +137,12 @@ class BadRequest(ControlRequestError):
     code = "BAD_REQUEST"
 
 
+class NotAuthenticated(ControlRequestError):
+    """On the TCP control endpoint: no command before Login with the shared secret."""
+
+    code = "NOT_AUTHENTICATED"
+
+
 class ReloadUnsupported(ControlRequestError):
     code = "NO_RELOAD"
 
@@ -207,7 +213,22 @@ RELOAD = Command(
     "Reload", (), (Arg("ok", BOOLEAN), Arg("messages", TEXT_LIST), Arg("restart_needed", TEXT_LIST)),
     (ReloadUnsupported,), doc="Re-read the config file, all or nothing.")
 
-COMMANDS = (HELLO, STATUS, QUEUE_LIST, QUEUE_SHOW, QUEUE_ACTION, ROUTE, METRICS, RELOAD)
+QUEUE_DRAIN = Command(
+    "QueueDrain",
+    (Arg("id", TEXT), Arg("host", TEXT), Arg("address", TEXT), Arg("port", INTEGER), Arg("ehlo", TEXT),
+     Arg("tls", TEXT), Arg("ca_file", TEXT, optional=True), Arg("auth_user", TEXT, optional=True),
+     Arg("auth_password", TEXT, optional=True), Arg("held", BOOLEAN, optional=True),
+     Arg("wait", INTEGER, optional=True), Arg("reply_timeout", INTEGER, optional=True)),
+    (Arg("result", BIG),), (NoSuchMessage, *_QUEUE_ERRORS),
+    doc="relayctl queue drain: hand one message over to another relay over SMTP (relay.queue.drain); "
+        "a JSON object, relay.queue.drain.Result.as_json().")
+
+LOGIN = Command(
+    "Login", (Arg("secret", TEXT),), (Arg("ok", BOOLEAN),), (NotAuthenticated,),
+    doc="The first command on the TCP control endpoint (control.tcp_listen): the fleet's shared secret "
+        "(control.secret_file); a wrong one ends the connection.  Not needed on the UNIX socket.")
+
+COMMANDS = (HELLO, STATUS, QUEUE_LIST, QUEUE_SHOW, QUEUE_ACTION, ROUTE, METRICS, RELOAD, QUEUE_DRAIN, LOGIN)
 
 # QueueAction's actions; only these two may be applied to every message (``all``)
 ACTIONS = ("delete", "hold", "release", "retry", "bounce")

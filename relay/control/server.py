@@ -37,6 +37,8 @@ the reload itself).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import socket
@@ -49,14 +51,37 @@ from twisted.application import service
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 import relay
 from relay.common.errors import StartupError
 from relay.common.flow import ReadOnlyWhileDrained
 from relay.control import route as routecheck
-from relay.control.amp import Hello, Metrics, QueueAction, QueueList, QueueShow, QuietAMP, Reload, Route, Status
-from relay.control.proto import ACTIONS, ACTIONS_ON_ALL, BadRequest, NoQueue, NoSuchMessage, ReloadUnsupported
+from relay.control.amp import (
+    Hello,
+    Login,
+    Metrics,
+    QueueAction,
+    QueueDrain,
+    QueueList,
+    QueueShow,
+    QuietAMP,
+    Reload,
+    Route,
+    Status,
+)
+from relay.control.proto import (
+    ACTIONS,
+    ACTIONS_ON_ALL,
+    BadRequest,
+    NoQueue,
+    NoSuchMessage,
+    NotAuthenticated,
+    ReloadUnsupported,
+)
+from relay.outbound.request import Timeouts
+from relay.queue import drain as drainmod
 from relay.queue import manager as queuemod
 from relay.queue import spool as spoolmod
 from relay.queue import view as queueview
@@ -69,6 +94,8 @@ PAGE_BYTES = 1 << 20  # a listing page stops after about this much JSON
 MAX_PAGE = 5000  # messages per listing page at most
 ACTION_CONCURRENCY = 32  # spool writes in flight for one multi-message action
 ACTIONS_PER_TURN = 256  # ids handled between two reactor turns
+MIN_SECRET = 16  # characters of control.secret_file at least
+WRONG_SECRET_DELAY = 1.0  # seconds before a wrong secret is answered (and the connection closed)
 
 
 # -- the server side ----------------------------------------------------------------------
@@ -154,6 +181,35 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
         self.factory = factory
         self._snapshot: list[str] | None = None
         self._pos = 0
+        # the UNIX socket's file mode is its authentication; the TCP endpoint asks the secret first
+        self.authenticated = factory.secret is None
+
+    def locateResponder(self, name: bytes):
+        if not self.authenticated and name != Login.commandName:
+            return lambda box: defer.fail(amp.RemoteAmpError(
+                NotAuthenticated.code.encode("ascii"), "log in first (Login with the fleet's shared secret)"))
+        return super().locateResponder(name)
+
+    @Login.responder
+    def login(self, secret: str):
+        expected = self.factory.secret
+        if expected is None:
+            return {"ok": True}
+        given = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+        if hmac.compare_digest(given, hashlib.sha256(expected).digest()):
+            self.authenticated = True
+            return {"ok": True}
+        transport: Any = self.transport
+        peer = transport.getPeer() if transport is not None else None
+        log.warn("control endpoint: wrong secret from {client}; connection closed",
+                 client=getattr(peer, "host", "?"))
+
+        def refuse() -> None:
+            if transport is not None:  # after the answer is written
+                self.ctx.reactor.callLater(0, transport.loseConnection)
+            raise NotAuthenticated("wrong secret")
+
+        return task.deferLater(self.ctx.reactor, WRONG_SECRET_DELAY, refuse)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -340,6 +396,32 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
                  done=totals["done"], skipped=totals["skipped"], failed=totals["failed"],
                  queue_ids=None if every else targets[:100])
 
+    @QueueDrain.responder
+    def queue_drain(self, id: str, host: str, address: str, port: int, ehlo: str, tls: str,  # noqa: A002
+                    ca_file: str | None = None, auth_user: str | None = None, auth_password: str | None = None,
+                    held: bool = False, wait: int | None = None, reply_timeout: int | None = None):
+        if tls not in drainmod.TLS_CHOICES:
+            raise BadRequest(f"--tls: one of {', '.join(drainmod.TLS_CHOICES)}, not {tls!r}")
+        if not 0 < port < 65536:
+            raise BadRequest(f"bad port {port}")
+        auth = (auth_user, auth_password or "") if auth_user else None
+        kw: dict[str, Any] = {}
+        if reply_timeout:
+            kw = {"connect_timeout": float(reply_timeout), "timeouts": Timeouts.uniform(float(reply_timeout))}
+        peer = drainmod.Peer(host, address, port, ehlo, tls, ca_file or None, auth, **kw)
+        return defer.ensureDeferred(self._drain(normalize_id(id), peer, held, wait))
+
+    async def _drain(self, qid: str, peer: drainmod.Peer, held: bool, wait: int | None) -> dict:
+        q = self._queue()
+        if not is_queue_id(qid):
+            raise NoSuchMessage(f"{qid}: no such message in the queue (not a queue id)")
+        drainer = drainmod.LiveDrain(q, self.ctx.spool, self.ctx.reactor, q.config.hostname)
+        try:
+            r = await drainer.drain(qid, peer, wait=float(wait if wait is not None else 60), held=held)
+        except KeyError:
+            raise NoSuchMessage(f"{qid}: no such message in the queue{_loading(q)}")
+        return {"result": json.dumps(r.as_json()).encode("utf-8")}
+
     @Route.responder
     def route(self, address: str, client: str | None = None, sender: str | None = None):
         ctx = self.ctx.route_context()
@@ -364,8 +446,9 @@ class ControlProtocol(ReadOnlyWhileDrained, QuietAMP):
 class ControlFactory(protocol.Factory):
     noisy = False
 
-    def __init__(self, ctx: ControlContext):
+    def __init__(self, ctx: ControlContext, secret: bytes | None = None):
         self.ctx = ctx
+        self.secret = secret  # None: the UNIX socket; else the TCP endpoint's shared secret
         self.protocols: set[ControlProtocol] = set()
 
     def buildProtocol(self, addr):
@@ -404,13 +487,20 @@ class ControlService(service.Service):
     service that owns this one says it under twistd, without a traceback).
     """
 
-    def __init__(self, ctx: ControlContext, path: str, *, source: str):
+    def __init__(self, ctx: ControlContext, path: str, *, source: str, tcp: Any = None, secret_file: str = "",
+                 tls: Callable[[], Any] | None = None):
         self.ctx = ctx
         self.path = path
         self.reactor = ctx.reactor
+        self.source = source
         self.where = f"{source}: control.socket"  # how errors name the setting
         self.factory = ControlFactory(ctx)
         self.port = None
+        self.tcp = tcp  # control.tcp_listen (a HostPort) or None
+        self.secret_file = secret_file
+        self.tls = tls  # the relay's current ServerTLS ([tls]), for the TCP endpoint
+        self.tcp_factory: ControlFactory | None = None
+        self.tcp_port = None
 
     def startService(self) -> None:
         super().startService()
@@ -427,13 +517,40 @@ class ControlService(service.Service):
             reason = getattr(e.socketError, "strerror", None) or e.socketError
             raise StartupError(f"{where}: cannot listen on {self.path}: {reason}")
         log.info("control socket for relayctl: {path}", path=self.path)
+        if self.tcp is not None:
+            self._listen_tcp()
+
+    def _listen_tcp(self) -> None:
+        """control.tcp_listen: TLS always, the shared secret before any command."""
+        where = f"{self.source}: control.tcp_listen"
+        try:
+            with open(self.secret_file, "rb") as f:
+                secret = f.readline().rstrip(b"\r\n")
+        except OSError as e:
+            raise StartupError(f"{self.source}: control.secret_file: {self.secret_file}: {e.strerror}")
+        if len(secret) < MIN_SECRET:
+            raise StartupError(f"{self.source}: control.secret_file: {self.secret_file}: the secret is shorter "
+                               f"than {MIN_SECRET} characters")
+        tls = self.tls() if self.tls is not None else None
+        if tls is None:
+            raise StartupError(f"{where}: needs tls.certificate and tls.key")
+        self.tcp_factory = ControlFactory(self.ctx, secret)
+        try:
+            self.tcp_port = self.reactor.listenSSL(self.tcp.port, self.tcp_factory, tls.options,
+                                                   interface=self.tcp.host)
+        except error.CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or e.socketError
+            raise StartupError(f"{where}: cannot listen on {self.tcp}: {reason}")
+        log.info("control endpoint for relayctl --fleet: {where} (TLS, shared secret)", where=str(self.tcp))
 
     def stopService(self):
         super().stopService()
-        for p in list(self.factory.protocols):
-            if p.transport is not None:
-                p.transport.abortConnection()
-        port, self.port = self.port, None
-        if port is None:
+        for f in (self.factory, self.tcp_factory):
+            for p in list(f.protocols if f is not None else ()):
+                if p.transport is not None:
+                    p.transport.abortConnection()
+        ports = [p for p in (self.port, self.tcp_port) if p is not None]
+        self.port = self.tcp_port = None
+        if not ports:
             return None
-        return defer.maybeDeferred(port.stopListening)
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])

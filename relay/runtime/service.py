@@ -274,7 +274,9 @@ class RelayService(service.MultiService):
         ctx = ControlContext(reactor=self.reactor, spool=self.aspool, queue=self.queue, status=self.status,
                              route_context=self.route_context, dns=self.dns_pool,
                              metrics=self.metrics.render, reload=self._reload_for_control)
-        self.control = ControlService(ctx, self.config.control_socket, source=self.config.source)
+        cc = self.config.control
+        self.control = ControlService(ctx, self.config.control_socket, source=self.config.source,
+                                      tcp=cc.tcp_listen, secret_file=cc.secret_file, tls=lambda: self.tls)
         self.control.setServiceParent(self)
 
     def status(self) -> defer.Deferred:
