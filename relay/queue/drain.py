@@ -166,7 +166,7 @@ async def hand_over(reactor: Any, peer: Peer, env: Envelope, recipients: list[st
         message=MessageFile(copy_path, size, 0, None, eight_bit),
         helo=peer.ehlo, tls=peer.policy(), auth=peer.auth, connect_timeout=peer.connect_timeout,
         timeouts=peer.timeouts, queue_id=env.queue_id, auth_scope="drain:" + peer.name if peer.auth else "",
-        dsn=dsnout.carried(env, recipients),
+        dsn=dsnout.carried(env, recipients), smtputf8=env.smtputf8,
     )
     hop = Hop(peer.host, peer.address, peer.port)
     return await outclient.deliver(reactor, [hop], out)
