@@ -163,6 +163,9 @@ class RedisLink(service.Service):
         self.errors = 0  # calls answered locally: Redis erred, was slow or not connected
         self.on_up: list[Callable[[], None]] = []  # called when Redis answers again after an outage
         self._handler: Any = None
+        self._started = 0.0
+        self._grace = 2 * max(timeout, 1.0)  # a connection takes up to its connect timeout
+        self._first: Any = None
         self._beat = task.LoopingCall(self.heartbeat)
         self._beat.clock = reactor
 
@@ -180,13 +183,17 @@ class RedisLink(service.Service):
             self._handler = txredisapi.lazyConnection(t.host, t.port, **common)
         self._handler._factory.maxDelay = RECONNECT_MAX_DELAY
         self._handler._factory.initialDelay = 0.2
+        self._started = self.reactor.seconds()
         self._beat.start(self.node_ttl / 3, now=True)
+        self._first = self.reactor.callLater(self._grace, self.heartbeat)  # a Redis down at start: say so
         log.info("limits: shared with the fleet in Redis {where} (node {node})", where=str(t), node=self.node)
 
     def stopService(self) -> defer.Deferred | None:
         super().stopService()
         if self._beat.running:
             self._beat.stop()
+        if self._first is not None and self._first.active():
+            self._first.cancel()
         h, self._handler = self._handler, None
         if h is None:
             return None
@@ -232,8 +239,14 @@ class RedisLink(service.Service):
         self._failed(why)
         return f
 
+    def _starting(self) -> bool:
+        """Not connected yet, since a start too recent to call it an outage."""
+        return self.up is None and self.reactor.seconds() < self._started + self._grace
+
     def _failed(self, why: str) -> None:
         self.errors += 1
+        if self._starting():
+            return
         if self.up is not False:
             self.up = False
             log.warn("limits: Redis {where} unavailable ({why}): each node counts with its local limits "
@@ -241,6 +254,8 @@ class RedisLink(service.Service):
 
     def heartbeat(self) -> defer.Deferred:
         """Keep this node alive in the nodes set (and find out that Redis is back)."""
+        if self._starting() and not self.connected():
+            return defer.succeed(None)
         d = self.run(HEARTBEAT_SCRIPT, [self.nodes_key], [self.node, int(self.node_ttl)])
         return d.addErrback(lambda _: None)
 
