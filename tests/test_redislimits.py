@@ -15,6 +15,7 @@ from twisted.trial import unittest
 
 from relay import config as configmod
 from relay.common import redislimits
+from relay.common.ratelimit import RateTable, Want
 from relay.common.redisurl import RedisTarget, parse_redis_url
 from tests.support import redis as redissupport
 from tests.support.relay import InProcessRelay, in_thread
@@ -173,6 +174,7 @@ class Fleet(unittest.TestCase):
         for r in self.relays:
             await apoll(lambda r=r: r.service.limits_redis.up, what="the relay's Redis link back up")
         assert len(self._logged("is back: limits are shared by the fleet again")) == 2
+        assert not self._logged("Scheduling retry")  # no line per reconnection attempt
         # shared again (a fresh Redis: the count starts over for the fleet)
         other = "127.0.0.10"
         assert [s[:3] for s in await in_thread(self._mail, a, 2, other)] == ["250", "250"]
@@ -228,3 +230,51 @@ class DeadNode(unittest.TestCase):
 
         await apoll(lambda: defer.ensureDeferred(free()), timeout=20, interval=0.5,
                     what="the dead node's count expired")
+
+
+class OneLink(unittest.TestCase):
+    """FleetRates against RateTable, over a UNIX socket; a Redis that refuses us."""
+
+    skip = SKIP
+
+    async def setUp(self):
+        self.redis = redissupport.RedisServer("127.0.0.4", password="s3cret")
+        await in_thread(self.redis.start)
+        self.addCleanup(self.redis.close)
+
+    async def _link(self, url: str, up: bool = True) -> redislimits.RedisLink:
+        link = redislimits.RedisLink(parse_redis_url(url), prefix="t3:", timeout=2.0, reactor=reactor)
+        link.startService()
+        self.addCleanup(link.stopService)
+        if up:
+            await apoll(lambda: link.up, what="link up")
+        return link
+
+    async def test_the_same_windows_as_the_local_table(self):
+        link = await self._link(f"unix:{self.redis.socket}?password=s3cret&db=1")
+        fleet, alone = redislimits.FleetRates(RateTable.local(), link), RateTable.local()
+        w = Want("limits.messages_per_ip", "10.0.0.1", 3, 60.0)
+        base = 1_700_000_040.0  # a window start, as the reactor's wall clock gives
+        for t in (0.0, 0.0, 0.0, 1.0, 2.0, 90.0, 90.0, 95.0, 240.0, 240.0):
+            got, expected = await fleet.check([w], base + t), alone.take([w], base + t)
+            assert (t, got) == (t, expected)
+        assert fleet.count(w, base + 240.0) == alone.count(w, base + 240.0) == 2  # counted here too
+        # all or none: a refusal by the second want counts nothing for the first
+        a, b = Want("limits.messages_per_ip", "10.0.0.2", 10, 60.0), Want("limits.messages_per_user", "bob", 1, 60.0)
+        assert await fleet.check([a, b], base) is None
+        r = await fleet.check([a, b], base + 1)
+        assert r is not None and r.want == b and r.first
+        assert self.redis.command("AUTH", "s3cret") == b"+OK"
+
+    async def test_a_redis_that_refuses_us_is_an_outage(self):
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        link = await self._link(f"redis://:not-the-password@127.0.0.4:{self.redis.port}/0", up=False)
+        fleet = redislimits.FleetRates(RateTable.local(), link)
+        w = Want("limits.messages_per_ip", "10.0.0.1", 2, 60.0)
+        await apoll(lambda: link.up is False, what="the outage noticed")
+        answers = [fleet.check([w], 0.0) for _ in range(3)]  # at once, from the local table
+        assert [a if a is None else a.count for a in answers] == [None, None, 2]
+        down = [formatEvent(e) for e in events if "unavailable" in formatEvent(e)]
+        assert len(down) == 1 and "127.0.0.4" in down[0] and "not-the-password" not in down[0], down

@@ -49,9 +49,11 @@ from collections import Counter
 from typing import Any, Callable
 
 from twisted.application import service
+from twisted.application.internet import ClientService
 from twisted.internet import defer, task
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
+from zope.interface import provider
 
 from relay.common.ratelimit import RateTable, Refusal, Usage, Want
 from relay.common.redisurl import RedisTarget
@@ -138,6 +140,19 @@ return 1
 """
 
 
+@provider(ILogObserver)
+def _drop(event: dict) -> None:
+    pass
+
+
+class _QuietClientService(ClientService):
+    """txredisapi's reconnecting service without its line per attempt ("Scheduling
+    retry 5 to connect ..." every few seconds of an outage): the link says once
+    that Redis is away, and once that it is back."""
+
+    _log = Logger(namespace="relay.limits.redis", observer=_drop)
+
+
 class Unavailable(Exception):
     """Redis is not connected: the local limits answer."""
 
@@ -174,6 +189,7 @@ class RedisLink(service.Service):
         super().startService()
         import txredisapi  # here: only a relay that uses Redis imports the client
 
+        txredisapi.ClientService = _QuietClientService  # the pool slots it makes from now on
         t = self.target
         common = dict(dbid=t.db, reconnect=True, password=t.password, username=t.username,
                       connectTimeout=max(self.timeout, 1.0), replyTimeout=max(self.timeout * 4, 2.0))
@@ -181,6 +197,9 @@ class RedisLink(service.Service):
             self._handler = txredisapi.lazyUnixConnection(t.path, **common)
         else:
             self._handler = txredisapi.lazyConnection(t.host, t.port, **common)
+        first = self._handler._factory.deferred  # the first connection: a refused AUTH or SELECT fails it
+        if first is not None:
+            first.addErrback(lambda f: self._failed(f.getErrorMessage(), starting=False))
         self._handler._factory.maxDelay = RECONNECT_MAX_DELAY
         self._handler._factory.initialDelay = 0.2
         self._started = self.reactor.seconds()
@@ -243,9 +262,9 @@ class RedisLink(service.Service):
         """Not connected yet, since a start too recent to call it an outage."""
         return self.up is None and self.reactor.seconds() < self._started + self._grace
 
-    def _failed(self, why: str) -> None:
+    def _failed(self, why: str, starting: bool = True) -> None:
         self.errors += 1
-        if self._starting():
+        if starting and self._starting():
             return
         if self.up is not False:
             self.up = False

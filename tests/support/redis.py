@@ -29,10 +29,12 @@ def available() -> str | None:
 
 
 class RedisServer:
-    def __init__(self, ip: str = "127.0.0.4"):
+    def __init__(self, ip: str = "127.0.0.4", *, password: str | None = None):
         self.ip = ip
         self.port = free_port((ip,))
         self.dir = tempfile.mkdtemp(prefix="relay-redis-")
+        self.socket = os.path.join(self.dir, "redis.sock")  # also listening there
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -42,7 +44,9 @@ class RedisServer:
     def start(self) -> "RedisServer":
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--bind", self.ip, "--port", str(self.port), "--dir", self.dir, "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--logfile", os.path.join(self.dir, "redis.log")],
+             "--appendonly", "no", "--daemonize", "no", "--logfile", os.path.join(self.dir, "redis.log"),
+             "--unixsocket", self.socket, "--unixsocketperm", "700"]
+            + (["--requirepass", self.password] if self.password else []),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         poll(self._answers, timeout=20, what=f"redis-server on {self.ip}:{self.port}")
         return self
@@ -51,7 +55,7 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"redis-server exited ({self.proc.returncode}): {self.log()}")
         try:
-            return self.command("PING") == b"+PONG"
+            return self.command("PING") in (b"+PONG", b"-NOAUTH Authentication required.")
         except OSError:
             return False
 
