@@ -122,6 +122,21 @@ class Fleet(unittest.TestCase):
         assert self._sample(a, "relay_limits_redis_up") == 1
         assert self._sample(b, "relay_limits_redis_errors_total") == 0
 
+    async def test_pipelined_commands_wait_for_the_answer_in_order(self):
+        a, _b = self.relays
+
+        def session():
+            with RawSMTP(*a.smtp, source=CLIENT) as c:
+                assert c.reply().code == 220
+                c.cmd("EHLO client.test")
+                c.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@example.net>\r\nRCPT TO:<y@example.net>\r\n"
+                       b"RCPT TO:<x@example.net>\r\nDATA\r\n")
+                codes = [c.reply().code for _ in range(5)]
+                c.send(b"Subject: fleet\r\n\r\nhello\r\n.\r\n")
+                return codes + [c.reply().code]
+
+        assert await in_thread(session) == [250, 250, 250, 250, 354, 250]
+
     async def test_connection_limit_across_both(self):
         a, b = self.relays
 
