@@ -174,6 +174,37 @@ class Fleet(unittest.TestCase):
 
         await in_thread(pop3)
 
+    async def test_releases_lost_in_an_outage_are_written_when_redis_is_back(self):
+        a, b = self.relays
+        counter = a.service.connection_counter("smtp")
+
+        def open_two():
+            conns = [RawSMTP(*a.smtp, source=CLIENT) for _ in range(2)]
+            assert [c.reply().code for c in conns] == [220, 220]
+            return conns
+
+        conns = await in_thread(open_two)
+        assert not counter._dirty
+        # Redis holds every client's commands for 4 s: the releases below get no answer, the
+        # relay gives that connection up, and Redis drops what was sent on it
+        assert self.redis.command("CLIENT", "PAUSE", "4000", "ALL") == b"+OK"
+        for c in conns:
+            c.close()
+        await apoll(lambda: counter.count(CLIENT) == 0 and CLIENT in counter._dirty, what="releases lost")
+        await apoll(lambda: not a.service.limits_redis.up, what="the outage noticed")
+        await apoll(lambda: a.service.limits_redis.up, what="the link back")
+        await apoll(lambda: not counter._dirty, what="the true counts written")
+
+        def two_on_b():
+            conns = [RawSMTP(*b.smtp, source=CLIENT) for _ in range(2)]
+            try:
+                return [c.reply().code for c in conns]
+            finally:
+                for c in conns:
+                    c.close()
+
+        assert await in_thread(two_on_b) == [220, 220]  # node a's two are not counted any more
+
     async def test_redis_stopped_then_started_again(self):
         a, b = self.relays
         await in_thread(self.redis.stop)

@@ -63,6 +63,7 @@ log = Logger(namespace="relay.limits")
 NODE_TTL = 30.0  # seconds a node counts for without a heartbeat
 HASH_TTL = 86400  # a connection-count hash nobody touched for a day is dropped
 RECONNECT_MAX_DELAY = 5.0  # seconds between reconnection attempts, at most
+RESTART_AFTER_REFUSAL = 60.0  # seconds before trying again a password or database Redis refused
 
 # KEYS: for each want: current window, previous window, logged-in-this-window.
 # ARGV: n, now, then for each want: max, window, window start.
@@ -181,18 +182,30 @@ class RedisLink(service.Service):
         self._started = 0.0
         self._grace = 2 * max(timeout, 1.0)  # a connection takes up to its connect timeout
         self._first: Any = None
+        self._restart_at: float | None = None  # when to connect afresh after a refused AUTH
         self._beat = task.LoopingCall(self.heartbeat)
         self._beat.clock = reactor
 
     # -- the service -----------------------------------------------------------
     def startService(self) -> None:
         super().startService()
+        self._connect()
+        self._started = self.reactor.seconds()
+        self._beat.start(self.node_ttl / 3, now=True)
+        self._first = self.reactor.callLater(self._grace, self.heartbeat)  # a Redis down at start: say so
+        log.info("limits: shared with the fleet in Redis {where} (node {node})", where=str(self.target),
+                 node=self.node)
+
+    def _connect(self) -> None:
+        """A lazy, reconnecting txredisapi connection.  No reply timeout of its own
+        (a timeout during its AUTH or SELECT would stop its reconnecting for good):
+        ``run`` times every call and gives a connection that does not answer up."""
         import txredisapi  # here: only a relay that uses Redis imports the client
 
         txredisapi.ClientService = _QuietClientService  # the pool slots it makes from now on
         t = self.target
-        common = dict(dbid=t.db, reconnect=True, password=t.password, username=t.username,
-                      connectTimeout=max(self.timeout, 1.0), replyTimeout=max(self.timeout * 4, 2.0))
+        common = dict(dbid=t.db or None, reconnect=True, password=t.password, username=t.username,
+                      connectTimeout=max(self.timeout, 1.0), replyTimeout=None)
         if t.path:
             self._handler = txredisapi.lazyUnixConnection(t.path, **common)
         else:
@@ -202,10 +215,6 @@ class RedisLink(service.Service):
             first.addErrback(lambda f: self._failed(f.getErrorMessage(), starting=False))
         self._handler._factory.maxDelay = RECONNECT_MAX_DELAY
         self._handler._factory.initialDelay = 0.2
-        self._started = self.reactor.seconds()
-        self._beat.start(self.node_ttl / 3, now=True)
-        self._first = self.reactor.callLater(self._grace, self.heartbeat)  # a Redis down at start: say so
-        log.info("limits: shared with the fleet in Redis {where} (node {node})", where=str(t), node=self.node)
 
     def stopService(self) -> defer.Deferred | None:
         super().stopService()
@@ -253,10 +262,23 @@ class RedisLink(service.Service):
         return result
 
     def _error(self, f: Failure) -> Failure:
-        why = "no answer within the time limit" if f.check(defer.TimeoutError, defer.CancelledError) \
-            else (f.getErrorMessage() or f.type.__name__)
-        self._failed(why)
+        if f.check(defer.TimeoutError, defer.CancelledError):
+            self._failed("no answer within the time limit")
+            self._drop()
+        else:
+            self._failed(f.getErrorMessage() or f.type.__name__)
         return f
+
+    def _drop(self) -> None:
+        """A Redis that does not answer: give its connection up (and what was sent on it),
+        so that the next checks are answered locally at once, not after the time
+        limit each; the client reconnects, and the link is up again when Redis answers."""
+        if self._handler is None:
+            return
+        for conn in list(self._handler._factory.pool):
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
 
     def _starting(self) -> bool:
         """Not connected yet, since a start too recent to call it an outage."""
@@ -275,6 +297,15 @@ class RedisLink(service.Service):
         """Keep this node alive in the nodes set (and find out that Redis is back)."""
         if self._starting() and not self.connected():
             return defer.succeed(None)
+        if self._handler is not None and self._handler._factory.stopped and self.running:
+            # txredisapi stops for good after a refused AUTH or SELECT: start afresh, once a minute
+            now = self.reactor.seconds()
+            if self._restart_at is None:
+                self._restart_at = now + RESTART_AFTER_REFUSAL
+            elif now >= self._restart_at:
+                self._restart_at = None
+                self._handler.disconnect().addErrback(lambda _: None)
+                self._connect()
         d = self.run(HEARTBEAT_SCRIPT, [self.nodes_key], [self.node, int(self.node_ttl)])
         return d.addErrback(lambda _: None)
 
@@ -321,11 +352,13 @@ class FleetCounter:
                 self._gone[key] -= 1
                 if ok:
                     self._send_release(key)
+                self._tidy(key)
                 return ok, total
             if ok:
                 self._held[key] += 1
             else:
                 self._uncounted[key] += 1
+            self._tidy(key)
             return ok, total
 
         def failed(_: Failure) -> tuple[bool, int]:
@@ -335,6 +368,7 @@ class FleetCounter:
                 self._gone[key] -= 1
             else:
                 self._uncounted[key] += 1
+            self._tidy(key)
             return True, self.inner.count(key)
 
         return d.addCallbacks(answer, failed)
