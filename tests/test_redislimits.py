@@ -174,6 +174,26 @@ class Fleet(unittest.TestCase):
 
         await in_thread(pop3)
 
+    async def test_connections_closed_at_once_leave_no_count(self):
+        """Clients that hang up before the greeting, while their count is on its way to
+        Redis, or at once after it: every count comes back to zero, on both nodes."""
+        a, b = self.relays
+
+        def churn():
+            for i in range(40):
+                s = socket.create_connection((a, b)[i % 2].smtp, timeout=10, source_address=(CLIENT, 0))
+                if i % 3 == 0:
+                    s.recv(100)  # after the greeting
+                s.close()
+
+        await in_thread(churn)
+        key = f"t1:conn:smtp:{CLIENT}"
+        await apoll(lambda: self.redis.command("EXISTS", key) == b":0" and all(
+            r.service.connection_counter("smtp").count(CLIENT) == 0 for r in self.relays), what="no count left")
+        for r in self.relays:
+            c = r.service.connection_counter("smtp")
+            assert not (c._held or c._pending or c._gone or c._uncounted), vars(c)
+
     async def test_releases_lost_in_an_outage_are_written_when_redis_is_back(self):
         a, b = self.relays
         counter = a.service.connection_counter("smtp")
