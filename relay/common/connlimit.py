@@ -8,6 +8,12 @@ see a small interface, a *connection counter*::
     counter.release(ip)                            # at disconnect (only if admitted)
     counter.count(ip)                              # relay-wide, for logs and tests
     counter.counts()                               # {ip: n} of this process's open ones
+    confirm(counter, ip, limit)                    # after acquire: the fleet's answer, or None
+
+``confirm`` is for a limit shared by a fleet of relays (``limits.redis``,
+relay.common.redislimits.FleetCounter wraps one of the counters below): a
+Deferred of (admitted, count) the protocol waits for before its greeting;
+None when there is nothing more to ask.
 
 Two implementations:
 
@@ -54,7 +60,9 @@ import mmap
 import os
 import struct
 import time
+from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 log = Logger(namespace="relay.connlimit")
@@ -94,6 +102,10 @@ class LocalCounter:
 
     def count(self, key: str) -> int:
         return self._counts.get(key, 0)
+
+    def confirm(self, key: str, limit: int) -> None:
+        """Nothing to ask beyond this process (see ``confirm`` below)."""
+        return None
 
     def counts(self) -> dict[str, int]:
         return dict(self._counts)
@@ -357,3 +369,15 @@ class SharedCounter:
 
     def counts(self) -> dict[str, int]:
         return dict(self._own)
+
+    def confirm(self, key: str, limit: int) -> None:
+        return None
+
+
+def confirm(counter: Any, key: str, limit: int) -> "defer.Deferred[tuple[bool, int]] | None":
+    """After ``acquire`` admitted a connection: a Deferred of (admitted, count)
+    when the limit is also the fleet's (relay.common.redislimits.FleetCounter,
+    ``limits.redis``), else None (the local answer stands).  When it fires
+    with False the protocol refuses the connection and releases it as usual."""
+    ask = getattr(counter, "confirm", None)
+    return ask(key, limit) if ask is not None else None

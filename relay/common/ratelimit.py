@@ -30,6 +30,10 @@ the memfd for the in-memory work only (a hash probe, a few adds); the
 kernel drops it when its holder dies, so a worker killed inside cannot
 wedge the others.  A local table takes no lock.
 
+With ``limits.redis`` the fleet's counts are kept in Redis
+(relay.common.redislimits); this table then counts this node's share
+(``add``) and answers alone while Redis is away.
+
 Each slot keeps a printable name (the limit and the key, truncated to
 ``NAME_SIZE`` bytes) so that ``relayctl status`` can list who is near a
 limit, whatever worker counted it.
@@ -219,6 +223,27 @@ class RateTable:
                     math.floor(now / want.window) * want.window, NEVER, 0, 0)
                 self._write(off, key, want, start, logged, cur + n, prev)
             return None
+        finally:
+            self._unlock()
+
+    def check(self, wants: list[Want], now: float, n: int = 1) -> Refusal | None:
+        """``take``, as the SMTP session asks every limits table (the fleet's,
+        relay.common.redislimits.FleetRates, may answer with a Deferred)."""
+        return self.take(wants, now, n)
+
+    def add(self, wants: list[Want], now: float, n: int = 1) -> None:
+        """Count n for every want without a check: what the fleet's limits
+        (Redis) admitted is this node's share, known here when Redis is not."""
+        keys = [self._key(w) for w in wants]
+        self._lock()
+        try:
+            for want, key in zip(wants, keys):
+                off, found = self._slot(key, now)
+                if off < 0:
+                    continue
+                start, logged, cur, prev = self._read(off, now, want) if found else (
+                    math.floor(now / want.window) * want.window, NEVER, 0, 0)
+                self._write(off, key, want, start, logged, cur + n, prev)
         finally:
             self._unlock()
 

@@ -35,7 +35,7 @@ from typing import Any
 from relay.common import endpoints
 from relay.common.address import AddressError, normalize_domain
 from relay.config import values as v
-from relay.config.ratevalues import LIMIT_OVERRIDES, PACING, RATE, Rate
+from relay.config.ratevalues import LIMIT_OVERRIDES, PACING, RATE, REDIS_PREFIX, REDIS_URL, Rate
 from relay.config.tlsvalues import TLS_POLICY, TLSPolicyEntry
 from relay.config.values import HostPort, IPNetwork, parse_duration, parse_hostport
 
@@ -353,6 +353,18 @@ class LimitsConfig:
     submission: tuple[tuple[str, Rate | None], ...] = declare(
         {}, LIMIT_OVERRIDES, "Overrides of the limits above for sessions on smtp.submission.",
         example={"messages_per_user": "100/1h", "recipients_per_user": "1000/1h"})
+    redis: str = declare(
+        "", REDIS_URL,
+        'Keep the limits above and the per-IP connection limits (smtp. and pop3.max_connections_per_ip) in '
+        'this Redis, so that they hold for a whole fleet of relays (docs/limits.md): "redis://[:password@]'
+        'host:port/db" or "unix:/path/to/socket".  Redis down: each relay goes on with its local limits.  '
+        'Empty: counted in this relay only.', example="redis://127.0.0.1:6379/0")
+    redis_prefix: str = declare(
+        "relay:", REDIS_PREFIX, "Prefix of every key the relay writes in limits.redis (several fleets can "
+        "share one Redis with different prefixes).")
+    redis_timeout: float = declare(
+        "0.5s", v.DURATION, "How long a session waits for limits.redis to answer before it decides with the "
+        "local limits (Redis slow or gone).", refine=v.ABOVE_ZERO)
 
     def rate(self, name: str, submission: bool) -> tuple[str, Rate | None]:
         """(the key that sets it, the rate) of one limit for one kind of endpoint."""
@@ -847,6 +859,7 @@ _RULES: tuple[Rule, ...] = (
     _refine("delivery.max_lifetime"),
     _refine("delivery.mta_sts_connect_timeout"),
     _refine("delivery.mta_sts_fetch_timeout"),
+    _refine("limits.redis_timeout"),
     _ssl_needs_certificate,
     _control_tcp,
     _domains_disjoint,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from relay.common.redisurl import parse_redis_url
 from relay.config.values import Bad, Check, Resolve, _domain, parse_duration
 
 
@@ -89,3 +90,26 @@ def _pacing(value: Any, resolve: Resolve) -> tuple[tuple[str, Rate], ...]:
 RATE = Check('a rate "N/duration" ("300/1h") or "off"', lambda v, r: parse_rate(v))
 LIMIT_OVERRIDES = Check('a table of limit = "N/duration" or "off"', _limit_overrides)
 PACING = Check('a table of "destination" = "N/duration"', _pacing)
+
+
+def _redis_url(value: Any, resolve: Resolve) -> str:
+    """limits.redis: "" (in process) or a URL relay.common.redisurl reads."""
+    if not isinstance(value, str):
+        raise Bad('"" or a URL "redis://[:password@]host:port/db" or "unix:/path/to/socket"')
+    text = value.strip()
+    if text:
+        try:
+            parse_redis_url(text)
+        except ValueError as e:
+            raise Bad(f'"" or a URL "redis://[:password@]host:port/db" or "unix:/path/to/socket" ({e})')
+    return text
+
+
+def _redis_prefix(value: Any, resolve: Resolve) -> str:
+    if not isinstance(value, str) or not value or len(value) > 64 or any(c.isspace() for c in value):
+        raise Bad("a key prefix of 1 to 64 characters without spaces")
+    return value
+
+
+REDIS_URL = Check('"" or a URL "redis://[:password@]host:port/db" or "unix:/path/to/socket"', _redis_url)
+REDIS_PREFIX = Check("a key prefix of 1 to 64 characters without spaces", _redis_prefix)

@@ -59,6 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.common import connlimit
 from relay.common.idle import IdleTimer
 from relay.mailbox.pop3auth import AuthorizationCommands
 from relay.mailbox.pop3message import Streamer
@@ -127,12 +128,36 @@ class POP3Server(AuthorizationCommands, TransactionCommands, Protocol):
             self.peer = "?"
         admitted, count = f.limiter.acquire(self.peer, f.max_connections_per_ip)
         if not admitted:
-            log.info("pop3: reject: connect from [{client_ip}]: too many connections ({count})",
-                     client_ip=self.peer, count=count, reason="too_many_connections")
-            self._write(b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n")
-            self._close()
+            self._too_many(count)
             return
         self._counted = True
+        fleet = connlimit.confirm(f.limiter, self.peer, f.max_connections_per_ip)  # limits.redis
+        if fleet is None:
+            self._greet()
+            return
+        self._busy = True  # nothing read before the greeting
+
+        def answer(got: tuple[bool, int]) -> None:
+            self._busy = False
+            if self._lost or self._closing:
+                return
+            if got[0]:
+                self._greet()
+                self._process()
+            else:
+                self._too_many(got[1])
+
+        fleet.addCallback(answer).addErrback(
+            lambda fl: log.failure("pop3: connection limit check failed", fl) if not self._lost else None)
+
+    def _too_many(self, count: int) -> None:
+        log.info("pop3: reject: connect from [{client_ip}]: too many connections ({count})",
+                 client_ip=self.peer, count=count, reason="too_many_connections")
+        self._write(b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n")
+        self._close()
+
+    def _greet(self) -> None:
+        f = self.factory
         nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if nodelay is not None:  # not on UNIX sockets or test transports
             try:

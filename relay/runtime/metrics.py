@@ -79,6 +79,7 @@ class RelayCollector:
         yield from self._sessions()
         yield from self._mta_sts()
         yield from self._proxy()
+        yield from self._limits_redis()
 
     def _proxy(self) -> Iterable[Metric]:
         """PROXY protocol listeners: headers accepted by version, connections refused by reason."""
@@ -93,6 +94,20 @@ class RelayCollector:
                                 "closed: no valid header)", labels=["reason"])
         for reason, n in sorted((gate.refused if gate is not None else {}).items()):
             c.add_metric([reason], n)
+        yield c
+
+    def _limits_redis(self) -> Iterable[Metric]:
+        """limits.redis (relay.common.redislimits): whether the fleet's limits answer."""
+        link = getattr(self.smtp.rates, "link", None)
+        if link is None:
+            return
+        g = GaugeMetricFamily("relay_limits_redis_up", "1 while limits.redis answers (limits shared by the "
+                              "fleet), 0 while the relay counts with its local limits")
+        g.add_metric([], 1 if link.up else 0)
+        yield g
+        c = CounterMetricFamily("relay_limits_redis_errors", "Limit checks answered with the local limits "
+                                "because limits.redis erred, was slow or not connected")
+        c.add_metric([], link.errors)
         yield c
 
     def _mta_sts(self) -> Iterable[Metric]:
@@ -348,7 +363,7 @@ class MetricsSite(server.Site):
 # -- a relay with workers: the master sums the workers' metrics -----------------
 
 # gauges that are not additive across workers
-_MERGE_MIN = ("relay_start_time_seconds",)
+_MERGE_MIN = ("relay_start_time_seconds", "relay_limits_redis_up")  # up: every worker's Redis answers
 _MERGE_MAX = ("relay_queue_oldest_message_age_seconds", "relay_build_info")
 
 

@@ -21,7 +21,10 @@ from typing import Any, Callable, TypeVar
 from twisted.logger import Logger
 
 from relay.common import endpoints as epmod
+from relay.common import redislimits
 from relay.common.netutil import Listeners
+from relay.common.ratelimit import RateTable
+from relay.common.redisurl import parse_redis_url
 from relay.common.tls import ServerTLS, TLSConfigError, load_server_tls
 from relay.config import Config
 from relay.control.route import RouteContext
@@ -258,3 +261,25 @@ def _refresh_files_once(users: usersmod.UserDB, aliases: aliasesmod.AliasFile) -
 def warn_each(lines: list[str]) -> None:
     for w in lines:
         log.warn("{warning}", warning=w)
+
+
+def limits_link(config: Config, reactor: Any, parent: Any) -> redislimits.RedisLink | None:
+    """The connection to ``limits.redis`` (None: the limits are this relay's
+    only), a child service of the relay: it connects when the relay starts.
+    Each process has its own (each worker too: relay.common.redislimits)."""
+    if not config.limits.redis:
+        return None
+    link = redislimits.RedisLink(parse_redis_url(config.limits.redis), prefix=config.limits.redis_prefix,
+                                 timeout=config.limits.redis_timeout, reactor=reactor)
+    link.setServiceParent(parent)
+    return link
+
+
+def fleet_counter(counter: Any, protocol: str, link: redislimits.RedisLink | None) -> Any:
+    """A protocol's connection counter, counting across the fleet when there is a link."""
+    return counter if link is None else redislimits.FleetCounter(counter, protocol, link)
+
+
+def fleet_rates(table: RateTable, link: redislimits.RedisLink | None) -> Any:
+    """The [limits] table the SMTP sessions ask, the fleet's when there is a link."""
+    return table if link is None else redislimits.FleetRates(table, link)

@@ -94,6 +94,7 @@ class RelayService(service.MultiService):
         self.config = config
         # Any: the reactor's interfaces are zope interfaces, whose methods mypy reads without self
         self.reactor: Any = reactor or default_reactor
+        self.limits_redis = parts.limits_link(config, self.reactor, self)  # limits.redis: the fleet's limits
         self.started_at = time.time()
         self.spool = spoolmod.Spool(config.spool)
         self.disk = DiskPool(self.reactor)
@@ -155,7 +156,7 @@ class RelayService(service.MultiService):
             tls=self.tls,
             reactor=self.reactor,
             limiter=self.connection_counter("smtp"),
-            rates=self.rate_table,
+            rates=parts.fleet_rates(self.rate_table, self.limits_redis),
         )
 
     def connection_counter(self, protocol: str):
@@ -168,6 +169,7 @@ class RelayService(service.MultiService):
                 counter = self.conn_table.counter(protocol, self.worker[0])
             else:
                 counter = connlimit.LocalCounter()
+            counter = parts.fleet_counter(counter, protocol, self.limits_redis)
             self._counters[protocol] = counter
         return counter
 

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.common import connlimit
 from relay.common.fastwrite import send_now
 from relay.common.idle import IdleTimer
 from relay.common.tls import session_info
@@ -146,16 +147,40 @@ class SMTPConnection(TwistedProtocol):
             self.transport.loseConnection()
             self.closing = True
             return
-        admitted, count = ctx.limiter.acquire(self.peer_ip, self.cfg.smtp.max_connections_per_ip)
+        limit = self.cfg.smtp.max_connections_per_ip
+        admitted, count = ctx.limiter.acquire(self.peer_ip, limit)
         if not admitted:
-            log.info("reject: connect from [{client_ip}]: too many connections ({count})",
-                     client_ip=self.peer_ip, count=count, reason="too_many_connections")
-            ctx.counters.reject("too_many_connections")
-            self._send_now("421 4.7.0 Too many connections from your address, try again later")
-            self.transport.loseConnection()
-            self.closing = True
+            self._too_many(count)
             return
         self.counted = True
+        fleet = connlimit.confirm(ctx.limiter, self.peer_ip, limit)  # limits.redis: the fleet's count
+        if fleet is None:
+            self._welcome()
+            return
+        self.busy = True  # nothing read before the greeting
+
+        def answer(got: tuple[bool, int]) -> None:
+            self.busy = False
+            if self.closing:
+                return
+            if got[0]:
+                self._welcome()
+            else:
+                self._too_many(got[1])
+
+        fleet.addCallback(answer).addErrback(self._internal_error)
+
+    def _too_many(self, count: int) -> None:
+        log.info("reject: connect from [{client_ip}]: too many connections ({count})",
+                 client_ip=self.peer_ip, count=count, reason="too_many_connections")
+        self.ctx.counters.reject("too_many_connections")
+        self._send_now("421 4.7.0 Too many connections from your address, try again later")
+        self.transport.loseConnection()
+        self.closing = True
+
+    def _welcome(self) -> None:
+        """The greeting, once the connection is admitted."""
+        ctx = self.ctx
         ctx.counters.sessions += 1
         ctx.open_sessions.add(self)
         self.transport.registerProducer(self, True)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 
 from relay.common.connlimit import LocalCounter
 from relay.common.ratelimit import RateTable
+from relay.common.redislimits import FleetRates
 from relay.common.tls import ServerTLS
 from relay.config import Config
 from relay.intake.accept import Intake
@@ -96,7 +97,7 @@ class ServerContext:
         checker: Checker | None = None,  # for AUTH
         tls: ServerTLS | None = None,
         limiter: Limiter | None = None,  # connections per IP for the whole relay
-        rates: RateTable | None = None,  # [limits] counts, for the whole relay
+        rates: RateTable | FleetRates | None = None,  # [limits] counts, for the whole relay (or fleet)
     ):
         self.config = config
         self.policy = policy
@@ -106,7 +107,7 @@ class ServerContext:
         self.reactor = reactor
         self.auth_failure_delay = 2.0
         self.limiter: Limiter = limiter if limiter is not None else LocalCounter()
-        self.rates = rates if rates is not None else RateTable.local()
+        self.rates: RateTable | FleetRates = rates if rates is not None else RateTable.local()
         self.counters = Counters()
         self.accepting = True  # False while shutting down
         self.open_sessions: set[Session] = set()

@@ -8,13 +8,20 @@ a command refused for another reason counts nothing, and a refusal by a
 limit counts nothing either, so a client that waits gets through as the
 window moves.  What was accepted before is never affected: a limit only
 ever refuses the next MAIL or RCPT, with ``450 4.7.1``.
+
+With ``limits.redis`` the table is the fleet's (relay.common.redislimits):
+its answer is a Deferred the session waits for, holding later pipelined
+commands, as it does for AUTH.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
+from twisted.internet.defer import Deferred
+
 from relay.common.ratelimit import RateTable, Refusal, Want
+from relay.common.redislimits import FleetRates
 from relay.config import Config
 
 _WHAT = {"messages": "messages", "recipients": "recipients"}
@@ -64,5 +71,9 @@ def reply_text(r: Refusal, cfg: Config) -> str:
     return f"too many {_WHAT[kind]} {_WHO[who]} {r.want.key}: limit {r.want.max} per {window} ({name})"
 
 
-def check(table: RateTable, want_list: list[Want], now: float) -> Refusal | None:
-    return table.take(want_list, now)
+def check(table: RateTable | FleetRates, want_list: list[Want], now: float) -> Refusal | None | Deferred:
+    """A refusal or None, at once from this relay's table; a Deferred of one
+    from the fleet's (limits.redis, relay.common.redislimits): the session
+    waits for it before its reply (it fires within limits.redis_timeout,
+    with the local answer when Redis is slow or away)."""
+    return table.check(want_list, now)

@@ -40,14 +40,16 @@ relay.intake.accept; this module only speaks the protocol.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
+from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.common.address import Address, AddressError, parse_path, split_command_argument
 from relay.common.dsn import DsnRequest
+from relay.common.ratelimit import Refusal
 from relay.intake.policy import Client, Decision, in_networks
 from relay.intake.rewrite import HeaderStage, SenderMap, sender_map
 from relay.queue.spool import QueueEntry
@@ -249,12 +251,14 @@ class SMTPServer(AuthSession):
         if not decision.ok:
             self._reject("MAIL", decision, sender)
             return
-        if not self._within_limits("MAIL", "messages", sender):
-            return
-        self.dsn_mail = dsn_mail
-        self.sender = sender
-        self.has_sender = True
-        self.reply(250, "2.1.0 Ok")
+
+        def accept() -> None:
+            self.dsn_mail = dsn_mail
+            self.sender = sender
+            self.has_sender = True
+            self.reply(250, "2.1.0 Ok")
+
+        self._within_limits("MAIL", "messages", sender, None, accept)
 
     def do_RCPT(self, arg: str) -> None:
         if not self.has_sender:
@@ -286,15 +290,19 @@ class SMTPServer(AuthSession):
         if not decision.ok:
             self._reject("RCPT", decision, rcpt)
             return
-        if decision.address not in self.rcpt_keys and not self._within_limits("RCPT", "recipients", self.sender,
-                                                                              rcpt):
-            return
-        if decision.address not in self.rcpt_keys:
-            self.rcpt_keys.add(decision.address)
-            self.recipients.append(decision)
-            if rcpt_dsn != (None, None):
-                self.rcpt_dsn[decision.address] = rcpt_dsn
-        self.reply(250, "2.1.5 Ok")
+
+        def accept() -> None:
+            if decision.address not in self.rcpt_keys:
+                self.rcpt_keys.add(decision.address)
+                self.recipients.append(decision)
+                if rcpt_dsn != (None, None):
+                    self.rcpt_dsn[decision.address] = rcpt_dsn
+            self.reply(250, "2.1.5 Ok")
+
+        if decision.address in self.rcpt_keys:  # a duplicate counts nothing
+            accept()
+        else:
+            self._within_limits("RCPT", "recipients", self.sender, rcpt, accept)
 
     def _mail_dsn(self, rest: str, path: str, params: dict[str, str | None]) -> tuple[str, str] | None:
         """RET and ENVID of MAIL (RFC 3461), or None after the error reply."""
@@ -317,15 +325,29 @@ class SMTPServer(AuthSession):
         return dsnparams.request(self.dsn_mail, [self.rcpt_dsn.get(d.address, (None, None)) for d in self.recipients],
                                  limited=not self.ctx.policy.trusted(self._client()))
 
-    def _within_limits(self, stage: str, kind: str, sender: Address | None, rcpt: Address | None = None) -> bool:
-        """[limits] (relay.smtp.limits): counts this MAIL or RCPT, or refuses it with 450 4.7.1."""
+    def _within_limits(self, stage: str, kind: str, sender: Address | None, rcpt: Address | None,
+                       accept: Callable[[], None]) -> None:
+        """[limits] (relay.smtp.limits): counts this MAIL or RCPT and calls accept, or refuses
+        it with 450 4.7.1; limits shared by a fleet (limits.redis) answer later: later
+        commands wait for it (at most limits.redis_timeout)."""
         cfg = self.cfg
         wants = ratelimits.wants(cfg, kind, submission=self.submission, ip=self.peer_ip, user=self.auth_user,
                                  sender=str(sender) if sender else None,
                                  trusted_network=in_networks(self.peer_ip, cfg.relay.networks))
-        refusal = self.ctx.rates.take(wants, self.ctx.reactor.seconds())
+        got = ratelimits.check(self.ctx.rates, wants, self.ctx.reactor.seconds())
+        if isinstance(got, defer.Deferred):
+            self._wait(got.addCallback(self._limits_answer, stage, sender, rcpt, accept))
+        else:
+            self._limits_answer(got, stage, sender, rcpt, accept)
+
+    def _limits_answer(self, refusal: Refusal | None, stage: str, sender: Address | None, rcpt: Address | None,
+                       accept: Callable[[], None]) -> None:
+        if self.closing:
+            return
         if refusal is None:
-            return True
+            accept()
+            return
+        cfg = self.cfg
         text = ratelimits.reply_text(refusal, cfg)
         self.ctx.counters.rate_limit(refusal.want.limit)
         if refusal.first:  # once per key and window
@@ -333,7 +355,6 @@ class SMTPServer(AuthSession):
                      stage=stage, helo=self.helo, client_ip=self.peer_ip, reply=f"450 4.7.1 {text}",
                      sender=str(sender or ""), rcpt=str(rcpt or ""), reason="rate_limit")
         self.reply(450, f"4.7.1 {text}")  # not an error: 20 of them must not end a transaction begun
-        return False
 
     def _client(self) -> Client:
         return Client(self.peer_ip, self.auth_user)
