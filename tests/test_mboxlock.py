@@ -404,3 +404,52 @@ class TestPOP3Session:
         assert os.path.islink(self.dotlock)
         with open(victim, "rb") as f:
             assert f.read() == b"root's file"
+
+
+CONTEND = r"""
+import os, sys, time
+from relay.mailbox import mboxlock
+d, host, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+marker, counter = os.path.join(d, "inside"), os.path.join(d, "counter")
+done = 0
+deadline = time.monotonic() + 60
+while done < rounds and time.monotonic() < deadline:
+    lk = mboxlock.DotLock(d, host=host)
+    try:
+        lk.acquire()
+    except mboxlock.LockHeld:
+        continue
+    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # raises if another is inside
+    os.close(fd)
+    with open(counter) as f:
+        n = int(f.read())
+    with open(counter + ".new", "w") as f:
+        f.write(str(n + 1))
+    os.rename(counter + ".new", counter)
+    os.unlink(marker)
+    lk.release()
+    done += 1
+print(done)
+"""
+
+
+def test_processes_of_several_hosts_exclude_each_other(tmp_path):
+    """Four processes, each calling itself another host, take turns on one
+    lock: never two inside at once, no update lost, nothing left behind."""
+    import subprocess
+    import sys
+
+    d = box(tmp_path)
+    with open(os.path.join(d, "counter"), "w") as f:
+        f.write("0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    procs = [subprocess.Popen([sys.executable, "-c", CONTEND, d, f"host-{i}", "25"], env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e.decode()[-500:] for _, e in outs]
+    assert [int(o) for o, _ in outs] == [25] * 4
+    with open(os.path.join(d, "counter")) as f:
+        assert f.read() == "100"
+    assert not os.path.exists(os.path.join(d, mboxlock.DOTLOCK_NAME))
+    assert leftovers(d) == []

@@ -88,11 +88,15 @@ def refused_in_use(ip: str, port: int) -> bytes:
         c.close()
 
 
-def send(ip: str, port: int, tag: str, n: int, errors: list) -> None:
+def send(ip: str, port: int, tag: str, n: int, errors: list, halfway: threading.Event | None = None) -> None:
+    """n messages over one SMTP session; with halfway, the second half only
+    once that is set (a POP3 session has deleted mail meanwhile)."""
     try:
         with smtplib.SMTP(ip, port, timeout=30) as s:
             s.ehlo("client.test")
             for k in range(n):
+                if halfway is not None and k == n // 2:
+                    assert halfway.wait(120), "no POP3 session took mail"
                 body = f"Subject: {tag}-{k}\r\nMessage-ID: <{tag}-{k}@client.test>\r\n\r\nmessage {tag}-{k}\r\n"
                 assert s.sendmail("carol@client.test", [USER], body.encode()) == {}
     except Exception as e:  # reported by the test thread
@@ -102,7 +106,9 @@ def send(ip: str, port: int, tag: str, n: int, errors: list) -> None:
 def test_two_nodes_deliver_while_a_third_serves_pop3(fleet):
     nodes, smtp_port, pop_port, box = fleet
     errors: list = []
-    senders = [threading.Thread(target=send, args=(IPS[i], smtp_port, f"n{i + 1}", PER_NODE, errors))
+    halfway = threading.Event()
+    senders = [threading.Thread(target=send, args=(IPS[i], smtp_port, f"n{i + 1}", PER_NODE, errors, halfway),
+                                daemon=True)
                for i in (0, 1)]
     for t in senders:
         t.start()
@@ -112,7 +118,7 @@ def test_two_nodes_deliver_while_a_third_serves_pop3(fleet):
     in_use_checked = False
     sessions = 0
     by: set[bytes] = set()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     new, cur = os.path.join(box, "new"), os.path.join(box, "cur")
     while set(got) != expected and time.monotonic() < deadline:
         # the next session once there is mail again (a poll with a deadline, never a fixed sleep)
@@ -138,10 +144,12 @@ def test_two_nodes_deliver_while_a_third_serves_pop3(fleet):
                 c.dele(int(num))
         finally:
             c.quit()
+        if got:
+            halfway.set()  # the rest is sent (and delivered) while the next sessions run
     for t in senders:
         t.join(60)
     assert not errors, errors
-    assert in_use_checked and sessions > 1
+    assert in_use_checked and sessions > 1  # (the second half came after a session's QUIT)
     assert by == {b"node1", b"node2"}  # both nodes delivered (their Received: lines)
     # no descriptor left open in the tree
     assert not [f for f in os.listdir(f"/proc/{nodes[2].proc.pid}/fd")
