@@ -14,7 +14,7 @@ second for one node and for the fleet.  With --kill, the first node of the
 fleet is SIGKILLed after a third of the load, its spool drained offline to
 a live node (``relayctl queue drain --to``), and the script checks that
 every acknowledged message was delivered once (or twice inside the
-at-least-once window), as tests/integration/test_fleet.py does on a
+at-least-once window), as tests/integration/test_fleet_proof.py does on a
 smaller load.
 
 On a machine with fewer cores than nodes the fleet shares them: the number

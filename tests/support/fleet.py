@@ -14,7 +14,7 @@ up and trying the hosts in random order, moving to the next host when one
 refuses or breaks the connection, and remembering which messages were
 acknowledged (250 after the final dot) and which are uncertain (the
 connection broke after the dot, before the reply: the at-least-once window).
-Used by tests/integration/test_fleet.py and, with more messages, bench/fleet.py.
+Used by tests/integration/test_fleet_proof.py and, with more messages, bench/fleet.py.
 """
 
 from __future__ import annotations
