@@ -9,9 +9,11 @@ Mid-load one node is SIGKILLed and never restarted; its spool is then
 drained, offline, to a live node (``relayctl queue drain --to``).  Then:
 
 * every acknowledged message is delivered (the shared Maildirs, or the
-  remote sink once it is up), and none twice except a message whose client
-  lost the connection between the final dot and the reply (the documented
-  at-least-once window: the client sent it again elsewhere);
+  remote sink once it is up), and none twice except in the documented
+  at-least-once windows: a client that lost the connection between the
+  final dot and the reply (it sent the message again elsewhere), and a
+  message the killed node had delivered but not yet recorded as delivered
+  (the drain hands it on again; at most its local deliveries in flight);
 * nothing is delivered that was never sent;
 * the killed node's spool is empty after the drain;
 * POP3 on either live node shows one mailbox (the same UIDLs), and a
@@ -30,6 +32,7 @@ import threading
 
 import pytest
 
+from relay.queue.manager import LOCAL_CONCURRENCY
 from tests.support import fleet as fleetmod
 from tests.support.fleet import DOMAIN, PASSWORD, USERS, Fleet, Load, node_ip, pop3_uidls, queued, relayctl
 from tests.support.wait import poll
@@ -86,8 +89,14 @@ def test_three_relays_one_killed_and_drained(fleet):
     copies = {**far, **local}
     never_sent = set(copies) - set(load.acked) - load.uncertain
     assert never_sent == set(), f"delivered but never sent: {sorted(never_sent)[:5]}"
+    # twice only inside the at-least-once windows (docs/fleet.md): the client
+    # lost the reply to its final dot and sent again; or the killed node had
+    # delivered a message but not yet recorded it, so the drain sent it on
+    # (at most the local deliveries it had in flight)
     twice = {m: n for m, n in copies.items() if n > 1}
-    assert set(twice) <= load.uncertain, f"delivered twice outside the at-least-once window: {twice}"
+    crash_window = {m for m in twice if load.acked.get(m) == node_ip(0)} - load.uncertain
+    assert set(twice) <= load.uncertain | crash_window, f"delivered twice outside the windows: {twice}"
+    assert len(crash_window) <= LOCAL_CONCURRENCY, crash_window
     assert all(n <= 2 for n in twice.values()), twice
     print(f"\nfleet: {len(load.acked)} messages acknowledged in {load.seconds:.1f} s "
           f"({len(load.acked) / load.seconds:.0f}/s), {on_dead} by the killed node, {len(left)} drained, "
