@@ -234,7 +234,7 @@ def _mailbox(addr: str, cfg: Config, what: str, status: int) -> str:
     if "@" not in a:
         a = f"{a}@{origin(cfg)}"
     try:
-        return str(parse_mailbox(a))
+        return str(parse_mailbox(a, utf8=True))  # UTF-8 addresses: the message needs SMTPUTF8
     except AddressError as e:
         raise Fatal(status, f"bad {what} address {addr!r}: {e}")
 
@@ -355,7 +355,8 @@ def _added_headers(o: Options, cfg: Config, me: Identity, sender: str, headers: 
     if "from" not in names:
         name = o.full_name if o.full_name is not None else me.gecos
         addr = sender or _mailbox(me.user or "MAILER-DAEMON", cfg, "sender", EX_USAGE)
-        added.append(b"From: " + email.utils.formataddr((name, addr)).encode("ascii", "replace"))
+        added.append(b"From: " + email.utils.formataddr((name, addr)).encode(
+            "ascii" if addr.isascii() else "utf-8", "replace"))  # a UTF-8 address: RFC 6532 header
     if "date" not in names:
         added.append(b"Date: " + email.utils.formatdate(localtime=True).encode("ascii"))
     if "message-id" not in names:
