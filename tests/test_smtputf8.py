@@ -12,10 +12,13 @@ Maildir), aliases, relay-sendmail, queue show.
 from __future__ import annotations
 
 import base64
+import io
 import os
 import poplib
 import shutil
 import smtplib
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -31,11 +34,12 @@ from relay.common.address import (
     parse_path,
     split_command_argument,
 )
-from relay.intake import dkim
+from relay.intake import dkim, submit
+from relay.intake import sendmail as sm
 from relay.mailbox import users as usersmod
 from relay.queue import view as queueview
 from relay.queue.spool import Envelope, State
-from tests.support.relay import InProcessRelay, in_thread
+from tests.support.relay import InProcessRelay, in_thread, toml_dumps
 from tests.support.smtpclient import RawSMTP
 from tests.support.wait import apoll
 
@@ -433,3 +437,72 @@ class EndToEnd(Base):
         out = await in_thread(fetch)
         self.assertEqual(out[:2], [b"-ERR [AUTH] Authentication failed"] * 2)
         self.assertTrue(out[2].startswith(b"-ERR UTF8 is not valid in the TRANSACTION state"), out[2])
+
+
+class Sendmail(Base):
+    """relay-sendmail with UTF-8 addresses: through the drop directory and
+    the pickup into the queue, marked smtputf8."""
+
+    async def test_utf8_recipients_and_sender_queued_and_marked(self):
+        cfg = os.path.join(self.tmp, "relay.toml")
+        with open(cfg, "w", encoding="utf-8") as f:
+            f.write(toml_dumps(self.relay.data))
+        msg = "Subject: Grüße\n\nHallo Jörg\n".encode()
+        rc = await in_thread(sm.main, ["-C", cfg, "-f", "JÖRG@bücher.example", "-i", "störung@Bücher.example",
+                                       "δοκιμή@παράδειγμα.δοκιμή"], stdin=io.BytesIO(msg))
+        self.assertEqual(rc, 0)
+        await apoll(lambda: self.queued(), timeout=15, what="the pickup")
+        ((env, body),) = self.queued()
+        self.assertTrue(env.smtputf8)
+        self.assertEqual(env.sender, "JÖRG@xn--bcher-kva.example")
+        self.assertEqual(env.recipients, [JOERG_STORED, "δοκιμή@xn--hxajbheg2az3al.xn--jxalpdlp"])
+        self.assertTrue(body.endswith(b"\r\n\r\nHallo J\xc3\xb6rg\r\n"), body)
+        self.assertRegex(body, "\r\nFrom: [^\r]*<JÖRG@xn--bcher-kva.example>\r\n".encode())  # added, in UTF-8
+
+    async def test_ascii_submission_is_not_marked(self):
+        cfg = os.path.join(self.tmp, "relay.toml")
+        with open(cfg, "w", encoding="utf-8") as f:
+            f.write(toml_dumps(self.relay.data))
+        rc = await in_thread(sm.main, ["-C", cfg, "-i", "alice@local.test"], stdin=io.BytesIO(b"Subject: x\n\nx\n"))
+        self.assertEqual(rc, 0)
+        await apoll(lambda: self.queued(), timeout=15, what="the pickup")
+        ((env, _),) = self.queued()
+        self.assertFalse(env.smtputf8)
+
+    async def test_submission_over_smtp_uses_smtputf8(self):
+        """relay-sendmail's fallback (no drop directory it may write): SMTP to the relay."""
+        qid = await in_thread(submit.submit_smtp, self.relay.config, self._file(b"Subject: x\r\n\r\nx\r\n"), 15,
+                              JOERG_STORED, [JOERG_STORED], False, [self.relay.smtp])
+        self.assertTrue(qid)
+        await apoll(lambda: self.queued(), timeout=15, what="queued")
+        ((env, _),) = self.queued()
+        self.assertTrue(env.smtputf8)
+        self.assertEqual(env.client["proto"], "UTF8SMTP")
+
+    def _file(self, data: bytes) -> str:
+        path = os.path.join(self.tmp, "msg")
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+
+def test_relayctl_user_add_utf8(tmp_path):
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[local]\ndomains = ["bücher.example"]\nusers = "users"\n', encoding="utf-8")
+
+    def ctl(*args, input=None):
+        return subprocess.run([sys.executable, "-m", "relay.admin.cli", "--config", str(cfg), "user", *args],
+                              cwd=str(tmp_path), input=input, capture_output=True, text=True, encoding="utf-8",
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+    r = ctl("add", "JO\u0308RG@Bücher.Example", "--password-stdin", input="pw\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == f"user {JOERG} (stored as {JOERG_STORED}) added\n"
+    assert (tmp_path / "users").read_text(encoding="utf-8").startswith(JOERG_STORED + ":$scrypt$")
+    r = ctl("add", JOERG_STORED, "--password-stdin", input="pw\n")
+    assert r.returncode == 1 and "already exists" in r.stderr
+    assert ctl("list").stdout == JOERG_STORED + "\n"
+    r = ctl("delete", "jörg@xn--bcher-kva.example")
+    assert r.returncode == 0 and r.stderr == f"user {JOERG} (stored as {JOERG_STORED}) deleted (its mailbox is kept)\n"
+    r = ctl("add", "jö/rg@bücher.example", "--password-stdin", input="pw\n")
+    assert r.returncode == 1
