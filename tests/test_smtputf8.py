@@ -363,6 +363,23 @@ class Auth(Base):
         # the last MAIL: unauthenticated, so not checked against a login (250 too)
         self.assertEqual(codes, [(235, 250), (235, 250), (235, 250), (535, 250)])
 
+    async def test_auth_login_and_authzid_in_the_other_spelling(self):
+        b64 = lambda t: base64.b64encode(t.encode()).decode()  # noqa: E731
+
+        def fn(c):
+            c.cmd("EHLO x")
+            out = [c.cmd("AUTH LOGIN"), c.cmd(b64("jörg@BÜCHER.example")), c.cmd(b64(PW))]
+            return out
+
+        r = await self.session(fn)
+        self.assertEqual([x.code for x in r], [334, 334, 235])
+
+        def fn2(c):
+            c.cmd("EHLO x")
+            return c.cmd("AUTH PLAIN " + b64(f"JÖRG@bücher.example\0{JOERG_STORED}\0{PW}"))
+
+        self.assertEqual((await self.session(fn2)).code, 235)
+
     async def test_authenticated_utf8_user_relays_and_owns_its_address(self):
         token = base64.b64encode(f"\0{JOERG}\0{PW}".encode()).decode()
 
