@@ -523,3 +523,16 @@ def test_relayctl_user_add_utf8(tmp_path):
     assert r.returncode == 0 and r.stderr == f"user {JOERG} (stored as {JOERG_STORED}) deleted (its mailbox is kept)\n"
     r = ctl("add", "jö/rg@bücher.example", "--password-stdin", input="pw\n")
     assert r.returncode == 1
+
+
+class Route(Base):
+    async def test_relayctl_route_takes_utf8_and_either_spelling(self):
+        from relay.control import route as routecheck
+        from relay.runtime import parts
+
+        ctx = parts.offline_route_context(self.relay.config)
+        r = routecheck.explain(ctx, "Störung@BÜCHER.example")
+        self.assertTrue(r["accepted"], r)
+        self.assertEqual([(d["kind"], d["recipient"]) for d in r["deliveries"]], [("local", JOERG_STORED)])
+        self.assertFalse(routecheck.explain(ctx, "x@zürich.example", "192.0.2.1")["accepted"])
+        self.assertTrue(routecheck.explain(ctx, "x@MÜNCHEN.example", "192.0.2.1")["accepted"])
