@@ -121,6 +121,25 @@ def test_normalize_user_accepts_utf8():
     assert usersmod.unsafe_path_part("jö\x9brg")  # C1 (CSI) in a path component
 
 
+def test_users_file_and_aliases_in_either_spelling():
+    h = "$scrypt$ln=1,r=8,p=1$AAAA$AAAA"  # only parsed here
+    users, order = usersmod.UserDB.parse("users", f"JÖRG@bücher.example:{h}\n")
+    assert order == [JOERG_STORED]
+    with pytest.raises(usersmod.UsersFileError, match="listed twice"):
+        usersmod.UserDB.parse("users", f"{JOERG}:{h}\njo\u0308rg@xn--bcher-kva.example:{h}\n")
+    from relay.intake.aliases import AliasesFileError, AliasMap
+
+    amap = AliasMap.parse("störung@Bücher.example: jörg\nJÜRGEN: δοκιμή@παράδειγμα.δοκιμή\n", "aliases",
+                          ("xn--bcher-kva.example",))
+    assert amap.lookup("störung@xn--bcher-kva.example") == ["jörg"]
+    assert amap.lookup("jürgen@xn--bcher-kva.example") == ["δοκιμή@παράδειγμα.δοκιμή"]
+    with pytest.raises(AliasesFileError, match="defined twice"):
+        AliasMap.parse("störung@bücher.example: a\nSTÖRUNG@xn--bcher-kva.example: b\n", "aliases",
+                       ("xn--bcher-kva.example",))
+    with pytest.raises(AliasesFileError):
+        AliasMap.parse("st\u202eörung: a\n", "aliases", ("xn--bcher-kva.example",))
+
+
 def test_config_u_labels_normalised_to_a_labels():
     cfg = configmod.load(None, data={
         "local": {"domains": ["Bücher.example"]},
@@ -428,7 +447,8 @@ class EndToEnd(Base):
         self.assertTrue(got.startswith(f"Return-Path: <alice@local.test>\r\nDelivered-To: {JOERG_STORED}\r\n"
                                        .encode()), got[:200])
         self.assertTrue(got.endswith(msg))
-        self.assertIn(b"with UTF8SMTP", got)
+        self.assertIn(b"with UTF8SMTP id ", got)
+        self.assertIn(f"\r\n\tfor <{JOERG_STORED}>;".encode(), got)  # UTF-8 in the header (RFC 6532)
 
     async def test_pop3_utf8_command_only_before_login_and_bad_names(self):
         def fetch():
