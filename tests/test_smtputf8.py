@@ -496,6 +496,18 @@ class Sendmail(Base):
         self.assertTrue(body.endswith(b"\r\n\r\nHallo J\xc3\xb6rg\r\n"), body)
         self.assertRegex(body, "\r\nFrom: [^\r]*<JÖRG@xn--bcher-kva.example>\r\n".encode())  # added, in UTF-8
 
+    async def test_t_reads_utf8_recipients_from_the_headers(self):
+        cfg = os.path.join(self.tmp, "relay.toml")
+        with open(cfg, "w", encoding="utf-8") as f:
+            f.write(toml_dumps(self.relay.data))
+        msg = "To: Jörg <jörg@bücher.example>, a@MÜNCHEN.example\nSubject: x\n\nx\n".encode()
+        rc = await in_thread(sm.main, ["-C", cfg, "-t", "-i"], stdin=io.BytesIO(msg))
+        self.assertEqual(rc, 0)
+        await apoll(lambda: self.queued(), timeout=15, what="the pickup")
+        ((env, _),) = self.queued()
+        self.assertEqual(env.recipients, [JOERG_STORED, "a@xn--mnchen-3ya.example"])
+        self.assertTrue(env.smtputf8)
+
     async def test_ascii_submission_is_not_marked(self):
         cfg = os.path.join(self.tmp, "relay.toml")
         with open(cfg, "w", encoding="utf-8") as f:
