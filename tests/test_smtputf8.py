@@ -461,8 +461,8 @@ class EndToEnd(Base):
                     out.append("ok")
                 except poplib.error_proto as e:
                     out.append(e.args[0])
-            c.user(JOERG)
-            c.pass_(PW)
+            token = base64.b64encode(f"\0JÖRG@xn--bcher-kva.example\0{PW}".encode()).decode()
+            out.append(c._shortcmd("AUTH PLAIN " + token)[:3])  # SASL PLAIN carries the name in UTF-8 too
             try:
                 c._shortcmd("UTF8")
                 out.append("utf8 ok")
@@ -473,7 +473,8 @@ class EndToEnd(Base):
 
         out = await in_thread(fetch)
         self.assertEqual(out[:2], [b"-ERR [AUTH] Authentication failed"] * 2)
-        self.assertTrue(out[2].startswith(b"-ERR UTF8 is not valid in the TRANSACTION state"), out[2])
+        self.assertEqual(out[2], b"+OK")
+        self.assertTrue(out[3].startswith(b"-ERR UTF8 is not valid in the TRANSACTION state"), out[3])
 
 
 class Sendmail(Base):
