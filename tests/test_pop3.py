@@ -73,7 +73,7 @@ class CapabilityTests(Base):
         self.assertTrue(welcome.startswith(b"+OK pop.example.org"))
         self.assertEqual(before, {
             "TOP": [], "UIDL": [], "RESP-CODES": [], "AUTH-RESP-CODE": [], "PIPELINING": [],
-            "USER": [], "SASL": ["PLAIN"], "IMPLEMENTATION": ["twisted-relay"],
+            "USER": [], "SASL": ["PLAIN"], "IMPLEMENTATION": ["twisted-relay"], "UTF8": ["USER"],
         })  # no STLS: no certificate configured
         self.assertNotIn("USER", after)
         self.assertNotIn("SASL", after)

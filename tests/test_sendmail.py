@@ -246,7 +246,9 @@ def test_bad_addresses(setup, capsys):
     assert run(cfg, ["a@b.example c@d.example"], b"x\n") == sm.EX_USAGE
     assert run(cfg, ["-f", "a@@b", "x@example.org"], b"x\n") == sm.EX_USAGE
     assert run(cfg, ["-t"], b"To: ok@example.org, bad<<@\n\nx\n") == sm.EX_DATAERR
-    assert run(cfg, ["caf\u00e9@example.org"], b"x\n") == sm.EX_USAGE
+    # "caf\u00e9@example.org" was refused here until issue 17 (SMTPUTF8:
+    # tests/test_smtputf8.py); characters no address may hold still are
+    assert run(cfg, ["caf\u00e9\u202e@example.org"], b"x\n") == sm.EX_USAGE
     assert os.listdir(sp.drop_dir) == []
 
 

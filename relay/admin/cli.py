@@ -24,7 +24,7 @@ import sys
 
 from relay import config as configmod
 from relay.admin import commands as ctlcmds
-from relay.common.address import AddressError
+from relay.common.address import AddressError, display_address
 from relay.intake.aliases import AliasesFileError, AliasFile
 from relay.mailbox import users as usersmod
 
@@ -155,6 +155,13 @@ def _user_address(cfg, address: str) -> str:
         raise Fail(str(e))
 
 
+def _shown(address: str) -> str:
+    """A user name as people read it: with U-labels, and the stored
+    A-label form after it when the two differ (ASCII names: as they are)."""
+    readable = display_address(address)
+    return address if readable == address else f"{readable} (stored as {address})"
+
+
 def cmd_user(args) -> int:
     cfg = load_config(args)
     path = cfg.local.users
@@ -170,7 +177,7 @@ def cmd_user(args) -> int:
                 usersmod.add_user(path, address, pw)
             except usersmod.UserExists:
                 raise Fail(f"user {address} already exists (use: relayctl user passwd {address})")
-            print(f"user {address} added", file=sys.stderr)
+            print(f"user {_shown(address)} added", file=sys.stderr)
         elif args.user_cmd == "passwd":
             if not usersmod.UserDB(path).exists(address):
                 raise Fail(f"no such user: {address}")
@@ -179,13 +186,13 @@ def cmd_user(args) -> int:
                 usersmod.set_password(path, address, pw)
             except usersmod.NoSuchUser:
                 raise Fail(f"no such user: {address}")
-            print(f"password of {address} changed", file=sys.stderr)
+            print(f"password of {_shown(address)} changed", file=sys.stderr)
         elif args.user_cmd == "delete":
             try:
                 usersmod.delete_user(path, address)
             except usersmod.NoSuchUser:
                 raise Fail(f"no such user: {address}")
-            print(f"user {address} deleted (its mailbox is kept)", file=sys.stderr)
+            print(f"user {_shown(address)} deleted (its mailbox is kept)", file=sys.stderr)
     except usersmod.UsersFileError as e:
         raise Fail(str(e))
     except PermissionError as e:

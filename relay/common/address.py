@@ -4,8 +4,12 @@ Every address the relay acts on passes through here, so that "who may relay
 what" (policy) and "where does it go" (routing) always see one canonical
 form: the domain lower-cased, without a trailing dot, IDNA-encoded to
 A-labels; the local part exactly as sent (only its needless quoting
-removed).  Sender-specified routing is made visible (``has_routing``) so that
-policy can refuse it instead of honouring it.  No Twisted here: this module
+removed; a UTF-8 one, RFC 6531, in Unicode NFC so that one name has one
+spelling).  A non-ASCII address is only parsed when the caller says it may
+be (``utf8``: the SMTP transaction said SMTPUTF8, or a local source); else
+it is refused with 5.6.7 as RFC 6531 3.7.4.1 prescribes.  Sender-specified
+routing is made visible (``has_routing``) so that policy can refuse it
+instead of honouring it.  No Twisted here: this module
 is plain Python and tested as such.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import idna
@@ -24,6 +29,19 @@ MAX_PATH = 256
 _ATEXT = "A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
 _ATOM = f"[{_ATEXT}]+"
 DOT_STRING = re.compile(f"{_ATOM}(?:\\.{_ATOM})*\\Z")
+# RFC 6531 3.3: atext =/ UTF8-non-ascii (the characters that are not allowed
+# are refused before, by _bad_unicode)
+_UTF8_ATOM = f"[\u0080-\U0010ffff{_ATEXT}]+"
+UTF8_DOT_STRING = re.compile(f"{_UTF8_ATOM}(?:\\.{_UTF8_ATOM})*\\Z")
+# RFC 6531 3.7.4.1 (and RFC 5248's X.6.7): the reply to a non-ASCII address
+# in a transaction without SMTPUTF8
+NOT_ASCII = "Non-ASCII addresses not permitted for that sender/recipient"
+# Unicode categories never accepted in an address: controls (C0, DEL, C1),
+# surrogates, private use, unassigned, separators other than the ASCII space
+_BAD_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
+# bidirectional embedding, override and isolate controls: they make an
+# address display as another one (the "Trojan Source" class)
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 # ESMTP parameter keyword and value (RFC 5321 4.1.2, esmtp-keyword/esmtp-value)
 _PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
@@ -69,11 +87,70 @@ class Address:
 
     def lower(self) -> str:
         """The form used for lookups of local users and aliases."""
-        return f"{quote_local(self.local.lower())}@{self.domain}"
+        return f"{quote_local(fold_local(self.local))}@{self.domain}"
+
+    @property
+    def utf8(self) -> bool:
+        """Whether the address needs SMTPUTF8 (its local part is not ASCII;
+        the domain is always stored in A-labels)."""
+        return not self.local.isascii()
+
+
+def fold_local(local: str) -> str:
+    """A local part lower-cased for lookups (ASCII: str.lower as always; a
+    UTF-8 one NFC again afterwards, as lower-casing can undo it)."""
+    low = local.lower()
+    return low if low.isascii() else unicodedata.normalize("NFC", low)
+
+
+def _bad_unicode(text: str) -> str | None:
+    """The first non-ASCII character of ``text`` that no address may hold."""
+    for c in text:
+        if ord(c) > 127 and (unicodedata.category(c) in _BAD_CATEGORIES or c in _BIDI_CONTROLS):
+            return c
+    return None
+
+
+def display_domain(domain: str) -> str:
+    """A stored (A-label) domain in the form people read: U-labels where
+    the A-labels decode, else as it is.  For display only, never for
+    decisions."""
+    if "xn--" not in domain:
+        return domain
+    try:
+        return idna.decode(domain)
+    except (idna.IDNAError, UnicodeError):
+        return domain
+
+
+def display_address(address: str) -> str:
+    """"local@domain" with the domain shown in U-labels (display_domain)."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}@{display_domain(domain)}" if at else address
+
+
+def login_key(name: str) -> str:
+    """The canonical user name of a login name (AUTH, POP3 USER): ASCII
+    names lower-cased as always; a UTF-8 name NFC, lower-cased, its domain
+    in A-labels, so "JÖRG@Bücher.example" logs in as the user
+    "jörg@xn--bcher-kva.example" (RFC 6531 does not change SASL: PLAIN
+    carries the name in UTF-8)."""
+    s = name.strip()
+    if s.isascii():
+        return s.lower()
+    s = unicodedata.normalize("NFC", s)
+    local, at, domain = s.rpartition("@")
+    if not at:
+        return fold_local(s)
+    try:
+        domain = normalize_domain(domain)
+    except AddressError:
+        domain = domain.lower()
+    return f"{fold_local(local)}@{domain}"
 
 
 def quote_local(local: str) -> str:
-    if DOT_STRING.match(local):
+    if DOT_STRING.match(local) or (not local.isascii() and UTF8_DOT_STRING.match(local)):
         return local
     escaped = local.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
@@ -121,7 +198,7 @@ def _normalize_literal(text: str) -> str:
         raise AddressError(f"invalid address literal {text!r}")
 
 
-def _parse_local(text: str) -> str:
+def _parse_local(text: str, utf8: bool = False) -> str:
     if text.startswith('"'):
         if len(text) < 2 or not text.endswith('"'):
             raise AddressError("unterminated quoted local part")
@@ -139,18 +216,18 @@ def _parse_local(text: str) -> str:
                 out.append(nxt)
                 i += 2
                 continue
-            if c == '"' or not (32 <= ord(c) <= 126):
+            if c == '"' or not (32 <= ord(c) <= 126 or (utf8 and ord(c) > 127)):
                 raise AddressError("bad character in quoted local part")
             out.append(c)
             i += 1
         local = "".join(out)
     else:
-        if not DOT_STRING.match(text):
+        if not (DOT_STRING if not utf8 else UTF8_DOT_STRING).match(text):
             raise AddressError(f"invalid local part {text!r}")
         local = text
     if not local:
         raise AddressError("empty local part")
-    if len(local) > MAX_LOCAL:
+    if len(local) > MAX_LOCAL or (not local.isascii() and len(local.encode("utf-8")) > MAX_LOCAL):
         raise AddressError("local part longer than 64 octets")
     return local
 
@@ -181,16 +258,23 @@ def _split_mailbox(text: str) -> tuple[str, str]:
     return local, domain
 
 
-def parse_mailbox(text: str) -> Address:
-    """Parse "local@domain" (no angle brackets)."""
-    if any(ord(c) > 127 for c in text):
-        raise AddressError("non-ASCII address (SMTPUTF8 is not supported)", "5.6.7")
+def parse_mailbox(text: str, utf8: bool = False) -> Address:
+    """Parse "local@domain" (no angle brackets).  ``utf8``: a UTF-8 local
+    part and U-label domain are accepted (RFC 6531; the local part NFC, the
+    domain to A-labels); else a non-ASCII address is refused with 5.6.7."""
+    if not text.isascii():
+        if not utf8:
+            raise AddressError(NOT_ASCII, "5.6.7")
+        text = unicodedata.normalize("NFC", text)
+        bad = _bad_unicode(text)
+        if bad is not None:
+            raise AddressError(f"character U+{ord(bad):04X} is not allowed in an address")
     if any(ord(c) < 33 or ord(c) == 127 for c in text if c != " ") or (
         " " in text and not text.startswith('"')
     ):
         raise AddressError("invalid character in address")
     local, domain = _split_mailbox(text)
-    loc = _parse_local(local)
+    loc = _parse_local(local, utf8)
     if " " in domain:  # only a quoted local part may hold a space
         raise AddressError("invalid character in address")
     if domain.startswith("[") and domain.endswith("]"):
@@ -200,7 +284,7 @@ def parse_mailbox(text: str) -> Address:
     return Address(loc, normalize_domain(domain))
 
 
-def parse_path(text: str, *, allow_null: bool = False) -> Address | None:
+def parse_path(text: str, *, allow_null: bool = False, utf8: bool = False) -> Address | None:
     """Parse an RFC 5321 path as found after "MAIL FROM:" or "RCPT TO:".
 
     Returns None for the null path "<>" when allow_null.  A source route
@@ -216,7 +300,7 @@ def parse_path(text: str, *, allow_null: bool = False) -> Address | None:
         if not t.endswith(">"):
             raise AddressError("missing closing '>' in path")
         t = t[1:-1]
-    if len(t) > MAX_PATH:
+    if len(t) > MAX_PATH or (not t.isascii() and len(t.encode("utf-8")) > MAX_PATH):
         raise AddressError("path longer than 256 octets")
     if not t:
         if allow_null:
@@ -229,9 +313,11 @@ def parse_path(text: str, *, allow_null: bool = False) -> Address | None:
         for hop in t[:colon].split(","):
             if not hop.startswith("@"):
                 raise AddressError("bad source route")
+            if not utf8 and not hop.isascii():
+                raise AddressError(NOT_ASCII, "5.6.7")
             normalize_domain(hop[1:])
         t = t[colon + 1 :]
-    return parse_mailbox(t)
+    return parse_mailbox(t, utf8)
 
 
 def split_command_argument(arg: str) -> tuple[str, dict[str, str | None]]:
@@ -261,6 +347,8 @@ def split_command_argument(arg: str) -> tuple[str, dict[str, str | None]]:
         path, sep, rest = arg.partition(" ")
         rest = sep + rest
     params: dict[str, str | None] = {}
+    if not rest.isascii():  # ESMTP parameters are ASCII (and str.split would split at U+00A0)
+        raise AddressError("non-ASCII characters in parameters", "5.5.4")
     if rest and not rest.startswith(" "):
         raise AddressError("garbage after path", "5.5.4")
     for tok in rest.split():

@@ -18,6 +18,8 @@ from __future__ import annotations
 import binascii
 from typing import NamedTuple
 
+from relay.common.address import login_key
+
 
 class Base64Error(ValueError):
     """The response is not base64."""
@@ -44,7 +46,8 @@ class PlainResponse(NamedTuple):
 
 
 def same_user(a: bytes, b: bytes) -> bool:
-    return a.decode("utf-8", "replace").strip().lower() == b.decode("utf-8", "replace").strip().lower()
+    """One user in two spellings (a UTF-8 name: NFC, U-labels or A-labels; address.login_key)."""
+    return login_key(a.decode("utf-8", "replace")) == login_key(b.decode("utf-8", "replace"))
 
 
 def decode_base64(data: bytes | str) -> bytes:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.common import endpoints
-from relay.common.address import AddressError, normalize_domain, parse_mailbox
+from relay.common.address import AddressError, fold_local, normalize_domain, parse_mailbox
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolve = Callable[[str], str]  # a relative path -> a path against the config file's directory
@@ -372,7 +372,7 @@ def _sender_routes(value: Any, resolve: Resolve) -> tuple[tuple[str, str], ...]:
         key = str(k).strip()
         try:
             if "@" in key:
-                a = parse_mailbox(key)
+                a = parse_mailbox(key, utf8=True)
                 key = sender_key(a.local, a.domain)
             elif key.startswith("."):
                 key = "." + normalize_domain(key[1:])
@@ -455,8 +455,9 @@ def _dkim_headers(value: Any, resolve: Resolve) -> tuple[str, ...]:
 
 
 def sender_key(local: str, domain: str) -> str:
-    """How rewrite.senders matches an address: the local part's case ignored."""
-    return f"{local.lower()}@{domain}"
+    """How rewrite.senders matches an address: the local part's case ignored
+    (a UTF-8 one compared in NFC, relay.common.address.fold_local)."""
+    return f"{fold_local(local)}@{domain}"
 
 
 def _rewrite_table(table: object, shape: str, old_is: str, new_name: str, new_is: str,
@@ -485,7 +486,7 @@ def _rewrite_table(table: object, shape: str, old_is: str, new_name: str, new_is
 
 
 def _sender_old(text: str) -> str:
-    a = parse_mailbox(text)
+    a = parse_mailbox(text, utf8=True)
     return sender_key(a.local, a.domain)
 
 
@@ -498,7 +499,7 @@ def _masquerade_old(text: str) -> str:
 def parse_senders(table: object) -> tuple[tuple[str, str], ...]:
     """rewrite.senders: {"old@domain": "new@domain"}; Bad names the entry."""
     return _rewrite_table(table, 'a table of "address" = "address"', "not an address", "address", "an address",
-                          _sender_old, lambda new: str(parse_mailbox(new)), show_str=False)
+                          _sender_old, lambda new: str(parse_mailbox(new, utf8=True)), show_str=False)
 
 
 def parse_masquerade(table: object) -> tuple[tuple[str, str], ...]:

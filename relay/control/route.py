@@ -61,7 +61,7 @@ def parse_recipient(config: Config, text: str) -> Address:
         return Address("postmaster", config.local.domains[0])
     if not t.startswith("<"):
         t = f"<{t}>"
-    addr = parse_path(t)
+    addr = parse_path(t, utf8=True)  # relayctl route: what a SMTPUTF8 client may send
     assert addr is not None  # None is the null path, which only allow_null=True accepts
     return addr
 
@@ -74,7 +74,7 @@ def explain_sender(ctx: RouteContext, sender: str, client: Client) -> dict[str, 
     text = sender.strip()
     text = text[1:-1] if text.startswith("<") and text.endswith(">") else text
     try:
-        addr = parse_path(f"<{text}>", allow_null=True)
+        addr = parse_path(f"<{text}>", allow_null=True, utf8=True)
     except AddressError as e:
         out["error"] = f"not an address: {e}"
         return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.common.address import AddressError, parse_mailbox
+from relay.common.address import AddressError, fold_local, parse_mailbox
 from relay.mailbox import maildir
 from relay.mailbox.users import check_safe_local_part
 
@@ -29,7 +29,7 @@ def mailbox_path(root: str, address: str) -> str:
     import os
 
     local, _, domain = address.rpartition("@")
-    return os.path.join(root, domain, local.lower())
+    return os.path.join(root, domain, fold_local(local))
 
 
 def deliver(
@@ -42,8 +42,8 @@ def deliver(
     user_exists,
 ) -> LocalResult:
     try:
-        parsed = parse_mailbox(address)
-        local, domain = parsed.local.lower(), parsed.domain
+        parsed = parse_mailbox(address, utf8=True)  # queued addresses may be UTF-8 (SMTPUTF8)
+        local, domain = fold_local(parsed.local), parsed.domain
         check_safe_local_part(local)
     except AddressError:
         return LocalResult("bounced", "5.1.3", f"550 5.1.3 <{address}>: unsafe mailbox name")

@@ -69,15 +69,19 @@ class Intake:
 
     def envelope(self, sender: str, recipients: Iterable[str], client: dict[str, Any], *,
                  queue_id: str | None = None, arrival: float | None = None,
-                 rewrite: SenderMap | None = None, dsn: DsnRequest | None = None) -> spoolmod.Envelope:
+                 rewrite: SenderMap | None = None, dsn: DsnRequest | None = None,
+                 smtputf8: bool = False) -> spoolmod.Envelope:
         """The envelope of a new message: every recipient expanded, each final
         recipient once (the first recipient it came from is its ORCPT); with
         ``rewrite`` (a trusted source), the sender rewritten, the original
         kept in the envelope's extra field ``orig_from``.  ``dsn``: the DSN
         request, its NOTIFY and ORCPT parallel to ``recipients``; each
-        recipient an alias expands to inherits them."""
+        recipient an alias expands to inherits them.  ``smtputf8``: the
+        client's MAIL said SMTPUTF8; an envelope with a non-ASCII address
+        (from a local source, or an alias's target) is marked so too
+        (Envelope.smtputf8: it needs SMTPUTF8 to be relayed)."""
         qid = queue_id if queue_id is not None else spoolmod.new_id()
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"smtputf8": True} if smtputf8 else {}
         rewritten = rewrite.address(sender) if rewrite is not None else None
         if rewritten is not None:
             extra["orig_from"], sender = sender, rewritten.address
@@ -98,6 +102,8 @@ class Intake:
                     dorcpt.append(dsn.orcpt[i] if i < len(dsn.orcpt) else None)
         stored = (DsnRequest(dsn.ret, dsn.envid, notify, dorcpt, dsn.limited)
                   if dsn is not None and not dsn.empty() else None)
+        if not smtputf8 and not (sender.isascii() and all(r.isascii() for r in rcpts)):
+            extra["smtputf8"] = True  # a local source's UTF-8 address, or an alias's UTF-8 target
         return spoolmod.Envelope(
             queue_id=qid, sender=sender, recipients=rcpts, orcpts=orcpts,
             arrival=self.clock.seconds() if arrival is None else arrival, client=client, extra=extra,

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from relay.common.address import DOT_STRING, AddressError, parse_mailbox
+from relay.common.address import DOT_STRING, UTF8_DOT_STRING, AddressError, fold_local, parse_mailbox
 
 MAX_DEPTH = 20
 MAX_EXPANSION = 1000
@@ -83,14 +83,14 @@ class AliasMap:
                     )
                 if "@" in t:
                     try:
-                        parse_mailbox(t)
+                        parse_mailbox(t, utf8=True)
                     except AddressError as e:
                         raise AliasesFileError(f"{path}: line {n}: target {t!r}: {e}")
                 elif not _plain_local(t):
                     raise AliasesFileError(f"{path}: line {n}: target {t!r} is not an address")
             if "@" in name:
                 try:
-                    a = parse_mailbox(name)
+                    a = parse_mailbox(name, utf8=True)
                 except AddressError as e:
                     raise AliasesFileError(f"{path}: line {n}: name {name!r}: {e}")
                 if a.domain not in local_domains:
@@ -105,7 +105,7 @@ class AliasMap:
             else:
                 if not _plain_local(name):
                     raise AliasesFileError(f"{path}: line {n}: name {name!r} is not a local part or address")
-                key = name.lower()
+                key = fold_local(name)
                 if key in by_local:
                     raise AliasesFileError(f"{path}: line {n}: alias {name!r} defined twice")
                 by_local[key] = targets
@@ -124,13 +124,21 @@ class AliasMap:
 
 
 def _plain_local(s: str) -> bool:
-    return bool(DOT_STRING.match(s))
+    """A bare local part (ASCII, or UTF-8 as RFC 6531 allows: aliases may
+    name UTF-8 mailboxes, compared in NFC)."""
+    if s.isascii():
+        return bool(DOT_STRING.match(s))
+    try:
+        parse_mailbox(s + "@invalid", utf8=True)
+    except AddressError:
+        return False
+    return bool(UTF8_DOT_STRING.match(s))
 
 
 def _norm_target(t: str, domain: str) -> str:
     if "@" not in t:
-        return f"{t.lower()}@{domain}"
-    a = parse_mailbox(t)
+        return f"{fold_local(t)}@{domain}"
+    a = parse_mailbox(t, utf8=True)
     return str(a)
 
 
@@ -151,7 +159,7 @@ def expand(
     expanded: set[str] = set()
 
     def emit(a: str) -> None:
-        key = a.lower() if is_local_domain(a.rpartition("@")[2]) else a
+        key = fold_local(a) if is_local_domain(a.rpartition("@")[2]) else a
         if key not in seen:
             seen.add(key)
             out.append(Expansion(a, address))
@@ -163,7 +171,7 @@ def expand(
         if not is_local_domain(domain):
             emit(a)
             return
-        key = f"{local.lower()}@{domain}"
+        key = f"{fold_local(local)}@{domain}"
         if key in path or depth > MAX_DEPTH:
             emit(key)
             return

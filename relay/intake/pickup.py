@@ -204,7 +204,7 @@ def _arrival(st: os.stat_result, now: float) -> float:
 
 def _address(text: str, what: str) -> str:
     try:
-        return str(parse_mailbox(text))
+        return str(parse_mailbox(text, utf8=True))  # a local source: UTF-8 addresses too (SMTPUTF8)
     except AddressError as e:
         raise Quarantined(f"bad {what} address {text!r}: {e}")
 

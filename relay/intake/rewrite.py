@@ -102,7 +102,7 @@ class SenderMap:
         if not text or self.empty:
             return None
         try:
-            a = parse_mailbox(text)
+            a = parse_mailbox(text, utf8=True)  # a SMTPUTF8 sender is rewritten too
         except AddressError:
             return None
         return self.lookup(a.local, a.domain)

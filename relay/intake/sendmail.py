@@ -234,7 +234,7 @@ def _mailbox(addr: str, cfg: Config, what: str, status: int) -> str:
     if "@" not in a:
         a = f"{a}@{origin(cfg)}"
     try:
-        return str(parse_mailbox(a))
+        return str(parse_mailbox(a, utf8=True))  # UTF-8 addresses: the message needs SMTPUTF8
     except AddressError as e:
         raise Fatal(status, f"bad {what} address {addr!r}: {e}")
 
@@ -243,6 +243,7 @@ def parse_address_list(value: str) -> list[str]:
     """The addr-specs of an address list ("a@b, Name <c@d>, root"), strictly:
     ValueError names the problem (email.utils.getaddresses would turn
     "not an address" into "not")."""
+    import email.errors
     import email.policy
 
     try:
@@ -250,7 +251,8 @@ def parse_address_list(value: str) -> list[str]:
         addrs = [a.addr_spec for a in h.addresses]
     except Exception as e:  # noqa: BLE001 - the stdlib parser raises more than HeaderParseError
         raise ValueError(f"cannot parse it ({e.__class__.__name__})")
-    problems = [str(d) for d in h.defects if str(d) != "addr-spec local part with no domain"]
+    problems = [str(d) for d in h.defects if str(d) != "addr-spec local part with no domain"
+                and not isinstance(d, email.errors.NonASCIILocalPartDefect)]  # UTF-8 is fine (RFC 6531)
     if problems:
         raise ValueError("; ".join(dict.fromkeys(problems)))
     return addrs
@@ -348,6 +350,15 @@ def _checked_recipients(o: Options, cfg: Config, recipients: list[str]) -> list[
     return recipients
 
 
+def _from_value(name: str | None, addr: str) -> bytes:
+    """The From header's value; a UTF-8 address (which formataddr refuses)
+    goes in as UTF-8, as RFC 6532 allows in a message that needs SMTPUTF8."""
+    if addr.isascii():
+        return email.utils.formataddr((name, addr)).encode("ascii", "replace")
+    shown = email.utils.formataddr((name, "a@b"))[: -len("<a@b>")] if name else ""
+    return f"{shown}<{addr}>".encode("utf-8")
+
+
 def _added_headers(o: Options, cfg: Config, me: Identity, sender: str, headers: list[list[bytes]]) -> list[bytes]:
     """From, Date and Message-ID, for a message without them."""
     names = {field_name(f) for f in headers}
@@ -355,7 +366,7 @@ def _added_headers(o: Options, cfg: Config, me: Identity, sender: str, headers: 
     if "from" not in names:
         name = o.full_name if o.full_name is not None else me.gecos
         addr = sender or _mailbox(me.user or "MAILER-DAEMON", cfg, "sender", EX_USAGE)
-        added.append(b"From: " + email.utils.formataddr((name, addr)).encode("ascii", "replace"))
+        added.append(b"From: " + _from_value(name, addr))
     if "date" not in names:
         added.append(b"Date: " + email.utils.formatdate(localtime=True).encode("ascii"))
     if "message-id" not in names:

@@ -243,6 +243,8 @@ def _smtp_transaction(s, path: str, size: int, sender: str, recipients: list[str
                 opts.append(f"SIZE={size}")
             if eight_bit and s.has_extn("8bitmime"):
                 opts.append("BODY=8BITMIME")
+            if not all(a.isascii() for a in [sender, *recipients]) and s.has_extn("smtputf8"):
+                opts.append("SMTPUTF8")  # smtplib then sends the commands in UTF-8
         dsn_ok = s.does_esmtp and s.has_extn("dsn")
         if dsn_ok:
             opts += [f"RET={dsn['ret']}"] if "ret" in dsn else []

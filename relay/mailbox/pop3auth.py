@@ -23,11 +23,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.common import sasl
-from relay.common.address import AddressError, parse_mailbox
+from relay.common.address import AddressError, fold_local, parse_mailbox
 from relay.mailbox import maildir
 from relay.mailbox.mboxlock import LockRefused
 from relay.mailbox.pop3lock import keep_fresh
-from relay.mailbox.pop3session import CommandError, Connection, Session, cmd_error
+from relay.mailbox.pop3session import CommandError, Connection, Session, cmd_error, no_args
 from relay.mailbox.users import UsersFileError, normalize_user
 
 log = Logger(namespace="relay.pop3")
@@ -105,6 +105,13 @@ class AuthorizationCommands(Connection):
             return self._login(plain.user, None, "SASL PLAIN")
         return self._login(plain.user, plain.password, "SASL PLAIN")
 
+    def do_UTF8(self, arg: bytes) -> None:
+        """RFC 6856 2: UTF-8 mode.  Nothing to switch: user names are UTF-8
+        anyway (CAPA says "UTF8 USER") and messages are served as stored;
+        only valid in the AUTHORIZATION state."""
+        no_args(arg, "UTF8")
+        self._write(b"+OK UTF8 enabled\r\n")
+
     def do_APOP(self, arg: bytes) -> None:
         raise cmd_error("APOP is not supported; use USER/PASS or AUTH PLAIN", bad=True)
 
@@ -114,7 +121,7 @@ class AuthorizationCommands(Connection):
         started = f.reactor.seconds()
         try:
             user = normalize_user(name, tuple(f.local_domains))
-            addr = parse_mailbox(name.strip())
+            addr = parse_mailbox(name.strip(), utf8=True)
             pw = password.decode("utf-8") if password is not None else None
         except (AddressError, UnicodeDecodeError) as e:
             log.info("pop3: login failed client={client} user={user} method={method}: {why}",
@@ -141,7 +148,7 @@ class AuthorizationCommands(Connection):
             if self._lost:
                 return None
             # the Maildir (lock, listing) is disk work: the disk pool
-            return f.run_blocking(maildir.open_mailbox, root, addr.domain, addr.local)
+            return f.run_blocking(maildir.open_mailbox, root, addr.domain, fold_local(addr.local))
 
         def done(result):
             if result is None:

@@ -428,6 +428,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, Protocol):
         if self.session is None:
             if self._login_allowed():
                 caps += ["USER", "SASL PLAIN"]
+            caps.append("UTF8 USER")  # RFC 6856: UTF-8 user names in USER/PASS and AUTH
             if self.factory.tls_options is not None and not self.secure:
                 caps.append("STLS")
         caps.append(f"IMPLEMENTATION {IMPLEMENTATION}")
@@ -465,7 +466,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, Protocol):
     _AUTH_COMMANDS: ClassVar[dict[bytes, Callable[..., Any]]] = {
         b"CAPA": do_CAPA, b"USER": AuthorizationCommands.do_USER, b"PASS": AuthorizationCommands.do_PASS,
         b"AUTH": AuthorizationCommands.do_AUTH, b"STLS": do_STLS, b"QUIT": do_QUIT, b"NOOP": do_NOOP,
-        b"APOP": AuthorizationCommands.do_APOP,
+        b"APOP": AuthorizationCommands.do_APOP, b"UTF8": AuthorizationCommands.do_UTF8,
     }
     _TRANS_COMMANDS: ClassVar[dict[bytes, Callable[..., Any]]] = {
         b"CAPA": do_CAPA, b"STAT": TransactionCommands.do_STAT, b"LIST": TransactionCommands.do_LIST,

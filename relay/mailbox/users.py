@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from relay.common import fileio, privdrop
-from relay.common.address import Address, AddressError, parse_mailbox
+from relay.common.address import Address, AddressError, login_key, parse_mailbox
 from relay.common.fileio import makedirs_durable
 
 SCRYPT_LN = 14  # n = 2**14: ~16 MiB and ~40 ms per check
@@ -85,12 +85,16 @@ def _dummy_hash() -> str:
 def normalize_user(address: str, local_domains: tuple[str, ...] | None = None) -> str:
     """Canonical user name: the address with local part and domain lower-cased.
 
+    A UTF-8 address (RFC 6531) is a user name too: its local part in NFC,
+    its domain in A-labels (``jörg@bücher.example`` is the user
+    ``jörg@xn--bcher-kva.example``), as relay.common.address stores it.
+
     Raises AddressError for anything that is not a plain mailbox in one of
     local_domains (when given), or whose local part could escape a Maildir
     root ("/", "..", NUL, leading ".").
     """
     try:
-        addr: Address = parse_mailbox(address.strip())
+        addr: Address = parse_mailbox(address.strip(), utf8=True)
     except AddressError as e:
         raise AddressError(f"{address!r}: {e}", e.status)
     if addr.literal:
@@ -120,10 +124,12 @@ def normalize_user(address: str, local_domains: tuple[str, ...] | None = None) -
 def unsafe_path_part(name: str, also: str = "") -> bool:
     """True for a name that is not safe as one path component below the
     mailbox root: empty, with "/" or "\\", a leading "." (".", ".." and
-    hidden names), a control character (NUL included) or a character of
-    `also`.  Local parts here, domains in relay.mailbox.maildir."""
+    hidden names), a control character (NUL included; C1 and DEL in a
+    non-ASCII name) or a character of `also`.  Local parts here, domains in
+    relay.mailbox.maildir."""
     return (not name or "/" in name or "\\" in name or name.startswith(".")
-            or any(ord(c) < 32 or c in also for c in name))
+            or any(ord(c) < 32 or c in also for c in name)
+            or (not name.isascii() and any(127 <= ord(c) < 160 or 0xD800 <= ord(c) < 0xE000 for c in name)))
 
 
 def check_safe_local_part(local: str) -> None:
@@ -162,7 +168,7 @@ class UserDB:
             name, sep, hashed = line.rpartition(":")
             if not sep or not name or not hashed.startswith("$scrypt$"):
                 raise UsersFileError(f"{path}: line {n}: expected 'address:$scrypt$...'")
-            name = name.lower()
+            name = login_key(name)
             if name in users:
                 # which line would win is a guess, and `user passwd` rewrites one
                 raise UsersFileError(f"{path}: line {n}: user {name} listed twice")
@@ -213,7 +219,7 @@ class UserDB:
         return True
 
     def exists(self, address: str) -> bool:
-        return address.lower() in self._users
+        return login_key(address) in self._users
 
     def users(self) -> list[str]:
         return list(self._order)
@@ -226,7 +232,7 @@ class UserDB:
 
     def check(self, address: str, password: str) -> bool:
         """Blocking (slow hash): call from a thread."""
-        hashed = self._users.get(address.lower().strip())
+        hashed = self._users.get(login_key(address))
         if hashed is None:
             verify_password(password, _dummy_hash())
             return False
@@ -341,7 +347,7 @@ def _line_user(line: str) -> str | None:
     s = line.strip()
     if not s or s.startswith("#"):
         return None
-    return s.rpartition(":")[0].lower()
+    return login_key(s.rpartition(":")[0])
 
 
 def add_user(path: str, address: str, password: str) -> None:
@@ -428,7 +434,7 @@ def make_checker(db: UserDB, threadpool=None, reactor=None):
                 user = user.decode("utf-8", "replace")
             if isinstance(pw, bytes):
                 pw = pw.decode("utf-8", "replace")
-            name = user.strip().lower()
+            name = login_key(user)
 
             def check():
                 return db.check(name, pw)

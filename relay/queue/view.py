@@ -17,6 +17,8 @@ import json
 import time
 from typing import Any, Iterable
 
+from relay.common import logsafe
+from relay.common.address import display_address
 from relay.queue.spool import DEFERRED, FINAL, PENDING, Envelope, State
 
 HOLD = "hold"
@@ -202,7 +204,7 @@ class Table:
         name = rec["queue_name"]
         self.by_name[name] = self.by_name.get(name, 0) + 1
         mark = "!" if name == HOLD else ("*" if rec.get("delivering") else "")
-        sender = rec["sender"] or "MAILER-DAEMON"
+        sender = logsafe.address(rec["sender"]) or "MAILER-DAEMON"
         lines = [f"{rec['queue_id'] + mark:<{_ID_W}} {rec['message_size']:>8} "
                  f"{self.clock.full(rec['arrival_time'])}  {sender}"]
         # as in mailq: each reason once, in parentheses, above the recipients it holds back
@@ -213,11 +215,11 @@ class Table:
                 continue
             if status == DEFERRED:
                 n = r["attempts"]
-                text = (f"{_INDENT}{r['address']}  (deferred, {n} attempt{'s' if n != 1 else ''}, "
+                text = (f"{_INDENT}{logsafe.address(r['address'])}  (deferred, {n} attempt{'s' if n != 1 else ''}, "
                         f"next {self.clock.when(r['next_attempt'])})")
                 groups.setdefault(r["delay_reason"], []).append(text)
             else:
-                groups.setdefault("", []).append(f"{_INDENT}{r['address']}  ({status})")
+                groups.setdefault("", []).append(f"{_INDENT}{logsafe.address(r['address'])}  ({status})")
         if rec.get("waiting"):
             lines.append(f"(waiting: {_one_line(rec['waiting'])})")
         for reason, rcpt_lines in groups.items():
@@ -245,6 +247,26 @@ def _dsn_lines(dsn: dict[str, Any]) -> list[str]:
             + (" (from outside: only NEVER and FAILURE honoured)" if dsn.get("limited") else "")]
 
 
+def _kind_lines(extra: dict[str, Any]) -> list[str]:
+    """What kind of message it is, in queue show: a DSN of ours, SMTPUTF8."""
+    out = []
+    if extra.get("dsn"):
+        out.append(f"Kind:      {extra['dsn']} delivery status notification for {extra.get('for', '?')}")
+    if extra.get("smtputf8"):
+        out.append("SMTPUTF8:  yes (internationalized addresses or headers: relayed only to a next hop that offers it)")
+    return out
+
+
+def _shown(address: str) -> str:
+    """An address in queue show: neutralised as in a log line (a UTF-8 one,
+    RFC 6531, stays readable; controls and bidi overrides are escaped), and
+    in <...>, with U-labels after it when its domain is IDNA (stored in
+    A-labels)."""
+    safe = logsafe.address(address)
+    readable = display_address(address)
+    return f"<{safe}>" if readable == address else f"<{safe}> ({logsafe.address(readable)})"
+
+
 def format_details(d: dict[str, Any], now: float | None = None) -> str:
     """``relayctl queue show ID``: envelope, each recipient's whole history, headers.
 
@@ -270,11 +292,11 @@ def format_details(d: dict[str, Any], now: float | None = None) -> str:
         f"Queue:     {state}" + (f" ({'; '.join(notes)})" if notes else ""),
         f"Arrival:   {local_time(arrival)} ({duration(now - arrival)} ago)",
         f"Size:      {d['message_size']} bytes",
-        f"Sender:    <{d['sender']}>" + ("  (null sender: a delivery status notification)"
+        f"Sender:    {_shown(d['sender'])}" + ("  (null sender: a delivery status notification)"
                                           if not d["sender"] else ""),
     ]
     if d.get("sender_rewritten_from"):
-        out[-1] += f"  (sender rewritten from <{d['sender_rewritten_from']}>)"
+        out[-1] += f"  (sender rewritten from {_shown(d['sender_rewritten_from'])})"
     c = d.get("client") or {}
     if c:
         parts = []
@@ -290,17 +312,15 @@ def format_details(d: dict[str, Any], now: float | None = None) -> str:
         if isinstance(c.get("tls"), dict):
             desc += f", {c['tls'].get('version', 'TLS')}"
         out.append(f"Client:    {desc}")
-    extra = d.get("extra") or {}
-    if extra.get("dsn"):
-        out.append(f"Kind:      {extra['dsn']} delivery status notification for {extra.get('for', '?')}")
+    out += _kind_lines(d.get("extra") or {})
     out += _dsn_lines(d.get("dsn") or {})
     if d.get("delay_notice_sent"):
         out.append("Notice:    a delay notice was sent to the sender")
     out.append("Recipients:")
     for r in d["recipients"]:
-        head = f"  <{r['address']}>"
+        head = f"  {_shown(r['address'])}"
         if r.get("orig_address") and r["orig_address"] != r["address"]:
-            head += f" (from <{r['orig_address']}>)"
+            head += f" (from {_shown(r['orig_address'])})"
         n = r["attempts"]
         head += "".join(f" {k.upper()}={_one_line(str(r[k]), 200)}" for k in ("notify", "orcpt") if r.get(k))
         head += f": {r['status']}, {n} attempt{'s' if n != 1 else ''}"
@@ -316,7 +336,7 @@ def format_details(d: dict[str, Any], now: float | None = None) -> str:
             t = h.get("time")
             status = "sent" if h["status"] == "delivered" else h["status"]
             delay = f", delay={t - arrival:.1f}" if isinstance(t, (int, float)) else ""
-            out.append(f"    {local_time(t)}  to=<{r['address']}>, relay={h['relay']}{delay}, "
+            out.append(f"    {local_time(t)}  to=<{logsafe.address(r['address'])}>, relay={h['relay']}{delay}, "
                        f"status={status} ({_one_line(h['reply'], 1000)})")
         if not r.get("history") and r.get("last_reply"):
             out.append(f"    last reply: {_one_line(r['last_reply'], 1000)}")

@@ -54,7 +54,9 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, proto: s
     """The Received header of a message received over SMTP; ``recipient``:
     the one accepted recipient, if there is only one; ``hide_client``
     (private submission): no "from" clause, so neither the client's HELO
-    name nor its IP address (as Postfix's smtpd_hide_client_session)."""
+    name nor its IP address (as Postfix's smtpd_hide_client_session).  A
+    UTF-8 recipient (SMTPUTF8: the parser let no control or bidi character
+    through) is written in UTF-8, as RFC 6532 allows in such a message."""
     tls = ""
     if tls_active and tls_info:
         ti = tls_info
@@ -63,11 +65,13 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, proto: s
     elif tls_active:
         tls = "\r\n\t(using TLS)"
     rc = ""
-    if recipient is not None:
+    if recipient is not None and not recipient.isascii() and recipient.isprintable() and len(recipient) <= 300:
+        rc = f"\r\n\tfor <{recipient.translate(_UNSAFE).replace(' ', '?')}>"
+    elif recipient is not None:
         rc = f"\r\n\tfor <{sanitize(recipient, 300)}>"
     origin = "" if hide_client else f"from {helo} ([{client_ip}])\r\n\t"
     hdr = (
         f"Received: {origin}by {hostname} (twisted-relay) with {proto} id {queue_id}"
         f"{tls}{rc};\r\n\t{date_header(now)}\r\n"
     )
-    return hdr.encode("ascii", "replace")
+    return hdr.encode("ascii", "replace") if not rc or rc.isascii() else hdr.encode("utf-8", "replace")

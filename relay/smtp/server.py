@@ -53,7 +53,7 @@ from relay.common.ratelimit import Refusal
 from relay.intake.policy import Client, Decision, in_networks
 from relay.intake.rewrite import HeaderStage, SenderMap, sender_map
 from relay.queue.spool import QueueEntry
-from relay.smtp import auth, dsnparams
+from relay.smtp import auth, dsnparams, utf8
 from relay.smtp import limits as ratelimits
 from relay.smtp.authsession import AuthSession
 from relay.smtp.chunking import ChunkReader
@@ -93,6 +93,7 @@ class SMTPServer(AuthSession):
         self.recipients: list[Decision] = []
         self.rcpt_keys: set[str] = set()
         self.body_8bit = False
+        self.smtputf8 = False  # MAIL said SMTPUTF8 (RFC 6531; relay.smtp.utf8)
         self.dsn_mail = ("", "")  # RET, ENVID (relay.smtp.dsnparams)
         self.rcpt_dsn: dict[str, tuple[str | None, str | None]] = {}  # address: NOTIFY, ORCPT
         self._abort_incoming()
@@ -143,6 +144,7 @@ class SMTPServer(AuthSession):
             "ENHANCEDSTATUSCODES",
             "DSN",
             "CHUNKING",
+            "SMTPUTF8",
         ]
         if self.ctx.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
@@ -209,13 +211,14 @@ class SMTPServer(AuthSession):
         if not arg[:5].upper() == "FROM:":
             self.error(501, "5.5.4 Syntax: MAIL FROM:<address>")
             return
+        text, valid = utf8.command_text(arg[5:])
         try:
-            path, params = split_command_argument(arg[5:])
-            sender = parse_path(path, allow_null=True)
+            path, params = split_command_argument(text)
+            smtputf8 = "SMTPUTF8" in params and self.esmtp
+            utf8.check_valid(valid, smtputf8)
+            sender = parse_path(path, allow_null=True, utf8=smtputf8)
         except AddressError as e:
-            code = 553 if e.status == "5.6.7" else 501
-            status = "5.1.7" if e.status == "5.1.3" else e.status
-            self.error(code, f"{status} Bad sender address syntax: {e}")
+            self.error(*utf8.refusal(e, "sender", "5.1.7" if e.status == "5.1.3" else e.status))
             return
         if params and not self.esmtp:
             self.error(555, "5.5.4 MAIL parameters are not allowed after HELO")
@@ -239,12 +242,16 @@ class SMTPServer(AuthSession):
                 self.body_8bit = (value or "").upper() == "8BITMIME"
             elif key == "AUTH":
                 pass  # RFC 4954 5: accepted and not propagated
+            elif key == "SMTPUTF8":
+                if (bad := utf8.mail_param(value)) is not None:
+                    self.error(501, bad)
+                    return
             elif key in dsnparams.MAIL_KEYS:
                 pass  # read by _mail_dsn
             else:
                 self.error(555, f"5.5.4 Unsupported parameter {key}")
                 return
-        dsn_mail = self._mail_dsn(arg[5:], path, params)
+        dsn_mail = self._mail_dsn(text, path, params)
         if dsn_mail is None:
             return
         decision = self.ctx.policy.sender(self._client(), sender)
@@ -254,6 +261,7 @@ class SMTPServer(AuthSession):
 
         def accept() -> None:
             self.dsn_mail = dsn_mail
+            self.smtputf8 = smtputf8
             self.sender = sender
             self.has_sender = True
             self.reply(250, "2.1.0 Ok")
@@ -267,20 +275,21 @@ class SMTPServer(AuthSession):
         if not arg[:3].upper() == "TO:":
             self.error(501, "5.5.4 Syntax: RCPT TO:<address>")
             return
+        text, valid = utf8.command_text(arg[3:])
         try:
-            path, params = split_command_argument(arg[3:])
+            path, params = split_command_argument(text)
+            utf8.check_valid(valid, self.smtputf8)
             stripped = path.strip()
             parsed = (Address("postmaster", self.cfg.local.domains[0])
                       if stripped.strip("<>").lower() == "postmaster" and self.cfg.local.domains
-                      else parse_path(path))
+                      else parse_path(path, utf8=self.smtputf8))
             if parsed is None:  # not without allow_null: "<>" raises AddressError
                 raise AddressError("missing address")
             rcpt = parsed
         except AddressError as e:
-            code = 553 if e.status == "5.6.7" else 501
-            self.error(code, f"{e.status} Bad recipient address syntax: {e}")
+            self.error(*utf8.refusal(e, "recipient", e.status))
             return
-        rcpt_dsn = self._rcpt_dsn(arg[3:], path, params)
+        rcpt_dsn = self._rcpt_dsn(text, path, params)
         if rcpt_dsn is None:
             return
         if len(self.recipients) >= self.cfg.smtp.max_recipients:
@@ -402,7 +411,7 @@ class SMTPServer(AuthSession):
             "proto": self._protocol_name(),
             **({"auth": self.auth_user} if self.auth_user else {}),
             **({"tls": self.tls_info} if self.tls_info else {}),
-        }, rewrite=smap, dsn=self._dsn_request())
+        }, rewrite=smap, dsn=self._dsn_request(), smtputf8=self.smtputf8)
         inc = None
         try:
             inc = intake.receive(env)
@@ -435,7 +444,7 @@ class SMTPServer(AuthSession):
                                          else smtp.hide_client_session)
 
     def _protocol_name(self) -> str:
-        return protocol_name(self.esmtp, self.tls_active, bool(self.auth_user))
+        return utf8.protocol(protocol_name(self.esmtp, self.tls_active, bool(self.auth_user)), self.smtputf8)
 
     def _data_input(self, chunk: bytes | None = None) -> None:
         if self.mode == "bdat":
