@@ -45,7 +45,7 @@ import time
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -111,39 +111,113 @@ def bind(description: str, backlog_default: int = 1024) -> socket.socket:
     return s
 
 
-def adopt_orphans(top: str, workers: int, logfn=None) -> int:
-    """Move queued messages from directories no worker owns into worker 0..N-1.
+def _lock(root: str) -> int | None:
+    """The spool lock of root (a worker's or the relay's), or None while a
+    process holds it: a queue is only ever moved by the one holding its lock."""
+    try:
+        return spoolmod.Spool(root).lock()
+    except spoolmod.SpoolLocked:
+        return None
+
+
+def queued_ids(root: str) -> list[str]:
+    qdir = os.path.join(root, "queue")
+    return sorted(n for n in os.listdir(qdir) if spoolmod.is_queue_id(n)) if os.path.isdir(qdir) else []
+
+
+def move_queue(root: str, dst: spoolmod.Spool) -> int:
+    """Move every queued message of the spool at root into dst (both locked by the caller).
 
     The state file moves first, then the message: a crash in between leaves a
     message without its state (all recipients pending again) - a duplicate
     delivery at worst, never a loss.
     """
     moved = 0
-    candidates = [(top, 0)]
+    qdir = os.path.join(root, "queue")
+    dst.create()
+    for name in queued_ids(root):
+        st = os.path.join(qdir, name + spoolmod.STATE_SUFFIX)
+        if os.path.exists(st):
+            os.rename(st, dst.state_path(name))
+        os.rename(os.path.join(qdir, name), dst.message_path(name))
+        moved += 1
+    if moved:
+        fsync_dir(dst.queue_dir)
+        fsync_dir(qdir)
+    return moved
+
+
+def _worker_dirs(top: str) -> list[tuple[int, str]]:
+    out = []
     for name in os.listdir(top) if os.path.isdir(top) else ():
-        if name.startswith("w") and name[1:].isdigit() and int(name[1:]) >= workers:
-            candidates.append((os.path.join(top, name), int(name[1:]) % workers))
-    for root, target in candidates:
-        qdir = os.path.join(root, "queue")
-        if not os.path.isdir(qdir):
-            continue
-        dst = spoolmod.Spool(worker_spool(top, target))
-        dst.create()
-        names = os.listdir(qdir)
-        for name in sorted(names):
-            if not spoolmod.is_queue_id(name):
-                continue
-            st = os.path.join(qdir, name + spoolmod.STATE_SUFFIX)
-            if os.path.exists(st):
-                os.rename(st, dst.state_path(name))
-            os.rename(os.path.join(qdir, name), dst.message_path(name))
-            moved += 1
-        if moved:
-            fsync_dir(dst.queue_dir)
-            fsync_dir(qdir)
+        if name.startswith("w") and name[1:].isdigit():
+            out.append((int(name[1:]), os.path.join(top, name)))
+    return sorted(out)
+
+
+def _move_locked(root: str, dst: spoolmod.Spool, logfn=None) -> int:
+    """move_queue from root if its lock is free (else nothing: a process still owns it)."""
+    if not queued_ids(root):
+        return 0
+    fd = _lock(root)
+    if fd is None:
+        if logfn:
+            logfn("{root} is locked by a running process: its queued messages stay there", root=root)
+        return 0
+    try:
+        return move_queue(root, dst)
+    finally:
+        os.close(fd)
+
+
+def adopt_orphans(top: str, workers: int, logfn=None) -> int:
+    """Move queued messages from directories no worker owns into worker 0..N-1:
+    the single-process queue (``<spool>/queue``: the caller holds the top lock)
+    into worker 0, ``w<j>`` with j >= N into ``w<j mod N>`` (only once its lock
+    is free)."""
+    moved = 0
+    if queued_ids(top):
+        moved += move_queue(top, spoolmod.Spool(worker_spool(top, 0)))
+    for j, root in _worker_dirs(top):
+        if j >= workers:
+            moved += _move_locked(root, spoolmod.Spool(worker_spool(top, j % workers)), logfn)
     if moved and logfn:
         logfn("moved {count} queued messages into the workers' queues", count=moved)
     return moved
+
+
+def adopt_worker_queues(top: spoolmod.Spool, logfn=None) -> int:
+    """A single-process relay (workers = 1) on a spool that had workers: the
+    messages of every ``w<j>/queue`` move into its own queue, each only once
+    w<j>'s lock is free.  The caller holds the top spool's lock (so no master
+    runs, and no worker of one: they die with it)."""
+    moved = 0
+    for _j, root in _worker_dirs(top.root):
+        moved += _move_locked(root, top, logfn)
+    if moved and logfn:
+        logfn("moved {count} queued messages from the workers' queues (<spool>/w<i>/) into the queue",
+              count=moved)
+    return moved
+
+
+def hand_over(top: str, dead: int, to: int) -> int:
+    """Worker ``dead``'s queue into worker ``to``'s, neither running (in a thread:
+    renames and directory fsyncs).  -1 if a process still holds a lock: the
+    dead worker's queue is only taken from a worker that no longer holds it."""
+    src, dst = worker_spool(top, dead), spoolmod.Spool(worker_spool(top, to))
+    fd_src = _lock(src)
+    if fd_src is None:
+        return -1
+    try:
+        fd_dst = _lock(dst.root)
+        if fd_dst is None:
+            return -1
+        try:
+            return move_queue(src, dst)
+        finally:
+            os.close(fd_dst)
+    finally:
+        os.close(fd_src)
 
 
 class WorkerProcess(protocol.ProcessProtocol):
@@ -220,6 +294,7 @@ class RelayMaster(service.Service):
         self.rate_table: RateTable | None = None
         self.procs: dict[int, WorkerProcess] = {}
         self.restarts: dict[int, list[float]] = {}
+        self.handover: tuple[int, int] | None = None  # (dead worker, the one taking its queue)
         self.stopping = False
         self.exit_on_error = False
         self.handle_signals = False
@@ -316,11 +391,15 @@ class RelayMaster(service.Service):
             self.spawn(i)
 
     def _check_keys(self) -> None:
-        """The DKIM key files and the outbound CA files, checked once here (as
-        the user the workers run as) before any worker starts: a bad one is one
+        """The files a worker loads at start (users, aliases, the TLS certificate
+        and key, the DKIM key files, the outbound CA files; as the service does),
+        checked once here (as the user the workers run as) before any worker starts: a bad one is one
         line naming the file and a non-zero exit, not an error per worker and a
         restart loop."""
         try:
+            parts.load_users(self.config)
+            parts.load_aliases(self.config)
+            parts.load_tls(self.config)
             parts.load_dkim_keys(self.config)
             parts.load_sts_trust(self.config)
             parts.check_delivery_ca_files(self.config)
@@ -367,11 +446,14 @@ class RelayMaster(service.Service):
         if self.conn_table is not None:
             # its connections died with it: they no longer count against anyone's limit
             self.conn_table.release_worker(i)
+        how = code if sig is None else f"signal {sig}"
         if self.stopping:
-            log.info("worker {worker} stopped (exit {code})", worker=i, code=code if sig is None else f"signal {sig}")
+            log.info("worker {worker} stopped (exit {code})", worker=i, code=how)
             return
-        log.error("worker {worker} ended unexpectedly (exit {code}); restarting it", worker=i,
-                  code=code if sig is None else f"signal {sig}")
+        if self.handover is not None and self.handover[1] == i:
+            self._take_over(*self.handover)  # stopped by us to take a dead worker's queue
+            return
+        log.error("worker {worker} ended unexpectedly (exit {code}); restarting it", worker=i, code=how)
         now = time.monotonic()
         recent = [t for t in self.restarts.get(i, []) if now - t < RESTART_WINDOW] + [now]
         self.restarts[i] = recent
@@ -380,7 +462,74 @@ class RelayMaster(service.Service):
             log.error("worker {worker} ended {count} times in {window:.0f} s: next start in {delay:.0f} s "
                       "(the other workers take its connections meanwhile)", worker=i, count=len(recent),
                       window=RESTART_WINDOW, delay=delay)
-        self.reactor.callLater(delay, lambda: None if self.stopping or i in self.procs else self.spawn(i))
+            self._dead_for_good(i)
+        self.reactor.callLater(delay, self._restart, i)
+
+    def _restart(self, i: int) -> None:
+        if self.stopping or i in self.procs:
+            return
+        if self.handover is not None and i in self.handover:  # its queue is being moved: after that
+            self.reactor.callLater(RESTART_DELAY, self._restart, i)
+            return
+        self.spawn(i)
+
+    # ---------------------------------------------------------------- a worker that dies for good
+    # It ended more than RESTART_BURST times within RESTART_WINDOW: what it had
+    # accepted would wait for a start that may never succeed.  A running worker
+    # is stopped (gracefully, as for SIGTERM), the dead one's queue is moved into
+    # its queue while neither runs (both spool locks held by the master: no
+    # message ever has two owners), and it starts again with the messages.
+
+    def _dead_for_good(self, i: int) -> None:
+        if self.handover is not None:
+            return  # one at a time: the next death of a dead worker tries again
+        d = threads.deferToThread(queued_ids, worker_spool(self.config.spool, i))
+        d.addCallback(lambda ids: self._stop_for_handover(i, len(ids)))
+        d.addErrback(lambda f: log.failure("worker {worker}: cannot read its queue", f, worker=i))
+
+    def _stop_for_handover(self, dead: int, count: int) -> None:
+        if not count or self.stopping or self.handover is not None or dead in self.procs:
+            return  # nothing waits in it, or it came back meanwhile (it delivers its queue itself)
+        live = [k for k in sorted(self.procs) if k != dead and k not in self._dead_workers()]
+        if not live:
+            log.error("worker {worker} died for good with {count} queued messages and no other worker runs: "
+                      "they wait for one to start", worker=dead, count=count)
+            return
+        to = live[0]
+        self.handover = (dead, to)
+        log.error("worker {worker} died for good: worker {to} restarts to take its {count} queued messages",
+                  worker=dead, to=to, count=count)
+        try:
+            self.procs[to].transport.signalProcess(signal.SIGTERM)
+        except Exception:  # noqa: BLE001 - it has just ended: worker_ended takes over as well
+            pass
+
+    def _dead_workers(self) -> set[int]:
+        now = time.monotonic()
+        return {i for i, ts in self.restarts.items()
+                if len([t for t in ts if now - t < RESTART_WINDOW]) > RESTART_BURST}
+
+    def _take_over(self, dead: int, to: int) -> None:
+        """Worker ``to`` has ended (stopped for the handover): move, then start it again."""
+        def moved(count: int) -> None:
+            if count < 0:
+                log.error("worker {worker}'s queue is still locked by a process: left to it (not dead)",
+                          worker=dead)
+            else:
+                log.info("moved {count} queued messages of worker {worker} into worker {to}'s queue",
+                         count=count, worker=dead, to=to)
+
+        def failed(f) -> None:
+            log.failure("worker {worker}: cannot move its queue to worker {to}", f, worker=dead, to=to)
+
+        def restart(_: object) -> None:
+            self.handover = None
+            if not self.stopping and to not in self.procs:
+                self.spawn(to)
+
+        d = threads.deferToThread(hand_over, self.config.spool, dead, to)
+        d.addCallbacks(moved, failed)
+        d.addBoth(restart)
 
     def forward(self, sig: int) -> None:
         for p in list(self.procs.values()):
