@@ -72,14 +72,20 @@ def default_workers() -> int:
     return max(1, min(64, n))
 
 
+_WORKERS_KIND = '"auto" or an integer from 1 to 64'
+_WORKER_COUNT = v.integer(1, 64)
+
+
 def _check_workers(value: Any, resolve: v.Resolve) -> Any:
     if value == "auto":
         return value
-    return _WORKER_COUNT(value, resolve)
+    try:
+        return _WORKER_COUNT(value, resolve)
+    except v.Bad:
+        raise v.Bad(_WORKERS_KIND)
 
 
-_WORKER_COUNT = v.integer(1, 64)
-_WORKERS = v.Check('"auto" or an integer from 1 to 64', _check_workers)
+_WORKERS = v.Check(_WORKERS_KIND, _check_workers)
 
 
 # --------------------------------------------------------------------------- the declaration

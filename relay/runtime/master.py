@@ -52,7 +52,6 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from relay.common import connlimit
 from relay.common import endpoints as epmod
 from relay.common.errors import StartupError
-from relay.common.fileio import fsync_dir
 from relay.common.ratelimit import RateTable
 from relay.common.tls import load_server_tls
 from relay.config import Config
@@ -62,6 +61,7 @@ from relay.runtime import parts
 from relay.runtime.listen import server_endpoint
 from relay.runtime.metrics import WorkersMetrics
 from relay.runtime.process import exit_on_second_signal, raise_fd_limit
+from relay.runtime.queuemoves import adopt_orphans, hand_over, queued_ids
 
 log = Logger(namespace="relay.master")
 
@@ -111,115 +111,6 @@ def bind(description: str, backlog_default: int = 1024) -> socket.socket:
     return s
 
 
-def _lock(root: str) -> int | None:
-    """The spool lock of root (a worker's or the relay's), or None while a
-    process holds it: a queue is only ever moved by the one holding its lock."""
-    try:
-        return spoolmod.Spool(root).lock()
-    except spoolmod.SpoolLocked:
-        return None
-
-
-def queued_ids(root: str) -> list[str]:
-    qdir = os.path.join(root, "queue")
-    return sorted(n for n in os.listdir(qdir) if spoolmod.is_queue_id(n)) if os.path.isdir(qdir) else []
-
-
-def move_queue(root: str, dst: spoolmod.Spool) -> int:
-    """Move every queued message of the spool at root into dst (both locked by the caller).
-
-    The state file moves first, then the message: a crash in between leaves a
-    message without its state (all recipients pending again) - a duplicate
-    delivery at worst, never a loss.
-    """
-    moved = 0
-    qdir = os.path.join(root, "queue")
-    dst.create()
-    for name in queued_ids(root):
-        st = os.path.join(qdir, name + spoolmod.STATE_SUFFIX)
-        if os.path.exists(st):
-            os.rename(st, dst.state_path(name))
-        os.rename(os.path.join(qdir, name), dst.message_path(name))
-        moved += 1
-    if moved:
-        fsync_dir(dst.queue_dir)
-        fsync_dir(qdir)
-    return moved
-
-
-def _worker_dirs(top: str) -> list[tuple[int, str]]:
-    out = []
-    for name in os.listdir(top) if os.path.isdir(top) else ():
-        if name.startswith("w") and name[1:].isdigit():
-            out.append((int(name[1:]), os.path.join(top, name)))
-    return sorted(out)
-
-
-def _move_locked(root: str, dst: spoolmod.Spool, logfn=None) -> int:
-    """move_queue from root if its lock is free (else nothing: a process still owns it)."""
-    if not queued_ids(root):
-        return 0
-    fd = _lock(root)
-    if fd is None:
-        if logfn:
-            logfn("{root} is locked by a running process: its queued messages stay there", root=root)
-        return 0
-    try:
-        return move_queue(root, dst)
-    finally:
-        os.close(fd)
-
-
-def adopt_orphans(top: str, workers: int, logfn=None) -> int:
-    """Move queued messages from directories no worker owns into worker 0..N-1:
-    the single-process queue (``<spool>/queue``: the caller holds the top lock)
-    into worker 0, ``w<j>`` with j >= N into ``w<j mod N>`` (only once its lock
-    is free)."""
-    moved = 0
-    if queued_ids(top):
-        moved += move_queue(top, spoolmod.Spool(worker_spool(top, 0)))
-    for j, root in _worker_dirs(top):
-        if j >= workers:
-            moved += _move_locked(root, spoolmod.Spool(worker_spool(top, j % workers)), logfn)
-    if moved and logfn:
-        logfn("moved {count} queued messages into the workers' queues", count=moved)
-    return moved
-
-
-def adopt_worker_queues(top: spoolmod.Spool, logfn=None) -> int:
-    """A single-process relay (workers = 1) on a spool that had workers: the
-    messages of every ``w<j>/queue`` move into its own queue, each only once
-    w<j>'s lock is free.  The caller holds the top spool's lock (so no master
-    runs, and no worker of one: they die with it)."""
-    moved = 0
-    for _j, root in _worker_dirs(top.root):
-        moved += _move_locked(root, top, logfn)
-    if moved and logfn:
-        logfn("moved {count} queued messages from the workers' queues (<spool>/w<i>/) into the queue",
-              count=moved)
-    return moved
-
-
-def hand_over(top: str, dead: int, to: int) -> int:
-    """Worker ``dead``'s queue into worker ``to``'s, neither running (in a thread:
-    renames and directory fsyncs).  -1 if a process still holds a lock: the
-    dead worker's queue is only taken from a worker that no longer holds it."""
-    src, dst = worker_spool(top, dead), spoolmod.Spool(worker_spool(top, to))
-    fd_src = _lock(src)
-    if fd_src is None:
-        return -1
-    try:
-        fd_dst = _lock(dst.root)
-        if fd_dst is None:
-            return -1
-        try:
-            return move_queue(src, dst)
-        finally:
-            os.close(fd_dst)
-    finally:
-        os.close(fd_src)
-
-
 class WorkerProcess(protocol.ProcessProtocol):
     """One worker: its log events come as JSON lines on its stdout."""
 
@@ -232,6 +123,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.buf = b""
         self.ended: defer.Deferred = defer.Deferred()
         self.pid: int | None = None
+        self.refused = False  # it said it is not starting (relay.runtime.worker: bad config, a start-up error)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -248,6 +140,9 @@ class WorkerProcess(protocol.ProcessProtocol):
 
     def errReceived(self, data: bytes) -> None:
         for line in data.decode("utf-8", "replace").splitlines():
+            if line.startswith(f"worker {self.index}: not starting: ") or \
+                    line.startswith(f"worker {self.index}: bad config:"):
+                self.refused = True
             if line.strip():
                 log.error("[worker {worker}] {line}", worker=self.index, line=line)
 
@@ -296,6 +191,7 @@ class RelayMaster(service.Service):
         self.restarts: dict[int, list[float]] = {}
         self.handover: tuple[int, int] | None = None  # (dead worker, the one taking its queue)
         self.stopping = False
+        self.failed = False  # a worker refused its first start: the relay stops (_refused_at_start)
         self.exit_on_error = False
         self.handle_signals = False
         self._lock_fd: int | None = None
@@ -453,6 +349,9 @@ class RelayMaster(service.Service):
         if self.handover is not None and self.handover[1] == i:
             self._take_over(*self.handover)  # stopped by us to take a dead worker's queue
             return
+        if code == 1 and proto.refused and not self.restarts.get(i) and not self.failed:
+            self._refused_at_start(i)
+            return
         log.error("worker {worker} ended unexpectedly (exit {code}); restarting it", worker=i, code=how)
         now = time.monotonic()
         recent = [t for t in self.restarts.get(i, []) if now - t < RESTART_WINDOW] + [now]
@@ -464,6 +363,24 @@ class RelayMaster(service.Service):
                       window=RESTART_WINDOW, delay=delay)
             self._dead_for_good(i)
         self.reactor.callLater(delay, self._restart, i)
+
+    def _refused_at_start(self, i: int) -> None:
+        """A worker's first start refused (what it said is logged above): every
+        worker runs the same config, so the relay does not start, as one process
+        would not; twistd then exits with status 1 (there is no other way to give
+        it one once the reactor runs)."""
+        import atexit
+
+        self.failed = True
+        log.critical("worker {worker} cannot start (see above): twisted-relay is not starting", worker=i)
+
+        def exit_status() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        atexit.register(exit_status)
+        self.reactor.callLater(0, self.reactor.stop)
 
     def _restart(self, i: int) -> None:
         if self.stopping or i in self.procs:

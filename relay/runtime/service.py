@@ -380,7 +380,7 @@ class RelayService(service.MultiService):
             except OSError as e:
                 raise StartupError(f"spool {self.spool.root}: {e.strerror}")
         if self.worker is None:  # one process on a spool that had workers: their queues are now its own
-            from relay.runtime.master import adopt_worker_queues
+            from relay.runtime.queuemoves import adopt_worker_queues
 
             try:
                 adopt_worker_queues(self.spool, lambda fmt, **kw: log.info(fmt, **kw))
