@@ -22,7 +22,13 @@ master that:
   restarted worker finds it in its own directory;
 * moves messages left in a directory no worker owns (``<spool>/queue`` from
   a single-process relay, ``w<j>`` after fewer workers) into an owned one
-  before any worker starts;
+  before any worker starts (relay.runtime.queuemoves);
+* checks the files every worker loads before starting any, and stops (exit
+  status 1) when a worker refuses its first start: a config one process would
+  refuse is not a restart loop;
+* hands the queue of a worker that dies for good (more than RESTART_BURST
+  deaths in RESTART_WINDOW) to a running worker, stopped meanwhile: the queue
+  moves while neither runs, under both spool locks (docs/fleet.md);
 * restarts a worker that dies, forwards SIGHUP (reload) and SIGTERM
   (graceful stop, 30 s bound) and re-emits the workers' log events in its
   own log (each marked with its worker), so the log is one story.
