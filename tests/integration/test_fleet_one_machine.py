@@ -216,3 +216,41 @@ def test_a_worker_that_refuses_its_first_start_stops_the_relay(tmp_path):
     assert log.count("worker 0 started") == 1
     assert (tmp_path / "ctl.w0").read_text() == "not a socket"
     relay.stop()
+
+
+def test_a_worker_sigkilled_mid_delivery_loses_nothing(tmp_path):
+    """Worker 1 is SIGKILLed while it delivers its queue: every acknowledged
+    message reaches the sink, and a message is delivered twice only if it was
+    in the at-least-once window (the sink's 250 read, not yet recorded): at
+    most one per connection of the worker's."""
+    from tests.support.crash import SinkProcess
+
+    sink_ip = "127.0.0.7"
+    sink_port = free_port((sink_ip,))
+    sink = SinkProcess(str(tmp_path), sink_ip, extra_args=("--port", str(sink_port)))
+    port = free_port()
+    conns = 3
+    relay = RelayProcess(str(tmp_path), relay_data(tmp_path, port, sink_port, workers=2, relay={
+        "smarthost": f"{sink_ip}:{sink_port}", "smarthost_tls": "none"},
+        delivery={"max_per_destination": conns, "tls": "none"}))
+    relay.start(wait_for=("127.0.0.1", port))
+    try:
+        with only_worker(relay, 1):  # the sink is down: worker 1 keeps them all
+            acked = send_many(port, 60, "u@remote.test", threads=4)
+        assert len(acked) == 60
+        victim = worker_map(relay.proc.pid)[1]
+        sink.start()
+        poll(lambda: sum(sink.counts().values()) >= 5, 60, interval=0.005, what="worker 1 delivering")
+        os.kill(victim, signal.SIGKILL)
+        at_kill = sum(sink.counts().values())
+        assert at_kill < 60, "worker 1 delivered everything before the kill: it proves nothing"
+        poll(lambda: len(sink.counts()) == 60, 90, what="every acknowledged message at the sink")
+        poll(lambda: not queued_ids(os.path.join(relay.data["spool"], "w1")), 30, what="worker 1's queue empty")
+        counts = sink.counts()
+        assert sorted(mid for mid, _ in counts) == sorted(f"w-{i}@client.test" for i in range(60))
+        twice = [k for k, n in counts.items() if n > 1]
+        assert len(twice) <= conns and all(counts[k] == 2 for k in twice), counts
+        assert "worker 1 ended unexpectedly (exit signal 9)" in relay.log()
+    finally:
+        relay.stop()
+        sink.stop()
