@@ -196,6 +196,7 @@ class RelayMaster(service.Service):
         self.procs: dict[int, WorkerProcess] = {}
         self.restarts: dict[int, list[float]] = {}
         self.handover: tuple[int, int] | None = None  # (dead worker, the one taking its queue)
+        self.spawns: dict[int, int] = {}  # starts of each worker: a refused first one stops the relay
         self.stopping = False
         self.failed = False  # a worker refused its first start: the relay stops (_refused_at_start)
         self.exit_on_error = False
@@ -338,6 +339,7 @@ class RelayMaster(service.Service):
             args += ["--defaults-spool", self.config.spool]
         proto = WorkerProcess(self, i)
         self.procs[i] = proto
+        self.spawns[i] = self.spawns.get(i, 0) + 1
         self.reactor.spawnProcess(proto, sys.executable, args, env=env, childFDs=child_fds)
         log.info("worker {worker} started (pid {pid})", worker=i, pid=proto.pid)
 
@@ -355,7 +357,7 @@ class RelayMaster(service.Service):
         if self.handover is not None and self.handover[1] == i:
             self._take_over(*self.handover)  # stopped by us to take a dead worker's queue
             return
-        if code == 1 and proto.refused and not self.restarts.get(i) and not self.failed:
+        if code == 1 and proto.refused and self.spawns.get(i) == 1 and not self.failed:
             self._refused_at_start(i)
             return
         log.error("worker {worker} ended unexpectedly (exit {code}); restarting it", worker=i, code=how)
@@ -434,6 +436,8 @@ class RelayMaster(service.Service):
 
     def _take_over(self, dead: int, to: int) -> None:
         """Worker ``to`` has ended (stopped for the handover): move, then start it again."""
+        log.info("worker {to} stopped for the hand-over of worker {worker}'s queue", to=to, worker=dead)
+
         def moved(count: int) -> None:
             if count < 0:
                 log.error("worker {worker}'s queue is still locked by a process: left to it (not dead)",
