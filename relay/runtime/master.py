@@ -424,10 +424,16 @@ class RelayMaster(service.Service):
         self.handover = (dead, to)
         log.error("worker {worker} died for good: worker {to} restarts to take its {count} queued messages",
                   worker=dead, to=to, count=count)
-        try:
-            self.procs[to].transport.signalProcess(signal.SIGTERM)
-        except Exception:  # noqa: BLE001 - it has just ended: worker_ended takes over as well
-            pass
+        proto = self.procs[to]
+        for sig, after in ((signal.SIGTERM, 0.0), (signal.SIGKILL, STOP_BOUND)):  # as a stop: bounded
+            self.reactor.callLater(after, self._signal_if_running, proto, sig)
+
+    def _signal_if_running(self, proto: WorkerProcess, sig: int) -> None:
+        if self.procs.get(proto.index) is proto:
+            try:
+                proto.transport.signalProcess(sig)
+            except Exception:  # noqa: BLE001 - it has just ended: worker_ended takes over as well
+                pass
 
     def _dead_workers(self) -> set[int]:
         now = time.monotonic()
