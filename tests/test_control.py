@@ -652,7 +652,7 @@ def run_ctl_for(relay: InProcessRelay, *args: str) -> subprocess.CompletedProces
 def make_spool(tmp: str, specs: list[dict]) -> tuple[str, list[str]]:
     """A config file and a spool with the messages described (as a stopped relay left them)."""
     data = {
-        "hostname": "relay.test", "spool": os.path.join(tmp, "spool"),
+        "hostname": "relay.test", "spool": os.path.join(tmp, "spool"), "workers": 1,
         "smtp": {"listen": ["tcp:0:interface=127.0.0.1"]}, "pop3": {"listen": []},
         "local": {"domains": ["local.test"], "mailboxes": os.path.join(tmp, "mail"),
                   "users": os.path.join(tmp, "users")},

@@ -222,14 +222,14 @@ class ConfigHelperTests(unittest.TestCase):
         self.assertIn("auth_requires_tls is false", w2[0])
 
     def test_factory_from_config_and_reload(self):
-        cfg = Config(hostname="mx.example.org", spool="/s",
+        cfg = Config(hostname="mx.example.org", spool="/s", workers=1,
                      local=LocalConfig(domains=("example.org",), mailboxes="/m"),
                      pop3=POP3Config(listen=("tcp:110",)))
         f = pop3.factory_from_config(cfg, userdb=None, tls_options=None, idle_timeout=900)
         self.assertEqual((f.hostname, f.mailbox_root, f.local_domains, f.idle_timeout),
                          ("mx.example.org", "/m", ("example.org",), 900))
         self.assertEqual(len(pop3.startup_warnings(cfg)), 1)
-        cfg2 = Config(hostname="new.example.org", spool="/s",
+        cfg2 = Config(hostname="new.example.org", spool="/s", workers=1,
                       local=LocalConfig(domains=("a.example",), mailboxes="/m2"),
                       tls=TLSConfig(certificate="c", key="k", auth_requires_tls=False))
         marker = object()

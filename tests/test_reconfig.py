@@ -9,7 +9,7 @@ from relay.runtime import reconfig
 
 
 def _config(**data) -> configmod.Config:
-    return configmod.load(None, data={"spool": "/tmp/relay-reconfig-spool", **data})
+    return configmod.load(None, data={"spool": "/tmp/relay-reconfig-spool", "workers": 1, **data})
 
 
 def test_every_restart_key_is_kept_as_it_runs():

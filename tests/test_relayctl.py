@@ -332,7 +332,7 @@ class Imports(CtlCase):
             self.assertEqual(seen["twisted"], [], f"relayctl {' '.join(args)} imported Twisted")
 
     def test_one_queue(self):
-        self.write("relay.toml", 'spool = "spool"\n')
+        self.write("relay.toml", 'spool = "spool"\nworkers = 1\n')
         self.check_verbs(self.spool_with_a_message(os.path.join(self.dir, "spool")))
 
     def test_workers(self):

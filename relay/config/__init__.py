@@ -62,6 +62,32 @@ def _default_hostname() -> str:
         return "localhost"
 
 
+def default_workers() -> int:
+    """workers = "auto": the cores this process may run on (its CPU affinity,
+    which a container or taskset may narrow), at most 64."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(64, n))
+
+
+_WORKERS_KIND = '"auto" or an integer from 1 to 64'
+_WORKER_COUNT = v.integer(1, 64)
+
+
+def _check_workers(value: Any, resolve: v.Resolve) -> Any:
+    if value == "auto":
+        return value
+    try:
+        return _WORKER_COUNT(value, resolve)
+    except v.Bad:
+        raise v.Bad(_WORKERS_KIND)
+
+
+_WORKERS = v.Check(_WORKERS_KIND, _check_workers)
+
+
 # --------------------------------------------------------------------------- the declaration
 
 
@@ -512,14 +538,21 @@ class Config:
     proxy: ProxyConfig = section(ProxyConfig)
     log: LogConfig = section(LogConfig)
     path: str | None = None  # the file this came from, None for built-in defaults
-    workers: int = declare(
-        1, v.integer(1, 64),
-        "Relay processes (1 to 64).  One Python process works on one core; with workers = N the `twistd relay` "
-        "process becomes a master that binds the listeners and runs N workers accepting on the same sockets, "
-        "each with its own queue in `<spool>/w<i>/` (what a worker accepted, it delivers; a worker that dies is "
-        "restarted and finds its queue; meanwhile the others take every new connection).  relayctl covers all "
-        "of them.  Set it to the number of cores for the most mail per second.  With [metrics], the master "
-        "serves the sum of the workers' figures.")
+    # a field of its own, not declare(): the file's default is "auto" (resolved by _workers_share_listeners
+    # into a number), so a Config made in code says how many (keyword-only: after fields with defaults)
+    workers: int = field(kw_only=True, metadata={_KEY: Key(
+        "auto", _WORKERS,
+        "Relay processes (1 to 64, or \"auto\").  One Python process works on one core; with workers = N the "
+        "`twistd relay` process becomes a master that binds the listeners and runs N workers accepting on the "
+        "same sockets, each with its own queue in `<spool>/w<i>/` (what a worker accepted, it delivers; a worker "
+        "that dies is restarted and finds its queue; meanwhile the others take every new connection; one that "
+        "keeps dying has its queue delivered by another, see docs/fleet.md).  relayctl covers all of them.  "
+        "\"auto\" (or no `workers` line): one per core, except with a `unix:` listener, which workers cannot "
+        "share: then one process, and a log line at start says so.  With [metrics], the master serves the sum "
+        "of the workers' figures.",
+        computed_doc="one per core this process may run on (its CPU affinity), at most 64")})
+    # why workers is not what "auto" would have made (a unix: listener), for the log at start; "" otherwise
+    workers_note: str = ""
 
     @property
     def control_socket(self) -> str:
@@ -676,7 +709,7 @@ def _build(values: dict[str, Any], path: str | None) -> Config:
             parts[sec.name] = sec.cls(**kw)
         else:
             parts.update(kw)
-    return Config(**parts, path=path)
+    return Config(**parts, path=path, workers_note=values.get("workers_note", ""))
 
 
 # --------------------------------------------------------------------------- rules between keys
@@ -837,13 +870,24 @@ def _proxy_listeners(ld: _Loader, values: dict[str, Any]) -> None:
 
 
 def _workers_share_listeners(ld: _Loader, values: dict[str, Any]) -> None:
+    """workers = "auto" (or absent): the cores, or 1 when a listener cannot be
+    shared (the reason kept for the log); an explicit number > 1 with such a
+    listener is refused, as the operator asked for something that cannot run."""
+    unshared = [(k, d) for k in _MAIL_LISTENERS for d in values[k]
+                if endpoints.parse(d).kind not in ("tcp", "tcp6", "ssl", "systemd")]
+    if values["workers"] == "auto":
+        cores = default_workers()
+        values["workers"] = 1 if unshared else cores
+        if unshared and cores > 1:
+            k, d = unshared[0]
+            values["workers_note"] = (f"workers = 1, not one per core ({cores}): {k} {d!r} cannot be shared by "
+                                      "workers (only tcp:, tcp6:, ssl: and systemd: endpoints can)")
+        return
     if values["workers"] <= 1:
         return
-    for k in _MAIL_LISTENERS:
-        for d in values[k]:
-            if endpoints.parse(d).kind not in ("tcp", "tcp6", "ssl", "systemd"):
-                ld.problem(k, f"{d!r}: with workers > 1 only tcp:, tcp6:, ssl: and systemd: endpoints can be "
-                           "shared by the workers")
+    for k, d in unshared:
+        ld.problem(k, f"{d!r}: with workers > 1 only tcp:, tcp6:, ssl: and systemd: endpoints can be "
+                   "shared by the workers")
 
 
 _RULES: tuple[Rule, ...] = (

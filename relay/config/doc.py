@@ -117,6 +117,8 @@ def _md_key(k: configmod.Declared) -> list[str]:
         default = spec.computed_doc
     else:
         default = f"`{toml_value(spec.default)}`"
+        if spec.computed_doc:  # a word the loader resolves ("auto"): what it becomes
+            default += f" ({spec.computed_doc})"
     facts = f"Default: {default}. Value: {kind}."
     if spec.example is not None:
         facts += f" Example: `{k.name} = {toml_value(spec.example)}`."

@@ -22,7 +22,13 @@ master that:
   restarted worker finds it in its own directory;
 * moves messages left in a directory no worker owns (``<spool>/queue`` from
   a single-process relay, ``w<j>`` after fewer workers) into an owned one
-  before any worker starts;
+  before any worker starts (relay.runtime.queuemoves);
+* checks the files every worker loads before starting any, and stops (exit
+  status 1) when a worker refuses its first start: a config one process would
+  refuse is not a restart loop;
+* hands the queue of a worker that dies for good (more than RESTART_BURST
+  deaths in RESTART_WINDOW) to a running worker, stopped meanwhile: the queue
+  moves while neither runs, under both spool locks (docs/fleet.md);
 * restarts a worker that dies, forwards SIGHUP (reload) and SIGTERM
   (graceful stop, 30 s bound) and re-emits the workers' log events in its
   own log (each marked with its worker), so the log is one story.
@@ -45,14 +51,13 @@ import time
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relay.common import connlimit
 from relay.common import endpoints as epmod
 from relay.common.errors import StartupError
-from relay.common.fileio import fsync_dir
 from relay.common.ratelimit import RateTable
 from relay.common.tls import load_server_tls
 from relay.config import Config
@@ -62,6 +67,7 @@ from relay.runtime import parts
 from relay.runtime.listen import server_endpoint
 from relay.runtime.metrics import WorkersMetrics
 from relay.runtime.process import exit_on_second_signal, raise_fd_limit
+from relay.runtime.queuemoves import adopt_orphans, hand_over, queued_ids
 
 log = Logger(namespace="relay.master")
 
@@ -111,41 +117,6 @@ def bind(description: str, backlog_default: int = 1024) -> socket.socket:
     return s
 
 
-def adopt_orphans(top: str, workers: int, logfn=None) -> int:
-    """Move queued messages from directories no worker owns into worker 0..N-1.
-
-    The state file moves first, then the message: a crash in between leaves a
-    message without its state (all recipients pending again) - a duplicate
-    delivery at worst, never a loss.
-    """
-    moved = 0
-    candidates = [(top, 0)]
-    for name in os.listdir(top) if os.path.isdir(top) else ():
-        if name.startswith("w") and name[1:].isdigit() and int(name[1:]) >= workers:
-            candidates.append((os.path.join(top, name), int(name[1:]) % workers))
-    for root, target in candidates:
-        qdir = os.path.join(root, "queue")
-        if not os.path.isdir(qdir):
-            continue
-        dst = spoolmod.Spool(worker_spool(top, target))
-        dst.create()
-        names = os.listdir(qdir)
-        for name in sorted(names):
-            if not spoolmod.is_queue_id(name):
-                continue
-            st = os.path.join(qdir, name + spoolmod.STATE_SUFFIX)
-            if os.path.exists(st):
-                os.rename(st, dst.state_path(name))
-            os.rename(os.path.join(qdir, name), dst.message_path(name))
-            moved += 1
-        if moved:
-            fsync_dir(dst.queue_dir)
-            fsync_dir(qdir)
-    if moved and logfn:
-        logfn("moved {count} queued messages into the workers' queues", count=moved)
-    return moved
-
-
 class WorkerProcess(protocol.ProcessProtocol):
     """One worker: its log events come as JSON lines on its stdout."""
 
@@ -158,6 +129,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.buf = b""
         self.ended: defer.Deferred = defer.Deferred()
         self.pid: int | None = None
+        self.refused = False  # it said it is not starting (relay.runtime.worker: bad config, a start-up error)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -174,6 +146,9 @@ class WorkerProcess(protocol.ProcessProtocol):
 
     def errReceived(self, data: bytes) -> None:
         for line in data.decode("utf-8", "replace").splitlines():
+            if line.startswith(f"worker {self.index}: not starting: ") or \
+                    line.startswith(f"worker {self.index}: bad config:"):
+                self.refused = True
             if line.strip():
                 log.error("[worker {worker}] {line}", worker=self.index, line=line)
 
@@ -220,7 +195,10 @@ class RelayMaster(service.Service):
         self.rate_table: RateTable | None = None
         self.procs: dict[int, WorkerProcess] = {}
         self.restarts: dict[int, list[float]] = {}
+        self.handover: tuple[int, int] | None = None  # (dead worker, the one taking its queue)
+        self.spawns: dict[int, int] = {}  # starts of each worker: a refused first one stops the relay
         self.stopping = False
+        self.failed = False  # a worker refused its first start: the relay stops (_refused_at_start)
         self.exit_on_error = False
         self.handle_signals = False
         self._lock_fd: int | None = None
@@ -316,11 +294,15 @@ class RelayMaster(service.Service):
             self.spawn(i)
 
     def _check_keys(self) -> None:
-        """The DKIM key files and the outbound CA files, checked once here (as
-        the user the workers run as) before any worker starts: a bad one is one
+        """The files a worker loads at start (users, aliases, the TLS certificate
+        and key, the DKIM key files, the outbound CA files; as the service does),
+        checked once here (as the user the workers run as) before any worker starts: a bad one is one
         line naming the file and a non-zero exit, not an error per worker and a
         restart loop."""
         try:
+            parts.load_users(self.config)
+            parts.load_aliases(self.config)
+            parts.load_tls(self.config)
             parts.load_dkim_keys(self.config)
             parts.load_sts_trust(self.config)
             parts.check_delivery_ca_files(self.config)
@@ -357,6 +339,7 @@ class RelayMaster(service.Service):
             args += ["--defaults-spool", self.config.spool]
         proto = WorkerProcess(self, i)
         self.procs[i] = proto
+        self.spawns[i] = self.spawns.get(i, 0) + 1
         self.reactor.spawnProcess(proto, sys.executable, args, env=env, childFDs=child_fds)
         log.info("worker {worker} started (pid {pid})", worker=i, pid=proto.pid)
 
@@ -367,11 +350,17 @@ class RelayMaster(service.Service):
         if self.conn_table is not None:
             # its connections died with it: they no longer count against anyone's limit
             self.conn_table.release_worker(i)
+        how = code if sig is None else f"signal {sig}"
         if self.stopping:
-            log.info("worker {worker} stopped (exit {code})", worker=i, code=code if sig is None else f"signal {sig}")
+            log.info("worker {worker} stopped (exit {code})", worker=i, code=how)
             return
-        log.error("worker {worker} ended unexpectedly (exit {code}); restarting it", worker=i,
-                  code=code if sig is None else f"signal {sig}")
+        if self.handover is not None and self.handover[1] == i:
+            self._take_over(*self.handover)  # stopped by us to take a dead worker's queue
+            return
+        if code == 1 and proto.refused and self.spawns.get(i) == 1 and not self.failed:
+            self._refused_at_start(i)
+            return
+        log.error("worker {worker} ended unexpectedly (exit {code}); restarting it", worker=i, code=how)
         now = time.monotonic()
         recent = [t for t in self.restarts.get(i, []) if now - t < RESTART_WINDOW] + [now]
         self.restarts[i] = recent
@@ -380,7 +369,100 @@ class RelayMaster(service.Service):
             log.error("worker {worker} ended {count} times in {window:.0f} s: next start in {delay:.0f} s "
                       "(the other workers take its connections meanwhile)", worker=i, count=len(recent),
                       window=RESTART_WINDOW, delay=delay)
-        self.reactor.callLater(delay, lambda: None if self.stopping or i in self.procs else self.spawn(i))
+            self._dead_for_good(i)
+        self.reactor.callLater(delay, self._restart, i)
+
+    def _refused_at_start(self, i: int) -> None:
+        """A worker's first start refused (what it said is logged above): every
+        worker runs the same config, so the relay does not start, as one process
+        would not; twistd then exits with status 1 (there is no other way to give
+        it one once the reactor runs)."""
+        import atexit
+
+        self.failed = True
+        log.critical("worker {worker} cannot start (see above): twisted-relay is not starting", worker=i)
+
+        def exit_status() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        atexit.register(exit_status)
+        self.reactor.callLater(0, self.reactor.stop)
+
+    def _restart(self, i: int) -> None:
+        if self.stopping or i in self.procs:
+            return
+        if self.handover is not None and i in self.handover:  # its queue is being moved: after that
+            self.reactor.callLater(RESTART_DELAY, self._restart, i)
+            return
+        self.spawn(i)
+
+    # ---------------------------------------------------------------- a worker that dies for good
+    # It ended more than RESTART_BURST times within RESTART_WINDOW: what it had
+    # accepted would wait for a start that may never succeed.  A running worker
+    # is stopped (gracefully, as for SIGTERM), the dead one's queue is moved into
+    # its queue while neither runs (both spool locks held by the master: no
+    # message ever has two owners), and it starts again with the messages.
+
+    def _dead_for_good(self, i: int) -> None:
+        if self.handover is not None:
+            return  # one at a time: the next death of a dead worker tries again
+        d = threads.deferToThread(queued_ids, worker_spool(self.config.spool, i))
+        d.addCallback(lambda ids: self._stop_for_handover(i, len(ids)))
+        d.addErrback(lambda f: log.failure("worker {worker}: cannot read its queue", f, worker=i))
+
+    def _stop_for_handover(self, dead: int, count: int) -> None:
+        if not count or self.stopping or self.handover is not None or dead in self.procs:
+            return  # nothing waits in it, or it came back meanwhile (it delivers its queue itself)
+        live = [k for k in sorted(self.procs) if k != dead and k not in self._dead_workers()]
+        if not live:
+            log.error("worker {worker} died for good with {count} queued messages and no other worker runs: "
+                      "they wait for one to start", worker=dead, count=count)
+            return
+        to = live[0]
+        self.handover = (dead, to)
+        log.error("worker {worker} died for good: worker {to} restarts to take its {count} queued messages",
+                  worker=dead, to=to, count=count)
+        proto = self.procs[to]
+        for sig, after in ((signal.SIGTERM, 0.0), (signal.SIGKILL, STOP_BOUND)):  # as a stop: bounded
+            self.reactor.callLater(after, self._signal_if_running, proto, sig)
+
+    def _signal_if_running(self, proto: WorkerProcess, sig: int) -> None:
+        if self.procs.get(proto.index) is proto:
+            try:
+                proto.transport.signalProcess(sig)
+            except Exception:  # noqa: BLE001 - it has just ended: worker_ended takes over as well
+                pass
+
+    def _dead_workers(self) -> set[int]:
+        now = time.monotonic()
+        return {i for i, ts in self.restarts.items()
+                if len([t for t in ts if now - t < RESTART_WINDOW]) > RESTART_BURST}
+
+    def _take_over(self, dead: int, to: int) -> None:
+        """Worker ``to`` has ended (stopped for the handover): move, then start it again."""
+        log.info("worker {to} stopped for the hand-over of worker {worker}'s queue", to=to, worker=dead)
+
+        def moved(count: int) -> None:
+            if count < 0:
+                log.error("worker {worker}'s queue is still locked by a process: left to it (not dead)",
+                          worker=dead)
+            else:
+                log.info("moved {count} queued messages of worker {worker} into worker {to}'s queue",
+                         count=count, worker=dead, to=to)
+
+        def failed(f) -> None:
+            log.failure("worker {worker}: cannot move its queue to worker {to}", f, worker=dead, to=to)
+
+        def restart(_: object) -> None:
+            self.handover = None
+            if not self.stopping and to not in self.procs:
+                self.spawn(to)
+
+        d = threads.deferToThread(hand_over, self.config.spool, dead, to)
+        d.addCallbacks(moved, failed)
+        d.addBoth(restart)
 
     def forward(self, sig: int) -> None:
         for p in list(self.procs.values()):

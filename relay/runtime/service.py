@@ -341,6 +341,8 @@ class RelayService(service.MultiService):
         cfg = self.config
         log.info("twisted-relay starting: config {source}, spool {spool}, hostname {hostname}, uid {uid}",
                  source=cfg.source, spool=self.spool.root, hostname=cfg.hostname, uid=os.geteuid())
+        if cfg.workers_note:
+            log.info("{note}", note=cfg.workers_note)
         for desc in cfg.smtp.listen:
             log.info("SMTP listening on {endpoint}", endpoint=desc)
         for desc in cfg.smtp.submission:
@@ -385,6 +387,13 @@ class RelayService(service.MultiService):
                     f"the user the relay runs as (install -d -m 0700 -o USER {self.spool.root})")
             except OSError as e:
                 raise StartupError(f"spool {self.spool.root}: {e.strerror}")
+        if self.worker is None:  # one process on a spool that had workers: their queues are now its own
+            from relay.runtime.queuemoves import adopt_worker_queues
+
+            try:
+                adopt_worker_queues(self.spool, lambda fmt, **kw: log.info(fmt, **kw))
+            except OSError as e:
+                raise StartupError(f"spool {self.spool.root}: cannot take the workers' queues: {e}")
         try:
             self.spool.clean_incoming(log=lambda fmt, **kw: log.info(fmt, **kw))
         except OSError as e:

@@ -116,6 +116,27 @@ def _start_logging(target: str, fmt: str, index: int) -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)  # type: ignore[list-item]  # (as above)
 
 
+CRASH_HOOK = "RELAY_TEST_WORKER_CRASH"
+
+
+def _test_crash(index: int) -> bool:
+    """A hook for tests only (docs/fleet.md): with $RELAY_TEST_WORKER_CRASH naming a
+    file that lists this worker's index, the worker ends at start, before it takes
+    its spool, as a worker that cannot start would (tests/integration/test_fleet_one_machine.py)."""
+    path = os.environ.get(CRASH_HOOK)
+    if not path:
+        return False
+    try:
+        with open(path) as f:
+            listed = f.read().split()
+    except OSError:
+        return False
+    if str(index) not in listed:
+        return False
+    print(f"worker {index}: not starting: {CRASH_HOOK} lists it (a test hook)", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="relay.runtime.worker")
     p.add_argument("--index", type=int, required=True)
@@ -129,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-format", default="text", choices=("text", "json"))
     args = p.parse_args(argv)
     _die_with_parent()
+    if _test_crash(args.index):
+        return 70
     _start_logging(args.log_target, args.log_format, args.index)
 
     # only now, once it dies with the master and logs where the master says: the

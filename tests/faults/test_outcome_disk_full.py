@@ -39,6 +39,7 @@ class OutcomeOnAFullDisk(unittest.TestCase):
         self.proc = GatedRelayProcess(self.tmp, {
             "hostname": "relay.test",
             "spool": self.spool,
+            "workers": 1,
             "smtp": {"listen": [f"tcp:{self.port}:interface=127.0.0.1"]},
             "pop3": {"listen": []},
             "local": {"domains": ["local.test"], "mailboxes": os.path.join(self.tmp, "mail"),

@@ -58,6 +58,7 @@ def make(tmp_path, name, ip, port, **sections):
     data = {
         "hostname": f"{name}.test",
         "spool": str(base / "spool"),
+        "workers": 1,
         "smtp": {"listen": [f"tcp:{port}:interface={ip}"], "max_connections_per_ip": 200},
         "local": {"domains": ["localhost"], "mailboxes": str(base / "mail"), "users": str(base / "users")},
         "pop3": {"listen": []},

@@ -40,6 +40,7 @@ class RelayctlProcess(unittest.TestCase):
         data = {
             "hostname": "relay.test",
             "spool": os.path.join(self.tmp, "spool"),
+            "workers": 1,
             "smtp": {"listen": [f"tcp:{self.port}:interface=127.0.0.1"]},
             "pop3": {"listen": []},
             "local": {"domains": ["local.test"], "mailboxes": os.path.join(self.tmp, "mail"),

@@ -32,6 +32,7 @@ def relay_config(tmp_path, name, ip, port, dns_port, **sections):
     data = {
         "hostname": f"{name}.test",
         "spool": str(base / "spool"),
+        "workers": 1,
         "smtp": {"listen": [f"tcp:{port}:interface={ip}"]},
         "local": {"domains": ["localhost"], "mailboxes": str(base / "mail"), "users": str(base / "users")},
         "pop3": {"listen": []},

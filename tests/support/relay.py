@@ -42,6 +42,7 @@ def base_config(tmpdir: str, ip: str = "127.0.0.1") -> dict:
     return {
         "hostname": "relay.test",
         "spool": os.path.join(tmpdir, "spool"),
+        "workers": 1,  # one process (the default is one per core: a master and workers, <spool>/w<i>/)
         "smtp": {"listen": [f"tcp:0:interface={ip}"]},
         "local": {
             "domains": ["local.test"],
