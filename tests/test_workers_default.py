@@ -77,6 +77,27 @@ class DefaultIsOnePerCore(unittest.TestCase):
         self.assertIn("smtp.listen", str(cm.exception))
         self.assertIn("only tcp:, tcp6:, ssl: and systemd: endpoints can be shared", str(cm.exception))
 
+    def tcp_control(self, d: str) -> dict:
+        cert, key, secret = (os.path.join(d, n) for n in ("c.pem", "k.pem", "secret"))
+        for path in (cert, key, secret):
+            with open(path, "w") as f:
+                f.write("x" * 20)
+        return {"tls": {"certificate": cert, "key": key},
+                "control": {"tcp_listen": "127.0.0.1:9026", "secret_file": secret}}
+
+    def test_a_tcp_control_endpoint_without_workers_is_one_process_and_says_why(self):
+        with tempfile.TemporaryDirectory() as d, self.cores(4):
+            cfg = load(**self.tcp_control(d))
+        self.assertEqual(cfg.workers, 1)
+        self.assertIn("workers = 1, not one per core (4): control.tcp_listen", cfg.workers_note)
+
+    def test_explicit_workers_with_a_tcp_control_endpoint_is_still_refused(self):
+        with tempfile.TemporaryDirectory() as d, self.cores(4):
+            with self.assertRaises(configmod.ConfigError) as cm:
+                load(workers=2, **self.tcp_control(d))
+        self.assertIn("control.tcp_listen", str(cm.exception))
+        self.assertIn("not with workers > 1", str(cm.exception))
+
     def test_a_config_made_in_code_says_how_many(self):
         with self.assertRaises(TypeError):
             configmod.Config(hostname="h.test", spool="/s")  # type: ignore[call-arg]

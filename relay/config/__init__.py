@@ -468,7 +468,7 @@ class ControlConfig:
         "", v.OPTIONAL_HOSTPORT,
         'An authenticated control endpoint over TCP for `relayctl --fleet` from another host: "host:port", '
         "always TLS with the [tls] certificate (required), and the shared secret of `secret_file` before any "
-        "command.  Empty: none (only the UNIX socket).")
+        "command.  Not with workers > 1 (\"auto\" then means one process).  Empty: none (only the UNIX socket).")
     secret_file: str = declare(
         "", v.OPTIONAL_PATH,
         "The shared secret of the fleet's control endpoints (its first line, at least 16 characters; mode 0600): "
@@ -548,7 +548,7 @@ class Config:
         "that dies is restarted and finds its queue; meanwhile the others take every new connection; one that "
         "keeps dying has its queue delivered by another, see docs/fleet.md).  relayctl covers all of them.  "
         "\"auto\" (or no `workers` line): one per core, except with a `unix:` listener, which workers cannot "
-        "share: then one process, and a log line at start says so.  With [metrics], the master serves the sum "
+        "share, or with `control.tcp_listen`: then one process, and a log line at start says so.  With [metrics], the master serves the sum "
         "of the workers' figures.",
         computed_doc="one per core this process may run on (its CPU affinity), at most 64")})
     # why workers is not what "auto" would have made (a unix: listener), for the log at start; "" otherwise
@@ -848,7 +848,8 @@ def _control_tcp(ld: _Loader, values: dict[str, Any]) -> None:
         ld.problem("control.tcp_listen", "needs tls.certificate and tls.key (the endpoint is always TLS)")
     if not values["control.secret_file"]:
         ld.problem("control.tcp_listen", "needs control.secret_file (the shared secret asked before any command)")
-    if values["workers"] > 1:
+    # "auto" becomes 1 with such an endpoint (_workers_share_listeners); an explicit number > 1 is refused
+    if isinstance(values["workers"], int) and values["workers"] > 1:
         ld.problem("control.tcp_listen", "not with workers > 1 (each worker has its own queue and UNIX socket)")
 
 
@@ -877,11 +878,15 @@ def _workers_share_listeners(ld: _Loader, values: dict[str, Any]) -> None:
                 if endpoints.parse(d).kind not in ("tcp", "tcp6", "ssl", "systemd")]
     if values["workers"] == "auto":
         cores = default_workers()
-        values["workers"] = 1 if unshared else cores
+        tcp_control = values.get("control.tcp_listen")
+        values["workers"] = 1 if unshared or tcp_control else cores
         if unshared and cores > 1:
             k, d = unshared[0]
             values["workers_note"] = (f"workers = 1, not one per core ({cores}): {k} {d!r} cannot be shared by "
                                       "workers (only tcp:, tcp6:, ssl: and systemd: endpoints can)")
+        elif tcp_control and cores > 1:
+            values["workers_note"] = (f"workers = 1, not one per core ({cores}): control.tcp_listen serves one "
+                                      "process's queue (each worker has its own queue and UNIX socket)")
         return
     if values["workers"] <= 1:
         return
