@@ -548,7 +548,8 @@ class Config:
         "that dies is restarted and finds its queue; meanwhile the others take every new connection; one that "
         "keeps dying has its queue delivered by another, see docs/fleet.md).  relayctl covers all of them.  "
         "\"auto\" (or no `workers` line): one per core, except with a `unix:` listener, which workers cannot "
-        "share, or with `control.tcp_listen`: then one process, and a log line at start says so.  With [metrics], the master serves the sum "
+        "share, or with `control.tcp_listen`: then one process, and a log line at start says "
+        "so.  With [metrics], the master serves the sum "
         "of the workers' figures.",
         computed_doc="one per core this process may run on (its CPU affinity), at most 64")})
     # why workers is not what "auto" would have made (a unix: listener), for the log at start; "" otherwise

@@ -33,6 +33,10 @@ RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
 # tests and callers know); they need a restart in the same way
 LATER_RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("proxy.listeners", lambda c: c.proxy.listeners),
+    ("limits.redis", lambda c: c.limits.redis),  # the fleet's link is made at start
+    ("limits.redis_prefix", lambda c: c.limits.redis_prefix),
+    ("control.tcp_listen", lambda c: c.control.tcp_listen),  # [control] is kept as it runs
+    ("control.secret_file", lambda c: c.control.secret_file),
 )
 
 
