@@ -83,6 +83,22 @@ def test_parameter_syntax():
         assert e.value.param == param and param in str(e.value)
 
 
+def test_postfix_rfc822_orcpt_of_a_utf8_address():
+    """Postfix sends a SMTPUTF8 recipient's ORCPT as rfc822 with the UTF-8
+    octets in xtext (RFC 6533 would say utf-8;): taken, and shown decoded in
+    a global report, in its xtext form in an ASCII one."""
+    stored = dsn.parse_orcpt("rfc822;j+C3+B6rg@local.test")
+    assert stored == "rfc822;j+C3+B6rg@local.test"
+    assert dsn.orcpt_field(stored, utf8=True) == "rfc822; j\u00f6rg@local.test"
+    assert dsn.orcpt_field(stored) == "rfc822; j+C3+B6rg@local.test"
+    for bad in ("rfc822;j+F6rg@local.test",  # latin-1, not UTF-8
+                "rfc822;j+C2+85rg@local.test",  # a C1 control (NEL) in UTF-8
+                "rfc822;j+E2+80+AErg@local.test",  # a bidi override
+                "rfc822;j+C3+B6rg"):  # no domain
+        with pytest.raises(dsn.DsnSyntax):
+            dsn.parse_orcpt(bad)
+
+
 def test_duplicate_parameter_found():
     assert dsnparams.duplicate(" <a@b> NOTIFY=NEVER notify=FAILURE", "<a@b>") == "NOTIFY"
     assert dsnparams.duplicate(' <"x y"@b> RET=FULL ENVID=1', '<"x y"@b>') is None

@@ -44,6 +44,18 @@ def _printable(text: str) -> bool:
     return all(" " <= c <= "~" for c in text)
 
 
+def _utf8_address(octets: str) -> bool:
+    """An rfc822 ORCPT whose xtext octets are a UTF-8 address: Postfix sends a
+    SMTPUTF8 recipient's ORCPT so (``rfc822;j+C3+B6rg@...``) where RFC 6533
+    would say ``utf-8;``; taken, as long as it is valid UTF-8 without controls."""
+    try:
+        text = octets.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return False
+    return all(c.isprintable() and c != " " for c in text if not c.isascii()) and _printable(
+        "".join(c for c in text if c.isascii()))
+
+
 def parse_ret(value: str | None) -> str:
     v = (value or "").upper()
     if v not in RETS:
@@ -101,7 +113,7 @@ def parse_orcpt(value: str | None) -> str:
             text = xtext.decode(addr)
         except xtext.XtextError as e:
             raise DsnSyntax("ORCPT", str(e))
-        if not _printable(text) or "@" not in text:
+        if not (_printable(text) or _utf8_address(text)) or "@" not in text:
             raise DsnSyntax("ORCPT", "not an rfc822 address")
         return f"rfc822;{addr}"
     if low == "utf-8":  # RFC 6533: utf-8-addr-xtext or (with SMTPUTF8) -unitext; kept and carried as given
@@ -123,9 +135,13 @@ def orcpt_field(orcpt: str, utf8: bool = False) -> str:
     kind, _, addr = orcpt.partition(";")
     if kind == "rfc822":
         try:
-            addr = xtext.decode(addr)
+            octets = xtext.decode(addr)
         except xtext.XtextError:
-            pass
+            octets = addr
+        if _printable(octets):
+            addr = octets
+        elif utf8 and _utf8_address(octets):  # Postfix's rfc822 form of a UTF-8 address, in a global report
+            addr = octets.encode("latin-1").decode("utf-8")
     elif kind == "utf-8":
         addr = _EMBEDDED.sub(_unembed, addr) if utf8 else \
             "".join(c if c.isascii() else "\\x{%X}" % ord(c) for c in addr)

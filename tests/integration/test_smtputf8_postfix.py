@@ -38,6 +38,57 @@ class PostfixUtf8(DsnCase):
     skip = _skip_reason()
     timeout = 120
 
+    async def test_postfix_as_our_client_with_smtputf8(self):
+        """Postfix (smtputf8_enable = yes) relays a client's SMTPUTF8 message
+        to us: we take it with SMTPUTF8 and deliver it to a UTF-8 local user.
+        (Postfix adds ORCPT=rfc822;j+C3+B6rg@...: its form of a UTF-8
+        recipient, which we take: relay.common.dsn._utf8_address.)"""
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+        self.addCleanup(sys.path.remove, os.path.join(ROOT, "bench"))
+        import mta
+        import procs
+
+        from relay.mailbox import users as usersmod
+
+        usersmod.add_user(os.path.join(self.tmp, "users"), "j\u00f6rg@local.test", "pw")
+        workdir = tempfile.mkdtemp(prefix="relay-u8-pfc-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        env = mta.Env(root=ROOT, venv="", python=sys.executable, twistd="", relayctl="", smtp_source="",
+                      smtp_sink="", postfix=POSTFIX, postconf=POSTFIX.replace("postfix", "postconf"), dovecot=None)
+        pf = mta.Postfix(procs.Registry(), env, workdir, PF_IP, next_hop=self.relay.smtp,
+                         main_cf="smtputf8_enable = yes")
+        with mock.patch.object(procs.CpuCgroup, "create", return_value=None), \
+                mock.patch.object(mta.CpuCgroup, "create", return_value=None):
+            await in_thread(pf.start)
+        self.addCleanup(in_thread, pf.stop)
+        rcpt = "j\u00f6rg@local.test"
+        msg = UTF8_MSG.replace(b"j\xc3\xb6rg@pf.example", rcpt.encode())
+
+        def send() -> None:
+            import smtplib
+
+            with smtplib.SMTP(PF_IP, pf.port) as c:
+                c.ehlo("client.example")
+                assert c.has_extn("smtputf8")
+                c.sendmail(SENDER, [rcpt], msg, mail_options=["SMTPUTF8"])
+
+        await in_thread(send)
+        new = os.path.join(self.tmp, "mail", "local.test", "j\u00f6rg", "new")
+        await apoll(lambda: os.path.isdir(new) and os.listdir(new), timeout=60,
+                    what="the message in j\u00f6rg's Maildir, through Postfix")
+        (name,) = os.listdir(new)
+        with open(os.path.join(new, name), "rb") as f:
+            data = f.read()
+        head, _, body = data.partition(b"\n\n")
+        self.assertIn(f"Return-Path: <{SENDER}>".encode(), head)
+        self.assertIn(f"Delivered-To: {rcpt}".encode(), head)
+        # our Received: line says UTF8SMTP (RFC 6531 3.7.3): Postfix sent it with SMTPUTF8
+        ours = head.split(b"\nReceived: ")[1]
+        self.assertIn(b"with UTF8SMTP", ours)
+        self.assertIn(b"by relay.test", ours)
+        self.assertIn("Subject: Gr\u00fc\u00dfe".encode(), head)
+        self.assertEqual(body, "K\u00f6rper\n".encode())
+
     async def start_postfix(self, smtputf8: bool):
         sys.path.insert(0, os.path.join(ROOT, "bench"))
         self.addCleanup(sys.path.remove, os.path.join(ROOT, "bench"))
