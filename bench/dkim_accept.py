@@ -40,11 +40,12 @@ def say(msg: str) -> None:
 
 
 def count_signed(d: str) -> int:
-    """The 'dkim: signed' lines in the relay's logs of the run in d."""
+    """The 'dkim: signed' lines in the relay's logs of the run in d (relay.log and the
+    files twistd rotated it into at 1 MB: relay.log.1, ...)."""
     n = 0
     for root, _, files in os.walk(d):
         for name in files:
-            if name.endswith(".log"):
+            if name.endswith(".log") or ".log." in name:
                 with open(os.path.join(root, name), "rb") as f:
                     n += f.read().count(b": dkim: signed d=")
     return n
