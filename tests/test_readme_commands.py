@@ -63,7 +63,7 @@ NOT_SHELL = [
     (re.compile(r'^\{"'), "a JSON log line"),
     (re.compile(r"^# 1\. publish this TXT record"), "relayctl dkim keygen's output"),
 ]
-NOT_SHELL_LANGS = {"toml", "yaml", "yml", "json", "python", "ini"}
+NOT_SHELL_LANGS = {"toml", "yaml", "yml", "json", "python", "ini", "dns"}  # dns: zone file records
 
 # Simple commands not run, each with the reason; the pattern must match the
 # whole simple command.  Every entry must still match a README command.
