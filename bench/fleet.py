@@ -33,12 +33,14 @@ from concurrent.futures import ProcessPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.support import fleet as fleetmod  # noqa: E402
-from tests.support.fleet import Fleet, load_part, node_ip, queued, relayctl  # noqa: E402
-from tests.support.wait import poll  # noqa: E402
 
 
 def run(n: int, messages: int, clients: int, workers: int, kill: bool, redis: bool = True) -> dict:
+    # imported here, after the arguments: `--help` needs no Twisted (and runs with any python3)
+    from tests.support import fleet as fleetmod
+    from tests.support.fleet import Fleet, load_part
+    from tests.support.wait import poll
+
     with tempfile.TemporaryDirectory(prefix="relay-fleet-") as d:
         fleet = Fleet(d, n=n, workers=workers, redis=redis and fleetmod.redis_server() is not None)
         try:
@@ -70,12 +72,17 @@ def run(n: int, messages: int, clients: int, workers: int, kill: bool, redis: bo
             fleet.stop()
 
 
-def _accepted(fleet: Fleet) -> int:
+def _accepted(fleet) -> int:
     """Messages the fleet holds or delivered so far (a rough count of the load's progress)."""
+    from tests.support.fleet import queued
+
     return sum(fleet.delivered_local().values()) + sum(len(queued(n.data["spool"])) for n in fleet.nodes)
 
 
-def _after_kill(fleet: Fleet, acked: dict, uncertain: set) -> dict:
+def _after_kill(fleet, acked: dict, uncertain: set) -> dict:
+    from tests.support.fleet import node_ip, queued, relayctl
+    from tests.support.wait import poll
+
     dead = fleet.nodes[0]
     left = len(queued(dead.data["spool"]))
     r = relayctl(dead.config_path, "queue", "drain", "--to", f"{node_ip(1)}:{fleet.port}", timeout=1800)
