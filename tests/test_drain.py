@@ -206,6 +206,7 @@ class LiveDrain(DrainCase):
         self.assertEqual(set(spool_messages(self.a.config.spool)), {q1, q2})
 
     async def test_bad_usage(self):
+        self.queued_before = len(self.queue.messages)
         r = await self.ctl("queue", "drain")
         self.assertEqual(r.returncode, 2)
         self.assertIn("--to HOST:PORT is required", r.stderr)
@@ -215,6 +216,15 @@ class LiveDrain(DrainCase):
                            "--password-file", "/dev/null")
         self.assertEqual(r.returncode, 2)
         self.assertIn("--auth needs TLS", r.stderr)
+        # to itself (the config names the port it listens on: the test's relay was started on port 0)
+        host, port = self.a.smtp
+        with open(self.cfg, "w") as f:
+            f.write(toml_dumps({**self.a.data, "smtp": {**self.a.data["smtp"],
+                                                         "listen": [f"tcp:{port}:interface={host}"]}}))
+        r = await self.ctl("queue", "drain", "--to", f"{host}:{port}")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("this relay's own SMTP listener", r.stderr)
+        self.assertEqual(len(self.queue.messages), self.queued_before)
 
 
 class PeerRefuses(DrainCase):
