@@ -127,6 +127,7 @@ class Chunking(DeliveryCase):
 class PostfixPeer(DeliveryCase):
     skip = pfmod._skip_reason()
     start_postfix = pfmod.PostfixNextHop.start_postfix
+    route_to_postfix = pfmod.PostfixNextHop.route_to_postfix
 
     def maillog(self, pf) -> str:
         try:
@@ -137,13 +138,7 @@ class PostfixPeer(DeliveryCase):
 
     async def test_postfix_receives_our_bdat(self):
         pf = await self.start_postfix()
-        await self.relay.stop()
-        self.relay = InProcessRelay(self.tmp, {
-            "delivery": {"nameservers": [f"127.0.0.1:{self.dns.port}"], "port": self.port, "retry_min": 1,
-                         "tls": "none"},
-            "relay": {"routes": {"pf.example": f"{PF_IP}:{pf.port}"}},
-        })
-        await self.relay.start()
+        await self.route_to_postfix(pf)
         await self.send(["a@pf.example"], body=BODY)
         await apoll(lambda: self.sinks["127.0.0.3"].transactions, timeout=60, what="Postfix relaying to the sink")
         await apoll(self.queue_empty, timeout=20, what="our queue empty")

@@ -43,7 +43,9 @@ class PostfixNextHop(DsnCase):
         self.pf_port = None
         return {}
 
-    async def start_postfix(self, next_hop=None):
+    async def start_postfix(self, next_hop=None, main_cf: str = ""):
+        """A private Postfix on PF_IP relaying to next_hop (default: the sink on 127.0.0.3); main_cf: more
+        main.cf lines.  The one place the Postfix tests (DSN, CHUNKING, SMTPUTF8) start it."""
         sys.path.insert(0, os.path.join(ROOT, "bench"))
         self.addCleanup(sys.path.remove, os.path.join(ROOT, "bench"))
         import mta
@@ -54,23 +56,28 @@ class PostfixNextHop(DsnCase):
         env = mta.Env(root=ROOT, venv="", python=sys.executable, twistd="", relayctl="", smtp_source="",
                       smtp_sink="", postfix=POSTFIX, postconf=POSTFIX.replace("postfix", "postconf"), dovecot=None)
         reg = procs.Registry()
-        pf = mta.Postfix(reg, env, workdir, PF_IP, next_hop=next_hop or ("127.0.0.3", self.port))
+        pf = mta.Postfix(reg, env, workdir, PF_IP, next_hop=next_hop or ("127.0.0.3", self.port), main_cf=main_cf)
         with mock.patch.object(procs.CpuCgroup, "create", return_value=None), \
                 mock.patch.object(mta.CpuCgroup, "create", return_value=None):
             await in_thread(pf.start)
         self.addCleanup(in_thread, pf.stop)
         return pf
 
-    async def test_postfix_receives_and_passes_on_our_dsn_parameters(self):
-        pf = await self.start_postfix()
-        await self.relay.stop()
+    async def route_to_postfix(self, pf) -> None:
+        """Our relay again, now with pf.example routed to that Postfix (plaintext)."""
         from tests.support.relay import InProcessRelay
+
+        await self.relay.stop()
         self.relay = InProcessRelay(self.tmp, {
             "delivery": {"nameservers": [f"127.0.0.1:{self.dns.port}"], "port": self.port, "retry_min": 1,
                          "tls": "none"},
             "relay": {"routes": {"pf.example": f"{PF_IP}:{pf.port}"}},
         })
         await self.relay.start()
+
+    async def test_postfix_receives_and_passes_on_our_dsn_parameters(self):
+        pf = await self.start_postfix()
+        await self.route_to_postfix(pf)
         await self.transaction([("a@pf.example", ["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;first@pf.example"]),
                                 ("b@pf.example", [])], ["RET=HDRS", "ENVID=abc+2Bdef"])
         await apoll(lambda: self.sinks["127.0.0.3"].transactions, timeout=60, what="Postfix relaying to the sink")

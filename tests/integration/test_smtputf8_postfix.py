@@ -12,17 +12,13 @@ without Postfix or without root."""
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-import tempfile
 import time
-from unittest import mock
 
 from relay.queue.envelope import Envelope
 from relay.queue.layout import new_id
 from tests.integration.test_dsn import DsnCase
-from tests.integration.test_dsn_postfix import PF_IP, POSTFIX, _skip_reason
-from tests.support.relay import ROOT, InProcessRelay, in_thread
+from tests.integration.test_dsn_postfix import PF_IP, PostfixNextHop, _skip_reason
+from tests.support.relay import in_thread
 from tests.support.wait import apoll
 from tests.test_dsn_global import read_global_report
 
@@ -36,6 +32,8 @@ ASCII_MSG = (b"Subject: plain\r\nFrom: <s@client.example>\r\nMessage-ID: <a1@cli
 
 class PostfixUtf8(DsnCase):
     skip = _skip_reason()
+    start_private_postfix = PostfixNextHop.start_postfix
+    route_to_postfix = PostfixNextHop.route_to_postfix
     timeout = 120
 
     async def test_postfix_as_our_client_with_smtputf8(self):
@@ -43,24 +41,10 @@ class PostfixUtf8(DsnCase):
         to us: we take it with SMTPUTF8 and deliver it to a UTF-8 local user.
         (Postfix adds ORCPT=rfc822;j+C3+B6rg@...: its form of a UTF-8
         recipient, which we take: relay.common.dsn._utf8_address.)"""
-        sys.path.insert(0, os.path.join(ROOT, "bench"))
-        self.addCleanup(sys.path.remove, os.path.join(ROOT, "bench"))
-        import mta
-        import procs
-
         from relay.mailbox import users as usersmod
 
         usersmod.add_user(os.path.join(self.tmp, "users"), "j\u00f6rg@local.test", "pw")
-        workdir = tempfile.mkdtemp(prefix="relay-u8-pfc-")
-        self.addCleanup(shutil.rmtree, workdir, True)
-        env = mta.Env(root=ROOT, venv="", python=sys.executable, twistd="", relayctl="", smtp_source="",
-                      smtp_sink="", postfix=POSTFIX, postconf=POSTFIX.replace("postfix", "postconf"), dovecot=None)
-        pf = mta.Postfix(procs.Registry(), env, workdir, PF_IP, next_hop=self.relay.smtp,
-                         main_cf="smtputf8_enable = yes")
-        with mock.patch.object(procs.CpuCgroup, "create", return_value=None), \
-                mock.patch.object(mta.CpuCgroup, "create", return_value=None):
-            await in_thread(pf.start)
-        self.addCleanup(in_thread, pf.stop)
+        pf = await self.start_private_postfix(next_hop=self.relay.smtp, main_cf="smtputf8_enable = yes")
         rcpt = "j\u00f6rg@local.test"
         msg = UTF8_MSG.replace(b"j\xc3\xb6rg@pf.example", rcpt.encode())
 
@@ -90,28 +74,9 @@ class PostfixUtf8(DsnCase):
         self.assertEqual(body, "K\u00f6rper\n".encode())
 
     async def start_postfix(self, smtputf8: bool):
-        sys.path.insert(0, os.path.join(ROOT, "bench"))
-        self.addCleanup(sys.path.remove, os.path.join(ROOT, "bench"))
-        import mta
-        import procs
-
-        workdir = tempfile.mkdtemp(prefix="relay-u8-pf-")
-        self.addCleanup(shutil.rmtree, workdir, True)
-        env = mta.Env(root=ROOT, venv="", python=sys.executable, twistd="", relayctl="", smtp_source="",
-                      smtp_sink="", postfix=POSTFIX, postconf=POSTFIX.replace("postfix", "postconf"), dovecot=None)
-        pf = mta.Postfix(procs.Registry(), env, workdir, PF_IP, next_hop=("127.0.0.3", self.port),
-                         main_cf=f"smtputf8_enable = {'yes' if smtputf8 else 'no'}")
-        with mock.patch.object(procs.CpuCgroup, "create", return_value=None), \
-                mock.patch.object(mta.CpuCgroup, "create", return_value=None):
-            await in_thread(pf.start)
-        self.addCleanup(in_thread, pf.stop)
-        await self.relay.stop()
-        self.relay = InProcessRelay(self.tmp, {
-            "delivery": {"nameservers": [f"127.0.0.1:{self.dns.port}"], "port": self.port, "retry_min": 1,
-                         "tls": "none"},
-            "relay": {"routes": {"pf.example": f"{PF_IP}:{pf.port}"}},
-        })
-        await self.relay.start()
+        """Postfix between our relay (pf.example routed to it) and the sink on 127.0.0.3."""
+        pf = await self.start_private_postfix(main_cf=f"smtputf8_enable = {'yes' if smtputf8 else 'no'}")
+        await self.route_to_postfix(pf)
         self.sinks["127.0.0.3"].b.smtputf8 = True  # Postfix's own next hop
         self.sinks["127.0.0.5"].b.smtputf8 = True  # client.example's MX: where our notices go
         return pf
