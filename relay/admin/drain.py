@@ -52,8 +52,6 @@ from relay.admin.reach import (
     offline,
     open_relays,
 )
-from relay.common import endpoints as epmod
-from relay.common.netutil import Listeners
 from relay.config import values as cfgvalues
 from relay.config.workerpaths import worker_config
 from relay.control import proto
@@ -323,22 +321,14 @@ def _orphans(cfg) -> list[OfflineSpool]:
     return out
 
 
-def _is_this_relay(cfg, ip: str, port: int) -> bool:
-    """Whether ip:port reaches one of this config's SMTP or submission listeners."""
-    ours = Listeners()
-    for desc in list(cfg.smtp.listen) + list(cfg.smtp.submission):
-        spec = epmod.parse(desc)
-        if spec.port is not None:
-            ours.add(spec.interface, spec.port)
-    return ours.is_self(ip, port)
-
-
 def cmd_drain(args) -> int:
     if not args.to:
         raise CtlError("queue drain: --to HOST:PORT is required", EXIT_USAGE)
     cfg = load_config(args)
     opts = Options(args, cfg.hostname)
-    if _is_this_relay(cfg, opts.address, opts.port):
+    from relay.runtime.parts import own_listeners  # the listeners delivery's loop check knows
+
+    if own_listeners(cfg).is_self(opts.address, opts.port):
         raise CtlError(f"--to {opts.name}: that is this relay's own SMTP listener (the messages would come "
                        "back into this queue): name another relay", EXIT_USAGE)
     ids = [i.strip().upper() for i in args.ids] if args.ids else None
