@@ -4,7 +4,7 @@ A fleet as docs/fleet.md describes it: N relay processes on 127.0.0.11,
 .12, ... (one per "host"), behind MX records of equal preference in the test
 DNS server, each with its own spool, all delivering into ONE mailbox tree
 and serving it over POP3, their limits kept in one real Redis
-(redis-server, started here on 127.0.0.10).  A remote domain (``far.test``)
+(tests.support.redis.RedisServer, on 127.0.0.10).  A remote domain (``far.test``)
 has its MX on a sink that the caller starts when it wants, so that mail for
 it waits in the nodes' queues.
 
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -32,8 +30,8 @@ from dataclasses import dataclass, field
 
 from relay.mailbox import users as usersmod
 from tests.support import dns as dnsmod
+from tests.support import redis as redissupport
 from tests.support.relay import ROOT, RelayProcess, free_port
-from tests.support.wait import poll
 
 DOMAIN = "fleet.test"
 FAR = "far.test"
@@ -48,50 +46,8 @@ def node_ip(i: int) -> str:
 
 
 def redis_server() -> str | None:
-    return shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None)
-
-
-class Redis:
-    """A private redis-server: no persistence, its own directory and port."""
-
-    def __init__(self, directory: str, ip: str = REDIS_IP):
-        exe = redis_server()
-        if exe is None:
-            raise RuntimeError("redis-server is not installed")
-        self.ip, self.port = ip, free_port((ip,))
-        self.dir = directory
-        os.makedirs(directory, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [exe, "--bind", ip, "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", directory, "--protected-mode", "no"],
-            stdout=open(os.path.join(directory, "redis.log"), "ab"), stderr=subprocess.STDOUT)
-        poll(self._up, 20, what="redis-server to listen")
-
-    @property
-    def url(self) -> str:
-        return f"redis://{self.ip}:{self.port}/0"
-
-    def _up(self) -> bool:
-        try:
-            with socket.create_connection((self.ip, self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(10).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def dbsize(self) -> int:
-        """How many keys the fleet keeps in Redis now."""
-        with socket.create_connection((self.ip, self.port), timeout=5) as s:
-            s.sendall(b"DBSIZE\r\n")
-            reply = s.recv(100)
-        assert reply.startswith(b":"), reply
-        return int(reply[1:].strip())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+    """redis-server's path, or None when it is not installed."""
+    return None if redissupport.available() else redissupport.REDIS_SERVER
 
 
 class Fleet:
@@ -111,7 +67,7 @@ class Fleet:
         records += [[f"mx{i + 1}.{DOMAIN}", "A", node_ip(i)] for i in range(n)]
         records += [[FAR, "MX", 10, f"mx.{FAR}"], [f"mx.{FAR}", "A", SINK_IP]]
         self.dns, self.dns_port = dnsmod.start_process(directory, records)
-        self.redis = Redis(os.path.join(directory, "redis")) if redis else None
+        self.redis = redissupport.RedisServer(REDIS_IP).start() if redis else None
         self.nodes = [self._node(i, workers) for i in range(n)]
         self.sink: subprocess.Popen | None = None
         self.sink_record = os.path.join(directory, "sink.record")
@@ -176,7 +132,7 @@ class Fleet:
                 p.terminate()
                 p.wait(10)
         if self.redis is not None:
-            self.redis.stop()
+            self.redis.close()
 
     # -- what arrived -------------------------------------------------------------
     def delivered_local(self) -> dict[str, int]:
