@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from relay.mailbox import users as usersmod
 from tests.support import dns as dnsmod
 from tests.support import redis as redissupport
+from tests.support import sinkproc
 from tests.support.relay import ROOT, RelayProcess, free_port
 
 DOMAIN = "fleet.test"
@@ -153,14 +154,10 @@ class Fleet:
         return out
 
     def delivered_far(self) -> dict[str, int]:
+        """Message-ID -> how many copies the remote sink accepted (one recipient each)."""
         out: dict[str, int] = {}
-        try:
-            with open(self.sink_record, "rb") as f:
-                for line in f:
-                    mid = line.split(b" ", 1)[0].decode()
-                    out[mid] = out.get(mid, 0) + 1
-        except FileNotFoundError:
-            pass
+        for (mid, _rcpt), n in sinkproc.read_record(self.sink_record).items():
+            out[mid] = out.get(mid, 0) + n
         return out
 
 
@@ -170,12 +167,8 @@ def _message_id(path: str) -> str:
             head = f.read(8192)
     except FileNotFoundError:  # moved to cur/ meanwhile: counted there
         return ""
-    for line in head.split(b"\n"):
-        if line.lower().startswith(b"message-id:"):
-            return line.split(b":", 1)[1].strip().strip(b"<>").decode()
-        if not line.strip():
-            break
-    return ""
+    mid = sinkproc.message_id(head)
+    return "" if mid == "-" else mid
 
 
 @dataclass
