@@ -42,6 +42,18 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def open_paths(pid: int) -> list[str]:
+    """What a process's descriptors point to now (one closed between the
+    listing and its readlink is left out: the process is running)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def nofile_limit(pid: int) -> tuple[int, int]:
     """The soft and hard RLIMIT_NOFILE of a running process."""
     with open(f"/proc/{pid}/limits") as f:
